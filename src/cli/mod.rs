@@ -1,0 +1,31 @@
+//! The `finch` command line. Each subcommand lives in its own file; this module only parses
+//! and dispatches. Commands print progress on stderr and one JSON result on stdout.
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "finch",
+    version,
+    about = "Instruction-tune small language models with LoRA, on your own machine"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {}
+
+/// Runs a parsed command line; returns the process exit code.
+pub fn run(cli: Cli) -> anyhow::Result<i32> {
+    match cli.command {
+        None => {
+            use clap::CommandFactory;
+            Cli::command().print_help()?;
+            println!();
+            Ok(0)
+        }
+        Some(command) => match command {},
+    }
+}

@@ -1,0 +1,86 @@
+//! Instruction data: the example types every part of Finch shares, and (in submodules) loading,
+//! validation, chat-template rendering and tokenization with loss masks.
+
+use serde::{Deserialize, Serialize};
+
+/// Who speaks a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    System,
+    User,
+    Assistant,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::System => "system",
+            Role::User => "user",
+            Role::Assistant => "assistant",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Message {
+    pub role: Role,
+    pub content: String,
+}
+
+impl Message {
+    pub fn new(role: Role, content: impl Into<String>) -> Self {
+        Message {
+            role,
+            content: content.into(),
+        }
+    }
+}
+
+/// One training example, independent of the file format it came from.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum Example {
+    /// A conversation rendered with the chat template.
+    Chat { messages: Vec<Message> },
+    /// Raw text (continued pre-training style); loss on every token.
+    Text { text: String },
+}
+
+/// Which tokens carry loss.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LossOn {
+    /// Assistant turns only, including each turn's end-of-turn token (default).
+    #[default]
+    Assistant,
+    /// Every token ("instruction modelling").
+    All,
+    /// Only the last assistant turn.
+    LastTurn,
+}
+
+/// A tokenized example: `loss_mask[i]` says whether token `i` is a training target (predicted
+/// from the tokens before it). Both vectors have the same length.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct TokenizedExample {
+    pub input_ids: Vec<u32>,
+    pub loss_mask: Vec<bool>,
+    /// Whether the example was cut to fit `seq_len`.
+    pub truncated: bool,
+}
+
+impl TokenizedExample {
+    pub fn len(&self) -> usize {
+        self.input_ids.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.input_ids.is_empty()
+    }
+
+    /// Number of tokens that carry loss (excluding the first token, which has no context).
+    pub fn trained_tokens(&self) -> usize {
+        self.loss_mask.iter().skip(1).filter(|m| **m).count()
+    }
+}

@@ -1,0 +1,94 @@
+//! The one LoRA-wrapped linear layer every model family uses:
+//! `y = x·Wᵀ + b + scale · dropout(x)·Aᵀ·Bᵀ`, with `W` (and `b`) frozen and never copied.
+
+use candle_core::{Tensor, Var};
+
+use crate::lora::frozen::frozen_linear;
+use crate::rng::Rng;
+
+/// Trainable low-rank update of one linear layer. `a: [r, in]`, `b: [out, r]`.
+#[derive(Debug, Clone)]
+pub struct LoraWeights {
+    pub a: Var,
+    pub b: Var,
+    pub scale: f64,
+    pub dropout: f32,
+}
+
+/// Per-forward state: whether dropout is active and where its randomness comes from.
+pub struct ForwardCtx<'a> {
+    pub dropout_rng: Option<&'a mut Rng>,
+}
+
+impl ForwardCtx<'_> {
+    /// Evaluation / inference: no dropout.
+    pub fn eval() -> ForwardCtx<'static> {
+        ForwardCtx { dropout_rng: None }
+    }
+}
+
+/// A linear layer with frozen base weights and an optional LoRA adapter.
+#[derive(Debug, Clone)]
+pub struct LoraLinear {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+    pub lora: Option<LoraWeights>,
+}
+
+impl LoraLinear {
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+        LoraLinear {
+            weight,
+            bias,
+            lora: None,
+        }
+    }
+
+    pub fn in_features(&self) -> usize {
+        self.weight.dims()[1]
+    }
+
+    pub fn out_features(&self) -> usize {
+        self.weight.dims()[0]
+    }
+
+    pub fn forward(&self, x: &Tensor, ctx: &mut ForwardCtx) -> candle_core::Result<Tensor> {
+        let mut y = frozen_linear(x, &self.weight)?;
+        if let Some(b) = &self.bias {
+            y = y.broadcast_add(b)?;
+        }
+        if let Some(l) = &self.lora {
+            let x = match (&mut ctx.dropout_rng, l.dropout > 0.0) {
+                (Some(rng), true) => dropout(x, l.dropout, rng)?,
+                _ => x.clone(),
+            };
+            let h = x.broadcast_matmul(&l.a.as_tensor().t()?)?;
+            let u = h.broadcast_matmul(&l.b.as_tensor().t()?)?;
+            y = (y + (u * l.scale)?)?;
+        }
+        Ok(y)
+    }
+
+    /// The dense weight with the adapter folded in: `W + scale · B·A`.
+    pub fn merged_weight(&self) -> candle_core::Result<Tensor> {
+        match &self.lora {
+            None => Ok(self.weight.clone()),
+            Some(l) => {
+                let delta = (l.b.as_tensor().matmul(l.a.as_tensor())? * l.scale)?;
+                self.weight.add(&delta.to_dtype(self.weight.dtype())?)
+            }
+        }
+    }
+}
+
+/// Inverted dropout with a mask drawn from our own seeded RNG (so runs are reproducible and
+/// resumable; candle's CPU RNG cannot be seeded).
+pub fn dropout(x: &Tensor, p: f32, rng: &mut Rng) -> candle_core::Result<Tensor> {
+    let keep = 1.0 - p;
+    let n = x.elem_count();
+    let mask: Vec<f32> = (0..n)
+        .map(|_| if rng.next_f32() < keep { 1.0 / keep } else { 0.0 })
+        .collect();
+    let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
+    x * mask
+}

@@ -1,0 +1,261 @@
+//! The normalized model configuration: one struct for every supported family, parsed from a
+//! Hugging Face `config.json` (or the equivalent JSON that the GGUF loader rebuilds from
+//! GGUF metadata). Family-specific quirks become explicit flags here so the transformer
+//! code never has to know which family it runs.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// The model families Finch can train.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Family {
+    Llama,
+    Qwen2,
+}
+
+impl Family {
+    pub const SUPPORTED: &'static str = "llama (SmolLM, SmolLM2, TinyLlama, Llama 3.x), qwen2 (Qwen2, Qwen2.5)";
+
+    /// Maps a `model_type` (or `architectures[0]`) to a family.
+    pub fn from_model_type(model_type: &str) -> Option<Family> {
+        match model_type {
+            "llama" | "LlamaForCausalLM" => Some(Family::Llama),
+            "qwen2" | "Qwen2ForCausalLM" => Some(Family::Qwen2),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Family::Llama => "llama",
+            Family::Qwen2 => "qwen2",
+        }
+    }
+}
+
+/// Llama 3.x style rope scaling (`rope_type: "llama3"`); other kinds are rejected at load.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RopeScaling {
+    pub factor: f64,
+    pub low_freq_factor: f64,
+    pub high_freq_factor: f64,
+    pub original_max_position_embeddings: usize,
+}
+
+/// Everything the transformer needs to know about a model's shapes and numerics.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelConfig {
+    pub family: Family,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: usize,
+    pub head_dim: usize,
+    pub max_position_embeddings: usize,
+    pub rms_norm_eps: f64,
+    pub rope_theta: f64,
+    pub rope_scaling: Option<RopeScaling>,
+    pub tie_word_embeddings: bool,
+    /// Bias on the q/k/v projections (Qwen2, or Llama with `attention_bias: true`).
+    pub qkv_bias: bool,
+    /// Bias on the o projection (Llama with `attention_bias: true`).
+    pub o_bias: bool,
+    /// Bias on the gate/up/down projections (Llama `mlp_bias`).
+    pub mlp_bias: bool,
+    pub bos_token_id: Option<u32>,
+    pub eos_token_ids: Vec<u32>,
+}
+
+/// The raw fields of a `config.json` that Finch reads. Unknown fields are ignored.
+#[derive(Debug, Deserialize)]
+struct HfConfig {
+    model_type: Option<String>,
+    architectures: Option<Vec<String>>,
+    vocab_size: Option<usize>,
+    hidden_size: Option<usize>,
+    intermediate_size: Option<usize>,
+    num_hidden_layers: Option<usize>,
+    num_attention_heads: Option<usize>,
+    num_key_value_heads: Option<usize>,
+    head_dim: Option<usize>,
+    max_position_embeddings: Option<usize>,
+    rms_norm_eps: Option<f64>,
+    rope_theta: Option<f64>,
+    rope_scaling: Option<serde_json::Value>,
+    tie_word_embeddings: Option<bool>,
+    attention_bias: Option<bool>,
+    mlp_bias: Option<bool>,
+    bos_token_id: Option<serde_json::Value>,
+    eos_token_id: Option<serde_json::Value>,
+    hidden_act: Option<String>,
+}
+
+fn token_ids(v: &Option<serde_json::Value>) -> Vec<u32> {
+    match v {
+        Some(serde_json::Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
+        Some(serde_json::Value::Array(a)) => a.iter().filter_map(|x| x.as_u64()).map(|x| x as u32).collect(),
+        _ => vec![],
+    }
+}
+
+impl ModelConfig {
+    /// Reads and validates `config.json`.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, "cannot read model config", e))?;
+        let value: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| Error::invalid(path, "JSON", format!("line {} column {}: {e}", e.line(), e.column())))?;
+        Self::from_json(&value, path)
+    }
+
+    /// Validates a parsed `config.json`. `path` is only used in error messages.
+    pub fn from_json(value: &serde_json::Value, path: &Path) -> Result<Self> {
+        let raw: HfConfig =
+            serde_json::from_value(value.clone()).map_err(|e| Error::invalid(path, "model config", e.to_string()))?;
+        let arch = raw
+            .model_type
+            .clone()
+            .or_else(|| raw.architectures.as_ref().and_then(|a| a.first().cloned()))
+            .ok_or_else(|| Error::invalid(path, "model config", "neither `model_type` nor `architectures` is set"))?;
+        let family = Family::from_model_type(&arch).ok_or_else(|| Error::UnsupportedArchitecture {
+            path: path.to_path_buf(),
+            arch: arch.clone(),
+            supported: Family::SUPPORTED.to_string(),
+        })?;
+        let need = |field: &str, v: Option<usize>| -> Result<usize> {
+            match v {
+                Some(0) => Err(Error::invalid(
+                    path,
+                    format!("field `{field}`"),
+                    "must be greater than 0",
+                )),
+                Some(x) => Ok(x),
+                None => Err(Error::invalid(path, format!("field `{field}`"), "is missing")),
+            }
+        };
+        let hidden_size = need("hidden_size", raw.hidden_size)?;
+        let num_attention_heads = need("num_attention_heads", raw.num_attention_heads)?;
+        let num_key_value_heads = raw.num_key_value_heads.unwrap_or(num_attention_heads);
+        if num_key_value_heads == 0 || num_attention_heads % num_key_value_heads != 0 {
+            return Err(Error::invalid(
+                path,
+                "field `num_key_value_heads`",
+                format!("{num_key_value_heads} does not divide num_attention_heads = {num_attention_heads}"),
+            ));
+        }
+        let head_dim = match raw.head_dim {
+            Some(h) => h,
+            None => {
+                if hidden_size % num_attention_heads != 0 {
+                    return Err(Error::invalid(
+                        path,
+                        "field `hidden_size`",
+                        format!("{hidden_size} is not a multiple of num_attention_heads = {num_attention_heads}"),
+                    ));
+                }
+                hidden_size / num_attention_heads
+            }
+        };
+        if head_dim % 2 != 0 {
+            return Err(Error::invalid(
+                path,
+                "field `head_dim`",
+                format!("{head_dim} must be even for rotary embeddings"),
+            ));
+        }
+        if let Some(act) = &raw.hidden_act {
+            if act != "silu" && act != "swish" {
+                return Err(Error::invalid(
+                    path,
+                    "field `hidden_act`",
+                    format!("`{act}` is not supported (only silu)"),
+                ));
+            }
+        }
+        let rope_scaling = parse_rope_scaling(raw.rope_scaling.as_ref(), path)?;
+        let attention_bias = raw.attention_bias.unwrap_or(false);
+        let (qkv_bias, o_bias) = match family {
+            Family::Llama => (attention_bias, attention_bias),
+            Family::Qwen2 => (true, false),
+        };
+        Ok(ModelConfig {
+            family,
+            vocab_size: need("vocab_size", raw.vocab_size)?,
+            hidden_size,
+            intermediate_size: need("intermediate_size", raw.intermediate_size)?,
+            num_hidden_layers: need("num_hidden_layers", raw.num_hidden_layers)?,
+            num_attention_heads,
+            num_key_value_heads,
+            head_dim,
+            max_position_embeddings: raw.max_position_embeddings.unwrap_or(2048),
+            rms_norm_eps: raw.rms_norm_eps.unwrap_or(1e-6),
+            rope_theta: raw.rope_theta.unwrap_or(10_000.0),
+            rope_scaling,
+            tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(false),
+            qkv_bias,
+            o_bias,
+            mlp_bias: raw.mlp_bias.unwrap_or(false),
+            bos_token_id: token_ids(&raw.bos_token_id).first().copied(),
+            eos_token_ids: token_ids(&raw.eos_token_id),
+        })
+    }
+
+    /// Number of parameters of the base model.
+    pub fn num_parameters(&self) -> usize {
+        let h = self.hidden_size;
+        let q = self.num_attention_heads * self.head_dim;
+        let kv = self.num_key_value_heads * self.head_dim;
+        let attn =
+            h * q + 2 * h * kv + q * h + if self.qkv_bias { q + 2 * kv } else { 0 } + if self.o_bias { h } else { 0 };
+        let mlp = 3 * h * self.intermediate_size
+            + if self.mlp_bias {
+                2 * self.intermediate_size + h
+            } else {
+                0
+            };
+        let layer = attn + mlp + 2 * h;
+        let embed = self.vocab_size * h;
+        let head = if self.tie_word_embeddings {
+            0
+        } else {
+            self.vocab_size * h
+        };
+        embed + self.num_hidden_layers * layer + h + head
+    }
+}
+
+fn parse_rope_scaling(v: Option<&serde_json::Value>, path: &Path) -> Result<Option<RopeScaling>> {
+    let Some(v) = v else { return Ok(None) };
+    if v.is_null() {
+        return Ok(None);
+    }
+    let kind = v
+        .get("rope_type")
+        .or_else(|| v.get("type"))
+        .and_then(|t| t.as_str())
+        .unwrap_or("");
+    match kind {
+        "default" => Ok(None),
+        "llama3" => {
+            let f = |k: &str| v.get(k).and_then(|x| x.as_f64());
+            let get =
+                |k: &str| f(k).ok_or_else(|| Error::invalid(path, format!("field `rope_scaling.{k}`"), "is missing"));
+            Ok(Some(RopeScaling {
+                factor: get("factor")?,
+                low_freq_factor: get("low_freq_factor")?,
+                high_freq_factor: get("high_freq_factor")?,
+                original_max_position_embeddings: get("original_max_position_embeddings")? as usize,
+            }))
+        }
+        other => Err(Error::invalid(
+            path,
+            "field `rope_scaling`",
+            format!("rope type `{other}` is not supported (supported: llama3)"),
+        )),
+    }
+}

@@ -1,0 +1,249 @@
+//! Tiny random-weight models written to a folder in the Hugging Face layout (`config.json`,
+//! `model.safetensors`, `tokenizer.json`, `tokenizer_config.json`, `generation_config.json`).
+//! Tests, benchmarks and demos use them so that everything runs offline on a CPU.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::{Device, Tensor};
+use serde_json::json;
+
+use crate::error::{Error, Result};
+use crate::model::config::Family;
+use crate::rng::Rng;
+
+/// ChatML, as SmolLM2 and Qwen2.5 ship it (without the default system prompt).
+pub const CHATML_TEMPLATE: &str = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
+
+/// Special tokens of the tiny tokenizer, in id order.
+pub const TINY_SPECIAL_TOKENS: [&str; 3] = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"];
+
+/// Shapes of a tiny model.
+#[derive(Debug, Clone)]
+pub struct TinySpec {
+    pub family: Family,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: usize,
+    pub tie_word_embeddings: bool,
+    pub max_position_embeddings: usize,
+    pub seed: u64,
+}
+
+impl TinySpec {
+    /// A 2-layer model with grouped-query attention and a byte-level vocabulary.
+    pub fn new(family: Family) -> Self {
+        TinySpec {
+            family,
+            vocab_size: 272,
+            hidden_size: 64,
+            intermediate_size: 128,
+            num_hidden_layers: 2,
+            num_attention_heads: 4,
+            num_key_value_heads: 2,
+            tie_word_embeddings: family == Family::Llama,
+            max_position_embeddings: 1024,
+            seed: 42,
+        }
+    }
+
+    /// SmolLM2-135M's exact shapes (used by `finch bench train` without `--model`).
+    pub fn smollm2_135m() -> Self {
+        TinySpec {
+            family: Family::Llama,
+            vocab_size: 49152,
+            hidden_size: 576,
+            intermediate_size: 1536,
+            num_hidden_layers: 30,
+            num_attention_heads: 9,
+            num_key_value_heads: 3,
+            tie_word_embeddings: true,
+            max_position_embeddings: 8192,
+            seed: 42,
+        }
+    }
+
+    pub fn config_json(&self) -> serde_json::Value {
+        let (model_type, arch) = match self.family {
+            Family::Llama => ("llama", "LlamaForCausalLM"),
+            Family::Qwen2 => ("qwen2", "Qwen2ForCausalLM"),
+        };
+        json!({
+            "architectures": [arch],
+            "model_type": model_type,
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "max_position_embeddings": self.max_position_embeddings,
+            "rms_norm_eps": 1e-5,
+            "rope_theta": 10000.0,
+            "hidden_act": "silu",
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "bos_token_id": 1,
+            "eos_token_id": 2,
+            "torch_dtype": "float32",
+        })
+    }
+
+    /// Random weights with Hugging Face names (normal, std 0.02; norms near 1).
+    pub fn weights(&self) -> Result<HashMap<String, Tensor>> {
+        let mut rng = Rng::new(self.seed);
+        let dev = Device::Cpu;
+        let mut out = HashMap::new();
+        let h = self.hidden_size;
+        let hd = h / self.num_attention_heads;
+        let q = self.num_attention_heads * hd;
+        let kv = self.num_key_value_heads * hd;
+        let i = self.intermediate_size;
+        let mut put = |name: String, shape: &[usize], kind: Init| -> Result<()> {
+            let n: usize = shape.iter().product();
+            let data: Vec<f32> = match kind {
+                Init::Normal(std) => (0..n).map(|_| normal(&mut rng) * std).collect(),
+                Init::Norm => (0..n).map(|_| 1.0 + 0.1 * normal(&mut rng)).collect(),
+            };
+            out.insert(name, Tensor::from_vec(data, shape, &dev)?);
+            Ok(())
+        };
+        put(
+            "model.embed_tokens.weight".into(),
+            &[self.vocab_size, h],
+            Init::Normal(0.02),
+        )?;
+        for l in 0..self.num_hidden_layers {
+            let p = format!("model.layers.{l}");
+            put(format!("{p}.input_layernorm.weight"), &[h], Init::Norm)?;
+            put(format!("{p}.post_attention_layernorm.weight"), &[h], Init::Norm)?;
+            put(format!("{p}.self_attn.q_proj.weight"), &[q, h], Init::Normal(0.02))?;
+            put(format!("{p}.self_attn.k_proj.weight"), &[kv, h], Init::Normal(0.02))?;
+            put(format!("{p}.self_attn.v_proj.weight"), &[kv, h], Init::Normal(0.02))?;
+            put(format!("{p}.self_attn.o_proj.weight"), &[h, q], Init::Normal(0.02))?;
+            if self.family == Family::Qwen2 {
+                put(format!("{p}.self_attn.q_proj.bias"), &[q], Init::Normal(0.02))?;
+                put(format!("{p}.self_attn.k_proj.bias"), &[kv], Init::Normal(0.02))?;
+                put(format!("{p}.self_attn.v_proj.bias"), &[kv], Init::Normal(0.02))?;
+            }
+            put(format!("{p}.mlp.gate_proj.weight"), &[i, h], Init::Normal(0.02))?;
+            put(format!("{p}.mlp.up_proj.weight"), &[i, h], Init::Normal(0.02))?;
+            put(format!("{p}.mlp.down_proj.weight"), &[h, i], Init::Normal(0.02))?;
+        }
+        put("model.norm.weight".into(), &[h], Init::Norm)?;
+        if !self.tie_word_embeddings {
+            put("lm_head.weight".into(), &[self.vocab_size, h], Init::Normal(0.02))?;
+        }
+        Ok(out)
+    }
+
+    /// Writes a complete model folder into `dir` (created if needed).
+    pub fn write(&self, dir: &Path) -> Result<()> {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, "cannot create model folder", e))?;
+        let write = |name: &str, text: String| -> Result<()> {
+            let p = dir.join(name);
+            std::fs::write(&p, text).map_err(|e| Error::io(&p, "cannot write", e))
+        };
+        write("config.json", pretty(&self.config_json()))?;
+        write("tokenizer.json", pretty(&tiny_tokenizer_json()))?;
+        write(
+            "tokenizer_config.json",
+            pretty(&json!({
+                "bos_token": "<|im_start|>",
+                "eos_token": "<|im_end|>",
+                "pad_token": "<|im_end|>",
+                "unk_token": "<|endoftext|>",
+                "chat_template": CHATML_TEMPLATE,
+                "model_max_length": self.max_position_embeddings,
+            })),
+        )?;
+        write(
+            "generation_config.json",
+            pretty(&json!({"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2})),
+        )?;
+        let weights = self.weights()?;
+        candle_core::safetensors::save(&weights, dir.join("model.safetensors"))?;
+        Ok(())
+    }
+}
+
+enum Init {
+    Normal(f32),
+    Norm,
+}
+
+fn normal(rng: &mut Rng) -> f32 {
+    // Box–Muller.
+    let u1 = rng.next_f32().max(1e-7);
+    let u2 = rng.next_f32();
+    (-2.0 * u1.ln()).sqrt() * (2.0 * std::f32::consts::PI * u2).cos()
+}
+
+fn pretty(v: &serde_json::Value) -> String {
+    serde_json::to_string_pretty(v).unwrap_or_else(|_| v.to_string())
+}
+
+/// GPT-2's reversible map from bytes to printable characters (used by byte-level BPE).
+pub fn bytes_to_unicode() -> Vec<char> {
+    let mut printable: Vec<u32> = (33..=126).chain(161..=172).chain(174..=255).collect();
+    let mut out = vec!['\0'; 256];
+    let mut extra = 0u32;
+    for b in 0..256u32 {
+        if !printable.contains(&b) {
+            printable.push(b);
+            out[b as usize] = char::from_u32(256 + extra).unwrap_or('?');
+            extra += 1;
+        } else {
+            out[b as usize] = char::from_u32(b).unwrap_or('?');
+        }
+    }
+    out
+}
+
+/// A byte-level BPE tokenizer with the three ChatML special tokens (ids 0–2) and the 256 byte
+/// symbols (ids 3–258), without merges: every byte is one token. Small, but it round-trips any
+/// UTF-8 text exactly, like the real tokenizers it stands in for.
+pub fn tiny_tokenizer_json() -> serde_json::Value {
+    let mut vocab = serde_json::Map::new();
+    let mut added = vec![];
+    for (id, tok) in TINY_SPECIAL_TOKENS.iter().enumerate() {
+        vocab.insert(tok.to_string(), json!(id));
+        added.push(json!({"id": id, "content": tok, "single_word": false, "lstrip": false,
+                          "rstrip": false, "normalized": false, "special": true}));
+    }
+    for (b, c) in bytes_to_unicode().into_iter().enumerate() {
+        vocab.insert(c.to_string(), json!(TINY_SPECIAL_TOKENS.len() + b));
+    }
+    json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": added,
+        "normalizer": null,
+        "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true},
+        "post_processor": null,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+                  "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+                  "vocab": vocab, "merges": []}
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tiny_tokenizer_round_trips_text_and_specials() {
+        let dir = tempfile::tempdir().unwrap();
+        TinySpec::new(Family::Llama).write(dir.path()).unwrap();
+        let tok = tokenizers::Tokenizer::from_file(dir.path().join("tokenizer.json")).unwrap();
+        let text = "<|im_start|>user\nHéllo, wörld! 😀<|im_end|>\n";
+        let enc = tok.encode(text, false).unwrap();
+        assert_eq!(enc.get_ids()[0], 1);
+        assert!(enc.get_ids().contains(&2));
+        assert_eq!(tok.decode(enc.get_ids(), false).unwrap(), text);
+    }
+}
