@@ -10,5 +10,6 @@ pub mod fsutil;
 pub mod lora;
 pub mod model;
 pub mod rng;
+pub mod template;
 
 pub use error::{Error, Result};
