@@ -1,6 +1,12 @@
 //! Instruction data: the example types every part of Finch shares, and (in submodules) loading,
 //! validation, chat-template rendering and tokenization with loss masks.
 
+pub mod export;
+pub mod load;
+#[cfg(feature = "parquet")]
+pub mod parquet_file;
+pub mod records;
+pub mod split;
 pub mod tokenize;
 
 use serde::{Deserialize, Serialize};

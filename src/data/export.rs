@@ -1,0 +1,167 @@
+//! Writing examples back out as records of a chosen format and file type: the inverse of
+//! [`crate::data::load`], used to save edited datasets and to convert between formats.
+
+use serde_json::{json, Map, Value};
+
+use crate::data::load::{FieldMap, FileKind, Format};
+use crate::data::{Example, Message, Role};
+use crate::error::{Error, Result};
+
+/// The record for `ex` in `format`, or `None` when the format cannot express it (a multi-turn
+/// conversation as Alpaca, a conversation as raw text, raw text as a conversation).
+pub fn to_record(ex: &Example, format: Format, fields: &FieldMap) -> Option<Value> {
+    let messages = match ex {
+        Example::Text { text } => {
+            return (format == Format::Text).then(|| single(&fields.text, Value::String(text.clone())));
+        }
+        Example::Chat { messages } => messages,
+    };
+    let message_objects = |msgs: &[Message], sharegpt: bool| -> Value {
+        Value::Array(
+            msgs.iter()
+                .map(|m| {
+                    if sharegpt {
+                        let from = match m.role {
+                            Role::System => "system",
+                            Role::User => "human",
+                            Role::Assistant => "gpt",
+                        };
+                        json!({"from": from, "value": m.content})
+                    } else {
+                        let mut o = Map::new();
+                        o.insert(fields.role.clone(), Value::String(m.role.as_str().into()));
+                        o.insert(fields.content.clone(), Value::String(m.content.clone()));
+                        Value::Object(o)
+                    }
+                })
+                .collect(),
+        )
+    };
+    match format {
+        Format::Text => None,
+        Format::Messages => Some(single(&fields.messages, message_objects(messages, false))),
+        Format::ShareGpt => Some(single(&fields.conversations, message_objects(messages, true))),
+        Format::Alpaca => {
+            let (system, rest) = match messages.split_first() {
+                Some((first, rest)) if first.role == Role::System => (Some(first), rest),
+                _ => (None, messages.as_slice()),
+            };
+            let [user, assistant] = rest else { return None };
+            if user.role != Role::User || assistant.role != Role::Assistant {
+                return None;
+            }
+            let mut o = Map::new();
+            if let Some(system) = system {
+                o.insert(fields.system.clone(), Value::String(system.content.clone()));
+            }
+            o.insert(fields.instruction.clone(), Value::String(user.content.clone()));
+            o.insert(fields.output.clone(), Value::String(assistant.content.clone()));
+            Some(Value::Object(o))
+        }
+        Format::PromptCompletion => {
+            let (last, prompt) = messages.split_last()?;
+            if last.role != Role::Assistant {
+                return None;
+            }
+            let mut o = Map::new();
+            match prompt {
+                [user] if user.role == Role::User => {
+                    o.insert(fields.prompt.clone(), Value::String(user.content.clone()));
+                    o.insert(fields.completion.clone(), Value::String(last.content.clone()));
+                }
+                // TRL's conversational prompt/completion.
+                _ => {
+                    o.insert(fields.prompt.clone(), message_objects(prompt, false));
+                    o.insert(
+                        fields.completion.clone(),
+                        message_objects(std::slice::from_ref(last), false),
+                    );
+                }
+            }
+            Some(Value::Object(o))
+        }
+    }
+}
+
+fn single(key: &str, value: Value) -> Value {
+    let mut o = Map::new();
+    o.insert(key.to_string(), value);
+    Value::Object(o)
+}
+
+/// Serializes records as a file of `kind`. CSV gets a header with every key in first-seen order;
+/// values that are not strings (message lists) are written as JSON text, which the loader reads
+/// back. Parquet output is not supported.
+pub fn write_records(records: &[Value], kind: FileKind) -> Result<Vec<u8>> {
+    match kind {
+        FileKind::Jsonl => {
+            let mut out = Vec::new();
+            for r in records {
+                out.extend_from_slice(r.to_string().as_bytes());
+                out.push(b'\n');
+            }
+            Ok(out)
+        }
+        FileKind::Json => {
+            serde_json::to_vec_pretty(records).map_err(|e| Error::Data(format!("cannot write JSON: {e}")))
+        }
+        FileKind::Csv => {
+            let mut header: Vec<String> = vec![];
+            for r in records {
+                if let Value::Object(o) = r {
+                    for k in o.keys() {
+                        if !header.contains(k) {
+                            header.push(k.clone());
+                        }
+                    }
+                }
+            }
+            let mut writer = csv::Writer::from_writer(Vec::new());
+            let csv_err = |e: csv::Error| Error::Data(format!("cannot write CSV: {e}"));
+            writer.write_record(&header).map_err(csv_err)?;
+            for r in records {
+                let cells: Vec<String> = header
+                    .iter()
+                    .map(|k| match r.get(k) {
+                        None | Some(Value::Null) => String::new(),
+                        Some(Value::String(s)) => s.clone(),
+                        Some(other) => other.to_string(),
+                    })
+                    .collect();
+                writer.write_record(&cells).map_err(csv_err)?;
+            }
+            writer
+                .into_inner()
+                .map_err(|e| Error::Data(format!("cannot write CSV: {e}")))
+        }
+        FileKind::Parquet => Err(Error::Data("writing Parquet is not supported; save as JSONL".into())),
+    }
+}
+
+/// Examples as a file of `kind` in `format`; fails naming the first example the format cannot
+/// express.
+pub fn write_examples<'a>(
+    examples: impl IntoIterator<Item = &'a Example>,
+    format: Format,
+    kind: FileKind,
+    fields: &FieldMap,
+) -> Result<Vec<u8>> {
+    let mut records = vec![];
+    for (i, ex) in examples.into_iter().enumerate() {
+        let record = to_record(ex, format, fields).ok_or_else(|| {
+            Error::Data(format!(
+                "row {} cannot be written as {}: {}",
+                i + 1,
+                format.name(),
+                match (ex, format) {
+                    (Example::Text { .. }, _) => "it is raw text (use the text format)",
+                    (_, Format::Text) => "it is a conversation (raw text holds no roles)",
+                    (_, Format::Alpaca) => "Alpaca holds one user turn and one answer",
+                    _ => "the conversation must end with an assistant turn",
+                }
+            ))
+        })?;
+        records.push(record);
+    }
+    write_records(&records, kind)
+}

@@ -1,0 +1,765 @@
+//! Loading instruction datasets: file types (JSONL, JSON, CSV, Parquet), record formats (Alpaca,
+//! ShareGPT, messages, prompt/completion, raw text), validation and the load report.
+//!
+//! Bad input is normal input. Every record either becomes a [`Row`] or a [`Rejection`] naming
+//! its line, the field and the reason; nothing is dropped silently and nothing panics. Only a
+//! file that cannot be read, is empty, or has no usable row at all is an error, and that error
+//! says why (with the first rejections).
+
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::data::records::{kind_of, read_records, RawRecord};
+use crate::data::{Example, Message, Role};
+use crate::error::{Error, Result};
+
+/// How records are laid out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Format {
+    /// `instruction`, optional `input`, `output`, optional `system`.
+    Alpaca,
+    /// `conversations: [{from: human|gpt|system, value}]`.
+    #[serde(rename = "sharegpt")]
+    ShareGpt,
+    /// OpenAI / TRL `messages: [{role, content}]`.
+    Messages,
+    /// `prompt`, `completion` (strings, or TRL's conversational lists of messages).
+    PromptCompletion,
+    /// `text`: continued pre-training, loss on everything.
+    Text,
+}
+
+impl Format {
+    pub const ALL: [Format; 5] = [
+        Format::Alpaca,
+        Format::ShareGpt,
+        Format::Messages,
+        Format::PromptCompletion,
+        Format::Text,
+    ];
+
+    /// The name used in reports and on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Format::Alpaca => "alpaca",
+            Format::ShareGpt => "sharegpt",
+            Format::Messages => "messages",
+            Format::PromptCompletion => "prompt_completion",
+            Format::Text => "text",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Self> {
+        let name = name.to_ascii_lowercase().replace('-', "_");
+        Format::ALL.into_iter().find(|f| f.name() == name)
+    }
+}
+
+/// Container file types.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FileKind {
+    Jsonl,
+    Json,
+    Csv,
+    Parquet,
+}
+
+impl FileKind {
+    /// From the file extension (`.jsonl`/`.ndjson`, `.json`, `.csv`, `.parquet`).
+    pub fn from_path(path: &Path) -> Option<Self> {
+        let ext = path.extension()?.to_str()?.to_ascii_lowercase();
+        match ext.as_str() {
+            "jsonl" | "ndjson" => Some(FileKind::Jsonl),
+            "json" => Some(FileKind::Json),
+            "csv" => Some(FileKind::Csv),
+            "parquet" => Some(FileKind::Parquet),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            FileKind::Jsonl => "jsonl",
+            FileKind::Json => "json",
+            FileKind::Csv => "csv",
+            FileKind::Parquet => "parquet",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Self> {
+        match name.to_ascii_lowercase().as_str() {
+            "jsonl" | "ndjson" => Some(FileKind::Jsonl),
+            "json" => Some(FileKind::Json),
+            "csv" => Some(FileKind::Csv),
+            "parquet" => Some(FileKind::Parquet),
+            _ => None,
+        }
+    }
+}
+
+/// Which field (JSON key, CSV column, Parquet column) holds what. Defaults are the names each
+/// format's datasets use; the user can map any of them (`output=response`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct FieldMap {
+    pub instruction: String,
+    pub input: String,
+    pub output: String,
+    pub system: String,
+    pub conversations: String,
+    pub messages: String,
+    pub role: String,
+    pub content: String,
+    pub prompt: String,
+    pub completion: String,
+    pub text: String,
+}
+
+impl Default for FieldMap {
+    fn default() -> Self {
+        FieldMap {
+            instruction: "instruction".into(),
+            input: "input".into(),
+            output: "output".into(),
+            system: "system".into(),
+            conversations: "conversations".into(),
+            messages: "messages".into(),
+            role: "role".into(),
+            content: "content".into(),
+            prompt: "prompt".into(),
+            completion: "completion".into(),
+            text: "text".into(),
+        }
+    }
+}
+
+impl FieldMap {
+    pub const KEYS: [&'static str; 11] = [
+        "instruction",
+        "input",
+        "output",
+        "system",
+        "conversations",
+        "messages",
+        "role",
+        "content",
+        "prompt",
+        "completion",
+        "text",
+    ];
+
+    /// Maps one logical field to a name in the file, e.g. `set("output", "response")`.
+    pub fn set(&mut self, key: &str, name: &str) -> Result<()> {
+        let slot = match key {
+            "instruction" => &mut self.instruction,
+            "input" => &mut self.input,
+            "output" => &mut self.output,
+            "system" => &mut self.system,
+            "conversations" => &mut self.conversations,
+            "messages" => &mut self.messages,
+            "role" => &mut self.role,
+            "content" => &mut self.content,
+            "prompt" => &mut self.prompt,
+            "completion" => &mut self.completion,
+            "text" => &mut self.text,
+            other => {
+                return Err(Error::config(
+                    "field",
+                    format!(
+                        "unknown field `{other}`; mappable fields: {}",
+                        FieldMap::KEYS.join(", ")
+                    ),
+                ))
+            }
+        };
+        *slot = name.to_string();
+        Ok(())
+    }
+
+    /// Parses `key=name` as the command line writes it.
+    pub fn set_pair(&mut self, pair: &str) -> Result<()> {
+        match pair.split_once('=') {
+            Some((key, name)) if !name.trim().is_empty() => self.set(key.trim(), name.trim()),
+            _ => Err(Error::config(
+                "field",
+                format!("expected KEY=NAME (e.g. output=response), got `{pair}`"),
+            )),
+        }
+    }
+}
+
+/// How to load a file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct LoadOptions {
+    /// Record format; detected from the fields when `None`.
+    pub format: Option<Format>,
+    /// File type; taken from the extension when `None`.
+    pub file_kind: Option<FileKind>,
+    pub fields: FieldMap,
+    /// Longest accepted record (a JSONL line, a JSON element, a CSV row), in bytes.
+    pub max_record_bytes: usize,
+    /// Keep exact duplicates instead of rejecting them.
+    pub keep_duplicates: bool,
+}
+
+/// 1 MiB: a quarter million tokens, far beyond any sequence length Finch trains on a CPU.
+pub const DEFAULT_MAX_RECORD_BYTES: usize = 1 << 20;
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions {
+            format: None,
+            file_kind: None,
+            fields: FieldMap::default(),
+            max_record_bytes: DEFAULT_MAX_RECORD_BYTES,
+            keep_duplicates: false,
+        }
+    }
+}
+
+/// A usable example and where it came from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Row {
+    /// 1-based line (or Parquet row) number.
+    pub line: usize,
+    pub example: Example,
+}
+
+/// A record that was not loaded, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rejection {
+    /// 1-based line (or Parquet row) number.
+    pub line: usize,
+    /// The offending field (`output`, `messages[2].content`), empty for the record as a whole.
+    pub field: String,
+    pub reason: String,
+}
+
+/// What loading a file produced.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LoadReport {
+    pub path: Option<PathBuf>,
+    pub format: Format,
+    pub file_kind: FileKind,
+    pub rows: Vec<Row>,
+    /// In line order.
+    pub rejected: Vec<Rejection>,
+    /// Exact duplicates of an earlier row (also listed in `rejected` unless kept).
+    pub duplicates: usize,
+}
+
+impl LoadReport {
+    /// `"N rows ok, M rejected"`.
+    pub fn summary(&self) -> String {
+        format!("{} rows ok, {} rejected", self.rows.len(), self.rejected.len())
+    }
+
+    pub fn examples(&self) -> impl Iterator<Item = &Example> {
+        self.rows.iter().map(|r| &r.example)
+    }
+}
+
+/// Loads a dataset file; see the module docs. Fails on I/O errors, an empty file, an unknown
+/// format, or a file without a single usable row.
+pub fn load_file(path: &Path, options: &LoadOptions) -> Result<LoadReport> {
+    let kind = match options.file_kind.or_else(|| FileKind::from_path(path)) {
+        Some(kind) => kind,
+        None => {
+            return Err(Error::invalid(
+                path,
+                "dataset",
+                "unknown file type: expected .jsonl, .json, .csv or .parquet (or name the type explicitly)",
+            ))
+        }
+    };
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, "cannot read dataset", e))?;
+    let mut report = load_bytes(&bytes, kind, options).map_err(|e| match e {
+        Error::Data(reason) => Error::invalid(path, "dataset", reason),
+        other => other,
+    })?;
+    report.path = Some(path.to_path_buf());
+    Ok(report)
+}
+
+/// [`load_file`] on bytes already in memory.
+pub fn load_bytes(bytes: &[u8], kind: FileKind, options: &LoadOptions) -> Result<LoadReport> {
+    if bytes.iter().all(u8::is_ascii_whitespace) || bytes == b"\xEF\xBB\xBF" {
+        return Err(Error::Data("the file is empty".into()));
+    }
+    let read = read_records(bytes, kind, options.max_record_bytes);
+    let format = match options.format {
+        Some(format) => format,
+        None => detect_format(&read.records, &options.fields).ok_or_else(|| {
+            if read.records.is_empty() {
+                no_rows_error(0, &read.rejected)
+            } else {
+                Error::Data(format!(
+                    "cannot detect the dataset format: the first records have fields [{}]; expected `{}` (messages), \
+                     `{}` (sharegpt), `{}` + `{}` (alpaca), `{}` + `{}` (prompt_completion) or `{}` (text). \
+                     Map other names with --field KEY=NAME or pick the format with --format",
+                    field_names(&read.records).join(", "),
+                    options.fields.messages,
+                    options.fields.conversations,
+                    options.fields.instruction,
+                    options.fields.output,
+                    options.fields.prompt,
+                    options.fields.completion,
+                    options.fields.text,
+                ))
+            }
+        })?,
+    };
+    let mut rows = Vec::with_capacity(read.records.len());
+    let mut rejected = read.rejected;
+    for record in &read.records {
+        match convert(record, format, &options.fields) {
+            Ok(example) => rows.push(Row {
+                line: record.line,
+                example,
+            }),
+            Err(rejection) => rejected.push(rejection),
+        }
+    }
+    let duplicates = mark_duplicates(&mut rows, &mut rejected, options.keep_duplicates);
+    rejected.sort_by_key(|r| r.line);
+    if rows.is_empty() {
+        return Err(no_rows_error(read.records.len(), &rejected));
+    }
+    Ok(LoadReport {
+        path: None,
+        format,
+        file_kind: kind,
+        rows,
+        rejected,
+        duplicates,
+    })
+}
+
+fn no_rows_error(records: usize, rejected: &[Rejection]) -> Error {
+    let mut sorted: Vec<&Rejection> = rejected.iter().collect();
+    sorted.sort_by_key(|r| r.line);
+    let first: Vec<String> = sorted.iter().take(3).map(|r| describe_rejection(r)).collect();
+    if first.is_empty() {
+        Error::Data(format!("no usable rows ({records} records read)"))
+    } else {
+        Error::Data(format!(
+            "no usable rows: all {} records were rejected; first: {}",
+            rejected.len(),
+            first.join("; ")
+        ))
+    }
+}
+
+/// `line 7, field output: empty assistant turn`.
+pub fn describe_rejection(r: &Rejection) -> String {
+    if r.field.is_empty() {
+        format!("line {}: {}", r.line, r.reason)
+    } else {
+        format!("line {}, field {}: {}", r.line, r.field, r.reason)
+    }
+}
+
+fn field_names(records: &[RawRecord]) -> Vec<String> {
+    let mut names: Vec<String> = vec![];
+    for r in records.iter().take(20) {
+        if let Value::Object(map) = &r.value {
+            for k in map.keys() {
+                if !names.contains(k) {
+                    names.push(k.clone());
+                }
+            }
+        }
+    }
+    names.truncate(20);
+    names
+}
+
+/// Votes over the first records; the most common recognizable layout wins.
+pub fn detect_format(records: &[RawRecord], fields: &FieldMap) -> Option<Format> {
+    let mut votes = [0usize; 5];
+    for record in records.iter().take(200) {
+        let Value::Object(map) = &record.value else { continue };
+        let has = |k: &str| map.get(k).is_some_and(|v| !v.is_null());
+        let format = if has(&fields.messages) {
+            Format::Messages
+        } else if has(&fields.conversations) {
+            Format::ShareGpt
+        } else if has(&fields.instruction) && has(&fields.output) {
+            Format::Alpaca
+        } else if has(&fields.prompt) && has(&fields.completion) {
+            Format::PromptCompletion
+        } else if has(&fields.text) {
+            Format::Text
+        } else {
+            continue;
+        };
+        votes[Format::ALL.iter().position(|f| *f == format).unwrap_or(0)] += 1;
+    }
+    let (best, count) = votes.iter().enumerate().max_by_key(|(i, n)| (**n, usize::MAX - i))?;
+    (*count > 0).then(|| Format::ALL[best])
+}
+
+/// Exact duplicates (same example) after the first are rejected (or only counted when kept).
+fn mark_duplicates(rows: &mut Vec<Row>, rejected: &mut Vec<Rejection>, keep: bool) -> usize {
+    // Hash -> indices into `kept` of the first occurrences with that hash.
+    let mut first_seen: HashMap<u64, Vec<usize>> = HashMap::new();
+    let mut duplicates = 0;
+    let mut kept: Vec<Row> = Vec::with_capacity(rows.len());
+    for row in rows.drain(..) {
+        let hash = example_hash(&row.example);
+        let original_line = first_seen
+            .get(&hash)
+            .and_then(|idx| idx.iter().find(|&&i| kept[i].example == row.example))
+            .map(|&i| kept[i].line);
+        match original_line {
+            Some(original_line) => {
+                duplicates += 1;
+                if keep {
+                    kept.push(row);
+                } else {
+                    rejected.push(Rejection {
+                        line: row.line,
+                        field: String::new(),
+                        reason: format!("duplicate of line {original_line}"),
+                    });
+                }
+            }
+            None => {
+                first_seen.entry(hash).or_default().push(kept.len());
+                kept.push(row);
+            }
+        }
+    }
+    *rows = kept;
+    duplicates
+}
+
+pub(crate) fn example_hash(ex: &Example) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    ex.hash(&mut h);
+    h.finish()
+}
+
+type Converted = std::result::Result<Example, Rejection>;
+
+/// Validates one record as `format` and builds its example.
+pub fn convert(record: &RawRecord, format: Format, fields: &FieldMap) -> Converted {
+    let line = record.line;
+    let Value::Object(map) = &record.value else {
+        return Err(rejection(
+            line,
+            "",
+            format!("expected an object with fields, found {}", kind_of(&record.value)),
+        ));
+    };
+    let get = |name: &str| map.get(name).filter(|v| !v.is_null());
+    match format {
+        Format::Text => {
+            let text = required_string(line, &fields.text, get(&fields.text))?;
+            if text.trim().is_empty() {
+                return Err(rejection(line, &fields.text, "empty text"));
+            }
+            Ok(Example::Text { text: text.to_string() })
+        }
+        Format::Alpaca => {
+            let instruction = required_string(line, &fields.instruction, get(&fields.instruction))?;
+            let output = required_string(line, &fields.output, get(&fields.output))?;
+            let input = optional_string(line, &fields.input, get(&fields.input))?;
+            let system = optional_string(line, &fields.system, get(&fields.system))?;
+            if instruction.trim().is_empty() {
+                return Err(rejection(line, &fields.instruction, "empty instruction"));
+            }
+            if output.trim().is_empty() {
+                return Err(rejection(line, &fields.output, "empty assistant turn"));
+            }
+            let mut messages = vec![];
+            if let Some(system) = system.filter(|s| !s.trim().is_empty()) {
+                messages.push(Message::new(Role::System, system));
+            }
+            let user = match input.filter(|s| !s.trim().is_empty()) {
+                Some(input) => format!("{instruction}\n\n{input}"),
+                None => instruction.to_string(),
+            };
+            messages.push(Message::new(Role::User, user));
+            messages.push(Message::new(Role::Assistant, output));
+            Ok(Example::Chat { messages })
+        }
+        Format::PromptCompletion => {
+            let prompt = get(&fields.prompt).ok_or_else(|| missing(line, &fields.prompt))?;
+            let completion = get(&fields.completion).ok_or_else(|| missing(line, &fields.completion))?;
+            let mut messages = match prompt {
+                Value::String(s) if !looks_like_message_list(s) => {
+                    if s.trim().is_empty() {
+                        return Err(rejection(line, &fields.prompt, "empty prompt"));
+                    }
+                    vec![Message::new(Role::User, s.as_str())]
+                }
+                other => message_list(line, &fields.prompt, other, fields)?,
+            };
+            let prompt_len = messages.len();
+            match completion {
+                Value::String(s) if !looks_like_message_list(s) => {
+                    messages.push(Message::new(Role::Assistant, s.as_str()))
+                }
+                other => messages.extend(message_list(line, &fields.completion, other, fields)?),
+            }
+            validate_conversation(line, &fields.completion, &messages, prompt_len)?;
+            Ok(Example::Chat { messages })
+        }
+        Format::Messages | Format::ShareGpt => {
+            let key = if format == Format::Messages {
+                &fields.messages
+            } else {
+                &fields.conversations
+            };
+            let value = get(key).ok_or_else(|| missing(line, key))?;
+            let mut messages = message_list(line, key, value, fields)?;
+            // A separate `system` field next to the list (some ShareGPT exports) is a system turn.
+            if let Some(system) = optional_string(line, &fields.system, get(&fields.system))? {
+                if !system.trim().is_empty() && messages.first().is_none_or(|m| m.role != Role::System) {
+                    messages.insert(0, Message::new(Role::System, system));
+                }
+            }
+            validate_conversation(line, key, &messages, 0)?;
+            Ok(Example::Chat { messages })
+        }
+    }
+}
+
+/// Whether a string holds a JSON list of message objects (how CSV stores TRL's conversational
+/// prompt/completion). Plain prompts that merely start with `[` do not parse as one.
+fn looks_like_message_list(s: &str) -> bool {
+    s.trim_start().starts_with('[')
+        && serde_json::from_str::<Value>(s).is_ok_and(|v| {
+            v.as_array().is_some_and(|items| {
+                !items.is_empty()
+                    && items
+                        .iter()
+                        .all(|m| m.get("role").or_else(|| m.get("from")).is_some_and(Value::is_string))
+            })
+        })
+}
+
+fn rejection(line: usize, field: &str, reason: impl Into<String>) -> Rejection {
+    Rejection {
+        line,
+        field: field.to_string(),
+        reason: reason.into(),
+    }
+}
+
+fn missing(line: usize, field: &str) -> Rejection {
+    rejection(line, field, "missing field")
+}
+
+fn required_string<'a>(line: usize, field: &str, value: Option<&'a Value>) -> std::result::Result<&'a str, Rejection> {
+    match value {
+        None => Err(missing(line, field)),
+        Some(Value::String(s)) => Ok(s),
+        Some(other) => Err(rejection(
+            line,
+            field,
+            format!("expected a string, found {}", kind_of(other)),
+        )),
+    }
+}
+
+fn optional_string<'a>(
+    line: usize,
+    field: &str,
+    value: Option<&'a Value>,
+) -> std::result::Result<Option<&'a str>, Rejection> {
+    match value {
+        None => Ok(None),
+        Some(v) => required_string(line, field, Some(v)).map(Some),
+    }
+}
+
+/// A list of `{role, content}` or ShareGPT `{from, value}` objects. In CSV the list arrives as
+/// JSON text in a cell.
+fn message_list(
+    line: usize,
+    field: &str,
+    value: &Value,
+    fields: &FieldMap,
+) -> std::result::Result<Vec<Message>, Rejection> {
+    let parsed;
+    let items = match value {
+        Value::Array(items) => items,
+        Value::String(text) => {
+            parsed = serde_json::from_str::<Value>(text).map_err(|e| {
+                rejection(
+                    line,
+                    field,
+                    format!("expected a list of messages (JSON text in this cell): {e}"),
+                )
+            })?;
+            match &parsed {
+                Value::Array(items) => items,
+                other => {
+                    return Err(rejection(
+                        line,
+                        field,
+                        format!("expected a list of messages, found {}", kind_of(other)),
+                    ))
+                }
+            }
+        }
+        other => {
+            return Err(rejection(
+                line,
+                field,
+                format!("expected a list of messages, found {}", kind_of(other)),
+            ))
+        }
+    };
+    if items.is_empty() {
+        return Err(rejection(line, field, "empty conversation"));
+    }
+    let mut messages = Vec::with_capacity(items.len());
+    for (i, item) in items.iter().enumerate() {
+        let at = |sub: &str| format!("{field}[{i}].{sub}");
+        let Value::Object(m) = item else {
+            return Err(rejection(
+                line,
+                &format!("{field}[{i}]"),
+                format!("expected a message object, found {}", kind_of(item)),
+            ));
+        };
+        let (role_key, role_value) = [fields.role.as_str(), "from"]
+            .into_iter()
+            .find_map(|k| m.get(k).filter(|v| !v.is_null()).map(|v| (k, v)))
+            .ok_or_else(|| missing(line, &at(&fields.role)))?;
+        let role_name = role_value.as_str().ok_or_else(|| {
+            rejection(
+                line,
+                &at(role_key),
+                format!("expected a string, found {}", kind_of(role_value)),
+            )
+        })?;
+        let role = parse_role(role_name).ok_or_else(|| {
+            rejection(
+                line,
+                &at(role_key),
+                format!("unsupported role `{role_name}` (expected system, user/human or assistant/gpt)"),
+            )
+        })?;
+        let (content_key, content_value) = [fields.content.as_str(), "value"]
+            .into_iter()
+            .find_map(|k| m.get(k).filter(|v| !v.is_null()).map(|v| (k, v)))
+            .ok_or_else(|| missing(line, &at(&fields.content)))?;
+        let content = match content_value {
+            Value::String(s) => s.clone(),
+            // OpenAI's multi-part content: the text parts, in order.
+            Value::Array(parts) => {
+                let mut text = String::new();
+                for part in parts {
+                    match part.get("text").and_then(Value::as_str) {
+                        Some(t) if part.get("type").and_then(Value::as_str).is_none_or(|ty| ty == "text") => {
+                            text.push_str(t)
+                        }
+                        _ => {
+                            return Err(rejection(
+                                line,
+                                &at(content_key),
+                                "only text content parts are supported",
+                            ))
+                        }
+                    }
+                }
+                text
+            }
+            other => {
+                return Err(rejection(
+                    line,
+                    &at(content_key),
+                    format!("expected a string, found {}", kind_of(other)),
+                ))
+            }
+        };
+        messages.push(Message { role, content });
+    }
+    Ok(messages)
+}
+
+fn parse_role(name: &str) -> Option<Role> {
+    match name.trim().to_ascii_lowercase().as_str() {
+        "system" => Some(Role::System),
+        "user" | "human" => Some(Role::User),
+        "assistant" | "gpt" | "model" | "bot" | "chatgpt" => Some(Role::Assistant),
+        _ => None,
+    }
+}
+
+/// Optional system message first, then user and assistant alternating, ending with the
+/// assistant; no empty user or assistant turn. `first_index` is the index of the first message
+/// in the field named by `field` (for prompt/completion the completion starts later).
+fn validate_conversation(
+    line: usize,
+    field: &str,
+    messages: &[Message],
+    first_index: usize,
+) -> std::result::Result<(), Rejection> {
+    let name = |i: usize| {
+        if i >= first_index {
+            format!("{field}[{}]", i - first_index)
+        } else {
+            format!("message {}", i + 1)
+        }
+    };
+    let mut expected = Role::User;
+    for (i, m) in messages.iter().enumerate() {
+        if m.role == Role::System {
+            if i == 0 {
+                continue;
+            }
+            return Err(rejection(
+                line,
+                &format!("{}.role", name(i)),
+                "system message after the start (only the first message may be a system message)",
+            ));
+        }
+        if m.role != expected {
+            return Err(rejection(
+                line,
+                &format!("{}.role", name(i)),
+                format!(
+                    "roles out of order: `{}` where `{}` was expected (turns alternate user/assistant, starting with user)",
+                    m.role.as_str(),
+                    expected.as_str()
+                ),
+            ));
+        }
+        if m.content.trim().is_empty() {
+            return Err(rejection(
+                line,
+                &format!("{}.content", name(i)),
+                format!("empty {} turn", m.role.as_str()),
+            ));
+        }
+        expected = if expected == Role::User {
+            Role::Assistant
+        } else {
+            Role::User
+        };
+    }
+    match messages.last() {
+        Some(m) if m.role == Role::Assistant => Ok(()),
+        Some(_) => Err(rejection(
+            line,
+            field,
+            "the conversation does not end with an assistant turn (nothing to train on)",
+        )),
+        None => Err(rejection(line, field, "empty conversation")),
+    }
+}
+
+#[cfg(test)]
+mod tests;

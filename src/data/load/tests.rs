@@ -1,0 +1,253 @@
+use super::*;
+use crate::data::export::write_examples;
+
+fn chat(turns: &[(Role, &str)]) -> Example {
+    Example::Chat {
+        messages: turns.iter().map(|(r, c)| Message::new(*r, *c)).collect(),
+    }
+}
+
+/// Examples each format can express, with awkward text (quotes, commas, newlines, unicode).
+fn examples_for(format: Format) -> Vec<Example> {
+    let single = vec![
+        chat(&[
+            (Role::User, "Say \"hi\", then stop."),
+            (Role::Assistant, "hi,\nthere é😀"),
+        ]),
+        chat(&[
+            (Role::System, "You are terse."),
+            (Role::User, "2+2?"),
+            (Role::Assistant, "4"),
+        ]),
+    ];
+    let multi = chat(&[
+        (Role::User, "a"),
+        (Role::Assistant, "b"),
+        (Role::User, "c"),
+        (Role::Assistant, "d"),
+    ]);
+    match format {
+        Format::Alpaca => single,
+        Format::Text => vec![
+            Example::Text {
+                text: "plain, \"quoted\"\ntext".into(),
+            },
+            Example::Text { text: "second".into() },
+        ],
+        Format::Messages | Format::ShareGpt | Format::PromptCompletion => {
+            let mut all = single;
+            all.push(multi);
+            all
+        }
+    }
+}
+
+#[test]
+fn every_format_round_trips_through_every_writable_file_type() {
+    let fields = FieldMap::default();
+    for format in Format::ALL {
+        for kind in [FileKind::Jsonl, FileKind::Json, FileKind::Csv] {
+            let examples = examples_for(format);
+            let bytes = write_examples(&examples, format, kind, &fields).unwrap();
+            // Detected, not told.
+            let report = load_bytes(&bytes, kind, &LoadOptions::default())
+                .unwrap_or_else(|e| panic!("{format:?} as {kind:?}: {e}"));
+            assert_eq!(report.format, format, "{kind:?}");
+            assert!(report.rejected.is_empty(), "{format:?} {kind:?}: {:?}", report.rejected);
+            let loaded: Vec<Example> = report.examples().cloned().collect();
+            assert_eq!(loaded, examples, "{format:?} as {kind:?}");
+        }
+    }
+}
+
+#[test]
+fn alpaca_input_and_system_become_turns() {
+    let text = br#"{"instruction": "Translate", "input": "chat", "output": "cat", "system": "Be exact."}
+{"instruction": "Count", "input": "", "output": "3"}"#;
+    let report = load_bytes(text, FileKind::Jsonl, &LoadOptions::default()).unwrap();
+    assert_eq!(report.format, Format::Alpaca);
+    assert_eq!(
+        report.rows[0].example,
+        chat(&[
+            (Role::System, "Be exact."),
+            (Role::User, "Translate\n\nchat"),
+            (Role::Assistant, "cat")
+        ])
+    );
+    assert_eq!(
+        report.rows[1].example,
+        chat(&[(Role::User, "Count"), (Role::Assistant, "3")])
+    );
+}
+
+#[test]
+fn every_kind_of_bad_row_is_reported_with_line_field_and_reason() {
+    let text = [
+        r#"{"messages": [{"role": "user", "content": "ok"}, {"role": "assistant", "content": "fine"}]}"#,
+        r#"{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "  "}]}"#,
+        r#"{"messages": [{"role": "assistant", "content": "a"}, {"role": "user", "content": "q"}]}"#,
+        r#"{"messages": [{"role": "user", "content": "q"}]}"#,
+        r#"{"messages": "not a list"}"#,
+        r#"{"messages": [{"role": "user", "content": 5}, {"role": "assistant", "content": "x"}]}"#,
+        r#"{"messages": [{"role": "tool", "content": "q"}]}"#,
+        r#"{"messages": [{"content": "q"}]}"#,
+        r#"{"other": 1}"#,
+        r#"[1, 2]"#,
+        r#"{"messages": [{"role": "user", "content": "ok"}, {"role": "assistant", "content": "fine"}]}"#,
+        r#"{"messages": [{"role": "user", "content": "q"}, {"role": "system", "content": "s"}, {"role": "assistant", "content": "a"}]}"#,
+        r#"{"messages": [{"role": "user", "content": "ok"}, {"role": "assistant", "content": "fine"}],"#,
+    ]
+    .join("\n");
+    let report = load_bytes(text.as_bytes(), FileKind::Jsonl, &LoadOptions::default()).unwrap();
+    assert_eq!(report.rows.len(), 1);
+    assert_eq!(report.summary(), "1 rows ok, 12 rejected");
+    assert_eq!(report.duplicates, 1);
+    let got: Vec<(usize, &str, &str)> = report
+        .rejected
+        .iter()
+        .map(|r| (r.line, r.field.as_str(), r.reason.as_str()))
+        .collect();
+    let expect: &[(usize, &str, &str)] = &[
+        (2, "messages[1].content", "empty assistant turn"),
+        (3, "messages[0].role", "roles out of order"),
+        (4, "messages", "does not end with an assistant turn"),
+        (5, "messages", "expected a list of messages"),
+        (6, "messages[0].content", "expected a string, found a number"),
+        (7, "messages[0].role", "unsupported role `tool`"),
+        (8, "messages[0].role", "missing field"),
+        (9, "messages", "missing field"),
+        (10, "", "expected an object with fields, found a list"),
+        (11, "", "duplicate of line 1"),
+        (12, "messages[1].role", "system message after the start"),
+        (13, "", "truncated JSON"),
+    ];
+    assert_eq!(got.len(), expect.len(), "{got:#?}");
+    for ((line, field, reason), (eline, efield, ereason)) in got.iter().zip(expect) {
+        assert_eq!((line, field), (eline, efield), "{reason}");
+        assert!(reason.contains(ereason), "line {line}: `{reason}` lacks `{ereason}`");
+    }
+    let kept = load_bytes(
+        text.as_bytes(),
+        FileKind::Jsonl,
+        &LoadOptions {
+            keep_duplicates: true,
+            ..LoadOptions::default()
+        },
+    )
+    .unwrap();
+    assert_eq!((kept.rows.len(), kept.duplicates), (2, 1));
+}
+
+#[test]
+fn sharegpt_and_field_mapping() {
+    let text = br#"[{"conversations": [{"from": "system", "value": "s"}, {"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}]"#;
+    let report = load_bytes(text, FileKind::Json, &LoadOptions::default()).unwrap();
+    assert_eq!(report.format, Format::ShareGpt);
+    assert_eq!(
+        report.rows[0].example,
+        chat(&[(Role::System, "s"), (Role::User, "q"), (Role::Assistant, "a")])
+    );
+    // CSV with other column names, mapped.
+    let csv = b"question,answer\nWhat?,This.\n";
+    let mut options = LoadOptions::default();
+    assert!(load_bytes(csv, FileKind::Csv, &options)
+        .unwrap_err()
+        .to_string()
+        .contains("fields [answer, question]"));
+    options.fields.set_pair("instruction=question").unwrap();
+    options.fields.set_pair("output = answer").unwrap();
+    let report = load_bytes(csv, FileKind::Csv, &options).unwrap();
+    assert_eq!(
+        report.rows[0].example,
+        chat(&[(Role::User, "What?"), (Role::Assistant, "This.")])
+    );
+    assert!(options.fields.set_pair("nonsense=x").is_err());
+    assert!(options.fields.set_pair("output").is_err());
+}
+
+#[test]
+fn explicit_format_overrides_detection() {
+    // Has both `text` and `messages`: detection picks messages, the user can force text.
+    let text =
+        br#"{"text": "raw", "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}"#;
+    let detected = load_bytes(text, FileKind::Jsonl, &LoadOptions::default()).unwrap();
+    assert_eq!(detected.format, Format::Messages);
+    let forced = load_bytes(
+        text,
+        FileKind::Jsonl,
+        &LoadOptions {
+            format: Some(Format::Text),
+            ..LoadOptions::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(forced.rows[0].example, Example::Text { text: "raw".into() });
+}
+
+#[test]
+fn openai_content_parts_and_prompt_completion_lists() {
+    let text = br#"{"messages": [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}, {"role": "assistant", "content": "c"}]}
+{"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}, {"role": "assistant", "content": "c"}]}"#;
+    let report = load_bytes(text, FileKind::Jsonl, &LoadOptions::default()).unwrap();
+    assert_eq!(
+        report.rows[0].example,
+        chat(&[(Role::User, "ab"), (Role::Assistant, "c")])
+    );
+    assert_eq!(report.rejected[0].field, "messages[0].content");
+    let pc = br#"{"prompt": [{"role": "system", "content": "s"}, {"role": "user", "content": "q"}], "completion": [{"role": "assistant", "content": "a"}]}
+{"prompt": "q", "completion": ""}"#;
+    let report = load_bytes(pc, FileKind::Jsonl, &LoadOptions::default()).unwrap();
+    assert_eq!(
+        report.rows[0].example,
+        chat(&[(Role::System, "s"), (Role::User, "q"), (Role::Assistant, "a")])
+    );
+    assert_eq!(
+        (report.rejected[0].field.as_str(), report.rejected[0].reason.as_str()),
+        ("completion[0].content", "empty assistant turn")
+    );
+}
+
+#[test]
+fn empty_and_wholly_invalid_files_are_errors_that_say_why() {
+    for empty in [&b""[..], b"\n\n  \n", b"\xEF\xBB\xBF"] {
+        let err = load_bytes(empty, FileKind::Jsonl, &LoadOptions::default()).unwrap_err();
+        assert!(err.to_string().contains("empty"), "{err}");
+    }
+    let err = load_bytes(b"{\"x\": 1}\n{\"y\": 2}\n", FileKind::Jsonl, &LoadOptions::default()).unwrap_err();
+    assert!(err.to_string().contains("cannot detect the dataset format"), "{err}");
+    let err = load_bytes(
+        b"{\"text\": \"\"}\n{\"text\": 3}\n",
+        FileKind::Jsonl,
+        &LoadOptions::default(),
+    )
+    .unwrap_err();
+    let msg = err.to_string();
+    assert!(msg.contains("all 2 records were rejected"), "{msg}");
+    assert!(msg.contains("line 1, field text: empty text"), "{msg}");
+    assert!(
+        msg.contains("line 2, field text: expected a string, found a number"),
+        "{msg}"
+    );
+    let err = load_bytes(b"not json at all\n", FileKind::Jsonl, &LoadOptions::default()).unwrap_err();
+    assert!(err.to_string().contains("line 1: invalid JSON"), "{err}");
+}
+
+#[test]
+fn load_file_names_the_path_and_picks_the_kind_by_extension() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("d.csv");
+    std::fs::write(&path, "text\nhello\n").unwrap();
+    let report = load_file(&path, &LoadOptions::default()).unwrap();
+    assert_eq!((report.file_kind, report.format), (FileKind::Csv, Format::Text));
+    assert_eq!(report.rows[0].line, 2);
+    let bad = dir.path().join("d.txt");
+    std::fs::write(&bad, "x").unwrap();
+    let err = load_file(&bad, &LoadOptions::default()).unwrap_err().to_string();
+    assert!(err.contains("d.txt") && err.contains("unknown file type"), "{err}");
+    let empty = dir.path().join("e.jsonl");
+    std::fs::write(&empty, "").unwrap();
+    let err = load_file(&empty, &LoadOptions::default()).unwrap_err().to_string();
+    assert!(err.contains("e.jsonl") && err.contains("empty"), "{err}");
+    let missing = load_file(&dir.path().join("nope.jsonl"), &LoadOptions::default()).unwrap_err();
+    assert!(missing.to_string().contains("nope.jsonl"));
+}
