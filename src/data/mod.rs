@@ -2,6 +2,7 @@
 //! validation, chat-template rendering and tokenization with loss masks.
 
 pub mod export;
+pub mod inspect;
 pub mod load;
 #[cfg(feature = "parquet")]
 pub mod parquet_file;

@@ -366,6 +366,24 @@ impl ChatTemplate {
     }
 }
 
+/// `bos_token` and `eos_token` of a model folder's `tokenizer_config.json` (or of that file
+/// given directly), for giving a built-in template the model's own tokens. A missing file gives
+/// `(None, None)`.
+pub fn special_tokens_from_config(path: &Path) -> Result<(Option<String>, Option<String>)> {
+    let config_path = if path.is_dir() {
+        path.join("tokenizer_config.json")
+    } else {
+        path.to_path_buf()
+    };
+    if !config_path.is_file() {
+        return Ok((None, None));
+    }
+    let text = std::fs::read_to_string(&config_path).map_err(|e| Error::io(&config_path, "cannot read", e))?;
+    let config: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| Error::invalid(&config_path, "tokenizer config", format!("not valid JSON: {e}")))?;
+    Ok((special_token(&config, "bos_token"), special_token(&config, "eos_token")))
+}
+
 /// Reads a special token that may be a plain string or an AddedToken object.
 fn special_token(config: &serde_json::Value, key: &str) -> Option<String> {
     match config.get(key)? {
