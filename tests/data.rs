@@ -1,0 +1,418 @@
+//! Data-side integration tests: chat-template parity with Hugging Face `transformers`, loss
+//! masks under real-world templates, the broken-file corpus, the bundled demo datasets, and the
+//! `finch data inspect` command.
+
+use std::path::{Path, PathBuf};
+
+use finch::data::load::{load_file, LoadOptions};
+use finch::data::tokenize::encode_example;
+use finch::data::{Example, LossOn, Message, Role};
+use finch::model::config::Family;
+use finch::model::tiny::TinySpec;
+use finch::template::ChatTemplate;
+use serde_json::Value;
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/templates")
+}
+
+struct Fixture {
+    name: String,
+    template: ChatTemplate,
+    end_of_turn: String,
+}
+
+fn fixture_templates() -> Vec<Fixture> {
+    let list: Value =
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join("templates.json")).unwrap()).unwrap();
+    list.as_array()
+        .unwrap()
+        .iter()
+        .map(|t| {
+            let source = std::fs::read_to_string(fixtures().join(t["file"].as_str().unwrap())).unwrap();
+            let token = |k: &str| t[k].as_str().map(String::from);
+            Fixture {
+                name: t["name"].as_str().unwrap().to_string(),
+                template: ChatTemplate::new(&source, token("bos_token"), token("eos_token"))
+                    .unwrap_or_else(|e| panic!("{}: {e}", t["name"])),
+                end_of_turn: t["end_of_turn"].as_str().unwrap().to_string(),
+            }
+        })
+        .collect()
+}
+
+fn messages_of(v: &Value) -> Vec<Message> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            let role = match m["role"].as_str().unwrap() {
+                "system" => Role::System,
+                "user" => Role::User,
+                _ => Role::Assistant,
+            };
+            Message::new(role, m["content"].as_str().unwrap())
+        })
+        .collect()
+}
+
+/// Expected strings were produced once by `transformers`' `apply_chat_template` with
+/// tests/fixtures/templates/generate_expected.py; our rendering must be byte-identical, and a
+/// conversation the template refuses must fail with the template's own message.
+#[test]
+fn template_parity_with_transformers() {
+    let expected: Value =
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join("expected.json")).unwrap()).unwrap();
+    let templates = fixture_templates();
+    let cases = expected["cases"].as_array().unwrap();
+    assert!(cases.len() >= 5 * 6, "too few parity cases");
+    let mut failures = vec![];
+    for case in cases {
+        let name = case["template"].as_str().unwrap();
+        let fixture = templates.iter().find(|t| t.name == name).unwrap();
+        let conversation = case["conversation"].as_str().unwrap();
+        let messages = messages_of(&expected["conversations"][conversation]);
+        let add_generation_prompt = case["add_generation_prompt"].as_bool().unwrap();
+        let ours = fixture.template.render(&messages, add_generation_prompt);
+        match (case.get("output").and_then(Value::as_str), ours) {
+            (Some(want), Ok(got)) if want == got => {}
+            (Some(want), Ok(got)) => failures.push(format!(
+                "{name}/{conversation}/{add_generation_prompt}:\n  want {want:?}\n  got  {got:?}"
+            )),
+            (Some(_), Err(e)) => failures.push(format!("{name}/{conversation}: unexpected error {e}")),
+            (None, Ok(got)) => failures.push(format!("{name}/{conversation}: expected an error, got {got:?}")),
+            (None, Err(e)) => {
+                let want = case["error"].as_str().unwrap();
+                if !e.to_string().contains(want) {
+                    failures.push(format!("{name}/{conversation}: error `{e}` lacks `{want}`"));
+                }
+            }
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} mismatches:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
+
+#[test]
+fn end_of_turn_markers_of_real_templates() {
+    for f in fixture_templates() {
+        assert_eq!(
+            f.template.end_of_turn().as_deref(),
+            Some(f.end_of_turn.as_str()),
+            "{}",
+            f.name
+        );
+    }
+}
+
+fn tiny_tokenizer() -> (tokenizers::Tokenizer, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    TinySpec::new(Family::Llama).write(dir.path()).unwrap();
+    (
+        tokenizers::Tokenizer::from_file(dir.path().join("tokenizer.json")).unwrap(),
+        dir,
+    )
+}
+
+/// Under every real template, each assistant turn's trained tokens decode to its content (as the
+/// template writes it, which may trim it or add an empty think block) followed by the template's
+/// end-of-turn marker, and nothing else is trained.
+#[test]
+fn masks_follow_every_real_template() {
+    let (tok, _dir) = tiny_tokenizer();
+    let conversations: Vec<Vec<Message>> = vec![
+        vec![
+            Message::new(Role::User, "Hello!"),
+            Message::new(Role::Assistant, " Hi there. "),
+        ],
+        vec![
+            Message::new(Role::User, "Add 2 and 3."),
+            Message::new(Role::Assistant, "5"),
+            Message::new(Role::User, "Times 4?"),
+            Message::new(Role::Assistant, "20"),
+        ],
+        vec![
+            Message::new(Role::System, "Be brief."),
+            Message::new(Role::User, "Sky?"),
+            Message::new(Role::Assistant, "Blue"),
+        ],
+    ];
+    for f in fixture_templates() {
+        for messages in &conversations {
+            if f.template.render(messages, false).is_err() {
+                continue; // e.g. Gemma 2 with a system message: the template refuses it
+            }
+            let ex = Example::Chat {
+                messages: messages.clone(),
+            };
+            let out = encode_example(&ex, &f.template, &tok, LossOn::Assistant, 4096)
+                .unwrap_or_else(|e| panic!("{}: {e}", f.name));
+            let mut runs: Vec<String> = vec![];
+            let mut current: Vec<u32> = vec![];
+            for (id, m) in out.input_ids.iter().zip(&out.loss_mask) {
+                if *m {
+                    current.push(*id);
+                } else if !current.is_empty() {
+                    runs.push(tok.decode(&current, false).unwrap());
+                    current.clear();
+                }
+            }
+            if !current.is_empty() {
+                runs.push(tok.decode(&current, false).unwrap());
+            }
+            let answers: Vec<&Message> = messages.iter().filter(|m| m.role == Role::Assistant).collect();
+            assert_eq!(runs.len(), answers.len(), "{}: {runs:?}", f.name);
+            for (run, answer) in runs.iter().zip(answers) {
+                assert!(run.ends_with(&f.end_of_turn), "{}: {run:?}", f.name);
+                let body = run.strip_suffix(&f.end_of_turn).unwrap();
+                let body = body.strip_prefix("<think>\n\n</think>\n\n").unwrap_or(body);
+                assert!(
+                    body == answer.content
+                        || body == answer.content.trim()
+                        || body == format!(" {}", answer.content.trim()),
+                    "{}: trained {body:?} for answer {:?}",
+                    f.name,
+                    answer.content
+                );
+            }
+            // The sequence ends with the last trained marker.
+            assert!(*out.loss_mask.last().unwrap(), "{}", f.name);
+        }
+    }
+}
+
+fn write(dir: &Path, name: &str, bytes: &[u8]) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, bytes).unwrap();
+    p
+}
+
+const GOOD: &str = r#"{"instruction": "Say hi", "output": "hi"}"#;
+
+#[test]
+fn broken_file_corpus_is_reported_row_by_row() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = LoadOptions::default();
+
+    // Truncated JSON array: complete records survive, the cut one is named.
+    let p = write(
+        dir.path(),
+        "truncated.json",
+        format!("[\n{GOOD},\n{{\"instruction\": \"x\", \"output\": \"y\"}},\n{{\"instruction\": \"cut").as_bytes(),
+    );
+    let r = load_file(&p, &opts).unwrap();
+    assert_eq!(r.rows.len(), 2);
+    assert_eq!(
+        (r.rejected[0].line, r.rejected[0].reason.contains("truncated")),
+        (4, true)
+    );
+
+    // Truncated JSONL: the last line is cut mid-record.
+    let p = write(
+        dir.path(),
+        "truncated.jsonl",
+        format!("{GOOD}\n{{\"instruction\": \"a\", \"outp").as_bytes(),
+    );
+    let r = load_file(&p, &opts).unwrap();
+    assert_eq!(r.summary(), "1 rows ok, 1 rejected");
+    assert!(r.rejected[0].reason.starts_with("truncated JSON"), "{:?}", r.rejected);
+
+    // Wrong types, each named by field.
+    let p = write(
+        dir.path(),
+        "types.jsonl",
+        format!("{GOOD}\n{{\"instruction\": 1, \"output\": \"x\"}}\n{{\"instruction\": \"a\", \"output\": [\"x\"]}}\n{{\"instruction\": \"a\", \"output\": \"b\", \"input\": {{}}}}\n")
+            .as_bytes(),
+    );
+    let r = load_file(&p, &opts).unwrap();
+    let got: Vec<(usize, &str, &str)> = r
+        .rejected
+        .iter()
+        .map(|x| (x.line, x.field.as_str(), x.reason.as_str()))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            (2, "instruction", "expected a string, found a number"),
+            (3, "output", "expected a string, found a list"),
+            (4, "input", "expected a string, found an object")
+        ]
+    );
+
+    // Binary garbage: an error that says why, never a panic.
+    let garbage: Vec<u8> = (0..4096u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    for name in ["garbage.jsonl", "garbage.json", "garbage.csv", "garbage.parquet"] {
+        let p = write(dir.path(), name, &garbage);
+        let err = load_file(&p, &opts).unwrap_err().to_string();
+        assert!(
+            err.contains(name) && (err.contains("no usable rows") || err.contains("cannot detect")),
+            "{name}: {err}"
+        );
+    }
+
+    // A 10 MB single line is rejected by size without being parsed; the rest loads.
+    let huge = format!("{{\"instruction\": \"{}\", \"output\": \"x\"}}", "a".repeat(10 << 20));
+    let p = write(dir.path(), "huge.jsonl", format!("{GOOD}\n{huge}\n").as_bytes());
+    let r = load_file(&p, &opts).unwrap();
+    assert_eq!((r.rows.len(), r.rejected[0].line), (1, 2));
+    assert!(
+        r.rejected[0].reason.contains("longer than the limit"),
+        "{:?}",
+        r.rejected
+    );
+
+    // Empty files.
+    for name in ["empty.jsonl", "empty.json", "empty.csv"] {
+        let p = write(dir.path(), name, b"");
+        let err = load_file(&p, &opts).unwrap_err().to_string();
+        assert!(err.contains("empty"), "{name}: {err}");
+    }
+
+    // BOM and CRLF are invisible.
+    let p = write(
+        dir.path(),
+        "bom_crlf.jsonl",
+        format!("\u{feff}{GOOD}\r\n{{\"instruction\": \"b\", \"output\": \"c\"}}\r\n").as_bytes(),
+    );
+    let r = load_file(&p, &opts).unwrap();
+    assert_eq!(r.summary(), "2 rows ok, 0 rejected");
+    let p = write(
+        dir.path(),
+        "bom_crlf.csv",
+        "\u{feff}instruction,output\r\nSay hi,\"hi\r\nthere\"\r\n".as_bytes(),
+    );
+    let r = load_file(&p, &opts).unwrap();
+    assert_eq!(r.summary(), "1 rows ok, 0 rejected");
+    assert_eq!(
+        r.rows[0].example,
+        Example::Chat {
+            messages: vec![
+                Message::new(Role::User, "Say hi"),
+                Message::new(Role::Assistant, "hi\r\nthere")
+            ]
+        }
+    );
+    let p = write(dir.path(), "bom.json", format!("\u{feff}[{GOOD}]").as_bytes());
+    assert_eq!(load_file(&p, &opts).unwrap().rows.len(), 1);
+}
+
+fn demo(name: &str, file: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("assets/datasets")
+        .join(name)
+        .join(file)
+}
+
+#[test]
+fn demo_datasets_load_cleanly_with_disjoint_held_out_rows() {
+    for name in ["json_extract", "pirate_persona", "numbered_list"] {
+        let train = load_file(&demo(name, "train.jsonl"), &LoadOptions::default()).unwrap();
+        let heldout = load_file(&demo(name, "heldout.jsonl"), &LoadOptions::default()).unwrap();
+        assert!(train.rejected.is_empty() && heldout.rejected.is_empty(), "{name}");
+        assert!(train.rows.len() >= 150, "{name}: {} rows", train.rows.len());
+        assert!(heldout.rows.len() >= 30, "{name}");
+        let prompts = |r: &finch::data::load::LoadReport| -> Vec<String> {
+            r.examples()
+                .map(|e| match e {
+                    Example::Chat { messages } => messages[messages.len() - 2].content.clone(),
+                    Example::Text { text } => text.clone(),
+                })
+                .collect()
+        };
+        let train_prompts = prompts(&train);
+        assert!(
+            prompts(&heldout).iter().all(|p| !train_prompts.contains(p)),
+            "{name}: a held-out prompt occurs in training"
+        );
+    }
+}
+
+fn finch(args: &[&str]) -> (i32, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_finch"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8(out.stdout).unwrap(),
+        String::from_utf8(out.stderr).unwrap(),
+    )
+}
+
+#[test]
+fn data_inspect_prints_one_json_object() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("model");
+    TinySpec::new(Family::Llama).write(&model).unwrap();
+    let data = write(
+        dir.path(),
+        "d.jsonl",
+        format!("{GOOD}\n{GOOD}\n{{\"instruction\": \"q\"}}\n{{\"instruction\": \"Longer question\", \"output\": \"Longer answer\"}}\n")
+            .as_bytes(),
+    );
+    let (code, stdout, stderr) = finch(&[
+        "data",
+        "inspect",
+        data.to_str().unwrap(),
+        "--model",
+        model.to_str().unwrap(),
+        "--seq-len",
+        "40",
+        "--show",
+        "1",
+        "--color",
+        "never",
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    let v: Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(v["format"], "alpaca");
+    assert_eq!(
+        (
+            v["rows_ok"].as_u64(),
+            v["rows_rejected"].as_u64(),
+            v["duplicates"].as_u64()
+        ),
+        (Some(2), Some(2), Some(1))
+    );
+    assert_eq!(
+        v["rejected"][0],
+        serde_json::json!({"line": 2, "field": "", "reason": "duplicate of line 1"})
+    );
+    assert_eq!(v["rejected"][1]["field"], "output");
+    // "<|im_start|>user\nSay hi<|im_end|>\n<|im_start|>assistant\nhi<|im_end|>": 4 specials + 24 bytes.
+    assert_eq!(v["token_lengths"]["min"], 28);
+    assert_eq!(v["over_seq_len"], 1);
+    assert_eq!(
+        v["show"]["marked"],
+        "⟦<|im_start|>user\nSay hi<|im_end|>\n<|im_start|>assistant\n⟧hi<|im_end|>"
+    );
+    assert!(stderr.contains("2 rows ok, 2 rejected"), "{stderr}");
+
+    // Format override and a field mapping, without a model.
+    let csv = write(dir.path(), "d.csv", b"q,a\nHello,World\n");
+    let (code, stdout, _) = finch(&[
+        "data",
+        "inspect",
+        csv.to_str().unwrap(),
+        "--field",
+        "instruction=q",
+        "--field",
+        "output=a",
+    ]);
+    assert_eq!(code, 0);
+    let v: Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!((v["format"].as_str(), v["rows_ok"].as_u64()), (Some("alpaca"), Some(1)));
+    assert!(v.get("token_lengths").is_none());
+
+    // An empty file is an error exit with the reason on stderr and nothing on stdout.
+    let empty = write(dir.path(), "e.jsonl", b"");
+    let (code, stdout, stderr) = finch(&["data", "inspect", empty.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert!(stdout.is_empty() && stderr.contains("the file is empty"), "{stderr}");
+}
