@@ -547,6 +547,16 @@ fn looks_like_message_list(s: &str) -> bool {
         })
 }
 
+/// Checks an example the way loading checks a `messages` record (used by the editor, where
+/// rows are built in memory). `line` is reported back in the rejection.
+pub fn validate_example(line: usize, ex: &Example) -> std::result::Result<(), Rejection> {
+    match ex {
+        Example::Text { text } if text.trim().is_empty() => Err(rejection(line, "text", "empty text")),
+        Example::Text { .. } => Ok(()),
+        Example::Chat { messages } => validate_conversation(line, "messages", messages, 0),
+    }
+}
+
 fn rejection(line: usize, field: &str, reason: impl Into<String>) -> Rejection {
     Rejection {
         line,

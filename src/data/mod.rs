@@ -1,6 +1,7 @@
 //! Instruction data: the example types every part of Finch shares, and (in submodules) loading,
 //! validation, chat-template rendering and tokenization with loss masks.
 
+pub mod edit;
 pub mod export;
 pub mod inspect;
 pub mod load;
