@@ -6,6 +6,7 @@ use serde::Serialize;
 use tokenizers::Tokenizer;
 
 use crate::data::load::{LoadReport, Rejection};
+use crate::data::quality::{near_duplicates, NearDuplicateConfig};
 use crate::data::tokenize::{assistant_spans, encode_example};
 use crate::data::{Example, LossOn};
 use crate::error::Result;
@@ -53,6 +54,9 @@ pub struct Inspection {
     /// The first [`MAX_LISTED_REJECTIONS`] rejections.
     pub rejected: Vec<Rejection>,
     pub duplicates: usize,
+    /// Rows that are near-duplicates (MinHash similarity >= 0.8 after normalizing case,
+    /// punctuation and spacing) of an earlier row; exact duplicates were already rejected.
+    pub near_duplicates: usize,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tokens: Option<TokenSummary>,
     pub warnings: Vec<String>,
@@ -149,6 +153,7 @@ pub fn inspect(
             Some(summary)
         }
     };
+    let examples: Vec<Example> = report.examples().cloned().collect();
     Ok(Inspection {
         file: report.path.as_ref().map(|p| p.display().to_string()),
         file_type: report.file_kind.name(),
@@ -157,6 +162,7 @@ pub fn inspect(
         rows_rejected: report.rejected.len(),
         rejected: report.rejected.iter().take(MAX_LISTED_REJECTIONS).cloned().collect(),
         duplicates: report.duplicates,
+        near_duplicates: near_duplicates(&examples, &NearDuplicateConfig::default())?.len(),
         tokens,
         warnings,
     })

@@ -7,6 +7,7 @@ pub mod inspect;
 pub mod load;
 #[cfg(feature = "parquet")]
 pub mod parquet_file;
+pub mod quality;
 pub mod records;
 pub mod split;
 pub mod tokenize;
