@@ -428,6 +428,16 @@ mod properties {
     use finch::template::{BuiltinTemplate, ChatTemplate};
     use proptest::prelude::*;
 
+    /// 96 cases per property unless PROPTEST_CASES says otherwise (`with_cases` alone would
+    /// ignore the variable).
+    fn config() -> ProptestConfig {
+        let cases = std::env::var("PROPTEST_CASES")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(96);
+        ProptestConfig::with_cases(cases)
+    }
+
     const KINDS: [FileKind; 4] = [FileKind::Jsonl, FileKind::Json, FileKind::Csv, FileKind::Parquet];
 
     /// Message text: anything printable (any script, quotes, brackets, commas, newlines), never
@@ -476,7 +486,7 @@ mod properties {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(96))]
+        #![proptest_config(config())]
 
         #[test]
         fn loaders_never_panic_on_arbitrary_bytes(bytes in proptest::collection::vec(any::<u8>(), 0..2048)) {
