@@ -5,6 +5,7 @@ pub mod edit;
 pub mod export;
 pub mod inspect;
 pub mod load;
+pub mod pack;
 #[cfg(feature = "parquet")]
 pub mod parquet_file;
 pub mod quality;
