@@ -255,3 +255,35 @@ fn conversations_without_assistant_are_errors_unless_training_everything() {
     assert!(out.loss_mask.iter().all(|m| *m) && !out.is_empty());
     assert!(encode_example(&chat(&[]), &template, &tok, LossOn::All, 16).is_err());
 }
+
+#[test]
+fn trimmed_offsets_of_space_tokens_stay_on_the_right_side_of_the_span() {
+    // A byte-level post-processor with trim_offsets shrinks a lone space token to an empty range
+    // at its end; spaces just before and just inside an answer must still land correctly.
+    let (_, _, dir) = tiny();
+    let mut json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("tokenizer.json")).unwrap()).unwrap();
+    json["post_processor"] =
+        serde_json::json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true});
+    let tok = Tokenizer::from_bytes(serde_json::to_vec(&json).unwrap()).unwrap();
+    let enc = tok.encode("a b", false).unwrap();
+    assert_eq!(
+        enc.get_offsets()[1],
+        (2, 2),
+        "the space token's range is trimmed to empty"
+    );
+    let source =
+        "{% for m in messages %}{{ m.role }}: {{ m.content }}{% if m.role == 'assistant' %}<|im_end|>{% endif %}\n\
+                  {% endfor %}{% if add_generation_prompt %}assistant: {% endif %}";
+    let t = ChatTemplate::new(source, None, None).unwrap();
+    let ex = chat(&[(Role::User, "q  q"), (Role::Assistant, " x  y ")]);
+    let out = encode_example(&ex, &t, &tok, LossOn::Assistant, 4096).unwrap();
+    assert_eq!(trained_text(&tok, &out), " x  y <|im_end|>");
+    let Example::Chat { messages } = &ex else {
+        unreachable!()
+    };
+    let prompt = t.render(&messages[..1], true).unwrap();
+    assert!(prompt.ends_with("assistant: "), "{prompt:?}");
+    let prompt_tokens = tok.encode(prompt.as_str(), false).unwrap().get_ids().len();
+    assert_eq!(out.loss_mask.iter().filter(|m| !**m).count(), prompt_tokens);
+}
