@@ -2,8 +2,14 @@
 //! differentiable transformer used for training.
 
 pub mod config;
+pub mod load;
+pub mod loss;
+pub mod safetensors;
 pub mod tiny;
+pub mod transformer;
 pub mod weights;
 
 pub use config::{Family, ModelConfig};
+pub use load::ModelFiles;
+pub use transformer::Transformer;
 pub use weights::WeightSource;

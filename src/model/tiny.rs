@@ -67,6 +67,17 @@ impl TinySpec {
     }
 
     pub fn config_json(&self) -> serde_json::Value {
+        let mut v = self.base_config_json();
+        if self.family == Family::Qwen2 {
+            // Fields Qwen2's config.json always carries (candle-transformers requires them).
+            v["sliding_window"] = json!(self.max_position_embeddings);
+            v["max_window_layers"] = json!(self.num_hidden_layers);
+            v["use_sliding_window"] = json!(false);
+        }
+        v
+    }
+
+    fn base_config_json(&self) -> serde_json::Value {
         let (model_type, arch) = match self.family {
             Family::Llama => ("llama", "LlamaForCausalLM"),
             Family::Qwen2 => ("qwen2", "Qwen2ForCausalLM"),
