@@ -10,5 +10,7 @@ pub mod fsutil;
 pub mod lora;
 pub mod model;
 pub mod rng;
+pub mod system;
+pub mod train;
 
 pub use error::{Error, Result};

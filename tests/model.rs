@@ -110,30 +110,13 @@ fn lora_with_zero_b_equals_base_and_merge_matches_unmerged() {
     assert!(max_abs_diff(&tuned_logits, &base_logits) > 1e-3);
     let merged = tuned.merged_weights().unwrap();
     let map: std::collections::HashMap<String, Tensor> = merged.into_iter().collect();
-    let src = MapSource(map, std::path::PathBuf::from("merged"));
+    let src = finch::model::weights::TensorMap {
+        tensors: map,
+        origin: "merged".into(),
+    };
     let merged_model = Transformer::load(&tuned.cfg, &src, DType::F32, &Device::Cpu).unwrap();
     let d = max_abs_diff(&merged_model.logits(&ids).unwrap(), &tuned_logits);
     assert!(d < 1e-4, "merged vs unmerged logits differ by {d}");
-}
-
-struct MapSource(std::collections::HashMap<String, Tensor>, std::path::PathBuf);
-
-impl finch::model::WeightSource for MapSource {
-    fn get(&self, name: &str, shape: &[usize], dtype: DType, device: &Device) -> finch::Result<Tensor> {
-        let t = self.0.get(name).ok_or_else(|| finch::Error::MissingTensor {
-            path: self.1.clone(),
-            tensor: name.into(),
-            hint: String::new(),
-        })?;
-        assert_eq!(t.dims(), shape);
-        Ok(t.to_dtype(dtype)?.to_device(device)?)
-    }
-    fn contains(&self, name: &str) -> bool {
-        self.0.contains_key(name)
-    }
-    fn origin(&self) -> &std::path::Path {
-        &self.1
-    }
 }
 
 fn loss_of(model: &Transformer, ids: &Tensor, targets: &[u32]) -> Tensor {
