@@ -11,6 +11,7 @@ pub mod lora;
 pub mod model;
 pub mod rng;
 pub mod system;
+pub mod template;
 pub mod train;
 
 pub use error::{Error, Result};

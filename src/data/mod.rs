@@ -1,6 +1,8 @@
 //! Instruction data: the example types every part of Finch shares, and (in submodules) loading,
 //! validation, chat-template rendering and tokenization with loss masks.
 
+pub mod tokenize;
+
 use serde::{Deserialize, Serialize};
 
 /// Who speaks a message.
