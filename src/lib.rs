@@ -3,6 +3,7 @@
 //! The library holds the whole engine (model loading, trainable transformer, LoRA, trainer,
 //! data, hub); `src/main.rs` only parses the command line. Nothing here depends on a GUI.
 
+pub mod bench;
 pub mod cli;
 pub mod data;
 pub mod error;

@@ -3,6 +3,10 @@
 
 use clap::{Parser, Subcommand};
 
+pub mod bench;
+pub mod progress;
+pub mod train;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "finch",
@@ -15,7 +19,12 @@ pub struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
-pub enum Command {}
+pub enum Command {
+    /// Fine-tune a model with LoRA.
+    Train(Box<train::TrainArgs>),
+    /// Benchmarks (one JSON line on stdout).
+    Bench(bench::BenchArgs),
+}
 
 /// Runs a parsed command line; returns the process exit code.
 pub fn run(cli: Cli) -> anyhow::Result<i32> {
@@ -26,6 +35,9 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
             println!();
             Ok(0)
         }
-        Some(command) => match command {},
+        Some(command) => match command {
+            Command::Train(args) => train::run(*args),
+            Command::Bench(args) => bench::run(args),
+        },
     }
 }

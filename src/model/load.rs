@@ -104,6 +104,17 @@ impl ModelFiles {
         ))
     }
 
+    /// The model's own chat template, if it has one.
+    pub fn chat_template(&self) -> Result<Option<crate::template::ChatTemplate>> {
+        match &self.template {
+            TemplateSource::TokenizerConfig(p) => crate::template::ChatTemplate::from_tokenizer_config(p),
+            TemplateSource::Embedded { template, bos, eos } => {
+                crate::template::ChatTemplate::new(template, bos.clone(), eos.clone()).map(Some)
+            }
+            TemplateSource::None => Ok(None),
+        }
+    }
+
     /// Loads the base weights into a trainable transformer.
     pub fn load(&self, dtype: DType, device: &Device) -> Result<Transformer> {
         Transformer::load(&self.config, self.weights.as_ref(), dtype, device)

@@ -6,6 +6,7 @@ pub mod batch;
 pub mod checkpoint;
 pub mod config;
 pub mod optim;
+pub mod run;
 pub mod schedule;
 
 use std::io::Write;
