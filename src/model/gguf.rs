@@ -32,10 +32,21 @@ pub struct GgufModel {
 impl GgufModel {
     /// Opens a `.gguf` file, or a folder holding exactly one `.gguf` file.
     pub fn open(path: &Path) -> Result<Self> {
-        let file_path = if path.is_dir() { find_single_gguf(path)? } else { path.to_path_buf() };
+        let file_path = if path.is_dir() {
+            find_single_gguf(path)?
+        } else {
+            path.to_path_buf()
+        };
         let mut file = File::open(&file_path).map_err(|e| Error::io(&file_path, "cannot open GGUF file", e))?;
-        let content = Content::read(&mut file)
-            .map_err(|e| Error::invalid(&file_path, "GGUF file", format!("cannot parse the header: {e}")))?;
+        let content = Content::read(&mut file).map_err(|e| {
+            let hint = if e.to_string().contains("unknown dtype") {
+                " (a tensor uses a ggml type that candle cannot read, such as the IQ* i-quants; \
+                 use a Q4_0/Q4_1/Q5_*/Q8_0/K-quant/F16/BF16/F32 file or the safetensors model)"
+            } else {
+                ""
+            };
+            Error::invalid(&file_path, "GGUF file", format!("cannot parse the header: {e}{hint}"))
+        })?;
         Ok(GgufModel {
             path: file_path,
             content,
@@ -79,7 +90,9 @@ impl GgufModel {
         };
         let hidden_size = need("embedding_length")?;
         let num_attention_heads = need("attention.head_count")?;
-        let num_key_value_heads = meta.usize(&key("attention.head_count_kv"))?.unwrap_or(num_attention_heads);
+        let num_key_value_heads = meta
+            .usize(&key("attention.head_count_kv"))?
+            .unwrap_or(num_attention_heads);
         let head_dim = match meta.usize(&key("attention.key_length"))? {
             Some(h) => h,
             None => match meta.usize(&key("rope.dimension_count"))? {
@@ -136,7 +149,10 @@ impl GgufModel {
     /// from it; linear/yarn scaling is stored as metadata and passed on for `ModelConfig` to judge.
     fn rope_scaling_json(&self, arch: &str, head_dim: usize, rope_theta: f64) -> Result<serde_json::Value> {
         if self.content.tensor_infos.contains_key("rope_freqs.weight") {
-            let factors = self.read_f32_cpu("rope_freqs.weight")?.flatten_all()?.to_vec1::<f32>()?;
+            let factors = self
+                .read_f32_cpu("rope_freqs.weight")?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
             return match infer_llama3_rope_scaling(&factors, head_dim, rope_theta) {
                 Some(None) => Ok(serde_json::Value::Null),
                 Some(Some(s)) => Ok(json!({
@@ -195,31 +211,47 @@ impl GgufModel {
                 _ => None,
             }
         };
-        (token("tokenizer.ggml.bos_token_id"), token("tokenizer.ggml.eos_token_id"))
+        (
+            token("tokenizer.ggml.bos_token_id"),
+            token("tokenizer.ggml.eos_token_id"),
+        )
     }
 
     /// Every tensor that has a Hugging Face name, in Hugging Face naming, sorted. GGUF-only
     /// tensors (such as `rope_freqs.weight`) are left out.
     pub fn tensor_names(&self) -> Vec<String> {
-        let mut names: Vec<String> = self.content.tensor_infos.keys().filter_map(|n| gguf_to_hf_name(n)).collect();
+        let mut names: Vec<String> = self
+            .content
+            .tensor_infos
+            .keys()
+            .filter_map(|n| gguf_to_hf_name(n))
+            .collect();
         names.sort();
         names
     }
 
     /// Reads one tensor by its GGUF name and dequantizes it to f32 on the CPU.
     fn read_f32_cpu(&self, gguf_name: &str) -> Result<Tensor> {
-        let info = self.content.tensor_infos.get(gguf_name).ok_or_else(|| Error::MissingTensor {
-            path: self.path.clone(),
-            tensor: gguf_name.to_string(),
-            hint: String::new(),
-        })?;
+        let info = self
+            .content
+            .tensor_infos
+            .get(gguf_name)
+            .ok_or_else(|| Error::MissingTensor {
+                path: self.path.clone(),
+                tensor: gguf_name.to_string(),
+                hint: String::new(),
+            })?;
         let mut file = File::open(&self.path).map_err(|e| Error::io(&self.path, "cannot open GGUF file", e))?;
         let qtensor = info
             .read(&mut file, self.content.tensor_data_offset, &Device::Cpu)
             .map_err(|e| Error::invalid(&self.path, format!("tensor `{gguf_name}`"), e.to_string()))?;
-        qtensor
-            .dequantize(&Device::Cpu)
-            .map_err(|e| Error::invalid(&self.path, format!("tensor `{gguf_name}`"), format!("cannot dequantize: {e}")))
+        qtensor.dequantize(&Device::Cpu).map_err(|e| {
+            Error::invalid(
+                &self.path,
+                format!("tensor `{gguf_name}`"),
+                format!("cannot dequantize: {e}"),
+            )
+        })
     }
 
     /// The number of heads llama.cpp used to permute the rows of `name`, when it did.
@@ -227,7 +259,10 @@ impl GgufModel {
         if self.architecture()? != "llama" {
             return Ok(None);
         }
-        let is = |proj: &str| hf_name.ends_with(&format!("self_attn.{proj}.weight")) || hf_name.ends_with(&format!("self_attn.{proj}.bias"));
+        let is = |proj: &str| {
+            hf_name.ends_with(&format!("self_attn.{proj}.weight"))
+                || hf_name.ends_with(&format!("self_attn.{proj}.bias"))
+        };
         let key = if is("q_proj") {
             "llama.attention.head_count"
         } else if is("k_proj") {
@@ -253,11 +288,15 @@ impl WeightSource for GgufModel {
             tensor: name.to_string(),
             hint: " (this Hugging Face tensor has no GGUF counterpart)".to_string(),
         })?;
-        let info = self.content.tensor_infos.get(&gguf_name).ok_or_else(|| Error::MissingTensor {
-            path: self.path.clone(),
-            tensor: gguf_name.clone(),
-            hint: format!(" (looked up for `{name}`)"),
-        })?;
+        let info = self
+            .content
+            .tensor_infos
+            .get(&gguf_name)
+            .ok_or_else(|| Error::MissingTensor {
+                path: self.path.clone(),
+                tensor: gguf_name.clone(),
+                hint: format!(" (looked up for `{name}`)"),
+            })?;
         if info.shape.dims() != shape {
             return Err(Error::ShapeMismatch {
                 path: self.path.clone(),
@@ -310,7 +349,10 @@ fn find_single_gguf(dir: &Path) -> Result<PathBuf> {
             Err(Error::invalid(
                 dir,
                 "model folder",
-                format!("it holds several GGUF files ({}); pass the one to use", names.join(", ")),
+                format!(
+                    "it holds several GGUF files ({}); pass the one to use",
+                    names.join(", ")
+                ),
             ))
         }
     }
@@ -523,7 +565,11 @@ fn swap_head_halves(w: &Tensor, n_head: usize, forward: bool) -> Result<Tensor> 
     let half = rows / n_head / 2;
     let cols = dims.get(1).copied().unwrap_or(1);
     // Forward: [head, 2, half] -> [head, half, 2]. Inverse: [head, half, 2] -> [head, 2, half].
-    let split = if forward { (n_head, 2, half, cols) } else { (n_head, half, 2, cols) };
+    let split = if forward {
+        (n_head, 2, half, cols)
+    } else {
+        (n_head, half, 2, cols)
+    };
     Ok(w.reshape(split)?.transpose(1, 2)?.contiguous()?.reshape(dims)?)
 }
 
@@ -615,14 +661,16 @@ fn infer_llama3_rope_scaling(factors: &[f32], head_dim: usize, rope_theta: f64) 
         high_freq_factor: 4.0,
         original_max_position_embeddings: 8192,
     });
-    candidates.into_iter().find(|s| {
-        let expected = llama3_rope_factors(s, head_dim, rope_theta);
-        expected
-            .iter()
-            .zip(factors)
-            .all(|(e, f)| (e - *f as f64).abs() <= 1e-3 * e.abs().max(1.0))
-    })
-    .map(Some)
+    candidates
+        .into_iter()
+        .find(|s| {
+            let expected = llama3_rope_factors(s, head_dim, rope_theta);
+            expected
+                .iter()
+                .zip(factors)
+                .all(|(e, f)| (e - *f as f64).abs() <= 1e-3 * e.abs().max(1.0))
+        })
+        .map(Some)
 }
 
 fn round_to(x: f64, step: f64) -> f64 {
@@ -648,17 +696,24 @@ pub fn write_gguf(
     let mut meta: Vec<(String, Value)> = vec![
         ("general.architecture".into(), Value::String(arch.into())),
         ("general.alignment".into(), Value::U32(32)),
+        ("general.quantization_version".into(), Value::U32(2)),
         (k("block_count"), Value::U32(config.num_hidden_layers as u32)),
         (k("context_length"), Value::U32(config.max_position_embeddings as u32)),
         (k("embedding_length"), Value::U32(config.hidden_size as u32)),
         (k("feed_forward_length"), Value::U32(config.intermediate_size as u32)),
         (k("attention.head_count"), Value::U32(config.num_attention_heads as u32)),
-        (k("attention.head_count_kv"), Value::U32(config.num_key_value_heads as u32)),
+        (
+            k("attention.head_count_kv"),
+            Value::U32(config.num_key_value_heads as u32),
+        ),
         (k("attention.key_length"), Value::U32(config.head_dim as u32)),
         (k("attention.value_length"), Value::U32(config.head_dim as u32)),
         (k("rope.dimension_count"), Value::U32(config.head_dim as u32)),
         (k("rope.freq_base"), Value::F32(config.rope_theta as f32)),
-        (k("attention.layer_norm_rms_epsilon"), Value::F32(config.rms_norm_eps as f32)),
+        (
+            k("attention.layer_norm_rms_epsilon"),
+            Value::F32(config.rms_norm_eps as f32),
+        ),
         (k("vocab_size"), Value::U32(config.vocab_size as u32)),
     ];
     if let Some(tok) = tokenizer {
@@ -667,7 +722,11 @@ pub fn write_gguf(
     let mut order: Vec<(String, QTensor)> = vec![];
     for (hf_name, tensor) in tensors {
         let gguf_name = hf_to_gguf_name(hf_name).ok_or_else(|| {
-            Error::invalid(path, format!("tensor `{hf_name}`"), "has no GGUF name (not a Llama/Qwen2 tensor)")
+            Error::invalid(
+                path,
+                format!("tensor `{hf_name}`"),
+                "has no GGUF name (not a Llama/Qwen2 tensor)",
+            )
         })?;
         let mut t = tensor.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
         if config.family == Family::Llama {
@@ -678,12 +737,18 @@ pub fn write_gguf(
             }
         }
         let cols = t.dims().last().copied().unwrap_or(0);
-        let dtype = if t.rank() == 2 && cols % matrix_dtype.block_size() == 0 { matrix_dtype } else { GgmlDType::F32 };
+        let dtype = if t.rank() == 2 && cols % matrix_dtype.block_size() == 0 {
+            matrix_dtype
+        } else {
+            GgmlDType::F32
+        };
         order.push((gguf_name, QTensor::quantize(&t, dtype)?));
     }
     if let Some(s) = &config.rope_scaling {
-        let factors: Vec<f32> =
-            llama3_rope_factors(s, config.head_dim, config.rope_theta).into_iter().map(|f| f as f32).collect();
+        let factors: Vec<f32> = llama3_rope_factors(s, config.head_dim, config.rope_theta)
+            .into_iter()
+            .map(|f| f as f32)
+            .collect();
         let n = factors.len();
         let t = Tensor::from_vec(factors, n, &Device::Cpu)?;
         order.push(("rope_freqs.weight".into(), QTensor::quantize(&t, GgmlDType::F32)?));
@@ -696,14 +761,19 @@ pub fn write_gguf(
     let mut file = File::create(&tmp).map_err(|e| Error::io(&tmp, "cannot create GGUF file", e))?;
     gguf_file::write(&mut file, &meta_refs, &tensor_refs)
         .map_err(|e| Error::invalid(&tmp, "GGUF file", format!("cannot write: {e}")))?;
-    file.sync_all().map_err(|e| Error::io(&tmp, "cannot flush GGUF file", e))?;
+    file.sync_all()
+        .map_err(|e| Error::io(&tmp, "cannot flush GGUF file", e))?;
     drop(file);
     std::fs::rename(&tmp, path).map_err(|e| Error::io(path, "cannot move the written GGUF file into place", e))
 }
 
 fn tensor_sort_key(name: &str) -> (usize, usize, String) {
     if let Some(rest) = name.strip_prefix("blk.") {
-        let layer = rest.split('.').next().and_then(|l| l.parse().ok()).unwrap_or(usize::MAX);
+        let layer = rest
+            .split('.')
+            .next()
+            .and_then(|l| l.parse().ok())
+            .unwrap_or(usize::MAX);
         return (1, layer, name.to_string());
     }
     match name {
@@ -747,7 +817,16 @@ mod tests {
     }
 
     fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
     }
 
     /// `np.arange(rows).reshape(n_head, 2, rows // n_head // 2).swapaxes(1, 2).reshape(rows)`,
@@ -759,22 +838,34 @@ mod tests {
         // numpy: [0, 3, 1, 4, 2, 5, 6, 9, 7, 10, 8, 11]
         assert_eq!(permuted, [0., 3., 1., 4., 2., 5., 6., 9., 7., 10., 8., 11.]);
         let rows8 = Tensor::arange(0f32, 8., &Device::Cpu).unwrap();
-        assert_eq!(permute_qk_for_gguf(&rows8, 2).unwrap().to_vec1::<f32>().unwrap(), [0., 2., 1., 3., 4., 6., 5., 7.]);
+        assert_eq!(
+            permute_qk_for_gguf(&rows8, 2).unwrap().to_vec1::<f32>().unwrap(),
+            [0., 2., 1., 3., 4., 6., 5., 7.]
+        );
 
         // On matrices the rows move as wholes, and unpermute inverts permute.
         let w = Tensor::randn(0f32, 1., (48, 7), &Device::Cpu).unwrap();
         for heads in [1, 2, 3, 4, 6, 8, 12] {
             let p = permute_qk_for_gguf(&w, heads).unwrap();
-            assert_ne!(max_abs_diff(&p, &w), 0.0, "heads {heads}: permutation is not the identity");
+            assert_ne!(
+                max_abs_diff(&p, &w),
+                0.0,
+                "heads {heads}: permutation is not the identity"
+            );
             assert_eq!(max_abs_diff(&unpermute_qk_from_gguf(&p, heads).unwrap(), &w), 0.0);
         }
         let p = permute_qk_for_gguf(&w, 2).unwrap();
         assert_eq!(max_abs_diff(&p.get(1).unwrap(), &w.get(12).unwrap()), 0.0);
-        assert!(permute_qk_for_gguf(&w, 5).is_err(), "48 rows do not split into 5 heads of two halves");
+        assert!(
+            permute_qk_for_gguf(&w, 5).is_err(),
+            "48 rows do not split into 5 heads of two halves"
+        );
     }
 
     fn rope_tables(head_dim: usize, positions: usize, theta: f32) -> (Tensor, Tensor) {
-        let inv: Vec<f32> = (0..head_dim / 2).map(|i| 1.0 / theta.powf(2.0 * i as f32 / head_dim as f32)).collect();
+        let inv: Vec<f32> = (0..head_dim / 2)
+            .map(|i| 1.0 / theta.powf(2.0 * i as f32 / head_dim as f32))
+            .collect();
         let mut angles = vec![];
         for p in 0..positions {
             angles.extend(inv.iter().map(|f| p as f32 * f));
@@ -810,7 +901,9 @@ mod tests {
         let k = k.repeat((1, heads / kv_heads, 1, 1)).unwrap();
         // repeat tiles [kv0, kv1, kv0, kv1]; Llama groups heads as [kv0, kv0, kv1, kv1].
         let groups = heads / kv_heads;
-        let order: Vec<u32> = (0..heads).map(|h| ((h % groups) * kv_heads + h / groups) as u32).collect();
+        let order: Vec<u32> = (0..heads)
+            .map(|h| ((h % groups) * kv_heads + h / groups) as u32)
+            .collect();
         let k = k.index_select(&Tensor::new(order, &Device::Cpu).unwrap(), 1).unwrap();
         q.matmul(&k.transpose(2, 3).unwrap().contiguous().unwrap()).unwrap()
     }
@@ -819,17 +912,35 @@ mod tests {
     /// interleaved pairs on the rows as stored in the file, Hugging Face to split halves on
     /// its own row order. Both must give the same attention scores, which only holds if
     /// `unpermute_qk_from_gguf` restores exactly Hugging Face's order.
-    fn assert_rope_layouts_agree(gguf_q: &Tensor, gguf_k: &Tensor, hf_q: &Tensor, hf_k: &Tensor, heads: usize, kv_heads: usize) {
+    fn assert_rope_layouts_agree(
+        gguf_q: &Tensor,
+        gguf_k: &Tensor,
+        hf_q: &Tensor,
+        hf_k: &Tensor,
+        heads: usize,
+        kv_heads: usize,
+    ) {
         let hidden = gguf_q.dim(1).unwrap();
         let x = Tensor::randn(0f32, 1., (5, hidden), &Device::Cpu).unwrap();
         let llama_cpp = attention_scores(gguf_q, gguf_k, &x, heads, kv_heads, true);
         let hf = attention_scores(hf_q, hf_k, &x, heads, kv_heads, false);
-        let scale = llama_cpp.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+        let scale = llama_cpp
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         let diff = max_abs_diff(&llama_cpp, &hf);
         assert!(diff <= 1e-4 * scale.max(1.0), "scores differ by {diff} (scale {scale})");
         // Control: skipping the unpermute must break the equality, or this check proves nothing.
         let wrong = attention_scores(gguf_q, gguf_k, &x, heads, kv_heads, false);
-        assert!(max_abs_diff(&llama_cpp, &wrong) > 1e-2 * scale, "the check cannot tell the layouts apart");
+        assert!(
+            max_abs_diff(&llama_cpp, &wrong) > 1e-2 * scale,
+            "the check cannot tell the layouts apart"
+        );
     }
 
     fn write_tiny_gguf(dir: &Path, spec: &TinySpec, dtype: GgmlDType, pre: &str) -> (PathBuf, HashMap<String, Tensor>) {
@@ -865,7 +976,9 @@ mod tests {
                         assert!(diff <= tolerance, "{family:?} {dtype:?} {name}: max diff {diff}");
                     }
                     assert_eq!(model.contains("lm_head.weight"), !tie);
-                    let bf16 = model.get("model.norm.weight", &[spec.hidden_size], DType::BF16, &Device::Cpu).unwrap();
+                    let bf16 = model
+                        .get("model.norm.weight", &[spec.hidden_size], DType::BF16, &Device::Cpu)
+                        .unwrap();
                     assert_eq!(bf16.dtype(), DType::BF16);
 
                     let rebuilt = ModelConfig::from_json(&model.config_json().unwrap(), &path).unwrap();
@@ -884,13 +997,33 @@ mod tests {
         // The rows as stored in the file, read with candle's own GGUF reader.
         let mut file = File::open(&path).unwrap();
         let content = Content::read(&mut file).unwrap();
-        let mut raw = |n: &str| content.tensor(&mut file, n, &Device::Cpu).unwrap().dequantize(&Device::Cpu).unwrap();
+        let mut raw = |n: &str| {
+            content
+                .tensor(&mut file, n, &Device::Cpu)
+                .unwrap()
+                .dequantize(&Device::Cpu)
+                .unwrap()
+        };
         let (gq, gk) = (raw("blk.1.attn_q.weight"), raw("blk.1.attn_k.weight"));
         let model = GgufModel::open(&path).unwrap();
         let q = &weights["model.layers.1.self_attn.q_proj.weight"];
         let k = &weights["model.layers.1.self_attn.k_proj.weight"];
-        let hq = model.get("model.layers.1.self_attn.q_proj.weight", q.dims(), DType::F32, &Device::Cpu).unwrap();
-        let hk = model.get("model.layers.1.self_attn.k_proj.weight", k.dims(), DType::F32, &Device::Cpu).unwrap();
+        let hq = model
+            .get(
+                "model.layers.1.self_attn.q_proj.weight",
+                q.dims(),
+                DType::F32,
+                &Device::Cpu,
+            )
+            .unwrap();
+        let hk = model
+            .get(
+                "model.layers.1.self_attn.k_proj.weight",
+                k.dims(),
+                DType::F32,
+                &Device::Cpu,
+            )
+            .unwrap();
         assert_rope_layouts_agree(&gq, &gk, &hq, &hk, spec.num_attention_heads, spec.num_key_value_heads);
     }
 
@@ -903,18 +1036,35 @@ mod tests {
         let content = Content::read(&mut file).unwrap();
         let stored = content.tensor(&mut file, "blk.0.attn_q.weight", &Device::Cpu).unwrap();
         let stored = stored.dequantize(&Device::Cpu).unwrap();
-        assert_eq!(max_abs_diff(&stored, &weights["model.layers.0.self_attn.q_proj.weight"]), 0.0);
+        assert_eq!(
+            max_abs_diff(&stored, &weights["model.layers.0.self_attn.q_proj.weight"]),
+            0.0
+        );
         let bias = &weights["model.layers.0.self_attn.k_proj.bias"];
         let model = GgufModel::open(&path).unwrap();
-        let got = model.get("model.layers.0.self_attn.k_proj.bias", bias.dims(), DType::F32, &Device::Cpu).unwrap();
+        let got = model
+            .get(
+                "model.layers.0.self_attn.k_proj.bias",
+                bias.dims(),
+                DType::F32,
+                &Device::Cpu,
+            )
+            .unwrap();
         assert_eq!(max_abs_diff(&got, bias), 0.0);
         assert_eq!(model.config_json().unwrap()["attention_bias"], true);
     }
 
     #[test]
     fn llama3_rope_scaling_survives_the_rope_freqs_tensor() {
-        // Llama 3.1 8B and Llama 3.2 1B settings.
-        for (factor, theta, head_dim) in [(8.0, 500_000.0, 128), (32.0, 500_000.0, 64)] {
+        // Llama 3.1 8B and Llama 3.2 1B settings, then unusual ones that only the line fit
+        // (not the fallback to Meta's published values) can recover.
+        let cases = [
+            (8.0, 4.0, 8192, 500_000.0, 128),
+            (32.0, 4.0, 8192, 500_000.0, 64),
+            (16.0, 2.0, 4096, 500_000.0, 128),
+            (4.0, 8.0, 16384, 1_000_000.0, 128),
+        ];
+        for (factor, high_freq_factor, original, theta, head_dim) in cases {
             let dir = tempfile::tempdir().unwrap();
             let spec = TinySpec::new(Family::Llama);
             let mut json = spec.config_json();
@@ -922,7 +1072,7 @@ mod tests {
             json["head_dim"] = serde_json::json!(head_dim);
             json["max_position_embeddings"] = serde_json::json!(131072);
             json["rope_scaling"] = serde_json::json!({"rope_type": "llama3", "factor": factor, "low_freq_factor": 1.0,
-                "high_freq_factor": 4.0, "original_max_position_embeddings": 8192});
+                "high_freq_factor": high_freq_factor, "original_max_position_embeddings": original});
             let config = ModelConfig::from_json(&json, Path::new("config.json")).unwrap();
             let path = dir.path().join("m.gguf");
             write_gguf(&path, &config, &HashMap::new(), None, GgmlDType::F32).unwrap();
@@ -956,7 +1106,10 @@ mod tests {
         }
         assert_eq!(ours.encode("<|im_start|>", false).unwrap().get_ids(), [1]);
         assert_eq!(model.chat_template().as_deref(), Some(CHATML_TEMPLATE));
-        assert_eq!(model.special_tokens(), (Some("<|im_start|>".into()), Some("<|im_end|>".into())));
+        assert_eq!(
+            model.special_tokens(),
+            (Some("<|im_start|>".into()), Some("<|im_end|>".into()))
+        );
     }
 
     /// GGUF metadata for a vocabulary of bytes plus merges that build "12345" digit by digit,
@@ -967,7 +1120,13 @@ mod tests {
             tok.tokens.push(merged.into());
             tok.token_types.push(token_type::NORMAL as i32);
         }
-        tok.merges = vec!["1 2".into(), "12 3".into(), "123 4".into(), "1234 5".into(), "4 5".into()];
+        tok.merges = vec![
+            "1 2".into(),
+            "12 3".into(),
+            "123 4".into(),
+            "1234 5".into(),
+            "4 5".into(),
+        ];
         tok.bos_token_id = Some(1);
         tok.add_bos_token = add_bos;
         tok.to_metadata().into_iter().collect()
@@ -989,14 +1148,25 @@ mod tests {
         ];
         for (pre, want) in cases {
             let map = digit_vocab_metadata(pre, false);
-            let meta = Meta { map: &map, path: Path::new("t.gguf") };
+            let meta = Meta {
+                map: &map,
+                path: Path::new("t.gguf"),
+            };
             let tok = gguf_tokenizer::tokenizer_from_gguf(&meta).unwrap();
-            assert_eq!(tok.encode("12345", false).unwrap().get_ids(), want.as_slice(), "pre = {pre}");
+            assert_eq!(
+                tok.encode("12345", false).unwrap().get_ids(),
+                want.as_slice(),
+                "pre = {pre}"
+            );
             assert_eq!(tok.decode(&want, false).unwrap(), "12345");
         }
         // Llama 3 GGUFs say `add_bos_token = true`: encoding with special tokens prepends BOS.
         let map = digit_vocab_metadata("llama-bpe", true);
-        let tok = gguf_tokenizer::tokenizer_from_gguf(&Meta { map: &map, path: Path::new("t.gguf") }).unwrap();
+        let tok = gguf_tokenizer::tokenizer_from_gguf(&Meta {
+            map: &map,
+            path: Path::new("t.gguf"),
+        })
+        .unwrap();
         assert_eq!(tok.encode("12345", true).unwrap().get_ids(), [1, 260, 263]);
         assert_eq!(tok.encode("12345", false).unwrap().get_ids(), [260, 263]);
     }
@@ -1008,15 +1178,25 @@ mod tests {
     fn unsupported_tokenizers_are_refused_with_the_file_and_model_named() {
         let mut map = digit_vocab_metadata("default", false);
         map.insert("tokenizer.ggml.model".into(), Value::String("llama".into()));
-        let err = gguf_tokenizer::tokenizer_from_gguf(&Meta { map: &map, path: Path::new("/m/x.gguf") }).unwrap_err();
+        let err = gguf_tokenizer::tokenizer_from_gguf(&Meta {
+            map: &map,
+            path: Path::new("/m/x.gguf"),
+        })
+        .unwrap_err();
         let msg = err.to_string();
-        assert!(msg.contains("/m/x.gguf") && msg.contains("`llama`") && msg.contains("tokenizer.json"), "{msg}");
+        assert!(
+            msg.contains("/m/x.gguf") && msg.contains("`llama`") && msg.contains("tokenizer.json"),
+            "{msg}"
+        );
 
         let mut map = digit_vocab_metadata("default", false);
         map.insert("tokenizer.ggml.pre".into(), Value::String("mystery".into()));
-        let msg = gguf_tokenizer::tokenizer_from_gguf(&Meta { map: &map, path: Path::new("/m/x.gguf") })
-            .unwrap_err()
-            .to_string();
+        let msg = gguf_tokenizer::tokenizer_from_gguf(&Meta {
+            map: &map,
+            path: Path::new("/m/x.gguf"),
+        })
+        .unwrap_err()
+        .to_string();
         assert!(msg.contains("/m/x.gguf") && msg.contains("`mystery`"), "{msg}");
     }
 
@@ -1024,7 +1204,10 @@ mod tests {
     fn open_errors_name_the_folder_or_file() {
         let dir = tempfile::tempdir().unwrap();
         let msg = GgufModel::open(dir.path()).unwrap_err().to_string();
-        assert!(msg.contains(&dir.path().display().to_string()) && msg.contains("*.gguf"), "{msg}");
+        assert!(
+            msg.contains(&dir.path().display().to_string()) && msg.contains("*.gguf"),
+            "{msg}"
+        );
 
         std::fs::write(dir.path().join("a.gguf"), b"x").unwrap();
         std::fs::write(dir.path().join("b.GGUF"), b"x").unwrap();
@@ -1034,7 +1217,10 @@ mod tests {
         let garbage = dir.path().join("a.gguf");
         std::fs::write(&garbage, b"this is not a GGUF file at all").unwrap();
         let msg = GgufModel::open(&garbage).unwrap_err().to_string();
-        assert!(msg.contains(&garbage.display().to_string()) && msg.contains("GGUF"), "{msg}");
+        assert!(
+            msg.contains(&garbage.display().to_string()) && msg.contains("GGUF"),
+            "{msg}"
+        );
 
         let missing = dir.path().join("nope.gguf");
         let msg = GgufModel::open(&missing).unwrap_err().to_string();
@@ -1052,9 +1238,23 @@ mod tests {
         let cut = dir.path().join("cut.gguf");
         std::fs::write(&cut, &bytes[..bytes.len() - 100]).unwrap();
         let model = GgufModel::open(&cut).unwrap();
-        let norm = model.get("model.norm.weight", &[spec.hidden_size], DType::F32, &Device::Cpu).unwrap_err();
+        let norm = model
+            .get("model.norm.weight", &[spec.hidden_size], DType::F32, &Device::Cpu)
+            .unwrap_err();
         let msg = norm.to_string();
         assert!(msg.contains("cut.gguf") && msg.contains("output_norm.weight"), "{msg}");
+
+        // A tensor type candle cannot dequantize (IQ4_NL = 20): patch the type of token_embd.
+        let name = b"token_embd.weight";
+        let at = bytes.windows(name.len()).position(|w| w == name).unwrap() + name.len();
+        let mut patched = bytes.clone();
+        // n_dims (u32) and two u64 dims come before the type.
+        assert_eq!(patched[at..at + 4], 2u32.to_le_bytes());
+        patched[at + 20..at + 24].copy_from_slice(&20u32.to_le_bytes());
+        let iq = dir.path().join("iq.gguf");
+        std::fs::write(&iq, &patched).unwrap();
+        let msg = GgufModel::open(&iq).unwrap_err().to_string();
+        assert!(msg.contains("iq.gguf") && msg.contains("IQ* i-quants"), "{msg}");
 
         // Cut inside the header.
         std::fs::write(&cut, &bytes[..200]).unwrap();
@@ -1063,18 +1263,38 @@ mod tests {
 
         let model = GgufModel::open(&path).unwrap();
         let q = &weights["model.layers.0.self_attn.q_proj.weight"];
-        match model.get("model.layers.0.self_attn.q_proj.weight", &[3, 3], DType::F32, &Device::Cpu) {
-            Err(Error::ShapeMismatch { path: p, tensor, expected, found }) => {
+        match model.get(
+            "model.layers.0.self_attn.q_proj.weight",
+            &[3, 3],
+            DType::F32,
+            &Device::Cpu,
+        ) {
+            Err(Error::ShapeMismatch {
+                path: p,
+                tensor,
+                expected,
+                found,
+            }) => {
                 assert_eq!((p, tensor.as_str()), (path.clone(), "blk.0.attn_q.weight"));
                 assert_eq!((expected, found), (vec![3, 3], q.dims().to_vec()));
             }
             other => panic!("expected a shape mismatch, got {other:?}"),
         }
-        let msg = model.get("lm_head.weight", &[272, 64], DType::F32, &Device::Cpu).unwrap_err().to_string();
+        let msg = model
+            .get("lm_head.weight", &[272, 64], DType::F32, &Device::Cpu)
+            .unwrap_err()
+            .to_string();
         assert!(msg.contains("tiny.gguf") && msg.contains("output.weight"), "{msg}");
-        let msg = model.get("model.layers.9.self_attn.q_proj.weight", &[64, 64], DType::F32, &Device::Cpu);
+        let msg = model.get(
+            "model.layers.9.self_attn.q_proj.weight",
+            &[64, 64],
+            DType::F32,
+            &Device::Cpu,
+        );
         assert!(msg.unwrap_err().to_string().contains("blk.9.attn_q.weight"));
-        assert!(model.get("model.rotary.inv_freq", &[1], DType::F32, &Device::Cpu).is_err());
+        assert!(model
+            .get("model.rotary.inv_freq", &[1], DType::F32, &Device::Cpu)
+            .is_err());
     }
 
     #[test]
@@ -1084,8 +1304,14 @@ mod tests {
             let g = hf_to_gguf_name(name).unwrap();
             assert_eq!(gguf_to_hf_name(&g).as_deref(), Some(name.as_str()));
         }
-        assert_eq!(hf_to_gguf_name("model.layers.12.mlp.down_proj.weight").as_deref(), Some("blk.12.ffn_down.weight"));
-        assert_eq!(hf_to_gguf_name("model.layers.3.post_attention_layernorm.weight").as_deref(), Some("blk.3.ffn_norm.weight"));
+        assert_eq!(
+            hf_to_gguf_name("model.layers.12.mlp.down_proj.weight").as_deref(),
+            Some("blk.12.ffn_down.weight")
+        );
+        assert_eq!(
+            hf_to_gguf_name("model.layers.3.post_attention_layernorm.weight").as_deref(),
+            Some("blk.3.ffn_norm.weight")
+        );
         assert_eq!(gguf_to_hf_name("rope_freqs.weight"), None);
         assert_eq!(hf_to_gguf_name("model.layers.x.mlp.up_proj.weight"), None);
     }
@@ -1097,7 +1323,10 @@ mod tests {
         let from_gguf = ModelConfig::from_json(&model.config_json().unwrap(), model.path()).unwrap();
         let from_json = ModelConfig::from_file(&dir.join("config.json")).unwrap();
         assert_eq!(from_gguf, from_json);
-        assert_eq!(model.special_tokens(), (Some("<|im_start|>".into()), Some("<|im_end|>".into())));
+        assert_eq!(
+            model.special_tokens(),
+            (Some("<|im_start|>".into()), Some("<|im_end|>".into()))
+        );
         let template = model.chat_template().unwrap();
         let config: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(dir.join("tokenizer_config.json")).unwrap()).unwrap();
@@ -1117,9 +1346,15 @@ mod tests {
                 let a = ours.encode(text, specials).unwrap();
                 let b = theirs.encode(text, specials).unwrap();
                 assert_eq!(a.get_ids(), b.get_ids(), "{text:?}");
-                assert_eq!(ours.decode(a.get_ids(), false).unwrap(), theirs.decode(b.get_ids(), false).unwrap());
+                assert_eq!(
+                    ours.decode(a.get_ids(), false).unwrap(),
+                    theirs.decode(b.get_ids(), false).unwrap()
+                );
                 assert_eq!(ours.decode(a.get_ids(), false).unwrap(), text);
-                assert_eq!(ours.decode(a.get_ids(), true).unwrap(), theirs.decode(b.get_ids(), true).unwrap());
+                assert_eq!(
+                    ours.decode(a.get_ids(), true).unwrap(),
+                    theirs.decode(b.get_ids(), true).unwrap()
+                );
             }
         }
         let chat = ours.encode("<|im_start|>user\nHi<|im_end|>", false).unwrap();
@@ -1132,22 +1367,61 @@ mod tests {
         let Some(dir) = real_model() else { return };
         let model = GgufModel::open(&dir).unwrap();
         let config = ModelConfig::from_json(&model.config_json().unwrap(), model.path()).unwrap();
-        let (h, heads, kv) = (config.hidden_size, config.num_attention_heads, config.num_key_value_heads);
+        let (h, heads, kv) = (
+            config.hidden_size,
+            config.num_attention_heads,
+            config.num_key_value_heads,
+        );
         let q_rows = heads * config.head_dim;
         let kv_rows = kv * config.head_dim;
-        let embed = model.get("model.embed_tokens.weight", &[config.vocab_size, h], DType::F32, &Device::Cpu).unwrap();
-        let finite = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().all(|x| x.is_finite());
+        let embed = model
+            .get(
+                "model.embed_tokens.weight",
+                &[config.vocab_size, h],
+                DType::F32,
+                &Device::Cpu,
+            )
+            .unwrap();
+        let finite = |t: &Tensor| {
+            t.flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+                .iter()
+                .all(|x| x.is_finite())
+        };
         assert!(finite(&embed));
         // Real weights, not zeros: the rows of the embedding differ.
         assert!(max_abs_diff(&embed.get(100).unwrap(), &embed.get(200).unwrap()) > 1e-3);
         assert_eq!(model.tensor_names().len(), 2 + 9 * config.num_hidden_layers);
         assert!(!model.contains("lm_head.weight"));
 
-        let q = model.get("model.layers.0.self_attn.q_proj.weight", &[q_rows, h], DType::F32, &Device::Cpu).unwrap();
-        let k = model.get("model.layers.0.self_attn.k_proj.weight", &[kv_rows, h], DType::F32, &Device::Cpu).unwrap();
+        let q = model
+            .get(
+                "model.layers.0.self_attn.q_proj.weight",
+                &[q_rows, h],
+                DType::F32,
+                &Device::Cpu,
+            )
+            .unwrap();
+        let k = model
+            .get(
+                "model.layers.0.self_attn.k_proj.weight",
+                &[kv_rows, h],
+                DType::F32,
+                &Device::Cpu,
+            )
+            .unwrap();
         assert!(finite(&q) && finite(&k));
         let mut file = File::open(model.path()).unwrap();
-        let mut raw = |n: &str| model.content().tensor(&mut file, n, &Device::Cpu).unwrap().dequantize(&Device::Cpu).unwrap();
+        let mut raw = |n: &str| {
+            model
+                .content()
+                .tensor(&mut file, n, &Device::Cpu)
+                .unwrap()
+                .dequantize(&Device::Cpu)
+                .unwrap()
+        };
         let (gq, gk) = (raw("blk.0.attn_q.weight"), raw("blk.0.attn_k.weight"));
         assert_rope_layouts_agree(&gq, &gk, &q, &k, heads, kv);
     }

@@ -40,7 +40,8 @@ pub const SUPPORTED_PRE: &str =
 /// Llama 3's split pattern (its tokenizer.json; llama.cpp's `LLAMA_VOCAB_PRE_TYPE_LLAMA3`).
 const LLAMA3_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 /// Qwen2's split pattern: Llama 3's with single digits.
-const QWEN2_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const QWEN2_PATTERN: &str =
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 /// How text is split into words before BPE, per `tokenizer.ggml.pre`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -94,7 +95,10 @@ pub(crate) fn tokenizer_from_gguf(meta: &Meta<'_>) -> Result<Tokenizer> {
     let path = meta.path;
     let invalid = |reason: String| Error::invalid(path, "GGUF tokenizer", reason);
     let model = meta.string("tokenizer.ggml.model")?.ok_or_else(|| {
-        invalid("the file has no tokenizer (`tokenizer.ggml.model` is missing); put the model's tokenizer.json beside it".into())
+        invalid(
+            "the file has no tokenizer (`tokenizer.ggml.model` is missing); put the model's tokenizer.json beside it"
+                .into(),
+        )
     })?;
     if model != "gpt2" {
         return Err(invalid(format!(
@@ -137,7 +141,9 @@ pub(crate) fn tokenizer_from_gguf(meta: &Meta<'_>) -> Result<Tokenizer> {
         .enumerate()
         .map(|(i, m)| match m.split_once(' ') {
             Some((a, b)) if !a.is_empty() && !b.is_empty() && !b.contains(' ') => Ok((a.to_string(), b.to_string())),
-            _ => Err(invalid(format!("merge {i} `{m}` is not two symbols separated by one space"))),
+            _ => Err(invalid(format!(
+                "merge {i} `{m}` is not two symbols separated by one space"
+            ))),
         })
         .collect::<Result<Vec<_>>>()?;
     let bpe = BPE::builder()
@@ -219,7 +225,13 @@ fn post_processor(meta: &Meta<'_>, tokens: &[&str]) -> Result<PostProcessorWrapp
     if let Some((t, _)) = &eos {
         pair.push(format!("{t}:1"));
     }
-    let bad = |e: String| Error::invalid(meta.path, "GGUF tokenizer", format!("cannot build the BOS/EOS template: {e}"));
+    let bad = |e: String| {
+        Error::invalid(
+            meta.path,
+            "GGUF tokenizer",
+            format!("cannot build the BOS/EOS template: {e}"),
+        )
+    };
     let template = TemplateProcessing::builder()
         .try_single(single.join(" "))
         .map_err(bad)?
@@ -266,15 +278,23 @@ impl GgufTokenizerMetadata {
         if model["type"].as_str() != Some("BPE") {
             return Err(invalid(format!("model type is {}, expected BPE", model["type"])));
         }
-        let vocab = model["vocab"].as_object().ok_or_else(|| invalid("`model.vocab` is not an object".into()))?;
+        let vocab = model["vocab"]
+            .as_object()
+            .ok_or_else(|| invalid("`model.vocab` is not an object".into()))?;
         let mut entries: Vec<(u32, String, i32)> = vec![];
         for (tok, id) in vocab {
-            let id = id.as_u64().ok_or_else(|| invalid(format!("vocabulary id of `{tok}` is not a number")))?;
+            let id = id
+                .as_u64()
+                .ok_or_else(|| invalid(format!("vocabulary id of `{tok}` is not a number")))?;
             entries.push((id as u32, tok.clone(), token_type::NORMAL as i32));
         }
         for added in json["added_tokens"].as_array().map(Vec::as_slice).unwrap_or(&[]) {
-            let id = added["id"].as_u64().ok_or_else(|| invalid("an added token has no `id`".into()))? as u32;
-            let content = added["content"].as_str().ok_or_else(|| invalid(format!("added token {id} has no `content`")))?;
+            let id = added["id"]
+                .as_u64()
+                .ok_or_else(|| invalid("an added token has no `id`".into()))? as u32;
+            let content = added["content"]
+                .as_str()
+                .ok_or_else(|| invalid(format!("added token {id} has no `content`")))?;
             let kind = if added["special"].as_bool().unwrap_or(false) {
                 token_type::CONTROL
             } else {
@@ -298,7 +318,10 @@ impl GgufTokenizerMetadata {
             .enumerate()
             .map(|(i, m)| match m {
                 serde_json::Value::String(s) => Ok(s.clone()),
-                serde_json::Value::Array(pair) => match (pair.first().and_then(|x| x.as_str()), pair.get(1).and_then(|x| x.as_str())) {
+                serde_json::Value::Array(pair) => match (
+                    pair.first().and_then(|x| x.as_str()),
+                    pair.get(1).and_then(|x| x.as_str()),
+                ) {
                     (Some(a), Some(b)) if pair.len() == 2 => Ok(format!("{a} {b}")),
                     _ => Err(invalid(format!("merge {i} is not a pair of strings"))),
                 },
@@ -331,7 +354,10 @@ impl GgufTokenizerMetadata {
                 Value::Array(self.token_types.iter().map(|t| Value::I32(*t)).collect()),
             ),
             ("tokenizer.ggml.merges".to_string(), strings(&self.merges)),
-            ("tokenizer.ggml.add_bos_token".to_string(), Value::Bool(self.add_bos_token)),
+            (
+                "tokenizer.ggml.add_bos_token".to_string(),
+                Value::Bool(self.add_bos_token),
+            ),
         ];
         let ids = [
             ("tokenizer.ggml.bos_token_id", self.bos_token_id),
