@@ -190,6 +190,38 @@ impl GgufModel {
         gguf_tokenizer::tokenizer_from_gguf(&self.meta())
     }
 
+    /// The tokenizer metadata as stored, for writing it into another GGUF file (export).
+    pub fn tokenizer_metadata(&self) -> Result<GgufTokenizerMetadata> {
+        let meta = self.meta();
+        let missing = |key: &str| Error::invalid(&self.path, "GGUF tokenizer", format!("`{key}` is missing"));
+        let id = |key: &str| -> Result<Option<u32>> { Ok(meta.usize(key)?.map(|v| v as u32)) };
+        let strings = |key: &str| -> Result<Option<Vec<String>>> {
+            Ok(meta
+                .string_array(key)?
+                .map(|v| v.into_iter().map(str::to_string).collect()))
+        };
+        let tokens = strings("tokenizer.ggml.tokens")?.ok_or_else(|| missing("tokenizer.ggml.tokens"))?;
+        let token_types = match meta.int_array("tokenizer.ggml.token_type")? {
+            Some(t) => t.into_iter().map(|t| t as i32).collect(),
+            None => vec![gguf_tokenizer::token_type::NORMAL as i32; tokens.len()],
+        };
+        Ok(GgufTokenizerMetadata {
+            model: meta
+                .string("tokenizer.ggml.model")?
+                .ok_or_else(|| missing("tokenizer.ggml.model"))?
+                .to_string(),
+            pre: meta.string("tokenizer.ggml.pre")?.unwrap_or("default").to_string(),
+            tokens,
+            token_types,
+            merges: strings("tokenizer.ggml.merges")?.unwrap_or_default(),
+            bos_token_id: id("tokenizer.ggml.bos_token_id")?,
+            eos_token_id: id("tokenizer.ggml.eos_token_id")?,
+            padding_token_id: id("tokenizer.ggml.padding_token_id")?,
+            add_bos_token: meta.bool("tokenizer.ggml.add_bos_token")?.unwrap_or(false),
+            chat_template: self.chat_template(),
+        })
+    }
+
     /// `tokenizer.chat_template`, when the file has one.
     pub fn chat_template(&self) -> Option<String> {
         match self.content.metadata.get("tokenizer.chat_template") {
@@ -1106,6 +1138,13 @@ mod tests {
         }
         assert_eq!(ours.encode("<|im_start|>", false).unwrap().get_ids(), [1]);
         assert_eq!(model.chat_template().as_deref(), Some(CHATML_TEMPLATE));
+        // What export will copy into a new file is what was written.
+        let mut written =
+            GgufTokenizerMetadata::from_tokenizer_json(&tiny_tokenizer_json(), "default", dir.path()).unwrap();
+        written.bos_token_id = Some(1);
+        written.eos_token_id = Some(2);
+        written.chat_template = Some(CHATML_TEMPLATE.to_string());
+        assert_eq!(model.tokenizer_metadata().unwrap(), written);
         assert_eq!(
             model.special_tokens(),
             (Some("<|im_start|>".into()), Some("<|im_end|>".into()))
