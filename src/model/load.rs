@@ -8,6 +8,7 @@ use candle_core::{DType, Device};
 
 use crate::error::{Error, Result};
 use crate::model::config::ModelConfig;
+use crate::model::gguf::GgufModel;
 use crate::model::safetensors::SafetensorsWeights;
 use crate::model::transformer::Transformer;
 use crate::model::weights::WeightSource;
@@ -96,12 +97,39 @@ impl ModelFiles {
         })
     }
 
+    /// A GGUF file (or a folder holding one). `config.json`, `tokenizer.json` and
+    /// `tokenizer_config.json` beside it take precedence over the GGUF metadata.
     fn open_gguf(spec: &str, path: &Path) -> Result<Self> {
-        Err(Error::invalid(
-            path,
-            "model",
-            format!("{spec}: GGUF loading is not available in this build"),
-        ))
+        let gguf = GgufModel::open(path)?;
+        let dir = gguf.path().parent().map(Path::to_path_buf).unwrap_or_default();
+        let config = if dir.join("config.json").is_file() {
+            ModelConfig::from_file(&dir.join("config.json"))?
+        } else {
+            ModelConfig::from_json(&gguf.config_json()?, gguf.path())?
+        };
+        let tok_path = dir.join("tokenizer.json");
+        let tokenizer = if tok_path.is_file() {
+            read_tokenizer(&tok_path)?
+        } else {
+            gguf.tokenizer()?
+        };
+        let tc = dir.join("tokenizer_config.json");
+        let template = if tc.is_file() {
+            TemplateSource::TokenizerConfig(tc)
+        } else if let Some(template) = gguf.chat_template() {
+            let (bos, eos) = gguf.special_tokens();
+            TemplateSource::Embedded { template, bos, eos }
+        } else {
+            TemplateSource::None
+        };
+        Ok(ModelFiles {
+            spec: spec.to_string(),
+            path: gguf.path().to_path_buf(),
+            config,
+            tokenizer,
+            template,
+            weights: Box::new(gguf),
+        })
     }
 
     /// The model's own chat template, if it has one.
