@@ -6,6 +6,7 @@ pub mod gguf;
 pub mod gguf_tokenizer;
 pub mod load;
 pub mod loss;
+pub mod ops;
 pub mod safetensors;
 pub mod tiny;
 pub mod transformer;

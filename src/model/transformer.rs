@@ -3,11 +3,12 @@
 //! `candle-transformers` models, every op here propagates gradients, and the forward returns
 //! hidden states for all positions.
 
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Device, Tensor};
 
 use crate::error::{Error, Result};
 use crate::lora::{ForwardCtx, LoraConfig, LoraLinear, LoraWeights, Target};
 use crate::model::config::ModelConfig;
+use crate::model::ops;
 use crate::model::weights::WeightSource;
 use crate::rng::Rng;
 
@@ -92,24 +93,6 @@ pub fn rope_inv_freq(cfg: &ModelConfig) -> Vec<f32> {
             f as f32
         })
         .collect()
-}
-
-/// `x·rsqrt(mean(x²) + eps)·w`, computed in f32, built from differentiable ops.
-fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
-    let dt = x.dtype();
-    let x = x.to_dtype(DType::F32)?;
-    let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
-    let y = x.broadcast_div(&(ms + eps)?.sqrt()?)?;
-    y.to_dtype(dt)?.broadcast_mul(w)
-}
-
-/// Hugging Face's rotate-half rope. `x: [b, h, t, d]`, `cos`/`sin`: `[t, d]`.
-fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
-    let d = x.dim(D::Minus1)?;
-    let x1 = x.narrow(D::Minus1, 0, d / 2)?;
-    let x2 = x.narrow(D::Minus1, d / 2, d / 2)?;
-    let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
-    x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?
 }
 
 fn repeat_kv(x: Tensor, n_rep: usize) -> candle_core::Result<Tensor> {
@@ -329,27 +312,18 @@ impl Transformer {
 
     fn rope_tables(&self, t: usize) -> candle_core::Result<(Tensor, Tensor)> {
         let half = self.inv_freq.len();
-        let mut cos = Vec::with_capacity(t * half * 2);
-        let mut sin = Vec::with_capacity(t * half * 2);
+        let mut cos = Vec::with_capacity(t * half);
+        let mut sin = Vec::with_capacity(t * half);
         for p in 0..t {
-            for _ in 0..2 {
-                for f in &self.inv_freq {
-                    let a = p as f32 * f;
-                    cos.push(a.cos());
-                    sin.push(a.sin());
-                }
+            for f in &self.inv_freq {
+                let a = p as f32 * f;
+                cos.push(a.cos());
+                sin.push(a.sin());
             }
         }
-        let cos = Tensor::from_vec(cos, (t, 2 * half), &self.device)?.to_dtype(self.dtype)?;
-        let sin = Tensor::from_vec(sin, (t, 2 * half), &self.device)?.to_dtype(self.dtype)?;
+        let cos = Tensor::from_vec(cos, (t, half), &self.device)?.to_dtype(self.dtype)?;
+        let sin = Tensor::from_vec(sin, (t, half), &self.device)?.to_dtype(self.dtype)?;
         Ok((cos, sin))
-    }
-
-    fn causal_mask(&self, t: usize) -> candle_core::Result<Tensor> {
-        let mask: Vec<f32> = (0..t)
-            .flat_map(|i| (0..t).map(move |j| if j <= i { 0.0 } else { f32::NEG_INFINITY }))
-            .collect();
-        Tensor::from_vec(mask, (t, t), &self.device)?.to_dtype(self.dtype)
     }
 
     /// Final-normed hidden states `[b, t, hidden]` for token ids `[b, t]` at positions 0..t.
@@ -366,7 +340,6 @@ impl Transformer {
             ));
         }
         let (cos, sin) = self.rope_tables(t)?;
-        let mask = self.causal_mask(t)?;
         let cfg = &self.cfg;
         let (nh, nkv, hd) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
         let scale = 1.0 / (hd as f64).sqrt();
@@ -376,30 +349,29 @@ impl Transformer {
             .reshape((b, t, cfg.hidden_size))?;
         for block in &self.layers {
             let residual = x.clone();
-            let hs = rms_norm(&x, &block.input_norm, cfg.rms_norm_eps)?;
+            let hs = ops::rms_norm(&x, &block.input_norm, cfg.rms_norm_eps)?;
             let q = block.attn.q.forward(&hs, ctx)?;
             let k = block.attn.k.forward(&hs, ctx)?;
             let v = block.attn.v.forward(&hs, ctx)?;
             let q = q.reshape((b, t, nh, hd))?.transpose(1, 2)?.contiguous()?;
             let k = k.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
             let v = v.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
-            let q = rope(&q, &cos, &sin)?;
-            let k = rope(&k, &cos, &sin)?;
+            let q = ops::rope(&q, &cos, &sin)?;
+            let k = ops::rope(&k, &cos, &sin)?;
             let k = repeat_kv(k, nh / nkv)?.contiguous()?;
             let v = repeat_kv(v, nh / nkv)?.contiguous()?;
-            let att = (q.matmul(&k.t()?)? * scale)?.broadcast_add(&mask)?;
-            let att = candle_nn::ops::softmax(&att, D::Minus1)?;
+            let att = ops::causal_softmax(&q.matmul(&k.t()?)?, scale)?;
             let y = att.matmul(&v)?.transpose(1, 2)?.reshape((b, t, nh * hd))?;
             let y = block.attn.o.forward(&y, ctx)?;
             x = (residual + y)?;
             let residual = x.clone();
-            let hs = rms_norm(&x, &block.post_norm, cfg.rms_norm_eps)?;
-            let g = block.mlp.gate.forward(&hs, ctx)?.silu()?;
+            let hs = ops::rms_norm(&x, &block.post_norm, cfg.rms_norm_eps)?;
+            let g = block.mlp.gate.forward(&hs, ctx)?;
             let u = block.mlp.up.forward(&hs, ctx)?;
-            let y = block.mlp.down.forward(&(g * u)?, ctx)?;
+            let y = block.mlp.down.forward(&ops::swiglu(&g, &u)?, ctx)?;
             x = (residual + y)?;
         }
-        Ok(rms_norm(&x, &self.norm, cfg.rms_norm_eps)?)
+        Ok(ops::rms_norm(&x, &self.norm, cfg.rms_norm_eps)?)
     }
 
     /// Logits for hidden states `[.., hidden]` → `[.., vocab]`.
