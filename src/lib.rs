@@ -3,6 +3,7 @@
 //! The library holds the whole engine (model loading, trainable transformer, LoRA, trainer,
 //! data, hub); `src/main.rs` only parses the command line. Nothing here depends on a GUI.
 
+pub mod bench;
 pub mod cli;
 pub mod data;
 pub mod error;
@@ -10,6 +11,8 @@ pub mod fsutil;
 pub mod lora;
 pub mod model;
 pub mod rng;
+pub mod system;
 pub mod template;
+pub mod train;
 
 pub use error::{Error, Result};

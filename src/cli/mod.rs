@@ -3,7 +3,10 @@
 
 use clap::{Parser, Subcommand};
 
+pub mod bench;
 pub mod data;
+pub mod progress;
+pub mod train;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -18,6 +21,10 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Fine-tune a model with LoRA.
+    Train(Box<train::TrainArgs>),
+    /// Benchmarks (one JSON line on stdout).
+    Bench(bench::BenchArgs),
     /// Inspect and validate instruction datasets.
     Data(data::DataArgs),
 }
@@ -32,6 +39,8 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
             Ok(0)
         }
         Some(command) => match command {
+            Command::Train(args) => train::run(*args),
+            Command::Bench(args) => bench::run(args),
             Command::Data(args) => data::run(args),
         },
     }

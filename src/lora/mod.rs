@@ -171,14 +171,15 @@ impl LoraConfig {
         in_features: usize,
         out_features: usize,
         rng: &mut Rng,
+        dtype: DType,
         device: &Device,
     ) -> Result<LoraWeights> {
         let bound = 1.0 / (in_features as f32).sqrt();
         let a: Vec<f32> = (0..self.r * in_features)
             .map(|_| (rng.next_f32() * 2.0 - 1.0) * bound)
             .collect();
-        let a = Var::from_tensor(&Tensor::from_vec(a, (self.r, in_features), device)?)?;
-        let b = Var::zeros((out_features, self.r), DType::F32, device)?;
+        let a = Var::from_tensor(&Tensor::from_vec(a, (self.r, in_features), device)?.to_dtype(dtype)?)?;
+        let b = Var::zeros((out_features, self.r), dtype, device)?;
         Ok(LoraWeights {
             a,
             b,

@@ -2,8 +2,18 @@
 //! differentiable transformer used for training.
 
 pub mod config;
+pub mod gguf;
+pub mod gguf_tokenizer;
+pub mod load;
+pub mod loss;
+pub mod ops;
+pub mod safetensors;
 pub mod tiny;
+pub mod transformer;
 pub mod weights;
 
 pub use config::{Family, ModelConfig};
+pub use gguf::GgufModel;
+pub use load::ModelFiles;
+pub use transformer::Transformer;
 pub use weights::WeightSource;

@@ -30,11 +30,15 @@ pub struct TinySpec {
     pub num_key_value_heads: usize,
     pub tie_word_embeddings: bool,
     pub max_position_embeddings: usize,
+    /// Standard deviation of the random embedding (tiny models need large ones to learn at all).
+    pub embedding_std: f32,
     pub seed: u64,
 }
 
 impl TinySpec {
-    /// A 2-layer model with grouped-query attention and a byte-level vocabulary.
+    /// A 2-layer model with grouped-query attention and a byte-level vocabulary. Its embeddings
+    /// are large (std 0.5) so logits can separate tokens: with std 0.02 in a 64-wide model the
+    /// final norm keeps every logit below ~1 and nothing can be learned.
     pub fn new(family: Family) -> Self {
         TinySpec {
             family,
@@ -46,6 +50,7 @@ impl TinySpec {
             num_key_value_heads: 2,
             tie_word_embeddings: family == Family::Llama,
             max_position_embeddings: 1024,
+            embedding_std: 0.5,
             seed: 42,
         }
     }
@@ -62,11 +67,23 @@ impl TinySpec {
             num_key_value_heads: 3,
             tie_word_embeddings: true,
             max_position_embeddings: 8192,
+            embedding_std: 0.02,
             seed: 42,
         }
     }
 
     pub fn config_json(&self) -> serde_json::Value {
+        let mut v = self.base_config_json();
+        if self.family == Family::Qwen2 {
+            // Fields Qwen2's config.json always carries (candle-transformers requires them).
+            v["sliding_window"] = json!(self.max_position_embeddings);
+            v["max_window_layers"] = json!(self.num_hidden_layers);
+            v["use_sliding_window"] = json!(false);
+        }
+        v
+    }
+
+    fn base_config_json(&self) -> serde_json::Value {
         let (model_type, arch) = match self.family {
             Family::Llama => ("llama", "LlamaForCausalLM"),
             Family::Qwen2 => ("qwen2", "Qwen2ForCausalLM"),
@@ -113,7 +130,7 @@ impl TinySpec {
         put(
             "model.embed_tokens.weight".into(),
             &[self.vocab_size, h],
-            Init::Normal(0.02),
+            Init::Normal(self.embedding_std),
         )?;
         for l in 0..self.num_hidden_layers {
             let p = format!("model.layers.{l}");

@@ -3,7 +3,8 @@
 //! requested device, and checks their shape. Safetensors folders and GGUF files both implement
 //! it, so the model code is the same for both.
 
-use std::path::Path;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 
@@ -19,4 +20,37 @@ pub trait WeightSource {
 
     /// The file (or folder) the weights come from, for error messages.
     fn origin(&self) -> &Path;
+}
+
+/// Weights already in memory, by Hugging Face name (random models, merged adapters).
+pub struct TensorMap {
+    pub tensors: HashMap<String, Tensor>,
+    pub origin: PathBuf,
+}
+
+impl WeightSource for TensorMap {
+    fn get(&self, name: &str, shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
+        let t = self.tensors.get(name).ok_or_else(|| crate::Error::MissingTensor {
+            path: self.origin.clone(),
+            tensor: name.to_string(),
+            hint: String::new(),
+        })?;
+        if t.dims() != shape {
+            return Err(crate::Error::ShapeMismatch {
+                path: self.origin.clone(),
+                tensor: name.to_string(),
+                expected: shape.to_vec(),
+                found: t.dims().to_vec(),
+            });
+        }
+        Ok(t.to_dtype(dtype)?.to_device(device)?)
+    }
+
+    fn contains(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+
+    fn origin(&self) -> &Path {
+        &self.origin
+    }
 }

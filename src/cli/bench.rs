@@ -1,0 +1,63 @@
+//! `finch bench …`: benchmarks that print one JSON line on stdout.
+
+use clap::{Args, Subcommand};
+
+use crate::bench::{bench_train, BenchTrainOptions};
+use crate::lora::Target;
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    #[command(subcommand)]
+    pub what: BenchCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// LoRA training throughput (r=16, alpha 32, all targets, batch 4 × 256, f32, AdamW).
+    Train {
+        /// Model folder or GGUF file; default: random weights with SmolLM2-135M's shapes.
+        #[arg(long)]
+        model: Option<String>,
+        #[arg(long, default_value_t = 4)]
+        batch: usize,
+        #[arg(long, default_value_t = 256)]
+        seq_len: usize,
+        #[arg(long, default_value_t = 3)]
+        warmup: usize,
+        #[arg(long, default_value_t = 10)]
+        steps: usize,
+        #[arg(long, default_value_t = 16)]
+        rank: usize,
+        #[arg(long, default_value = "all")]
+        targets: String,
+    },
+}
+
+pub fn run(args: BenchArgs) -> anyhow::Result<i32> {
+    match args.what {
+        BenchCommand::Train {
+            model,
+            batch,
+            seq_len,
+            warmup,
+            steps,
+            rank,
+            targets,
+        } => {
+            let mut opts = BenchTrainOptions {
+                model,
+                batch_size: batch,
+                seq_len,
+                warmup_steps: warmup,
+                timed_steps: steps,
+                ..BenchTrainOptions::default()
+            };
+            opts.lora.r = rank;
+            opts.lora.alpha = 2.0 * rank as f64;
+            opts.lora.targets = Target::parse_list(&targets)?;
+            let r = bench_train(&opts)?;
+            println!("{}", serde_json::to_string(&r)?);
+            Ok(0)
+        }
+    }
+}

@@ -1,0 +1,206 @@
+//! `finch train`: fine-tune a model with LoRA from the terminal. Settings come from
+//! `--config FILE` (a run's `config.toml`) and/or flags; flags win.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::Args;
+
+use crate::cli::progress::Progress;
+use crate::data::LossOn;
+use crate::lora::Target;
+use crate::train::config::{DeviceChoice, Precision};
+use crate::train::{Duration, Schedule, TrainConfig};
+
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    /// A run's config.toml to start from (flags override its values).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Model folder, .gguf file (or folder holding one), or Hub id.
+    #[arg(long)]
+    pub model: Option<String>,
+    /// Training data: JSONL with Alpaca fields or OpenAI `messages` (see `finch data inspect`).
+    #[arg(long)]
+    pub data: Option<String>,
+    /// Separate validation file (otherwise --eval-split of --data is held out).
+    #[arg(long)]
+    pub eval_data: Option<String>,
+    /// Run folder (config.toml, metrics.jsonl, adapter/, checkpoints/).
+    #[arg(long)]
+    pub out: Option<String>,
+    /// Optimizer steps.
+    #[arg(long, conflicts_with = "epochs")]
+    pub steps: Option<usize>,
+    /// Passes over the training data (alternative to --steps).
+    #[arg(long)]
+    pub epochs: Option<f64>,
+    /// LoRA rank r.
+    #[arg(long)]
+    pub rank: Option<usize>,
+    /// LoRA alpha (the update is scaled by alpha/r).
+    #[arg(long)]
+    pub alpha: Option<f64>,
+    /// LoRA dropout probability.
+    #[arg(long)]
+    pub dropout: Option<f32>,
+    /// Layers that get adapters: comma-separated among q,k,v,o,gate,up,down, or `all`.
+    #[arg(long)]
+    pub targets: Option<String>,
+    /// rsLoRA scaling (alpha/sqrt(r)).
+    #[arg(long)]
+    pub rslora: bool,
+    /// Which tokens carry loss: assistant, all, last-turn.
+    #[arg(long)]
+    pub loss_on: Option<String>,
+    /// Fraction of --data held out for evaluation.
+    #[arg(long)]
+    pub eval_split: Option<f64>,
+    /// Evaluate every N steps (0: at the end only).
+    #[arg(long)]
+    pub eval_every: Option<usize>,
+    /// Checkpoint every N steps (0: at the end or on Ctrl-C only).
+    #[arg(long)]
+    pub save_every: Option<usize>,
+    /// How many step checkpoints to keep.
+    #[arg(long)]
+    pub keep_checkpoints: Option<usize>,
+    /// Micro-batches per optimizer step.
+    #[arg(long)]
+    pub grad_accum: Option<usize>,
+    /// Examples per micro-batch.
+    #[arg(long)]
+    pub batch: Option<usize>,
+    /// Maximum tokens per example (longer ones are truncated).
+    #[arg(long)]
+    pub seq_len: Option<usize>,
+    /// Peak learning rate.
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// Learning-rate schedule: constant, linear, cosine.
+    #[arg(long)]
+    pub schedule: Option<String>,
+    /// Warm-up steps.
+    #[arg(long)]
+    pub warmup: Option<usize>,
+    #[arg(long)]
+    pub weight_decay: Option<f64>,
+    /// Global gradient-norm clipping (0 disables).
+    #[arg(long)]
+    pub max_grad_norm: Option<f64>,
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Continue from the newest checkpoint in --out.
+    #[arg(long)]
+    pub resume: bool,
+    /// Base-weight precision: f32, bf16, f16.
+    #[arg(long)]
+    pub precision: Option<String>,
+    /// auto, cpu, cuda, metal.
+    #[arg(long)]
+    pub device: Option<String>,
+}
+
+fn parse_enum<T: serde::de::DeserializeOwned>(field: &str, value: &str) -> anyhow::Result<T> {
+    serde_json::from_value(serde_json::Value::String(value.to_ascii_lowercase()))
+        .map_err(|_| anyhow::anyhow!("invalid --{field} `{value}`"))
+}
+
+impl TrainArgs {
+    /// The effective configuration: defaults, then --config (or the run's own config.toml when
+    /// resuming), then flags.
+    pub fn to_config(&self) -> anyhow::Result<TrainConfig> {
+        let run_config = self
+            .out
+            .as_ref()
+            .map(|o| PathBuf::from(o).join("config.toml"))
+            .filter(|p| self.resume && self.config.is_none() && p.is_file());
+        let mut c = match self.config.as_ref().or(run_config.as_ref()) {
+            Some(p) => TrainConfig::from_toml_file(p)?,
+            None => TrainConfig::default(),
+        };
+        if self.config.is_none() && run_config.is_none() {
+            c.out = String::new();
+        }
+        macro_rules! set {
+            ($flag:expr, $field:expr) => {
+                if let Some(v) = $flag.clone() {
+                    $field = v;
+                }
+            };
+        }
+        set!(self.model, c.model);
+        set!(self.data, c.data);
+        if self.eval_data.is_some() {
+            c.eval_data = self.eval_data.clone();
+        }
+        set!(self.out, c.out);
+        if let Some(s) = self.steps {
+            c.duration = Duration::Steps(s);
+        }
+        if let Some(e) = self.epochs {
+            c.duration = Duration::Epochs(e);
+        }
+        set!(self.rank, c.lora.r);
+        set!(self.alpha, c.lora.alpha);
+        set!(self.dropout, c.lora.dropout);
+        if let Some(t) = &self.targets {
+            c.lora.targets = Target::parse_list(t)?;
+        }
+        if self.rslora {
+            c.lora.use_rslora = true;
+        }
+        if let Some(l) = &self.loss_on {
+            c.loss_on = parse_enum::<LossOn>("loss-on", l)?;
+        }
+        set!(self.eval_split, c.eval_split);
+        set!(self.eval_every, c.eval_every);
+        set!(self.save_every, c.save_every);
+        set!(self.keep_checkpoints, c.keep_checkpoints);
+        set!(self.grad_accum, c.grad_accum);
+        set!(self.batch, c.batch_size);
+        set!(self.seq_len, c.seq_len);
+        set!(self.lr, c.lr);
+        if let Some(s) = &self.schedule {
+            c.schedule = Schedule::parse(s)?;
+        }
+        set!(self.warmup, c.warmup_steps);
+        set!(self.weight_decay, c.weight_decay);
+        set!(self.max_grad_norm, c.max_grad_norm);
+        set!(self.seed, c.seed);
+        if let Some(p) = &self.precision {
+            c.precision = parse_enum::<Precision>("precision", p)?;
+        }
+        if let Some(d) = &self.device {
+            c.device = parse_enum::<DeviceChoice>("device", d)?;
+        }
+        if c.out.is_empty() {
+            anyhow::bail!("no run folder given: use --out DIR (e.g. --out runs/demo)");
+        }
+        Ok(c)
+    }
+}
+
+pub fn run(args: TrainArgs) -> anyhow::Result<i32> {
+    let cfg = args.to_config()?;
+    let stop = Arc::new(AtomicBool::new(false));
+    {
+        let stop = stop.clone();
+        // First Ctrl-C: finish the current step, checkpoint and exit cleanly. Second: exit now.
+        ctrlc::set_handler(move || {
+            if stop.swap(true, Ordering::SeqCst) {
+                eprintln!("\ninterrupted again: exiting without a checkpoint");
+                std::process::exit(130);
+            }
+            eprintln!("\nstopping after this step and saving a checkpoint (Ctrl-C again to quit now)");
+        })
+        .context("cannot install the Ctrl-C handler")?;
+    }
+    let mut progress = Progress::default();
+    let mut trainer = crate::train::run::prepare(&cfg, args.resume, &mut |msg| eprintln!("{msg}"))?;
+    let summary = trainer.run(&stop, &mut |e| progress.on_event(e))?;
+    println!("{}", serde_json::to_string(&summary)?);
+    Ok(if summary.stopped { 130 } else { 0 })
+}

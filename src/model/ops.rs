@@ -1,0 +1,414 @@
+//! Fused CPU kernels for the transformer's elementwise parts, each with its own backward:
+//! RMS norm, rotary embedding, causal softmax and SwiGLU. candle's built-in fast versions drop
+//! gradients, and the composite (differentiable) versions materialise 4–6 full-size
+//! intermediates each, which dominated step time and memory. On other devices and dtypes the
+//! composite versions are used.
+
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor, D};
+use rayon::prelude::*;
+
+fn cpu_f32(t: &Tensor) -> bool {
+    t.device().is_cpu() && t.dtype() == DType::F32
+}
+
+fn slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> candle_core::Result<&'a [f32]> {
+    let data = s.as_slice::<f32>()?;
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&data[a..b]),
+        None => candle_core::bail!("{op}: input must be contiguous"),
+    }
+}
+
+fn tensor_vec(t: &Tensor) -> candle_core::Result<Vec<f32>> {
+    t.contiguous()?.flatten_all()?.to_vec1::<f32>()
+}
+
+// ---------------------------------------------------------------- RMS norm
+
+/// `x · rsqrt(mean(x²) + eps) · w` over the last dimension. Gradients flow to `x` only (norm
+/// weights are frozen in LoRA training).
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
+    if cpu_f32(x) && cpu_f32(w) {
+        return x.contiguous()?.apply_op2(&w.contiguous()?, RmsNorm { eps: eps as f32 });
+    }
+    let dt = x.dtype();
+    let xf = x.to_dtype(DType::F32)?;
+    let ms = xf.sqr()?.mean_keepdim(D::Minus1)?;
+    let y = xf.broadcast_div(&(ms + eps)?.sqrt()?)?;
+    y.to_dtype(dt)?.broadcast_mul(w)
+}
+
+struct RmsNorm {
+    eps: f32,
+}
+
+fn rstd(row: &[f32], eps: f32) -> f32 {
+    let ms = row.iter().map(|v| v * v).sum::<f32>() / row.len() as f32;
+    1.0 / (ms + eps).sqrt()
+}
+
+impl CustomOp2 for RmsNorm {
+    fn name(&self) -> &'static str {
+        "rms-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = slice(s1, l1, "rms_norm")?;
+        let w = slice(s2, l2, "rms_norm")?;
+        let d = w.len();
+        if l1.shape().dims().last() != Some(&d) {
+            candle_core::bail!("rms_norm: weight has {d} elements, input {:?}", l1.shape())
+        }
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(d).zip(x.par_chunks(d)).for_each(|(o, xr)| {
+            let r = rstd(xr, self.eps);
+            for i in 0..d {
+                o[i] = xr[i] * r * w[i];
+            }
+        });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let (xv, wv, gv) = (tensor_vec(x)?, tensor_vec(w)?, tensor_vec(g)?);
+        let d = wv.len();
+        let mut dx = vec![0f32; xv.len()];
+        dx.par_chunks_mut(d)
+            .zip(xv.par_chunks(d).zip(gv.par_chunks(d)))
+            .for_each(|(o, (xr, gr))| {
+                let r = rstd(xr, self.eps);
+                // dx = r·(g∘w) − x·r³·mean((g∘w)∘x)
+                let dot: f32 = (0..d).map(|i| gr[i] * wv[i] * xr[i]).sum::<f32>() / d as f32;
+                let k = r * r * r * dot;
+                for i in 0..d {
+                    o[i] = r * gr[i] * wv[i] - xr[i] * k;
+                }
+            });
+        Ok((Some(Tensor::from_vec(dx, x.shape(), x.device())?), None))
+    }
+}
+
+// ---------------------------------------------------------------- rotary embedding
+
+/// Hugging Face rotate-half rope on `x: [b, h, t, d]` with tables `cos`, `sin`: `[t, d/2]`
+/// (row = position). Gradients flow to `x`.
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
+    if cpu_f32(x) && cpu_f32(cos) {
+        let op = Rope {
+            cos: tensor_vec(cos)?,
+            sin: tensor_vec(sin)?,
+            sign: 1.0,
+        };
+        return x.contiguous()?.apply_op1(op);
+    }
+    let cos = Tensor::cat(&[cos, cos], D::Minus1)?;
+    let sin = Tensor::cat(&[sin, sin], D::Minus1)?;
+    let d = x.dim(D::Minus1)?;
+    let x1 = x.narrow(D::Minus1, 0, d / 2)?;
+    let x2 = x.narrow(D::Minus1, d / 2, d / 2)?;
+    let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+    x.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?
+}
+
+struct Rope {
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+    /// +1 rotates by the position angle, −1 rotates back (the backward pass).
+    sign: f32,
+}
+
+impl Rope {
+    fn apply(&self, x: &[f32], dims: &[usize]) -> candle_core::Result<Vec<f32>> {
+        let [_, _, t, d] = dims else {
+            candle_core::bail!("rope: expected [b, h, t, d], got {dims:?}")
+        };
+        let (t, half) = (*t, d / 2);
+        if self.cos.len() < t * half {
+            candle_core::bail!(
+                "rope: tables cover {} positions, need {t}",
+                self.cos.len() / half.max(1)
+            )
+        }
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(t * d).zip(x.par_chunks(t * d)).for_each(|(o, xh)| {
+            for p in 0..t {
+                let (c, s) = (&self.cos[p * half..(p + 1) * half], &self.sin[p * half..(p + 1) * half]);
+                let (xr, orow) = (&xh[p * d..(p + 1) * d], &mut o[p * d..(p + 1) * d]);
+                for i in 0..half {
+                    let (a, b) = (xr[i], xr[i + half]);
+                    let si = self.sign * s[i];
+                    orow[i] = a * c[i] - b * si;
+                    orow[i + half] = b * c[i] + a * si;
+                }
+            }
+        });
+        Ok(out)
+    }
+}
+
+impl CustomOp1 for Rope {
+    fn name(&self) -> &'static str {
+        "rope"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = slice(s, l, "rope")?;
+        Ok((CpuStorage::F32(self.apply(x, l.shape().dims())?), l.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        // The rotation is orthogonal: its transpose rotates by the opposite angle.
+        let back = Rope {
+            cos: self.cos.clone(),
+            sin: self.sin.clone(),
+            sign: -self.sign,
+        };
+        let gv = tensor_vec(g)?;
+        let dx = back.apply(&gv, x.dims())?;
+        Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
+    }
+}
+
+// ---------------------------------------------------------------- causal softmax
+
+/// `softmax(scale · scores + causal mask)` over the last dimension of `scores: [.., t, t]`,
+/// where query `i` sees keys `0..=i`. Gradients flow to `scores`.
+pub fn causal_softmax(scores: &Tensor, scale: f64) -> candle_core::Result<Tensor> {
+    if cpu_f32(scores) {
+        return scores.contiguous()?.apply_op1(CausalSoftmax { scale: scale as f32 });
+    }
+    let t = scores.dim(D::Minus1)?;
+    let mask: Vec<f32> = (0..t)
+        .flat_map(|i| (0..t).map(move |j| if j <= i { 0.0 } else { f32::NEG_INFINITY }))
+        .collect();
+    let mask = Tensor::from_vec(mask, (t, t), scores.device())?.to_dtype(scores.dtype())?;
+    candle_nn::ops::softmax(&(scores * scale)?.broadcast_add(&mask)?, D::Minus1)
+}
+
+struct CausalSoftmax {
+    scale: f32,
+}
+
+impl CustomOp1 for CausalSoftmax {
+    fn name(&self) -> &'static str {
+        "causal-softmax"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = slice(s, l, "causal_softmax")?;
+        let t = *l.shape().dims().last().unwrap_or(&0);
+        if t == 0 {
+            return Ok((CpuStorage::F32(vec![]), l.shape().clone()));
+        }
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(t)
+            .zip(x.par_chunks(t))
+            .enumerate()
+            .for_each(|(r, (o, xr))| {
+                let n = r % t + 1;
+                let m = xr[..n].iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) * self.scale;
+                let mut sum = 0f32;
+                for j in 0..n {
+                    let e = (xr[j] * self.scale - m).exp();
+                    o[j] = e;
+                    sum += e;
+                }
+                let inv = 1.0 / sum;
+                for v in &mut o[..n] {
+                    *v *= inv;
+                }
+            });
+        Ok((CpuStorage::F32(out), l.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, y: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let (yv, gv) = (tensor_vec(y)?, tensor_vec(g)?);
+        let t = x.dim(D::Minus1)?;
+        let mut dx = vec![0f32; yv.len()];
+        dx.par_chunks_mut(t)
+            .zip(yv.par_chunks(t).zip(gv.par_chunks(t)))
+            .enumerate()
+            .for_each(|(r, (o, (yr, gr)))| {
+                let n = r % t + 1;
+                let dot: f32 = (0..n).map(|j| yr[j] * gr[j]).sum();
+                for j in 0..n {
+                    o[j] = self.scale * yr[j] * (gr[j] - dot);
+                }
+            });
+        Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
+    }
+}
+
+// ---------------------------------------------------------------- SwiGLU
+
+/// `silu(gate) · up`. Gradients flow to both.
+pub fn swiglu(gate: &Tensor, up: &Tensor) -> candle_core::Result<Tensor> {
+    if cpu_f32(gate) && cpu_f32(up) {
+        return gate.contiguous()?.apply_op2(&up.contiguous()?, SwiGlu);
+    }
+    gate.silu()? * up
+}
+
+struct SwiGlu;
+
+fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+impl CustomOp2 for SwiGlu {
+    fn name(&self) -> &'static str {
+        "swiglu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (g, u) = (slice(s1, l1, "swiglu")?, slice(s2, l2, "swiglu")?);
+        if l1.shape() != l2.shape() {
+            candle_core::bail!("swiglu: shapes {:?} and {:?} differ", l1.shape(), l2.shape())
+        }
+        let mut out = vec![0f32; g.len()];
+        out.par_chunks_mut(4096)
+            .zip(g.par_chunks(4096).zip(u.par_chunks(4096)))
+            .for_each(|(o, (gc, uc))| {
+                for i in 0..o.len() {
+                    o[i] = gc[i] * sigmoid(gc[i]) * uc[i];
+                }
+            });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        gate: &Tensor,
+        up: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let (gv, uv, dv) = (tensor_vec(gate)?, tensor_vec(up)?, tensor_vec(grad)?);
+        let mut dg = vec![0f32; gv.len()];
+        let mut du = vec![0f32; gv.len()];
+        dg.par_chunks_mut(4096)
+            .zip(du.par_chunks_mut(4096))
+            .enumerate()
+            .for_each(|(c, (dgc, duc))| {
+                let off = c * 4096;
+                for i in 0..dgc.len() {
+                    let (x, u, d) = (gv[off + i], uv[off + i], dv[off + i]);
+                    let s = sigmoid(x);
+                    duc[i] = d * x * s;
+                    dgc[i] = d * u * s * (1.0 + x * (1.0 - s));
+                }
+            });
+        Ok((
+            Some(Tensor::from_vec(dg, gate.shape(), gate.device())?),
+            Some(Tensor::from_vec(du, up.shape(), up.device())?),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
+    /// Forward values and input gradients of a fused op equal those of candle's composite ops.
+    fn check(
+        inputs: &[Var],
+        fused: impl Fn(&[Tensor]) -> Tensor,
+        reference: impl Fn(&[Tensor]) -> Tensor,
+        weights: &Tensor,
+    ) {
+        let xs: Vec<Tensor> = inputs.iter().map(|v| v.as_tensor().clone()).collect();
+        let (a, b) = (fused(&xs), reference(&xs));
+        assert!(max_diff(&a, &b) < 1e-5, "forward differs by {}", max_diff(&a, &b));
+        let ga = (a * weights).unwrap().sum_all().unwrap().backward().unwrap();
+        let gb = (b * weights).unwrap().sum_all().unwrap().backward().unwrap();
+        for v in inputs {
+            let (x, y) = (ga.get(v.as_tensor()).unwrap(), gb.get(v.as_tensor()).unwrap());
+            assert!(max_diff(x, y) < 1e-4, "gradient differs by {}", max_diff(x, y));
+        }
+    }
+
+    #[test]
+    fn fused_ops_match_composite_ops() {
+        let dev = Device::Cpu;
+        let x = Var::randn(0f32, 1.0, (2, 3, 8), &dev).unwrap();
+        let w = Tensor::randn(1f32, 0.1, 8, &dev).unwrap();
+        let gw = Tensor::randn(0f32, 1.0, (2, 3, 8), &dev).unwrap();
+        check(
+            &[x.clone()],
+            |t| rms_norm(&t[0], &w, 1e-5).unwrap(),
+            |t| {
+                let ms = t[0].sqr().unwrap().mean_keepdim(D::Minus1).unwrap();
+                t[0].broadcast_div(&(ms + 1e-5).unwrap().sqrt().unwrap())
+                    .unwrap()
+                    .broadcast_mul(&w)
+                    .unwrap()
+            },
+            &gw,
+        );
+
+        let q = Var::randn(0f32, 1.0, (2, 3, 5, 8), &dev).unwrap();
+        let ang: Vec<f32> = (0..5 * 4).map(|i| (i / 4) as f32 * 0.3 / (1 + i % 4) as f32).collect();
+        let ang = Tensor::from_vec(ang, (5, 4), &dev).unwrap();
+        let (cos, sin) = (ang.cos().unwrap(), ang.sin().unwrap());
+        let gq = Tensor::randn(0f32, 1.0, (2, 3, 5, 8), &dev).unwrap();
+        check(
+            &[q.clone()],
+            |t| rope(&t[0], &cos, &sin).unwrap(),
+            |t| candle_nn::rotary_emb::rope_slow(&t[0], &cos, &sin).unwrap(),
+            &gq,
+        );
+
+        let s = Var::randn(0f32, 2.0, (2, 3, 5, 5), &dev).unwrap();
+        let gs = Tensor::randn(0f32, 1.0, (2, 3, 5, 5), &dev).unwrap();
+        let mask: Vec<f32> = (0..5)
+            .flat_map(|i| (0..5).map(move |j| if j <= i { 0.0 } else { -1e9 }))
+            .collect();
+        let mask = Tensor::from_vec(mask, (5, 5), &dev).unwrap();
+        check(
+            &[s.clone()],
+            |t| causal_softmax(&t[0], 0.125).unwrap(),
+            |t| candle_nn::ops::softmax(&(&t[0] * 0.125).unwrap().broadcast_add(&mask).unwrap(), D::Minus1).unwrap(),
+            &gs,
+        );
+
+        let g = Var::randn(0f32, 2.0, (3, 7), &dev).unwrap();
+        let u = Var::randn(0f32, 1.0, (3, 7), &dev).unwrap();
+        let gg = Tensor::randn(0f32, 1.0, (3, 7), &dev).unwrap();
+        check(
+            &[g.clone(), u.clone()],
+            |t| swiglu(&t[0], &t[1]).unwrap(),
+            |t| (t[0].silu().unwrap() * &t[1]).unwrap(),
+            &gg,
+        );
+    }
+}

@@ -1,0 +1,387 @@
+//! The differentiable decoder-only transformer used for training (Llama and Qwen2 families;
+//! family differences are flags in `ModelConfig`). Unlike candle's fast kernels and the stock
+//! `candle-transformers` models, every op here propagates gradients, and the forward returns
+//! hidden states for all positions.
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::error::{Error, Result};
+use crate::lora::{ForwardCtx, LoraConfig, LoraLinear, LoraWeights, Target};
+use crate::model::config::ModelConfig;
+use crate::model::ops;
+use crate::model::weights::WeightSource;
+use crate::rng::Rng;
+
+#[derive(Debug, Clone)]
+struct Attention {
+    q: LoraLinear,
+    k: LoraLinear,
+    v: LoraLinear,
+    o: LoraLinear,
+}
+
+#[derive(Debug, Clone)]
+struct Mlp {
+    gate: LoraLinear,
+    up: LoraLinear,
+    down: LoraLinear,
+}
+
+#[derive(Debug, Clone)]
+struct Block {
+    input_norm: Tensor,
+    post_norm: Tensor,
+    attn: Attention,
+    mlp: Mlp,
+}
+
+/// A base model with optional LoRA adapters. Cloning shares the frozen weights (candle tensors
+/// are reference counted), so several adapters can sit on one copy of the base in memory.
+#[derive(Debug, Clone)]
+pub struct Transformer {
+    pub cfg: ModelConfig,
+    embed: Tensor,
+    layers: Vec<Block>,
+    norm: Tensor,
+    lm_head: Tensor,
+    inv_freq: Vec<f32>,
+    dtype: DType,
+    device: Device,
+}
+
+fn linear(
+    src: &dyn WeightSource,
+    name: &str,
+    out: usize,
+    inp: usize,
+    bias: bool,
+    dt: DType,
+    dev: &Device,
+) -> Result<LoraLinear> {
+    let w = src.get(&format!("{name}.weight"), &[out, inp], dt, dev)?;
+    let b = if bias {
+        Some(src.get(&format!("{name}.bias"), &[out], dt, dev)?)
+    } else {
+        None
+    };
+    Ok(LoraLinear::new(w, b))
+}
+
+/// Rotary inverse frequencies, with Llama 3 rope scaling when configured.
+pub fn rope_inv_freq(cfg: &ModelConfig) -> Vec<f32> {
+    let d = cfg.head_dim;
+    let base: Vec<f64> = (0..d / 2)
+        .map(|i| 1.0 / cfg.rope_theta.powf((2 * i) as f64 / d as f64))
+        .collect();
+    let Some(s) = &cfg.rope_scaling else {
+        return base.into_iter().map(|f| f as f32).collect();
+    };
+    let old = s.original_max_position_embeddings as f64;
+    let low_wavelen = old / s.low_freq_factor;
+    let high_wavelen = old / s.high_freq_factor;
+    base.into_iter()
+        .map(|freq| {
+            let wavelen = 2.0 * std::f64::consts::PI / freq;
+            let f = if wavelen < high_wavelen {
+                freq
+            } else if wavelen > low_wavelen {
+                freq / s.factor
+            } else {
+                let smooth = (old / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor);
+                (1.0 - smooth) * freq / s.factor + smooth * freq
+            };
+            f as f32
+        })
+        .collect()
+}
+
+fn repeat_kv(x: Tensor, n_rep: usize) -> candle_core::Result<Tensor> {
+    if n_rep == 1 {
+        return Ok(x);
+    }
+    let (b, h, t, d) = x.dims4()?;
+    // [b, h, t, d] -> [b, h, n_rep, t, d] -> [b, h*n_rep, t, d]
+    x.unsqueeze(2)?
+        .broadcast_as((b, h, n_rep, t, d))?
+        .reshape((b, h * n_rep, t, d))
+}
+
+impl Transformer {
+    /// Builds the model from `src`, checking every tensor's shape.
+    pub fn load(cfg: &ModelConfig, src: &dyn WeightSource, dtype: DType, device: &Device) -> Result<Self> {
+        let h = cfg.hidden_size;
+        let q_dim = cfg.num_attention_heads * cfg.head_dim;
+        let kv_dim = cfg.num_key_value_heads * cfg.head_dim;
+        let i = cfg.intermediate_size;
+        let embed = src.get("model.embed_tokens.weight", &[cfg.vocab_size, h], dtype, device)?;
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for l in 0..cfg.num_hidden_layers {
+            let p = format!("model.layers.{l}");
+            let a = format!("{p}.self_attn");
+            let m = format!("{p}.mlp");
+            layers.push(Block {
+                input_norm: src.get(&format!("{p}.input_layernorm.weight"), &[h], dtype, device)?,
+                post_norm: src.get(&format!("{p}.post_attention_layernorm.weight"), &[h], dtype, device)?,
+                attn: Attention {
+                    q: linear(src, &format!("{a}.q_proj"), q_dim, h, cfg.qkv_bias, dtype, device)?,
+                    k: linear(src, &format!("{a}.k_proj"), kv_dim, h, cfg.qkv_bias, dtype, device)?,
+                    v: linear(src, &format!("{a}.v_proj"), kv_dim, h, cfg.qkv_bias, dtype, device)?,
+                    o: linear(src, &format!("{a}.o_proj"), h, q_dim, cfg.o_bias, dtype, device)?,
+                },
+                mlp: Mlp {
+                    gate: linear(src, &format!("{m}.gate_proj"), i, h, cfg.mlp_bias, dtype, device)?,
+                    up: linear(src, &format!("{m}.up_proj"), i, h, cfg.mlp_bias, dtype, device)?,
+                    down: linear(src, &format!("{m}.down_proj"), h, i, cfg.mlp_bias, dtype, device)?,
+                },
+            });
+        }
+        let norm = src.get("model.norm.weight", &[h], dtype, device)?;
+        let lm_head = if cfg.tie_word_embeddings {
+            embed.clone()
+        } else if src.contains("lm_head.weight") {
+            src.get("lm_head.weight", &[cfg.vocab_size, h], dtype, device)?
+        } else {
+            return Err(Error::MissingTensor {
+                path: src.origin().to_path_buf(),
+                tensor: "lm_head.weight".into(),
+                hint: " (config.json says tie_word_embeddings is false)".into(),
+            });
+        };
+        Ok(Transformer {
+            cfg: cfg.clone(),
+            embed,
+            layers,
+            norm,
+            lm_head,
+            inv_freq: rope_inv_freq(cfg),
+            dtype,
+            device: device.clone(),
+        })
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    fn linear_mut(&mut self, layer: usize, t: Target) -> &mut LoraLinear {
+        let b = &mut self.layers[layer];
+        match t {
+            Target::Q => &mut b.attn.q,
+            Target::K => &mut b.attn.k,
+            Target::V => &mut b.attn.v,
+            Target::O => &mut b.attn.o,
+            Target::Gate => &mut b.mlp.gate,
+            Target::Up => &mut b.mlp.up,
+            Target::Down => &mut b.mlp.down,
+        }
+    }
+
+    fn linear_ref(&self, layer: usize, t: Target) -> &LoraLinear {
+        let b = &self.layers[layer];
+        match t {
+            Target::Q => &b.attn.q,
+            Target::K => &b.attn.k,
+            Target::V => &b.attn.v,
+            Target::O => &b.attn.o,
+            Target::Gate => &b.mlp.gate,
+            Target::Up => &b.mlp.up,
+            Target::Down => &b.mlp.down,
+        }
+    }
+
+    /// Attaches fresh adapters (A random, B zero) to every target of every layer, replacing any
+    /// existing ones. Initialisation order is fixed (layer, then target), so a seed gives one result.
+    pub fn add_lora(&mut self, cfg: &LoraConfig, rng: &mut Rng) -> Result<()> {
+        cfg.validate()?;
+        let device = self.device.clone();
+        let dtype = self.dtype;
+        for l in 0..self.layers.len() {
+            for &t in &cfg.targets {
+                let lin = self.linear_mut(l, t);
+                let w = cfg.init_weights(lin.in_features(), lin.out_features(), rng, dtype, &device)?;
+                lin.lora = Some(w);
+            }
+        }
+        Ok(())
+    }
+
+    /// Attaches a loaded adapter (`module path -> (A, B)`), checking that every module exists
+    /// and every shape fits. The adapter tensors become trainable variables.
+    pub fn set_adapter(&mut self, adapter: &crate::lora::Adapter, origin: &std::path::Path) -> Result<()> {
+        self.remove_lora();
+        let cfg = &adapter.config;
+        let device = self.device.clone();
+        let dtype = self.dtype;
+        let mut used = 0;
+        for l in 0..self.layers.len() {
+            for &t in &cfg.targets {
+                let module = t.module_path(l);
+                let Some((a, b)) = adapter.weights.get(&module) else {
+                    continue;
+                };
+                let lin = self.linear_mut(l, t);
+                let (inp, out) = (lin.in_features(), lin.out_features());
+                if a.dims() != [cfg.r, inp] || b.dims() != [out, cfg.r] {
+                    return Err(Error::ShapeMismatch {
+                        path: origin.to_path_buf(),
+                        tensor: format!("{module}.lora_A/lora_B"),
+                        expected: vec![cfg.r, inp, out, cfg.r],
+                        found: [a.dims(), b.dims()].concat(),
+                    });
+                }
+                lin.lora = Some(LoraWeights {
+                    a: candle_core::Var::from_tensor(&a.to_device(&device)?.to_dtype(dtype)?)?,
+                    b: candle_core::Var::from_tensor(&b.to_device(&device)?.to_dtype(dtype)?)?,
+                    scale: cfg.scale(),
+                    dropout: cfg.dropout,
+                });
+                used += 1;
+            }
+        }
+        if used != adapter.weights.len() {
+            return Err(Error::invalid(
+                origin,
+                "adapter",
+                format!(
+                    "{} of its {} LoRA modules do not exist in this model (was it trained for another base model?)",
+                    adapter.weights.len() - used,
+                    adapter.weights.len()
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn remove_lora(&mut self) {
+        for l in 0..self.layers.len() {
+            for t in Target::ALL {
+                self.linear_mut(l, t).lora = None;
+            }
+        }
+    }
+
+    /// Every adapter with its Hugging Face module path, in a fixed order (layer, then target).
+    pub fn lora_weights(&self) -> Vec<(String, &LoraWeights)> {
+        let mut out = vec![];
+        for l in 0..self.layers.len() {
+            for t in Target::ALL {
+                if let Some(w) = &self.linear_ref(l, t).lora {
+                    out.push((t.module_path(l), w));
+                }
+            }
+        }
+        out
+    }
+
+    /// The trainable variables (A then B of each adapter, in `lora_weights` order).
+    pub fn trainable_vars(&self) -> Vec<candle_core::Var> {
+        self.lora_weights()
+            .into_iter()
+            .flat_map(|(_, w)| [w.a.clone(), w.b.clone()])
+            .collect()
+    }
+
+    /// Base weights with every adapter folded in (`W + scale·B·A`), by Hugging Face name.
+    pub fn merged_weights(&self) -> Result<Vec<(String, Tensor)>> {
+        let mut out = vec![("model.embed_tokens.weight".to_string(), self.embed.clone())];
+        for (l, b) in self.layers.iter().enumerate() {
+            out.push((format!("model.layers.{l}.input_layernorm.weight"), b.input_norm.clone()));
+            out.push((
+                format!("model.layers.{l}.post_attention_layernorm.weight"),
+                b.post_norm.clone(),
+            ));
+            for t in Target::ALL {
+                let lin = self.linear_ref(l, t);
+                let module = t.module_path(l);
+                out.push((format!("{module}.weight"), lin.merged_weight()?));
+                if let Some(bias) = &lin.bias {
+                    out.push((format!("{module}.bias"), bias.clone()));
+                }
+            }
+        }
+        out.push(("model.norm.weight".to_string(), self.norm.clone()));
+        if !self.cfg.tie_word_embeddings {
+            out.push(("lm_head.weight".to_string(), self.lm_head.clone()));
+        }
+        Ok(out)
+    }
+
+    fn rope_tables(&self, t: usize) -> candle_core::Result<(Tensor, Tensor)> {
+        let half = self.inv_freq.len();
+        let mut cos = Vec::with_capacity(t * half);
+        let mut sin = Vec::with_capacity(t * half);
+        for p in 0..t {
+            for f in &self.inv_freq {
+                let a = p as f32 * f;
+                cos.push(a.cos());
+                sin.push(a.sin());
+            }
+        }
+        let cos = Tensor::from_vec(cos, (t, half), &self.device)?.to_dtype(self.dtype)?;
+        let sin = Tensor::from_vec(sin, (t, half), &self.device)?.to_dtype(self.dtype)?;
+        Ok((cos, sin))
+    }
+
+    /// Final-normed hidden states `[b, t, hidden]` for token ids `[b, t]` at positions 0..t.
+    /// Right padding is safe: with a causal mask, real tokens never attend to later pads.
+    pub fn hidden_states(&self, input_ids: &Tensor, ctx: &mut ForwardCtx) -> Result<Tensor> {
+        let (b, t) = input_ids.dims2()?;
+        if t > self.cfg.max_position_embeddings {
+            return Err(Error::config(
+                "seq_len",
+                format!(
+                    "{t} tokens exceed the model's context length of {}",
+                    self.cfg.max_position_embeddings
+                ),
+            ));
+        }
+        let (cos, sin) = self.rope_tables(t)?;
+        let cfg = &self.cfg;
+        let (nh, nkv, hd) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
+        let scale = 1.0 / (hd as f64).sqrt();
+        let mut x = self
+            .embed
+            .embedding(&input_ids.flatten_all()?)?
+            .reshape((b, t, cfg.hidden_size))?;
+        for block in &self.layers {
+            let residual = x.clone();
+            let hs = ops::rms_norm(&x, &block.input_norm, cfg.rms_norm_eps)?;
+            let q = block.attn.q.forward(&hs, ctx)?;
+            let k = block.attn.k.forward(&hs, ctx)?;
+            let v = block.attn.v.forward(&hs, ctx)?;
+            let q = q.reshape((b, t, nh, hd))?.transpose(1, 2)?.contiguous()?;
+            let k = k.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
+            let v = v.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
+            let q = ops::rope(&q, &cos, &sin)?;
+            let k = ops::rope(&k, &cos, &sin)?;
+            let k = repeat_kv(k, nh / nkv)?.contiguous()?;
+            let v = repeat_kv(v, nh / nkv)?.contiguous()?;
+            let att = ops::causal_softmax(&q.matmul(&k.t()?)?, scale)?;
+            let y = att.matmul(&v)?.transpose(1, 2)?.reshape((b, t, nh * hd))?;
+            let y = block.attn.o.forward(&y, ctx)?;
+            x = (residual + y)?;
+            let residual = x.clone();
+            let hs = ops::rms_norm(&x, &block.post_norm, cfg.rms_norm_eps)?;
+            let g = block.mlp.gate.forward(&hs, ctx)?;
+            let u = block.mlp.up.forward(&hs, ctx)?;
+            let y = block.mlp.down.forward(&ops::swiglu(&g, &u)?, ctx)?;
+            x = (residual + y)?;
+        }
+        Ok(ops::rms_norm(&x, &self.norm, cfg.rms_norm_eps)?)
+    }
+
+    /// Logits for hidden states `[.., hidden]` → `[.., vocab]`.
+    pub fn lm_head(&self, hidden: &Tensor) -> Result<Tensor> {
+        Ok(crate::lora::frozen::frozen_linear(hidden, &self.lm_head)?)
+    }
+
+    /// Logits for every position: `[b, t, vocab]`.
+    pub fn logits(&self, input_ids: &Tensor) -> Result<Tensor> {
+        let h = self.hidden_states(input_ids, &mut ForwardCtx::eval())?;
+        self.lm_head(&h)
+    }
+}

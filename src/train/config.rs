@@ -1,0 +1,248 @@
+//! Every setting of a training run, as one serde type. It is written to `config.toml` in the run
+//! folder so `finch train --config runs/x/config.toml` repeats the run exactly.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::data::LossOn;
+use crate::error::{Error, Result};
+use crate::lora::LoraConfig;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Schedule {
+    Constant,
+    Linear,
+    #[default]
+    Cosine,
+}
+
+impl Schedule {
+    pub fn parse(s: &str) -> Result<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "constant" => Ok(Schedule::Constant),
+            "linear" => Ok(Schedule::Linear),
+            "cosine" => Ok(Schedule::Cosine),
+            other => Err(Error::config(
+                "schedule",
+                format!("`{other}` is not one of constant, linear, cosine"),
+            )),
+        }
+    }
+}
+
+/// Numeric precision of the base weights during training.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    #[default]
+    F32,
+    Bf16,
+    F16,
+}
+
+impl Precision {
+    pub fn dtype(self) -> candle_core::DType {
+        match self {
+            Precision::F32 => candle_core::DType::F32,
+            Precision::Bf16 => candle_core::DType::BF16,
+            Precision::F16 => candle_core::DType::F16,
+        }
+    }
+}
+
+/// Which device trains: `auto` picks CUDA or Metal when Finch was built with them and one is present.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceChoice {
+    #[default]
+    Auto,
+    Cpu,
+    Cuda,
+    Metal,
+}
+
+impl DeviceChoice {
+    pub fn device(self) -> Result<candle_core::Device> {
+        use candle_core::Device;
+        match self {
+            DeviceChoice::Cpu => Ok(Device::Cpu),
+            DeviceChoice::Cuda => Device::new_cuda(0).map_err(|e| {
+                Error::config(
+                    "device",
+                    format!("CUDA is not available ({e}); build with --features cuda"),
+                )
+            }),
+            DeviceChoice::Metal => Device::new_metal(0).map_err(|e| {
+                Error::config(
+                    "device",
+                    format!("Metal is not available ({e}); build with --features metal"),
+                )
+            }),
+            DeviceChoice::Auto => {
+                if candle_core::utils::cuda_is_available() {
+                    if let Ok(d) = Device::new_cuda(0) {
+                        return Ok(d);
+                    }
+                }
+                if candle_core::utils::metal_is_available() {
+                    if let Ok(d) = Device::new_metal(0) {
+                        return Ok(d);
+                    }
+                }
+                Ok(Device::Cpu)
+            }
+        }
+    }
+}
+
+/// How long to train: a number of optimizer steps, or whole passes over the training data.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Duration {
+    Steps(usize),
+    Epochs(f64),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    /// Model folder, GGUF file, or Hub id.
+    pub model: String,
+    /// Training data (JSONL with Alpaca fields or OpenAI `messages`, or any format the data loader reads).
+    pub data: String,
+    /// Optional separate validation file; otherwise `eval_split` of `data` is held out.
+    #[serde(default)]
+    pub eval_data: Option<String>,
+    /// Run folder.
+    pub out: String,
+    pub lora: LoraConfig,
+    pub duration: Duration,
+    pub batch_size: usize,
+    pub grad_accum: usize,
+    pub seq_len: usize,
+    pub lr: f64,
+    pub schedule: Schedule,
+    /// Warm-up steps (linear from 0 to `lr`).
+    pub warmup_steps: usize,
+    pub weight_decay: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    /// Global gradient-norm clipping; 0 disables it.
+    pub max_grad_norm: f64,
+    pub seed: u64,
+    pub loss_on: LossOn,
+    /// Fraction of `data` held out for evaluation (0 disables evaluation unless `eval_data` is set).
+    pub eval_split: f64,
+    /// Evaluate every N steps (0: only at the end).
+    pub eval_every: usize,
+    /// Checkpoint every N steps (0: only at the end or when stopped).
+    pub save_every: usize,
+    /// How many step checkpoints to keep (oldest removed first).
+    pub keep_checkpoints: usize,
+    pub precision: Precision,
+    pub device: DeviceChoice,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            model: String::new(),
+            data: String::new(),
+            eval_data: None,
+            out: "runs/run".into(),
+            lora: LoraConfig::default(),
+            duration: Duration::Steps(100),
+            batch_size: 4,
+            grad_accum: 1,
+            seq_len: 512,
+            lr: 2e-4,
+            schedule: Schedule::Cosine,
+            warmup_steps: 0,
+            weight_decay: 0.0,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            max_grad_norm: 1.0,
+            seed: 42,
+            loss_on: LossOn::Assistant,
+            eval_split: 0.1,
+            eval_every: 0,
+            save_every: 0,
+            keep_checkpoints: 3,
+            precision: Precision::F32,
+            device: DeviceChoice::Auto,
+        }
+    }
+}
+
+impl TrainConfig {
+    pub fn validate(&self) -> Result<()> {
+        self.lora.validate()?;
+        let positive = |field: &str, v: usize| {
+            if v == 0 {
+                Err(Error::config(field, "must be at least 1"))
+            } else {
+                Ok(())
+            }
+        };
+        positive("batch_size", self.batch_size)?;
+        positive("grad_accum", self.grad_accum)?;
+        if self.seq_len < 2 {
+            return Err(Error::config("seq_len", "must be at least 2 tokens"));
+        }
+        match self.duration {
+            Duration::Steps(0) => return Err(Error::config("steps", "must be at least 1")),
+            Duration::Epochs(e) if !(e > 0.0 && e.is_finite()) => {
+                return Err(Error::config("epochs", format!("{e} must be a positive number")))
+            }
+            _ => {}
+        }
+        if !(self.lr > 0.0 && self.lr.is_finite()) {
+            return Err(Error::config("lr", format!("{} must be a positive number", self.lr)));
+        }
+        if !(0.0..1.0).contains(&self.eval_split) {
+            return Err(Error::config(
+                "eval_split",
+                format!("{} is not in [0, 1)", self.eval_split),
+            ));
+        }
+        for (f, v) in [("beta1", self.beta1), ("beta2", self.beta2)] {
+            if !(0.0..1.0).contains(&v) {
+                return Err(Error::config(f, format!("{v} is not in [0, 1)")));
+            }
+        }
+        if self.weight_decay < 0.0 || self.max_grad_norm < 0.0 || self.eps <= 0.0 {
+            return Err(Error::config("weight_decay/max_grad_norm/eps", "must not be negative"));
+        }
+        if self.model.is_empty() {
+            return Err(Error::config("model", "no model given (--model)"));
+        }
+        if self.data.is_empty() {
+            return Err(Error::config("data", "no training data given (--data)"));
+        }
+        Ok(())
+    }
+
+    /// Total optimizer steps for `n_train` training examples.
+    pub fn total_steps(&self, n_train: usize) -> usize {
+        match self.duration {
+            Duration::Steps(s) => s,
+            Duration::Epochs(e) => {
+                let per_step = self.batch_size * self.grad_accum;
+                ((e * n_train as f64) / per_step as f64).ceil().max(1.0) as usize
+            }
+        }
+    }
+
+    pub fn to_toml(&self) -> Result<String> {
+        toml::to_string_pretty(self).map_err(|e| Error::config("config", e.to_string()))
+    }
+
+    pub fn from_toml_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, "cannot read run config", e))?;
+        toml::from_str(&text).map_err(|e| Error::invalid(path, "run config", e.to_string()))
+    }
+}

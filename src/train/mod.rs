@@ -1,0 +1,513 @@
+//! The training loop. It emits events (`Started`, `Step`, `Eval`, `Checkpoint`, `Finished`,
+//! `Failed`) to whoever listens — the CLI's progress bar or the studio's plots — and never knows
+//! which. A stop request is an `AtomicBool` checked between steps.
+
+pub mod batch;
+pub mod checkpoint;
+pub mod config;
+pub mod optim;
+pub mod run;
+pub mod schedule;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use candle_core::{Tensor, Var};
+use serde::Serialize;
+
+use crate::data::TokenizedExample;
+use crate::error::{Error, Result};
+use crate::lora::{ForwardCtx, PeftConfig};
+use crate::model::Transformer;
+use crate::rng::Rng;
+use batch::{make_batch, next_indices, Batch, DataCursor};
+use checkpoint::TrainerState;
+pub use config::{Duration, Schedule, TrainConfig};
+use optim::{AdamW, AdamWParams};
+
+/// Metrics of one optimizer step.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct StepMetrics {
+    pub step: usize,
+    pub total_steps: usize,
+    pub loss: f32,
+    pub lr: f64,
+    pub grad_norm: f32,
+    pub tokens: usize,
+    pub tokens_per_sec: f64,
+    pub step_secs: f64,
+    pub elapsed_secs: f64,
+    pub eta_secs: f64,
+}
+
+/// What a finished (or stopped) run produced.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TrainSummary {
+    pub steps: usize,
+    pub total_steps: usize,
+    pub stopped: bool,
+    pub loss_first: Option<f32>,
+    pub loss_last: Option<f32>,
+    pub eval_loss: Option<f32>,
+    pub tokens_per_sec: f64,
+    pub elapsed_secs: f64,
+    pub peak_rss_mb: Option<f64>,
+    pub run_dir: Option<PathBuf>,
+    pub adapter_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum TrainEvent {
+    Started {
+        total_steps: usize,
+        start_step: usize,
+        train_examples: usize,
+        eval_examples: usize,
+        trainable_params: usize,
+    },
+    Step(StepMetrics),
+    Eval {
+        step: usize,
+        loss: f32,
+        perplexity: f32,
+    },
+    Checkpoint {
+        step: usize,
+        path: PathBuf,
+    },
+    Finished(TrainSummary),
+    Failed {
+        step: usize,
+        error: String,
+    },
+}
+
+/// Tokenized training and evaluation examples.
+#[derive(Debug, Clone, Default)]
+pub struct TrainData {
+    pub train: Vec<TokenizedExample>,
+    pub eval: Vec<TokenizedExample>,
+    pub pad_id: u32,
+}
+
+pub struct Trainer {
+    cfg: TrainConfig,
+    model: Transformer,
+    data: TrainData,
+    vars: Vec<Var>,
+    opt: AdamW,
+    state: TrainerState,
+    run_dir: Option<PathBuf>,
+    peft: PeftConfig,
+}
+
+/// Mean loss of `batch` (a scalar tensor that backpropagates to the adapters).
+pub fn batch_loss(model: &Transformer, batch: &Batch, ctx: &mut ForwardCtx) -> Result<Tensor> {
+    let h = model.hidden_states(&batch.input_ids, ctx)?;
+    let (b, t, d) = h.dims3()?;
+    let h = h.reshape((b * t, d))?.index_select(&batch.target_rows, 0)?;
+    let logits = model.lm_head(&h)?;
+    Ok(crate::model::loss::cross_entropy(&logits, &batch.targets)?)
+}
+
+fn grad_norm(grads: &[Tensor]) -> Result<f32> {
+    let mut sq = 0f32;
+    for g in grads {
+        sq += g
+            .sqr()?
+            .sum_all()?
+            .to_dtype(candle_core::DType::F32)?
+            .to_scalar::<f32>()?;
+    }
+    Ok(sq.sqrt())
+}
+
+impl Trainer {
+    /// A fresh run: `model` must already carry its adapters (`Transformer::add_lora`).
+    pub fn new(cfg: TrainConfig, model: Transformer, data: TrainData, run_dir: Option<PathBuf>) -> Result<Self> {
+        cfg.validate()?;
+        if data.train.is_empty() {
+            return Err(Error::Data("no training examples left after tokenization".into()));
+        }
+        let vars = model.trainable_vars();
+        if vars.is_empty() {
+            return Err(Error::config("lora", "the model has no adapters to train"));
+        }
+        let opt = AdamW::new(
+            vars.clone(),
+            AdamWParams {
+                beta1: cfg.beta1,
+                beta2: cfg.beta2,
+                eps: cfg.eps,
+                weight_decay: cfg.weight_decay,
+            },
+        )?;
+        let total_steps = cfg.total_steps(data.train.len());
+        let state = TrainerState {
+            step: 0,
+            total_steps,
+            cursor: DataCursor::default(),
+            dropout_rng: Rng::derive(cfg.seed, "dropout"),
+            elapsed_secs: 0.0,
+            first_loss: None,
+        };
+        let peft = PeftConfig::from_lora(&cfg.lora, Some(cfg.model.clone()));
+        Ok(Trainer {
+            cfg,
+            model,
+            data,
+            vars,
+            opt,
+            state,
+            run_dir,
+            peft,
+        })
+    }
+
+    /// Restores adapter, optimizer and trainer state from checkpoint folder `dir`. The total
+    /// number of steps follows the current configuration, so a finished run can be extended.
+    pub fn restore(&mut self, dir: &Path) -> Result<()> {
+        let adapter = crate::lora::load_adapter(dir, self.model.device())?;
+        if adapter.config.r != self.cfg.lora.r || adapter.config.targets != self.cfg.lora.targets {
+            return Err(Error::invalid(
+                dir,
+                "checkpoint",
+                "its LoRA rank or targets differ from this run's configuration",
+            ));
+        }
+        self.model.set_adapter(&adapter, dir)?;
+        self.vars = self.model.trainable_vars();
+        self.opt = AdamW::new(
+            self.vars.clone(),
+            AdamWParams {
+                beta1: self.cfg.beta1,
+                beta2: self.cfg.beta2,
+                eps: self.cfg.eps,
+                weight_decay: self.cfg.weight_decay,
+            },
+        )?;
+        self.opt.load(&dir.join(checkpoint::OPTIMIZER_FILE))?;
+        let total = self.state.total_steps;
+        self.state = checkpoint::read_state(dir)?;
+        self.state.total_steps = total;
+        Ok(())
+    }
+
+    pub fn model(&self) -> &Transformer {
+        &self.model
+    }
+
+    pub fn step(&self) -> usize {
+        self.state.step
+    }
+
+    pub fn total_steps(&self) -> usize {
+        self.state.total_steps
+    }
+
+    fn trainable_params(&self) -> usize {
+        self.vars.iter().map(|v| v.elem_count()).sum()
+    }
+
+    /// Loss averaged over every target token of the evaluation set.
+    pub fn evaluate(&self) -> Result<Option<f32>> {
+        if self.data.eval.is_empty() {
+            return Ok(None);
+        }
+        let mut sum = 0f64;
+        let mut count = 0usize;
+        for chunk in self.data.eval.chunks(self.cfg.batch_size) {
+            let refs: Vec<&TokenizedExample> = chunk.iter().collect();
+            let batch = make_batch(&refs, self.data.pad_id, self.model.device())?;
+            if batch.targets.is_empty() {
+                continue;
+            }
+            let loss = batch_loss(&self.model, &batch, &mut ForwardCtx::eval())?;
+            sum += loss.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()? as f64 * batch.targets.len() as f64;
+            count += batch.targets.len();
+        }
+        Ok((count > 0).then(|| (sum / count as f64) as f32))
+    }
+
+    fn save_checkpoint(&self) -> Result<PathBuf> {
+        let Some(run_dir) = &self.run_dir else {
+            return Err(Error::config("out", "no run folder to save checkpoints into"));
+        };
+        checkpoint::write(run_dir, self.state.step, self.cfg.keep_checkpoints, |dir| {
+            crate::lora::save_adapter(dir, &self.peft, &self.model.lora_weights())?;
+            self.opt.save(&dir.join(checkpoint::OPTIMIZER_FILE))?;
+            checkpoint::write_state(dir, &self.state)
+        })
+    }
+
+    /// Saves the final adapter into `run_dir/adapter`.
+    fn save_adapter(&self) -> Result<Option<PathBuf>> {
+        let Some(run_dir) = &self.run_dir else { return Ok(None) };
+        let dir = run_dir.join("adapter");
+        crate::lora::save_adapter(&dir, &self.peft, &self.model.lora_weights())?;
+        Ok(Some(dir))
+    }
+
+    /// One optimizer step over `grad_accum` micro-batches. Returns (loss, grad_norm, tokens).
+    fn train_step(&mut self, lr: f64) -> Result<(f32, f32, usize)> {
+        let accum = self.cfg.grad_accum;
+        let mut sums: Vec<Option<Tensor>> = vec![None; self.vars.len()];
+        let mut loss_sum = 0f32;
+        let mut used = 0usize;
+        let mut tokens = 0usize;
+        for _ in 0..accum {
+            let idx = next_indices(
+                &mut self.state.cursor,
+                self.data.train.len(),
+                self.cfg.batch_size,
+                self.cfg.seed,
+            );
+            let refs: Vec<&TokenizedExample> = idx.iter().map(|&i| &self.data.train[i]).collect();
+            let batch = make_batch(&refs, self.data.pad_id, self.model.device())?;
+            tokens += batch.tokens;
+            if batch.targets.is_empty() {
+                continue;
+            }
+            let mut ctx = ForwardCtx {
+                dropout_rng: Some(&mut self.state.dropout_rng),
+            };
+            let loss = batch_loss(&self.model, &batch, &mut ctx)?;
+            let value = loss.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()?;
+            if !value.is_finite() {
+                return Err(Error::NonFiniteLoss {
+                    step: self.state.step + 1,
+                    loss: value,
+                    advice: advice(lr),
+                });
+            }
+            loss_sum += value;
+            used += 1;
+            let grads = (loss / accum as f64)?.backward()?;
+            for (i, v) in self.vars.iter().enumerate() {
+                if let Some(g) = grads.get(v.as_tensor()) {
+                    sums[i] = Some(match sums[i].take() {
+                        None => g.clone(),
+                        Some(s) => (s + g)?,
+                    });
+                }
+            }
+        }
+        if used == 0 {
+            return Err(Error::Data(
+                "a whole step's examples have no trained tokens; check the loss mask (--loss-on)".into(),
+            ));
+        }
+        let grads: Vec<Tensor> = sums
+            .into_iter()
+            .zip(&self.vars)
+            .map(|(g, v)| g.map_or_else(|| v.zeros_like(), Ok))
+            .collect::<candle_core::Result<_>>()?;
+        let norm = grad_norm(&grads)?;
+        if !norm.is_finite() {
+            return Err(Error::NonFiniteLoss {
+                step: self.state.step + 1,
+                loss: norm,
+                advice: format!("The gradient norm is not finite. {}", advice(lr)),
+            });
+        }
+        let grads = if self.cfg.max_grad_norm > 0.0 && norm as f64 > self.cfg.max_grad_norm {
+            let k = self.cfg.max_grad_norm / (norm as f64 + 1e-6);
+            grads.iter().map(|g| g * k).collect::<candle_core::Result<Vec<_>>>()?
+        } else {
+            grads
+        };
+        self.opt.update(&grads, lr)?;
+        Ok((loss_sum / used as f32, norm, tokens))
+    }
+
+    /// Runs until the configured number of steps, a stop request, or an error. Events go to
+    /// `on_event`; metrics, checkpoints and the final adapter go to the run folder.
+    pub fn run(&mut self, stop: &AtomicBool, on_event: &mut dyn FnMut(&TrainEvent)) -> Result<TrainSummary> {
+        match self.run_inner(stop, on_event) {
+            Ok(s) => {
+                on_event(&TrainEvent::Finished(s.clone()));
+                Ok(s)
+            }
+            Err(e) => {
+                let ev = TrainEvent::Failed {
+                    step: self.state.step,
+                    error: format!("{e:#}"),
+                };
+                self.log(&ev);
+                on_event(&ev);
+                Err(e)
+            }
+        }
+    }
+
+    fn log(&self, ev: &TrainEvent) {
+        let Some(run_dir) = &self.run_dir else { return };
+        let line = match ev {
+            TrainEvent::Step(m) => serde_json::json!({
+                "kind": "train", "step": m.step, "loss": m.loss, "lr": m.lr, "grad_norm": m.grad_norm,
+                "tokens": m.tokens, "tokens_per_sec": m.tokens_per_sec, "elapsed_secs": m.elapsed_secs,
+            }),
+            TrainEvent::Eval { step, loss, perplexity } => serde_json::json!({
+                "kind": "eval", "step": step, "eval_loss": loss, "perplexity": perplexity,
+                "elapsed_secs": self.state.elapsed_secs,
+            }),
+            TrainEvent::Failed { step, error } => serde_json::json!({"kind": "failed", "step": step, "error": error}),
+            _ => return,
+        };
+        let path = run_dir.join(METRICS_FILE);
+        // Metrics are best effort: a full disk must not kill a run that can still checkpoint.
+        if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(&path) {
+            let _ = writeln!(f, "{line}");
+        }
+    }
+
+    fn run_inner(&mut self, stop: &AtomicBool, on_event: &mut dyn FnMut(&TrainEvent)) -> Result<TrainSummary> {
+        let total = self.state.total_steps;
+        let start_step = self.state.step;
+        on_event(&TrainEvent::Started {
+            total_steps: total,
+            start_step,
+            train_examples: self.data.train.len(),
+            eval_examples: self.data.eval.len(),
+            trainable_params: self.trainable_params(),
+        });
+        let session_start = Instant::now();
+        let elapsed_before = self.state.elapsed_secs;
+        let mut session_tokens = 0usize;
+        let mut last_loss = None;
+        let mut eval_loss = None;
+        let mut last_eval_step = None;
+        let mut stopped = false;
+        while self.state.step < total {
+            if stop.load(Ordering::Relaxed) {
+                stopped = true;
+                break;
+            }
+            let step_start = Instant::now();
+            let lr = schedule::lr_at(
+                self.cfg.schedule,
+                self.cfg.lr,
+                self.cfg.warmup_steps,
+                self.state.step,
+                total,
+            );
+            let (loss, norm, tokens) = self.train_step(lr)?;
+            self.state.step += 1;
+            self.state.first_loss.get_or_insert(loss);
+            last_loss = Some(loss);
+            session_tokens += tokens;
+            let step_secs = step_start.elapsed().as_secs_f64();
+            let session_secs = session_start.elapsed().as_secs_f64();
+            self.state.elapsed_secs = elapsed_before + session_secs;
+            let done = self.state.step - start_step;
+            let metrics = StepMetrics {
+                step: self.state.step,
+                total_steps: total,
+                loss,
+                lr,
+                grad_norm: norm,
+                tokens,
+                tokens_per_sec: tokens as f64 / step_secs.max(1e-9),
+                step_secs,
+                elapsed_secs: self.state.elapsed_secs,
+                eta_secs: session_secs / done as f64 * (total - self.state.step) as f64,
+            };
+            let ev = TrainEvent::Step(metrics);
+            self.log(&ev);
+            on_event(&ev);
+            if self.cfg.eval_every > 0 && self.state.step % self.cfg.eval_every == 0 {
+                if let Some(l) = self.evaluate()? {
+                    eval_loss = Some(l);
+                    last_eval_step = Some(self.state.step);
+                    let ev = TrainEvent::Eval {
+                        step: self.state.step,
+                        loss: l,
+                        perplexity: l.exp(),
+                    };
+                    self.log(&ev);
+                    on_event(&ev);
+                }
+            }
+            if self.run_dir.is_some()
+                && self.cfg.save_every > 0
+                && self.state.step % self.cfg.save_every == 0
+                && self.state.step < total
+            {
+                let path = self.save_checkpoint()?;
+                on_event(&TrainEvent::Checkpoint {
+                    step: self.state.step,
+                    path,
+                });
+            }
+        }
+        if !stopped && last_eval_step != Some(self.state.step) {
+            if let Some(l) = self.evaluate()? {
+                eval_loss = Some(l);
+                let ev = TrainEvent::Eval {
+                    step: self.state.step,
+                    loss: l,
+                    perplexity: l.exp(),
+                };
+                self.log(&ev);
+                on_event(&ev);
+            }
+        }
+        if self.run_dir.is_some() {
+            let path = self.save_checkpoint()?;
+            on_event(&TrainEvent::Checkpoint {
+                step: self.state.step,
+                path,
+            });
+        }
+        let adapter_dir = self.save_adapter()?;
+        let session_secs = session_start.elapsed().as_secs_f64();
+        Ok(TrainSummary {
+            steps: self.state.step,
+            total_steps: total,
+            stopped,
+            loss_first: self.state.first_loss,
+            loss_last: last_loss,
+            eval_loss,
+            tokens_per_sec: session_tokens as f64 / session_secs.max(1e-9),
+            elapsed_secs: self.state.elapsed_secs,
+            peak_rss_mb: crate::system::peak_rss_mb(),
+            run_dir: self.run_dir.clone(),
+            adapter_dir,
+        })
+    }
+}
+
+pub const METRICS_FILE: &str = "metrics.jsonl";
+
+fn advice(lr: f64) -> String {
+    format!(
+        "The run was stopped; the last checkpoint is intact. Try a lower learning rate (now {lr:e}), \
+         a smaller LoRA alpha, or check the data for empty or garbage rows."
+    )
+}
+
+/// Drops metric lines after `step` (used when resuming from a checkpoint at `step`), so the
+/// log describes one continuous run.
+pub fn truncate_metrics(run_dir: &Path, step: usize) -> Result<()> {
+    let path = run_dir.join(METRICS_FILE);
+    let Ok(text) = std::fs::read_to_string(&path) else {
+        return Ok(());
+    };
+    let kept: Vec<&str> = text
+        .lines()
+        .filter(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .ok()
+                .and_then(|v| v.get("step").and_then(|s| s.as_u64()))
+                .is_some_and(|s| s as usize <= step)
+        })
+        .collect();
+    let mut out = kept.join("\n");
+    if !out.is_empty() {
+        out.push('\n');
+    }
+    crate::fsutil::write_atomic(&path, out.as_bytes())
+}

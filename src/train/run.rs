@@ -1,0 +1,163 @@
+//! Preparing a run from a `TrainConfig`: open the model, load and tokenize the data with the
+//! model's chat template, split off the evaluation set, create the run folder (writing
+//! `config.toml`), attach fresh adapters or restore the newest checkpoint.
+
+use std::path::{Path, PathBuf};
+
+use crate::data::{Example, Message, Role, TokenizedExample};
+use crate::error::{Error, Result};
+use crate::model::ModelFiles;
+use crate::rng::Rng;
+use crate::train::{checkpoint, TrainConfig, TrainData, Trainer};
+
+/// Reads training examples from a JSONL file with Alpaca fields or OpenAI `messages`.
+fn load_examples(path: &Path) -> Result<Vec<Example>> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, "cannot read training data", e))?;
+    let mut out = vec![];
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let bad = |reason: String| Error::invalid(path, format!("line {}", i + 1), reason);
+        let v: serde_json::Value = serde_json::from_str(line).map_err(|e| bad(e.to_string()))?;
+        if let Some(msgs) = v.get("messages").and_then(|m| m.as_array()) {
+            let mut messages = vec![];
+            for m in msgs {
+                let role = match m.get("role").and_then(|r| r.as_str()) {
+                    Some("system") => Role::System,
+                    Some("user") => Role::User,
+                    Some("assistant") => Role::Assistant,
+                    other => return Err(bad(format!("field `role`: unknown role {other:?}"))),
+                };
+                let content = m
+                    .get("content")
+                    .and_then(|c| c.as_str())
+                    .ok_or_else(|| bad("field `content` missing".into()))?;
+                messages.push(Message::new(role, content));
+            }
+            out.push(Example::Chat { messages });
+        } else {
+            let field = |k: &str| v.get(k).and_then(|x| x.as_str()).unwrap_or("").to_string();
+            let (instruction, input, output) = (field("instruction"), field("input"), field("output"));
+            if instruction.is_empty() || output.is_empty() {
+                return Err(bad("expected `messages`, or `instruction` and `output`".into()));
+            }
+            let user = if input.is_empty() {
+                instruction
+            } else {
+                format!("{instruction}\n\n{input}")
+            };
+            out.push(Example::Chat {
+                messages: vec![Message::new(Role::User, user), Message::new(Role::Assistant, output)],
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// Opens the model named in `cfg` and loads its template.
+pub fn open_model(spec: &str) -> Result<(ModelFiles, crate::template::ChatTemplate)> {
+    let files = ModelFiles::open(spec)?;
+    let template = files.chat_template()?.ok_or_else(|| {
+        Error::invalid(
+            &files.path,
+            "model",
+            "it has no chat template; pick one explicitly (chatml, llama3, alpaca)",
+        )
+    })?;
+    Ok((files, template))
+}
+
+fn tokenize_all(
+    examples: &[Example],
+    files: &ModelFiles,
+    template: &crate::template::ChatTemplate,
+    cfg: &TrainConfig,
+) -> Result<(Vec<TokenizedExample>, usize)> {
+    let mut out = Vec::with_capacity(examples.len());
+    let mut dropped = 0;
+    for ex in examples {
+        let t = crate::data::tokenize::encode_example(ex, template, &files.tokenizer, cfg.loss_on, cfg.seq_len)?;
+        if t.trained_tokens() == 0 {
+            dropped += 1;
+        } else {
+            out.push(t);
+        }
+    }
+    Ok((out, dropped))
+}
+
+/// Builds a ready-to-run trainer. With `resume`, the newest checkpoint in `cfg.out` is restored.
+/// `note` receives human-readable remarks (truncation counts, resume point).
+pub fn prepare(cfg: &TrainConfig, resume: bool, note: &mut dyn FnMut(String)) -> Result<Trainer> {
+    cfg.validate()?;
+    let run_dir = PathBuf::from(&cfg.out);
+    let latest = checkpoint::latest(&run_dir);
+    if resume && latest.is_none() {
+        return Err(Error::MissingFile {
+            path: run_dir.join("checkpoints"),
+            file: "step-N".into(),
+            hint: "nothing to resume: this run folder has no checkpoint".into(),
+        });
+    }
+    if !resume && latest.is_some() {
+        return Err(Error::config(
+            "out",
+            format!(
+                "{} already holds a run; use --resume to continue it or choose another --out",
+                run_dir.display()
+            ),
+        ));
+    }
+    let device = cfg.device.device()?;
+    let (files, template) = open_model(&cfg.model)?;
+    let examples = load_examples(Path::new(&cfg.data))?;
+    let (mut train_ex, eval_ex) = match &cfg.eval_data {
+        Some(p) => (examples, load_examples(Path::new(p))?),
+        None => {
+            let mut order: Vec<usize> = (0..examples.len()).collect();
+            Rng::derive(cfg.seed, "eval-split").shuffle(&mut order);
+            let n_eval = (examples.len() as f64 * cfg.eval_split).round() as usize;
+            let n_eval = n_eval.min(examples.len().saturating_sub(1));
+            let eval = order[..n_eval].iter().map(|&i| examples[i].clone()).collect();
+            let mut train_idx = order[n_eval..].to_vec();
+            train_idx.sort();
+            (train_idx.into_iter().map(|i| examples[i].clone()).collect(), eval)
+        }
+    };
+    if train_ex.is_empty() {
+        return Err(Error::Data(format!("{}: no training examples", cfg.data)));
+    }
+    let (train, dropped) = tokenize_all(&train_ex, &files, &template, cfg)?;
+    let (eval, _) = tokenize_all(&eval_ex, &files, &template, cfg)?;
+    train_ex.clear();
+    let truncated = train.iter().filter(|t| t.truncated).count();
+    if truncated > 0 {
+        note(format!(
+            "{truncated} training examples were longer than seq_len = {} and were truncated",
+            cfg.seq_len
+        ));
+    }
+    if dropped > 0 {
+        note(format!(
+            "{dropped} training examples had no trained tokens after truncation and were skipped"
+        ));
+    }
+    let pad_id = files.config.eos_token_ids.first().copied().unwrap_or(0);
+    let mut model = files.load(cfg.precision.dtype(), &device)?;
+    model.add_lora(&cfg.lora, &mut Rng::derive(cfg.seed, "lora-init"))?;
+    std::fs::create_dir_all(&run_dir).map_err(|e| Error::io(&run_dir, "cannot create run folder", e))?;
+    crate::fsutil::write_atomic(&run_dir.join("config.toml"), cfg.to_toml()?.as_bytes())?;
+    let mut trainer = Trainer::new(
+        cfg.clone(),
+        model,
+        TrainData { train, eval, pad_id },
+        Some(run_dir.clone()),
+    )?;
+    if let Some((step, dir)) = latest {
+        trainer.restore(&dir)?;
+        super::truncate_metrics(&run_dir, step)?;
+        note(format!("resuming from {}", dir.display()));
+    }
+    Ok(trainer)
+}

@@ -1,0 +1,253 @@
+//! End-to-end: the `finch` binary trains a tiny model from a JSONL file, writes the run folder,
+//! repeats a run from its config.toml, and handles Ctrl-C with a checkpoint and `--resume`.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use finch::model::tiny::TinySpec;
+use finch::model::Family;
+
+fn finch() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_finch"))
+}
+
+fn write_data(path: &Path, n: usize) {
+    let mut text = String::new();
+    for i in 0..n {
+        let row = if i % 3 == 0 {
+            serde_json::json!({"messages": [
+                {"role": "system", "content": "Answer in capitals."},
+                {"role": "user", "content": format!("word {i}")},
+                {"role": "assistant", "content": format!("WORD {i}")}]})
+        } else {
+            serde_json::json!({"instruction": format!("Repeat {i}"), "input": "", "output": format!("REPEAT {i}!")})
+        };
+        text.push_str(&row.to_string());
+        text.push('\n');
+    }
+    std::fs::write(path, text).unwrap();
+}
+
+fn setup() -> (tempfile::TempDir, String, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("model");
+    TinySpec::new(Family::Llama).write(&model).unwrap();
+    let data = dir.path().join("demo.jsonl");
+    write_data(&data, 30);
+    let (m, d) = (
+        model.to_string_lossy().into_owned(),
+        data.to_string_lossy().into_owned(),
+    );
+    (dir, m, d)
+}
+
+fn summary(stdout: &[u8]) -> serde_json::Value {
+    let text = String::from_utf8_lossy(stdout);
+    let last = text.lines().last().unwrap_or_else(|| panic!("no stdout: {text}"));
+    serde_json::from_str(last).unwrap()
+}
+
+#[test]
+fn train_writes_a_complete_run_folder_and_repeats_from_its_config() {
+    let (dir, model, data) = setup();
+    let out = dir.path().join("runs/demo");
+    let o = finch()
+        .args(["train", "--model", &model, "--data", &data, "--out"])
+        .arg(&out)
+        .args([
+            "--steps",
+            "12",
+            "--rank",
+            "4",
+            "--alpha",
+            "8",
+            "--lr",
+            "5e-3",
+            "--batch",
+            "2",
+            "--seq-len",
+            "64",
+        ])
+        .args([
+            "--eval-split",
+            "0.2",
+            "--eval-every",
+            "4",
+            "--save-every",
+            "5",
+            "--targets",
+            "q,v,gate",
+        ])
+        .args([
+            "--schedule",
+            "linear",
+            "--warmup",
+            "2",
+            "--grad-accum",
+            "2",
+            "--seed",
+            "7",
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{stderr}");
+    let s = summary(&o.stdout);
+    assert_eq!(s["steps"], 12);
+    assert!(
+        s["loss_last"].as_f64().unwrap() < s["loss_first"].as_f64().unwrap(),
+        "{s}"
+    );
+    assert!(stderr.contains("tok/s") && stderr.contains("ETA"), "{stderr}");
+
+    for f in [
+        "config.toml",
+        "metrics.jsonl",
+        "adapter/adapter_config.json",
+        "adapter/adapter_model.safetensors",
+    ] {
+        assert!(out.join(f).is_file(), "missing {f}");
+    }
+    assert!(out.join("checkpoints/step-10").is_dir() && out.join("checkpoints/step-12").is_dir());
+    let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    let lines: Vec<serde_json::Value> = metrics.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let train: Vec<_> = lines.iter().filter(|l| l["kind"] == "train").collect();
+    assert_eq!(train.len(), 12);
+    for key in ["step", "loss", "lr", "grad_norm", "tokens_per_sec", "elapsed_secs"] {
+        assert!(train[0].get(key).is_some(), "metrics line lacks {key}");
+    }
+    assert_eq!(lines.iter().filter(|l| l["kind"] == "eval").count(), 3);
+    let config = std::fs::read_to_string(out.join("config.toml")).unwrap();
+    assert!(config.contains("seed = 7") && config.contains("\"q_proj\""), "{config}");
+
+    // The same run again from its config.toml, into another folder: identical losses.
+    let out2 = dir.path().join("runs/again");
+    let o2 = finch()
+        .args(["train", "--config"])
+        .arg(out.join("config.toml"))
+        .arg("--out")
+        .arg(&out2)
+        .output()
+        .unwrap();
+    assert!(o2.status.success(), "{}", String::from_utf8_lossy(&o2.stderr));
+    let s2 = summary(&o2.stdout);
+    assert_eq!(s["loss_last"], s2["loss_last"]);
+
+    // Refuses to overwrite a run without --resume.
+    let o3 = finch()
+        .args(["train", "--config"])
+        .arg(out.join("config.toml"))
+        .output()
+        .unwrap();
+    assert!(!o3.status.success());
+    assert!(String::from_utf8_lossy(&o3.stderr).contains("--resume"));
+}
+
+#[test]
+fn ctrl_c_checkpoints_and_resume_finishes_the_run() {
+    let (dir, model, data) = setup();
+    let out = dir.path().join("run");
+    let child = finch()
+        .args(["train", "--model", &model, "--data", &data, "--out"])
+        .arg(&out)
+        .args([
+            "--steps",
+            "100000",
+            "--rank",
+            "4",
+            "--batch",
+            "2",
+            "--seq-len",
+            "64",
+            "--eval-split",
+            "0",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until training is under way (the metrics log has steps), then press Ctrl-C.
+    let metrics = out.join("metrics.jsonl");
+    let t0 = std::time::Instant::now();
+    while std::fs::read_to_string(&metrics).map_or(0, |m| m.lines().count()) < 3 {
+        assert!(t0.elapsed().as_secs() < 120, "training did not start");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let kill = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let o = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(130), "{stderr}");
+    let s = summary(&o.stdout);
+    assert_eq!(s["stopped"], true);
+    let stopped_at = s["steps"].as_u64().unwrap();
+    let ckpt = out.join(format!("checkpoints/step-{stopped_at}"));
+    assert!(ckpt.join("adapter_model.safetensors").is_file(), "{stderr}");
+
+    // Resume with a shorter total: it continues from the checkpoint and finishes.
+    let total = stopped_at + 3;
+    let o = finch()
+        .args(["train", "--resume", "--out"])
+        .arg(&out)
+        .args(["--steps", &total.to_string()])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{stderr}");
+    assert!(stderr.contains("resuming from"), "{stderr}");
+    let s = summary(&o.stdout);
+    assert_eq!(s["steps"].as_u64().unwrap(), total);
+    let metrics = std::fs::read_to_string(&metrics).unwrap();
+    let steps: Vec<u64> = metrics
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v["kind"] == "train")
+        .map(|v| v["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(steps, (1..=total).collect::<Vec<_>>());
+}
+
+#[test]
+fn bad_inputs_are_reported_not_panicked() {
+    let (dir, model, data) = setup();
+    let out = dir.path().join("run");
+    let run = |args: &[&str]| {
+        let o = finch().args(args).output().unwrap();
+        assert!(!o.status.success());
+        let e = String::from_utf8_lossy(&o.stderr).into_owned();
+        assert!(!e.contains("panicked"), "{e}");
+        e
+    };
+    let out_s = out.to_string_lossy().into_owned();
+    let e = run(&[
+        "train",
+        "--model",
+        "/nonexistent/model",
+        "--data",
+        &data,
+        "--out",
+        &out_s,
+    ]);
+    assert!(e.contains("/nonexistent/model"), "{e}");
+    let e = run(&[
+        "train",
+        "--model",
+        &model,
+        "--data",
+        &data,
+        "--out",
+        &out_s,
+        "--targets",
+        "q,zz",
+    ]);
+    assert!(e.contains("zz"), "{e}");
+    let e = run(&["train", "--model", &model, "--data", &data, "--out", &out_s, "--lr=-1"]);
+    assert!(e.contains("lr"), "{e}");
+    let e = run(&["train", "--model", &model, "--data", &data]);
+    assert!(e.contains("--out"), "{e}");
+    let e = run(&["train", "--resume", "--out", &out_s, "--model", &model, "--data", &data]);
+    assert!(e.contains("checkpoint"), "{e}");
+}

@@ -1,0 +1,53 @@
+//! Tests on the real SmolLM2-135M-Instruct GGUF (path in `FINCH_REAL_MODEL`; skipped when unset).
+
+use candle_core::{DType, Device, Tensor, D};
+use finch::data::{Message, Role};
+use finch::model::ModelFiles;
+
+fn real_model() -> Option<String> {
+    match std::env::var("FINCH_REAL_MODEL") {
+        Ok(p) if !p.is_empty() => Some(p),
+        _ => {
+            eprintln!("skipped: set FINCH_REAL_MODEL to the SmolLM2-135M-Instruct-Q4_1 folder to run this test");
+            None
+        }
+    }
+}
+
+#[test]
+fn gguf_model_answers_paris() {
+    let Some(path) = real_model() else { return };
+    let files = ModelFiles::open(&path).unwrap();
+    assert!(
+        files.path.extension().is_some_and(|e| e == "gguf"),
+        "{}",
+        files.path.display()
+    );
+    let model = files.load(DType::F32, &Device::Cpu).unwrap();
+    let template = files.chat_template().unwrap().expect("SmolLM2 ships a chat template");
+    let prompt = template
+        .render(&[Message::new(Role::User, "What is the capital of France?")], true)
+        .unwrap();
+    let mut ids = files.tokenizer.encode(prompt, false).unwrap().get_ids().to_vec();
+    let prompt_len = ids.len();
+    let eos = files.tokenizer.token_to_id("<|im_end|>").unwrap();
+    for _ in 0..24 {
+        let x = Tensor::new(ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+        let logits = model.logits(&x).unwrap();
+        let next = logits
+            .squeeze(0)
+            .unwrap()
+            .get(ids.len() - 1)
+            .unwrap()
+            .argmax(D::Minus1)
+            .unwrap();
+        let next = next.to_scalar::<u32>().unwrap();
+        if next == eos {
+            break;
+        }
+        ids.push(next);
+    }
+    let answer = files.tokenizer.decode(&ids[prompt_len..], true).unwrap();
+    eprintln!("answer: {answer}");
+    assert!(answer.contains("Paris"), "{answer}");
+}
