@@ -581,3 +581,65 @@ mod properties {
         }
     }
 }
+
+#[test]
+fn data_filter_and_split_write_jsonl_that_loads_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = "The quick brown fox jumps over the lazy dog while the farmer watches from the old red barn";
+    let rows = [
+        serde_json::json!({"instruction": "Describe the scene.", "output": base}),
+        serde_json::json!({"instruction": "describe the scene", "output": base.to_uppercase()}),
+        serde_json::json!({"instruction": "Describe the scene.", "output": base.replace("old red", "red")}),
+        serde_json::json!({"instruction": "Say yes.", "output": "Yes"}),
+        serde_json::json!({"instruction": "Count to three.", "output": "One, two, three."}),
+    ];
+    let text: String = rows.iter().map(|r| format!("{r}\n")).collect();
+    let data = write(dir.path(), "d.jsonl", text.as_bytes());
+    let out = dir.path().join("kept.jsonl");
+    let (code, stdout, stderr) = finch(&[
+        "data",
+        "filter",
+        data.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--near-threshold",
+        "0.7",
+        "--min-response-chars",
+        "4",
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    let v: Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(v["kept"], 2, "{v}");
+    assert_eq!(
+        v["removed"],
+        serde_json::json!({"exact_duplicates": 1, "near_duplicates": 1, "too_short": 1, "too_long": 0})
+    );
+    assert_eq!(v["removed_rows"][0]["line"], 2);
+    assert!(v["removed_rows"][0]["reason"].as_str().unwrap().contains("duplicate of line 1"));
+    let kept = load_file(&out, &LoadOptions::default()).unwrap();
+    assert_eq!(kept.summary(), "2 rows ok, 0 rejected");
+
+    let split_dir = dir.path().join("split");
+    let args = [
+        "data",
+        "split",
+        data.to_str().unwrap(),
+        "--validation-fraction",
+        "0.4",
+        "--seed",
+        "3",
+        "--out-dir",
+        split_dir.to_str().unwrap(),
+    ];
+    let (code, stdout, stderr) = finch(&args);
+    assert_eq!(code, 0, "{stderr}");
+    let v: Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!((v["train"]["rows"].as_u64(), v["validation"]["rows"].as_u64()), (Some(3), Some(2)));
+    let train = load_file(&split_dir.join("train.jsonl"), &LoadOptions::default()).unwrap();
+    let validation = load_file(&split_dir.join("validation.jsonl"), &LoadOptions::default()).unwrap();
+    assert_eq!((train.rows.len(), validation.rows.len()), (3, 2));
+    // Same seed, same split.
+    let first = std::fs::read(split_dir.join("validation.jsonl")).unwrap();
+    assert_eq!(finch(&args).0, 0);
+    assert_eq!(std::fs::read(split_dir.join("validation.jsonl")).unwrap(), first);
+}

@@ -1,6 +1,10 @@
-//! `finch data …`: dataset commands. `inspect` loads a file, validates every row and prints one
-//! JSON summary on stdout; with `--model` it also tokenizes every row with the model's template;
-//! with `--show N` it prints row N as the model sees it, masked text in `⟦…⟧`.
+//! `finch data …`: dataset commands. Each prints one JSON object on stdout.
+//! - `inspect` loads a file, validates every row and summarizes it; with `--model` it also
+//!   tokenizes every row with the model's template; `--show N` prints row N as the model sees
+//!   it, masked text in `⟦…⟧`.
+//! - `filter` removes exact / near-duplicates and rows with too short or too long answers and
+//!   writes the kept rows as JSONL.
+//! - `split` writes a deterministic train / validation split as two JSONL files.
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -10,8 +14,11 @@ use clap::{Args, Subcommand, ValueEnum};
 use serde_json::json;
 use tokenizers::Tokenizer;
 
+use crate::data::edit::DatasetEditor;
 use crate::data::inspect::{inspect, loss_segments, mark_segments};
-use crate::data::load::{load_file, FileKind, Format, LoadOptions};
+use crate::data::load::{describe_rejection, load_file, FileKind, Format, LoadOptions, LoadReport, Rejection};
+use crate::data::quality::{exact_duplicates, near_duplicates, response_chars, NearDuplicateConfig};
+use crate::data::split::{apply_split, train_validation_split};
 use crate::data::LossOn;
 use crate::template::{special_tokens_from_config, BuiltinTemplate, ChatTemplate};
 
@@ -25,21 +32,17 @@ pub struct DataArgs {
 pub enum DataCommand {
     /// Load a dataset, validate every row, print a JSON summary (and optionally one row).
     Inspect(InspectArgs),
+    /// Remove duplicates and rows with too short or too long answers; write the rest as JSONL.
+    Filter(FilterArgs),
+    /// Write a deterministic train / validation split as two JSONL files.
+    Split(SplitArgs),
 }
 
+/// How to read the dataset file (shared by every `data` command).
 #[derive(Debug, Args)]
-pub struct InspectArgs {
+pub struct LoadArgs {
     /// Dataset file: .jsonl, .json, .csv or .parquet.
     pub file: PathBuf,
-    /// Model folder (tokenizer.json, tokenizer_config.json): adds token-length statistics.
-    #[arg(long)]
-    pub model: Option<PathBuf>,
-    /// Sequence length used for `over_seq_len` and truncation.
-    #[arg(long, default_value_t = 2048)]
-    pub seq_len: usize,
-    /// Print row N (1-based, counting loaded rows) rendered, masked text in ⟦…⟧.
-    #[arg(long, value_name = "N")]
-    pub show: Option<usize>,
     /// Record format (detected when omitted): alpaca, sharegpt, messages, prompt_completion, text.
     #[arg(long, value_parser = parse_format)]
     pub format: Option<Format>,
@@ -49,15 +52,48 @@ pub struct InspectArgs {
     /// Map a field to another name in the file, e.g. `--field output=response` (repeatable).
     #[arg(long = "field", value_name = "KEY=NAME")]
     pub fields: Vec<String>,
+    /// Keep exact duplicate rows instead of rejecting them.
+    #[arg(long)]
+    pub keep_duplicates: bool,
+}
+
+impl LoadArgs {
+    /// Loads the file, reporting the row counts on stderr.
+    fn load(&self) -> anyhow::Result<LoadReport> {
+        let mut options = LoadOptions {
+            format: self.format,
+            file_kind: self.file_type,
+            keep_duplicates: self.keep_duplicates,
+            ..LoadOptions::default()
+        };
+        for pair in &self.fields {
+            options.fields.set_pair(pair)?;
+        }
+        let report = load_file(&self.file, &options)?;
+        eprintln!("{}: {}", self.file.display(), report.summary());
+        Ok(report)
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct InspectArgs {
+    #[command(flatten)]
+    pub load: LoadArgs,
+    /// Model folder (tokenizer.json, tokenizer_config.json): adds token-length statistics.
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Sequence length used for `over_seq_len` and truncation.
+    #[arg(long, default_value_t = 2048)]
+    pub seq_len: usize,
+    /// Print row N (1-based, counting loaded rows) rendered, masked text in ⟦…⟧.
+    #[arg(long, value_name = "N")]
+    pub show: Option<usize>,
     /// Chat template: the model's own (default), or chatml, llama3, alpaca, none.
     #[arg(long, value_parser = parse_template)]
     pub template: Option<BuiltinTemplate>,
     /// Which tokens carry loss.
     #[arg(long, value_enum, default_value_t = LossOnArg::Assistant)]
     pub loss_on: LossOnArg,
-    /// Keep exact duplicate rows instead of rejecting them.
-    #[arg(long)]
-    pub keep_duplicates: bool,
     /// Colour the `--show` output on stderr.
     #[arg(long, value_enum, default_value_t = Color::Auto)]
     pub color: Color,
@@ -106,6 +142,8 @@ fn parse_template(s: &str) -> Result<BuiltinTemplate, String> {
 pub fn run(args: DataArgs) -> anyhow::Result<i32> {
     match args.command {
         DataCommand::Inspect(args) => run_inspect(args),
+        DataCommand::Filter(args) => run_filter(args),
+        DataCommand::Split(args) => run_split(args),
     }
 }
 
@@ -149,20 +187,10 @@ fn choose_template(
 }
 
 fn run_inspect(args: InspectArgs) -> anyhow::Result<i32> {
-    let mut options = LoadOptions {
-        format: args.format,
-        file_kind: args.file_type,
-        keep_duplicates: args.keep_duplicates,
-        ..LoadOptions::default()
-    };
-    for pair in &args.fields {
-        options.fields.set_pair(pair)?;
-    }
     if args.seq_len == 0 {
         anyhow::bail!("--seq-len must be at least 1");
     }
-    let report = load_file(&args.file, &options)?;
-    eprintln!("{}: {}", args.file.display(), report.summary());
+    let report = args.load.load()?;
     let loss_on = LossOn::from(args.loss_on);
     let mut warnings = vec![];
     let tokenizer = args.model.as_deref().map(model_tokenizer).transpose()?;
@@ -202,6 +230,154 @@ fn run_inspect(args: InspectArgs) -> anyhow::Result<i32> {
             "segments": segments,
         });
     }
+    println!("{}", serde_json::to_string(&out)?);
+    Ok(0)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Dedupe {
+    /// Keep every row.
+    None,
+    /// Rows equal after ignoring case, punctuation and spacing.
+    Exact,
+    /// Exact duplicates plus MinHash near-duplicates (see --near-threshold).
+    Near,
+}
+
+#[derive(Debug, Args)]
+pub struct FilterArgs {
+    #[command(flatten)]
+    pub load: LoadArgs,
+    /// Where to write the kept rows (JSONL; written atomically).
+    #[arg(long)]
+    pub out: PathBuf,
+    #[arg(long, value_enum, default_value_t = Dedupe::Near)]
+    pub dedupe: Dedupe,
+    /// Similarity (estimated Jaccard of word 3-grams) from which rows count as near-duplicates.
+    #[arg(long, default_value_t = 0.8)]
+    pub near_threshold: f32,
+    /// Drop rows whose answers (all assistant turns, or the text) have fewer characters.
+    #[arg(long)]
+    pub min_response_chars: Option<usize>,
+    /// Drop rows whose answers have more characters.
+    #[arg(long)]
+    pub max_response_chars: Option<usize>,
+}
+
+fn run_filter(args: FilterArgs) -> anyhow::Result<i32> {
+    let report = args.load.load()?;
+    let examples: Vec<_> = report.examples().cloned().collect();
+    // Why each row goes, first reason wins; indices into `examples`.
+    let mut removed: Vec<Option<String>> = vec![None; examples.len()];
+    let line = |i: usize| report.rows[i].line;
+    let duplicates = match args.dedupe {
+        Dedupe::None => vec![],
+        Dedupe::Exact => exact_duplicates(&examples),
+        Dedupe::Near => {
+            let cfg = NearDuplicateConfig {
+                threshold: args.near_threshold,
+                ..NearDuplicateConfig::default()
+            };
+            near_duplicates(&examples, &cfg)?
+        }
+    };
+    let (mut exact, mut near, mut short, mut long) = (0usize, 0usize, 0usize, 0usize);
+    for d in &duplicates {
+        if d.similarity >= 1.0 {
+            exact += 1;
+        } else {
+            near += 1;
+        }
+        removed[d.index] = Some(format!(
+            "duplicate of line {} (similarity {:.2})",
+            line(d.of),
+            d.similarity
+        ));
+    }
+    for (i, ex) in examples.iter().enumerate() {
+        if removed[i].is_some() {
+            continue;
+        }
+        let chars = response_chars(ex);
+        if args.min_response_chars.is_some_and(|min| chars < min) {
+            short += 1;
+            removed[i] = Some(format!("answer has {chars} characters, fewer than the minimum"));
+        } else if args.max_response_chars.is_some_and(|max| chars > max) {
+            long += 1;
+            removed[i] = Some(format!("answer has {chars} characters, more than the maximum"));
+        }
+    }
+    let kept: Vec<_> = examples
+        .iter()
+        .zip(&removed)
+        .filter(|(_, why)| why.is_none())
+        .map(|(ex, _)| ex.clone())
+        .collect();
+    let removed_rows: Vec<Rejection> = removed
+        .iter()
+        .enumerate()
+        .filter_map(|(i, why)| {
+            why.as_ref().map(|reason| Rejection {
+                line: line(i),
+                field: String::new(),
+                reason: reason.clone(),
+            })
+        })
+        .collect();
+    for r in removed_rows.iter().take(5) {
+        eprintln!("removed {}", describe_rejection(r));
+    }
+    let kept_rows = kept.len();
+    DatasetEditor::new(kept).save_jsonl(&args.out)?;
+    let out = json!({
+        "file": args.load.file.display().to_string(),
+        "out": args.out.display().to_string(),
+        "rows_in": examples.len(),
+        "rows_rejected_on_load": report.rejected.len(),
+        "kept": kept_rows,
+        "removed": {
+            "exact_duplicates": exact,
+            "near_duplicates": near,
+            "too_short": short,
+            "too_long": long,
+        },
+        "removed_rows": removed_rows.iter().take(20).collect::<Vec<_>>(),
+    });
+    println!("{}", serde_json::to_string(&out)?);
+    Ok(0)
+}
+
+#[derive(Debug, Args)]
+pub struct SplitArgs {
+    #[command(flatten)]
+    pub load: LoadArgs,
+    /// Fraction of rows for validation, in [0, 1).
+    #[arg(long, default_value_t = 0.1)]
+    pub validation_fraction: f32,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Folder for train.jsonl and validation.jsonl (created if needed).
+    #[arg(long)]
+    pub out_dir: PathBuf,
+}
+
+fn run_split(args: SplitArgs) -> anyhow::Result<i32> {
+    let report = args.load.load()?;
+    let examples: Vec<_> = report.examples().cloned().collect();
+    let split = train_validation_split(examples.len(), args.validation_fraction, args.seed)?;
+    let (train, validation) = apply_split(&examples, &split);
+    std::fs::create_dir_all(&args.out_dir).with_context(|| format!("cannot create {}", args.out_dir.display()))?;
+    let train_path = args.out_dir.join("train.jsonl");
+    let validation_path = args.out_dir.join("validation.jsonl");
+    DatasetEditor::new(train).save_jsonl(&train_path)?;
+    DatasetEditor::new(validation).save_jsonl(&validation_path)?;
+    let out = json!({
+        "file": args.load.file.display().to_string(),
+        "seed": args.seed,
+        "validation_fraction": args.validation_fraction,
+        "train": {"path": train_path.display().to_string(), "rows": split.train.len()},
+        "validation": {"path": validation_path.display().to_string(), "rows": split.validation.len()},
+    });
     println!("{}", serde_json::to_string(&out)?);
     Ok(0)
 }
