@@ -615,7 +615,10 @@ fn data_filter_and_split_write_jsonl_that_loads_back() {
         serde_json::json!({"exact_duplicates": 1, "near_duplicates": 1, "too_short": 1, "too_long": 0})
     );
     assert_eq!(v["removed_rows"][0]["line"], 2);
-    assert!(v["removed_rows"][0]["reason"].as_str().unwrap().contains("duplicate of line 1"));
+    assert!(v["removed_rows"][0]["reason"]
+        .as_str()
+        .unwrap()
+        .contains("duplicate of line 1"));
     let kept = load_file(&out, &LoadOptions::default()).unwrap();
     assert_eq!(kept.summary(), "2 rows ok, 0 rejected");
 
@@ -634,7 +637,10 @@ fn data_filter_and_split_write_jsonl_that_loads_back() {
     let (code, stdout, stderr) = finch(&args);
     assert_eq!(code, 0, "{stderr}");
     let v: Value = serde_json::from_str(stdout.trim()).unwrap();
-    assert_eq!((v["train"]["rows"].as_u64(), v["validation"]["rows"].as_u64()), (Some(3), Some(2)));
+    assert_eq!(
+        (v["train"]["rows"].as_u64(), v["validation"]["rows"].as_u64()),
+        (Some(3), Some(2))
+    );
     let train = load_file(&split_dir.join("train.jsonl"), &LoadOptions::default()).unwrap();
     let validation = load_file(&split_dir.join("validation.jsonl"), &LoadOptions::default()).unwrap();
     assert_eq!((train.rows.len(), validation.rows.len()), (3, 2));

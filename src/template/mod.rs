@@ -12,6 +12,7 @@
 //! cannot loop forever) and writes into a buffer that refuses to grow past a size limit.
 
 mod pyjson;
+mod pyrepr;
 mod strftime;
 
 use std::io::Write;
@@ -416,6 +417,7 @@ fn sandboxed_environment(source: &str) -> Result<Environment<'static>> {
     env.set_fuel(Some(RENDER_FUEL));
     env.set_recursion_limit(RECURSION_LIMIT);
     env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+    env.set_formatter(pyrepr::python_formatter);
     env.add_function(
         "raise_exception",
         |message: String| -> std::result::Result<Value, minijinja::Error> {

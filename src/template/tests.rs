@@ -179,3 +179,20 @@ fn tokenizer_config_variants_are_read() {
     std::fs::write(&path, "{not json").unwrap();
     assert!(ChatTemplate::from_tokenizer_config(&path).is_err());
 }
+
+#[test]
+fn values_print_like_python_jinja2() {
+    // Expected output from Python: jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True,
+    // lstrip_blocks=True).from_string(source).render(x=None)
+    let source = "{{ none }}|{{ x }}|{{ 1.0 }}|{{ 2 }}|{{ true }}|{{ [1, \"a\", none] }}|{{ {\"k\": 1} }}|{{ 7 / 2 }}\
+                  |{{ 7 // 2 }}|{{ \"ab\" * 2 }}|{{ 0.1 + 0.2 }}|{{ [\"it's\", \"\\n\"] }}";
+    let t = ChatTemplate::new(source, None, None).unwrap();
+    let msgs = conversation();
+    let rendered = t.render(&msgs, false).unwrap();
+    // `x` is undefined here (Python passed None): both print nothing for undefined, so the
+    // second field is empty rather than "None".
+    assert_eq!(
+        rendered,
+        "None||1.0|2|True|[1, 'a', None]|{'k': 1}|3.5|3|abab|0.30000000000000004|[\"it's\", '\\n']"
+    );
+}
