@@ -364,7 +364,7 @@ mod tests {
         let w = Tensor::randn(1f32, 0.1, 8, &dev).unwrap();
         let gw = Tensor::randn(0f32, 1.0, (2, 3, 8), &dev).unwrap();
         check(
-            &[x.clone()],
+            std::slice::from_ref(&x),
             |t| rms_norm(&t[0], &w, 1e-5).unwrap(),
             |t| {
                 let ms = t[0].sqr().unwrap().mean_keepdim(D::Minus1).unwrap();
@@ -382,7 +382,7 @@ mod tests {
         let (cos, sin) = (ang.cos().unwrap(), ang.sin().unwrap());
         let gq = Tensor::randn(0f32, 1.0, (2, 3, 5, 8), &dev).unwrap();
         check(
-            &[q.clone()],
+            std::slice::from_ref(&q),
             |t| rope(&t[0], &cos, &sin).unwrap(),
             |t| candle_nn::rotary_emb::rope_slow(&t[0], &cos, &sin).unwrap(),
             &gq,
@@ -395,7 +395,7 @@ mod tests {
             .collect();
         let mask = Tensor::from_vec(mask, (5, 5), &dev).unwrap();
         check(
-            &[s.clone()],
+            std::slice::from_ref(&s),
             |t| causal_softmax(&t[0], 0.125).unwrap(),
             |t| candle_nn::ops::softmax(&(&t[0] * 0.125).unwrap().broadcast_add(&mask).unwrap(), D::Minus1).unwrap(),
             &gs,
