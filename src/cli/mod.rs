@@ -3,6 +3,8 @@
 
 use clap::{Parser, Subcommand};
 
+pub mod hub;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "finch",
@@ -15,7 +17,10 @@ pub struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
-pub enum Command {}
+pub enum Command {
+    /// Search, download and manage Hugging Face Hub models
+    Hub(hub::HubArgs),
+}
 
 /// Runs a parsed command line; returns the process exit code.
 pub fn run(cli: Cli) -> anyhow::Result<i32> {
@@ -26,6 +31,8 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
             println!();
             Ok(0)
         }
-        Some(command) => match command {},
+        Some(command) => match command {
+            Command::Hub(args) => hub::run(args),
+        },
     }
 }
