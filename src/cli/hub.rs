@@ -198,7 +198,10 @@ fn download(hub: &Hub, id: String, revision: String, gguf_file: Option<String>) 
         }
         Err(err) => return Err(err.into()),
     };
-    let commit = snapshot.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+    let commit = snapshot
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_default();
     println!(
         "{}",
         json!({ "id": id, "revision": revision, "commit": commit, "path": snapshot })
@@ -224,12 +227,21 @@ fn list(hub: &Hub, as_json: bool) -> anyhow::Result<i32> {
             .iter()
             .map(|r| {
                 let short = &r.commit[..r.commit.len().min(8)];
-                let refs = if r.refs.is_empty() { String::new() } else { format!(" ({})", r.refs.join(", ")) };
+                let refs = if r.refs.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({})", r.refs.join(", "))
+                };
                 let partial = if r.usable { "" } else { " [incomplete]" };
                 format!("{short}{refs}{partial}")
             })
             .collect();
-        println!("{:<id_width$}  {:>10}  {}", m.id, human_bytes(m.size_bytes), revisions.join("; "));
+        println!(
+            "{:<id_width$}  {:>10}  {}",
+            m.id,
+            human_bytes(m.size_bytes),
+            revisions.join("; ")
+        );
     }
     Ok(0)
 }
@@ -244,7 +256,10 @@ fn login(hub: &Hub, no_verify: bool) -> anyhow::Result<i32> {
         let _ = std::io::stderr().flush();
     }
     let mut line = String::new();
-    stdin.lock().read_line(&mut line).context("cannot read the token from stdin")?;
+    stdin
+        .lock()
+        .read_line(&mut line)
+        .context("cannot read the token from stdin")?;
     let Some(token) = Token::new(&line) else {
         bail!("no token given on stdin");
     };
@@ -269,7 +284,10 @@ fn login(hub: &Hub, no_verify: bool) -> anyhow::Result<i32> {
     match find_token(&var) {
         Some((_, TokenSource::Env)) => eprintln!("note: HF_TOKEN is set and takes precedence over the saved token"),
         Some((_, TokenSource::HuggingFaceFile(p))) => {
-            eprintln!("note: {} (from huggingface-cli login) takes precedence over the saved token", p.display())
+            eprintln!(
+                "note: {} (from huggingface-cli login) takes precedence over the saved token",
+                p.display()
+            )
         }
         _ => {}
     }
@@ -335,7 +353,11 @@ impl ProgressBar {
                     &commit[..commit.len().min(8)],
                     files.len(),
                     human_bytes(*total_bytes),
-                    if cached > 0 { format!(" ({cached} already cached)") } else { String::new() }
+                    if cached > 0 {
+                        format!(" ({cached} already cached)")
+                    } else {
+                        String::new()
+                    }
                 );
             }
             DownloadProgress::FileStarted {
@@ -367,7 +389,11 @@ impl ProgressBar {
     }
 
     fn draw(&mut self, done_bytes: u64, total_bytes: u64) {
-        let fraction = if total_bytes == 0 { 1.0 } else { done_bytes as f64 / total_bytes as f64 };
+        let fraction = if total_bytes == 0 {
+            1.0
+        } else {
+            done_bytes as f64 / total_bytes as f64
+        };
         let elapsed_secs = self.started.elapsed().as_secs_f64().max(1e-3);
         let rate_bytes_per_sec = done_bytes.saturating_sub(self.start_done_bytes) as f64 / elapsed_secs;
         let eta = if rate_bytes_per_sec > 0.0 {

@@ -115,7 +115,9 @@ impl Client {
         let file = ctx.file.unwrap_or_default();
         let mut url = self.file_url(ctx.id, ctx.revision, file);
         for _ in 0..=MAX_RELATIVE_REDIRECTS {
-            let request = self.auth(self.head_agent.head(&url), None).header("Accept-Encoding", "identity");
+            let request = self
+                .auth(self.head_agent.head(&url), None)
+                .header("Accept-Encoding", "identity");
             let response = request.call().map_err(|e| self.transport_error(e))?;
             let status = response.status().as_u16();
             let headers = response.headers();
@@ -164,7 +166,9 @@ impl Client {
     /// the caller handles 200 versus 206 versus 416.
     pub fn open_file(&self, ctx: Ctx<'_>, start_byte: u64) -> Result<Response<Body>> {
         let url = self.file_url(ctx.id, ctx.revision, ctx.file.unwrap_or_default());
-        let mut request = self.auth(self.agent.get(&url), None).header("Accept-Encoding", "identity");
+        let mut request = self
+            .auth(self.agent.get(&url), None)
+            .header("Accept-Encoding", "identity");
         if start_byte > 0 {
             request = request.header("Range", format!("bytes={start_byte}-"));
         }
@@ -201,7 +205,16 @@ impl Client {
             });
         }
         if !(200..300).contains(&status) {
-            return Err(self.status_error(status, response.headers(), &url, Ctx { id: "", revision: "", file: None }));
+            return Err(self.status_error(
+                status,
+                response.headers(),
+                &url,
+                Ctx {
+                    id: "",
+                    revision: "",
+                    file: None,
+                },
+            ));
         }
         let value: serde_json::Value = read_json(&mut response, &url)?;
         value

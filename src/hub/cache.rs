@@ -157,7 +157,9 @@ impl Cache {
         let mut models = Vec::new();
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().to_string();
-            let Some(rest) = name.strip_prefix("models--") else { continue };
+            let Some(rest) = name.strip_prefix("models--") else {
+                continue;
+            };
             let path = entry.path();
             if !path.is_dir() || rest.is_empty() {
                 continue;
@@ -179,7 +181,7 @@ impl Cache {
                 cache_dir: self.root.clone(),
             });
         }
-        let freed_bytes = disk_usage(&dir);
+        let freed_bytes = model_disk_usage(&dir);
         std::fs::remove_dir_all(&dir).map_err(|e| HubError::io(&dir, "cannot delete cached model", e))?;
         // Lock files `huggingface_hub` may have left; harmless if absent.
         let _ = std::fs::remove_dir_all(self.root.join(".locks").join(id.cache_folder_name()));
@@ -230,14 +232,22 @@ fn read_model(id: String, path: PathBuf) -> CachedModel {
     CachedModel {
         id,
         revisions,
-        size_bytes: disk_usage(&path),
+        size_bytes: model_disk_usage(&path),
         path,
     }
 }
 
-/// Bytes used by a model folder, counting each blob once: symlinks themselves are not followed.
-fn disk_usage(dir: &Path) -> u64 {
-    walk(dir).iter().filter(|(_, _, meta)| meta.is_file()).map(|(_, _, meta)| meta.len()).sum()
+/// Bytes a model's files use: blobs (partial downloads included) and plain files in snapshots.
+/// Symlinks are not followed, so each blob counts once; refs and markers are bookkeeping.
+fn model_disk_usage(repo_dir: &Path) -> u64 {
+    let file_bytes = |dir: &Path| -> u64 {
+        walk(dir)
+            .iter()
+            .filter(|(_, _, meta)| meta.is_file())
+            .map(|(_, _, meta)| meta.len())
+            .sum()
+    };
+    file_bytes(&repo_dir.join("blobs")) + file_bytes(&repo_dir.join("snapshots"))
 }
 
 /// Every entry under `dir` as (relative path with `/`, full path, `symlink_metadata`), without
@@ -250,7 +260,9 @@ fn walk(dir: &Path) -> Vec<(String, PathBuf, std::fs::Metadata)> {
         let Ok(entries) = std::fs::read_dir(dir) else { return };
         for entry in entries.flatten() {
             let path = entry.path();
-            let Ok(meta) = std::fs::symlink_metadata(&path) else { continue };
+            let Ok(meta) = std::fs::symlink_metadata(&path) else {
+                continue;
+            };
             let name = format!("{prefix}{}", entry.file_name().to_string_lossy());
             if meta.is_dir() {
                 go(&path, &format!("{name}/"), depth + 1, out);
@@ -283,7 +295,9 @@ pub fn snapshot_is_usable(dir: &Path) -> bool {
         return true;
     }
     let index = dir.join("model.safetensors.index.json");
-    let Ok(text) = std::fs::read_to_string(&index) else { return false };
+    let Ok(text) = std::fs::read_to_string(&index) else {
+        return false;
+    };
     match super::files::index_shards(&text) {
         Ok(shards) => !shards.is_empty() && shards.iter().all(|s| dir.join(s).is_file()),
         Err(_) => false,
@@ -299,8 +313,10 @@ fn make_link(target: &str, _blob: &Path, link: &Path) -> Result<()> {
 fn make_link(target: &str, blob: &Path, link: &Path) -> Result<()> {
     // Windows needs developer mode for symlinks; `huggingface_hub` falls back to copies too.
     #[cfg(windows)]
-    if std::os::windows::fs::symlink_file(target.replace('/', "\\"), link).is_ok() {
-        return Ok(());
+    {
+        if std::os::windows::fs::symlink_file(target.replace('/', "\\"), link).is_ok() {
+            return Ok(());
+        }
     }
     let _ = target;
     std::fs::copy(blob, link)

@@ -172,7 +172,16 @@ fn download_online(
                 revision: &commit,
                 file: Some(SAFETENSORS_INDEX),
             })?;
-            fetch_blob(client, cache, repo, &commit, SAFETENSORS_INDEX, &meta, &mut Tally::quiet(), cancel)?;
+            fetch_blob(
+                client,
+                cache,
+                repo,
+                &commit,
+                SAFETENSORS_INDEX,
+                &meta,
+                &mut Tally::quiet(),
+                cancel,
+            )?;
             cache.link_file(repo, &commit, SAFETENSORS_INDEX, &meta.etag)?;
         }
         let text = std::fs::read_to_string(&index_path)
@@ -225,7 +234,9 @@ fn download_online(
         let resume_from_bytes = if blob_complete {
             0
         } else {
-            partial_len(&partial_path(&blob)).filter(|n| *n <= meta.size_bytes).unwrap_or(0)
+            partial_len(&partial_path(&blob))
+                .filter(|n| *n <= meta.size_bytes)
+                .unwrap_or(0)
         };
         planned.push(PlannedFile {
             name: file.clone(),
@@ -258,6 +269,9 @@ fn download_online(
         last_event: None,
     };
     for (file, meta) in &transfers {
+        if cancel.load(Ordering::Relaxed) {
+            return Err(HubError::Cancelled { id: id.to_string() });
+        }
         fetch_blob(client, cache, repo, &commit, file, meta, &mut tally, cancel)?;
         cache.link_file(repo, &commit, file, &meta.etag)?;
         tally.emit(DownloadProgress::FileDone { file: file.clone() });
@@ -386,6 +400,8 @@ fn fetch_blob(
         have_bytes = 0;
     }
     let done_before_file = tally.done_bytes - have_bytes.min(tally.done_bytes);
+    // Each file's first chunk is reported at once, so a listener sees every file begin to move.
+    tally.last_event = None;
     tally.emit(DownloadProgress::FileStarted {
         file: file.to_string(),
         size_bytes,

@@ -51,7 +51,9 @@ pub(crate) fn is_safe_file_name(name: &str) -> bool {
 
 fn is_pickle_or_foreign_weights(name: &str) -> bool {
     let lower = name.to_ascii_lowercase();
-    [".bin", ".pt", ".pth", ".ckpt", ".pkl", ".h5", ".msgpack"].iter().any(|ext| lower.ends_with(ext))
+    [".bin", ".pt", ".pth", ".ckpt", ".pkl", ".h5", ".msgpack"]
+        .iter()
+        .any(|ext| lower.ends_with(ext))
 }
 
 fn is_split_gguf(name: &str) -> bool {
@@ -81,7 +83,11 @@ pub(crate) fn select(id: &str, siblings: &[String], gguf_file: Option<&str>) -> 
             .ok_or_else(|| HubError::GgufNotFound {
                 id: id.to_string(),
                 wanted: wanted.to_string(),
-                available: if ggufs.is_empty() { "none".to_string() } else { ggufs.join(", ") },
+                available: if ggufs.is_empty() {
+                    "none".to_string()
+                } else {
+                    ggufs.join(", ")
+                },
             })?;
         Weights::Gguf(chosen.to_string())
     } else if present.contains(SAFETENSORS_INDEX) {
@@ -198,7 +204,12 @@ mod tests {
         assert_eq!(sel.weights, Weights::Single);
         assert_eq!(
             sel.files,
-            names(&["config.json", "tokenizer.json", "tokenizer_config.json", "model.safetensors"])
+            names(&[
+                "config.json",
+                "tokenizer.json",
+                "tokenizer_config.json",
+                "model.safetensors"
+            ])
         );
     }
 
@@ -206,7 +217,10 @@ mod tests {
     fn pickle_only_repo_is_refused_with_the_files_named() {
         let err = select("o/m", &names(&["config.json", "pytorch_model.bin"]), None).unwrap_err();
         let msg = err.to_string();
-        assert!(msg.contains("pytorch_model.bin") && msg.contains("never unpickles"), "{msg}");
+        assert!(
+            msg.contains("pytorch_model.bin") && msg.contains("never unpickles"),
+            "{msg}"
+        );
         assert!(matches!(
             select("o/m", &names(&["README.md"]), None),
             Err(HubError::NoWeights { .. })
@@ -222,9 +236,15 @@ mod tests {
             "m.Q8_0-00001-of-00002.gguf",
             "README.md",
         ]);
-        assert_eq!(select("o/m", &repo, None).unwrap().weights, Weights::Gguf("m.Q8_0.gguf".into()));
+        assert_eq!(
+            select("o/m", &repo, None).unwrap().weights,
+            Weights::Gguf("m.Q8_0.gguf".into())
+        );
         let no_q8 = names(&["m.IQ4_XS.gguf", "m.Q4_K_M.gguf", "m.Q4_K_S.gguf"]);
-        assert_eq!(select("o/m", &no_q8, None).unwrap().weights, Weights::Gguf("m.Q4_K_M.gguf".into()));
+        assert_eq!(
+            select("o/m", &no_q8, None).unwrap().weights,
+            Weights::Gguf("m.Q4_K_M.gguf".into())
+        );
         assert_eq!(
             select("o/m", &repo, Some("m.IQ4_XS.gguf")).unwrap().weights,
             Weights::Gguf("m.IQ4_XS.gguf".into())

@@ -117,7 +117,10 @@ pub(crate) fn hub_cache_dir(var: &impl Fn(&str) -> Option<String>) -> PathBuf {
 }
 
 pub(crate) fn home_dir(var: &impl Fn(&str) -> Option<String>) -> PathBuf {
-    var("HOME").or_else(|| var("USERPROFILE")).map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."))
+    var("HOME")
+        .or_else(|| var("USERPROFILE"))
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("."))
 }
 
 /// Errors from the Hub client and the cache. Messages say what to do next; none contains a token.
@@ -143,7 +146,11 @@ pub enum HubError {
     NotFound { id: String, endpoint: String },
 
     #[error("model `{id}` has no revision `{revision}` on {endpoint}")]
-    RevisionNotFound { id: String, revision: String, endpoint: String },
+    RevisionNotFound {
+        id: String,
+        revision: String,
+        endpoint: String,
+    },
 
     #[error("model `{id}` has no file `{file}` at revision `{revision}`")]
     FileNotFound { id: String, revision: String, file: String },
@@ -167,7 +174,11 @@ pub enum HubError {
         "HF_HUB_OFFLINE is set and `{id}` (revision `{revision}`) is not in the cache {cache_dir}; \
          unset HF_HUB_OFFLINE to download it"
     )]
-    Offline { id: String, revision: String, cache_dir: PathBuf },
+    Offline {
+        id: String,
+        revision: String,
+        cache_dir: PathBuf,
+    },
 
     #[error("`{id}` is not in the cache {cache_dir}")]
     NotCached { id: String, cache_dir: PathBuf },
@@ -185,7 +196,11 @@ pub enum HubError {
     MissingFile { id: String, file: String, weights: String },
 
     #[error("`{id}` has no GGUF file `{wanted}`; available: {available}")]
-    GgufNotFound { id: String, wanted: String, available: String },
+    GgufNotFound {
+        id: String,
+        wanted: String,
+        available: String,
+    },
 
     #[error("{file}: {algorithm} is {found}, expected {expected}; the corrupt download was deleted, run it again")]
     Checksum {
@@ -278,7 +293,10 @@ impl RepoId {
             if part.len() > 96 {
                 return Err(invalid("a part is longer than 96 characters"));
             }
-            if !part.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')) {
+            if !part
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+            {
                 return Err(invalid("only letters, digits, `-`, `_` and `.` are allowed"));
             }
             if part.starts_with(['-', '.']) || part.ends_with(['-', '.']) {
@@ -312,7 +330,9 @@ pub(crate) fn check_revision(id: &str, revision: &str) -> Result<()> {
     let ok = !revision.is_empty()
         && revision.len() <= 256
         && !revision.starts_with('/')
-        && !revision.split('/').any(|seg| seg.is_empty() || seg == "." || seg == "..")
+        && !revision
+            .split('/')
+            .any(|seg| seg.is_empty() || seg == "." || seg == "..")
         && !revision.contains(['\\', '\0', '\n', '\r']);
     if ok {
         Ok(())
@@ -482,7 +502,17 @@ mod tests {
 
     #[test]
     fn repo_ids_that_could_escape_the_cache_are_rejected() {
-        for bad in ["", "../etc", "a/b/c", "org/..", "org/na me", "/abs", "org/", "a--b/c", "org/-x"] {
+        for bad in [
+            "",
+            "../etc",
+            "a/b/c",
+            "org/..",
+            "org/na me",
+            "/abs",
+            "org/",
+            "a--b/c",
+            "org/-x",
+        ] {
             assert!(RepoId::parse(bad).is_err(), "{bad:?} should be rejected");
         }
         let id = RepoId::parse("HuggingFaceTB/SmolLM2-135M-Instruct").unwrap();

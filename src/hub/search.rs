@@ -127,7 +127,8 @@ pub(crate) fn summarize(value: &Value) -> Option<ModelSummary> {
     let gguf = value.get("gguf").filter(|v| !v.is_null());
     let has_safetensors = safetensors.is_some() || tags.contains(&"safetensors");
     let has_gguf = gguf.is_some() || tags.contains(&"gguf");
-    let parameters = number(safetensors.and_then(|s| s.get("total"))).or_else(|| number(gguf.and_then(|g| g.get("total"))));
+    let parameters =
+        number(safetensors.and_then(|s| s.get("total"))).or_else(|| number(gguf.and_then(|g| g.get("total"))));
     let model_type = value
         .get("config")
         .and_then(|c| c.get("model_type"))
@@ -136,7 +137,9 @@ pub(crate) fn summarize(value: &Value) -> Option<ModelSummary> {
         .map(str::to_string)
         .or_else(|| {
             // Without config metadata, the architecture usually appears as a tag.
-            tags.iter().find(|t| Family::from_model_type(t).is_some()).map(|t| t.to_string())
+            tags.iter()
+                .find(|t| Family::from_model_type(t).is_some())
+                .map(|t| t.to_string())
         });
     let license = tags.iter().find_map(|t| t.strip_prefix("license:")).map(str::to_string);
     let gated = match value.get("gated") {
@@ -205,6 +208,10 @@ mod tests {
         assert!(summarize(&gguf).unwrap().supported);
 
         let pickle = json!({"id": "a/p", "tags": ["pytorch", "llama"], "config": {"model_type": "llama"}});
-        assert!(summarize(&pickle).unwrap().unsupported_reason.unwrap().contains("safetensors"));
+        assert!(summarize(&pickle)
+            .unwrap()
+            .unsupported_reason
+            .unwrap()
+            .contains("safetensors"));
     }
 }

@@ -60,7 +60,10 @@ pub fn finch_token_path(var: &impl Fn(&str) -> Option<String>) -> PathBuf {
 /// `finch hub login` file. Unreadable files are skipped: a missing token is not an error until a
 /// gated model asks for one.
 pub fn find_token(var: &impl Fn(&str) -> Option<String>) -> Option<(Token, TokenSource)> {
-    if let Some(token) = var("HF_TOKEN").or_else(|| var("HUGGING_FACE_HUB_TOKEN")).and_then(|t| Token::new(&t)) {
+    if let Some(token) = var("HF_TOKEN")
+        .or_else(|| var("HUGGING_FACE_HUB_TOKEN"))
+        .and_then(|t| Token::new(&t))
+    {
         return Some((token, TokenSource::Env));
     }
     let hf_file = huggingface_token_path(var);
@@ -93,7 +96,9 @@ pub fn save_token(path: &Path, token: &Token) -> Result<()> {
         options.mode(0o600);
     }
     {
-        let mut file = options.open(&tmp).map_err(|e| HubError::io(&tmp, "cannot create token file", e))?;
+        let mut file = options
+            .open(&tmp)
+            .map_err(|e| HubError::io(&tmp, "cannot create token file", e))?;
         file.write_all(token.secret().as_bytes())
             .and_then(|_| file.sync_all())
             .map_err(|e| HubError::io(&tmp, "cannot write token file", e))?;
@@ -132,12 +137,18 @@ mod tests {
         let finch_file = config.join("finch").join("hf_token");
         save_token(&finch_file, &Token::new("hf_finch").unwrap()).unwrap();
         let (t, src) = lookup(&map).unwrap();
-        assert_eq!((t.secret(), src), ("hf_finch", TokenSource::FinchFile(finch_file.clone())));
+        assert_eq!(
+            (t.secret(), src),
+            ("hf_finch", TokenSource::FinchFile(finch_file.clone()))
+        );
 
         std::fs::create_dir_all(&hf_home).unwrap();
         std::fs::write(hf_home.join("token"), "hf_python\n").unwrap();
         let (t, src) = lookup(&map).unwrap();
-        assert_eq!((t.secret(), src), ("hf_python", TokenSource::HuggingFaceFile(hf_home.join("token"))));
+        assert_eq!(
+            (t.secret(), src),
+            ("hf_python", TokenSource::HuggingFaceFile(hf_home.join("token")))
+        );
 
         map.insert("HF_TOKEN", "hf_env".into());
         let (t, src) = lookup(&map).unwrap();

@@ -303,7 +303,10 @@ fn write_reply(mut stream: TcpStream, method: &str, reply: Reply) {
         _ => "Status",
     };
     let mut head = format!("HTTP/1.1 {} {reason}\r\n", reply.status);
-    let has_length = reply.headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("content-length"));
+    let has_length = reply
+        .headers
+        .iter()
+        .any(|(k, _)| k.eq_ignore_ascii_case("content-length"));
     for (k, v) in &reply.headers {
         head.push_str(&format!("{k}: {v}\r\n"));
     }
@@ -368,9 +371,11 @@ fn route(request: &Recorded, addr: SocketAddr, state: &mut State) -> Reply {
         return search(&query_params(query), state);
     }
     if path == "/api/whoami-v2" {
-        let known = state.repos.iter().filter_map(|r| r.gated_token.as_ref()).any(|t| {
-            request.header("authorization") == Some(&format!("Bearer {t}"))
-        });
+        let known = state
+            .repos
+            .iter()
+            .filter_map(|r| r.gated_token.as_ref())
+            .any(|t| request.header("authorization") == Some(&format!("Bearer {t}")));
         return if known {
             Reply::json(json!({"name": "tester", "type": "user"}))
         } else {
