@@ -226,7 +226,7 @@ fn list(hub: &Hub, as_json: bool) -> anyhow::Result<i32> {
             .revisions
             .iter()
             .map(|r| {
-                let short = &r.commit[..r.commit.len().min(8)];
+                let short: String = r.commit.chars().take(8).collect();
                 let refs = if r.refs.is_empty() {
                     String::new()
                 } else {
@@ -350,7 +350,7 @@ impl ProgressBar {
                 let cached = files.iter().filter(|f| f.cached).count();
                 eprintln!(
                     "{id} @ {}: {} files, {}{}",
-                    &commit[..commit.len().min(8)],
+                    commit.chars().take(8).collect::<String>(),
                     files.len(),
                     human_bytes(*total_bytes),
                     if cached > 0 {
@@ -423,9 +423,8 @@ impl ProgressBar {
             }
         } else {
             let tenth = (fraction * 10.0).floor() as u64;
-            if tenth > self.last_logged_tenth || (done_bytes == total_bytes && tenth == 10 && !self.drawn) {
+            if tenth > self.last_logged_tenth {
                 self.last_logged_tenth = tenth;
-                self.drawn = tenth == 10;
                 eprintln!("{line}");
             }
         }

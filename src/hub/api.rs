@@ -123,7 +123,7 @@ impl Client {
             let headers = response.headers();
             if (300..400).contains(&status) {
                 if let Some(location) = header(headers, "location").filter(|l| l.starts_with('/')) {
-                    url = format!("{}{location}", self.endpoint);
+                    url = format!("{}{location}", origin(&self.endpoint));
                     continue;
                 }
             } else if !(200..300).contains(&status) {
@@ -305,6 +305,15 @@ fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
     headers.get(name).and_then(|v| v.to_str().ok())
 }
 
+/// `http://host:port/some/prefix` → `http://host:port`, what a host-relative `Location` joins to.
+fn origin(endpoint: &str) -> &str {
+    let after_scheme = endpoint.find("://").map(|i| i + 3).unwrap_or(0);
+    match endpoint[after_scheme..].find('/') {
+        Some(slash) => &endpoint[..after_scheme + slash],
+        None => endpoint,
+    }
+}
+
 /// `W/"abc"` → `abc`.
 fn normalize_etag(raw: &str) -> String {
     raw.trim().trim_start_matches("W/").trim_matches('"').to_string()
@@ -338,5 +347,7 @@ mod tests {
         assert_eq!(encode_component("smol lm+"), "smol%20lm%2B");
         assert_eq!(encode_path("sub dir/a.gguf"), "sub%20dir/a.gguf");
         assert_eq!(normalize_etag("W/\"abc\""), "abc");
+        assert_eq!(origin("https://hf-mirror.example/hub/"), "https://hf-mirror.example");
+        assert_eq!(origin("http://127.0.0.1:8080"), "http://127.0.0.1:8080");
     }
 }

@@ -471,14 +471,12 @@ fn fetch_blob(
                 Err(e) => {
                     // What arrived stays in the partial file for the next attempt.
                     let _ = out.flush();
-                    return Err(HubError::network(
-                        &client.endpoint,
-                        format!(
-                            "the transfer of {file} stopped after {have_bytes} of {size_bytes} bytes ({e}); \
-                             run the download again to resume from there"
-                        ),
-                        None,
-                    ));
+                    return Err(HubError::Interrupted {
+                        file: file.to_string(),
+                        done_bytes: have_bytes,
+                        size_bytes,
+                        reason: e.to_string(),
+                    });
                 }
             };
             if have_bytes + n as u64 > size_bytes {

@@ -164,6 +164,17 @@ pub enum HubError {
         cached_note: String,
     },
 
+    #[error(
+        "{file}: the transfer stopped after {done_bytes} of {size_bytes} bytes ({reason}); run the download again \
+         to resume from there"
+    )]
+    Interrupted {
+        file: String,
+        done_bytes: u64,
+        size_bytes: u64,
+        reason: String,
+    },
+
     #[error("{url}: HTTP {status}{message}")]
     Http { url: String, status: u16, message: String },
 
