@@ -437,6 +437,7 @@ fn gated_model_explains_how_to_get_access_and_never_leaks_the_token() {
     let wrong = "hf_WRONGsecretTOKEN987654";
     let with_wrong = opts.clone().with_token(Token::new(wrong));
     let err = fetch_id(&with_wrong, "test-org/gated-llama").unwrap_err();
+    assert!(matches!(err, HubError::Gated { status: 403, .. }), "{err:?}");
     let shown = format!("{err} {err:?} {err:#?} {with_wrong:?}");
     assert!(
         !shown.contains(wrong) && !shown.contains("WRONGsecret"),
@@ -466,12 +467,22 @@ fn unknown_model_and_revision_are_reported() {
     let hub = FakeHub::start(vec![tiny_repo(TINY, COMMIT)]);
     let cache = tempfile::tempdir().unwrap();
     let opts = options(&hub, cache.path());
+    // Anonymous callers get 401 + RepoNotFound from the Hub, token holders 404: both are "not found",
+    // not "gated".
     let err = fetch_id(&opts, "test-org/no-such-model").unwrap_err();
     assert!(matches!(err, HubError::NotFound { .. }), "{err:?}");
     assert!(
         err.to_string().contains("`test-org/no-such-model` was not found"),
         "{err}"
     );
+    let err = fetch_id(&opts.clone().with_token(Token::new("hf_any")), "test-org/no-such-model").unwrap_err();
+    assert!(matches!(err, HubError::NotFound { .. }), "{err:?}");
+    let sent_token: Vec<bool> = hub
+        .requests()
+        .iter()
+        .map(|r| r.header("authorization").is_some())
+        .collect();
+    assert_eq!(sent_token, [false, true]);
 
     let err = fetch(&opts, &DownloadRequest::new(TINY).with_revision("v9")).unwrap_err();
     assert!(matches!(err, HubError::RevisionNotFound { .. }), "{err:?}");

@@ -9,8 +9,8 @@
 //!   `X-Linked-Size`; both with `X-Repo-Commit`
 //! - `GET /cdn/{sha256}`                                LFS contents, with `Range` support
 //!
-//! Gated repos answer 401 (`X-Error-Code: GatedRepo`) without the right bearer token; unknown
-//! repos 404 (`X-Error-Code: RepoNotFound`). Every request is recorded so tests can count them and
+//! Gated repos answer 401 without a token and 403 with a wrong one (`X-Error-Code: GatedRepo`);
+//! unknown repos 401 without a token and 404 with one (`X-Error-Code: RepoNotFound`), as the real Hub does. Every request is recorded so tests can count them and
 //! inspect headers. Faults can be injected: drop the connection after N bytes of a file (once),
 //! or serve a file with one byte flipped.
 
@@ -365,6 +365,27 @@ fn authorized(repo: &FakeRepo, request: &Recorded) -> bool {
     }
 }
 
+/// Like the real Hub: 401 without a token, 403 when a token lacks access.
+fn gated_reply(request: &Recorded) -> Reply {
+    let status = if request.header("authorization").is_some() {
+        403
+    } else {
+        401
+    };
+    Reply::error(status, "GatedRepo", "Access to this model is restricted")
+}
+
+/// Like the real Hub, which does not reveal to anonymous callers whether a private repo exists:
+/// 401 without a token, 404 with one; `X-Error-Code: RepoNotFound` either way.
+fn unknown_repo_reply(request: &Recorded) -> Reply {
+    let status = if request.header("authorization").is_some() {
+        404
+    } else {
+        401
+    };
+    Reply::error(status, "RepoNotFound", "Repository not found")
+}
+
 fn route(request: &Recorded, addr: SocketAddr, state: &mut State) -> Reply {
     let (path, query) = request.target.split_once('?').unwrap_or((&request.target, ""));
     if path == "/api/models" {
@@ -391,10 +412,10 @@ fn route(request: &Recorded, addr: SocketAddr, state: &mut State) -> Reply {
             None => (rest.to_string(), "main".to_string()),
         };
         let Some(repo) = state.repos.iter().find(|r| r.id == id) else {
-            return Reply::error(404, "RepoNotFound", "Repository not found");
+            return unknown_repo_reply(request);
         };
         if !authorized(repo, request) {
-            return Reply::error(401, "GatedRepo", "Access to this model is restricted");
+            return gated_reply(request);
         }
         if revision != "main" && revision != repo.commit {
             return Reply::error(404, "RevisionNotFound", "Invalid rev id");
@@ -412,10 +433,10 @@ fn route(request: &Recorded, addr: SocketAddr, state: &mut State) -> Reply {
         };
         let (revision, file) = (percent_decode(revision), percent_decode(file));
         let Some(repo) = state.repos.iter().find(|r| r.id == id) else {
-            return Reply::error(404, "RepoNotFound", "Repository not found");
+            return unknown_repo_reply(request);
         };
         if !authorized(repo, request) {
-            return Reply::error(401, "GatedRepo", "Access to this model is restricted");
+            return gated_reply(request);
         }
         if revision != "main" && revision != repo.commit {
             return Reply::error(404, "RevisionNotFound", "Invalid rev id");
