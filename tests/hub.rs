@@ -936,3 +936,87 @@ mod cli {
         assert!(!shown.contains(GATED_TOKEN));
     }
 }
+
+/// Python's `huggingface_hub` and Finch share one cache in both directions. Needs a Python with
+/// `huggingface_hub` installed, named by `FINCH_HF_PYTHON` (e.g. a venv's `bin/python`).
+#[cfg(unix)]
+#[test]
+fn python_huggingface_hub_shares_the_cache_both_ways() {
+    let Ok(python) = std::env::var("FINCH_HF_PYTHON") else {
+        eprintln!("skipped: set FINCH_HF_PYTHON to a Python that has huggingface_hub installed");
+        return;
+    };
+    let hub = FakeHub::start(vec![tiny_repo(TINY, COMMIT)]);
+    let run_python = |cache: &Path, offline: bool, script: &str| -> serde_json::Value {
+        let out = std::process::Command::new(&python)
+            .args(["-c", script])
+            .env("HF_ENDPOINT", hub.endpoint())
+            .env("HF_HUB_CACHE", cache)
+            .env("HF_HOME", cache.join("home"))
+            .env("HF_HUB_OFFLINE", if offline { "1" } else { "0" })
+            .env("HF_HUB_DISABLE_TELEMETRY", "1")
+            .env("HF_HUB_DISABLE_XET", "1")
+            .env_remove("HF_TOKEN")
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+        assert!(
+            out.status.success(),
+            "python failed:\n{stdout}\n{}\nrequests: {:#?}",
+            String::from_utf8_lossy(&out.stderr),
+            hub.requests()
+                .iter()
+                .map(|r| (&r.method, &r.target))
+                .collect::<Vec<_>>()
+        );
+        serde_json::from_str(stdout.lines().last().unwrap_or("")).unwrap()
+    };
+
+    // Python downloads; Finch finds it without a single request.
+    let python_cache = tempfile::tempdir().unwrap();
+    let got = run_python(
+        python_cache.path(),
+        false,
+        &format!(
+            "import json; from huggingface_hub import snapshot_download; \
+             print(json.dumps(snapshot_download('{TINY}', allow_patterns=['*.json', '*.safetensors'])))"
+        ),
+    );
+    hub.clear_requests();
+    let opts = options(&hub, python_cache.path());
+    let path = hub::resolve_model_with(TINY, &opts, &mut |_| {}, &AtomicBool::new(false)).unwrap();
+    assert_eq!(path, PathBuf::from(got.as_str().unwrap()));
+    assert_eq!(hub.requests().len(), 0);
+    let expected_bytes: u64 = tiny_files().values().map(|b| b.len() as u64).sum();
+    assert_eq!(
+        hub::list_cached(python_cache.path()).unwrap()[0].size_bytes,
+        expected_bytes
+    );
+
+    // Finch downloads; Python finds it offline and measures it the same way.
+    let finch_cache = tempfile::tempdir().unwrap();
+    let finch_path = fetch_id(&options(&hub, finch_cache.path()), TINY).unwrap();
+    let report = run_python(
+        finch_cache.path(),
+        true,
+        &format!(
+            "import json; from huggingface_hub import hf_hub_download, scan_cache_dir; \
+             f = hf_hub_download('{TINY}', 'model.safetensors'); \
+             info = scan_cache_dir(); repo = list(info.repos)[0]; rev = list(repo.revisions)[0]; \
+             print(json.dumps({{'file': f, 'repo_id': repo.repo_id, 'size': repo.size_on_disk, \
+             'commit': rev.commit_hash, 'refs': sorted(rev.refs), 'warnings': [str(w) for w in info.warnings]}}))"
+        ),
+    );
+    assert_eq!(
+        report["file"],
+        finch_path.join("model.safetensors").display().to_string()
+    );
+    assert_eq!(report["repo_id"], TINY);
+    assert_eq!(report["commit"], COMMIT);
+    assert_eq!(report["refs"], json!(["main"]));
+    assert_eq!(report["warnings"], json!([]));
+    assert_eq!(
+        report["size"],
+        hub::list_cached(finch_cache.path()).unwrap()[0].size_bytes
+    );
+}

@@ -122,8 +122,8 @@ impl Client {
             let status = response.status().as_u16();
             let headers = response.headers();
             if (300..400).contains(&status) {
-                if let Some(location) = header(headers, "location").filter(|l| l.starts_with('/')) {
-                    url = format!("{}{location}", origin(&self.endpoint));
+                if let Some(next) = header(headers, "location").and_then(|l| same_origin_target(&url, l)) {
+                    url = next;
                     continue;
                 }
             } else if !(200..300).contains(&status) {
@@ -314,6 +314,15 @@ fn origin(endpoint: &str) -> &str {
     }
 }
 
+/// Where a redirect from `url` to `location` leads, if it stays on the same origin (a renamed
+/// repo); `None` for another origin (the CDN), whose redirect response carries the metadata.
+fn same_origin_target(url: &str, location: &str) -> Option<String> {
+    if location.starts_with('/') && !location.starts_with("//") {
+        return Some(format!("{}{location}", origin(url)));
+    }
+    (location.contains("://") && origin(location) == origin(url)).then(|| location.to_string())
+}
+
 /// `W/"abc"` → `abc`.
 fn normalize_etag(raw: &str) -> String {
     raw.trim().trim_start_matches("W/").trim_matches('"').to_string()
@@ -349,5 +358,16 @@ mod tests {
         assert_eq!(normalize_etag("W/\"abc\""), "abc");
         assert_eq!(origin("https://hf-mirror.example/hub/"), "https://hf-mirror.example");
         assert_eq!(origin("http://127.0.0.1:8080"), "http://127.0.0.1:8080");
+        let from = "https://hub.example/org/old/resolve/main/config.json";
+        assert_eq!(
+            same_origin_target(from, "/org/new/resolve/main/config.json").as_deref(),
+            Some("https://hub.example/org/new/resolve/main/config.json")
+        );
+        assert_eq!(
+            same_origin_target(from, "https://hub.example/org/new/x").as_deref(),
+            Some("https://hub.example/org/new/x")
+        );
+        assert_eq!(same_origin_target(from, "https://cdn.example/abc"), None);
+        assert_eq!(same_origin_target(from, "//cdn.example/abc"), None);
     }
 }

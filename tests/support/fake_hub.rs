@@ -3,10 +3,11 @@
 //!
 //! - `GET /api/models?search=…&limit=…&sort=…`          search
 //! - `GET /api/models/{id}[/revision/{rev}]`            model info (`sha`, `siblings`)
+//! - `GET /api/models/{id}/tree/{rev}`                  file listing (Python's `snapshot_download` uses it)
 //! - `GET /api/whoami-v2`                               token check
 //! - `HEAD|GET /{id}/resolve/{rev}/{file}`              small files: 200 with `ETag` = git blob sha1;
-//!   LFS files (`*.safetensors`, `*.gguf`, `*.bin`): 302 to `/cdn/{sha256}` with `X-Linked-Etag`,
-//!   `X-Linked-Size`; both with `X-Repo-Commit`
+//!   LFS files (`*.safetensors`, `*.gguf`, `*.bin`): 302 to `/cdn/{sha256}` on a second port (another
+//!   origin, like the real CDN) with `X-Linked-Etag`, `X-Linked-Size`; both with `X-Repo-Commit`
 //! - `GET /cdn/{sha256}`                                LFS contents, with `Range` support
 //!
 //! Gated repos answer 401 without a token and 403 with a wrong one (`X-Error-Code: GatedRepo`);
@@ -134,47 +135,64 @@ struct State {
 }
 
 pub struct FakeHub {
+    /// The Hub's own origin.
     addr: SocketAddr,
+    /// A second origin standing in for the CDN that LFS files redirect to, so clients see a
+    /// cross-origin redirect as they do on the real Hub.
+    cdn_addr: SocketAddr,
     state: Arc<Mutex<State>>,
     stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
+    threads: Vec<JoinHandle<()>>,
 }
 
 fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
     state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
+/// Serves one listener sequentially (one request per connection) until `stop` is set.
+fn serve(
+    name: &str,
+    listener: TcpListener,
+    cdn_addr: SocketAddr,
+    state: Arc<Mutex<State>>,
+    stop: Arc<AtomicBool>,
+) -> JoinHandle<()> {
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            for stream in listener.incoming() {
+                if stop.load(Ordering::SeqCst) {
+                    break;
+                }
+                if let Ok(stream) = stream {
+                    handle(stream, cdn_addr, &state);
+                }
+            }
+        })
+        .unwrap()
+}
+
 impl FakeHub {
     pub fn start(repos: Vec<FakeRepo>) -> FakeHub {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let cdn_listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
+        let cdn_addr = cdn_listener.local_addr().unwrap();
         let state = Arc::new(Mutex::new(State {
             repos,
             ..State::default()
         }));
         let stop = Arc::new(AtomicBool::new(false));
-        let thread = {
-            let state = state.clone();
-            let stop = stop.clone();
-            std::thread::Builder::new()
-                .name("fake-hub".into())
-                .spawn(move || {
-                    for stream in listener.incoming() {
-                        if stop.load(Ordering::SeqCst) {
-                            break;
-                        }
-                        if let Ok(stream) = stream {
-                            handle(stream, addr, &state);
-                        }
-                    }
-                })
-                .unwrap()
-        };
+        let threads = vec![
+            serve("fake-hub", listener, cdn_addr, state.clone(), stop.clone()),
+            serve("fake-hub-cdn", cdn_listener, cdn_addr, state.clone(), stop.clone()),
+        ];
         FakeHub {
             addr,
+            cdn_addr,
             state,
             stop,
-            thread: Some(thread),
+            threads,
         }
     }
 
@@ -209,9 +227,10 @@ impl FakeHub {
 impl Drop for FakeHub {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
-        // Wake the blocking accept.
+        // Wake the blocking accepts.
         let _ = TcpStream::connect(self.addr);
-        if let Some(thread) = self.thread.take() {
+        let _ = TcpStream::connect(self.cdn_addr);
+        for thread in self.threads.drain(..) {
             let _ = thread.join();
         }
     }
@@ -256,7 +275,7 @@ impl Reply {
     }
 }
 
-fn handle(stream: TcpStream, addr: SocketAddr, state: &Mutex<State>) {
+fn handle(stream: TcpStream, cdn_addr: SocketAddr, state: &Mutex<State>) {
     let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
     let mut reader = BufReader::new(match stream.try_clone() {
         Ok(s) => s,
@@ -287,7 +306,7 @@ fn handle(stream: TcpStream, addr: SocketAddr, state: &Mutex<State>) {
     let reply = {
         let mut state = lock(state);
         state.requests.push(request.clone());
-        route(&request, addr, &mut state)
+        route(&request, cdn_addr, &mut state)
     };
     write_reply(stream, &method, reply);
 }
@@ -386,7 +405,7 @@ fn unknown_repo_reply(request: &Recorded) -> Reply {
     Reply::error(status, "RepoNotFound", "Repository not found")
 }
 
-fn route(request: &Recorded, addr: SocketAddr, state: &mut State) -> Reply {
+fn route(request: &Recorded, cdn_addr: SocketAddr, state: &mut State) -> Reply {
     let (path, query) = request.target.split_once('?').unwrap_or((&request.target, ""));
     if path == "/api/models" {
         return search(&query_params(query), state);
@@ -405,6 +424,12 @@ fn route(request: &Recorded, addr: SocketAddr, state: &mut State) -> Reply {
     }
     if let Some(sha) = path.strip_prefix("/cdn/") {
         return cdn(sha, request, state);
+    }
+    if let Some((id, revision)) = path
+        .strip_prefix("/api/models/")
+        .and_then(|rest| rest.split_once("/tree/"))
+    {
+        return tree(id, &percent_decode(revision), request, state);
     }
     if let Some(rest) = path.strip_prefix("/api/models/") {
         let (id, revision) = match rest.split_once("/revision/") {
@@ -448,7 +473,7 @@ fn route(request: &Recorded, addr: SocketAddr, state: &mut State) -> Reply {
         if is_lfs(&file) {
             let sha = sha256_hex(bytes);
             return Reply::new(302)
-                .header("Location", format!("http://{addr}/cdn/{sha}"))
+                .header("Location", format!("http://{cdn_addr}/cdn/{sha}"))
                 .header("ETag", format!("\"{sha}\""))
                 .header("X-Linked-Etag", format!("\"{sha}\""))
                 .header("X-Linked-Size", bytes.len().to_string())
@@ -461,6 +486,37 @@ fn route(request: &Recorded, addr: SocketAddr, state: &mut State) -> Reply {
             .header("X-Repo-Commit", commit);
     }
     Reply::error(404, "", "no such route")
+}
+
+/// `GET /api/models/{id}/tree/{rev}?recursive=true`, which Python's `snapshot_download` lists files with.
+fn tree(id: &str, revision: &str, request: &Recorded, state: &State) -> Reply {
+    let Some(repo) = state.repos.iter().find(|r| r.id == id) else {
+        return unknown_repo_reply(request);
+    };
+    if !authorized(repo, request) {
+        return gated_reply(request);
+    }
+    if revision != "main" && revision != repo.commit {
+        return Reply::error(404, "RevisionNotFound", "Invalid rev id");
+    }
+    let mut entries = Vec::new();
+    let mut folders = std::collections::BTreeSet::new();
+    for (name, bytes) in &repo.files {
+        let mut parent = name.as_str();
+        while let Some((folder, _)) = parent.rsplit_once('/') {
+            folders.insert(folder.to_string());
+            parent = folder;
+        }
+        let mut entry = json!({ "type": "file", "path": name, "size": bytes.len(), "oid": git_sha1_hex(bytes) });
+        if is_lfs(name) {
+            entry["lfs"] = json!({ "oid": sha256_hex(bytes), "size": bytes.len(), "pointerSize": 134 });
+        }
+        entries.push(entry);
+    }
+    for folder in folders {
+        entries.push(json!({ "type": "directory", "path": folder, "size": 0, "oid": "0".repeat(40) }));
+    }
+    Reply::json(Value::Array(entries))
 }
 
 fn cdn(sha: &str, request: &Recorded, state: &mut State) -> Reply {
