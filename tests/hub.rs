@@ -819,6 +819,56 @@ fn cancelling_keeps_the_partial_file_and_the_next_call_finishes_it() {
     assert!(!partial.exists());
 }
 
+#[test]
+fn a_download_waits_while_another_process_writes_the_same_blob() {
+    let source = tiny_files();
+    let weights = source["model.safetensors"].clone();
+    let sha = sha256_hex(&weights);
+    let hub = FakeHub::start(vec![tiny_repo(TINY, COMMIT)]);
+    let cache = tempfile::tempdir().unwrap();
+    let opts = options(&hub, cache.path());
+
+    // Stand in for Python's huggingface_hub (or another Finch) holding the blob's lock file.
+    let lock_dir = cache.path().join(".locks").join("models--test-org--tiny-llama");
+    std::fs::create_dir_all(&lock_dir).unwrap();
+    let held = std::fs::File::create(lock_dir.join(format!("{sha}.lock"))).unwrap();
+    fs2::FileExt::lock_exclusive(&held).unwrap();
+
+    let (events_tx, events_rx) = std::sync::mpsc::channel();
+    let worker = std::thread::Builder::new()
+        .name("download".into())
+        .spawn(move || {
+            hub::download(
+                &opts,
+                &DownloadRequest::new(TINY),
+                &mut |e| {
+                    let _ = events_tx.send(e);
+                },
+                &AtomicBool::new(false),
+            )
+        })
+        .unwrap();
+    loop {
+        let event = events_rx.recv_timeout(std::time::Duration::from_secs(20)).unwrap();
+        if matches!(&event, DownloadProgress::WaitingForLock { file, .. } if file == "model.safetensors") {
+            break;
+        }
+    }
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let blobs = repo_dir(cache.path(), TINY).join("blobs");
+    assert!(
+        !blobs.join(format!("{sha}.incomplete")).exists(),
+        "wrote while the lock was held"
+    );
+
+    // The other process finishes the blob and releases the lock: nothing is transferred again.
+    std::fs::write(blobs.join(&sha), &weights).unwrap();
+    drop(held);
+    let path = worker.join().unwrap().unwrap();
+    assert_eq!(std::fs::read(path.join("model.safetensors")).unwrap(), weights);
+    assert!(!hub.requests().iter().any(|r| r.target.starts_with("/cdn/")));
+}
+
 mod cli {
     use super::*;
     use std::process::{Command, Output, Stdio};

@@ -376,6 +376,13 @@ impl ProgressBar {
                 total_bytes,
                 ..
             } => self.draw(*done_bytes, *total_bytes),
+            DownloadProgress::WaitingForLock { file, lock_path } => {
+                self.finish_line();
+                eprintln!(
+                    "waiting: another download is writing {file} (lock {})",
+                    lock_path.display()
+                );
+            }
             DownloadProgress::Verifying { .. } | DownloadProgress::FileDone { .. } => {}
             DownloadProgress::Finished { snapshot, .. } => {
                 self.finish_line();

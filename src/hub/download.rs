@@ -90,6 +90,11 @@ pub enum DownloadProgress {
         done_bytes: u64,
         total_bytes: u64,
     },
+    /// Another process (Finch or Python) is downloading the same file; waiting for it.
+    WaitingForLock {
+        file: String,
+        lock_path: PathBuf,
+    },
     Verifying {
         file: String,
     },
@@ -179,6 +184,7 @@ fn download_online(
                 &commit,
                 SAFETENSORS_INDEX,
                 &meta,
+                0,
                 &mut Tally::quiet(),
                 cancel,
             )?;
@@ -204,7 +210,7 @@ fn download_online(
 
     // Files already in this commit's snapshot need no request: a commit's files never change.
     let mut planned = Vec::with_capacity(wanted.len());
-    let mut transfers: Vec<(String, FileMeta)> = Vec::new();
+    let mut transfers: Vec<(String, FileMeta, u64)> = Vec::new();
     for file in &wanted {
         let local = snapshot.join(file);
         if local.is_file() {
@@ -245,7 +251,7 @@ fn download_online(
             resume_from_bytes,
         });
         if !blob_complete {
-            transfers.push((file.clone(), meta));
+            transfers.push((file.clone(), meta, resume_from_bytes));
         }
     }
 
@@ -254,6 +260,7 @@ fn download_online(
         .iter()
         .map(|f| if f.cached { f.size_bytes } else { f.resume_from_bytes })
         .sum();
+    check_free_space(cache, repo, total_bytes - done_bytes)?;
     progress(DownloadProgress::Planned {
         id: id.to_string(),
         commit: commit.clone(),
@@ -268,11 +275,21 @@ fn download_online(
         done_bytes,
         last_event: None,
     };
-    for (file, meta) in &transfers {
+    for (file, meta, resume_from_bytes) in &transfers {
         if cancel.load(Ordering::Relaxed) {
             return Err(HubError::Cancelled { id: id.to_string() });
         }
-        fetch_blob(client, cache, repo, &commit, file, meta, &mut tally, cancel)?;
+        fetch_blob(
+            client,
+            cache,
+            repo,
+            &commit,
+            file,
+            meta,
+            *resume_from_bytes,
+            &mut tally,
+            cancel,
+        )?;
         cache.link_file(repo, &commit, file, &meta.etag)?;
         tally.emit(DownloadProgress::FileDone { file: file.clone() });
     }
@@ -284,6 +301,24 @@ fn download_online(
         total_bytes,
     });
     Ok(snapshot)
+}
+
+/// Refuses to start a download that cannot fit, rather than filling the disk and failing late.
+fn check_free_space(cache: &Cache, repo: &RepoId, needed_bytes: u64) -> Result<()> {
+    if needed_bytes == 0 {
+        return Ok(());
+    }
+    let blobs = cache.blobs_dir(repo);
+    std::fs::create_dir_all(&blobs).map_err(|e| HubError::io(&blobs, "cannot create cache folder", e))?;
+    match fs2::available_space(&blobs) {
+        Ok(available_bytes) if available_bytes < needed_bytes => Err(HubError::NotEnoughSpace {
+            path: blobs,
+            needed_bytes,
+            available_bytes,
+        }),
+        // Unknown free space (an exotic filesystem) is not a reason to refuse.
+        _ => Ok(()),
+    }
 }
 
 /// Running byte counts of a download and the listener they go to.
@@ -387,6 +422,7 @@ fn fetch_blob(
     commit: &str,
     file: &str,
     meta: &FileMeta,
+    planned_resume_bytes: u64,
     tally: &mut Tally<'_>,
     cancel: &AtomicBool,
 ) -> Result<()> {
@@ -395,13 +431,21 @@ fn fetch_blob(
     let blob = blobs.join(&meta.etag);
     let partial = partial_path(&blob);
     let size_bytes = meta.size_bytes;
+    let done_before_file = tally.done_bytes.saturating_sub(planned_resume_bytes);
+    // Each file's first chunk is reported at once, so a listener sees every file begin to move.
+    tally.last_event = None;
+
+    let _lock = lock_blob(cache, repo, &meta.etag, file, tally, cancel)?;
+    if std::fs::metadata(&blob).is_ok_and(|m| m.is_file() && m.len() == size_bytes) {
+        // Another download (Finch or Python) finished this blob while we waited.
+        tally.done_bytes = done_before_file + size_bytes;
+        tally.bytes(file, size_bytes, size_bytes, true);
+        return Ok(());
+    }
     let mut have_bytes = partial_len(&partial).unwrap_or(0);
     if have_bytes > size_bytes {
         have_bytes = 0;
     }
-    let done_before_file = tally.done_bytes - have_bytes.min(tally.done_bytes);
-    // Each file's first chunk is reported at once, so a listener sees every file begin to move.
-    tally.last_event = None;
     tally.emit(DownloadProgress::FileStarted {
         file: file.to_string(),
         size_bytes,
@@ -523,6 +567,61 @@ fn fetch_blob(
         }
     }
     std::fs::rename(&partial, &blob).map_err(|e| HubError::io(&blob, "cannot move download into the cache", e))
+}
+
+/// An exclusive lock on `<cache>/.locks/models--org--name/<etag>.lock`, the lock file Python's
+/// `huggingface_hub` takes for the same blob, so Finch and Python (or two Finch windows) never
+/// write one `.incomplete` file at once. Released when dropped.
+struct BlobLock {
+    _file: Option<std::fs::File>,
+}
+
+const LOCK_POLL: Duration = Duration::from_millis(100);
+
+fn lock_blob(
+    cache: &Cache,
+    repo: &RepoId,
+    etag: &str,
+    file: &str,
+    tally: &mut Tally<'_>,
+    cancel: &AtomicBool,
+) -> Result<BlobLock> {
+    let dir = cache.root().join(".locks").join(repo.cache_folder_name());
+    std::fs::create_dir_all(&dir).map_err(|e| HubError::io(&dir, "cannot create lock folder", e))?;
+    let path = dir.join(format!("{etag}.lock"));
+    let mut options = std::fs::OpenOptions::new();
+    options.create(true).truncate(false).write(true);
+    #[cfg(unix)]
+    {
+        // Group-writable like `huggingface_hub`'s, for caches shared between users.
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o664);
+    }
+    let lock_file = options
+        .open(&path)
+        .map_err(|e| HubError::io(&path, "cannot open lock file", e))?;
+    let mut announced = false;
+    loop {
+        match fs2::FileExt::try_lock_exclusive(&lock_file) {
+            Ok(()) => return Ok(BlobLock { _file: Some(lock_file) }),
+            Err(e) if e.raw_os_error() == fs2::lock_contended_error().raw_os_error() => {
+                if !announced {
+                    announced = true;
+                    tally.emit(DownloadProgress::WaitingForLock {
+                        file: file.to_string(),
+                        lock_path: path.clone(),
+                    });
+                }
+                if cancel.load(Ordering::Relaxed) {
+                    return Err(HubError::Cancelled { id: repo.to_string() });
+                }
+                std::thread::sleep(LOCK_POLL);
+            }
+            // A filesystem without locks (some network mounts): go on unlocked, as
+            // `huggingface_hub` does with its soft-lock fallback.
+            Err(_) => return Ok(BlobLock { _file: None }),
+        }
+    }
 }
 
 fn hash_prefix(path: &Path, len_bytes: u64, verifier: &mut Verifier) -> Result<()> {

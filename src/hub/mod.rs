@@ -229,6 +229,16 @@ pub enum HubError {
         hint: String,
     },
 
+    #[error(
+        "{path}: not enough disk space: the download needs {needed_bytes} more bytes, {available_bytes} are free; \
+         free some space or point HF_HUB_CACHE at another disk"
+    )]
+    NotEnoughSpace {
+        path: PathBuf,
+        needed_bytes: u64,
+        available_bytes: u64,
+    },
+
     #[error("download of `{id}` cancelled; run it again to resume")]
     Cancelled { id: String },
 
