@@ -150,8 +150,18 @@ impl Client {
                     url: url.clone(),
                     reason: "no X-Linked-Size or Content-Length header".to_string(),
                 })?;
+            let commit = header(headers, "x-repo-commit").map(str::to_string);
+            if let Some(served) = commit.as_deref() {
+                if super::is_commit_hash(ctx.revision) && served != ctx.revision {
+                    // Snapshot folders are named by commit; mixing two commits in one would corrupt it.
+                    return Err(HubError::BadResponse {
+                        url,
+                        reason: format!("asked for commit {}, the server answered for {served}", ctx.revision),
+                    });
+                }
+            }
             return Ok(FileMeta {
-                commit: header(headers, "x-repo-commit").map(str::to_string),
+                commit,
                 etag,
                 size_bytes,
             });

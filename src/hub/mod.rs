@@ -129,6 +129,9 @@ pub enum HubError {
     #[error("`{id}` is not a valid Hub model id: {reason} (expected `organisation/name`)")]
     InvalidId { id: String, reason: String },
 
+    #[error("`{revision}` is not a valid revision of `{id}` (expected a branch, tag or commit hash)")]
+    InvalidRevision { id: String, revision: String },
+
     #[error(
         "`{id}` is gated or private (HTTP {status}){token_note}. To get access, open {endpoint}/{id} while logged in \
          and accept its licence (or ask its owners for access), then create a read token at \
@@ -358,10 +361,9 @@ pub(crate) fn check_revision(id: &str, revision: &str) -> Result<()> {
     if ok {
         Ok(())
     } else {
-        Err(HubError::RevisionNotFound {
+        Err(HubError::InvalidRevision {
             id: id.to_string(),
             revision: revision.to_string(),
-            endpoint: "the cache".to_string(),
         })
     }
 }
