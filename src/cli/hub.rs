@@ -58,7 +58,8 @@ pub enum HubCommand {
         /// Branch, tag or commit
         #[arg(long, default_value = "main")]
         revision: String,
-        /// For repos with GGUF files: which file to fetch [default: Q8_0, then Q4_K_M, …]
+        /// For repos with GGUF files: a file name or a quantisation such as Q4_K_M
+        /// [default for GGUF-only repos: Q8_0, then Q4_K_M, …]
         #[arg(long)]
         gguf_file: Option<String>,
     },

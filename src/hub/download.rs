@@ -27,7 +27,8 @@ pub struct DownloadRequest {
     pub id: String,
     /// Branch, tag or commit; `main` by default.
     pub revision: String,
-    /// For repos with GGUF files: which one (file name or path in the repo). When unset, a
+    /// For repos with GGUF files: which one (path in the repo, file name, or a quantisation such
+    /// as `Q4_K_M`). When unset, a
     /// safetensors repo downloads safetensors, and a GGUF-only repo gets the first quantisation in
     /// [`super::GGUF_QUANT_PREFERENCE`].
     pub gguf_file: Option<String>,

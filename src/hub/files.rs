@@ -77,19 +77,7 @@ pub(crate) fn select(id: &str, siblings: &[String], gguf_file: Option<&str>) -> 
         .collect();
 
     let weights = if let Some(wanted) = gguf_file {
-        let chosen = ggufs
-            .iter()
-            .find(|f| **f == wanted || f.rsplit('/').next() == Some(wanted))
-            .ok_or_else(|| HubError::GgufNotFound {
-                id: id.to_string(),
-                wanted: wanted.to_string(),
-                available: if ggufs.is_empty() {
-                    "none".to_string()
-                } else {
-                    ggufs.join(", ")
-                },
-            })?;
-        Weights::Gguf(chosen.to_string())
+        Weights::Gguf(find_gguf(id, &ggufs, wanted)?.to_string())
     } else if present.contains(SAFETENSORS_INDEX) {
         Weights::Sharded
     } else if present.contains(SAFETENSORS_SINGLE) {
@@ -124,6 +112,35 @@ pub(crate) fn select(id: &str, siblings: &[String], gguf_file: Option<&str>) -> 
         });
     }
     Ok(Selection { files, weights })
+}
+
+/// The GGUF named by `wanted`: a path in the repo, a file name, or a quantisation such as
+/// `Q4_K_M` that exactly one (unsplit) file names.
+fn find_gguf<'a>(id: &str, ggufs: &[&'a str], wanted: &str) -> Result<&'a str> {
+    if let Some(found) = ggufs
+        .iter()
+        .find(|f| **f == wanted || f.rsplit('/').next() == Some(wanted))
+    {
+        return Ok(found);
+    }
+    let quant = wanted.to_ascii_uppercase();
+    let by_quant: Vec<&str> = ggufs
+        .iter()
+        .copied()
+        .filter(|f| !is_split_gguf(f) && names_quant(f, &quant))
+        .collect();
+    match by_quant.as_slice() {
+        [one] => Ok(one),
+        _ => Err(HubError::GgufNotFound {
+            id: id.to_string(),
+            wanted: wanted.to_string(),
+            available: if ggufs.is_empty() {
+                "none".to_string()
+            } else {
+                ggufs.join(", ")
+            },
+        }),
+    }
 }
 
 /// The preferred GGUF among `ggufs` (split files are skipped: Finch loads one file).
@@ -248,6 +265,10 @@ mod tests {
         assert_eq!(
             select("o/m", &repo, Some("m.IQ4_XS.gguf")).unwrap().weights,
             Weights::Gguf("m.IQ4_XS.gguf".into())
+        );
+        assert_eq!(
+            select("o/m", &repo, Some("q4_k_m")).unwrap().weights,
+            Weights::Gguf("m.Q4_K_M.gguf".into())
         );
         let err = select("o/m", &repo, Some("nope.gguf")).unwrap_err().to_string();
         assert!(err.contains("m.Q4_K_M.gguf") && err.contains("nope.gguf"), "{err}");
