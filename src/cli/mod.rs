@@ -4,6 +4,7 @@
 use clap::{Parser, Subcommand};
 
 pub mod bench;
+pub mod hub;
 pub mod progress;
 pub mod train;
 
@@ -24,6 +25,8 @@ pub enum Command {
     Train(Box<train::TrainArgs>),
     /// Benchmarks (one JSON line on stdout).
     Bench(bench::BenchArgs),
+    /// Search, download and manage Hugging Face Hub models
+    Hub(hub::HubArgs),
 }
 
 /// Runs a parsed command line; returns the process exit code.
@@ -38,6 +41,7 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         Some(command) => match command {
             Command::Train(args) => train::run(*args),
             Command::Bench(args) => bench::run(args),
+            Command::Hub(args) => hub::run(args),
         },
     }
 }
