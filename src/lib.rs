@@ -14,6 +14,8 @@ pub mod model;
 pub mod rng;
 pub mod system;
 pub mod template;
+#[doc(hidden)]
+pub mod testing;
 pub mod train;
 
 pub use error::{Error, Result};

@@ -298,17 +298,6 @@ mod tests {
     use super::*;
     use candle_core::{Device, Var};
 
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    }
-
     #[test]
     fn frozen_linear_matches_matmul_and_gives_w_no_gradient() {
         let dev = Device::Cpu;
@@ -316,11 +305,11 @@ mod tests {
         let w = Tensor::randn(0f32, 1.0, (4, 5), &dev).unwrap();
         let y = frozen_linear(x.as_tensor(), &w).unwrap();
         let y_ref = x.as_tensor().broadcast_matmul(&w.t().unwrap()).unwrap();
-        assert!(max_diff(&y, &y_ref) < 1e-5);
+        assert!(crate::testing::max_abs_diff(&y, &y_ref) < 1e-5);
         let c = Tensor::randn(0f32, 1.0, (2, 3, 4), &dev).unwrap();
         let g = (y * &c).unwrap().sum_all().unwrap().backward().unwrap();
         let g_ref = (y_ref * &c).unwrap().sum_all().unwrap().backward().unwrap();
-        assert!(max_diff(g.get(x.as_tensor()).unwrap(), g_ref.get(x.as_tensor()).unwrap()) < 1e-5);
+        assert!(crate::testing::max_abs_diff(g.get(x.as_tensor()).unwrap(), g_ref.get(x.as_tensor()).unwrap()) < 1e-5);
         assert!(g.get(&w).is_none(), "the frozen weight must get no gradient");
     }
 
@@ -338,15 +327,15 @@ mod tests {
         let low = low.broadcast_matmul(&b.as_tensor().t().unwrap()).unwrap();
         let y_ref = (x2.broadcast_matmul(&w.t().unwrap()).unwrap() + (low * s).unwrap()).unwrap();
         assert!(
-            max_diff(&y, &y_ref) < 1e-4,
+            crate::testing::max_abs_diff(&y, &y_ref) < 1e-4,
             "forward differs by {}",
-            max_diff(&y, &y_ref)
+            crate::testing::max_abs_diff(&y, &y_ref)
         );
         let c = Tensor::randn(0f32, 1.0, (2, 3, 5), &dev).unwrap();
         let g = (y * &c).unwrap().sum_all().unwrap().backward().unwrap();
         let g_ref = (y_ref * &c).unwrap().sum_all().unwrap().backward().unwrap();
         for v in [&x, &a, &b] {
-            let d = max_diff(g.get(v.as_tensor()).unwrap(), g_ref.get(v.as_tensor()).unwrap());
+            let d = crate::testing::max_abs_diff(g.get(v.as_tensor()).unwrap(), g_ref.get(v.as_tensor()).unwrap());
             assert!(d < 1e-4, "gradient differs by {d}");
         }
         assert!(g.get(&w).is_none());

@@ -328,17 +328,6 @@ mod tests {
     use super::*;
     use candle_core::{Device, Var};
 
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    }
-
     /// Forward values and input gradients of a fused op equal those of candle's composite ops.
     fn check(
         inputs: &[Var],
@@ -348,12 +337,20 @@ mod tests {
     ) {
         let xs: Vec<Tensor> = inputs.iter().map(|v| v.as_tensor().clone()).collect();
         let (a, b) = (fused(&xs), reference(&xs));
-        assert!(max_diff(&a, &b) < 1e-5, "forward differs by {}", max_diff(&a, &b));
+        assert!(
+            crate::testing::max_abs_diff(&a, &b) < 1e-5,
+            "forward differs by {}",
+            crate::testing::max_abs_diff(&a, &b)
+        );
         let ga = (a * weights).unwrap().sum_all().unwrap().backward().unwrap();
         let gb = (b * weights).unwrap().sum_all().unwrap().backward().unwrap();
         for v in inputs {
             let (x, y) = (ga.get(v.as_tensor()).unwrap(), gb.get(v.as_tensor()).unwrap());
-            assert!(max_diff(x, y) < 1e-4, "gradient differs by {}", max_diff(x, y));
+            assert!(
+                crate::testing::max_abs_diff(x, y) < 1e-4,
+                "gradient differs by {}",
+                crate::testing::max_abs_diff(x, y)
+            );
         }
     }
 
