@@ -67,6 +67,9 @@ pub enum Error {
 
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+
+    #[error(transparent)]
+    Hub(#[from] crate::hub::HubError),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

@@ -8,11 +8,14 @@ pub mod cli;
 pub mod data;
 pub mod error;
 pub mod fsutil;
+pub mod hub;
 pub mod lora;
 pub mod model;
 pub mod rng;
 pub mod system;
 pub mod template;
+#[doc(hidden)]
+pub mod testing;
 pub mod train;
 
 pub use error::{Error, Result};

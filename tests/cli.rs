@@ -251,3 +251,43 @@ fn bad_inputs_are_reported_not_panicked() {
     let e = run(&["train", "--resume", "--out", &out_s, "--model", &model, "--data", &data]);
     assert!(e.contains("checkpoint"), "{e}");
 }
+
+#[test]
+fn model_given_as_hub_id_is_read_from_the_hub_cache() {
+    let (dir, _model, data) = setup();
+    // A cache in huggingface_hub's layout holding the tiny model as `finch-test/tiny`.
+    let cache = dir.path().join("hf-cache");
+    let repo = cache.join("models--finch-test--tiny");
+    let commit = "0123456789abcdef0123456789abcdef01234567";
+    TinySpec::new(Family::Llama)
+        .write(&repo.join("snapshots").join(commit))
+        .unwrap();
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), commit).unwrap();
+    let out = dir.path().join("run");
+    let o = finch()
+        .env("HF_HUB_CACHE", &cache)
+        .env("HF_HUB_OFFLINE", "1")
+        .args(["train", "--model", "finch-test/tiny", "--data", &data, "--out"])
+        .arg(&out)
+        .args(["--steps", "2", "--rank", "2", "--batch", "2", "--seq-len", "32"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let cfg = std::fs::read_to_string(out.join("config.toml")).unwrap();
+    assert!(cfg.contains("model = \"finch-test/tiny\""), "{cfg}");
+    let adapter = std::fs::read_to_string(out.join("adapter/adapter_config.json")).unwrap();
+    assert!(adapter.contains("finch-test/tiny"), "{adapter}");
+
+    // Not cached and offline: a clear message, no panic.
+    let o = finch()
+        .env("HF_HUB_CACHE", &cache)
+        .env("HF_HUB_OFFLINE", "1")
+        .args(["train", "--model", "finch-test/absent", "--data", &data, "--out"])
+        .arg(dir.path().join("run2"))
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(e.contains("finch-test/absent") && !e.contains("panicked"), "{e}");
+}

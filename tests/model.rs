@@ -7,6 +7,7 @@ use finch::lora::{ForwardCtx, LoraConfig};
 use finch::model::tiny::TinySpec;
 use finch::model::{Family, ModelFiles, Transformer};
 use finch::rng::Rng;
+use finch::testing::max_abs_diff;
 
 fn tiny(family: Family) -> (tempfile::TempDir, Transformer) {
     let dir = tempfile::tempdir().unwrap();
@@ -14,17 +15,6 @@ fn tiny(family: Family) -> (tempfile::TempDir, Transformer) {
     let files = ModelFiles::open(dir.path().to_str().unwrap()).unwrap();
     let model = files.load(DType::F32, &Device::Cpu).unwrap();
     (dir, model)
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 const IDS: [u32; 12] = [1, 87, 104, 97, 116, 32, 105, 115, 2, 200, 3, 17];

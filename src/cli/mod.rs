@@ -5,6 +5,7 @@ use clap::{Parser, Subcommand};
 
 pub mod bench;
 pub mod data;
+pub mod hub;
 pub mod progress;
 pub mod train;
 
@@ -25,6 +26,8 @@ pub enum Command {
     Train(Box<train::TrainArgs>),
     /// Benchmarks (one JSON line on stdout).
     Bench(bench::BenchArgs),
+    /// Search, download and manage Hugging Face Hub models
+    Hub(hub::HubArgs),
     /// Inspect and validate instruction datasets.
     Data(data::DataArgs),
 }
@@ -41,6 +44,7 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         Some(command) => match command {
             Command::Train(args) => train::run(*args),
             Command::Bench(args) => bench::run(args),
+            Command::Hub(args) => hub::run(args),
             Command::Data(args) => data::run(args),
         },
     }

@@ -198,6 +198,10 @@ pub fn run(args: TrainArgs) -> anyhow::Result<i32> {
         })
         .context("cannot install the Ctrl-C handler")?;
     }
+    if !std::path::Path::new(&cfg.model).exists() && crate::model::load::looks_like_hub_id(&cfg.model) {
+        // Download (or find in the cache) with a progress bar; the loader then reads the cache.
+        crate::cli::hub::resolve_model_with_progress(&cfg.model)?;
+    }
     let mut progress = Progress::default();
     let mut trainer = crate::train::run::prepare(&cfg, args.resume, &mut |msg| eprintln!("{msg}"))?;
     let summary = trainer.run(&stop, &mut |e| progress.on_event(e))?;

@@ -3,7 +3,7 @@
 
 use candle_core::{Tensor, Var};
 
-use crate::lora::frozen::frozen_linear;
+use crate::lora::kernels::{frozen_linear, lora_linear, lora_linear_supported};
 use crate::rng::Rng;
 
 /// Trainable low-rank update of one linear layer. `a: [r, in]`, `b: [out, r]`.
@@ -53,18 +53,25 @@ impl LoraLinear {
     }
 
     pub fn forward(&self, x: &Tensor, ctx: &mut ForwardCtx) -> candle_core::Result<Tensor> {
-        let mut y = frozen_linear(x, &self.weight)?;
+        let mut y = match &self.lora {
+            None => frozen_linear(x, &self.weight)?,
+            Some(l) => {
+                let dropout_on = l.dropout > 0.0 && ctx.dropout_rng.is_some();
+                if !dropout_on && lora_linear_supported(x, &self.weight, l.a.as_tensor()) {
+                    lora_linear(x, &self.weight, l.a.as_tensor(), l.b.as_tensor(), l.scale)?
+                } else {
+                    let xd = match &mut ctx.dropout_rng {
+                        Some(rng) if dropout_on => dropout(x, l.dropout, rng)?,
+                        _ => x.clone(),
+                    };
+                    // Scale the [tokens, r] product, not the [tokens, out] one.
+                    let h = (xd.broadcast_matmul(&l.a.as_tensor().t()?)? * l.scale)?;
+                    (frozen_linear(x, &self.weight)? + h.broadcast_matmul(&l.b.as_tensor().t()?)?)?
+                }
+            }
+        };
         if let Some(b) = &self.bias {
             y = y.broadcast_add(b)?;
-        }
-        if let Some(l) = &self.lora {
-            let x = match (&mut ctx.dropout_rng, l.dropout > 0.0) {
-                (Some(rng), true) => dropout(x, l.dropout, rng)?,
-                _ => x.clone(),
-            };
-            let h = x.broadcast_matmul(&l.a.as_tensor().t()?)?;
-            let u = h.broadcast_matmul(&l.b.as_tensor().t()?)?;
-            y = (y + (u * l.scale)?)?;
         }
         Ok(y)
     }

@@ -2,7 +2,7 @@
 //! (`adapter_config.json` + `adapter_model.safetensors`) used to save and load them, so adapters
 //! move freely between Finch and Python PEFT.
 
-pub mod frozen;
+pub mod kernels;
 pub mod linear;
 
 use std::collections::HashMap;

@@ -46,7 +46,11 @@ fn read_tokenizer(path: &Path) -> Result<tokenizers::Tokenizer> {
 impl ModelFiles {
     /// Opens a model folder or GGUF file.
     pub fn open(spec: &str) -> Result<Self> {
-        let path = PathBuf::from(spec);
+        let mut path = PathBuf::from(spec);
+        if !path.exists() && looks_like_hub_id(spec) {
+            // A Hub id (`org/name`, optionally `@revision`): the cache first, then the network.
+            path = crate::hub::resolve_model(spec)?;
+        }
         if !path.exists() {
             return Err(Error::MissingFile {
                 path: path.clone(),
@@ -54,7 +58,7 @@ impl ModelFiles {
                     .file_name()
                     .map(|f| f.to_string_lossy().into_owned())
                     .unwrap_or_default(),
-                hint: "no such file or folder".into(),
+                hint: "no such file or folder (a Hub id looks like `HuggingFaceTB/SmolLM2-135M-Instruct`)".into(),
             });
         }
         if path.is_dir() && path.join("config.json").is_file() && !has_only_gguf_weights(&path) {
@@ -162,4 +166,17 @@ fn has_gguf(dir: &Path) -> bool {
 /// is a GGUF model whose config and tokenizer sit beside it.
 fn has_only_gguf_weights(dir: &Path) -> bool {
     has_gguf(dir) && !dir.join("model.safetensors").is_file() && !dir.join("model.safetensors.index.json").is_file()
+}
+
+/// `org/name` (or `org/name@revision`) that is not a local path.
+pub fn looks_like_hub_id(spec: &str) -> bool {
+    let id = spec.split('@').next().unwrap_or(spec);
+    let mut parts = id.split('/');
+    let (Some(org), Some(name), None) = (parts.next(), parts.next(), parts.next()) else {
+        return false;
+    };
+    let ok = |s: &str| {
+        !s.is_empty() && !s.starts_with('.') && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+    };
+    ok(org) && ok(name) && !spec.ends_with(".gguf")
 }

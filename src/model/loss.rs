@@ -114,14 +114,7 @@ mod tests {
         assert!((a - b).abs() < 1e-5, "{a} vs {b}");
         let g1 = fused.backward().unwrap();
         let g2 = reference.backward().unwrap();
-        let d = (g1.get(&logits).unwrap() - g2.get(&logits).unwrap())
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let d = crate::testing::max_abs_diff(g1.get(&logits).unwrap(), g2.get(&logits).unwrap());
         assert!(d < 1e-6, "gradient differs by {d}");
     }
 }

@@ -328,17 +328,6 @@ mod tests {
     use super::*;
     use candle_core::{Device, Var};
 
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    }
-
     /// Forward values and input gradients of a fused op equal those of candle's composite ops.
     fn check(
         inputs: &[Var],
@@ -348,12 +337,20 @@ mod tests {
     ) {
         let xs: Vec<Tensor> = inputs.iter().map(|v| v.as_tensor().clone()).collect();
         let (a, b) = (fused(&xs), reference(&xs));
-        assert!(max_diff(&a, &b) < 1e-5, "forward differs by {}", max_diff(&a, &b));
+        assert!(
+            crate::testing::max_abs_diff(&a, &b) < 1e-5,
+            "forward differs by {}",
+            crate::testing::max_abs_diff(&a, &b)
+        );
         let ga = (a * weights).unwrap().sum_all().unwrap().backward().unwrap();
         let gb = (b * weights).unwrap().sum_all().unwrap().backward().unwrap();
         for v in inputs {
             let (x, y) = (ga.get(v.as_tensor()).unwrap(), gb.get(v.as_tensor()).unwrap());
-            assert!(max_diff(x, y) < 1e-4, "gradient differs by {}", max_diff(x, y));
+            assert!(
+                crate::testing::max_abs_diff(x, y) < 1e-4,
+                "gradient differs by {}",
+                crate::testing::max_abs_diff(x, y)
+            );
         }
     }
 
@@ -364,7 +361,7 @@ mod tests {
         let w = Tensor::randn(1f32, 0.1, 8, &dev).unwrap();
         let gw = Tensor::randn(0f32, 1.0, (2, 3, 8), &dev).unwrap();
         check(
-            &[x.clone()],
+            std::slice::from_ref(&x),
             |t| rms_norm(&t[0], &w, 1e-5).unwrap(),
             |t| {
                 let ms = t[0].sqr().unwrap().mean_keepdim(D::Minus1).unwrap();
@@ -382,7 +379,7 @@ mod tests {
         let (cos, sin) = (ang.cos().unwrap(), ang.sin().unwrap());
         let gq = Tensor::randn(0f32, 1.0, (2, 3, 5, 8), &dev).unwrap();
         check(
-            &[q.clone()],
+            std::slice::from_ref(&q),
             |t| rope(&t[0], &cos, &sin).unwrap(),
             |t| candle_nn::rotary_emb::rope_slow(&t[0], &cos, &sin).unwrap(),
             &gq,
@@ -395,7 +392,7 @@ mod tests {
             .collect();
         let mask = Tensor::from_vec(mask, (5, 5), &dev).unwrap();
         check(
-            &[s.clone()],
+            std::slice::from_ref(&s),
             |t| causal_softmax(&t[0], 0.125).unwrap(),
             |t| candle_nn::ops::softmax(&(&t[0] * 0.125).unwrap().broadcast_add(&mask).unwrap(), D::Minus1).unwrap(),
             &gs,

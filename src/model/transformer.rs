@@ -376,7 +376,7 @@ impl Transformer {
 
     /// Logits for hidden states `[.., hidden]` → `[.., vocab]`.
     pub fn lm_head(&self, hidden: &Tensor) -> Result<Tensor> {
-        Ok(crate::lora::frozen::frozen_linear(hidden, &self.lm_head)?)
+        Ok(crate::lora::kernels::frozen_linear(hidden, &self.lm_head)?)
     }
 
     /// Logits for every position: `[b, t, vocab]`.

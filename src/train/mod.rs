@@ -232,6 +232,19 @@ impl Trainer {
         Ok((count > 0).then(|| (sum / count as f64) as f32))
     }
 
+    /// Evaluates, logs and emits an `Eval` event; `None` without an evaluation set.
+    fn evaluate_and_report(&self, on_event: &mut dyn FnMut(&TrainEvent)) -> Result<Option<f32>> {
+        let Some(loss) = self.evaluate()? else { return Ok(None) };
+        let ev = TrainEvent::Eval {
+            step: self.state.step,
+            loss,
+            perplexity: loss.exp(),
+        };
+        self.log(&ev);
+        on_event(&ev);
+        Ok(Some(loss))
+    }
+
     fn save_checkpoint(&self) -> Result<PathBuf> {
         let Some(run_dir) = &self.run_dir else {
             return Err(Error::config("out", "no run folder to save checkpoints into"));
@@ -419,16 +432,9 @@ impl Trainer {
             self.log(&ev);
             on_event(&ev);
             if self.cfg.eval_every > 0 && self.state.step % self.cfg.eval_every == 0 {
-                if let Some(l) = self.evaluate()? {
+                if let Some(l) = self.evaluate_and_report(on_event)? {
                     eval_loss = Some(l);
                     last_eval_step = Some(self.state.step);
-                    let ev = TrainEvent::Eval {
-                        step: self.state.step,
-                        loss: l,
-                        perplexity: l.exp(),
-                    };
-                    self.log(&ev);
-                    on_event(&ev);
                 }
             }
             if self.run_dir.is_some()
@@ -444,15 +450,8 @@ impl Trainer {
             }
         }
         if !stopped && last_eval_step != Some(self.state.step) {
-            if let Some(l) = self.evaluate()? {
+            if let Some(l) = self.evaluate_and_report(on_event)? {
                 eval_loss = Some(l);
-                let ev = TrainEvent::Eval {
-                    step: self.state.step,
-                    loss: l,
-                    perplexity: l.exp(),
-                };
-                self.log(&ev);
-                on_event(&ev);
             }
         }
         if self.run_dir.is_some() {

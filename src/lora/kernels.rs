@@ -1,0 +1,343 @@
+//! CPU kernels for linear layers with frozen weights, each with its own backward pass:
+//!
+//! * `frozen_linear`: `y = x·Wᵀ`, gradient to `x` only. candle's matmul backward also computes
+//!   `∂L/∂W` even when `W` is not trained — a third of all matmul work thrown away in LoRA.
+//! * `lora_linear`: `y = x·Wᵀ + s·(x·Aᵀ)·Bᵀ` in one op, gradients to `x`, `A` and `B`. The
+//!   composite version materialises three full-size `[tokens, out]` tensors per layer (the
+//!   low-rank product, its scaled copy, the sum) and as many again in backward.
+//!
+//! Both call the `gemm` crate directly on f32 slices; other devices and dtypes fall back to
+//! candle's ops in the callers.
+
+#![allow(unsafe_code)]
+
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Storage, Tensor};
+
+/// A read-only matrix view: element `(i, j)` is `data[i * rs + j * cs]`.
+#[derive(Clone, Copy)]
+struct Mat<'a> {
+    data: &'a [f32],
+    rows: usize,
+    cols: usize,
+    rs: usize,
+    cs: usize,
+}
+
+impl<'a> Mat<'a> {
+    fn row_major(data: &'a [f32], rows: usize, cols: usize) -> Self {
+        Mat {
+            data,
+            rows,
+            cols,
+            rs: cols,
+            cs: 1,
+        }
+    }
+
+    fn t(self) -> Self {
+        Mat {
+            rows: self.cols,
+            cols: self.rows,
+            rs: self.cs,
+            cs: self.rs,
+            ..self
+        }
+    }
+
+    fn in_bounds(&self) -> bool {
+        self.rows == 0 || self.cols == 0 || (self.rows - 1) * self.rs + (self.cols - 1) * self.cs < self.data.len()
+    }
+}
+
+/// `dst[m, n] (+)= lhs[m, k] · rhs[k, n]`, `dst` row-major.
+fn gemm_into(dst: &mut [f32], accumulate: bool, lhs: Mat, rhs: Mat) -> candle_core::Result<()> {
+    let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
+    if rhs.rows != k || dst.len() != m * n || !lhs.in_bounds() || !rhs.in_bounds() {
+        candle_core::bail!(
+            "gemm: shapes do not fit ({m}x{k} · {}x{n} into {} values)",
+            rhs.rows,
+            dst.len()
+        )
+    }
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    if k == 0 {
+        if !accumulate {
+            dst.fill(0.0);
+        }
+        return Ok(());
+    }
+    let threads = candle_core::utils::get_num_threads();
+    let parallelism = if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: every index reached is inside its slice: checked above for lhs and rhs
+    // (`in_bounds`) and for dst (m*n, row-major). The slices outlive the call.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            lhs.data.as_ptr(),
+            lhs.cs as isize,
+            lhs.rs as isize,
+            rhs.data.as_ptr(),
+            rhs.cs as isize,
+            rhs.rs as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism,
+        );
+    }
+    Ok(())
+}
+
+fn matmul(lhs: Mat, rhs: Mat) -> candle_core::Result<Vec<f32>> {
+    let mut dst = vec![0f32; lhs.rows * rhs.cols];
+    gemm_into(&mut dst, false, lhs, rhs)?;
+    Ok(dst)
+}
+
+fn contiguous<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
+    let data = s.as_slice::<f32>()?;
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&data[a..b]),
+        None => candle_core::bail!("linear kernel: {what} must be contiguous"),
+    }
+}
+
+fn cpu_f32(t: &Tensor) -> bool {
+    t.device().is_cpu() && t.dtype() == DType::F32
+}
+
+fn to_vec(t: &Tensor) -> candle_core::Result<Vec<f32>> {
+    t.contiguous()?.flatten_all()?.to_vec1::<f32>()
+}
+
+/// Runs `f` on the contiguous f32 data of a CPU tensor without copying it.
+fn with_slice<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> candle_core::Result<R>) -> candle_core::Result<R> {
+    let t = t.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cpu(cpu) = &*storage else {
+        candle_core::bail!("linear kernel: expected a CPU tensor")
+    };
+    f(contiguous(cpu, layout, "weight")?)
+}
+
+/// `(rows, in)` of an input `[.., in]` checked against a weight `[out, in]`.
+fn input_rows(x: &Shape, in_features: usize) -> candle_core::Result<(usize, Vec<usize>)> {
+    let dims = x.dims();
+    let Some((&k, lead)) = dims.split_last() else {
+        candle_core::bail!("linear kernel: input is a scalar")
+    };
+    if k != in_features {
+        candle_core::bail!("linear kernel: input has {k} features, weight expects {in_features}")
+    }
+    Ok((lead.iter().product(), lead.to_vec()))
+}
+
+// ---------------------------------------------------------------- frozen linear
+
+struct FrozenMatmul;
+
+/// `x: [.., in]`, `w: [out, in]` → `[.., out]`. Gradients flow to `x` only.
+pub fn frozen_linear(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+    if cpu_f32(x) && cpu_f32(w) {
+        x.contiguous()?.apply_op2(&w.contiguous()?, FrozenMatmul)
+    } else {
+        // Other devices and dtypes use candle's matmul (its backward also computes dW,
+        // which is wasted but correct).
+        x.broadcast_matmul(&w.t()?)
+    }
+}
+
+impl CustomOp2 for FrozenMatmul {
+    fn name(&self) -> &'static str {
+        "frozen-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = contiguous(s1, l1, "input")?;
+        let w = contiguous(s2, l2, "weight")?;
+        let (out, k) = l2.shape().dims2()?;
+        let (m, mut shape) = input_rows(l1.shape(), k)?;
+        let y = matmul(Mat::row_major(x, m, k), Mat::row_major(w, out, k).t())?;
+        shape.push(out);
+        Ok((CpuStorage::F32(y), Shape::from(shape)))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let (out, k) = w.dims2()?;
+        let m = grad.elem_count() / out.max(1);
+        let g = to_vec(grad)?;
+        let dx = with_slice(w, |w| matmul(Mat::row_major(&g, m, out), Mat::row_major(w, out, k)))?;
+        Ok((Some(Tensor::from_vec(dx, x.shape(), x.device())?), None))
+    }
+}
+
+// ---------------------------------------------------------------- fused LoRA linear
+
+struct LoraMatmul {
+    w: Tensor,
+    scale: f32,
+}
+
+/// `y = x·Wᵀ + scale·(x·Aᵀ)·Bᵀ` with `W: [out, in]` frozen, `A: [r, in]`, `B: [out, r]`.
+/// Gradients flow to `x`, `A` and `B`. CPU f32 only; callers fall back to composite ops.
+pub fn lora_linear(x: &Tensor, w: &Tensor, a: &Tensor, b: &Tensor, scale: f64) -> candle_core::Result<Tensor> {
+    let op = LoraMatmul {
+        w: w.contiguous()?,
+        scale: scale as f32,
+    };
+    x.contiguous()?.apply_op3(&a.contiguous()?, &b.contiguous()?, op)
+}
+
+/// Whether `lora_linear` can run on these tensors.
+pub fn lora_linear_supported(x: &Tensor, w: &Tensor, a: &Tensor) -> bool {
+    cpu_f32(x) && cpu_f32(w) && cpu_f32(a)
+}
+
+impl CustomOp3 for LoraMatmul {
+    fn name(&self) -> &'static str {
+        "lora-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = contiguous(s1, l1, "input")?;
+        let a = contiguous(s2, l2, "lora_A")?;
+        let b = contiguous(s3, l3, "lora_B")?;
+        let (out, k) = self.w.dims2()?;
+        let (r, ka) = l2.shape().dims2()?;
+        let (ob, rb) = l3.shape().dims2()?;
+        if ka != k || ob != out || rb != r {
+            candle_core::bail!(
+                "lora_linear: A {:?} and B {:?} do not fit W {:?}",
+                l2.shape(),
+                l3.shape(),
+                self.w.shape()
+            )
+        }
+        let (m, mut shape) = input_rows(l1.shape(), k)?;
+        let xm = Mat::row_major(x, m, k);
+        let mut y = with_slice(&self.w, |w| matmul(xm, Mat::row_major(w, out, k).t()))?;
+        let mut h = matmul(xm, Mat::row_major(a, r, k).t())?;
+        h.iter_mut().for_each(|v| *v *= self.scale);
+        gemm_into(&mut y, true, Mat::row_major(&h, m, r), Mat::row_major(b, out, r).t())?;
+        shape.push(out);
+        Ok((CpuStorage::F32(y), Shape::from(shape)))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (out, k) = self.w.dims2()?;
+        let (r, _) = a.dims2()?;
+        let m = grad.elem_count() / out.max(1);
+        let (xv, av, bv, g) = (to_vec(x)?, to_vec(a)?, to_vec(b)?, to_vec(grad)?);
+        let (xm, am, bm, gm) = (
+            Mat::row_major(&xv, m, k),
+            Mat::row_major(&av, r, k),
+            Mat::row_major(&bv, out, r),
+            Mat::row_major(&g, m, out),
+        );
+        // h = s·x·Aᵀ (recomputed: [m, r] is cheap), dh = s·g·B.
+        let mut h = matmul(xm, am.t())?;
+        h.iter_mut().for_each(|v| *v *= self.scale);
+        let mut dh = matmul(gm, bm)?;
+        dh.iter_mut().for_each(|v| *v *= self.scale);
+        let db = matmul(gm.t(), Mat::row_major(&h, m, r))?;
+        let dhm = Mat::row_major(&dh, m, r);
+        let da = matmul(dhm.t(), xm)?;
+        let mut dx = with_slice(&self.w, |w| matmul(gm, Mat::row_major(w, out, k)))?;
+        gemm_into(&mut dx, true, dhm, am)?;
+        Ok((
+            Some(Tensor::from_vec(dx, x.shape(), x.device())?),
+            Some(Tensor::from_vec(da, (r, k), a.device())?),
+            Some(Tensor::from_vec(db, (out, r), b.device())?),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    #[test]
+    fn frozen_linear_matches_matmul_and_gives_w_no_gradient() {
+        let dev = Device::Cpu;
+        let x = Var::randn(0f32, 1.0, (2, 3, 5), &dev).unwrap();
+        let w = Tensor::randn(0f32, 1.0, (4, 5), &dev).unwrap();
+        let y = frozen_linear(x.as_tensor(), &w).unwrap();
+        let y_ref = x.as_tensor().broadcast_matmul(&w.t().unwrap()).unwrap();
+        assert!(crate::testing::max_abs_diff(&y, &y_ref) < 1e-5);
+        let c = Tensor::randn(0f32, 1.0, (2, 3, 4), &dev).unwrap();
+        let g = (y * &c).unwrap().sum_all().unwrap().backward().unwrap();
+        let g_ref = (y_ref * &c).unwrap().sum_all().unwrap().backward().unwrap();
+        assert!(crate::testing::max_abs_diff(g.get(x.as_tensor()).unwrap(), g_ref.get(x.as_tensor()).unwrap()) < 1e-5);
+        assert!(g.get(&w).is_none(), "the frozen weight must get no gradient");
+    }
+
+    #[test]
+    fn lora_linear_matches_composite_ops_forward_and_backward() {
+        let dev = Device::Cpu;
+        let x = Var::randn(0f32, 1.0, (2, 3, 6), &dev).unwrap();
+        let w = Tensor::randn(0f32, 1.0, (5, 6), &dev).unwrap();
+        let a = Var::randn(0f32, 1.0, (2, 6), &dev).unwrap();
+        let b = Var::randn(0f32, 1.0, (5, 2), &dev).unwrap();
+        let s = 1.7;
+        let y = lora_linear(x.as_tensor(), &w, a.as_tensor(), b.as_tensor(), s).unwrap();
+        let x2 = x.as_tensor();
+        let low = x2.broadcast_matmul(&a.as_tensor().t().unwrap()).unwrap();
+        let low = low.broadcast_matmul(&b.as_tensor().t().unwrap()).unwrap();
+        let y_ref = (x2.broadcast_matmul(&w.t().unwrap()).unwrap() + (low * s).unwrap()).unwrap();
+        assert!(
+            crate::testing::max_abs_diff(&y, &y_ref) < 1e-4,
+            "forward differs by {}",
+            crate::testing::max_abs_diff(&y, &y_ref)
+        );
+        let c = Tensor::randn(0f32, 1.0, (2, 3, 5), &dev).unwrap();
+        let g = (y * &c).unwrap().sum_all().unwrap().backward().unwrap();
+        let g_ref = (y_ref * &c).unwrap().sum_all().unwrap().backward().unwrap();
+        for v in [&x, &a, &b] {
+            let d = crate::testing::max_abs_diff(g.get(v.as_tensor()).unwrap(), g_ref.get(v.as_tensor()).unwrap());
+            assert!(d < 1e-4, "gradient differs by {d}");
+        }
+        assert!(g.get(&w).is_none());
+    }
+}
