@@ -51,3 +51,44 @@ fn gguf_model_answers_paris() {
     eprintln!("answer: {answer}");
     assert!(answer.contains("Paris"), "{answer}");
 }
+
+#[test]
+fn twenty_lora_steps_on_a_bundled_dataset_lower_the_loss() {
+    use finch::train::{Duration, TrainConfig, TrainEvent};
+    let Some(path) = real_model() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let assets = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/datasets/pirate_persona");
+    let cfg = TrainConfig {
+        model: path,
+        data: assets.join("train.jsonl").to_string_lossy().into_owned(),
+        eval_data: Some(assets.join("heldout.jsonl").to_string_lossy().into_owned()),
+        out: dir.path().join("run").to_string_lossy().into_owned(),
+        duration: Duration::Steps(20),
+        batch_size: 4,
+        seq_len: 128,
+        lr: 5e-4,
+        warmup_steps: 2,
+        device: finch::train::config::DeviceChoice::Cpu,
+        ..TrainConfig::default()
+    };
+    let mut trainer = finch::train::run::prepare(&cfg, false, &mut |m| eprintln!("{m}")).unwrap();
+    let base_eval = trainer.evaluate().unwrap().unwrap();
+    let mut losses = vec![];
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let summary = trainer
+        .run(&stop, &mut |e| {
+            if let TrainEvent::Step(m) = e {
+                losses.push(m.loss);
+            }
+        })
+        .unwrap();
+    let tuned_eval = summary.eval_loss.unwrap();
+    let first: f32 = losses[..5].iter().sum::<f32>() / 5.0;
+    let last: f32 = losses[15..].iter().sum::<f32>() / 5.0;
+    eprintln!("train loss {first:.3} -> {last:.3}, held-out loss {base_eval:.3} -> {tuned_eval:.3}");
+    assert!(last < 0.8 * first, "training loss {first} -> {last}");
+    assert!(
+        tuned_eval < 0.8 * base_eval,
+        "held-out loss {base_eval} -> {tuned_eval}"
+    );
+}

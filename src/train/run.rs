@@ -4,55 +4,30 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::data::{Example, Message, Role, TokenizedExample};
+use crate::data::load::{describe_rejection, load_file, LoadOptions};
+use crate::data::split::{apply_split, train_validation_split};
+use crate::data::{Example, TokenizedExample};
 use crate::error::{Error, Result};
 use crate::model::ModelFiles;
 use crate::rng::Rng;
 use crate::train::{checkpoint, TrainConfig, TrainData, Trainer};
 
-/// Reads training examples from a JSONL file with Alpaca fields or OpenAI `messages`.
-fn load_examples(path: &Path) -> Result<Vec<Example>> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, "cannot read training data", e))?;
-    let mut out = vec![];
-    for (i, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
+/// Loads a dataset file (any format `finch data inspect` reads), reporting rejected rows.
+fn load_examples(path: &Path, note: &mut dyn FnMut(String)) -> Result<Vec<Example>> {
+    let report = load_file(path, &LoadOptions::default())?;
+    if !report.rejected.is_empty() {
+        note(format!("{}: {}", path.display(), report.summary()));
+        for r in report.rejected.iter().take(5) {
+            note(format!("  {}", describe_rejection(r)));
         }
-        let bad = |reason: String| Error::invalid(path, format!("line {}", i + 1), reason);
-        let v: serde_json::Value = serde_json::from_str(line).map_err(|e| bad(e.to_string()))?;
-        if let Some(msgs) = v.get("messages").and_then(|m| m.as_array()) {
-            let mut messages = vec![];
-            for m in msgs {
-                let role = match m.get("role").and_then(|r| r.as_str()) {
-                    Some("system") => Role::System,
-                    Some("user") => Role::User,
-                    Some("assistant") => Role::Assistant,
-                    other => return Err(bad(format!("field `role`: unknown role {other:?}"))),
-                };
-                let content = m
-                    .get("content")
-                    .and_then(|c| c.as_str())
-                    .ok_or_else(|| bad("field `content` missing".into()))?;
-                messages.push(Message::new(role, content));
-            }
-            out.push(Example::Chat { messages });
-        } else {
-            let field = |k: &str| v.get(k).and_then(|x| x.as_str()).unwrap_or("").to_string();
-            let (instruction, input, output) = (field("instruction"), field("input"), field("output"));
-            if instruction.is_empty() || output.is_empty() {
-                return Err(bad("expected `messages`, or `instruction` and `output`".into()));
-            }
-            let user = if input.is_empty() {
-                instruction
-            } else {
-                format!("{instruction}\n\n{input}")
-            };
-            out.push(Example::Chat {
-                messages: vec![Message::new(Role::User, user), Message::new(Role::Assistant, output)],
-            });
+        if report.rejected.len() > 5 {
+            note(format!(
+                "  … see `finch data inspect {}` for all of them",
+                path.display()
+            ));
         }
     }
-    Ok(out)
+    Ok(report.rows.into_iter().map(|r| r.example).collect())
 }
 
 /// Opens the model named in `cfg` and loads its template.
@@ -111,18 +86,12 @@ pub fn prepare(cfg: &TrainConfig, resume: bool, note: &mut dyn FnMut(String)) ->
     }
     let device = cfg.device.device()?;
     let (files, template) = open_model(&cfg.model)?;
-    let examples = load_examples(Path::new(&cfg.data))?;
+    let examples = load_examples(Path::new(&cfg.data), note)?;
     let (mut train_ex, eval_ex) = match &cfg.eval_data {
-        Some(p) => (examples, load_examples(Path::new(p))?),
+        Some(p) => (examples, load_examples(Path::new(p), note)?),
         None => {
-            let mut order: Vec<usize> = (0..examples.len()).collect();
-            Rng::derive(cfg.seed, "eval-split").shuffle(&mut order);
-            let n_eval = (examples.len() as f64 * cfg.eval_split).round() as usize;
-            let n_eval = n_eval.min(examples.len().saturating_sub(1));
-            let eval = order[..n_eval].iter().map(|&i| examples[i].clone()).collect();
-            let mut train_idx = order[n_eval..].to_vec();
-            train_idx.sort();
-            (train_idx.into_iter().map(|i| examples[i].clone()).collect(), eval)
+            let split = train_validation_split(examples.len(), cfg.eval_split as f32, cfg.seed)?;
+            apply_split(&examples, &split)
         }
     };
     if train_ex.is_empty() {
