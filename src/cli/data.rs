@@ -7,12 +7,13 @@
 //! - `split` writes a deterministic train / validation split as two JSONL files.
 
 use std::io::IsTerminal;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
+use crate::model::load::TemplateSource;
+use crate::model::ModelFiles;
 use anyhow::Context;
 use clap::{Args, Subcommand, ValueEnum};
 use serde_json::json;
-use tokenizers::Tokenizer;
 
 use crate::data::edit::DatasetEditor;
 use crate::data::inspect::{inspect, loss_segments, mark_segments};
@@ -79,9 +80,9 @@ impl LoadArgs {
 pub struct InspectArgs {
     #[command(flatten)]
     pub load: LoadArgs,
-    /// Model folder (tokenizer.json, tokenizer_config.json): adds token-length statistics.
+    /// Model folder, GGUF file or Hub id: adds token-length statistics.
     #[arg(long)]
-    pub model: Option<PathBuf>,
+    pub model: Option<String>,
     /// Sequence length used for `over_seq_len` and truncation.
     #[arg(long, default_value_t = 2048)]
     pub seq_len: usize,
@@ -147,40 +148,29 @@ pub fn run(args: DataArgs) -> anyhow::Result<i32> {
     }
 }
 
-/// The tokenizer of a model folder. Only folders with a `tokenizer.json` are read here; models
-/// that exist only as a GGUF file get their tokenizer from the model loader.
-pub fn model_tokenizer(dir: &Path) -> anyhow::Result<Tokenizer> {
-    let path = dir.join("tokenizer.json");
-    if !path.is_file() {
-        anyhow::bail!(
-            "{}: no tokenizer.json in this model folder (GGUF-only models are not supported by `data inspect` yet)",
-            dir.display()
-        );
-    }
-    Tokenizer::from_file(&path).map_err(|e| anyhow::anyhow!("{}: cannot load tokenizer: {e}", path.display()))
-}
-
 /// The template to use: an explicit built-in (with the model's special tokens), the model's own,
 /// or ChatML when there is neither (with a warning).
 fn choose_template(
-    model: Option<&Path>,
+    model: Option<&ModelFiles>,
     explicit: Option<BuiltinTemplate>,
     warnings: &mut Vec<String>,
 ) -> anyhow::Result<ChatTemplate> {
-    let (bos, eos) = match model {
-        Some(dir) => special_tokens_from_config(dir)?,
-        None => (None, None),
+    let own = model.map(|m| m.chat_template()).transpose()?.flatten();
+    let (bos, eos) = match (&own, model.map(|m| &m.template)) {
+        (Some(t), _) => (t.bos_token().map(str::to_owned), t.eos_token().map(str::to_owned)),
+        (None, Some(TemplateSource::TokenizerConfig(p))) => special_tokens_from_config(p)?,
+        _ => (None, None),
     };
     if let Some(kind) = explicit {
         return Ok(ChatTemplate::builtin(kind).with_special_tokens(bos, eos));
     }
-    if let Some(dir) = model {
-        if let Some(template) = ChatTemplate::from_tokenizer_config(dir)? {
-            return Ok(template);
-        }
+    if let Some(template) = own {
+        return Ok(template);
+    }
+    if let Some(m) = model {
         warnings.push(format!(
             "{} has no chat template; using chatml (pick one with --template)",
-            dir.display()
+            m.path.display()
         ));
     }
     Ok(ChatTemplate::builtin(BuiltinTemplate::ChatMl).with_special_tokens(bos, eos))
@@ -193,10 +183,11 @@ fn run_inspect(args: InspectArgs) -> anyhow::Result<i32> {
     let report = args.load.load()?;
     let loss_on = LossOn::from(args.loss_on);
     let mut warnings = vec![];
-    let tokenizer = args.model.as_deref().map(model_tokenizer).transpose()?;
+    let files = args.model.as_deref().map(ModelFiles::open).transpose()?;
+    let tokenizer = files.as_ref().map(|f| f.tokenizer.clone());
     let needs_template = tokenizer.is_some() || args.show.is_some();
     let template = if needs_template {
-        Some(choose_template(args.model.as_deref(), args.template, &mut warnings)?)
+        Some(choose_template(files.as_ref(), args.template, &mut warnings)?)
     } else {
         None
     };
