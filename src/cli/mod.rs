@@ -4,6 +4,8 @@
 use clap::{Parser, Subcommand};
 
 pub mod bench;
+pub mod chat;
+pub mod compare;
 pub mod hub;
 pub mod progress;
 pub mod train;
@@ -27,6 +29,10 @@ pub enum Command {
     Bench(bench::BenchArgs),
     /// Search, download and manage Hugging Face Hub models
     Hub(hub::HubArgs),
+    /// Chat with a model (and adapter) on the terminal.
+    Chat(Box<chat::ChatArgs>),
+    /// The same prompt to the base model and each adapter, side by side.
+    Compare(Box<compare::CompareArgs>),
 }
 
 /// Runs a parsed command line; returns the process exit code.
@@ -42,6 +48,8 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
             Command::Train(args) => train::run(*args),
             Command::Bench(args) => bench::run(args),
             Command::Hub(args) => hub::run(args),
+            Command::Chat(args) => chat::run(*args),
+            Command::Compare(args) => compare::run(*args),
         },
     }
 }

@@ -8,6 +8,7 @@
 //! checked between tokens → `cancelled`.
 
 pub mod adapter;
+pub mod bench;
 pub mod sampling;
 
 use std::sync::atomic::{AtomicBool, Ordering};
