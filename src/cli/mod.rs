@@ -6,6 +6,8 @@ use clap::{Parser, Subcommand};
 pub mod bench;
 pub mod chat;
 pub mod compare;
+pub mod eval;
+pub mod export;
 pub mod hub;
 pub mod progress;
 pub mod train;
@@ -33,6 +35,10 @@ pub enum Command {
     Chat(Box<chat::ChatArgs>),
     /// The same prompt to the base model and each adapter, side by side.
     Compare(Box<compare::CompareArgs>),
+    /// Held-out loss/perplexity and generation metrics (exact match, ROUGE-L).
+    Eval(Box<eval::EvalArgs>),
+    /// Export an adapter: PEFT folder, merged Hugging Face folder, or GGUF + Ollama Modelfile.
+    Export(Box<export::ExportArgs>),
 }
 
 /// Runs a parsed command line; returns the process exit code.
@@ -50,6 +56,8 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
             Command::Hub(args) => hub::run(args),
             Command::Chat(args) => chat::run(*args),
             Command::Compare(args) => compare::run(*args),
+            Command::Eval(args) => eval::run(*args),
+            Command::Export(args) => export::run(*args),
         },
     }
 }

@@ -9,6 +9,8 @@
 
 pub mod adapter;
 pub mod bench;
+pub mod eval;
+pub mod export;
 pub mod sampling;
 
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -308,3 +308,169 @@ fn real_model_answers_paris() {
     assert!(g.text.contains("Paris"), "{:?}", g.text);
     assert_eq!(g.finish_reason, FinishReason::Eos, "{:?}", g.text);
 }
+
+/// The tiny model with a non-trivial adapter (random B), and a run folder holding it.
+fn tuned(family: Family) -> (tempfile::TempDir, LoadedModel, Transformer) {
+    let (dir, m) = tiny(family);
+    let mut model = m.model.clone();
+    model.add_lora(&lora_cfg(), &mut Rng::new(2)).unwrap();
+    let mut rng = Rng::new(4);
+    for (_, w) in model.lora_weights() {
+        let (out, r) = w.b.as_tensor().dims2().unwrap();
+        let vals: Vec<f32> = (0..out * r).map(|_| (rng.next_f32() - 0.5) * 0.5).collect();
+        w.b.set(&Tensor::from_vec(vals, (out, r), &Device::Cpu).unwrap())
+            .unwrap();
+    }
+    let peft = crate::lora::PeftConfig::from_lora(&lora_cfg(), None);
+    crate::lora::save_adapter(&dir.path().join("run/adapter"), &peft, &model.lora_weights()).unwrap();
+    (dir, m, model)
+}
+
+fn all_logits(model: &Transformer, ids: &[u32]) -> Tensor {
+    model.forward_with_cache(ids, &mut KvCache::new()).unwrap()
+}
+
+#[test]
+fn merged_export_reloads_with_the_same_logits() {
+    for family in [Family::Llama, Family::Qwen2] {
+        let (dir, m, model) = tuned(family);
+        let out = dir.path().join("merged");
+        export::export_merged(&m.files, &m.format, &model, &out).unwrap();
+        let back = LoadedModel::open(out.to_str().unwrap()).unwrap();
+        let ids: Vec<u32> = (0..30).map(|i| (i * 13 % 260) as u32 + 3).collect();
+        let merged_in_memory = all_logits(&model.merged().unwrap(), &ids);
+        assert_eq!(max_diff(&all_logits(&back.model, &ids), &merged_in_memory), 0.0);
+        let unmerged = all_logits(&model, &ids);
+        assert!(max_diff(&all_logits(&back.model, &ids), &unmerged) < 1e-4);
+        assert!(
+            max_diff(&all_logits(&m.model, &ids), &unmerged) > 1e-2,
+            "the adapter matters"
+        );
+        assert_eq!(back.format.stop_token_ids, m.format.stop_token_ids);
+        assert_eq!(back.format.template.source(), m.format.template.source());
+        let gen: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("generation_config.json")).unwrap()).unwrap();
+        assert!(gen["eos_token_id"].as_array().unwrap().contains(&serde_json::json!(2)));
+    }
+}
+
+#[test]
+fn peft_export_round_trips() {
+    let (dir, m, model) = tuned(Family::Llama);
+    let out = dir.path().join("peft");
+    export::export_peft(&resolve_adapter_dir(&dir.path().join("run")).unwrap(), &out).unwrap();
+    let a = crate::lora::load_adapter(&out, &Device::Cpu).unwrap();
+    assert_eq!(a.weights.len(), 2 * Target::ALL.len());
+    let ids = [3u32, 70, 71, 72];
+    let back = with_adapter(&m.model, &out).unwrap();
+    assert_eq!(max_diff(&all_logits(&back, &ids), &all_logits(&model, &ids)), 0.0);
+}
+
+#[test]
+fn gguf_export_reloads_with_the_same_greedy_tokens_and_a_modelfile_that_stops() {
+    let (dir, m, model) = tuned(Family::Llama);
+    let out = dir.path().join("gguf");
+    let paths = export::export_gguf(&m.files, &m.format, &model, &out).unwrap();
+    let prompt = m.format.encode_prompt(&[Message::new(Role::User, "hello")]).unwrap();
+    let no = AtomicBool::new(false);
+    let want = generate(&model, &m.format, &prompt, &greedy_opts(20), &no, &mut |_| {}).unwrap();
+    let ids: Vec<u32> = (0..30).map(|i| (i * 7 % 260) as u32 + 3).collect();
+    let reference = all_logits(&model, &ids);
+    let scale = reference.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    // Relative to the largest logit: f16 rounding, then 8-bit blocks.
+    for (path, tolerance) in paths.iter().zip([1e-3f32, 1e-2]) {
+        let back = LoadedModel::open(path.to_str().unwrap()).unwrap();
+        // Tokenizer, template and end tokens come from the GGUF metadata alone.
+        assert_eq!(
+            back.format.encode_prompt(&[Message::new(Role::User, "hello")]).unwrap(),
+            prompt
+        );
+        assert!(
+            back.format.stop_token_ids.contains(&2),
+            "{:?}",
+            back.format.stop_token_ids
+        );
+        let got = generate(&back.model, &back.format, &prompt, &greedy_opts(20), &no, &mut |_| {}).unwrap();
+        assert_eq!(got.token_ids, want.token_ids, "{}", path.display());
+        let got_logits = all_logits(&back.model, &ids);
+        // Greedy decoding of a random tiny model repeats one token, so also compare the greedy
+        // choice after every prefix of a varied sequence.
+        let argmaxes = |t: &Tensor| -> Vec<u32> {
+            t.to_vec2::<f32>()
+                .unwrap()
+                .iter()
+                .map(|r| sampling::argmax(r))
+                .collect()
+        };
+        assert_eq!(argmaxes(&got_logits), argmaxes(&reference), "{}", path.display());
+        let d = max_diff(&got_logits, &reference) / scale;
+        eprintln!("{}: relative logit difference {d}", path.display());
+        assert!(d < tolerance, "{}: logits differ by {d} of {scale}", path.display());
+    }
+    let modelfile = std::fs::read_to_string(out.join("Modelfile")).unwrap();
+    assert!(modelfile.starts_with("FROM ./model-q8_0.gguf\n"), "{modelfile}");
+    assert!(modelfile.contains("PARAMETER stop \"<|im_end|>\""), "{modelfile}");
+    // The Go template writes exactly what the Jinja template writes.
+    let t = export::OllamaTemplate::derive(&m.format.template).unwrap();
+    let conv = [
+        Message::new(Role::System, "You are brief."),
+        Message::new(Role::User, "Hi"),
+        Message::new(Role::Assistant, "Hello!\nHow can I help?"),
+        Message::new(Role::User, "Name a colour."),
+    ];
+    assert_eq!(t.render(&conv), m.format.template.render(&conv, true).unwrap());
+    assert!(modelfile.contains(&format!("TEMPLATE \"\"\"{}\"\"\"", t.go_template())));
+    assert!(t
+        .go_template()
+        .contains("{{ if eq .Role \"system\" }}<|im_start|>system\n{{ .Content }}"));
+}
+
+#[test]
+fn eval_loss_matches_the_logits_and_exact_match_counts_rows() {
+    let (_dir, m) = tiny(Family::Llama);
+    let no = AtomicBool::new(false);
+    let question = vec![Message::new(Role::User, "say something")];
+    let answer = chat(&m.model, &m.format, &question, &greedy_opts(6), &no, &mut |_| {}).unwrap();
+    let ex = |reply: &str| crate::data::Example::Chat {
+        messages: vec![question[0].clone(), Message::new(Role::Assistant, reply)],
+    };
+    let examples = [ex(&answer.text), ex("something else entirely")];
+    let metrics = [eval::Metric::Loss, eval::Metric::Exact, eval::Metric::RougeL];
+    let (summary, rows) = eval::evaluate(&m.model, &m.format, &examples, &metrics, 6, &no).unwrap();
+    assert_eq!(summary.rows, 2);
+    assert_eq!(summary.exact_match, Some(0.5));
+    assert_eq!(rows[0].exact, Some(true));
+    assert_eq!(rows[1].exact, Some(false));
+    // Loss of row 2 from the logits: mean −log p(target) over its assistant tokens.
+    let t = crate::data::tokenize::encode_example(
+        &examples[1],
+        &m.format.template,
+        &m.format.tokenizer,
+        crate::data::LossOn::Assistant,
+        1024,
+    )
+    .unwrap();
+    let logits = all_logits(&m.model, &t.input_ids).to_vec2::<f32>().unwrap();
+    let mut nll = vec![];
+    for p in 0..t.len() - 1 {
+        if t.loss_mask[p + 1] {
+            let row = &logits[p];
+            let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+            let lse = max + row.iter().map(|l| (l - max).exp()).sum::<f32>().ln();
+            nll.push((lse - row[t.input_ids[p + 1] as usize]) as f64);
+        }
+    }
+    let want = nll.iter().sum::<f64>() / nll.len() as f64;
+    assert!(
+        (rows[1].loss.unwrap() - want).abs() < 1e-4,
+        "{:?} vs {want}",
+        rows[1].loss
+    );
+    let (n0, n1) = (
+        rows[0].target_tokens.unwrap() as f64,
+        rows[1].target_tokens.unwrap() as f64,
+    );
+    let mean = (rows[0].loss.unwrap() * n0 + rows[1].loss.unwrap() * n1) / (n0 + n1);
+    assert!((summary.loss.unwrap() - mean).abs() < 1e-9);
+    assert!((summary.perplexity.unwrap() - mean.exp()).abs() < 1e-6);
+}

@@ -11,7 +11,7 @@ use crate::rng::Rng;
 use crate::train::{checkpoint, TrainConfig, TrainData, Trainer};
 
 /// Reads training examples from a JSONL file with Alpaca fields or OpenAI `messages`.
-fn load_examples(path: &Path) -> Result<Vec<Example>> {
+pub fn load_examples(path: &Path) -> Result<Vec<Example>> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, "cannot read training data", e))?;
     let mut out = vec![];
     for (i, line) in text.lines().enumerate() {
