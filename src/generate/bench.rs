@@ -94,7 +94,7 @@ fn greedy_timed(model: &Transformer, prompt: &[u32], new_tokens: usize) -> Resul
         if produced == new_tokens.min(room) {
             break;
         }
-        logits = model.forward_last_with_cache(&[token], &mut cache)?;
+        logits = crate::generate::on_decode_thread(|| model.forward_last_with_cache(&[token], &mut cache))?;
     }
     Ok((prefill_secs, t.elapsed().as_secs_f64(), produced))
 }
