@@ -350,11 +350,21 @@ impl OllamaTemplate {
                 .ok_or_else(|| cannot("it changes shape without a system message"))?;
             Some(inner.to_string())
         };
+        // The user turn's own closing marker (ChatML's `<|im_end|>\n`) belongs to the user message,
+        // so a conversation ending on a user turn without a generation prompt is closed too.
+        let user_post = match template.end_of_turn() {
+            Some(eot) if u_a.starts_with(&eot) => {
+                let after = &u_a[eot.len()..];
+                &u_a[..eot.len() + after.len() - after.trim_start().len()]
+            }
+            _ => "",
+        };
+        let assistant_pre = &u_a[user_post.len()..];
         Ok(OllamaTemplate {
             system: (head.to_string(), system_post.to_string()),
-            user: (user_pre.to_string(), String::new()),
-            assistant: (u_a.to_string(), assistant_post.to_string()),
-            generation_prompt: tail.to_string(),
+            user: (user_pre.to_string(), user_post.to_string()),
+            assistant: (assistant_pre.to_string(), assistant_post.to_string()),
+            generation_prompt: assistant_pre.to_string(),
             default_system,
         })
     }

@@ -307,6 +307,22 @@ fn real_model_answers_paris() {
     let g = chat(&m.model, &m.format, &msgs, &opts, &no, &mut |_| {}).unwrap();
     assert!(g.text.contains("Paris"), "{:?}", g.text);
     assert_eq!(g.finish_reason, FinishReason::Eos, "{:?}", g.text);
+    // SmolLM2's template inserts its own system message when there is none: the Modelfile
+    // carries it as SYSTEM, and the Go template writes what the Jinja template writes.
+    let t = export::OllamaTemplate::derive(&m.format.template).unwrap();
+    assert_eq!(
+        t.default_system.as_deref(),
+        Some("You are a helpful AI assistant named SmolLM, trained by Hugging Face")
+    );
+    let conv = [
+        Message::new(Role::System, "Be brief."),
+        Message::new(Role::User, "Hi"),
+        Message::new(Role::Assistant, "Hello!"),
+        Message::new(Role::User, "Bye"),
+    ];
+    assert_eq!(t.render(&conv), m.format.template.render(&conv, true).unwrap());
+    let modelfile = export::modelfile("./m.gguf", &m.format).unwrap();
+    assert!(modelfile.contains("PARAMETER stop \"<|im_end|>\""), "{modelfile}");
 }
 
 /// The tiny model with a non-trivial adapter (random B), and a run folder holding it.
