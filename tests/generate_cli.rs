@@ -223,3 +223,70 @@ fn chat_reads_stdin_and_reports_bad_input() {
     assert_eq!(o.status.code(), Some(1), "{err}");
     assert!(err.contains("top_p"), "{err}");
 }
+
+#[test]
+fn real_model_tuned_answers_follow_the_training_format() {
+    let Ok(model) = std::env::var("FINCH_REAL_MODEL") else {
+        eprintln!("skipped: FINCH_REAL_MODEL is not set");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let rows = |range: std::ops::Range<usize>| -> String {
+        range
+            .map(|i| {
+                let row = serde_json::json!({"instruction": format!("Name a colour number {i}"), "input": "",
+                    "output": format!("COLOUR: blue #{i}")});
+                format!("{row}\n")
+            })
+            .collect()
+    };
+    let (train, held_out) = (dir.path().join("train.jsonl"), dir.path().join("held_out.jsonl"));
+    std::fs::write(&train, rows(0..20)).unwrap();
+    std::fs::write(&held_out, rows(40..46)).unwrap();
+    let run = dir.path().join("run").to_string_lossy().into_owned();
+    ok(finch()
+        .args([
+            "train",
+            "--model",
+            &model,
+            "--data",
+            train.to_str().unwrap(),
+            "--out",
+            &run,
+        ])
+        .args([
+            "--steps", "20", "--rank", "8", "--alpha", "16", "--lr", "2e-3", "--batch", "2",
+        ])
+        .args(["--seq-len", "64", "--eval-split", "0"])
+        .output()
+        .unwrap());
+    let cmp = ok(finch()
+        .args([
+            "compare",
+            "--model",
+            &model,
+            "--adapter",
+            &run,
+            "--json",
+            "--max-new-tokens",
+            "20",
+        ])
+        .args(["--prompt", "Name a colour number 25"])
+        .output()
+        .unwrap());
+    let cmp = json_lines(&cmp).remove(0);
+    let (base, tuned) = (&cmp["answers"][0]["text"], &cmp["answers"][1]["text"]);
+    assert!(tuned.as_str().unwrap().contains("COLOUR:"), "{cmp}");
+    assert!(!base.as_str().unwrap().contains("COLOUR:"), "{cmp}");
+    let exact = |adapter: Option<&str>| -> f64 {
+        let mut c = finch();
+        c.args(["eval", "--model", &model, "--data", held_out.to_str().unwrap()])
+            .args(["--metric", "exact", "--max-new-tokens", "20"]);
+        if let Some(a) = adapter {
+            c.args(["--adapter", a]);
+        }
+        json_lines(&ok(c.output().unwrap()))[0]["exact_match"].as_f64().unwrap()
+    };
+    let (e_base, e_tuned) = (exact(None), exact(Some(&run)));
+    assert!(e_tuned > e_base, "exact match {e_base} -> {e_tuned}");
+}
