@@ -38,6 +38,9 @@ pub enum BenchCommand {
         model: Option<String>,
         #[arg(long, default_value_t = 128)]
         new_tokens: usize,
+        /// Run the GGUF without dequantizing (quantized matmuls).
+        #[arg(long, requires = "model")]
+        quantized: bool,
     },
 }
 
@@ -67,8 +70,12 @@ pub fn run(args: BenchArgs) -> anyhow::Result<i32> {
             println!("{}", serde_json::to_string(&r)?);
             Ok(0)
         }
-        BenchCommand::Generate { model, new_tokens } => {
-            let r = crate::generate::bench::bench_generate(model.as_deref(), new_tokens)?;
+        BenchCommand::Generate {
+            model,
+            new_tokens,
+            quantized,
+        } => {
+            let r = crate::generate::bench::bench_generate(model.as_deref(), new_tokens, quantized)?;
             println!("{}", serde_json::to_string(&r)?);
             Ok(0)
         }

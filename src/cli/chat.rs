@@ -12,7 +12,12 @@ use clap::Args;
 use serde::Serialize;
 
 use crate::data::{Message, Role};
-use crate::generate::{chat, with_adapter, GenerateOptions, Generation, LoadedModel, SamplingParams};
+use crate::generate::quantized::QuantizedModel;
+use crate::generate::{
+    chat_with, with_adapter, CachedTransformer, ChatFormat, Decoder, GenerateOptions, Generation, LoadedModel,
+    SamplingParams,
+};
+use crate::model::ModelFiles;
 
 /// Sampling flags (greedy unless `--temperature` is above 0).
 #[derive(Debug, Clone, Args)]
@@ -74,6 +79,9 @@ pub struct ChatArgs {
     /// One JSON object per answer (`text`, `tokens`, `finish_reason`, ...).
     #[arg(long)]
     pub json: bool,
+    /// Run a GGUF model without dequantizing (quantized matmuls; faster, no --adapter).
+    #[arg(long, conflicts_with = "adapter")]
+    pub quantized: bool,
     #[command(flatten)]
     pub gen: GenArgs,
 }
@@ -106,13 +114,28 @@ pub fn run(args: ChatArgs) -> anyhow::Result<i32> {
     let opts = args.gen.options();
     opts.sampling.validate()?;
     eprintln!("loading {} ...", args.model);
-    let loaded = LoadedModel::open(&args.model).with_context(|| format!("cannot open model `{}`", args.model))?;
-    let (model, label) = match &args.adapter {
-        Some(a) => (
-            with_adapter(&loaded.model, a).with_context(|| format!("cannot load adapter `{}`", a.display()))?,
-            a.display().to_string(),
-        ),
-        None => (loaded.model.clone(), "base".to_string()),
+    // The f32 model (base weights shared with the adapter clone) or the quantized GGUF.
+    let (format, f32_model, mut quantized, label) = if args.quantized {
+        let files = ModelFiles::open(&args.model).with_context(|| format!("cannot open model `{}`", args.model))?;
+        let format = ChatFormat::from_files(&files)?;
+        let q = QuantizedModel::open(&files.path, &files.config)?;
+        (format, None, Some(q), "base (quantized)".to_string())
+    } else {
+        let loaded = LoadedModel::open(&args.model).with_context(|| format!("cannot open model `{}`", args.model))?;
+        let (model, label) = match &args.adapter {
+            Some(a) => (
+                with_adapter(&loaded.model, a).with_context(|| format!("cannot load adapter `{}`", a.display()))?,
+                a.display().to_string(),
+            ),
+            None => (loaded.model.clone(), "base".to_string()),
+        };
+        (loaded.format, Some(model), None, label)
+    };
+    let mut cached = f32_model.as_ref().map(CachedTransformer::new);
+    let decoder: &mut (dyn Decoder + Send) = match (&mut cached, &mut quantized) {
+        (Some(c), _) => c,
+        (None, Some(q)) => q,
+        (None, None) => anyhow::bail!("no model loaded"),
     };
     let mut history = vec![];
     if let Some(s) = &args.system {
@@ -132,12 +155,12 @@ pub fn run(args: ChatArgs) -> anyhow::Result<i32> {
         })
         .context("cannot install the Ctrl-C handler")?;
     }
-    let answer = |history: &mut Vec<Message>, user: String| -> anyhow::Result<()> {
+    let mut answer = |history: &mut Vec<Message>, user: String| -> anyhow::Result<()> {
         history.push(Message::new(Role::User, user));
         cancel.store(false, Ordering::SeqCst);
         generating.store(true, Ordering::SeqCst);
         let mut out = std::io::stdout().lock();
-        let g = chat(&model, &loaded.format, history, &opts, &cancel, &mut |piece| {
+        let g = chat_with(decoder, &format, history, &opts, &cancel, &mut |piece| {
             if !args.json {
                 // A closed stdout (piped into `head`) is not an error worth aborting for.
                 let _ = out.write_all(piece.as_bytes());

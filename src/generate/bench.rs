@@ -8,12 +8,14 @@ use candle_core::{DType, Device};
 use serde::Serialize;
 
 use crate::data::{Message, Role};
-use crate::error::Result;
+use crate::error::{Error, Result};
+use crate::generate::quantized::QuantizedModel;
 use crate::generate::sampling::argmax;
-use crate::generate::{ChatFormat, LoadedModel};
+use crate::generate::{CachedTransformer, ChatFormat, Decoder, LoadedModel};
 use crate::model::tiny::TinySpec;
-use crate::model::transformer::{KvCache, Transformer};
+use crate::model::transformer::Transformer;
 use crate::model::weights::TensorMap;
+use crate::model::ModelFiles;
 use crate::rng::Rng;
 
 /// The fixed user message of the benchmark prompt (about 150 tokens with SmolLM2's template).
@@ -39,7 +41,16 @@ pub struct BenchGenerateResult {
 
 /// Times one greedy answer of `new_tokens` tokens (after a short warm-up answer). Without a
 /// model, random weights with SmolLM2-135M's shapes and a random 150-token prompt.
-pub fn bench_generate(model: Option<&str>, new_tokens: usize) -> Result<BenchGenerateResult> {
+pub fn bench_generate(model: Option<&str>, new_tokens: usize, quantized: bool) -> Result<BenchGenerateResult> {
+    if quantized {
+        let spec = model.ok_or_else(|| Error::config("quantized", "needs --model (a GGUF file)"))?;
+        let files = ModelFiles::open(spec)?;
+        let prompt = prompt_ids(&ChatFormat::from_files(&files)?)?;
+        let mut q = QuantizedModel::open(&files.path, &files.config)?;
+        greedy_timed(&mut q, &prompt, 8)?;
+        let timing = greedy_timed(&mut q, &prompt, new_tokens)?;
+        return Ok(result(format!("{spec} (quantized)"), prompt.len(), timing));
+    }
     let (transformer, prompt, name): (Transformer, Vec<u32>, String) = match model {
         Some(spec) => {
             let m = LoadedModel::open(spec)?;
@@ -60,19 +71,28 @@ pub fn bench_generate(model: Option<&str>, new_tokens: usize) -> Result<BenchGen
             (model, prompt, name.to_string())
         }
     };
-    greedy_timed(&transformer, &prompt, 8)?;
-    let (prefill_secs, decode_secs, produced) = greedy_timed(&transformer, &prompt, new_tokens)?;
-    Ok(BenchGenerateResult {
+    let mut cached = CachedTransformer::new(&transformer);
+    greedy_timed(&mut cached, &prompt, 8)?;
+    let timing = greedy_timed(&mut cached, &prompt, new_tokens)?;
+    Ok(result(name, prompt.len(), timing))
+}
+
+fn result(
+    model: String,
+    prompt_tokens: usize,
+    (prefill_secs, decode_secs, produced): (f64, f64, usize),
+) -> BenchGenerateResult {
+    BenchGenerateResult {
         bench: "generate",
-        model: name,
+        model,
         threads: candle_core::utils::get_num_threads(),
-        prompt_tokens: prompt.len(),
+        prompt_tokens,
         new_tokens: produced,
-        prefill_tokens_per_sec: prompt.len() as f64 / prefill_secs.max(1e-9),
+        prefill_tokens_per_sec: prompt_tokens as f64 / prefill_secs.max(1e-9),
         // The first answer token comes from the prefill's logits.
         decode_tokens_per_sec: produced.saturating_sub(1) as f64 / decode_secs.max(1e-9),
         peak_rss_mb: crate::system::peak_rss_mb(),
-    })
+    }
 }
 
 fn prompt_ids(format: &ChatFormat) -> Result<Vec<u32>> {
@@ -80,21 +100,21 @@ fn prompt_ids(format: &ChatFormat) -> Result<Vec<u32>> {
 }
 
 /// (prefill seconds, decode seconds, tokens produced).
-fn greedy_timed(model: &Transformer, prompt: &[u32], new_tokens: usize) -> Result<(f64, f64, usize)> {
-    let mut cache = KvCache::new();
+fn greedy_timed(model: &mut (dyn Decoder + Send), prompt: &[u32], new_tokens: usize) -> Result<(f64, f64, usize)> {
+    model.reset()?;
     let t = Instant::now();
-    let mut logits = model.forward_last_with_cache(prompt, &mut cache)?;
+    let mut logits = model.step(prompt)?;
     let prefill_secs = t.elapsed().as_secs_f64();
     let t = Instant::now();
     let mut produced = 0;
-    let room = model.cfg.max_position_embeddings.saturating_sub(prompt.len());
+    let room = model.context_len().saturating_sub(prompt.len());
     while produced < new_tokens.min(room) {
         let token = argmax(&logits.to_vec1::<f32>()?);
         produced += 1;
         if produced == new_tokens.min(room) {
             break;
         }
-        logits = crate::generate::on_decode_thread(|| model.forward_last_with_cache(&[token], &mut cache))?;
+        logits = crate::generate::on_decode_thread(|| model.step(&[token]))?;
     }
     Ok((prefill_secs, t.elapsed().as_secs_f64(), produced))
 }

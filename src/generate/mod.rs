@@ -11,6 +11,7 @@ pub mod adapter;
 pub mod bench;
 pub mod eval;
 pub mod export;
+pub mod quantized;
 pub mod sampling;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -244,7 +245,48 @@ pub fn on_decode_thread<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     }
 }
 
-/// Generates an answer to `prompt` (token ids). `on_text` receives the answer as it grows, in
+/// A model that runs one sequence incrementally: the f32 [`Transformer`] with a [`KvCache`]
+/// (adapters unmerged) or the quantized GGUF path ([`quantized::QuantizedModel`]).
+pub trait Decoder {
+    /// Starts a new sequence.
+    fn reset(&mut self) -> Result<()>;
+    /// Runs `ids` after the tokens already seen; returns the last position's logits `[vocab]`.
+    fn step(&mut self, ids: &[u32]) -> Result<candle_core::Tensor>;
+    /// Longest sequence (prompt + answer) the model handles.
+    fn context_len(&self) -> usize;
+}
+
+/// The f32 transformer with its cache.
+pub struct CachedTransformer<'a> {
+    pub model: &'a Transformer,
+    pub cache: KvCache,
+}
+
+impl<'a> CachedTransformer<'a> {
+    pub fn new(model: &'a Transformer) -> Self {
+        CachedTransformer {
+            model,
+            cache: KvCache::new(),
+        }
+    }
+}
+
+impl Decoder for CachedTransformer<'_> {
+    fn reset(&mut self) -> Result<()> {
+        self.cache.clear();
+        Ok(())
+    }
+
+    fn step(&mut self, ids: &[u32]) -> Result<candle_core::Tensor> {
+        self.model.forward_last_with_cache(ids, &mut self.cache)
+    }
+
+    fn context_len(&self) -> usize {
+        self.model.cfg.max_position_embeddings
+    }
+}
+
+/// Generates an answer to `prompt` (token ids) with the f32 model. `on_text` receives the answer as it grows, in
 /// pieces that never split a UTF-8 character and never show (part of) a stop string.
 pub fn generate(
     model: &Transformer,
@@ -254,7 +296,26 @@ pub fn generate(
     cancel: &AtomicBool,
     on_text: &mut dyn FnMut(&str),
 ) -> Result<Generation> {
-    let context = model.cfg.max_position_embeddings;
+    generate_with(
+        &mut CachedTransformer::new(model),
+        format,
+        prompt,
+        opts,
+        cancel,
+        on_text,
+    )
+}
+
+/// [`generate`] for any [`Decoder`].
+pub fn generate_with(
+    model: &mut (dyn Decoder + Send),
+    format: &ChatFormat,
+    prompt: &[u32],
+    opts: &GenerateOptions,
+    cancel: &AtomicBool,
+    on_text: &mut dyn FnMut(&str),
+) -> Result<Generation> {
+    let context = model.context_len();
     if prompt.is_empty() {
         return Err(Error::config("prompt", "is empty"));
     }
@@ -275,9 +336,9 @@ pub fn generate(
         .map(String::as_str)
         .filter(|s| !s.is_empty())
         .collect();
-    let mut cache = KvCache::new();
+    model.reset()?;
     let start = Instant::now();
-    let mut logits = model.forward_last_with_cache(prompt, &mut cache)?;
+    let mut logits = model.step(prompt)?;
     let prefill_secs = start.elapsed().as_secs_f64();
     let mut decode_secs = 0.0;
     let mut seen = prompt.to_vec();
@@ -317,7 +378,7 @@ pub fn generate(
             break FinishReason::Length;
         }
         let t = Instant::now();
-        logits = on_decode_thread(|| model.forward_last_with_cache(&[token], &mut cache))?;
+        logits = on_decode_thread(|| model.step(&[token]))?;
         decode_secs += t.elapsed().as_secs_f64();
     };
     if emitted < text.len() && finish != FinishReason::Stop {
@@ -344,9 +405,28 @@ pub fn chat(
     cancel: &AtomicBool,
     on_text: &mut dyn FnMut(&str),
 ) -> Result<Generation> {
+    chat_with(
+        &mut CachedTransformer::new(model),
+        format,
+        messages,
+        opts,
+        cancel,
+        on_text,
+    )
+}
+
+/// [`chat`] for any [`Decoder`].
+pub fn chat_with(
+    model: &mut (dyn Decoder + Send),
+    format: &ChatFormat,
+    messages: &[Message],
+    opts: &GenerateOptions,
+    cancel: &AtomicBool,
+    on_text: &mut dyn FnMut(&str),
+) -> Result<Generation> {
     let reserve = opts.max_new_tokens.max(1);
-    let (prompt, _dropped) = format.fit_prompt(messages, model.cfg.max_position_embeddings, reserve)?;
-    generate(model, format, &prompt, opts, cancel, on_text)
+    let (prompt, _dropped) = format.fit_prompt(messages, model.context_len(), reserve)?;
+    generate_with(model, format, &prompt, opts, cancel, on_text)
 }
 
 /// How much of `text` can be shown: not a trailing partial UTF-8 character (decoded as U+FFFD)
