@@ -102,11 +102,7 @@ pub struct ChatFormat {
 
 impl ChatFormat {
     pub fn new(tokenizer: Tokenizer, template: ChatTemplate, cfg: &ModelConfig) -> Result<Self> {
-        let mut stop_token_ids = if cfg.eos_token_ids.is_empty() {
-            vec![]
-        } else {
-            cfg.eos_token_ids.clone()
-        };
+        let mut stop_token_ids = cfg.eos_token_ids.clone();
         let mut stop_strings = vec![];
         for marker in [template.end_of_turn(), template.eos_token().map(str::to_string)]
             .into_iter()
