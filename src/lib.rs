@@ -8,6 +8,7 @@ pub mod cli;
 pub mod data;
 pub mod error;
 pub mod fsutil;
+pub mod generate;
 pub mod hub;
 pub mod lora;
 pub mod model;

@@ -31,6 +31,17 @@ pub enum BenchCommand {
         #[arg(long, default_value = "all")]
         targets: String,
     },
+    /// Inference speed: prefill and decode tokens/s for a 128-token greedy answer, batch 1.
+    Generate {
+        /// Model folder or GGUF file; default: random weights with SmolLM2-135M's shapes.
+        #[arg(long)]
+        model: Option<String>,
+        #[arg(long, default_value_t = 128)]
+        new_tokens: usize,
+        /// Run the GGUF without dequantizing (quantized matmuls).
+        #[arg(long, requires = "model")]
+        quantized: bool,
+    },
 }
 
 pub fn run(args: BenchArgs) -> anyhow::Result<i32> {
@@ -56,6 +67,15 @@ pub fn run(args: BenchArgs) -> anyhow::Result<i32> {
             opts.lora.alpha = 2.0 * rank as f64;
             opts.lora.targets = Target::parse_list(&targets)?;
             let r = bench_train(&opts)?;
+            println!("{}", serde_json::to_string(&r)?);
+            Ok(0)
+        }
+        BenchCommand::Generate {
+            model,
+            new_tokens,
+            quantized,
+        } => {
+            let r = crate::generate::bench::bench_generate(model.as_deref(), new_tokens, quantized)?;
             println!("{}", serde_json::to_string(&r)?);
             Ok(0)
         }

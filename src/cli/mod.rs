@@ -4,7 +4,11 @@
 use clap::{Parser, Subcommand};
 
 pub mod bench;
+pub mod chat;
+pub mod compare;
 pub mod data;
+pub mod eval;
+pub mod export;
 pub mod hub;
 pub mod progress;
 pub mod train;
@@ -30,6 +34,14 @@ pub enum Command {
     Hub(hub::HubArgs),
     /// Inspect and validate instruction datasets.
     Data(data::DataArgs),
+    /// Chat with a model (and adapter) on the terminal.
+    Chat(Box<chat::ChatArgs>),
+    /// The same prompt to the base model and each adapter, side by side.
+    Compare(Box<compare::CompareArgs>),
+    /// Held-out loss/perplexity and generation metrics (exact match, ROUGE-L).
+    Eval(Box<eval::EvalArgs>),
+    /// Export an adapter: PEFT folder, merged Hugging Face folder, or GGUF + Ollama Modelfile.
+    Export(Box<export::ExportArgs>),
 }
 
 /// Runs a parsed command line; returns the process exit code.
@@ -46,6 +58,10 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
             Command::Bench(args) => bench::run(args),
             Command::Hub(args) => hub::run(args),
             Command::Data(args) => data::run(args),
+            Command::Chat(args) => chat::run(*args),
+            Command::Compare(args) => compare::run(*args),
+            Command::Eval(args) => eval::run(*args),
+            Command::Export(args) => export::run(*args),
         },
     }
 }

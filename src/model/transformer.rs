@@ -35,6 +35,47 @@ struct Block {
     mlp: Mlp,
 }
 
+/// Keys and values of the positions a sequence has run through, per layer
+/// (`[1, kv_heads, len, head_dim]`), for [`Transformer::forward_with_cache`].
+#[derive(Debug, Clone, Default)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+    len: usize,
+}
+
+impl KvCache {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Positions already in the cache (the next token's position).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn clear(&mut self) {
+        self.layers.clear();
+        self.len = 0;
+    }
+
+    /// Keeps the first `len` positions (to reuse a shared prompt prefix).
+    pub fn truncate(&mut self, len: usize) -> Result<()> {
+        if len >= self.len {
+            return Ok(());
+        }
+        for (k, v) in self.layers.iter_mut().flatten() {
+            *k = k.narrow(2, 0, len)?;
+            *v = v.narrow(2, 0, len)?;
+        }
+        self.len = len;
+        Ok(())
+    }
+}
+
 /// A base model with optional LoRA adapters. Cloning shares the frozen weights (candle tensors
 /// are reference counted), so several adapters can sit on one copy of the base in memory.
 #[derive(Debug, Clone)]
@@ -372,6 +413,130 @@ impl Transformer {
             x = (residual + y)?;
         }
         Ok(ops::rms_norm(&x, &self.norm, cfg.rms_norm_eps)?)
+    }
+
+    /// Rotary tables for positions `start..start + t`, rows as `ops::rope` expects them.
+    fn rope_tables_from(&self, start: usize, t: usize) -> candle_core::Result<(Tensor, Tensor)> {
+        let half = self.inv_freq.len();
+        let mut cos = Vec::with_capacity(t * half);
+        let mut sin = Vec::with_capacity(t * half);
+        for p in start..start + t {
+            for f in &self.inv_freq {
+                let a = p as f32 * f;
+                cos.push(a.cos());
+                sin.push(a.sin());
+            }
+        }
+        let cos = Tensor::from_vec(cos, (t, half), &self.device)?.to_dtype(self.dtype)?;
+        let sin = Tensor::from_vec(sin, (t, half), &self.device)?.to_dtype(self.dtype)?;
+        Ok((cos, sin))
+    }
+
+    /// Inference forward for one sequence: runs `ids` at positions `cache.len()..`, appends
+    /// their keys and values to `cache`, and returns the logits of the new positions
+    /// `[ids.len(), vocab]`. Same weights (and unmerged adapters) as [`Transformer::logits`].
+    pub fn forward_with_cache(&self, ids: &[u32], cache: &mut KvCache) -> Result<Tensor> {
+        self.cached_forward(ids, cache, false)
+    }
+
+    /// Like [`Transformer::forward_with_cache`] but only the last position's logits `[vocab]`
+    /// (what sampling needs; skips the `[t, vocab]` head matmul of a long prompt).
+    pub fn forward_last_with_cache(&self, ids: &[u32], cache: &mut KvCache) -> Result<Tensor> {
+        let logits = self.cached_forward(ids, cache, true)?;
+        Ok(logits.squeeze(0)?)
+    }
+
+    fn cached_forward(&self, ids: &[u32], cache: &mut KvCache, last_only: bool) -> Result<Tensor> {
+        let t = ids.len();
+        if t == 0 {
+            return Err(Error::config("prompt", "no tokens to run"));
+        }
+        let past = cache.len();
+        let cfg = &self.cfg;
+        if past + t > cfg.max_position_embeddings {
+            return Err(Error::config(
+                "context",
+                format!(
+                    "{} tokens exceed the model's context length of {}",
+                    past + t,
+                    cfg.max_position_embeddings
+                ),
+            ));
+        }
+        if cache.layers.len() != self.layers.len() {
+            cache.layers = vec![None; self.layers.len()];
+        }
+        let (cos, sin) = self.rope_tables_from(past, t)?;
+        let (nh, nkv, hd) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
+        let n_rep = nh / nkv;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let total = past + t;
+        // Query row r of a kv group is query position r % t; it sees keys 0..=past + r % t.
+        let mask = if t > 1 {
+            let m: Vec<f32> = (0..n_rep * t)
+                .flat_map(|r| (0..total).map(move |j| if j <= past + r % t { 0.0 } else { f32::NEG_INFINITY }))
+                .collect();
+            Some(Tensor::from_vec(m, (n_rep * t, total), &self.device)?.to_dtype(self.dtype)?)
+        } else {
+            None
+        };
+        let ctx = &mut ForwardCtx::eval();
+        let input = Tensor::from_slice(ids, t, &self.device)?;
+        let mut x = self.embed.embedding(&input)?.reshape((1, t, cfg.hidden_size))?;
+        for (block, slot) in self.layers.iter().zip(cache.layers.iter_mut()) {
+            let residual = x.clone();
+            let hs = ops::rms_norm(&x, &block.input_norm, cfg.rms_norm_eps)?;
+            let q = block.attn.q.forward(&hs, ctx)?;
+            let k = block.attn.k.forward(&hs, ctx)?;
+            let v = block.attn.v.forward(&hs, ctx)?;
+            let q = q.reshape((1, t, nh, hd))?.transpose(1, 2)?.contiguous()?;
+            let k = k.reshape((1, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
+            let v = v.reshape((1, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
+            let q = (ops::rope(&q, &cos, &sin)? * scale)?;
+            let k = ops::rope(&k, &cos, &sin)?;
+            let (k, v) = match slot.take() {
+                None => (k, v),
+                Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+            };
+            *slot = Some((k.clone(), v.clone()));
+            // Grouped-query attention without copying k/v per head: the n_rep query heads that
+            // share a kv head become n_rep·t rows of one matmul.
+            let q = q.reshape((1, nkv, n_rep * t, hd))?;
+            let scores = q.matmul(&k.t()?)?;
+            let scores = match &mask {
+                Some(m) => scores.broadcast_add(m)?,
+                None => scores,
+            };
+            let att = candle_nn::ops::softmax_last_dim(&scores)?;
+            let y = att
+                .matmul(&v)?
+                .reshape((1, nh, t, hd))?
+                .transpose(1, 2)?
+                .reshape((1, t, nh * hd))?;
+            let y = block.attn.o.forward(&y, ctx)?;
+            x = (residual + y)?;
+            let residual = x.clone();
+            let hs = ops::rms_norm(&x, &block.post_norm, cfg.rms_norm_eps)?;
+            let g = block.mlp.gate.forward(&hs, ctx)?;
+            let u = block.mlp.up.forward(&hs, ctx)?;
+            let y = block.mlp.down.forward(&ops::swiglu(&g, &u)?, ctx)?;
+            x = (residual + y)?;
+        }
+        cache.len = total;
+        let x = if last_only { x.narrow(1, t - 1, 1)? } else { x };
+        let h = ops::rms_norm(&x, &self.norm, cfg.rms_norm_eps)?;
+        Ok(self.lm_head(&h)?.squeeze(0)?)
+    }
+
+    /// A copy with every adapter folded into the base weights (faster to run; the shared base
+    /// is not modified).
+    pub fn merged(&self) -> Result<Transformer> {
+        let tensors = self.merged_weights()?.into_iter().collect();
+        let src = crate::model::weights::TensorMap {
+            tensors,
+            origin: std::path::PathBuf::from("<merged adapter>"),
+        };
+        Transformer::load(&self.cfg, &src, self.dtype, &self.device)
     }
 
     /// Logits for hidden states `[.., hidden]` → `[.., vocab]`.

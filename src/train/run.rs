@@ -13,7 +13,7 @@ use crate::rng::Rng;
 use crate::train::{checkpoint, TrainConfig, TrainData, Trainer};
 
 /// Loads a dataset file (any format `finch data inspect` reads), reporting rejected rows.
-fn load_examples(path: &Path, note: &mut dyn FnMut(String)) -> Result<Vec<Example>> {
+pub fn load_examples(path: &Path, note: &mut dyn FnMut(String)) -> Result<Vec<Example>> {
     let report = load_file(path, &LoadOptions::default())?;
     if !report.rejected.is_empty() {
         note(format!("{}: {}", path.display(), report.summary()));

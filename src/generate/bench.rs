@@ -1,0 +1,120 @@
+//! `finch bench generate`: prefill and decode speed of the KV-cached inference path, batch 1,
+//! f32 on the CPU, for a fixed prompt and a 128-token greedy answer that ignores end tokens (so
+//! every run decodes the same number of tokens). Detokenization is not timed.
+
+use std::time::Instant;
+
+use candle_core::{DType, Device};
+use serde::Serialize;
+
+use crate::data::{Message, Role};
+use crate::error::{Error, Result};
+use crate::generate::quantized::QuantizedModel;
+use crate::generate::sampling::argmax;
+use crate::generate::{CachedTransformer, ChatFormat, Decoder, LoadedModel};
+use crate::model::tiny::TinySpec;
+use crate::model::transformer::Transformer;
+use crate::model::weights::TensorMap;
+use crate::model::ModelFiles;
+use crate::rng::Rng;
+
+/// The fixed user message of the benchmark prompt (about 150 tokens with SmolLM2's template).
+const PROMPT: &str = "You are helping a small bakery plan its week. On Monday they bake bread and \
+croissants, on Tuesday they bake cakes for birthdays, on Wednesday the oven is serviced, on \
+Thursday they bake bread again and on Friday they prepare pastries for the weekend market. \
+The owner wants to add a gluten-free line without disturbing the existing schedule, and asks \
+which day is best, what equipment must be cleaned in between, and how to explain the change to \
+regular customers. Write a short, friendly plan with concrete steps, and end with a one-line \
+summary.";
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchGenerateResult {
+    pub bench: &'static str,
+    pub model: String,
+    pub threads: usize,
+    pub prompt_tokens: usize,
+    pub new_tokens: usize,
+    pub prefill_tokens_per_sec: f64,
+    pub decode_tokens_per_sec: f64,
+    pub peak_rss_mb: Option<f64>,
+}
+
+/// Times one greedy answer of `new_tokens` tokens (after a short warm-up answer). Without a
+/// model, random weights with SmolLM2-135M's shapes and a random 150-token prompt.
+pub fn bench_generate(model: Option<&str>, new_tokens: usize, quantized: bool) -> Result<BenchGenerateResult> {
+    if quantized {
+        let spec = model.ok_or_else(|| Error::config("quantized", "needs --model (a GGUF file)"))?;
+        let files = ModelFiles::open(spec)?;
+        let prompt = prompt_ids(&ChatFormat::from_files(&files)?)?;
+        let mut q = QuantizedModel::open(&files.path, &files.config)?;
+        greedy_timed(&mut q, &prompt, 8)?;
+        let timing = greedy_timed(&mut q, &prompt, new_tokens)?;
+        return Ok(result(format!("{spec} (quantized)"), prompt.len(), timing));
+    }
+    let (transformer, prompt, name): (Transformer, Vec<u32>, String) = match model {
+        Some(spec) => {
+            let m = LoadedModel::open(spec)?;
+            let prompt = prompt_ids(&m.format)?;
+            (m.model, prompt, spec.to_string())
+        }
+        None => {
+            let spec = TinySpec::smollm2_135m();
+            let name = "random-smollm2-135m";
+            let cfg = crate::model::ModelConfig::from_json(&spec.config_json(), name.as_ref())?;
+            let src = TensorMap {
+                tensors: spec.weights()?,
+                origin: name.into(),
+            };
+            let model = Transformer::load(&cfg, &src, DType::F32, &Device::Cpu)?;
+            let mut rng = Rng::new(1);
+            let prompt = (0..150).map(|_| rng.below(cfg.vocab_size) as u32).collect();
+            (model, prompt, name.to_string())
+        }
+    };
+    let mut cached = CachedTransformer::new(&transformer);
+    greedy_timed(&mut cached, &prompt, 8)?;
+    let timing = greedy_timed(&mut cached, &prompt, new_tokens)?;
+    Ok(result(name, prompt.len(), timing))
+}
+
+fn result(
+    model: String,
+    prompt_tokens: usize,
+    (prefill_secs, decode_secs, produced): (f64, f64, usize),
+) -> BenchGenerateResult {
+    BenchGenerateResult {
+        bench: "generate",
+        model,
+        threads: candle_core::utils::get_num_threads(),
+        prompt_tokens,
+        new_tokens: produced,
+        prefill_tokens_per_sec: prompt_tokens as f64 / prefill_secs.max(1e-9),
+        // The first answer token comes from the prefill's logits.
+        decode_tokens_per_sec: produced.saturating_sub(1) as f64 / decode_secs.max(1e-9),
+        peak_rss_mb: crate::system::peak_rss_mb(),
+    }
+}
+
+fn prompt_ids(format: &ChatFormat) -> Result<Vec<u32>> {
+    format.encode_prompt(&[Message::new(Role::User, PROMPT)])
+}
+
+/// (prefill seconds, decode seconds, tokens produced).
+fn greedy_timed(model: &mut (dyn Decoder + Send), prompt: &[u32], new_tokens: usize) -> Result<(f64, f64, usize)> {
+    model.reset()?;
+    let t = Instant::now();
+    let mut logits = model.step(prompt)?;
+    let prefill_secs = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    let mut produced = 0;
+    let room = model.context_len().saturating_sub(prompt.len());
+    while produced < new_tokens.min(room) {
+        let token = argmax(&logits.to_vec1::<f32>()?);
+        produced += 1;
+        if produced == new_tokens.min(room) {
+            break;
+        }
+        logits = crate::generate::on_decode_thread(|| model.step(&[token]))?;
+    }
+    Ok((prefill_secs, t.elapsed().as_secs_f64(), produced))
+}

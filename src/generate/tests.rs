@@ -1,0 +1,568 @@
+use std::sync::atomic::AtomicBool;
+
+use candle_core::{Device, Tensor};
+
+use super::*;
+use crate::lora::{LoraConfig, Target};
+use crate::model::config::Family;
+use crate::model::tiny::TinySpec;
+use crate::rng::Rng;
+
+fn tiny(family: Family) -> (tempfile::TempDir, LoadedModel) {
+    let dir = tempfile::tempdir().unwrap();
+    TinySpec::new(family).write(dir.path()).unwrap();
+    let m = LoadedModel::open(dir.path().to_str().unwrap()).unwrap();
+    (dir, m)
+}
+
+fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+/// Decoding by recomputing the whole sequence each step (no cache).
+fn decode_full(model: &Transformer, prompt: &[u32], n: usize, params: SamplingParams) -> Vec<u32> {
+    let mut sampler = Sampler::new(params).unwrap();
+    let mut ids = prompt.to_vec();
+    for _ in 0..n {
+        let input = Tensor::new(ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+        let logits = model.logits(&input).unwrap();
+        let last = logits.get(0).unwrap().get(ids.len() - 1).unwrap();
+        let token = sampler.sample(&mut last.to_vec1::<f32>().unwrap(), &ids);
+        ids.push(token);
+    }
+    ids[prompt.len()..].to_vec()
+}
+
+fn greedy_opts(n: usize) -> GenerateOptions {
+    GenerateOptions {
+        max_new_tokens: n,
+        ignore_eos: true,
+        ..GenerateOptions::default()
+    }
+}
+
+#[test]
+fn kv_cache_greedy_equals_full_recomputation() {
+    for family in [Family::Llama, Family::Qwen2] {
+        let (_dir, m) = tiny(family);
+        let prompt = m
+            .format
+            .encode_prompt(&[Message::new(Role::User, "Hello there, tiny model")])
+            .unwrap();
+        let no = AtomicBool::new(false);
+        let g = generate(&m.model, &m.format, &prompt, &greedy_opts(50), &no, &mut |_| {}).unwrap();
+        assert_eq!(g.token_ids.len(), 50);
+        assert_eq!(g.finish_reason, FinishReason::Length);
+        assert_eq!(
+            g.token_ids,
+            decode_full(&m.model, &prompt, 50, SamplingParams::greedy()),
+            "{family:?}"
+        );
+        // Greedy decoding of a random tiny model soon repeats one token; seeded sampling at a
+        // high temperature walks through many different tokens and positions.
+        let varied = GenerateOptions {
+            sampling: SamplingParams {
+                temperature: 50.0,
+                seed: 11,
+                ..SamplingParams::default()
+            },
+            ..greedy_opts(50)
+        };
+        let g = generate(&m.model, &m.format, &prompt, &varied, &no, &mut |_| {}).unwrap();
+        let distinct: std::collections::HashSet<_> = g.token_ids.iter().collect();
+        assert!(distinct.len() >= 10, "{:?}", g.token_ids);
+        assert_eq!(
+            g.token_ids,
+            decode_full(&m.model, &prompt, 50, varied.sampling),
+            "{family:?}"
+        );
+    }
+}
+
+#[test]
+fn chunked_prefill_logits_match_the_full_forward() {
+    let (_dir, m) = tiny(Family::Llama);
+    let ids: Vec<u32> = (0..23).map(|i| (i * 37 % 250) as u32 + 3).collect();
+    let full = m
+        .model
+        .logits(&Tensor::new(ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap())
+        .unwrap()
+        .squeeze(0)
+        .unwrap();
+    let mut cache = KvCache::new();
+    // Chunks exercise the masked path with past > 0 and t > 1, and single-token steps.
+    let a = m.model.forward_with_cache(&ids[..10], &mut cache).unwrap();
+    let b = m.model.forward_with_cache(&ids[10..21], &mut cache).unwrap();
+    let c = m.model.forward_with_cache(&ids[21..22], &mut cache).unwrap();
+    let d = m.model.forward_last_with_cache(&ids[22..], &mut cache).unwrap();
+    assert_eq!(cache.len(), 23);
+    let cached = Tensor::cat(&[a, b, c, d.unsqueeze(0).unwrap()], 0).unwrap();
+    assert!(
+        max_diff(&cached, &full) < 1e-4,
+        "differs by {}",
+        max_diff(&cached, &full)
+    );
+    // Truncating the cache and re-running the tail gives the same logits again.
+    cache.truncate(15).unwrap();
+    let again = m.model.forward_with_cache(&ids[15..], &mut cache).unwrap();
+    let want = full.narrow(0, 15, 8).unwrap();
+    assert!(max_diff(&again, &want) < 1e-4);
+}
+
+fn lora_cfg() -> LoraConfig {
+    LoraConfig {
+        r: 4,
+        alpha: 8.0,
+        dropout: 0.0,
+        targets: Target::ALL.to_vec(),
+        use_rslora: false,
+    }
+}
+
+#[test]
+fn zero_adapter_equals_base_and_merged_equals_unmerged() {
+    let (_dir, m) = tiny(Family::Qwen2);
+    let ids: Vec<u32> = (0..12).map(|i| i * 11 + 3).collect();
+    let run = |model: &Transformer| {
+        let mut cache = KvCache::new();
+        model.forward_with_cache(&ids, &mut cache).unwrap()
+    };
+    let base = run(&m.model);
+    let mut adapted = m.model.clone();
+    adapted.add_lora(&lora_cfg(), &mut Rng::new(3)).unwrap();
+    // Fresh adapters have B = 0: exactly the base model.
+    assert_eq!(max_diff(&run(&adapted), &base), 0.0);
+    let mut rng = Rng::new(9);
+    for (_, w) in adapted.lora_weights() {
+        let (out, r) = w.b.as_tensor().dims2().unwrap();
+        let vals: Vec<f32> = (0..out * r).map(|_| rng.next_f32() - 0.5).collect();
+        w.b.set(&Tensor::from_vec(vals, (out, r), &Device::Cpu).unwrap())
+            .unwrap();
+    }
+    let unmerged = run(&adapted);
+    assert!(max_diff(&unmerged, &base) > 1e-2, "the adapter must change the logits");
+    let merged = run(&adapted.merged().unwrap());
+    assert!(
+        max_diff(&unmerged, &merged) < 1e-4,
+        "differs by {}",
+        max_diff(&unmerged, &merged)
+    );
+    // The base clone is untouched by attaching adapters to its clone.
+    assert_eq!(max_diff(&run(&m.model), &base), 0.0);
+}
+
+#[test]
+fn adapter_folder_and_run_folder_both_load() {
+    let (_dir, m) = tiny(Family::Llama);
+    let mut trained = m.model.clone();
+    trained.add_lora(&lora_cfg(), &mut Rng::new(1)).unwrap();
+    for (_, w) in trained.lora_weights() {
+        w.b.set(&(w.b.as_tensor().ones_like().unwrap() * 0.05).unwrap())
+            .unwrap();
+    }
+    let run = tempfile::tempdir().unwrap();
+    let adapter_dir = run.path().join("adapter");
+    let peft = crate::lora::PeftConfig::from_lora(&lora_cfg(), None);
+    crate::lora::save_adapter(&adapter_dir, &peft, &trained.lora_weights()).unwrap();
+    let ids = [5u32, 9, 100, 42];
+    let logits = |model: &Transformer| model.forward_with_cache(&ids, &mut KvCache::new()).unwrap();
+    let want = logits(&trained);
+    for path in [run.path(), adapter_dir.as_path()] {
+        let loaded = with_adapter(&m.model, path).unwrap();
+        assert!(max_diff(&logits(&loaded), &want) < 1e-5);
+    }
+    let err = with_adapter(&m.model, &run.path().join("nope"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("adapter_config.json") && err.contains("no such folder"),
+        "{err}"
+    );
+    let empty = tempfile::tempdir().unwrap();
+    let err = resolve_adapter_dir(empty.path()).unwrap_err().to_string();
+    assert!(err.contains("run folder holding adapter/"), "{err}");
+}
+
+#[test]
+fn stop_strings_streaming_and_cancel() {
+    let (_dir, m) = tiny(Family::Llama);
+    let prompt = m.format.encode_prompt(&[Message::new(Role::User, "abc")]).unwrap();
+    let no = AtomicBool::new(false);
+    // Sampling (greedy decoding of a random tiny model repeats one byte); a seed makes it repeatable.
+    let sampled = GenerateOptions {
+        sampling: SamplingParams {
+            // The tiny model's logits are very peaked; a high temperature gives varied text.
+            temperature: 50.0,
+            seed: 5,
+            ..SamplingParams::default()
+        },
+        ..greedy_opts(40)
+    };
+    let mut pieces = String::new();
+    let full = generate(&m.model, &m.format, &prompt, &sampled, &no, &mut |s| pieces.push_str(s)).unwrap();
+    assert_eq!(pieces, full.text, "streamed pieces add up to the answer");
+    // A stop string taken from the middle of the answer cuts it there.
+    let (at, ch) = full
+        .text
+        .char_indices()
+        .skip(3)
+        .find(|(_, c)| !c.is_control() && !c.is_whitespace() && *c != '\u{FFFD}')
+        .unwrap_or_else(|| panic!("no printable character in {:?}", full.text));
+    let stop = ch.to_string();
+    let first = full.text.find(&stop).unwrap();
+    assert!(first <= at);
+    let opts = GenerateOptions {
+        stop: vec![stop.clone()],
+        ..sampled.clone()
+    };
+    let mut pieces = String::new();
+    let g = generate(&m.model, &m.format, &prompt, &opts, &no, &mut |s| pieces.push_str(s)).unwrap();
+    assert_eq!(g.finish_reason, FinishReason::Stop);
+    assert_eq!(g.text, full.text[..first]);
+    assert_eq!(pieces, g.text);
+    // Cancelling from the callback stops between tokens.
+    let cancel = AtomicBool::new(false);
+    let mut calls = 0;
+    let g = generate(&m.model, &m.format, &prompt, &greedy_opts(40), &cancel, &mut |_| {
+        calls += 1;
+        if calls == 2 {
+            cancel.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+    })
+    .unwrap();
+    assert_eq!(g.finish_reason, FinishReason::Cancelled);
+    assert!(g.token_ids.len() < 40);
+}
+
+#[test]
+fn end_of_turn_stops_and_context_is_handled() {
+    let (_dir, m) = tiny(Family::Llama);
+    // The tiny ChatML template's end-of-turn is <|im_end|> = 2, EOS <|endoftext|> = 0.
+    assert!(m.format.stop_token_ids.contains(&2), "{:?}", m.format.stop_token_ids);
+    // Whatever token the model would produce third, declared an end token, ends the answer there
+    // with `eos` and is not part of it.
+    let prompt = m.format.encode_prompt(&[Message::new(Role::User, "hi")]).unwrap();
+    let no = AtomicBool::new(false);
+    let free = generate(&m.model, &m.format, &prompt, &greedy_opts(3), &no, &mut |_| {}).unwrap();
+    let mut format = m.format.clone();
+    format.stop_token_ids = vec![free.token_ids[2]];
+    let first_hit = free.token_ids.iter().position(|t| *t == free.token_ids[2]).unwrap();
+    let opts = GenerateOptions {
+        max_new_tokens: 5,
+        ..GenerateOptions::default()
+    };
+    let g = generate(&m.model, &format, &prompt, &opts, &no, &mut |_| {}).unwrap();
+    assert_eq!(g.finish_reason, FinishReason::Eos);
+    assert_eq!(g.token_ids, free.token_ids[..first_hit]);
+    // A prompt at the context length is a clear error, not a crash.
+    let long = vec![65u32; 1024];
+    let err = generate(&m.model, &m.format, &long, &opts, &no, &mut |_| {})
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("context of 1024 tokens"), "{err}");
+    // Reaching the context length mid-answer ends it with `length`.
+    let near = vec![65u32; 1020];
+    let g = generate(&m.model, &m.format, &near, &greedy_opts(50), &no, &mut |_| {}).unwrap();
+    assert_eq!(g.finish_reason, FinishReason::Length);
+    assert_eq!(g.token_ids.len(), 4);
+    // A long history is trimmed from the oldest turns; the system message stays.
+    let mut history = vec![Message::new(Role::System, "be brief")];
+    for i in 0..40 {
+        history.push(Message::new(Role::User, format!("question {i} {}", "x".repeat(40))));
+        history.push(Message::new(Role::Assistant, format!("answer {i} {}", "y".repeat(40))));
+    }
+    history.push(Message::new(Role::User, "last question"));
+    let (ids, dropped) = m.format.fit_prompt(&history, 1024, 100).unwrap();
+    assert!(dropped > 0 && ids.len() <= 924);
+    let text = m.format.decode(&ids).unwrap();
+    assert!(text.contains("be brief") && text.contains("last question") && !text.contains("question 0 "));
+    let huge = vec![Message::new(Role::User, "z".repeat(5000))];
+    let err = m.format.fit_prompt(&huge, 1024, 100).unwrap_err().to_string();
+    assert!(err.contains("does not fit"), "{err}");
+}
+
+#[test]
+fn real_model_answers_paris() {
+    let Ok(path) = std::env::var("FINCH_REAL_MODEL") else {
+        eprintln!("skipped: FINCH_REAL_MODEL is not set");
+        return;
+    };
+    let m = LoadedModel::open(&path).unwrap();
+    let no = AtomicBool::new(false);
+    let msgs = [Message::new(
+        Role::User,
+        "What is the capital of France? Answer in one word.",
+    )];
+    let opts = GenerateOptions {
+        max_new_tokens: 20,
+        ..GenerateOptions::default()
+    };
+    let g = chat(&m.model, &m.format, &msgs, &opts, &no, &mut |_| {}).unwrap();
+    assert!(g.text.contains("Paris"), "{:?}", g.text);
+    assert_eq!(g.finish_reason, FinishReason::Eos, "{:?}", g.text);
+    // SmolLM2's template inserts its own system message when there is none: the Modelfile
+    // carries it as SYSTEM, and the Go template writes what the Jinja template writes.
+    let t = export::OllamaTemplate::derive(&m.format.template).unwrap();
+    assert_eq!(
+        t.default_system.as_deref(),
+        Some("You are a helpful AI assistant named SmolLM, trained by Hugging Face")
+    );
+    let conv = [
+        Message::new(Role::System, "Be brief."),
+        Message::new(Role::User, "Hi"),
+        Message::new(Role::Assistant, "Hello!"),
+        Message::new(Role::User, "Bye"),
+    ];
+    assert_eq!(t.render(&conv), m.format.template.render(&conv, true).unwrap());
+    let modelfile = export::modelfile("./m.gguf", &m.format).unwrap();
+    assert!(modelfile.contains("PARAMETER stop \"<|im_end|>\""), "{modelfile}");
+}
+
+/// The tiny model with a non-trivial adapter (random B), and a run folder holding it.
+fn tuned(family: Family) -> (tempfile::TempDir, LoadedModel, Transformer) {
+    let (dir, m) = tiny(family);
+    let mut model = m.model.clone();
+    model.add_lora(&lora_cfg(), &mut Rng::new(2)).unwrap();
+    let mut rng = Rng::new(4);
+    for (_, w) in model.lora_weights() {
+        let (out, r) = w.b.as_tensor().dims2().unwrap();
+        let vals: Vec<f32> = (0..out * r).map(|_| (rng.next_f32() - 0.5) * 0.5).collect();
+        w.b.set(&Tensor::from_vec(vals, (out, r), &Device::Cpu).unwrap())
+            .unwrap();
+    }
+    let peft = crate::lora::PeftConfig::from_lora(&lora_cfg(), None);
+    crate::lora::save_adapter(&dir.path().join("run/adapter"), &peft, &model.lora_weights()).unwrap();
+    (dir, m, model)
+}
+
+fn all_logits(model: &Transformer, ids: &[u32]) -> Tensor {
+    model.forward_with_cache(ids, &mut KvCache::new()).unwrap()
+}
+
+#[test]
+fn merged_export_reloads_with_the_same_logits() {
+    for family in [Family::Llama, Family::Qwen2] {
+        let (dir, m, model) = tuned(family);
+        let out = dir.path().join("merged");
+        export::export_merged(&m.files, &m.format, &model, &out).unwrap();
+        let back = LoadedModel::open(out.to_str().unwrap()).unwrap();
+        let ids: Vec<u32> = (0..30).map(|i| (i * 13 % 260) as u32 + 3).collect();
+        let merged_in_memory = all_logits(&model.merged().unwrap(), &ids);
+        assert_eq!(max_diff(&all_logits(&back.model, &ids), &merged_in_memory), 0.0);
+        let unmerged = all_logits(&model, &ids);
+        assert!(max_diff(&all_logits(&back.model, &ids), &unmerged) < 1e-4);
+        assert!(
+            max_diff(&all_logits(&m.model, &ids), &unmerged) > 1e-2,
+            "the adapter matters"
+        );
+        assert_eq!(back.format.stop_token_ids, m.format.stop_token_ids);
+        assert_eq!(back.format.template.source(), m.format.template.source());
+        let gen: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("generation_config.json")).unwrap()).unwrap();
+        assert!(gen["eos_token_id"].as_array().unwrap().contains(&serde_json::json!(2)));
+    }
+}
+
+#[test]
+fn peft_export_round_trips() {
+    let (dir, m, model) = tuned(Family::Llama);
+    let out = dir.path().join("peft");
+    export::export_peft(&resolve_adapter_dir(&dir.path().join("run")).unwrap(), &out).unwrap();
+    let a = crate::lora::load_adapter(&out, &Device::Cpu).unwrap();
+    assert_eq!(a.weights.len(), 2 * Target::ALL.len());
+    let ids = [3u32, 70, 71, 72];
+    let back = with_adapter(&m.model, &out).unwrap();
+    assert_eq!(max_diff(&all_logits(&back, &ids), &all_logits(&model, &ids)), 0.0);
+}
+
+#[test]
+fn gguf_export_reloads_with_the_same_greedy_tokens_and_a_modelfile_that_stops() {
+    let (dir, m, model) = tuned(Family::Llama);
+    let out = dir.path().join("gguf");
+    let paths = export::export_gguf(&m.files, &m.format, &model, &out).unwrap();
+    let prompt = m.format.encode_prompt(&[Message::new(Role::User, "hello")]).unwrap();
+    let no = AtomicBool::new(false);
+    let want = generate(&model, &m.format, &prompt, &greedy_opts(20), &no, &mut |_| {}).unwrap();
+    let ids: Vec<u32> = (0..30).map(|i| (i * 7 % 260) as u32 + 3).collect();
+    let reference = all_logits(&model, &ids);
+    let scale = reference.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    // Relative to the largest logit: f16 rounding, then 8-bit blocks.
+    for (path, tolerance) in paths.iter().zip([1e-3f32, 1e-2]) {
+        let back = LoadedModel::open(path.to_str().unwrap()).unwrap();
+        // Tokenizer, template and end tokens come from the GGUF metadata alone.
+        assert_eq!(
+            back.format.encode_prompt(&[Message::new(Role::User, "hello")]).unwrap(),
+            prompt
+        );
+        assert!(
+            back.format.stop_token_ids.contains(&2),
+            "{:?}",
+            back.format.stop_token_ids
+        );
+        let got = generate(&back.model, &back.format, &prompt, &greedy_opts(20), &no, &mut |_| {}).unwrap();
+        assert_eq!(got.token_ids, want.token_ids, "{}", path.display());
+        let got_logits = all_logits(&back.model, &ids);
+        // Greedy decoding of a random tiny model repeats one token, so also compare the greedy
+        // choice after every prefix of a varied sequence.
+        let argmaxes = |t: &Tensor| -> Vec<u32> {
+            t.to_vec2::<f32>()
+                .unwrap()
+                .iter()
+                .map(|r| sampling::argmax(r))
+                .collect()
+        };
+        assert_eq!(argmaxes(&got_logits), argmaxes(&reference), "{}", path.display());
+        let d = max_diff(&got_logits, &reference) / scale;
+        eprintln!("{}: relative logit difference {d}", path.display());
+        assert!(d < tolerance, "{}: logits differ by {d} of {scale}", path.display());
+    }
+    let modelfile = std::fs::read_to_string(out.join("Modelfile")).unwrap();
+    assert!(modelfile.starts_with("FROM ./model-q8_0.gguf\n"), "{modelfile}");
+    assert!(modelfile.contains("PARAMETER stop \"<|im_end|>\""), "{modelfile}");
+    // The Go template writes exactly what the Jinja template writes.
+    let t = export::OllamaTemplate::derive(&m.format.template).unwrap();
+    let conv = [
+        Message::new(Role::System, "You are brief."),
+        Message::new(Role::User, "Hi"),
+        Message::new(Role::Assistant, "Hello!\nHow can I help?"),
+        Message::new(Role::User, "Name a colour."),
+    ];
+    assert_eq!(t.render(&conv), m.format.template.render(&conv, true).unwrap());
+    assert!(modelfile.contains(&format!("TEMPLATE \"\"\"{}\"\"\"", t.go_template())));
+    assert!(t
+        .go_template()
+        .contains("{{ if eq .Role \"system\" }}<|im_start|>system\n{{ .Content }}"));
+}
+
+#[test]
+fn eval_loss_matches_the_logits_and_exact_match_counts_rows() {
+    let (_dir, m) = tiny(Family::Llama);
+    let no = AtomicBool::new(false);
+    let question = vec![Message::new(Role::User, "say something")];
+    let answer = chat(&m.model, &m.format, &question, &greedy_opts(6), &no, &mut |_| {}).unwrap();
+    let ex = |reply: &str| crate::data::Example::Chat {
+        messages: vec![question[0].clone(), Message::new(Role::Assistant, reply)],
+    };
+    let examples = [ex(&answer.text), ex("something else entirely")];
+    let metrics = [eval::Metric::Loss, eval::Metric::Exact, eval::Metric::RougeL];
+    let (summary, rows) = eval::evaluate(&m.model, &m.format, &examples, &metrics, 6, &no).unwrap();
+    assert_eq!(summary.rows, 2);
+    assert_eq!(summary.exact_match, Some(0.5));
+    assert_eq!(rows[0].exact, Some(true));
+    assert_eq!(rows[1].exact, Some(false));
+    // Loss of row 2 from the logits: mean −log p(target) over its assistant tokens.
+    let t = crate::data::tokenize::encode_example(
+        &examples[1],
+        &m.format.template,
+        &m.format.tokenizer,
+        crate::data::LossOn::Assistant,
+        1024,
+    )
+    .unwrap();
+    let logits = all_logits(&m.model, &t.input_ids).to_vec2::<f32>().unwrap();
+    let mut nll = vec![];
+    for p in 0..t.len() - 1 {
+        if t.loss_mask[p + 1] {
+            let row = &logits[p];
+            let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+            let lse = max + row.iter().map(|l| (l - max).exp()).sum::<f32>().ln();
+            nll.push((lse - row[t.input_ids[p + 1] as usize]) as f64);
+        }
+    }
+    let want = nll.iter().sum::<f64>() / nll.len() as f64;
+    assert!(
+        (rows[1].loss.unwrap() - want).abs() < 1e-4,
+        "{:?} vs {want}",
+        rows[1].loss
+    );
+    let (n0, n1) = (
+        rows[0].target_tokens.unwrap() as f64,
+        rows[1].target_tokens.unwrap() as f64,
+    );
+    let mean = (rows[0].loss.unwrap() * n0 + rows[1].loss.unwrap() * n1) / (n0 + n1);
+    assert!((summary.loss.unwrap() - mean).abs() < 1e-9);
+    assert!((summary.perplexity.unwrap() - mean.exp()).abs() < 1e-6);
+}
+
+#[test]
+fn quantized_path_matches_the_dequantized_model() {
+    for family in [Family::Llama, Family::Qwen2] {
+        let (dir, m, model) = tuned(family);
+        let out = dir.path().join("gguf");
+        let paths = export::export_gguf(&m.files, &m.format, &model, &out).unwrap();
+        let q8 = &paths[1];
+        let f32_model = LoadedModel::open(q8.to_str().unwrap()).unwrap();
+        let mut q = quantized::QuantizedModel::open(q8, &f32_model.files.config).unwrap();
+        let ids: Vec<u32> = (0..30).map(|i| (i * 7 % 260) as u32 + 3).collect();
+        let want = all_logits(&f32_model.model, &ids);
+        // Prompt in one step, then token by token; logits of the last position each time.
+        q.reset().unwrap();
+        let mut got = vec![q.step(&ids[..10]).unwrap()];
+        for &t in &ids[10..] {
+            got.push(q.step(&[t]).unwrap());
+        }
+        let got = Tensor::stack(&got, 0).unwrap();
+        let want = want.narrow(0, 9, 21).unwrap();
+        let scale = want.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        // candle quantizes the activations to 8 bits for its q8_0 matmul.
+        let d = max_diff(&got, &want) / scale;
+        assert!(d < 2e-2, "{family:?}: relative difference {d}");
+        let argmaxes = |t: &Tensor| -> Vec<u32> {
+            t.to_vec2::<f32>()
+                .unwrap()
+                .iter()
+                .map(|r| sampling::argmax(r))
+                .collect()
+        };
+        let same = argmaxes(&got)
+            .iter()
+            .zip(argmaxes(&want))
+            .filter(|(a, b)| **a == *b)
+            .count();
+        assert!(same >= 19, "{family:?}: greedy choice agrees at {same} of 21 positions");
+        // A generation through the Decoder trait restarts cleanly.
+        let no = AtomicBool::new(false);
+        let prompt = m.format.encode_prompt(&[Message::new(Role::User, "hello")]).unwrap();
+        let a = generate_with(&mut q, &f32_model.format, &prompt, &greedy_opts(8), &no, &mut |_| {}).unwrap();
+        let b = generate_with(&mut q, &f32_model.format, &prompt, &greedy_opts(8), &no, &mut |_| {}).unwrap();
+        assert_eq!(a.token_ids, b.token_ids);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    TinySpec::new(Family::Llama).write(dir.path()).unwrap();
+    let cfg = LoadedModel::open(dir.path().to_str().unwrap()).unwrap().files.config;
+    let err = quantized::QuantizedModel::open(dir.path(), &cfg)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("needs a .gguf file"), "{err}");
+}
+
+#[test]
+fn real_model_quantized_answers_paris() {
+    let Ok(path) = std::env::var("FINCH_REAL_MODEL") else {
+        eprintln!("skipped: FINCH_REAL_MODEL is not set");
+        return;
+    };
+    let files = ModelFiles::open(&path).unwrap();
+    let format = ChatFormat::from_files(&files).unwrap();
+    let mut q = quantized::QuantizedModel::open(&files.path, &files.config).unwrap();
+    let no = AtomicBool::new(false);
+    let msgs = [Message::new(
+        Role::User,
+        "What is the capital of France? Answer in one word.",
+    )];
+    let opts = GenerateOptions {
+        max_new_tokens: 20,
+        ..GenerateOptions::default()
+    };
+    let g = chat_with(&mut q, &format, &msgs, &opts, &no, &mut |_| {}).unwrap();
+    assert!(g.text.contains("Paris"), "{:?}", g.text);
+    assert_eq!(g.finish_reason, FinishReason::Eos, "{:?}", g.text);
+}
