@@ -92,3 +92,60 @@ fn twenty_lora_steps_on_a_bundled_dataset_lower_the_loss() {
         "held-out loss {base_eval} -> {tuned_eval}"
     );
 }
+
+#[test]
+fn data_score_ranks_a_garbage_answer_as_the_hardest_row() {
+    let Some(path) = real_model() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("rows.jsonl");
+    let mut rows: Vec<String> = [
+        ("What is the capital of France?", "The capital of France is Paris."),
+        (
+            "What color is the sky on a clear day?",
+            "The sky is blue on a clear day.",
+        ),
+        ("How many days are in a week?", "There are seven days in a week."),
+        ("What do bees make?", "Bees make honey."),
+        ("Name a fruit that is yellow.", "A banana is a yellow fruit."),
+    ]
+    .iter()
+    .map(|(q, a)| serde_json::json!({"instruction": q, "output": a}).to_string())
+    .collect();
+    rows.insert(
+        2,
+        serde_json::json!({"instruction": "What is 2 plus 2?", "output": "qz vlorp xxk jjwq trunble zzv"}).to_string(),
+    );
+    std::fs::write(&data, rows.join("\n")).unwrap();
+    let kept = dir.path().join("kept.jsonl");
+    let details = dir.path().join("details.jsonl");
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_finch"))
+        .args(["data", "score"])
+        .arg(&data)
+        .args(["--model", &path, "--keep", "top", "--fraction", "0.17", "--out"])
+        .arg(&kept)
+        .arg("--details")
+        .arg(&details)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let summary: serde_json::Value = serde_json::from_slice(o.stdout.trim_ascii()).unwrap();
+    assert_eq!(summary["rows"], 6);
+    assert_eq!(summary["kept"], 1);
+    let kept = std::fs::read_to_string(&kept).unwrap();
+    assert!(kept.contains("trunble"), "{kept}");
+    let losses: Vec<f64> = std::fs::read_to_string(&details)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"]
+                .as_f64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(losses.len(), 6);
+    let garbage = losses[2];
+    assert!(
+        losses.iter().enumerate().all(|(i, l)| i == 2 || *l < garbage - 1.0),
+        "{losses:?}"
+    );
+}

@@ -37,6 +37,38 @@ pub enum DataCommand {
     Filter(FilterArgs),
     /// Write a deterministic train / validation split as two JSONL files.
     Split(SplitArgs),
+    /// Score every row by the model's loss on its answer; optionally keep the hardest or easiest share.
+    Score(ScoreArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ScoreArgs {
+    #[command(flatten)]
+    pub load: LoadArgs,
+    /// Model folder, GGUF file or Hub id that scores the rows.
+    #[arg(long)]
+    pub model: String,
+    /// Rows are cut to this many tokens before scoring.
+    #[arg(long, default_value_t = 512)]
+    pub seq_len: usize,
+    /// Keep the rows with the highest loss (hardest, or noisy) or the lowest (most typical).
+    #[arg(long, value_enum, requires = "out")]
+    pub keep: Option<KeepArg>,
+    /// Share of rows to keep with --keep (0 to 1).
+    #[arg(long, default_value_t = 0.5)]
+    pub fraction: f32,
+    /// Where to write the kept rows (JSONL).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// One JSON line per row with its line number and loss.
+    #[arg(long)]
+    pub details: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum KeepArg {
+    Top,
+    Bottom,
 }
 
 /// How to read the dataset file (shared by every `data` command).
@@ -145,6 +177,7 @@ pub fn run(args: DataArgs) -> anyhow::Result<i32> {
         DataCommand::Inspect(args) => run_inspect(args),
         DataCommand::Filter(args) => run_filter(args),
         DataCommand::Split(args) => run_split(args),
+        DataCommand::Score(args) => run_score(args),
     }
 }
 
@@ -369,6 +402,74 @@ fn run_split(args: SplitArgs) -> anyhow::Result<i32> {
         "train": {"path": train_path.display().to_string(), "rows": split.train.len()},
         "validation": {"path": validation_path.display().to_string(), "rows": split.validation.len()},
     });
+    println!("{}", serde_json::to_string(&out)?);
+    Ok(0)
+}
+
+fn run_score(args: ScoreArgs) -> anyhow::Result<i32> {
+    use crate::data::quality::{select_by_score, Keep, ResponseScorer};
+    let report = args.load.load()?;
+    let files = ModelFiles::open(&args.model)?;
+    let mut warnings = vec![];
+    let template = choose_template(Some(&files), None, &mut warnings)?;
+    for w in &warnings {
+        eprintln!("warning: {w}");
+    }
+    let model = files.load(candle_core::DType::F32, &candle_core::Device::Cpu)?;
+    let mut tokenized = Vec::with_capacity(report.rows.len());
+    for row in &report.rows {
+        let t = crate::data::tokenize::encode_example(
+            &row.example,
+            &template,
+            &files.tokenizer,
+            LossOn::Assistant,
+            args.seq_len,
+        )
+        .with_context(|| format!("line {}", row.line))?;
+        tokenized.push(t);
+    }
+    let pad_id = files.config.eos_token_ids.first().copied().unwrap_or(0);
+    let mut scorer = crate::train::score::ModelScorer { model: &model, pad_id };
+    let mut losses = Vec::with_capacity(tokenized.len());
+    for (i, chunk) in tokenized.chunks(16).enumerate() {
+        losses.extend(scorer.response_losses(chunk)?);
+        eprint!(
+            "\rscored {} / {} rows",
+            (i * 16 + chunk.len()).min(tokenized.len()),
+            tokenized.len()
+        );
+    }
+    eprintln!();
+    if let Some(path) = &args.details {
+        let mut text = String::new();
+        for (row, loss) in report.rows.iter().zip(&losses) {
+            text.push_str(&json!({"line": row.line, "loss": loss}).to_string());
+            text.push('\n');
+        }
+        crate::fsutil::write_atomic(path, text.as_bytes())?;
+    }
+    let finite: Vec<f32> = losses.iter().copied().filter(|l| l.is_finite()).collect();
+    let mean = finite.iter().sum::<f32>() / finite.len().max(1) as f32;
+    let mut out = json!({
+        "file": args.load.file.display().to_string(),
+        "model": args.model,
+        "rows": losses.len(),
+        "scored": finite.len(),
+        "mean_loss": mean,
+        "min_loss": finite.iter().copied().fold(f32::INFINITY, f32::min),
+        "max_loss": finite.iter().copied().fold(f32::NEG_INFINITY, f32::max),
+    });
+    if let (Some(keep), Some(path)) = (args.keep, &args.out) {
+        let keep = match keep {
+            KeepArg::Top => Keep::Top,
+            KeepArg::Bottom => Keep::Bottom,
+        };
+        let chosen = select_by_score(&losses, args.fraction, keep)?;
+        let kept: Vec<_> = chosen.iter().map(|&i| report.rows[i].example.clone()).collect();
+        DatasetEditor::new(kept).save_jsonl(path)?;
+        out["kept"] = json!(chosen.len());
+        out["out"] = json!(path.display().to_string());
+    }
     println!("{}", serde_json::to_string(&out)?);
     Ok(0)
 }

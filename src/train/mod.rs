@@ -8,6 +8,7 @@ pub mod config;
 pub mod optim;
 pub mod run;
 pub mod schedule;
+pub mod score;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
