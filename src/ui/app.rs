@@ -89,17 +89,20 @@ pub struct StartOptions {
     pub page: Option<Page>,
     pub model: Option<PathBuf>,
     pub data: Option<PathBuf>,
+    /// A run folder whose curves the Train page shows at start.
+    pub run: Option<PathBuf>,
 }
 
 impl StartOptions {
-    /// `FINCH_UI_PAGE` (models, train, settings), `FINCH_UI_MODEL` and `FINCH_UI_DATA` (paths):
-    /// used by `scripts/screenshots.sh` to show each page with a model loaded.
+    /// `FINCH_UI_PAGE` (models, train, settings), `FINCH_UI_MODEL`, `FINCH_UI_DATA` and
+    /// `FINCH_UI_RUN` (paths): used by `scripts/screenshots.sh` to show each page with content.
     pub fn from_env() -> Self {
         let var = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
         StartOptions {
             page: var("FINCH_UI_PAGE").and_then(|p| Page::parse(&p)),
             model: var("FINCH_UI_MODEL").map(PathBuf::from),
             data: var("FINCH_UI_DATA").map(PathBuf::from),
+            run: var("FINCH_UI_RUN").map(PathBuf::from),
         }
     }
 }
@@ -253,6 +256,9 @@ impl App {
         }
         self.refresh_cached(ctx);
         self.train.history_stale = true;
+        if let Some(run) = self.start.run.clone() {
+            self.show_run(ctx, &run);
+        }
     }
 
     /// The whole window. [`eframe::App::ui`] calls this; tests call it through `egui_kittest`.
@@ -271,11 +277,11 @@ impl App {
         egui::Panel::left("finch-nav")
             .resizable(false)
             .exact_size(150.0)
-            .show_inside(ui, |ui| self.nav_ui(ui));
+            .show(ui, |ui| self.nav_ui(ui));
         if !self.errors.is_empty() {
-            egui::Panel::top("finch-errors").show_inside(ui, |ui| self.errors_ui(ui));
+            egui::Panel::top("finch-errors").show(ui, |ui| self.errors_ui(ui));
         }
-        egui::CentralPanel::default().show_inside(ui, |ui| {
+        egui::CentralPanel::default().show(ui, |ui| {
             egui::ScrollArea::vertical()
                 .auto_shrink([false, false])
                 .show(ui, |ui| match self.settings.page {
@@ -391,7 +397,7 @@ impl App {
                 }
             }
             Closing::Asking => {
-                let modal = egui::Modal::new(egui::Id::new("finch-close-while-training")).show(ctx, |ui| {
+                let modal = egui::Modal::new(egui::Id::unique("finch-close-while-training")).show(ctx, |ui| {
                     ui.heading("Training is running");
                     ui.label("Closing stops the run after the current step and saves a checkpoint, so you can resume it later.");
                     ui.add_space(8.0);

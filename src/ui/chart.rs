@@ -38,7 +38,7 @@ fn register_font() -> Result<(), String> {
                 .or_else(|| defs.font_data.values().next())
                 .ok_or("egui has no built-in font")?;
             // plotters keeps fonts for the life of the process; one copy is leaked on purpose.
-            let bytes: &'static [u8] = Box::leak(data.font.to_vec().into_boxed_slice());
+            let bytes: &'static [u8] = Box::leak((*data.font).as_ref().to_vec().into_boxed_slice());
             plotters::style::register_font(FONT_FAMILY, FontStyle::Normal, bytes)
                 .map_err(|_| "the built-in font could not be read".to_string())
         })

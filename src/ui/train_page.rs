@@ -164,6 +164,7 @@ impl LiveCurves {
         live.lr = run.lr.clone();
         live.grad_norm = run.grad_norm.clone();
         live.step = run.last_step;
+        live.total_steps = run.planned_steps.unwrap_or(run.last_step);
         live
     }
 }
@@ -304,6 +305,7 @@ pub struct TrainPage {
     /// Runs ticked for the comparison chart.
     overlay: BTreeSet<PathBuf>,
     saving_chart: Option<Job<Result<PathBuf, String>>>,
+    showing: Option<Job<Option<RunHistory>>>,
 }
 
 impl TrainPage {
@@ -401,6 +403,18 @@ impl App {
     /// Asks a running training to stop after the current step, as the Stop button does.
     pub fn stop_training(&mut self) {
         self.train.request_stop();
+    }
+
+    /// Shows a past run's curves in the main chart (read on a background thread).
+    pub fn show_run(&mut self, ctx: &egui::Context, dir: &Path) {
+        if self.train.is_running() {
+            return;
+        }
+        let dir = dir.to_path_buf();
+        match Job::spawn("finch-read-run", ctx, move || RunHistory::read(&dir)) {
+            Ok(job) => self.train.showing = Some(job),
+            Err(e) => self.report("Cannot read the run", e, "Restart Finch."),
+        }
     }
 
     /// Past runs found under the runs folder.
@@ -590,6 +604,24 @@ impl App {
                 self.train.history_job = None;
                 self.train.overlay.retain(|d| history.iter().any(|r| &r.dir == d));
                 self.train.history = history;
+            }
+        }
+        if let Some(job) = &mut self.train.showing {
+            if let Some(run) = job.poll() {
+                self.train.showing = None;
+                match run {
+                    Some(run) if !self.train.is_running() => {
+                        self.train.live = LiveCurves::from_history(&run);
+                        self.train.summary = None;
+                        self.train.status = format!("Showing the run {}", run.name);
+                    }
+                    Some(_) => {}
+                    None => self.report(
+                        "Cannot show this run",
+                        "its folder holds no readable metrics.jsonl",
+                        "Pick a run folder made by Finch.",
+                    ),
+                }
             }
         }
         if let Some(job) = &mut self.train.saving_chart {
@@ -788,7 +820,7 @@ impl App {
                         r.response
                     },
                 );
-                match (&mut cfg.duration, by_epochs) {
+                match (cfg.duration, by_epochs) {
                     (Duration::Steps(_), true) => cfg.duration = Duration::Epochs(1.0),
                     (Duration::Epochs(_), false) => cfg.duration = Duration::Steps(100),
                     _ => {}
@@ -1084,6 +1116,7 @@ impl App {
         }
         let running = self.train.is_running();
         let mut resume = None;
+        let mut show = None;
         egui::Grid::new("run-history").striped(true).num_columns(6).show(ui, |ui| {
             if !self.train.history.is_empty() {
                 for head in ["Compare", "Run", "Steps", "Final loss", "Eval loss", ""] {
@@ -1111,20 +1144,26 @@ impl App {
                 });
                 ui.label(run.loss.last().map(|p| format!("{:.4}", p[1])).unwrap_or_else(|| "–".into()));
                 ui.label(run.eval_loss.last().map(|p| format!("{:.4}", p[1])).unwrap_or_else(|| "–".into()));
-                if run.resumable() && !running {
-                    if ui.button("Resume").on_hover_text("Continue from its newest checkpoint.").clicked() {
-                        resume = Some(run.dir.clone());
+                ui.horizontal(|ui| {
+                    if !running && ui.button("Show").on_hover_text("Show this run's curves above.").clicked() {
+                        show = Some(run.dir.clone());
                     }
-                } else if run.failed {
-                    ui.label(egui::RichText::new("failed").color(ui.visuals().error_fg_color));
-                } else {
-                    ui.label("");
-                }
+                    if run.resumable() && !running {
+                        if ui.button("Resume").on_hover_text("Continue from its newest checkpoint.").clicked() {
+                            resume = Some(run.dir.clone());
+                        }
+                    } else if run.failed {
+                        ui.label(egui::RichText::new("failed").color(ui.visuals().error_fg_color));
+                    }
+                });
                 ui.end_row();
             }
         });
         if let Some(dir) = resume {
             self.start_training(ctx, Some(&dir));
+        }
+        if let Some(dir) = show {
+            self.show_run(ctx, &dir);
         }
         if !self.train.overlay.is_empty() {
             Plot::new("compare-plot")
