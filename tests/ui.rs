@@ -97,10 +97,14 @@ fn open_tiny_model(harness: &mut Harness<'_, App>, model: &Path) {
     nav(harness, "Models");
     harness.get_by_label("Model path").focus();
     harness.step();
-    harness.get_by_label("Model path").type_text(&model.display().to_string());
+    harness
+        .get_by_label("Model path")
+        .type_text(&model.display().to_string());
     harness.step();
     harness.get_by_label("Open").click();
-    step_until(harness, "the model card", Duration::from_secs(60), |app| app.model_card().is_some());
+    step_until(harness, "the model card", Duration::from_secs(60), |app| {
+        app.model_card().is_some()
+    });
 }
 
 #[test]
@@ -127,14 +131,19 @@ fn open_model_train_ten_steps_and_see_the_curve_and_the_history() {
     assert_eq!(harness.state().page(), Page::Train);
     harness.get_by_label("Data file").focus();
     harness.step();
-    harness.get_by_label("Data file").type_text(&fx.data.display().to_string());
+    harness
+        .get_by_label("Data file")
+        .type_text(&fx.data.display().to_string());
     harness.step();
     harness.get_by_label("Start training").click();
     harness.step();
     assert!(harness.state().is_training(), "errors: {:?}", harness.state().errors());
+    harness.step();
     harness.get_by_label("Stop");
 
-    step_until(&mut harness, "the run to finish", Duration::from_secs(300), |app| !app.is_training());
+    step_until(&mut harness, "the run to finish", Duration::from_secs(300), |app| {
+        !app.is_training()
+    });
     assert!(harness.state().errors().is_empty(), "{:?}", harness.state().errors());
     let loss = harness.state().live_loss_points().to_vec();
     assert_eq!(loss.len(), 10, "one loss point per step: {loss:?}");
@@ -157,7 +166,10 @@ fn open_model_train_ten_steps_and_see_the_curve_and_the_history() {
     assert!(!run.eval_loss.is_empty(), "eval every 5 steps with a 20% split");
     assert!(run.dir.join("adapter").join("adapter_model.safetensors").exists());
     assert!(!run.resumable(), "a finished run offers no Resume");
-    assert!(harness.get_all_by_label(&run.name).next().is_some(), "the run is listed");
+    assert!(
+        harness.get_all_by_label(&run.name).next().is_some(),
+        "the run is listed"
+    );
     assert_eq!(harness.state().settings().last_run.as_ref(), Some(&run.dir));
 
     // Tick the run for comparison, then save the chart in both formats.
@@ -212,9 +224,13 @@ fn closing_during_training_asks_then_stops_with_a_checkpoint_and_resume_continue
         .commands
         .contains(&egui::ViewportCommand::CancelClose);
     assert!(cancelled, "the close is held back while the question is open");
+    // egui lays out a new window invisibly in its first frame.
+    harness.step();
 
     harness.get_by_label("Stop training and close").click();
-    step_until(&mut harness, "the trainer to stop", Duration::from_secs(120), |app| !app.is_training());
+    step_until(&mut harness, "the trainer to stop", Duration::from_secs(120), |app| {
+        !app.is_training()
+    });
     // The frame after the trainer ended asks the window to close.
     harness.step();
     let commands = &harness.output().viewport_output[&egui::ViewportId::ROOT].commands;
@@ -242,9 +258,15 @@ fn closing_during_training_asks_then_stops_with_a_checkpoint_and_resume_continue
         app.live_loss_points().len() >= steps_done + 2
     });
     let points = harness.state().live_loss_points().to_vec();
-    assert_eq!(points[steps_done][0], (steps_done + 1) as f64, "the resumed curve continues the old one");
+    assert_eq!(
+        points[steps_done][0],
+        (steps_done + 1) as f64,
+        "the resumed curve continues the old one"
+    );
     harness.state_mut().stop_training();
-    step_until(&mut harness, "the stop", Duration::from_secs(120), |app| !app.is_training());
+    step_until(&mut harness, "the stop", Duration::from_secs(120), |app| {
+        !app.is_training()
+    });
 }
 
 #[test]
@@ -255,7 +277,9 @@ fn a_model_that_cannot_be_opened_shows_an_error_with_what_to_do() {
     let missing = fx.settings.runs_dir.join("no-such-model");
     let ctx = harness.ctx.clone();
     harness.state_mut().open_model_path(&ctx, &missing);
-    step_until(&mut harness, "the error", Duration::from_secs(30), |app| !app.errors().is_empty());
+    step_until(&mut harness, "the error", Duration::from_secs(30), |app| {
+        !app.errors().is_empty()
+    });
     let error = harness.state().errors()[0].clone();
     assert!(error.what.contains("Cannot open the model"), "{error:?}");
     assert!(error.detail.contains("no-such-model"), "{error:?}");
@@ -297,7 +321,9 @@ fn scale_model_data_and_settings_persist_between_launches() {
     open_tiny_model(&mut harness, &fx.model);
     nav(&mut harness, "Settings");
     harness.get_by_label("Projector").click();
-    harness.step();
+    // The click, then one frame to request the zoom and one in which it applies.
+    harness.run_steps(4);
+    assert_eq!(harness.state().settings().ui_scale, 2.0);
     assert_eq!(harness.ctx.zoom_factor(), 2.0, "the UI scale applies at once");
     nav(&mut harness, "Train");
     harness.get_by_label("Balanced").click();

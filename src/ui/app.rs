@@ -163,7 +163,12 @@ impl App {
         if let Some(page) = app.start.page {
             app.settings.page = page;
         }
-        if let Some(data) = app.start.data.clone().or_else(|| app.settings.last_data.as_ref().map(PathBuf::from)) {
+        if let Some(data) = app
+            .start
+            .data
+            .clone()
+            .or_else(|| app.settings.last_data.as_ref().map(PathBuf::from))
+        {
             app.train.data_path = data.display().to_string();
         }
         app
@@ -221,7 +226,9 @@ impl App {
     }
 
     fn handle_pick(&mut self, ctx: &egui::Context) {
-        let Some((purpose, job)) = &mut self.picking else { return };
+        let Some((purpose, job)) = &mut self.picking else {
+            return;
+        };
         let purpose = *purpose;
         let Some(answer) = job.poll() else { return };
         self.picking = None;
@@ -346,45 +353,53 @@ impl App {
     fn settings_page_ui(&mut self, ui: &mut egui::Ui) {
         ui.heading("Settings");
         ui.add_space(8.0);
-        egui::Grid::new("settings-grid").num_columns(2).spacing([16.0, 10.0]).show(ui, |ui| {
-            ui.label("UI scale")
-                .on_hover_text("Makes every text and control larger; 1.5 or more for a classroom projector.");
-            ui.horizontal(|ui| {
-                ui.add(egui::Slider::new(&mut self.settings.ui_scale, 0.75..=2.5).step_by(0.05));
-                for (label, scale) in [("Laptop", 1.0), ("Large", 1.5), ("Projector", 2.0)] {
-                    if ui.button(label).clicked() {
-                        self.settings.ui_scale = scale;
+        egui::Grid::new("settings-grid")
+            .num_columns(2)
+            .spacing([16.0, 10.0])
+            .show(ui, |ui| {
+                ui.label("UI scale")
+                    .on_hover_text("Makes every text and control larger; 1.5 or more for a classroom projector.");
+                ui.horizontal(|ui| {
+                    ui.add(egui::Slider::new(&mut self.settings.ui_scale, 0.75..=2.5).step_by(0.05));
+                    for (label, scale) in [("Laptop", 1.0), ("Large", 1.5), ("Projector", 2.0)] {
+                        if ui.button(label).clicked() {
+                            self.settings.ui_scale = scale;
+                        }
                     }
-                }
-            });
-            ui.end_row();
+                });
+                ui.end_row();
 
-            ui.label("Runs folder")
-                .on_hover_text("New training runs are created here, and past runs are listed from here.");
-            ui.horizontal(|ui| {
-                let mut text = self.settings.runs_dir.display().to_string();
-                if ui.add(egui::TextEdit::singleline(&mut text).desired_width(360.0)).changed() {
-                    self.settings.runs_dir = PathBuf::from(text);
-                    self.train.history_stale = true;
-                }
-                if ui.button("Browse…").clicked() {
-                    let dir = self.settings.runs_dir.clone();
-                    self.start_pick(ui.ctx(), PickPurpose::RunsFolder, Some(&dir));
-                }
-            });
-            ui.end_row();
+                ui.label("Runs folder")
+                    .on_hover_text("New training runs are created here, and past runs are listed from here.");
+                ui.horizontal(|ui| {
+                    let mut text = self.settings.runs_dir.display().to_string();
+                    if ui
+                        .add(egui::TextEdit::singleline(&mut text).desired_width(360.0))
+                        .changed()
+                    {
+                        self.settings.runs_dir = PathBuf::from(text);
+                        self.train.history_stale = true;
+                    }
+                    if ui.button("Browse…").clicked() {
+                        let dir = self.settings.runs_dir.clone();
+                        self.start_pick(ui.ctx(), PickPurpose::RunsFolder, Some(&dir));
+                    }
+                });
+                ui.end_row();
 
-            ui.label("Hub cache")
-                .on_hover_text("Downloaded models are shared with Python's huggingface_hub through this folder.");
-            ui.label(self.models.hub_options().cache_dir.display().to_string());
-            ui.end_row();
-        });
+                ui.label("Hub cache")
+                    .on_hover_text("Downloaded models are shared with Python's huggingface_hub through this folder.");
+                ui.label(self.models.hub_options().cache_dir.display().to_string());
+                ui.end_row();
+            });
     }
 
     /// Intercepts a window close while a run trains: asks, then stops and closes after the
     /// trainer has written its checkpoint.
     fn close_request_ui(&mut self, ctx: &egui::Context) {
-        if ctx.input(|i| i.viewport().close_requested()) && self.train.is_running() && self.closing != Closing::StopThenClose
+        if ctx.input(|i| i.viewport().close_requested())
+            && self.train.is_running()
+            && self.closing != Closing::StopThenClose
         {
             ctx.send_viewport_cmd(egui::ViewportCommand::CancelClose);
             self.closing = Closing::Asking;

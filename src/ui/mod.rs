@@ -26,12 +26,7 @@ pub fn run_native(start: StartOptions) -> anyhow::Result<()> {
             .with_min_inner_size([720.0, 480.0]),
         ..Default::default()
     };
-    eframe::run_native(
-        "Finch",
-        options,
-        Box::new(move |cc| Ok(Box::new(App::new(cc, start)))),
-    )
-    .map_err(|e| {
+    eframe::run_native("Finch", options, Box::new(move |cc| Ok(Box::new(App::new(cc, start))))).map_err(|e| {
         anyhow::anyhow!(
             "cannot open the studio window: {e}. Finch needs a desktop session (X11 or Wayland) with OpenGL; \
              the command-line tools (`finch --help`) work without one"

@@ -322,16 +322,22 @@ impl App {
                 let edit = edit.labelled_by(label.id);
                 let enter = edit.lost_focus() && ui.input(|i| i.key_pressed(egui::Key::Enter));
                 let can_open = !self.models.path_text.trim().is_empty() && !self.models.is_opening();
-                if (ui.add_enabled(can_open, egui::Button::new("Open")).clicked() || (enter && can_open))
-                    && can_open
-                {
+                if (ui.add_enabled(can_open, egui::Button::new("Open")).clicked() || (enter && can_open)) && can_open {
                     let path = PathBuf::from(self.models.path_text.trim());
                     self.open_model_path_in(&ctx, &path);
                 }
-                if ui.button("Folder…").on_hover_text("Pick a Hugging Face model folder").clicked() {
+                if ui
+                    .button("Folder…")
+                    .on_hover_text("Pick a Hugging Face model folder")
+                    .clicked()
+                {
                     self.start_pick(&ctx, PickPurpose::ModelFolder, None);
                 }
-                if ui.button("GGUF file…").on_hover_text("Pick a .gguf model file").clicked() {
+                if ui
+                    .button("GGUF file…")
+                    .on_hover_text("Pick a .gguf model file")
+                    .clicked()
+                {
                     self.start_pick(&ctx, PickPurpose::ModelGguf, None);
                 }
                 if self.models.is_opening() {
@@ -390,24 +396,27 @@ impl App {
                 ui.label(egui::RichText::new("No models in the Hugging Face cache yet.").weak());
             }
             let mut open = None;
-            egui::Grid::new("cached-models").striped(true).num_columns(3).show(ui, |ui| {
-                for model in &self.models.cached {
-                    ui.label(&model.id);
-                    ui.label(format_bytes(model.size_bytes));
-                    match model.revisions.iter().find(|r| r.usable) {
-                        Some(rev) => {
-                            if ui.button("Use").on_hover_text(rev.path.display().to_string()).clicked() {
-                                open = Some(rev.path.clone());
+            egui::Grid::new("cached-models")
+                .striped(true)
+                .num_columns(3)
+                .show(ui, |ui| {
+                    for model in &self.models.cached {
+                        ui.label(&model.id);
+                        ui.label(format_bytes(model.size_bytes));
+                        match model.revisions.iter().find(|r| r.usable) {
+                            Some(rev) => {
+                                if ui.button("Use").on_hover_text(rev.path.display().to_string()).clicked() {
+                                    open = Some(rev.path.clone());
+                                }
+                            }
+                            None => {
+                                ui.label(egui::RichText::new("incomplete").weak())
+                                    .on_hover_text("Download it again to finish the missing files.");
                             }
                         }
-                        None => {
-                            ui.label(egui::RichText::new("incomplete").weak())
-                                .on_hover_text("Download it again to finish the missing files.");
-                        }
+                        ui.end_row();
                     }
-                    ui.end_row();
-                }
-            });
+                });
             if let Some(path) = open {
                 self.open_model_path_in(&ctx, &path);
             }
@@ -423,33 +432,40 @@ impl App {
             ui.label(egui::RichText::new(&card.name).heading().strong());
             ui.label(egui::RichText::new(card.path.display().to_string()).small().weak());
             ui.add_space(4.0);
-            egui::Grid::new("model-card").num_columns(2).spacing([24.0, 4.0]).show(ui, |ui| {
-                ui.label("Family");
-                ui.label(&card.family);
-                ui.end_row();
-                ui.label("Parameters");
-                ui.label(format_count(card.parameters as u64));
-                ui.end_row();
-                ui.label("Context length");
-                ui.label(format!("{} tokens", card.context_length));
-                ui.end_row();
-                ui.label("Shape");
-                ui.label(format!(
-                    "{} layers, hidden size {}, vocabulary {}",
-                    card.layers, card.hidden_size, card.vocab_size
-                ));
-                ui.end_row();
-                ui.label("Weights");
-                ui.label(card.format);
-                ui.end_row();
-                ui.label("Chat template");
-                match &card.chat_template {
-                    Ok(true) => ui.label("present"),
-                    Ok(false) => ui.label(egui::RichText::new("missing: training needs one").color(ui.visuals().warn_fg_color)),
-                    Err(e) => ui.label(egui::RichText::new(format!("broken: {e}")).color(ui.visuals().error_fg_color)),
-                };
-                ui.end_row();
-            });
+            egui::Grid::new("model-card")
+                .num_columns(2)
+                .spacing([24.0, 4.0])
+                .show(ui, |ui| {
+                    ui.label("Family");
+                    ui.label(&card.family);
+                    ui.end_row();
+                    ui.label("Parameters");
+                    ui.label(format_count(card.parameters as u64));
+                    ui.end_row();
+                    ui.label("Context length");
+                    ui.label(format!("{} tokens", card.context_length));
+                    ui.end_row();
+                    ui.label("Shape");
+                    ui.label(format!(
+                        "{} layers, hidden size {}, vocabulary {}",
+                        card.layers, card.hidden_size, card.vocab_size
+                    ));
+                    ui.end_row();
+                    ui.label("Weights");
+                    ui.label(card.format);
+                    ui.end_row();
+                    ui.label("Chat template");
+                    match &card.chat_template {
+                        Ok(true) => ui.label("present"),
+                        Ok(false) => ui.label(
+                            egui::RichText::new("missing: training needs one").color(ui.visuals().warn_fg_color),
+                        ),
+                        Err(e) => {
+                            ui.label(egui::RichText::new(format!("broken: {e}")).color(ui.visuals().error_fg_color))
+                        }
+                    };
+                    ui.end_row();
+                });
         });
     }
 
@@ -462,11 +478,11 @@ impl App {
                 0.0
             };
             ui.label(format!("Downloading {}", dl.id));
-            ui.add(
-                egui::ProgressBar::new(fraction)
-                    .desired_width(260.0)
-                    .text(format!("{} / {}", format_bytes(dl.done_bytes), format_bytes(dl.total_bytes))),
-            );
+            ui.add(egui::ProgressBar::new(fraction).desired_width(260.0).text(format!(
+                "{} / {}",
+                format_bytes(dl.done_bytes),
+                format_bytes(dl.total_bytes)
+            )));
             if dl.cancelled {
                 ui.label("Cancelling…");
             } else if ui.button("Cancel").clicked() {
@@ -486,35 +502,38 @@ impl App {
         }
         let downloading = self.models.download.is_some();
         let mut download = None;
-        egui::Grid::new("hub-results").striped(true).num_columns(6).show(ui, |ui| {
-            if !self.models.results.is_empty() {
-                for head in ["Model", "Parameters", "Size", "Licence", "Downloads", ""] {
-                    ui.label(egui::RichText::new(head).strong());
-                }
-                ui.end_row();
-            }
-            for m in &self.models.results {
-                let name = egui::RichText::new(&m.id);
-                let name = if m.supported { name } else { name.weak() };
-                let label = ui.label(name);
-                if let Some(reason) = &m.unsupported_reason {
-                    label.on_hover_text(reason);
-                }
-                ui.label(m.parameters.map(format_count).unwrap_or_else(|| "?".into()));
-                ui.label(m.storage_bytes.map(format_bytes).unwrap_or_else(|| "?".into()));
-                ui.label(m.license.as_deref().unwrap_or("?"));
-                ui.label(format_count(m.downloads));
-                if m.supported {
-                    let text = if m.gated { "Download (gated)" } else { "Download" };
-                    if ui.add_enabled(!downloading, egui::Button::new(text)).clicked() {
-                        download = Some(m.id.clone());
+        egui::Grid::new("hub-results")
+            .striped(true)
+            .num_columns(6)
+            .show(ui, |ui| {
+                if !self.models.results.is_empty() {
+                    for head in ["Model", "Parameters", "Size", "Licence", "Downloads", ""] {
+                        ui.label(egui::RichText::new(head).strong());
                     }
-                } else {
-                    ui.label("");
+                    ui.end_row();
                 }
-                ui.end_row();
-            }
-        });
+                for m in &self.models.results {
+                    let name = egui::RichText::new(&m.id);
+                    let name = if m.supported { name } else { name.weak() };
+                    let label = ui.label(name);
+                    if let Some(reason) = &m.unsupported_reason {
+                        label.on_hover_text(reason);
+                    }
+                    ui.label(m.parameters.map(format_count).unwrap_or_else(|| "?".into()));
+                    ui.label(m.storage_bytes.map(format_bytes).unwrap_or_else(|| "?".into()));
+                    ui.label(m.license.as_deref().unwrap_or("?"));
+                    ui.label(format_count(m.downloads));
+                    if m.supported {
+                        let text = if m.gated { "Download (gated)" } else { "Download" };
+                        if ui.add_enabled(!downloading, egui::Button::new(text)).clicked() {
+                            download = Some(m.id.clone());
+                        }
+                    } else {
+                        ui.label("");
+                    }
+                    ui.end_row();
+                }
+            });
         if let Some(id) = download {
             self.start_download(ctx, &id);
         }

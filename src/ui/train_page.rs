@@ -198,7 +198,9 @@ impl RunHistory {
             ..RunHistory::default()
         };
         for line in text.lines() {
-            let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else { continue };
+            let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+                continue;
+            };
             let num = |k: &str| v.get(k).and_then(|x| x.as_f64());
             let Some(step) = num("step") else { continue };
             match v.get("kind").and_then(|k| k.as_str()) {
@@ -354,7 +356,10 @@ fn free_run_name(dir: &Path, base: &str) -> String {
     if !dir.join(base).exists() {
         return base.to_string();
     }
-    (2..).map(|i| format!("{base}-{i}")).find(|n| !dir.join(n).exists()).unwrap_or_default()
+    (2..)
+        .map(|i| format!("{base}-{i}"))
+        .find(|n| !dir.join(n).exists())
+        .unwrap_or_default()
 }
 
 /// A folder-name-safe run name from the model and data names.
@@ -365,11 +370,19 @@ fn suggested_run_name(model: Option<&str>, data: &str) -> String {
             .map(|f| f.to_string_lossy().into_owned())
             .unwrap_or_default()
     };
-    let model = model.map(|m| m.rsplit('/').next().unwrap_or(m).to_string()).unwrap_or_default();
+    let model = model
+        .map(|m| m.rsplit('/').next().unwrap_or(m).to_string())
+        .unwrap_or_default();
     let name = format!("{}-{}", model, stem(data));
     let clean: String = name
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '.' { c } else { '-' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
+                c
+            } else {
+                '-'
+            }
+        })
         .collect();
     clean.trim_matches('-').to_string()
 }
@@ -565,9 +578,16 @@ impl App {
                     }
                     TrainMsg::Event(TrainEvent::Finished(summary)) => {
                         self.train.status = if summary.stopped {
-                            format!("Stopped at step {}; a checkpoint was saved, press Resume to continue", summary.steps)
+                            format!(
+                                "Stopped at step {}; a checkpoint was saved, press Resume to continue",
+                                summary.steps
+                            )
                         } else {
-                            format!("Finished {} steps in {}", summary.steps, format_duration(summary.elapsed_secs))
+                            format!(
+                                "Finished {} steps in {}",
+                                summary.steps,
+                                format_duration(summary.elapsed_secs)
+                            )
                         };
                         self.train.summary = Some(summary);
                     }
@@ -655,7 +675,12 @@ impl App {
                 points: self.train.live.eval_loss.clone(),
             },
         ];
-        for run in self.train.history.iter().filter(|r| self.train.overlay.contains(&r.dir)) {
+        for run in self
+            .train
+            .history
+            .iter()
+            .filter(|r| self.train.overlay.contains(&r.dir))
+        {
             series.push(ChartSeries {
                 name: run.name.clone(),
                 points: run.loss.clone(),
@@ -690,43 +715,49 @@ impl App {
         let running = self.train.is_running();
 
         ui.group(|ui| {
-            egui::Grid::new("train-inputs").num_columns(2).spacing([12.0, 8.0]).show(ui, |ui| {
-                ui.label("Model");
-                match &self.models.card {
-                    Some(card) => ui.label(format!("{} ({})", card.name, card.family)),
-                    None => ui.label(egui::RichText::new("none: open one on the Models page").weak()),
-                };
-                ui.end_row();
-                let data_label = ui.label("Data file").on_hover_text(
-                    "A JSONL file: one example per line, with Alpaca fields (instruction, input, output) or \
+            egui::Grid::new("train-inputs")
+                .num_columns(2)
+                .spacing([12.0, 8.0])
+                .show(ui, |ui| {
+                    ui.label("Model");
+                    match &self.models.card {
+                        Some(card) => ui.label(format!("{} ({})", card.name, card.family)),
+                        None => ui.label(egui::RichText::new("none: open one on the Models page").weak()),
+                    };
+                    ui.end_row();
+                    let data_label = ui.label("Data file").on_hover_text(
+                        "A JSONL file: one example per line, with Alpaca fields (instruction, input, output) or \
                      OpenAI `messages`.",
-                );
-                ui.horizontal(|ui| {
-                    let edit = ui.add_enabled(
-                        !running,
-                        egui::TextEdit::singleline(&mut self.train.data_path)
-                            .hint_text("path to a .jsonl file")
-                            .desired_width(380.0),
                     );
-                    edit.labelled_by(data_label.id);
-                    if ui.add_enabled(!running, egui::Button::new("Browse…")).clicked() {
-                        self.start_pick(&ctx, PickPurpose::DataFile, None);
-                    }
+                    ui.horizontal(|ui| {
+                        let edit = ui.add_enabled(
+                            !running,
+                            egui::TextEdit::singleline(&mut self.train.data_path)
+                                .hint_text("path to a .jsonl file")
+                                .desired_width(380.0),
+                        );
+                        edit.labelled_by(data_label.id);
+                        if ui.add_enabled(!running, egui::Button::new("Browse…")).clicked() {
+                            self.start_pick(&ctx, PickPurpose::DataFile, None);
+                        }
+                    });
+                    ui.end_row();
+                    let name_label = ui
+                        .label("Run name")
+                        .on_hover_text("The run's folder under the runs folder; a number is added if it exists.");
+                    let hint = suggested_run_name(
+                        self.models.card.as_ref().map(|c| c.name.as_str()),
+                        &self.train.data_path,
+                    );
+                    ui.add_enabled(
+                        !running,
+                        egui::TextEdit::singleline(&mut self.train.run_name)
+                            .hint_text(hint)
+                            .desired_width(380.0),
+                    )
+                    .labelled_by(name_label.id);
+                    ui.end_row();
                 });
-                ui.end_row();
-                let name_label = ui
-                    .label("Run name")
-                    .on_hover_text("The run's folder under the runs folder; a number is added if it exists.");
-                let hint = suggested_run_name(self.models.card.as_ref().map(|c| c.name.as_str()), &self.train.data_path);
-                ui.add_enabled(
-                    !running,
-                    egui::TextEdit::singleline(&mut self.train.run_name)
-                        .hint_text(hint)
-                        .desired_width(380.0),
-                )
-                .labelled_by(name_label.id);
-                ui.end_row();
-            });
         });
         ui.add_space(8.0);
 
@@ -738,7 +769,10 @@ impl App {
         ui.horizontal(|ui| {
             let can_start = !running && self.models.card.is_some() && !self.train.data_path.trim().is_empty();
             let start = ui
-                .add_enabled(can_start, egui::Button::new(egui::RichText::new("Start training").size(18.0)))
+                .add_enabled(
+                    can_start,
+                    egui::Button::new(egui::RichText::new("Start training").size(18.0)),
+                )
                 .on_hover_text("Trains a LoRA adapter on the data; the base model is not changed.");
             if !can_start && !running {
                 start.on_disabled_hover_text("Open a model and pick a data file first.");
@@ -1069,7 +1103,13 @@ impl App {
             .x_axis_label("step")
             .y_axis_label("loss")
             .show(ui, |plot| {
-                plot.line(Line::new("training loss", PlotPoints::new(downsample(&live.loss, MAX_DRAWN_POINTS))).width(1.0));
+                plot.line(
+                    Line::new(
+                        "training loss",
+                        PlotPoints::new(downsample(&live.loss, MAX_DRAWN_POINTS)),
+                    )
+                    .width(1.0),
+                );
                 plot.line(
                     Line::new(
                         "smoothed",
@@ -1088,7 +1128,10 @@ impl App {
                 .x_axis_label("step")
                 .y_axis_label("learning rate")
                 .show(&mut cols[0], |plot| {
-                    plot.line(Line::new("learning rate", PlotPoints::new(downsample(&live.lr, MAX_DRAWN_POINTS))));
+                    plot.line(Line::new(
+                        "learning rate",
+                        PlotPoints::new(downsample(&live.lr, MAX_DRAWN_POINTS)),
+                    ));
                 });
             Plot::new("grad-norm-plot")
                 .height(140.0)
@@ -1109,7 +1152,11 @@ impl App {
             if ui.small_button("Refresh").clicked() {
                 self.train.history_stale = true;
             }
-            ui.label(egui::RichText::new(self.settings.runs_dir.display().to_string()).small().weak());
+            ui.label(
+                egui::RichText::new(self.settings.runs_dir.display().to_string())
+                    .small()
+                    .weak(),
+            );
         });
         if self.train.history.is_empty() {
             ui.label(egui::RichText::new("No runs yet in the runs folder.").weak());
@@ -1117,48 +1164,70 @@ impl App {
         let running = self.train.is_running();
         let mut resume = None;
         let mut show = None;
-        egui::Grid::new("run-history").striped(true).num_columns(6).show(ui, |ui| {
-            if !self.train.history.is_empty() {
-                for head in ["Compare", "Run", "Steps", "Final loss", "Eval loss", ""] {
-                    ui.label(egui::RichText::new(head).strong());
-                }
-                ui.end_row();
-            }
-            for run in &self.train.history {
-                let mut on = self.train.overlay.contains(&run.dir);
-                if ui
-                    .checkbox(&mut on, "")
-                    .on_hover_text("Overlay this run's loss curve in the comparison chart.")
-                    .changed()
-                {
-                    if on {
-                        self.train.overlay.insert(run.dir.clone());
-                    } else {
-                        self.train.overlay.remove(&run.dir);
+        egui::Grid::new("run-history")
+            .striped(true)
+            .num_columns(6)
+            .show(ui, |ui| {
+                if !self.train.history.is_empty() {
+                    for head in ["Compare", "Run", "Steps", "Final loss", "Eval loss", ""] {
+                        ui.label(egui::RichText::new(head).strong());
                     }
+                    ui.end_row();
                 }
-                ui.label(&run.name).on_hover_text(run.dir.display().to_string());
-                ui.label(match run.planned_steps {
-                    Some(n) => format!("{} / {n}", run.last_step),
-                    None => run.last_step.to_string(),
-                });
-                ui.label(run.loss.last().map(|p| format!("{:.4}", p[1])).unwrap_or_else(|| "–".into()));
-                ui.label(run.eval_loss.last().map(|p| format!("{:.4}", p[1])).unwrap_or_else(|| "–".into()));
-                ui.horizontal(|ui| {
-                    if !running && ui.button("Show").on_hover_text("Show this run's curves above.").clicked() {
-                        show = Some(run.dir.clone());
-                    }
-                    if run.resumable() && !running {
-                        if ui.button("Resume").on_hover_text("Continue from its newest checkpoint.").clicked() {
-                            resume = Some(run.dir.clone());
+                for run in &self.train.history {
+                    let mut on = self.train.overlay.contains(&run.dir);
+                    if ui
+                        .checkbox(&mut on, "")
+                        .on_hover_text("Overlay this run's loss curve in the comparison chart.")
+                        .changed()
+                    {
+                        if on {
+                            self.train.overlay.insert(run.dir.clone());
+                        } else {
+                            self.train.overlay.remove(&run.dir);
                         }
-                    } else if run.failed {
-                        ui.label(egui::RichText::new("failed").color(ui.visuals().error_fg_color));
                     }
-                });
-                ui.end_row();
-            }
-        });
+                    ui.label(&run.name).on_hover_text(run.dir.display().to_string());
+                    ui.label(match run.planned_steps {
+                        Some(n) => format!("{} / {n}", run.last_step),
+                        None => run.last_step.to_string(),
+                    });
+                    ui.label(
+                        run.loss
+                            .last()
+                            .map(|p| format!("{:.4}", p[1]))
+                            .unwrap_or_else(|| "–".into()),
+                    );
+                    ui.label(
+                        run.eval_loss
+                            .last()
+                            .map(|p| format!("{:.4}", p[1]))
+                            .unwrap_or_else(|| "–".into()),
+                    );
+                    ui.horizontal(|ui| {
+                        if !running
+                            && ui
+                                .button("Show")
+                                .on_hover_text("Show this run's curves above.")
+                                .clicked()
+                        {
+                            show = Some(run.dir.clone());
+                        }
+                        if run.resumable() && !running {
+                            if ui
+                                .button("Resume")
+                                .on_hover_text("Continue from its newest checkpoint.")
+                                .clicked()
+                            {
+                                resume = Some(run.dir.clone());
+                            }
+                        } else if run.failed {
+                            ui.label(egui::RichText::new("failed").color(ui.visuals().error_fg_color));
+                        }
+                    });
+                    ui.end_row();
+                }
+            });
         if let Some(dir) = resume {
             self.start_training(ctx, Some(&dir));
         }
@@ -1172,8 +1241,16 @@ impl App {
                 .x_axis_label("step")
                 .y_axis_label("training loss")
                 .show(ui, |plot| {
-                    for run in self.train.history.iter().filter(|r| self.train.overlay.contains(&r.dir)) {
-                        plot.line(Line::new(run.name.clone(), PlotPoints::new(downsample(&run.loss, MAX_DRAWN_POINTS))));
+                    for run in self
+                        .train
+                        .history
+                        .iter()
+                        .filter(|r| self.train.overlay.contains(&r.dir))
+                    {
+                        plot.line(Line::new(
+                            run.name.clone(),
+                            PlotPoints::new(downsample(&run.loss, MAX_DRAWN_POINTS)),
+                        ));
                     }
                 });
         }
@@ -1182,10 +1259,16 @@ impl App {
             ui.horizontal(|ui| {
                 let saving = self.train.saving_chart.is_some();
                 let dir = self.settings.runs_dir.clone();
-                if ui.add_enabled(!saving, egui::Button::new("Save chart as PNG…")).clicked() {
+                if ui
+                    .add_enabled(!saving, egui::Button::new("Save chart as PNG…"))
+                    .clicked()
+                {
                     self.start_pick(ctx, PickPurpose::ChartPng, Some(&dir));
                 }
-                if ui.add_enabled(!saving, egui::Button::new("Save chart as SVG…")).clicked() {
+                if ui
+                    .add_enabled(!saving, egui::Button::new("Save chart as SVG…"))
+                    .clicked()
+                {
                     self.start_pick(ctx, PickPurpose::ChartSvg, Some(&dir));
                 }
             });

@@ -111,7 +111,11 @@ pub enum PickPurpose {
 
 /// Opens a native file dialog without blocking the window. On macOS dialogs must run on the
 /// main thread, so there the call blocks briefly instead.
-pub fn pick_path(ctx: &egui::Context, purpose: PickPurpose, start_dir: Option<&Path>) -> Result<Job<Option<PathBuf>>, String> {
+pub fn pick_path(
+    ctx: &egui::Context,
+    purpose: PickPurpose,
+    start_dir: Option<&Path>,
+) -> Result<Job<Option<PathBuf>>, String> {
     let start_dir = start_dir.map(Path::to_path_buf);
     let pick = move || {
         let mut dialog = rfd::FileDialog::new();
