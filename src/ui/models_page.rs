@@ -322,7 +322,8 @@ impl App {
                 let edit = edit.labelled_by(label.id);
                 let enter = edit.lost_focus() && ui.input(|i| i.key_pressed(egui::Key::Enter));
                 let can_open = !self.models.path_text.trim().is_empty() && !self.models.is_opening();
-                if (ui.add_enabled(can_open, egui::Button::new("Open")).clicked() || (enter && can_open)) && can_open {
+                let clicked = ui.add_enabled(can_open, egui::Button::new("Open")).clicked();
+                if can_open && (clicked || enter) {
                     let path = PathBuf::from(self.models.path_text.trim());
                     self.open_model_path_in(&ctx, &path);
                 }
