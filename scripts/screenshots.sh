@@ -2,6 +2,7 @@
 # Screenshots of every studio page, taken from the real release binary under Xvfb.
 #
 #   scripts/screenshots.sh            # writes docs/screenshots/{models,train,settings}.png
+#   FINCH_SCREENSHOT_PROFILE=debug scripts/screenshots.sh   # with a debug build
 #
 # Uses the model in FINCH_REAL_MODEL (default: ../shared/models/SmolLM2-135M-Instruct-Q4_1 when it
 # exists). With a model, a short run is trained first with `finch train` so the Train page shows
@@ -20,8 +21,16 @@ if ((${#missing[@]})); then
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
-cargo build --release
-finch="$PWD/target/release/finch"
+# FINCH_SCREENSHOT_PROFILE=debug uses a debug build (minutes instead of a long release build).
+profile="${FINCH_SCREENSHOT_PROFILE:-release}"
+if [ "$profile" = release ]; then
+    cargo build --release
+else
+    # Same feature set as `cargo test`, so a tree already built for the tests is reused.
+    cargo build --tests
+    profile=debug
+fi
+finch="$PWD/target/$profile/finch"
 out="$PWD/docs/screenshots"
 mkdir -p "$out"
 
@@ -39,7 +48,7 @@ cleanup() {
     rm -rf "$home"
 }
 trap cleanup EXIT
-Xvfb "$display" -screen 0 1280x860x24 -nolisten tcp >/dev/null 2>&1 &
+Xvfb "$display" -screen 0 1280x820x24 -nolisten tcp >/dev/null 2>&1 &
 xvfb_pid=$!
 sleep 2
 

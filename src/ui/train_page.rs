@@ -761,11 +761,6 @@ impl App {
         });
         ui.add_space(8.0);
 
-        egui::CollapsingHeader::new("Training settings")
-            .default_open(true)
-            .show(ui, |ui| ui.add_enabled_ui(!running, |ui| self.settings_ui(ui)));
-        ui.add_space(8.0);
-
         ui.horizontal(|ui| {
             let can_start = !running && self.models.card.is_some() && !self.train.data_path.trim().is_empty();
             let start = ui
@@ -808,7 +803,12 @@ impl App {
             ui.label(egui::RichText::new(note).small().weak());
         }
         ui.add_space(8.0);
+        // Curves come before the settings so a running (or shown) run is visible without scrolling.
         self.live_plots_ui(ui);
+        ui.add_space(8.0);
+        egui::CollapsingHeader::new("Training settings")
+            .default_open(true)
+            .show(ui, |ui| ui.add_enabled_ui(!running, |ui| self.settings_ui(ui)));
         ui.add_space(12.0);
         self.history_ui(ui, &ctx);
     }
