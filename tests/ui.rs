@@ -2,6 +2,9 @@
 //! model, pick data, train 10 steps, watch the curve and the run history, save the chart; close
 //! during training; errors in the window; settings that persist.
 
+#[path = "support/fake_hub.rs"]
+mod fake_hub;
+
 use std::collections::HashMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -10,6 +13,7 @@ use eframe::egui;
 use egui::accesskit::Role;
 use egui_kittest::kittest::Queryable;
 use egui_kittest::Harness;
+use finch::hub::HubOptions;
 use finch::model::tiny::TinySpec;
 use finch::model::Family;
 use finch::train::Duration as TrainDuration;
@@ -44,9 +48,6 @@ fn fixture(steps: usize) -> Fixture {
     TinySpec::new(Family::Llama).write(&model).unwrap();
     let data = dir.path().join("sums.jsonl");
     write_data(&data, 24);
-    // Keep the user's real Hugging Face cache out of the tests.
-    std::env::set_var("HF_HUB_CACHE", dir.path().join("hub-cache"));
-    std::env::set_var("HF_HUB_OFFLINE", "1");
     let mut settings = Settings {
         runs_dir: dir.path().join("runs"),
         ..Settings::default()
@@ -66,7 +67,14 @@ fn fixture(steps: usize) -> Fixture {
     }
 }
 
-fn harness(app: App) -> Harness<'static, App> {
+fn harness(mut app: App) -> Harness<'static, App> {
+    // Keep the user's real Hugging Face cache and the network out of the tests.
+    let cache = app.settings().runs_dir.with_file_name("hub-cache");
+    app.set_hub_options(HubOptions::new(cache).with_offline(true));
+    harness_with(app)
+}
+
+fn harness_with(app: App) -> Harness<'static, App> {
     Harness::builder()
         .with_size([1400.0, 1100.0])
         .build_ui_state(|ui, app: &mut App| app.show(ui), app)
@@ -294,6 +302,68 @@ fn a_model_that_cannot_be_opened_shows_an_error_with_what_to_do() {
     harness.get_by_label("Start training").click();
     harness.step();
     assert!(!harness.state().is_training());
+}
+
+#[test]
+fn search_the_hub_download_with_progress_and_open_the_model() {
+    let fx = fixture(10);
+    let mut repo =
+        fake_hub::FakeRepo::new("test-org/tiny-llama-chat", &"a".repeat(40)).search_fields(serde_json::json!({
+            "downloads": 500, "likes": 40,
+            "tags": ["transformers", "safetensors", "llama", "text-generation", "license:apache-2.0"],
+            "config": { "model_type": "llama" }, "safetensors": { "total": 1234, "parameters": { "F32": 1234 } },
+            "usedStorage": 5_000_000,
+        }));
+    for entry in std::fs::read_dir(&fx.model).unwrap().flatten() {
+        repo = repo.file(
+            &entry.file_name().to_string_lossy(),
+            std::fs::read(entry.path()).unwrap(),
+        );
+    }
+    let hub = fake_hub::FakeHub::start(vec![repo]);
+    let cache = fx.settings.runs_dir.with_file_name("fake-hub-cache");
+    let mut app = App::with_settings(fx.settings.clone(), StartOptions::default());
+    app.set_hub_options(HubOptions::new(&cache).with_endpoint(hub.endpoint()));
+    let mut harness = harness_with(app);
+    harness.step();
+    harness.get_by_label("Search the Hugging Face Hub").focus();
+    harness.step();
+    harness.get_by_label("Search the Hugging Face Hub").type_text("tiny");
+    harness.step();
+    harness.get_by_label("Search").click();
+    let start = Instant::now();
+    while harness.query_by_label("test-org/tiny-llama-chat").is_none() {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "{:?}",
+            harness.state().errors()
+        );
+        harness.step();
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    harness.get_by_label("apache-2.0");
+    harness
+        .get_by_role_and_label(Role::Button, "Download")
+        .click_accesskit();
+    harness.run_steps(3);
+    assert!(
+        harness
+            .query_by_label_contains("Downloading test-org/tiny-llama-chat")
+            .is_some(),
+        "the progress row is shown"
+    );
+    step_until(&mut harness, "the downloaded model", Duration::from_secs(60), |app| {
+        app.model_card().is_some()
+    });
+    let card = harness.state().model_card().unwrap().clone();
+    assert_eq!(
+        card.name, "test-org/tiny-llama-chat",
+        "a cached snapshot shows its Hub id"
+    );
+    assert!(card.path.starts_with(&cache));
+    step_until(&mut harness, "the cache listing", Duration::from_secs(30), |app| {
+        app.cached_models().iter().any(|m| m.id == "test-org/tiny-llama-chat")
+    });
 }
 
 /// An in-memory `eframe::Storage`, as eframe's file storage behaves between launches.

@@ -103,12 +103,14 @@ pub struct ModelsPage {
     cached: Vec<CachedModel>,
     /// Token for gated models; kept in memory only.
     token_text: String,
+    /// Hub settings used instead of the environment's (tests, a fake Hub).
+    hub_override: Option<HubOptions>,
 }
 
 impl ModelsPage {
     /// Hub settings from the environment, with the token typed into the page if any.
     pub fn hub_options(&self) -> HubOptions {
-        let options = HubOptions::from_env();
+        let options = self.hub_override.clone().unwrap_or_else(HubOptions::from_env);
         match Token::new(self.token_text.trim()) {
             Some(token) => options.with_token(Some(token)),
             None => options,
@@ -142,6 +144,16 @@ impl App {
             Ok(job) => self.models.opening = Some((path.to_path_buf(), job)),
             Err(e) => self.report("Cannot open the model", e, "Try again; if it persists, restart Finch."),
         }
+    }
+
+    /// Uses these Hub settings instead of the environment's (`HF_ENDPOINT`, `HF_HUB_CACHE`, …).
+    pub fn set_hub_options(&mut self, options: HubOptions) {
+        self.models.hub_override = Some(options);
+    }
+
+    /// Models in the Hugging Face cache, as last listed.
+    pub fn cached_models(&self) -> &[CachedModel] {
+        self.models.cached()
     }
 
     /// The opened model, if any.
@@ -350,13 +362,14 @@ impl App {
         ui.add_space(10.0);
 
         ui.group(|ui| {
-            ui.label(egui::RichText::new("Search the Hugging Face Hub").strong());
+            let search_label = ui.label(egui::RichText::new("Search the Hugging Face Hub").strong());
             ui.horizontal(|ui| {
                 let edit = ui.add(
                     egui::TextEdit::singleline(&mut self.models.search_text)
                         .hint_text("e.g. SmolLM2, Qwen2.5 0.5B")
                         .desired_width(300.0),
                 );
+                let edit = edit.labelled_by(search_label.id);
                 let enter = edit.lost_focus() && ui.input(|i| i.key_pressed(egui::Key::Enter));
                 let searching = self.models.searching.is_some();
                 if (ui.add_enabled(!searching, egui::Button::new("Search")).clicked() || enter) && !searching {
