@@ -1,7 +1,8 @@
 //! Finch: instruction-tuning of small language models with LoRA, on CPU, CUDA or Metal.
 //!
 //! The library holds the whole engine (model loading, trainable transformer, LoRA, trainer,
-//! data, hub); `src/main.rs` only parses the command line. Nothing here depends on a GUI.
+//! data, hub); `src/main.rs` only parses the command line. Only `ui` (the desktop studio)
+//! depends on a GUI; the engine never imports it.
 
 pub mod bench;
 pub mod cli;
@@ -18,5 +19,6 @@ pub mod template;
 #[doc(hidden)]
 pub mod testing;
 pub mod train;
+pub mod ui;
 
 pub use error::{Error, Result};

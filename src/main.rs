@@ -23,6 +23,14 @@ fn main() {
         std::env::set_var("CANDLE_NUM_THREADS", "1");
     }
     let cli = <finch::cli::Cli as clap::Parser>::parse();
+    if cli.command.is_none() {
+        // No subcommand: open the studio window.
+        if let Err(err) = finch::ui::run_native(finch::ui::StartOptions::from_env()) {
+            eprintln!("error: {err:#}");
+            std::process::exit(1);
+        }
+        return;
+    }
     match finch::cli::run(cli) {
         Ok(code) => std::process::exit(code),
         Err(err) => {

@@ -1,0 +1,35 @@
+//! The desktop studio (eframe/egui). The only part of Finch that knows about a GUI: it drives the
+//! engine through the library's public API on named background threads, with results coming
+//! back over channels, so the window never waits for a model load, a download or a training step.
+//!
+//! Pages: Models (open, Hub search/download, cache, model card), Train (settings, presets, live
+//! curves, run history, chart export) and Settings (UI scale, runs folder).
+
+pub mod app;
+pub mod chart;
+pub mod models_page;
+pub mod train_page;
+pub mod widgets;
+pub mod worker;
+
+pub use app::{App, Page, Settings, StartOptions, UiError};
+
+use eframe::egui;
+
+/// Opens the studio window and returns when it is closed.
+pub fn run_native(start: StartOptions) -> anyhow::Result<()> {
+    let options = eframe::NativeOptions {
+        viewport: egui::ViewportBuilder::default()
+            .with_title("Finch")
+            .with_app_id("finch")
+            .with_inner_size([1280.0, 820.0])
+            .with_min_inner_size([720.0, 480.0]),
+        ..Default::default()
+    };
+    eframe::run_native("Finch", options, Box::new(move |cc| Ok(Box::new(App::new(cc, start))))).map_err(|e| {
+        anyhow::anyhow!(
+            "cannot open the studio window: {e}. Finch needs a desktop session (X11 or Wayland) with OpenGL; \
+             the command-line tools (`finch --help`) work without one"
+        )
+    })
+}

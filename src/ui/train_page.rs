@@ -1,0 +1,1360 @@
+//! The Train page: data file, LoRA and trainer settings with presets and one-sentence tooltips,
+//! Start / Stop / Resume of a run on a background thread, live curves (loss raw and smoothed,
+//! eval loss, learning rate, gradient norm) with tokens/s and ETA, the history of past runs with
+//! their curves overlaid, and saving the chart as PNG or SVG.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+
+use eframe::egui;
+use egui_plot::{Legend, Line, Plot, PlotPoints, Points};
+
+use crate::data::LossOn;
+use crate::lora::Target;
+use crate::train::config::{DeviceChoice, Precision};
+use crate::train::{Duration, Schedule, TrainConfig, TrainEvent, TrainSummary, METRICS_FILE};
+
+use super::app::App;
+use super::chart::{save_chart, ChartSeries};
+use super::widgets::{format_duration, knob_row};
+use super::worker::{Job, PickPurpose, Stream};
+
+/// Starting points for the settings, from a two-minute classroom demo to a careful run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Preset {
+    QuickDemo,
+    Balanced,
+    Quality,
+}
+
+impl Preset {
+    pub const ALL: [Preset; 3] = [Preset::QuickDemo, Preset::Balanced, Preset::Quality];
+
+    pub fn title(self) -> &'static str {
+        match self {
+            Preset::QuickDemo => "Quick demo",
+            Preset::Balanced => "Balanced",
+            Preset::Quality => "Quality",
+        }
+    }
+
+    pub fn description(self) -> &'static str {
+        match self {
+            Preset::QuickDemo => "A few minutes on a laptop: small adapter, short examples, 30 steps.",
+            Preset::Balanced => "A sensible first real run: rank 16 on every projection, 200 steps.",
+            Preset::Quality => "Three passes over the data with a larger adapter, warm-up and regular evaluation.",
+        }
+    }
+
+    /// The preset's settings; model, data and run folder are left empty.
+    pub fn config(self) -> TrainConfig {
+        let mut cfg = TrainConfig::default();
+        self.apply(&mut cfg);
+        cfg
+    }
+
+    /// Sets the knobs the preset is about; model, data, run folder, seed and device are kept.
+    pub fn apply(self, cfg: &mut TrainConfig) {
+        cfg.lora.targets = Target::ALL.to_vec();
+        cfg.lora.use_rslora = false;
+        cfg.loss_on = LossOn::Assistant;
+        cfg.schedule = Schedule::Cosine;
+        cfg.max_grad_norm = 1.0;
+        match self {
+            Preset::QuickDemo => {
+                cfg.duration = Duration::Steps(30);
+                cfg.lora.r = 8;
+                cfg.lora.alpha = 16.0;
+                cfg.lora.dropout = 0.0;
+                cfg.batch_size = 2;
+                cfg.grad_accum = 1;
+                cfg.seq_len = 256;
+                cfg.lr = 3e-4;
+                cfg.warmup_steps = 0;
+                cfg.weight_decay = 0.0;
+                cfg.eval_split = 0.1;
+                cfg.eval_every = 10;
+                cfg.save_every = 0;
+            }
+            Preset::Balanced => {
+                cfg.duration = Duration::Steps(200);
+                cfg.lora.r = 16;
+                cfg.lora.alpha = 32.0;
+                cfg.lora.dropout = 0.05;
+                cfg.batch_size = 4;
+                cfg.grad_accum = 1;
+                cfg.seq_len = 512;
+                cfg.lr = 2e-4;
+                cfg.warmup_steps = 10;
+                cfg.weight_decay = 0.0;
+                cfg.eval_split = 0.1;
+                cfg.eval_every = 25;
+                cfg.save_every = 50;
+            }
+            Preset::Quality => {
+                cfg.duration = Duration::Epochs(3.0);
+                cfg.lora.r = 32;
+                cfg.lora.alpha = 64.0;
+                cfg.lora.dropout = 0.05;
+                cfg.batch_size = 4;
+                cfg.grad_accum = 4;
+                cfg.seq_len = 1024;
+                cfg.lr = 1e-4;
+                cfg.warmup_steps = 20;
+                cfg.weight_decay = 0.01;
+                cfg.eval_split = 0.1;
+                cfg.eval_every = 50;
+                cfg.save_every = 100;
+            }
+        }
+    }
+}
+
+/// What the training thread sends.
+#[derive(Debug, Clone)]
+pub enum TrainMsg {
+    /// A remark from preparation (truncated examples, resume point).
+    Note(String),
+    /// Preparation failed; nothing was trained.
+    PrepareFailed(String),
+    /// The curves already logged in a resumed run, to continue drawing from.
+    Resumed(RunHistory),
+    Event(TrainEvent),
+}
+
+/// The curves of the run on screen.
+#[derive(Debug, Clone, Default)]
+pub struct LiveCurves {
+    /// `(step, loss)` of every optimizer step.
+    pub loss: Vec<[f64; 2]>,
+    /// Exponential moving average of `loss`, bias-corrected like TensorBoard's smoothing.
+    pub loss_smoothed: Vec<[f64; 2]>,
+    pub eval_loss: Vec<[f64; 2]>,
+    pub lr: Vec<[f64; 2]>,
+    pub grad_norm: Vec<[f64; 2]>,
+    pub step: usize,
+    pub total_steps: usize,
+    pub tokens_per_sec: f64,
+    pub eta_secs: f64,
+    pub elapsed_secs: f64,
+    ema: f64,
+    ema_weight: f64,
+}
+
+/// Smoothing factor of the displayed loss average (0 = none).
+const SMOOTHING: f64 = 0.9;
+
+impl LiveCurves {
+    fn push_loss(&mut self, step: f64, loss: f64) {
+        self.loss.push([step, loss]);
+        if loss.is_finite() {
+            self.ema = SMOOTHING * self.ema + (1.0 - SMOOTHING) * loss;
+            self.ema_weight = SMOOTHING * self.ema_weight + (1.0 - SMOOTHING);
+            self.loss_smoothed.push([step, self.ema / self.ema_weight]);
+        }
+    }
+
+    fn from_history(run: &RunHistory) -> Self {
+        let mut live = LiveCurves::default();
+        for p in &run.loss {
+            live.push_loss(p[0], p[1]);
+        }
+        live.eval_loss = run.eval_loss.clone();
+        live.lr = run.lr.clone();
+        live.grad_norm = run.grad_norm.clone();
+        live.step = run.last_step;
+        live.total_steps = run.planned_steps.unwrap_or(run.last_step);
+        live
+    }
+}
+
+/// A run folder found under the runs folder, read from its `metrics.jsonl`.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct RunHistory {
+    pub name: String,
+    pub dir: PathBuf,
+    pub loss: Vec<[f64; 2]>,
+    pub eval_loss: Vec<[f64; 2]>,
+    pub lr: Vec<[f64; 2]>,
+    pub grad_norm: Vec<[f64; 2]>,
+    pub last_step: usize,
+    /// Steps the run was configured for, when its `config.toml` gives a step count.
+    pub planned_steps: Option<usize>,
+    /// A checkpoint exists, so the run can be resumed.
+    pub has_checkpoint: bool,
+    /// The last logged line was a failure.
+    pub failed: bool,
+}
+
+impl RunHistory {
+    /// Reads one run folder; `None` when it holds no `metrics.jsonl`. Malformed lines (a line
+    /// cut short by a crash) are skipped: the rest of the curve is still worth showing.
+    pub fn read(dir: &Path) -> Option<RunHistory> {
+        let text = std::fs::read_to_string(dir.join(METRICS_FILE)).ok()?;
+        let mut run = RunHistory {
+            name: dir.file_name()?.to_string_lossy().into_owned(),
+            dir: dir.to_path_buf(),
+            ..RunHistory::default()
+        };
+        for line in text.lines() {
+            let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+                continue;
+            };
+            let num = |k: &str| v.get(k).and_then(|x| x.as_f64());
+            let Some(step) = num("step") else { continue };
+            match v.get("kind").and_then(|k| k.as_str()) {
+                Some("train") => {
+                    run.failed = false;
+                    run.last_step = run.last_step.max(step as usize);
+                    if let Some(loss) = num("loss") {
+                        run.loss.push([step, loss]);
+                    }
+                    if let Some(lr) = num("lr") {
+                        run.lr.push([step, lr]);
+                    }
+                    if let Some(g) = num("grad_norm") {
+                        run.grad_norm.push([step, g]);
+                    }
+                }
+                Some("eval") => {
+                    if let Some(loss) = num("eval_loss") {
+                        run.eval_loss.push([step, loss]);
+                    }
+                }
+                Some("failed") => run.failed = true,
+                _ => {}
+            }
+        }
+        run.has_checkpoint = crate::train::checkpoint::latest(dir).is_some();
+        run.planned_steps = TrainConfig::from_toml_file(&dir.join("config.toml"))
+            .ok()
+            .and_then(|cfg| match cfg.duration {
+                Duration::Steps(n) => Some(n),
+                Duration::Epochs(_) => None,
+            });
+        Some(run)
+    }
+
+    /// Every run folder directly under `runs_dir`, newest first (by folder modification time).
+    pub fn scan(runs_dir: &Path) -> Vec<RunHistory> {
+        let Ok(entries) = std::fs::read_dir(runs_dir) else {
+            return Vec::new();
+        };
+        let mut runs: Vec<(std::time::SystemTime, RunHistory)> = entries
+            .filter_map(|e| e.ok())
+            .filter(|e| e.path().is_dir())
+            .filter_map(|e| {
+                let modified = e
+                    .path()
+                    .join(METRICS_FILE)
+                    .metadata()
+                    .and_then(|m| m.modified())
+                    .unwrap_or(std::time::UNIX_EPOCH);
+                Some((modified, RunHistory::read(&e.path())?))
+            })
+            .collect();
+        runs.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.name.cmp(&b.1.name)));
+        runs.into_iter().map(|(_, r)| r).collect()
+    }
+
+    /// True when a checkpoint exists and the run has steps left (or its length is in epochs).
+    pub fn resumable(&self) -> bool {
+        self.has_checkpoint && self.planned_steps.is_none_or(|n| self.last_step < n)
+    }
+}
+
+/// At most this many points per curve are drawn; the full log stays on disk.
+const MAX_DRAWN_POINTS: usize = 2000;
+
+/// Keeps the newest half of the points at full resolution and thins the older ones evenly, so a
+/// 100k-step curve draws as fast as a short one while the recent steps stay exact.
+pub fn downsample(points: &[[f64; 2]], max_points: usize) -> Vec<[f64; 2]> {
+    if points.len() <= max_points || max_points < 4 {
+        return points.to_vec();
+    }
+    let recent = max_points / 2;
+    let (old, new) = points.split_at(points.len() - recent);
+    let stride = old.len().div_ceil(max_points - recent);
+    old.iter().step_by(stride).chain(new.iter()).copied().collect()
+}
+
+/// A training run started from the window.
+struct Session {
+    stream: Stream<TrainMsg>,
+    run_dir: PathBuf,
+    stopping: bool,
+}
+
+/// State of the Train page.
+#[derive(Default)]
+pub struct TrainPage {
+    /// The data file field.
+    pub data_path: String,
+    /// Name of the next run's folder under the runs folder.
+    pub run_name: String,
+    session: Option<Session>,
+    /// The curves of the current (or last) run.
+    pub live: LiveCurves,
+    /// The last summary of a finished or stopped run.
+    pub summary: Option<TrainSummary>,
+    notes: Vec<String>,
+    status: String,
+    history: Vec<RunHistory>,
+    history_job: Option<Job<Vec<RunHistory>>>,
+    /// Set when the runs folder may have changed; the next frame rescans it.
+    pub history_stale: bool,
+    /// Runs ticked for the comparison chart.
+    overlay: BTreeSet<PathBuf>,
+    saving_chart: Option<Job<Result<PathBuf, String>>>,
+    showing: Option<Job<Option<RunHistory>>>,
+}
+
+impl TrainPage {
+    pub fn is_running(&self) -> bool {
+        self.session.is_some()
+    }
+
+    /// Asks the trainer to stop after the current step (it then writes a checkpoint).
+    pub fn request_stop(&mut self) {
+        if let Some(session) = &mut self.session {
+            session.stopping = true;
+            session.stream.cancel.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// Blocks until the training thread has ended or `timeout` passed (used only at exit).
+    pub fn wait_for_stop(&mut self, timeout: std::time::Duration) {
+        let deadline = std::time::Instant::now() + timeout;
+        while let Some(session) = &mut self.session {
+            session.stream.drain();
+            if session.stream.is_finished() || std::time::Instant::now() > deadline {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+
+    pub fn progress_text(&self) -> String {
+        format!("step {} / {}", self.live.step, self.live.total_steps)
+    }
+
+    /// Past runs as last scanned.
+    pub fn history(&self) -> &[RunHistory] {
+        &self.history
+    }
+
+    /// The status line under the buttons.
+    pub fn status(&self) -> &str {
+        &self.status
+    }
+}
+
+/// `base`, or `base-2`, `base-3`… whichever does not exist yet under `dir`.
+fn free_run_name(dir: &Path, base: &str) -> String {
+    let base = if base.trim().is_empty() { "run" } else { base.trim() };
+    if !dir.join(base).exists() {
+        return base.to_string();
+    }
+    (2..)
+        .map(|i| format!("{base}-{i}"))
+        .find(|n| !dir.join(n).exists())
+        .unwrap_or_default()
+}
+
+/// A folder-name-safe run name from the model and data names.
+fn suggested_run_name(model: Option<&str>, data: &str) -> String {
+    let stem = |s: &str| {
+        Path::new(s)
+            .file_stem()
+            .map(|f| f.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    };
+    let model = model
+        .map(|m| m.rsplit('/').next().unwrap_or(m).to_string())
+        .unwrap_or_default();
+    let name = format!("{}-{}", model, stem(data));
+    let clean: String = name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    clean.trim_matches('-').to_string()
+}
+
+impl App {
+    /// Sets the training data file, as the file dialog would (tests call this directly).
+    pub fn set_data_path(&mut self, path: &Path) {
+        self.train.data_path = path.display().to_string();
+        self.settings.last_data = Some(self.train.data_path.clone());
+    }
+
+    /// The training-loss points the live plot draws (one per optimizer step).
+    pub fn live_loss_points(&self) -> &[[f64; 2]] {
+        &self.train.live.loss
+    }
+
+    pub fn is_training(&self) -> bool {
+        self.train.is_running()
+    }
+
+    /// The status line of the Train page ("Finished 10 steps in 3 s", "Saved the chart to …").
+    pub fn train_status(&self) -> &str {
+        self.train.status()
+    }
+
+    /// The data file field of the Train page.
+    pub fn data_path(&self) -> &str {
+        &self.train.data_path
+    }
+
+    /// Asks a running training to stop after the current step, as the Stop button does.
+    pub fn stop_training(&mut self) {
+        self.train.request_stop();
+    }
+
+    /// Shows a past run's curves in the main chart (read on a background thread).
+    pub fn show_run(&mut self, ctx: &egui::Context, dir: &Path) {
+        if self.train.is_running() {
+            return;
+        }
+        let dir = dir.to_path_buf();
+        match Job::spawn("finch-read-run", ctx, move || RunHistory::read(&dir)) {
+            Ok(job) => self.train.showing = Some(job),
+            Err(e) => self.report("Cannot read the run", e, "Restart Finch."),
+        }
+    }
+
+    /// Past runs found under the runs folder.
+    pub fn run_history(&self) -> &[RunHistory] {
+        self.train.history()
+    }
+
+    /// Starts a new run with the current settings, or resumes the run in `resume_dir`.
+    pub fn start_training(&mut self, ctx: &egui::Context, resume_dir: Option<&Path>) {
+        if self.train.is_running() {
+            return;
+        }
+        let (cfg, resume) = match resume_dir {
+            Some(dir) => match TrainConfig::from_toml_file(&dir.join("config.toml")) {
+                Ok(mut cfg) => {
+                    cfg.out = dir.display().to_string();
+                    (cfg, true)
+                }
+                Err(e) => {
+                    self.report(
+                        "Cannot resume this run",
+                        format!("{e:#}"),
+                        "The run folder lacks a readable config.toml; start a new run instead.",
+                    );
+                    return;
+                }
+            },
+            None => {
+                let Some(card) = &self.models.card else {
+                    self.report(
+                        "No model is open",
+                        "Training needs a base model.",
+                        "Open one on the Models page first.",
+                    );
+                    return;
+                };
+                let data = self.train.data_path.trim().to_string();
+                if data.is_empty() {
+                    self.report(
+                        "No training data",
+                        "Training needs a JSONL file.",
+                        "Pick a data file above (Alpaca rows with instruction/input/output, or OpenAI messages).",
+                    );
+                    return;
+                }
+                let mut cfg = self.settings.train.clone();
+                cfg.model = card.path.display().to_string();
+                cfg.data = data.clone();
+                cfg.eval_data = None;
+                let base = if self.train.run_name.trim().is_empty() {
+                    suggested_run_name(Some(&card.name), &data)
+                } else {
+                    self.train.run_name.clone()
+                };
+                let name = free_run_name(&self.settings.runs_dir, &base);
+                cfg.out = self.settings.runs_dir.join(&name).display().to_string();
+                self.settings.last_data = Some(data);
+                (cfg, false)
+            }
+        };
+        let run_dir = PathBuf::from(&cfg.out);
+        if let Err(e) = std::fs::create_dir_all(&self.settings.runs_dir) {
+            self.report(
+                "Cannot create the runs folder",
+                format!("{}: {e}", self.settings.runs_dir.display()),
+                "Choose another runs folder on the Settings page.",
+            );
+            return;
+        }
+        let thread_dir = run_dir.clone();
+        let stream = Stream::spawn("finch-train", ctx, move |send, stop| {
+            let mut note = |n: String| send(TrainMsg::Note(n));
+            let mut trainer = match crate::train::run::prepare(&cfg, resume, &mut note) {
+                Ok(t) => t,
+                Err(e) => {
+                    send(TrainMsg::PrepareFailed(format!("{e:#}")));
+                    return;
+                }
+            };
+            if resume {
+                if let Some(history) = RunHistory::read(&thread_dir) {
+                    send(TrainMsg::Resumed(history));
+                }
+            }
+            // Failures arrive as `TrainEvent::Failed` too, so the returned error is not needed here.
+            let _ = trainer.run(stop, &mut |event| send(TrainMsg::Event(event.clone())));
+        });
+        match stream {
+            Ok(stream) => {
+                self.train.live = LiveCurves::default();
+                self.train.summary = None;
+                self.train.notes.clear();
+                self.train.status = if resume {
+                    "Loading the model and the checkpoint…".into()
+                } else {
+                    "Loading the model and tokenizing the data…".into()
+                };
+                self.settings.last_run = Some(run_dir.clone());
+                self.train.session = Some(Session {
+                    stream,
+                    run_dir,
+                    stopping: false,
+                });
+            }
+            Err(e) => self.report("Cannot start training", e, "Restart Finch."),
+        }
+    }
+
+    pub(crate) fn poll_train(&mut self, ctx: &egui::Context) {
+        let mut failures = Vec::new();
+        let mut ended = false;
+        if let Some(session) = &mut self.train.session {
+            for msg in session.stream.drain() {
+                let live = &mut self.train.live;
+                match msg {
+                    TrainMsg::Note(n) => self.train.notes.push(n),
+                    TrainMsg::PrepareFailed(e) => failures.push(e),
+                    TrainMsg::Resumed(history) => *live = LiveCurves::from_history(&history),
+                    TrainMsg::Event(TrainEvent::Started {
+                        total_steps,
+                        start_step,
+                        train_examples,
+                        eval_examples,
+                        trainable_params,
+                    }) => {
+                        live.total_steps = total_steps;
+                        live.step = start_step;
+                        self.train.status = format!(
+                            "Training on {train_examples} examples ({eval_examples} held out), \
+                             {trainable_params} trainable parameters"
+                        );
+                    }
+                    TrainMsg::Event(TrainEvent::Step(m)) => {
+                        live.push_loss(m.step as f64, m.loss as f64);
+                        live.lr.push([m.step as f64, m.lr]);
+                        live.grad_norm.push([m.step as f64, m.grad_norm as f64]);
+                        live.step = m.step;
+                        live.total_steps = m.total_steps;
+                        live.tokens_per_sec = m.tokens_per_sec;
+                        live.eta_secs = m.eta_secs;
+                        live.elapsed_secs = m.elapsed_secs;
+                    }
+                    TrainMsg::Event(TrainEvent::Eval { step, loss, .. }) => {
+                        live.eval_loss.push([step as f64, loss as f64]);
+                    }
+                    TrainMsg::Event(TrainEvent::Checkpoint { step, .. }) => {
+                        self.train.status = format!("Checkpoint saved at step {step}");
+                    }
+                    TrainMsg::Event(TrainEvent::Finished(summary)) => {
+                        self.train.status = if summary.stopped {
+                            format!(
+                                "Stopped at step {}; a checkpoint was saved, press Resume to continue",
+                                summary.steps
+                            )
+                        } else {
+                            format!(
+                                "Finished {} steps in {}",
+                                summary.steps,
+                                format_duration(summary.elapsed_secs)
+                            )
+                        };
+                        self.train.summary = Some(summary);
+                    }
+                    TrainMsg::Event(TrainEvent::Failed { step, error }) => {
+                        failures.push(format!("at step {step}: {error}"));
+                    }
+                }
+            }
+            ended = session.stream.is_finished();
+        }
+        for e in failures {
+            self.train.status = "Training failed".into();
+            self.report(
+                "Training failed",
+                e,
+                "Check the model and data paths; if the loss exploded, lower the learning rate and resume from \
+                 the last checkpoint.",
+            );
+        }
+        if ended {
+            self.train.session = None;
+            self.train.history_stale = true;
+        }
+        if self.train.history_stale && self.train.history_job.is_none() {
+            self.train.history_stale = false;
+            let dir = self.settings.runs_dir.clone();
+            match Job::spawn("finch-scan-runs", ctx, move || RunHistory::scan(&dir)) {
+                Ok(job) => self.train.history_job = Some(job),
+                Err(e) => self.report("Cannot list past runs", e, "Restart Finch."),
+            }
+        }
+        if let Some(job) = &mut self.train.history_job {
+            if let Some(history) = job.poll() {
+                self.train.history_job = None;
+                self.train.overlay.retain(|d| history.iter().any(|r| &r.dir == d));
+                self.train.history = history;
+            }
+        }
+        if let Some(job) = &mut self.train.showing {
+            if let Some(run) = job.poll() {
+                self.train.showing = None;
+                match run {
+                    Some(run) if !self.train.is_running() => {
+                        self.train.live = LiveCurves::from_history(&run);
+                        self.train.summary = None;
+                        self.train.status = format!("Showing the run {}", run.name);
+                    }
+                    Some(_) => {}
+                    None => self.report(
+                        "Cannot show this run",
+                        "its folder holds no readable metrics.jsonl",
+                        "Pick a run folder made by Finch.",
+                    ),
+                }
+            }
+        }
+        if let Some(job) = &mut self.train.saving_chart {
+            if let Some(result) = job.poll() {
+                self.train.saving_chart = None;
+                match result {
+                    Ok(path) => self.train.status = format!("Saved the chart to {}", path.display()),
+                    Err(e) => self.report(
+                        "Cannot save the chart",
+                        e,
+                        "Pick a writable folder and a name ending in .png or .svg.",
+                    ),
+                }
+            }
+        }
+    }
+
+    /// The series the saved chart shows: the current run's curves and the ticked past runs.
+    fn chart_series(&self) -> Vec<ChartSeries> {
+        let mut series = vec![
+            ChartSeries {
+                name: "training loss".into(),
+                points: self.train.live.loss.clone(),
+            },
+            ChartSeries {
+                name: "training loss (smoothed)".into(),
+                points: self.train.live.loss_smoothed.clone(),
+            },
+            ChartSeries {
+                name: "eval loss".into(),
+                points: self.train.live.eval_loss.clone(),
+            },
+        ];
+        for run in self
+            .train
+            .history
+            .iter()
+            .filter(|r| self.train.overlay.contains(&r.dir))
+        {
+            series.push(ChartSeries {
+                name: run.name.clone(),
+                points: run.loss.clone(),
+            });
+        }
+        series
+    }
+
+    /// Saves the chart to `path` (`.png` or `.svg`) on a background thread, as the Save buttons do.
+    pub fn save_chart(&mut self, ctx: &egui::Context, path: &Path) {
+        self.save_chart_in(ctx, path);
+    }
+
+    pub(crate) fn save_chart_in(&mut self, ctx: &egui::Context, path: &Path) {
+        let series = self.chart_series();
+        let path = path.to_path_buf();
+        let job = Job::spawn("finch-save-chart", ctx, move || {
+            save_chart(&path, "Finch training loss", &series)
+                .map(|()| path)
+                .map_err(|e| e.to_string())
+        });
+        match job {
+            Ok(job) => self.train.saving_chart = Some(job),
+            Err(e) => self.report("Cannot save the chart", e, "Restart Finch."),
+        }
+    }
+
+    pub(crate) fn train_page_ui(&mut self, ui: &mut egui::Ui) {
+        let ctx = ui.ctx().clone();
+        ui.heading("Train");
+        ui.add_space(6.0);
+        let running = self.train.is_running();
+
+        ui.group(|ui| {
+            egui::Grid::new("train-inputs")
+                .num_columns(2)
+                .spacing([12.0, 8.0])
+                .show(ui, |ui| {
+                    ui.label("Model");
+                    match &self.models.card {
+                        Some(card) => ui.label(format!("{} ({})", card.name, card.family)),
+                        None => ui.label(egui::RichText::new("none: open one on the Models page").weak()),
+                    };
+                    ui.end_row();
+                    let data_label = ui.label("Data file").on_hover_text(
+                        "A JSONL file: one example per line, with Alpaca fields (instruction, input, output) or \
+                     OpenAI `messages`.",
+                    );
+                    ui.horizontal(|ui| {
+                        let edit = ui.add_enabled(
+                            !running,
+                            egui::TextEdit::singleline(&mut self.train.data_path)
+                                .hint_text("path to a .jsonl file")
+                                .desired_width(380.0),
+                        );
+                        edit.labelled_by(data_label.id);
+                        if ui.add_enabled(!running, egui::Button::new("Browse…")).clicked() {
+                            self.start_pick(&ctx, PickPurpose::DataFile, None);
+                        }
+                    });
+                    ui.end_row();
+                    let name_label = ui
+                        .label("Run name")
+                        .on_hover_text("The run's folder under the runs folder; a number is added if it exists.");
+                    let hint = suggested_run_name(
+                        self.models.card.as_ref().map(|c| c.name.as_str()),
+                        &self.train.data_path,
+                    );
+                    ui.add_enabled(
+                        !running,
+                        egui::TextEdit::singleline(&mut self.train.run_name)
+                            .hint_text(hint)
+                            .desired_width(380.0),
+                    )
+                    .labelled_by(name_label.id);
+                    ui.end_row();
+                });
+        });
+        ui.add_space(8.0);
+
+        ui.horizontal(|ui| {
+            let can_start = !running && self.models.card.is_some() && !self.train.data_path.trim().is_empty();
+            let start = ui
+                .add_enabled(
+                    can_start,
+                    egui::Button::new(egui::RichText::new("Start training").size(18.0)),
+                )
+                .on_hover_text("Trains a LoRA adapter on the data; the base model is not changed.");
+            if !can_start && !running {
+                start.on_disabled_hover_text("Open a model and pick a data file first.");
+            } else if start.clicked() {
+                self.start_training(&ctx, None);
+            }
+            if running {
+                let stopping = self.train.session.as_ref().is_some_and(|s| s.stopping);
+                let stop = ui
+                    .add_enabled(!stopping, egui::Button::new(egui::RichText::new("Stop").size(18.0)))
+                    .on_hover_text("Stops after the current step and saves a checkpoint you can resume.");
+                if stop.clicked() {
+                    self.train.request_stop();
+                }
+                ui.spinner();
+                if stopping {
+                    ui.label("Stopping after this step…");
+                }
+            } else if let Some(dir) = self.resumable_last_run() {
+                if ui
+                    .button(egui::RichText::new("Resume").size(18.0))
+                    .on_hover_text(format!("Continues {} from its newest checkpoint.", dir.display()))
+                    .clicked()
+                {
+                    self.start_training(&ctx, Some(&dir));
+                }
+            }
+        });
+        if !self.train.status.is_empty() {
+            ui.label(&self.train.status);
+        }
+        for note in &self.train.notes {
+            ui.label(egui::RichText::new(note).small().weak());
+        }
+        ui.add_space(8.0);
+        // Curves come before the settings so a running (or shown) run is visible without scrolling.
+        self.live_plots_ui(ui);
+        ui.add_space(8.0);
+        egui::CollapsingHeader::new("Training settings")
+            .default_open(true)
+            .show(ui, |ui| ui.add_enabled_ui(!running, |ui| self.settings_ui(ui)));
+        ui.add_space(12.0);
+        self.history_ui(ui, &ctx);
+    }
+
+    /// The last run of this window (or of the last launch), when it stopped with steps left.
+    fn resumable_last_run(&self) -> Option<PathBuf> {
+        let last = self
+            .train
+            .session
+            .as_ref()
+            .map(|s| s.run_dir.clone())
+            .or_else(|| self.settings.last_run.clone())?;
+        self.train
+            .history
+            .iter()
+            .find(|r| r.dir == last && r.resumable())
+            .map(|r| r.dir.clone())
+    }
+
+    fn settings_ui(&mut self, ui: &mut egui::Ui) {
+        ui.horizontal(|ui| {
+            ui.label("Presets:");
+            for preset in Preset::ALL {
+                if ui.button(preset.title()).on_hover_text(preset.description()).clicked() {
+                    preset.apply(&mut self.settings.train);
+                }
+            }
+        });
+        ui.add_space(4.0);
+        let cfg = &mut self.settings.train;
+        ui.columns(2, |cols| {
+            egui::Grid::new("train-knobs-a").num_columns(2).spacing([12.0, 6.0]).show(&mut cols[0], |ui| {
+                let mut by_epochs = matches!(cfg.duration, Duration::Epochs(_));
+                knob_row(
+                    ui,
+                    "Length",
+                    "Train for a number of optimizer steps, or for whole passes (epochs) over the data.",
+                    |ui| {
+                        let r = ui.horizontal(|ui| {
+                            ui.selectable_value(&mut by_epochs, false, "Steps");
+                            ui.selectable_value(&mut by_epochs, true, "Epochs");
+                        });
+                        r.response
+                    },
+                );
+                match (cfg.duration, by_epochs) {
+                    (Duration::Steps(_), true) => cfg.duration = Duration::Epochs(1.0),
+                    (Duration::Epochs(_), false) => cfg.duration = Duration::Steps(100),
+                    _ => {}
+                }
+                match &mut cfg.duration {
+                    Duration::Steps(steps) => knob_row(
+                        ui,
+                        "Steps",
+                        "How many optimizer updates to run; more steps learn more but take longer.",
+                        |ui| ui.add(egui::DragValue::new(steps).range(1..=1_000_000)),
+                    ),
+                    Duration::Epochs(epochs) => knob_row(
+                        ui,
+                        "Epochs",
+                        "How many times to go through the whole training set; 1–3 is typical.",
+                        |ui| ui.add(egui::DragValue::new(epochs).range(0.1..=100.0).speed(0.1)),
+                    ),
+                }
+                knob_row(
+                    ui,
+                    "LoRA rank",
+                    "Size of the adapter matrices; higher learns more detail but trains slower and can overfit.",
+                    |ui| ui.add(egui::DragValue::new(&mut cfg.lora.r).range(1..=256)),
+                );
+                knob_row(
+                    ui,
+                    "LoRA alpha",
+                    "Scales how strongly the adapter changes the model; twice the rank is a common choice.",
+                    |ui| ui.add(egui::DragValue::new(&mut cfg.lora.alpha).range(0.5..=1024.0).speed(0.5)),
+                );
+                knob_row(
+                    ui,
+                    "LoRA dropout",
+                    "Randomly ignores part of the adapter's input while training, which reduces overfitting on small datasets.",
+                    |ui| ui.add(egui::DragValue::new(&mut cfg.lora.dropout).range(0.0..=0.5).speed(0.01)),
+                );
+                knob_row(
+                    ui,
+                    "rsLoRA",
+                    "Scales the adapter by alpha/√rank instead of alpha/rank, which keeps large ranks stable.",
+                    |ui| ui.checkbox(&mut cfg.lora.use_rslora, ""),
+                );
+                knob_row(
+                    ui,
+                    "Adapted layers",
+                    "Which projections of every layer get an adapter; all seven learn most, q and v alone train fastest.",
+                    |ui| {
+                        let r = ui.horizontal_wrapped(|ui| {
+                            for target in Target::ALL {
+                                let mut on = cfg.lora.targets.contains(&target);
+                                if ui.toggle_value(&mut on, target.short()).changed() {
+                                    if on {
+                                        cfg.lora.targets.push(target);
+                                        cfg.lora.targets.sort();
+                                    } else if cfg.lora.targets.len() > 1 {
+                                        cfg.lora.targets.retain(|t| *t != target);
+                                    }
+                                }
+                            }
+                        });
+                        r.response
+                    },
+                );
+                knob_row(
+                    ui,
+                    "Loss on",
+                    "Which tokens the model learns to predict: the assistant's answers (usual), every token, or only the last answer.",
+                    |ui| {
+                        egui::ComboBox::from_id_salt("loss-on")
+                            .selected_text(match cfg.loss_on {
+                                LossOn::Assistant => "assistant answers",
+                                LossOn::All => "all tokens",
+                                LossOn::LastTurn => "last answer",
+                            })
+                            .show_ui(ui, |ui| {
+                                ui.selectable_value(&mut cfg.loss_on, LossOn::Assistant, "assistant answers");
+                                ui.selectable_value(&mut cfg.loss_on, LossOn::All, "all tokens");
+                                ui.selectable_value(&mut cfg.loss_on, LossOn::LastTurn, "last answer");
+                            })
+                            .response
+                    },
+                );
+                knob_row(
+                    ui,
+                    "Seed",
+                    "Fixes every random choice, so the same settings on the same data give the same run.",
+                    |ui| ui.add(egui::DragValue::new(&mut cfg.seed)),
+                );
+            });
+            egui::Grid::new("train-knobs-b").num_columns(2).spacing([12.0, 6.0]).show(&mut cols[1], |ui| {
+                knob_row(
+                    ui,
+                    "Learning rate",
+                    "How big each update is; too high makes the loss jump or explode, too low learns almost nothing.",
+                    |ui| {
+                        ui.add(
+                            egui::Slider::new(&mut cfg.lr, 1e-6..=1e-2)
+                                .logarithmic(true)
+                                .custom_formatter(|v, _| format!("{v:.1e}")),
+                        )
+                    },
+                );
+                knob_row(
+                    ui,
+                    "Schedule",
+                    "How the learning rate changes during the run; cosine lowers it smoothly to zero by the end.",
+                    |ui| {
+                        egui::ComboBox::from_id_salt("schedule")
+                            .selected_text(format!("{:?}", cfg.schedule).to_lowercase())
+                            .show_ui(ui, |ui| {
+                                for s in [Schedule::Constant, Schedule::Linear, Schedule::Cosine] {
+                                    ui.selectable_value(&mut cfg.schedule, s, format!("{s:?}").to_lowercase());
+                                }
+                            })
+                            .response
+                    },
+                );
+                knob_row(
+                    ui,
+                    "Warm-up steps",
+                    "Steps at the start during which the learning rate ramps up from zero, which avoids early jumps.",
+                    |ui| ui.add(egui::DragValue::new(&mut cfg.warmup_steps).range(0..=100_000)),
+                );
+                knob_row(
+                    ui,
+                    "Batch size",
+                    "Examples per step; larger gives smoother updates but needs more memory.",
+                    |ui| ui.add(egui::DragValue::new(&mut cfg.batch_size).range(1..=256)),
+                );
+                knob_row(
+                    ui,
+                    "Gradient accumulation",
+                    "Batches added up before each update, for a larger effective batch without more memory.",
+                    |ui| ui.add(egui::DragValue::new(&mut cfg.grad_accum).range(1..=256)),
+                );
+                knob_row(
+                    ui,
+                    "Sequence length",
+                    "Longest example in tokens; longer ones are cut, and memory grows with this number.",
+                    |ui| ui.add(egui::DragValue::new(&mut cfg.seq_len).range(16..=32_768).speed(16)),
+                );
+                knob_row(
+                    ui,
+                    "Weight decay",
+                    "Pulls the adapter weights toward zero every step; a small value like 0.01 can reduce overfitting.",
+                    |ui| ui.add(egui::DragValue::new(&mut cfg.weight_decay).range(0.0..=1.0).speed(0.001)),
+                );
+                knob_row(
+                    ui,
+                    "Max gradient norm",
+                    "Caps the size of each update to protect against sudden loss spikes; 0 turns the cap off.",
+                    |ui| ui.add(egui::DragValue::new(&mut cfg.max_grad_norm).range(0.0..=100.0).speed(0.05)),
+                );
+                knob_row(
+                    ui,
+                    "Held-out share",
+                    "Part of the data kept aside to measure the loss on examples the model never trained on.",
+                    |ui| ui.add(egui::Slider::new(&mut cfg.eval_split, 0.0..=0.5).fixed_decimals(2)),
+                );
+                knob_row(
+                    ui,
+                    "Evaluate every",
+                    "How often, in steps, to measure the held-out loss; 0 measures only at the end.",
+                    |ui| ui.add(egui::DragValue::new(&mut cfg.eval_every).range(0..=100_000)),
+                );
+                knob_row(
+                    ui,
+                    "Checkpoint every",
+                    "How often, in steps, to save a checkpoint you can resume from; 0 saves only at the end or on Stop.",
+                    |ui| ui.add(egui::DragValue::new(&mut cfg.save_every).range(0..=100_000)),
+                );
+                knob_row(
+                    ui,
+                    "Precision",
+                    "Number format of the frozen base weights; f32 is safest on a CPU, bf16 and f16 halve the memory.",
+                    |ui| {
+                        egui::ComboBox::from_id_salt("precision")
+                            .selected_text(format!("{:?}", cfg.precision).to_lowercase())
+                            .show_ui(ui, |ui| {
+                                for p in [Precision::F32, Precision::Bf16, Precision::F16] {
+                                    ui.selectable_value(&mut cfg.precision, p, format!("{p:?}").to_lowercase());
+                                }
+                            })
+                            .response
+                    },
+                );
+                // Only devices this build can use are offered.
+                let mut devices = vec![DeviceChoice::Auto, DeviceChoice::Cpu];
+                if cfg!(feature = "cuda") {
+                    devices.push(DeviceChoice::Cuda);
+                }
+                if cfg!(feature = "metal") {
+                    devices.push(DeviceChoice::Metal);
+                }
+                if devices.len() > 2 {
+                    knob_row(
+                        ui,
+                        "Device",
+                        "Where training runs; auto picks the GPU when there is one.",
+                        |ui| {
+                            egui::ComboBox::from_id_salt("device")
+                                .selected_text(format!("{:?}", cfg.device).to_lowercase())
+                                .show_ui(ui, |ui| {
+                                    for d in devices {
+                                        ui.selectable_value(&mut cfg.device, d, format!("{d:?}").to_lowercase());
+                                    }
+                                })
+                                .response
+                        },
+                    );
+                }
+            });
+        });
+    }
+
+    fn live_plots_ui(&mut self, ui: &mut egui::Ui) {
+        let live = &self.train.live;
+        if live.loss.is_empty() && !self.train.is_running() {
+            return;
+        }
+        ui.horizontal(|ui| {
+            ui.label(egui::RichText::new(format!("Step {} / {}", live.step, live.total_steps)).strong());
+            if live.total_steps > 0 {
+                ui.add(
+                    egui::ProgressBar::new(live.step as f32 / live.total_steps as f32)
+                        .desired_width(200.0)
+                        .show_percentage(),
+                );
+            }
+            if let Some(last) = live.loss.last() {
+                ui.label(format!("loss {:.4}", last[1]));
+            }
+            if let Some(last) = live.eval_loss.last() {
+                ui.label(format!("eval loss {:.4}", last[1]));
+            }
+            if live.tokens_per_sec > 0.0 {
+                ui.label(format!("{:.0} tokens/s", live.tokens_per_sec));
+            }
+            if self.train.is_running() && live.step > 0 {
+                ui.label(format!("ETA {}", format_duration(live.eta_secs)));
+            }
+        });
+        Plot::new("loss-plot")
+            .height(260.0)
+            .legend(Legend::default())
+            .x_axis_label("step")
+            .y_axis_label("loss")
+            .show(ui, |plot| {
+                plot.line(
+                    Line::new(
+                        "training loss",
+                        PlotPoints::new(downsample(&live.loss, MAX_DRAWN_POINTS)),
+                    )
+                    .width(1.0),
+                );
+                plot.line(
+                    Line::new(
+                        "smoothed",
+                        PlotPoints::new(downsample(&live.loss_smoothed, MAX_DRAWN_POINTS)),
+                    )
+                    .width(2.5),
+                );
+                if !live.eval_loss.is_empty() {
+                    plot.line(Line::new("eval loss", PlotPoints::new(live.eval_loss.clone())).width(2.0));
+                    plot.points(Points::new("eval loss", PlotPoints::new(live.eval_loss.clone())).radius(4.0));
+                }
+            });
+        ui.columns(2, |cols| {
+            Plot::new("lr-plot")
+                .height(140.0)
+                .x_axis_label("step")
+                .y_axis_label("learning rate")
+                .show(&mut cols[0], |plot| {
+                    plot.line(Line::new(
+                        "learning rate",
+                        PlotPoints::new(downsample(&live.lr, MAX_DRAWN_POINTS)),
+                    ));
+                });
+            Plot::new("grad-norm-plot")
+                .height(140.0)
+                .x_axis_label("step")
+                .y_axis_label("gradient norm")
+                .show(&mut cols[1], |plot| {
+                    plot.line(Line::new(
+                        "gradient norm",
+                        PlotPoints::new(downsample(&live.grad_norm, MAX_DRAWN_POINTS)),
+                    ));
+                });
+        });
+    }
+
+    fn history_ui(&mut self, ui: &mut egui::Ui, ctx: &egui::Context) {
+        ui.horizontal(|ui| {
+            ui.heading("Past runs");
+            if ui.small_button("Refresh").clicked() {
+                self.train.history_stale = true;
+            }
+            ui.label(
+                egui::RichText::new(self.settings.runs_dir.display().to_string())
+                    .small()
+                    .weak(),
+            );
+        });
+        if self.train.history.is_empty() {
+            ui.label(egui::RichText::new("No runs yet in the runs folder.").weak());
+        }
+        let running = self.train.is_running();
+        let mut resume = None;
+        let mut show = None;
+        egui::Grid::new("run-history")
+            .striped(true)
+            .num_columns(6)
+            .show(ui, |ui| {
+                if !self.train.history.is_empty() {
+                    for head in ["Compare", "Run", "Steps", "Final loss", "Eval loss", ""] {
+                        ui.label(egui::RichText::new(head).strong());
+                    }
+                    ui.end_row();
+                }
+                for run in &self.train.history {
+                    let mut on = self.train.overlay.contains(&run.dir);
+                    if ui
+                        .checkbox(&mut on, "")
+                        .on_hover_text("Overlay this run's loss curve in the comparison chart.")
+                        .changed()
+                    {
+                        if on {
+                            self.train.overlay.insert(run.dir.clone());
+                        } else {
+                            self.train.overlay.remove(&run.dir);
+                        }
+                    }
+                    ui.label(&run.name).on_hover_text(run.dir.display().to_string());
+                    ui.label(match run.planned_steps {
+                        Some(n) => format!("{} / {n}", run.last_step),
+                        None => run.last_step.to_string(),
+                    });
+                    ui.label(
+                        run.loss
+                            .last()
+                            .map(|p| format!("{:.4}", p[1]))
+                            .unwrap_or_else(|| "–".into()),
+                    );
+                    ui.label(
+                        run.eval_loss
+                            .last()
+                            .map(|p| format!("{:.4}", p[1]))
+                            .unwrap_or_else(|| "–".into()),
+                    );
+                    ui.horizontal(|ui| {
+                        if !running
+                            && ui
+                                .button("Show")
+                                .on_hover_text("Show this run's curves above.")
+                                .clicked()
+                        {
+                            show = Some(run.dir.clone());
+                        }
+                        if run.resumable() && !running {
+                            if ui
+                                .button("Resume")
+                                .on_hover_text("Continue from its newest checkpoint.")
+                                .clicked()
+                            {
+                                resume = Some(run.dir.clone());
+                            }
+                        } else if run.failed {
+                            ui.label(egui::RichText::new("failed").color(ui.visuals().error_fg_color));
+                        }
+                    });
+                    ui.end_row();
+                }
+            });
+        if let Some(dir) = resume {
+            self.start_training(ctx, Some(&dir));
+        }
+        if let Some(dir) = show {
+            self.show_run(ctx, &dir);
+        }
+        if !self.train.overlay.is_empty() {
+            Plot::new("compare-plot")
+                .height(220.0)
+                .legend(Legend::default())
+                .x_axis_label("step")
+                .y_axis_label("training loss")
+                .show(ui, |plot| {
+                    for run in self
+                        .train
+                        .history
+                        .iter()
+                        .filter(|r| self.train.overlay.contains(&r.dir))
+                    {
+                        plot.line(Line::new(
+                            run.name.clone(),
+                            PlotPoints::new(downsample(&run.loss, MAX_DRAWN_POINTS)),
+                        ));
+                    }
+                });
+        }
+        let has_curves = !self.train.live.loss.is_empty() || !self.train.overlay.is_empty();
+        if has_curves {
+            ui.horizontal(|ui| {
+                let saving = self.train.saving_chart.is_some();
+                let dir = self.settings.runs_dir.clone();
+                if ui
+                    .add_enabled(!saving, egui::Button::new("Save chart as PNG…"))
+                    .clicked()
+                {
+                    self.start_pick(ctx, PickPurpose::ChartPng, Some(&dir));
+                }
+                if ui
+                    .add_enabled(!saving, egui::Button::new("Save chart as SVG…"))
+                    .clicked()
+                {
+                    self.start_pick(ctx, PickPurpose::ChartSvg, Some(&dir));
+                }
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn downsample_keeps_recent_points_exact_and_bounds_the_count() {
+        let points: Vec<[f64; 2]> = (0..10_000).map(|i| [i as f64, (i as f64).sin()]).collect();
+        let drawn = downsample(&points, 1000);
+        assert!(drawn.len() <= 1000, "{} points drawn", drawn.len());
+        assert_eq!(&drawn[drawn.len() - 500..], &points[points.len() - 500..]);
+        assert_eq!(drawn[0], points[0]);
+        assert!(drawn.windows(2).all(|w| w[0][0] < w[1][0]), "steps stay in order");
+        assert_eq!(downsample(&points[..10], 1000), points[..10].to_vec());
+    }
+
+    #[test]
+    fn smoothed_loss_is_bias_corrected() {
+        let mut live = LiveCurves::default();
+        live.push_loss(1.0, 4.0);
+        // Without bias correction the first smoothed value would be 0.4.
+        assert!((live.loss_smoothed[0][1] - 4.0).abs() < 1e-9);
+        live.push_loss(2.0, 2.0);
+        let expected = (0.9 * 0.1 * 4.0 + 0.1 * 2.0) / (1.0 - 0.9f64.powi(2));
+        assert!((live.loss_smoothed[1][1] - expected).abs() < 1e-9);
+    }
+
+    #[test]
+    fn run_history_reads_metrics_and_skips_broken_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let run = dir.path().join("demo");
+        std::fs::create_dir_all(&run).unwrap();
+        std::fs::write(
+            run.join(METRICS_FILE),
+            "{\"kind\":\"train\",\"step\":1,\"loss\":2.5,\"lr\":0.0002,\"grad_norm\":1.5}\n\
+             {\"kind\":\"eval\",\"step\":1,\"eval_loss\":2.7,\"perplexity\":14.9}\n\
+             {\"kind\":\"train\",\"step\":2,\"lo\n\
+             {\"kind\":\"train\",\"step\":3,\"loss\":2.0,\"lr\":0.0001,\"grad_norm\":1.0}\n",
+        )
+        .unwrap();
+        let mut cfg = Preset::QuickDemo.config();
+        cfg.duration = Duration::Steps(5);
+        std::fs::write(run.join("config.toml"), cfg.to_toml().unwrap()).unwrap();
+        std::fs::create_dir_all(dir.path().join("not-a-run")).unwrap();
+        let runs = RunHistory::scan(dir.path());
+        assert_eq!(runs.len(), 1);
+        let r = &runs[0];
+        assert_eq!(r.name, "demo");
+        assert_eq!(r.loss, vec![[1.0, 2.5], [3.0, 2.0]]);
+        assert_eq!(r.eval_loss, vec![[1.0, 2.7]]);
+        assert_eq!(r.last_step, 3);
+        assert_eq!(r.planned_steps, Some(5));
+        assert!(!r.has_checkpoint && !r.resumable());
+    }
+
+    #[test]
+    fn presets_validate_once_model_and_data_are_set() {
+        for preset in Preset::ALL {
+            let mut cfg = preset.config();
+            cfg.model = "m".into();
+            cfg.data = "d.jsonl".into();
+            cfg.validate().unwrap_or_else(|e| panic!("{}: {e}", preset.title()));
+        }
+        let mut cfg = Preset::Quality.config();
+        cfg.seed = 7;
+        Preset::QuickDemo.apply(&mut cfg);
+        assert_eq!(cfg.seed, 7, "a preset keeps the seed");
+        assert_eq!(cfg.duration, Duration::Steps(30));
+    }
+
+    #[test]
+    fn run_names_do_not_collide() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(free_run_name(dir.path(), "a"), "a");
+        std::fs::create_dir_all(dir.path().join("a")).unwrap();
+        std::fs::create_dir_all(dir.path().join("a-2")).unwrap();
+        assert_eq!(free_run_name(dir.path(), "a"), "a-3");
+        assert_eq!(
+            suggested_run_name(Some("HuggingFaceTB/SmolLM2 135M"), "/x/alpaca demo.jsonl"),
+            "SmolLM2-135M-alpaca-demo"
+        );
+    }
+}

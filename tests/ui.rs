@@ -1,0 +1,419 @@
+//! The studio driven through its widgets with egui_kittest, on a tiny generated model: open the
+//! model, pick data, train 10 steps, watch the curve and the run history, save the chart; close
+//! during training; errors in the window; settings that persist.
+
+#[path = "support/fake_hub.rs"]
+mod fake_hub;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use eframe::egui;
+use egui::accesskit::Role;
+use egui_kittest::kittest::Queryable;
+use egui_kittest::Harness;
+use finch::hub::HubOptions;
+use finch::model::tiny::TinySpec;
+use finch::model::Family;
+use finch::train::Duration as TrainDuration;
+use finch::ui::train_page::Preset;
+use finch::ui::{App, Page, Settings, StartOptions};
+
+/// Alpaca rows the tiny byte-level tokenizer can encode.
+fn write_data(path: &Path, rows: usize) {
+    let mut text = String::new();
+    for i in 0..rows {
+        let row = serde_json::json!({
+            "instruction": format!("Add {i} and {}.", i + 1),
+            "input": if i % 3 == 0 { "Show the sum only." } else { "" },
+            "output": format!("{}", 2 * i + 1),
+        });
+        text.push_str(&row.to_string());
+        text.push('\n');
+    }
+    std::fs::write(path, text).unwrap();
+}
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    model: std::path::PathBuf,
+    data: std::path::PathBuf,
+    settings: Settings,
+}
+
+fn fixture(steps: usize) -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("tiny-llama");
+    TinySpec::new(Family::Llama).write(&model).unwrap();
+    let data = dir.path().join("sums.jsonl");
+    write_data(&data, 24);
+    let mut settings = Settings {
+        runs_dir: dir.path().join("runs"),
+        ..Settings::default()
+    };
+    settings.train = Preset::QuickDemo.config();
+    settings.train.duration = TrainDuration::Steps(steps);
+    settings.train.seq_len = 64;
+    settings.train.batch_size = 2;
+    settings.train.eval_split = 0.2;
+    settings.train.eval_every = 5;
+    settings.train.device = finch::train::config::DeviceChoice::Cpu;
+    Fixture {
+        _dir: dir,
+        model,
+        data,
+        settings,
+    }
+}
+
+fn harness(mut app: App) -> Harness<'static, App> {
+    // Keep the user's real Hugging Face cache and the network out of the tests.
+    let cache = app.settings().runs_dir.with_file_name("hub-cache");
+    app.set_hub_options(HubOptions::new(cache).with_offline(true));
+    harness_with(app)
+}
+
+fn harness_with(app: App) -> Harness<'static, App> {
+    Harness::builder()
+        .with_size([1400.0, 1100.0])
+        .build_ui_state(|ui, app: &mut App| app.show(ui), app)
+}
+
+/// Steps the harness (letting background threads run) until `done` holds; panics after `timeout`.
+fn step_until(harness: &mut Harness<'_, App>, what: &str, timeout: Duration, done: impl Fn(&App) -> bool) {
+    let start = Instant::now();
+    while !done(harness.state()) {
+        assert!(
+            start.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for {what}; errors shown: {:?}",
+            harness.state().errors()
+        );
+        harness.step();
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    harness.step();
+}
+
+/// Clicks a page in the navigation bar (pages also show their name as a heading).
+fn nav(harness: &mut Harness<'_, App>, page: &str) {
+    harness.get_by_role_and_label(Role::Button, page).click();
+    harness.step();
+}
+
+fn open_tiny_model(harness: &mut Harness<'_, App>, model: &Path) {
+    nav(harness, "Models");
+    harness.get_by_label("Model path").focus();
+    harness.step();
+    harness
+        .get_by_label("Model path")
+        .type_text(&model.display().to_string());
+    harness.step();
+    harness.get_by_label("Open").click();
+    step_until(harness, "the model card", Duration::from_secs(60), |app| {
+        app.model_card().is_some()
+    });
+}
+
+#[test]
+fn open_model_train_ten_steps_and_see_the_curve_and_the_history() {
+    let fx = fixture(10);
+    let mut harness = harness(App::with_settings(fx.settings.clone(), StartOptions::default()));
+    harness.step();
+
+    open_tiny_model(&mut harness, &fx.model);
+    let card = harness.state().model_card().unwrap().clone();
+    assert_eq!(card.family, "llama");
+    assert_eq!(card.chat_template, Ok(true));
+    let expected_params = finch::model::ModelFiles::open(fx.model.to_str().unwrap())
+        .unwrap()
+        .config
+        .num_parameters();
+    assert_eq!(card.parameters, expected_params);
+    // The card is on screen with the template state.
+    harness.get_by_label("Chat template");
+    harness.get_by_label("present");
+    assert_eq!(harness.state().settings().last_model.as_deref(), fx.model.to_str());
+
+    nav(&mut harness, "Train");
+    assert_eq!(harness.state().page(), Page::Train);
+    harness.get_by_label("Data file").focus();
+    harness.step();
+    harness
+        .get_by_label("Data file")
+        .type_text(&fx.data.display().to_string());
+    harness.step();
+    harness.get_by_label("Start training").click();
+    harness.step();
+    assert!(harness.state().is_training(), "errors: {:?}", harness.state().errors());
+    harness.step();
+    harness.get_by_label("Stop");
+
+    step_until(&mut harness, "the run to finish", Duration::from_secs(300), |app| {
+        !app.is_training()
+    });
+    assert!(harness.state().errors().is_empty(), "{:?}", harness.state().errors());
+    let loss = harness.state().live_loss_points().to_vec();
+    assert_eq!(loss.len(), 10, "one loss point per step: {loss:?}");
+    let steps: Vec<f64> = loss.iter().map(|p| p[0]).collect();
+    assert_eq!(steps, (1..=10).map(|s| s as f64).collect::<Vec<_>>());
+    assert!(loss.iter().all(|p| p[1].is_finite() && p[1] > 0.0));
+    harness.get_by_label_contains("Finished 10 steps");
+
+    step_until(&mut harness, "the run in the history", Duration::from_secs(30), |app| {
+        !app.run_history().is_empty()
+    });
+    let run = harness.state().run_history()[0].clone();
+    assert_eq!(run.last_step, 10);
+    assert_eq!(run.loss.len(), 10);
+    // The history reads the run folder; its curve is the one the live plot drew.
+    for (a, b) in run.loss.iter().zip(&loss) {
+        assert_eq!(a[0], b[0]);
+        assert!((a[1] - b[1]).abs() < 1e-5, "{a:?} vs {b:?}");
+    }
+    assert!(!run.eval_loss.is_empty(), "eval every 5 steps with a 20% split");
+    assert!(run.dir.join("adapter").join("adapter_model.safetensors").exists());
+    assert!(!run.resumable(), "a finished run offers no Resume");
+    assert!(
+        harness.get_all_by_label(&run.name).next().is_some(),
+        "the run is listed"
+    );
+    assert_eq!(harness.state().settings().last_run.as_ref(), Some(&run.dir));
+
+    // Tick the run for comparison, then save the chart in both formats.
+    harness.get_by_label("Save chart as PNG…");
+    let png = fx.settings.runs_dir.join("chart.png");
+    let svg = fx.settings.runs_dir.join("chart.svg");
+    let ctx = harness.ctx.clone();
+    harness.state_mut().save_chart(&ctx, &png);
+    step_until(&mut harness, "the PNG", Duration::from_secs(30), |app| {
+        app.errors().is_empty() && png.exists() && app.train_status().starts_with("Saved")
+    });
+    harness.state_mut().save_chart(&ctx, &svg);
+    step_until(&mut harness, "the SVG", Duration::from_secs(30), |app| {
+        svg.exists() && app.train_status().contains("chart.svg")
+    });
+    let bytes = std::fs::read(&png).unwrap();
+    assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n");
+    // IHDR width and height.
+    assert_eq!(u32::from_be_bytes(bytes[16..20].try_into().unwrap()), 1200);
+    assert_eq!(u32::from_be_bytes(bytes[20..24].try_into().unwrap()), 700);
+    let svg_text = std::fs::read_to_string(&svg).unwrap();
+    assert!(svg_text.contains("<svg") && svg_text.contains("training loss") && svg_text.contains("eval loss"));
+}
+
+#[test]
+fn closing_during_training_asks_then_stops_with_a_checkpoint_and_resume_continues() {
+    let fx = fixture(100_000);
+    let mut settings = fx.settings.clone();
+    settings.train.eval_split = 0.0;
+    settings.train.eval_every = 0;
+    let mut harness = harness(App::with_settings(settings, StartOptions::default()));
+    harness.step();
+    open_tiny_model(&mut harness, &fx.model);
+    let ctx = harness.ctx.clone();
+    harness.state_mut().set_data_path(&fx.data);
+    harness.state_mut().start_training(&ctx, None);
+    step_until(&mut harness, "a few steps", Duration::from_secs(120), |app| {
+        app.live_loss_points().len() >= 3
+    });
+
+    harness
+        .input_mut()
+        .viewports
+        .entry(egui::ViewportId::ROOT)
+        .or_default()
+        .events
+        .push(egui::ViewportEvent::Close);
+    harness.step();
+    assert!(harness.state().is_asking_to_close());
+    assert!(harness.state().is_training(), "asking does not stop the run");
+    let cancelled = harness.output().viewport_output[&egui::ViewportId::ROOT]
+        .commands
+        .contains(&egui::ViewportCommand::CancelClose);
+    assert!(cancelled, "the close is held back while the question is open");
+    // egui lays out a new window invisibly in its first frame.
+    harness.step();
+
+    harness.get_by_label("Stop training and close").click();
+    step_until(&mut harness, "the trainer to stop", Duration::from_secs(120), |app| {
+        !app.is_training()
+    });
+    // The frame after the trainer ended asks the window to close.
+    harness.step();
+    let commands = &harness.output().viewport_output[&egui::ViewportId::ROOT].commands;
+    assert!(commands.contains(&egui::ViewportCommand::Close), "{commands:?}");
+    let run_dir = harness.state().settings().last_run.clone().unwrap();
+    let steps_done = harness.state().live_loss_points().len();
+    assert!(
+        run_dir.join("checkpoints").join(format!("step-{steps_done}")).exists(),
+        "a checkpoint at the stop step {steps_done}"
+    );
+
+    // A new window (same settings, as after a relaunch) offers Resume and continues the curve.
+    let settings = harness.state().settings().clone();
+    let mut harness = self::harness(App::with_settings(settings, StartOptions::default()));
+    harness.step();
+    nav(&mut harness, "Train");
+    step_until(&mut harness, "the history", Duration::from_secs(30), |app| {
+        app.run_history().iter().any(|r| r.resumable())
+    });
+    open_tiny_model(&mut harness, &fx.model);
+    nav(&mut harness, "Train");
+    harness.get_all_by_label("Resume").next().unwrap().click();
+    harness.step();
+    step_until(&mut harness, "two more steps", Duration::from_secs(120), |app| {
+        app.live_loss_points().len() >= steps_done + 2
+    });
+    let points = harness.state().live_loss_points().to_vec();
+    assert_eq!(
+        points[steps_done][0],
+        (steps_done + 1) as f64,
+        "the resumed curve continues the old one"
+    );
+    harness.state_mut().stop_training();
+    step_until(&mut harness, "the stop", Duration::from_secs(120), |app| {
+        !app.is_training()
+    });
+}
+
+#[test]
+fn a_model_that_cannot_be_opened_shows_an_error_with_what_to_do() {
+    let fx = fixture(10);
+    let mut harness = harness(App::with_settings(fx.settings.clone(), StartOptions::default()));
+    harness.step();
+    let missing = fx.settings.runs_dir.join("no-such-model");
+    let ctx = harness.ctx.clone();
+    harness.state_mut().open_model_path(&ctx, &missing);
+    step_until(&mut harness, "the error", Duration::from_secs(30), |app| {
+        !app.errors().is_empty()
+    });
+    let error = harness.state().errors()[0].clone();
+    assert!(error.what.contains("Cannot open the model"), "{error:?}");
+    assert!(error.detail.contains("no-such-model"), "{error:?}");
+    harness.get_by_label_contains("What to do: Pick a folder holding config.json");
+    assert!(harness.state().model_card().is_none());
+    harness.get_by_label("Dismiss").click();
+    harness.step();
+    assert!(harness.state().errors().is_empty());
+
+    // Start stays disabled without a model: training is never attempted.
+    nav(&mut harness, "Train");
+    harness.get_by_label("Start training").click();
+    harness.step();
+    assert!(!harness.state().is_training());
+}
+
+#[test]
+fn search_the_hub_download_with_progress_and_open_the_model() {
+    let fx = fixture(10);
+    let mut repo =
+        fake_hub::FakeRepo::new("test-org/tiny-llama-chat", &"a".repeat(40)).search_fields(serde_json::json!({
+            "downloads": 500, "likes": 40,
+            "tags": ["transformers", "safetensors", "llama", "text-generation", "license:apache-2.0"],
+            "config": { "model_type": "llama" }, "safetensors": { "total": 1234, "parameters": { "F32": 1234 } },
+            "usedStorage": 5_000_000,
+        }));
+    for entry in std::fs::read_dir(&fx.model).unwrap().flatten() {
+        repo = repo.file(
+            &entry.file_name().to_string_lossy(),
+            std::fs::read(entry.path()).unwrap(),
+        );
+    }
+    let hub = fake_hub::FakeHub::start(vec![repo]);
+    let cache = fx.settings.runs_dir.with_file_name("fake-hub-cache");
+    let mut app = App::with_settings(fx.settings.clone(), StartOptions::default());
+    app.set_hub_options(HubOptions::new(&cache).with_endpoint(hub.endpoint()));
+    let mut harness = harness_with(app);
+    harness.step();
+    harness.get_by_label("Search the Hugging Face Hub").focus();
+    harness.step();
+    harness.get_by_label("Search the Hugging Face Hub").type_text("tiny");
+    harness.step();
+    harness.get_by_label("Search").click();
+    let start = Instant::now();
+    while harness.query_by_label("test-org/tiny-llama-chat").is_none() {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "{:?}",
+            harness.state().errors()
+        );
+        harness.step();
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    harness.get_by_label("apache-2.0");
+    harness
+        .get_by_role_and_label(Role::Button, "Download")
+        .click_accesskit();
+    harness.run_steps(3);
+    assert!(
+        harness
+            .query_by_label_contains("Downloading test-org/tiny-llama-chat")
+            .is_some(),
+        "the progress row is shown"
+    );
+    step_until(&mut harness, "the downloaded model", Duration::from_secs(60), |app| {
+        app.model_card().is_some()
+    });
+    let card = harness.state().model_card().unwrap().clone();
+    assert_eq!(
+        card.name, "test-org/tiny-llama-chat",
+        "a cached snapshot shows its Hub id"
+    );
+    assert!(card.path.starts_with(&cache));
+    step_until(&mut harness, "the cache listing", Duration::from_secs(30), |app| {
+        app.cached_models().iter().any(|m| m.id == "test-org/tiny-llama-chat")
+    });
+}
+
+/// An in-memory `eframe::Storage`, as eframe's file storage behaves between launches.
+#[derive(Default)]
+struct MemoryStorage(HashMap<String, String>);
+
+impl eframe::Storage for MemoryStorage {
+    fn get_string(&self, key: &str) -> Option<String> {
+        self.0.get(key).cloned()
+    }
+    fn set_string(&mut self, key: &str, value: String) {
+        self.0.insert(key.to_string(), value);
+    }
+    fn remove_string(&mut self, key: &str) {
+        self.0.remove(key);
+    }
+    fn flush(&mut self) {}
+}
+
+#[test]
+fn scale_model_data_and_settings_persist_between_launches() {
+    let fx = fixture(10);
+    let mut harness = harness(App::with_settings(fx.settings.clone(), StartOptions::default()));
+    harness.step();
+    open_tiny_model(&mut harness, &fx.model);
+    nav(&mut harness, "Settings");
+    harness.get_by_label("Projector").click();
+    // The click, then one frame to request the zoom and one in which it applies.
+    harness.run_steps(4);
+    assert_eq!(harness.state().settings().ui_scale, 2.0);
+    assert_eq!(harness.ctx.zoom_factor(), 2.0, "the UI scale applies at once");
+    nav(&mut harness, "Train");
+    harness.get_by_label("Balanced").click();
+    harness.step();
+    harness.state_mut().set_data_path(&fx.data);
+
+    let mut storage = MemoryStorage::default();
+    harness.state().save_to(&mut storage);
+    let restored = App::load_settings(&storage).expect("settings were stored");
+    assert_eq!(restored, *harness.state().settings());
+    assert_eq!(restored.ui_scale, 2.0);
+    assert_eq!(restored.page, Page::Train);
+    assert_eq!(restored.last_model.as_deref(), fx.model.to_str());
+    assert_eq!(restored.last_data.as_deref(), fx.data.to_str());
+    assert_eq!(restored.train.lora.r, 16, "the Balanced preset");
+
+    // The next launch reopens the last model and data by itself.
+    let mut harness = self::harness(App::with_settings(restored, StartOptions::default()));
+    step_until(&mut harness, "the model reopened", Duration::from_secs(60), |app| {
+        app.model_card().is_some()
+    });
+    assert_eq!(harness.state().data_path(), fx.data.display().to_string());
+}
