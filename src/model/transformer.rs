@@ -351,22 +351,6 @@ impl Transformer {
         Ok(out)
     }
 
-    fn rope_tables(&self, t: usize) -> candle_core::Result<(Tensor, Tensor)> {
-        let half = self.inv_freq.len();
-        let mut cos = Vec::with_capacity(t * half);
-        let mut sin = Vec::with_capacity(t * half);
-        for p in 0..t {
-            for f in &self.inv_freq {
-                let a = p as f32 * f;
-                cos.push(a.cos());
-                sin.push(a.sin());
-            }
-        }
-        let cos = Tensor::from_vec(cos, (t, half), &self.device)?.to_dtype(self.dtype)?;
-        let sin = Tensor::from_vec(sin, (t, half), &self.device)?.to_dtype(self.dtype)?;
-        Ok((cos, sin))
-    }
-
     /// Final-normed hidden states `[b, t, hidden]` for token ids `[b, t]` at positions 0..t.
     /// Right padding is safe: with a causal mask, real tokens never attend to later pads.
     pub fn hidden_states(&self, input_ids: &Tensor, ctx: &mut ForwardCtx) -> Result<Tensor> {
@@ -380,7 +364,7 @@ impl Transformer {
                 ),
             ));
         }
-        let (cos, sin) = self.rope_tables(t)?;
+        let (cos, sin) = self.rope_tables_from(0, t)?;
         let cfg = &self.cfg;
         let (nh, nkv, hd) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
         let scale = 1.0 / (hd as f64).sqrt();
