@@ -11,7 +11,8 @@
 
 #![allow(unsafe_code)]
 
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Storage, Tensor};
+use crate::model::ops::{cpu_f32, slice, tensor_vec};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Storage, Tensor};
 
 /// A read-only matrix view: element `(i, j)` is `data[i * rs + j * cs]`.
 #[derive(Clone, Copy)]
@@ -108,22 +109,6 @@ fn matmul(lhs: Mat, rhs: Mat) -> candle_core::Result<Vec<f32>> {
     Ok(dst)
 }
 
-fn contiguous<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
-    let data = s.as_slice::<f32>()?;
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&data[a..b]),
-        None => candle_core::bail!("linear kernel: {what} must be contiguous"),
-    }
-}
-
-fn cpu_f32(t: &Tensor) -> bool {
-    t.device().is_cpu() && t.dtype() == DType::F32
-}
-
-fn to_vec(t: &Tensor) -> candle_core::Result<Vec<f32>> {
-    t.contiguous()?.flatten_all()?.to_vec1::<f32>()
-}
-
 /// Runs `f` on the contiguous f32 data of a CPU tensor without copying it.
 fn with_slice<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> candle_core::Result<R>) -> candle_core::Result<R> {
     let t = t.contiguous()?;
@@ -131,7 +116,7 @@ fn with_slice<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> candle_core::Result<R>) -
     let Storage::Cpu(cpu) = &*storage else {
         candle_core::bail!("linear kernel: expected a CPU tensor")
     };
-    f(contiguous(cpu, layout, "weight")?)
+    f(slice(cpu, layout, "weight")?)
 }
 
 /// `(rows, in)` of an input `[.., in]` checked against a weight `[out, in]`.
@@ -173,8 +158,8 @@ impl CustomOp2 for FrozenMatmul {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = contiguous(s1, l1, "input")?;
-        let w = contiguous(s2, l2, "weight")?;
+        let x = slice(s1, l1, "input")?;
+        let w = slice(s2, l2, "weight")?;
         let (out, k) = l2.shape().dims2()?;
         let (m, mut shape) = input_rows(l1.shape(), k)?;
         let y = matmul(Mat::row_major(x, m, k), Mat::row_major(w, out, k).t())?;
@@ -191,7 +176,7 @@ impl CustomOp2 for FrozenMatmul {
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let (out, k) = w.dims2()?;
         let m = grad.elem_count() / out.max(1);
-        let g = to_vec(grad)?;
+        let g = tensor_vec(grad)?;
         let dx = with_slice(w, |w| matmul(Mat::row_major(&g, m, out), Mat::row_major(w, out, k)))?;
         Ok((Some(Tensor::from_vec(dx, x.shape(), x.device())?), None))
     }
@@ -233,9 +218,9 @@ impl CustomOp3 for LoraMatmul {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = contiguous(s1, l1, "input")?;
-        let a = contiguous(s2, l2, "lora_A")?;
-        let b = contiguous(s3, l3, "lora_B")?;
+        let x = slice(s1, l1, "input")?;
+        let a = slice(s2, l2, "lora_A")?;
+        let b = slice(s3, l3, "lora_B")?;
         let (out, k) = self.w.dims2()?;
         let (r, ka) = l2.shape().dims2()?;
         let (ob, rb) = l3.shape().dims2()?;
@@ -268,7 +253,7 @@ impl CustomOp3 for LoraMatmul {
         let (out, k) = self.w.dims2()?;
         let (r, _) = a.dims2()?;
         let m = grad.elem_count() / out.max(1);
-        let (xv, av, bv, g) = (to_vec(x)?, to_vec(a)?, to_vec(b)?, to_vec(grad)?);
+        let (xv, av, bv, g) = (tensor_vec(x)?, tensor_vec(a)?, tensor_vec(b)?, tensor_vec(grad)?);
         let (xm, am, bm, gm) = (
             Mat::row_major(&xv, m, k),
             Mat::row_major(&av, r, k),

@@ -7,11 +7,13 @@
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor, D};
 use rayon::prelude::*;
 
-fn cpu_f32(t: &Tensor) -> bool {
+/// Whether the fused CPU f32 kernels can run on `t`.
+pub(crate) fn cpu_f32(t: &Tensor) -> bool {
     t.device().is_cpu() && t.dtype() == DType::F32
 }
 
-fn slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> candle_core::Result<&'a [f32]> {
+/// The contiguous f32 data of a CPU storage, or an error naming `op`.
+pub(crate) fn slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> candle_core::Result<&'a [f32]> {
     let data = s.as_slice::<f32>()?;
     match l.contiguous_offsets() {
         Some((a, b)) => Ok(&data[a..b]),
@@ -19,7 +21,8 @@ fn slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> candle_core::Result<&'a
     }
 }
 
-fn tensor_vec(t: &Tensor) -> candle_core::Result<Vec<f32>> {
+/// All values of an f32 tensor, in row-major order.
+pub(crate) fn tensor_vec(t: &Tensor) -> candle_core::Result<Vec<f32>> {
     t.contiguous()?.flatten_all()?.to_vec1::<f32>()
 }
 
