@@ -16,7 +16,7 @@ use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Storage, Tens
 
 /// A read-only matrix view: element `(i, j)` is `data[i * rs + j * cs]`.
 #[derive(Clone, Copy)]
-struct Mat<'a> {
+pub(crate) struct Mat<'a> {
     data: &'a [f32],
     rows: usize,
     cols: usize,
@@ -25,7 +25,7 @@ struct Mat<'a> {
 }
 
 impl<'a> Mat<'a> {
-    fn row_major(data: &'a [f32], rows: usize, cols: usize) -> Self {
+    pub(crate) fn row_major(data: &'a [f32], rows: usize, cols: usize) -> Self {
         Mat {
             data,
             rows,
@@ -35,7 +35,7 @@ impl<'a> Mat<'a> {
         }
     }
 
-    fn t(self) -> Self {
+    pub(crate) fn t(self) -> Self {
         Mat {
             rows: self.cols,
             cols: self.rows,
@@ -50,8 +50,19 @@ impl<'a> Mat<'a> {
     }
 }
 
-/// `dst[m, n] (+)= lhs[m, k] · rhs[k, n]`, `dst` row-major.
+/// `dst[m, n] (+)= lhs[m, k] · rhs[k, n]`, `dst` row-major, on all of rayon's threads.
 fn gemm_into(dst: &mut [f32], accumulate: bool, lhs: Mat, rhs: Mat) -> candle_core::Result<()> {
+    gemm_into_on(dst, accumulate, lhs, rhs, candle_core::utils::get_num_threads())
+}
+
+/// [`gemm_into`] on `threads` threads (1 inside work that is already split across threads).
+pub(crate) fn gemm_into_on(
+    dst: &mut [f32],
+    accumulate: bool,
+    lhs: Mat,
+    rhs: Mat,
+    threads: usize,
+) -> candle_core::Result<()> {
     let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
     if rhs.rows != k || dst.len() != m * n || !lhs.in_bounds() || !rhs.in_bounds() {
         candle_core::bail!(
@@ -69,7 +80,6 @@ fn gemm_into(dst: &mut [f32], accumulate: bool, lhs: Mat, rhs: Mat) -> candle_co
         }
         return Ok(());
     }
-    let threads = candle_core::utils::get_num_threads();
     let parallelism = if threads > 1 {
         gemm::Parallelism::Rayon(threads)
     } else {
@@ -110,7 +120,7 @@ fn matmul(lhs: Mat, rhs: Mat) -> candle_core::Result<Vec<f32>> {
 }
 
 /// Runs `f` on the contiguous f32 data of a CPU tensor without copying it.
-fn with_slice<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> candle_core::Result<R>) -> candle_core::Result<R> {
+pub(crate) fn with_slice<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> candle_core::Result<R>) -> candle_core::Result<R> {
     let t = t.contiguous()?;
     let (storage, layout) = t.storage_and_layout();
     let Storage::Cpu(cpu) = &*storage else {
@@ -176,8 +186,9 @@ impl CustomOp2 for FrozenMatmul {
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let (out, k) = w.dims2()?;
         let m = grad.elem_count() / out.max(1);
-        let g = tensor_vec(grad)?;
-        let dx = with_slice(w, |w| matmul(Mat::row_major(&g, m, out), Mat::row_major(w, out, k)))?;
+        let dx = with_slice(grad, |g| {
+            with_slice(w, |w| matmul(Mat::row_major(g, m, out), Mat::row_major(w, out, k)))
+        })?;
         Ok((Some(Tensor::from_vec(dx, x.shape(), x.device())?), None))
     }
 }
@@ -253,23 +264,25 @@ impl CustomOp3 for LoraMatmul {
         let (out, k) = self.w.dims2()?;
         let (r, _) = a.dims2()?;
         let m = grad.elem_count() / out.max(1);
-        let (xv, av, bv, g) = (tensor_vec(x)?, tensor_vec(a)?, tensor_vec(b)?, tensor_vec(grad)?);
-        let (xm, am, bm, gm) = (
-            Mat::row_major(&xv, m, k),
-            Mat::row_major(&av, r, k),
-            Mat::row_major(&bv, out, r),
-            Mat::row_major(&g, m, out),
-        );
-        // h = s·x·Aᵀ (recomputed: [m, r] is cheap), dh = s·g·B.
-        let mut h = matmul(xm, am.t())?;
-        h.iter_mut().for_each(|v| *v *= self.scale);
-        let mut dh = matmul(gm, bm)?;
-        dh.iter_mut().for_each(|v| *v *= self.scale);
-        let db = matmul(gm.t(), Mat::row_major(&h, m, r))?;
-        let dhm = Mat::row_major(&dh, m, r);
-        let da = matmul(dhm.t(), xm)?;
-        let mut dx = with_slice(&self.w, |w| matmul(gm, Mat::row_major(w, out, k)))?;
-        gemm_into(&mut dx, true, dhm, am)?;
+        let (av, bv) = (tensor_vec(a)?, tensor_vec(b)?);
+        let (am, bm) = (Mat::row_major(&av, r, k), Mat::row_major(&bv, out, r));
+        // x and the incoming gradient are the large operands: read in place, not copied.
+        let (dx, da, db) = with_slice(x, |xv| {
+            with_slice(grad, |g| {
+                let (xm, gm) = (Mat::row_major(xv, m, k), Mat::row_major(g, m, out));
+                // h = s·x·Aᵀ (recomputed: [m, r] is cheap), dh = s·g·B.
+                let mut h = matmul(xm, am.t())?;
+                h.iter_mut().for_each(|v| *v *= self.scale);
+                let mut dh = matmul(gm, bm)?;
+                dh.iter_mut().for_each(|v| *v *= self.scale);
+                let db = matmul(gm.t(), Mat::row_major(&h, m, r))?;
+                let dhm = Mat::row_major(&dh, m, r);
+                let da = matmul(dhm.t(), xm)?;
+                let mut dx = with_slice(&self.w, |w| matmul(gm, Mat::row_major(w, out, k)))?;
+                gemm_into(&mut dx, true, dhm, am)?;
+                Ok((dx, da, db))
+            })
+        })?;
         Ok((
             Some(Tensor::from_vec(dx, x.shape(), x.device())?),
             Some(Tensor::from_vec(da, (r, k), a.device())?),

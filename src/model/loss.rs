@@ -6,6 +6,8 @@
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor, D};
 use rayon::prelude::*;
 
+use super::ops::{exp_fast, max};
+
 /// Mean cross-entropy of `logits: [n, vocab]` against `targets` (`n` token ids).
 pub fn cross_entropy(logits: &Tensor, targets: &[u32]) -> candle_core::Result<Tensor> {
     let (n, _) = logits.dims2()?;
@@ -18,6 +20,7 @@ pub fn cross_entropy(logits: &Tensor, targets: &[u32]) -> candle_core::Result<Te
     if logits.device().is_cpu() && logits.dtype() == DType::F32 {
         let per_row = logits.contiguous()?.apply_op1(FusedCrossEntropy {
             targets: targets.to_vec(),
+            lse: Default::default(),
         })?;
         per_row.mean_all()
     } else {
@@ -30,21 +33,30 @@ pub fn cross_entropy(logits: &Tensor, targets: &[u32]) -> candle_core::Result<Te
 
 struct FusedCrossEntropy {
     targets: Vec<u32>,
+    /// Each row's log-sum-exp from the forward pass, so the backward pass does not recompute it.
+    lse: std::sync::Mutex<Vec<f32>>,
 }
 
-fn rows(s: &CpuStorage, l: &Layout) -> candle_core::Result<(Vec<f32>, usize)> {
-    let (_, v) = l.shape().dims2()?;
+fn rows<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
     let data = s.as_slice::<f32>()?;
     let Some((a, b)) = l.contiguous_offsets() else {
         candle_core::bail!("cross_entropy: logits must be contiguous")
     };
-    Ok((data[a..b].to_vec(), v))
+    Ok(&data[a..b])
 }
 
 fn log_sum_exp(row: &[f32]) -> f32 {
-    let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let s: f32 = row.iter().map(|x| (x - m).exp()).sum();
-    m + s.ln()
+    let m = max(row);
+    // Sixteen lanes so the exponentials and the sum vectorize.
+    let mut acc = [0f32; 16];
+    let chunks = row.chunks_exact(16);
+    let tail: f32 = chunks.remainder().iter().map(|&x| exp_fast(x - m)).sum();
+    for c in chunks {
+        for (a, &x) in acc.iter_mut().zip(c) {
+            *a += exp_fast(x - m);
+        }
+    }
+    m + (acc.iter().sum::<f32>() + tail).ln()
 }
 
 impl CustomOp1 for FusedCrossEntropy {
@@ -59,11 +71,15 @@ impl CustomOp1 for FusedCrossEntropy {
             candle_core::bail!("cross_entropy: logits must be contiguous")
         };
         let data = &data[a..a + n * v];
-        let losses: Vec<f32> = data
-            .par_chunks(v)
-            .zip(self.targets.par_iter())
-            .map(|(row, &t)| log_sum_exp(row) - row.get(t as usize).copied().unwrap_or(f32::NAN))
+        let lse: Vec<f32> = data.par_chunks(v).map(log_sum_exp).collect();
+        let losses = lse
+            .iter()
+            .zip(data.chunks(v).zip(&self.targets))
+            .map(|(l, (row, &t))| l - row.get(t as usize).copied().unwrap_or(f32::NAN))
             .collect();
+        if let Ok(mut saved) = self.lse.lock() {
+            *saved = lse;
+        }
         Ok((CpuStorage::F32(losses), Shape::from(n)))
     }
 
@@ -74,19 +90,24 @@ impl CustomOp1 for FusedCrossEntropy {
         let candle_core::Storage::Cpu(cpu) = &*storage else {
             candle_core::bail!("cross_entropy: fused backward runs on CPU only")
         };
-        let (mut data, _) = rows(cpu, layout)?;
+        let logits = rows(cpu, layout)?;
+        let saved = self.lse.lock().map(|l| l.clone()).unwrap_or_default();
+        let mut out = vec![0f32; n * v];
+        out.par_chunks_mut(v)
+            .zip(logits.par_chunks(v))
+            .enumerate()
+            .for_each(|(i, (o, row))| {
+                let lse = saved.get(i).copied().unwrap_or_else(|| log_sum_exp(row));
+                let gi = g[i];
+                for (o, &x) in o.iter_mut().zip(row) {
+                    *o = exp_fast(x - lse) * gi;
+                }
+                if let Some(x) = o.get_mut(self.targets[i] as usize) {
+                    *x -= gi;
+                }
+            });
         drop(storage);
-        data.par_chunks_mut(v).enumerate().for_each(|(i, row)| {
-            let lse = log_sum_exp(row);
-            let gi = g[i];
-            for x in row.iter_mut() {
-                *x = (*x - lse).exp() * gi;
-            }
-            if let Some(x) = row.get_mut(self.targets[i] as usize) {
-                *x -= gi;
-            }
-        });
-        Ok(Some(Tensor::from_vec(data, (n, v), arg.device())?))
+        Ok(Some(Tensor::from_vec(out, (n, v), arg.device())?))
     }
 }
 

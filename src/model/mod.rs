@@ -1,6 +1,7 @@
 //! Base models: configuration, weight sources (safetensors folders, GGUF files), and the
 //! differentiable transformer used for training.
 
+pub mod attention;
 pub mod config;
 pub mod gguf;
 pub mod gguf_tokenizer;

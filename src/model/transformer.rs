@@ -7,6 +7,7 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::error::{Error, Result};
 use crate::lora::{ForwardCtx, LoraConfig, LoraLinear, LoraWeights, Target};
+use crate::model::attention::{causal_attention, Heads};
 use crate::model::config::ModelConfig;
 use crate::model::ops;
 use crate::model::weights::WeightSource;
@@ -134,17 +135,6 @@ pub fn rope_inv_freq(cfg: &ModelConfig) -> Vec<f32> {
             f as f32
         })
         .collect()
-}
-
-fn repeat_kv(x: Tensor, n_rep: usize) -> candle_core::Result<Tensor> {
-    if n_rep == 1 {
-        return Ok(x);
-    }
-    let (b, h, t, d) = x.dims4()?;
-    // [b, h, t, d] -> [b, h, n_rep, t, d] -> [b, h*n_rep, t, d]
-    x.unsqueeze(2)?
-        .broadcast_as((b, h, n_rep, t, d))?
-        .reshape((b, h * n_rep, t, d))
 }
 
 impl Transformer {
@@ -366,8 +356,12 @@ impl Transformer {
         }
         let (cos, sin) = self.rope_tables_from(0, t)?;
         let cfg = &self.cfg;
-        let (nh, nkv, hd) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
-        let scale = 1.0 / (hd as f64).sqrt();
+        let heads = Heads {
+            q_heads: cfg.num_attention_heads,
+            kv_heads: cfg.num_key_value_heads,
+            head_dim: cfg.head_dim,
+        };
+        let scale = 1.0 / (cfg.head_dim as f64).sqrt();
         let mut x = self
             .embed
             .embedding(&input_ids.flatten_all()?)?
@@ -378,15 +372,7 @@ impl Transformer {
             let q = block.attn.q.forward(&hs, ctx)?;
             let k = block.attn.k.forward(&hs, ctx)?;
             let v = block.attn.v.forward(&hs, ctx)?;
-            let q = q.reshape((b, t, nh, hd))?.transpose(1, 2)?.contiguous()?;
-            let k = k.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
-            let v = v.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
-            let q = ops::rope(&q, &cos, &sin)?;
-            let k = ops::rope(&k, &cos, &sin)?;
-            let k = repeat_kv(k, nh / nkv)?.contiguous()?;
-            let v = repeat_kv(v, nh / nkv)?.contiguous()?;
-            let att = ops::causal_softmax(&q.matmul(&k.t()?)?, scale)?;
-            let y = att.matmul(&v)?.transpose(1, 2)?.reshape((b, t, nh * hd))?;
+            let y = causal_attention(&q, &k, &v, &cos, &sin, heads, scale)?;
             let y = block.attn.o.forward(&y, ctx)?;
             x = (residual + y)?;
             let residual = x.clone();

@@ -1,0 +1,390 @@
+//! Causal self-attention with rotary embeddings and grouped key/value heads, as one CPU op with
+//! its own backward pass.
+//!
+//! Composed from candle ops, attention costs per layer: three transposed copies of q/k/v, two
+//! rotary outputs, two `repeat_kv` copies, two batched matmuls whose backward allocates and
+//! accumulates four more full-size buffers, and the transposed copy back. The fused op reads
+//! q/k/v where the projections wrote them (`[b, t, heads·hd]`), works per (batch, head) on
+//! small contiguous tiles, keeps the rotated q/k and the probabilities for the backward pass,
+//! and writes the output in the layout the o projection reads. Grouped heads share their key
+//! and value tiles instead of copying them. Other devices and dtypes use the composite ops.
+
+use std::sync::Mutex;
+
+use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
+use rayon::prelude::*;
+
+use super::ops::{self, cpu_f32, exp_fast, slice};
+use crate::lora::kernels::{gemm_into_on, with_slice, Mat};
+
+/// Head layout of one attention call.
+#[derive(Debug, Clone, Copy)]
+pub struct Heads {
+    pub q_heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+}
+
+/// `softmax(scale · rope(q)·rope(k)ᵀ + causal mask) · v`, per head, with query head `h`
+/// reading key/value head `h / (q_heads / kv_heads)`.
+///
+/// `q: [b, t, q_heads·hd]`, `k, v: [b, t, kv_heads·hd]`; `cos, sin: [t, hd/2]` rotary tables
+/// (rotate-half convention). Returns `[b, t, q_heads·hd]`. Gradients flow to q, k and v.
+pub fn causal_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    heads: Heads,
+    scale: f64,
+) -> candle_core::Result<Tensor> {
+    let Heads {
+        q_heads: nh,
+        kv_heads: nkv,
+        head_dim: hd,
+    } = heads;
+    let (b, t, q_dim) = q.dims3()?;
+    if nkv == 0 || nh % nkv != 0 || q_dim != nh * hd || k.dims3()? != (b, t, nkv * hd) || v.dims3()? != (b, t, nkv * hd)
+    {
+        candle_core::bail!(
+            "attention: q {:?}, k {:?}, v {:?} do not fit {nh} query heads, {nkv} kv heads of size {hd}",
+            q.dims(),
+            k.dims(),
+            v.dims()
+        )
+    }
+    if [q, k, v, cos, sin].iter().all(|x| cpu_f32(x)) && hd % 2 == 0 {
+        let op = FusedAttention {
+            b,
+            t,
+            heads,
+            scale: scale as f32,
+            cos: ops::tensor_vec(cos)?,
+            sin: ops::tensor_vec(sin)?,
+            saved: Mutex::new(None),
+        };
+        if op.cos.len() < t * hd / 2 || op.sin.len() != op.cos.len() {
+            candle_core::bail!("attention: rotary tables cover fewer than {t} positions")
+        }
+        return q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op);
+    }
+    composite(q, k, v, cos, sin, heads, scale)
+}
+
+/// The same attention from candle ops: runs on every device and dtype.
+fn composite(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    heads: Heads,
+    scale: f64,
+) -> candle_core::Result<Tensor> {
+    let (nh, nkv, hd) = (heads.q_heads, heads.kv_heads, heads.head_dim);
+    let (b, t, _) = q.dims3()?;
+    let q = q.reshape((b, t, nh, hd))?.transpose(1, 2)?.contiguous()?;
+    let k = k.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
+    let v = v.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
+    let q = ops::rope(&q, cos, sin)?;
+    let k = repeat_kv(ops::rope(&k, cos, sin)?, nh / nkv)?.contiguous()?;
+    let v = repeat_kv(v, nh / nkv)?.contiguous()?;
+    let att = ops::causal_softmax(&q.matmul(&k.t()?)?, scale)?;
+    att.matmul(&v)?.transpose(1, 2)?.reshape((b, t, nh * hd))
+}
+
+/// `[b, h, t, d]` → `[b, h·n_rep, t, d]`, each head repeated `n_rep` times in a row.
+pub(crate) fn repeat_kv(x: Tensor, n_rep: usize) -> candle_core::Result<Tensor> {
+    if n_rep == 1 {
+        return Ok(x);
+    }
+    let (b, h, t, d) = x.dims4()?;
+    x.unsqueeze(2)?
+        .broadcast_as((b, h, n_rep, t, d))?
+        .reshape((b, h * n_rep, t, d))
+}
+
+/// What the forward pass keeps for the backward pass (head-major tiles).
+struct Saved {
+    /// Rotated queries `[b, nh, t, hd]`.
+    q: Vec<f32>,
+    /// Rotated keys `[b, nkv, t, hd]`.
+    k: Vec<f32>,
+    /// Values `[b, nkv, t, hd]`.
+    v: Vec<f32>,
+    /// Attention probabilities `[b, nh, t, t]` (zero above the diagonal).
+    p: Vec<f32>,
+}
+
+struct FusedAttention {
+    b: usize,
+    t: usize,
+    heads: Heads,
+    scale: f32,
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+    saved: Mutex<Option<Saved>>,
+}
+
+/// Rotates one head row (`sign` +1) or rotates it back (`sign` −1), rotate-half convention.
+fn rope_row(src: &[f32], dst: &mut [f32], cos: &[f32], sin: &[f32], sign: f32) {
+    let half = dst.len() / 2;
+    for i in 0..half {
+        let (a, b) = (src[i], src[i + half]);
+        let s = sign * sin[i];
+        dst[i] = a * cos[i] - b * s;
+        dst[i + half] = b * cos[i] + a * s;
+    }
+}
+
+/// In-place causal softmax of the `t×t` scores of one head: row `i` keeps columns `0..=i`.
+fn causal_softmax_rows(p: &mut [f32], t: usize, scale: f32) {
+    for (i, row) in p.chunks_exact_mut(t).enumerate() {
+        let (seen, masked) = row.split_at_mut(i + 1);
+        let m = seen.iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x)) * scale;
+        for x in seen.iter_mut() {
+            *x = exp_fast(*x * scale - m);
+        }
+        let inv = 1.0 / ops::sum(seen);
+        seen.iter_mut().for_each(|x| *x *= inv);
+        masked.fill(0.0);
+    }
+}
+
+impl FusedAttention {
+    fn tables(&self, p: usize) -> (&[f32], &[f32]) {
+        let half = self.heads.head_dim / 2;
+        (&self.cos[p * half..(p + 1) * half], &self.sin[p * half..(p + 1) * half])
+    }
+
+    /// Gathers head `h` of `x: [b, t, heads·hd]` for batch `bi` into `dst: [t, hd]`, rotated
+    /// when `rotate`.
+    fn gather(&self, x: &[f32], heads: usize, bi: usize, h: usize, dst: &mut [f32], rotate: bool) {
+        let (t, hd) = (self.t, self.heads.head_dim);
+        for p in 0..t {
+            let src = &x[(bi * t + p) * heads * hd + h * hd..][..hd];
+            let row = &mut dst[p * hd..(p + 1) * hd];
+            if rotate {
+                let (c, s) = self.tables(p);
+                rope_row(src, row, c, s, 1.0);
+            } else {
+                row.copy_from_slice(src);
+            }
+        }
+    }
+
+    /// Writes head-major tiles `[b, heads, t, hd]` into `[b, t, heads·hd]`.
+    fn scatter(&self, tiles: &[f32], heads: usize) -> Vec<f32> {
+        let (b, t, hd) = (self.b, self.t, self.heads.head_dim);
+        let mut out = vec![0f32; b * t * heads * hd];
+        out.par_chunks_mut(t * heads * hd).enumerate().for_each(|(bi, ob)| {
+            for h in 0..heads {
+                let tile = &tiles[(bi * heads + h) * t * hd..][..t * hd];
+                for p in 0..t {
+                    ob[p * heads * hd + h * hd..][..hd].copy_from_slice(&tile[p * hd..(p + 1) * hd]);
+                }
+            }
+        });
+        out
+    }
+
+    /// Rotates every row of head-major tiles back by its position's angle, in place.
+    fn unrotate(&self, tiles: &mut [f32]) {
+        let (t, hd) = (self.t, self.heads.head_dim);
+        tiles.par_chunks_mut(t * hd).for_each(|tile| {
+            let mut row = vec![0f32; hd];
+            for p in 0..t {
+                let (c, s) = self.tables(p);
+                let r = &mut tile[p * hd..(p + 1) * hd];
+                rope_row(r, &mut row, c, s, -1.0);
+                r.copy_from_slice(&row);
+            }
+        });
+    }
+}
+
+impl CustomOp3 for FusedAttention {
+    fn name(&self) -> &'static str {
+        "fused-causal-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (q, k, v) = (
+            slice(s1, l1, "attention")?,
+            slice(s2, l2, "attention")?,
+            slice(s3, l3, "attention")?,
+        );
+        let (b, t) = (self.b, self.t);
+        let Heads {
+            q_heads: nh,
+            kv_heads: nkv,
+            head_dim: hd,
+        } = self.heads;
+        let n_rep = nh / nkv;
+        let tile = t * hd;
+        let mut kr = vec![0f32; b * nkv * tile];
+        let mut vr = vec![0f32; b * nkv * tile];
+        kr.par_chunks_mut(tile)
+            .zip(vr.par_chunks_mut(tile))
+            .enumerate()
+            .for_each(|(i, (kt, vt))| {
+                self.gather(k, nkv, i / nkv, i % nkv, kt, true);
+                self.gather(v, nkv, i / nkv, i % nkv, vt, false);
+            });
+        let mut qr = vec![0f32; b * nh * tile];
+        let mut p = vec![0f32; b * nh * t * t];
+        let mut o = vec![0f32; b * nh * tile];
+        qr.par_chunks_mut(tile)
+            .zip(p.par_chunks_mut(t * t))
+            .zip(o.par_chunks_mut(tile))
+            .enumerate()
+            .try_for_each(|(i, ((qt, pt), ot))| {
+                let (bi, h) = (i / nh, i % nh);
+                let kv = bi * nkv + h / n_rep;
+                self.gather(q, nh, bi, h, qt, true);
+                let kt = Mat::row_major(&kr[kv * tile..][..tile], t, hd);
+                let vt = Mat::row_major(&vr[kv * tile..][..tile], t, hd);
+                gemm_into_on(pt, false, Mat::row_major(qt, t, hd), kt.t(), 1)?;
+                causal_softmax_rows(pt, t, self.scale);
+                gemm_into_on(ot, false, Mat::row_major(pt, t, t), vt, 1)
+            })?;
+        let out = self.scatter(&o, nh);
+        if let Ok(mut saved) = self.saved.lock() {
+            *saved = Some(Saved { q: qr, k: kr, v: vr, p });
+        }
+        Ok((CpuStorage::F32(out), Shape::from((b, t, nh * hd))))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let saved = self
+            .saved
+            .lock()
+            .ok()
+            .and_then(|mut s| s.take())
+            .ok_or_else(|| candle_core::Error::Msg("attention: backward ran twice or without forward".into()))?;
+        let (b, t) = (self.b, self.t);
+        let Heads {
+            q_heads: nh,
+            kv_heads: nkv,
+            head_dim: hd,
+        } = self.heads;
+        let n_rep = nh / nkv;
+        let tile = t * hd;
+        let mut dq = vec![0f32; b * nh * tile];
+        let mut dk = vec![0f32; b * nkv * tile];
+        let mut dv = vec![0f32; b * nkv * tile];
+        with_slice(grad, |g| {
+            dq.par_chunks_mut(n_rep * tile)
+                .zip(dk.par_chunks_mut(tile).zip(dv.par_chunks_mut(tile)))
+                .enumerate()
+                .try_for_each(|(kv, (dqs, (dkt, dvt)))| {
+                    let bi = kv / nkv;
+                    let kt = Mat::row_major(&saved.k[kv * tile..][..tile], t, hd);
+                    let vt = Mat::row_major(&saved.v[kv * tile..][..tile], t, hd);
+                    let mut go = vec![0f32; tile];
+                    let mut dp = vec![0f32; t * t];
+                    for (r, dqt) in dqs.chunks_exact_mut(tile).enumerate() {
+                        let h = (kv % nkv) * n_rep + r;
+                        let qh = bi * nh + h;
+                        self.gather(g, nh, bi, h, &mut go, false);
+                        let pt = &saved.p[qh * t * t..][..t * t];
+                        let pm = Mat::row_major(pt, t, t);
+                        let gom = Mat::row_major(&go, t, hd);
+                        // dV += Pᵀ·dO; dP = dO·Vᵀ.
+                        gemm_into_on(dvt, r > 0, pm.t(), gom, 1)?;
+                        gemm_into_on(&mut dp, false, gom, vt.t(), 1)?;
+                        // dS = scale · P ⊙ (dP − rowsum(P ⊙ dP)), causal rows only.
+                        for i in 0..t {
+                            let (pr, dr) = (&pt[i * t..i * t + i + 1], &mut dp[i * t..(i + 1) * t]);
+                            let dot: f32 = pr.iter().zip(dr.iter()).map(|(a, b)| a * b).sum();
+                            for (d, &pv) in dr.iter_mut().zip(pr) {
+                                *d = self.scale * pv * (*d - dot);
+                            }
+                            dr[i + 1..].fill(0.0);
+                        }
+                        let dsm = Mat::row_major(&dp, t, t);
+                        // dQ = dS·K; dK += dSᵀ·Q (both in rotated space).
+                        gemm_into_on(dqt, false, dsm, kt, 1)?;
+                        let qm = Mat::row_major(&saved.q[qh * tile..][..tile], t, hd);
+                        gemm_into_on(dkt, r > 0, dsm.t(), qm, 1)?;
+                    }
+                    Ok::<(), candle_core::Error>(())
+                })
+        })?;
+        self.unrotate(&mut dq);
+        self.unrotate(&mut dk);
+        let dq = Tensor::from_vec(self.scatter(&dq, nh), q.shape(), q.device())?;
+        let dk = Tensor::from_vec(self.scatter(&dk, nkv), k.shape(), k.device())?;
+        let dv = Tensor::from_vec(self.scatter(&dv, nkv), v.shape(), v.device())?;
+        Ok((Some(dq), Some(dk), Some(dv)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn tables(t: usize, half: usize) -> (Tensor, Tensor) {
+        let (mut c, mut s) = (vec![], vec![]);
+        for p in 0..t {
+            for i in 0..half {
+                let a = p as f32 / 10f32.powf(i as f32 / half as f32);
+                c.push(a.cos());
+                s.push(a.sin());
+            }
+        }
+        let dev = Device::Cpu;
+        (
+            Tensor::from_vec(c, (t, half), &dev).unwrap(),
+            Tensor::from_vec(s, (t, half), &dev).unwrap(),
+        )
+    }
+
+    /// The fused op against the composite candle ops (the path other devices take), forward
+    /// and all three gradients, with grouped heads.
+    #[test]
+    fn fused_attention_matches_composite_ops() {
+        let dev = Device::Cpu;
+        let (b, t, nh, nkv, hd) = (2, 7, 6, 2, 8);
+        let heads = Heads {
+            q_heads: nh,
+            kv_heads: nkv,
+            head_dim: hd,
+        };
+        let q = Var::randn(0f32, 1.0, (b, t, nh * hd), &dev).unwrap();
+        let k = Var::randn(0f32, 1.0, (b, t, nkv * hd), &dev).unwrap();
+        let v = Var::randn(0f32, 1.0, (b, t, nkv * hd), &dev).unwrap();
+        let (cos, sin) = tables(t, hd / 2);
+        let scale = 1.0 / (hd as f64).sqrt();
+        let fused = causal_attention(&q, &k, &v, &cos, &sin, heads, scale).unwrap();
+
+        let reference = composite(&q, &k, &v, &cos, &sin, heads, scale).unwrap();
+        let d = crate::testing::max_abs_diff(&fused, &reference);
+        assert!(d < 1e-5, "forward differs by {d}");
+
+        let c = Tensor::randn(0f32, 1.0, (b, t, nh * hd), &dev).unwrap();
+        let g = (fused * &c).unwrap().sum_all().unwrap().backward().unwrap();
+        let g_ref = (reference * &c).unwrap().sum_all().unwrap().backward().unwrap();
+        for (name, var) in [("q", &q), ("k", &k), ("v", &v)] {
+            let d = crate::testing::max_abs_diff(g.get(var.as_tensor()).unwrap(), g_ref.get(var.as_tensor()).unwrap());
+            assert!(d < 1e-5, "gradient of {name} differs by {d}");
+        }
+    }
+}
