@@ -51,7 +51,7 @@ impl<'a> Mat<'a> {
 }
 
 /// `dst[m, n] (+)= lhs[m, k] · rhs[k, n]`, `dst` row-major, on all of rayon's threads.
-fn gemm_into(dst: &mut [f32], accumulate: bool, lhs: Mat, rhs: Mat) -> candle_core::Result<()> {
+pub(crate) fn gemm_into(dst: &mut [f32], accumulate: bool, lhs: Mat, rhs: Mat) -> candle_core::Result<()> {
     gemm_into_on(dst, accumulate, lhs, rhs, candle_core::utils::get_num_threads())
 }
 

@@ -514,6 +514,11 @@ impl Transformer {
         Ok(crate::lora::kernels::frozen_linear(hidden, &self.lm_head)?)
     }
 
+    /// The output head's weight `[vocab, hidden]` (the embeddings when they are tied).
+    pub fn lm_head_weight(&self) -> &Tensor {
+        &self.lm_head
+    }
+
     /// Logits for every position: `[b, t, vocab]`.
     pub fn logits(&self, input_ids: &Tensor) -> Result<Tensor> {
         let h = self.hidden_states(input_ids, &mut ForwardCtx::eval())?;

@@ -106,12 +106,20 @@ pub struct Trainer {
 }
 
 /// Mean loss of `batch` (a scalar tensor that backpropagates to the adapters).
+///
+/// A training context (one carrying the dropout stream) prepares the output head's gradient in
+/// the forward pass; an evaluation context skips that work, and a backward pass still works.
 pub fn batch_loss(model: &Transformer, batch: &Batch, ctx: &mut ForwardCtx) -> Result<Tensor> {
+    let for_backward = ctx.dropout_rng.is_some();
     let h = model.hidden_states(&batch.input_ids, ctx)?;
     let (b, t, d) = h.dims3()?;
     let h = h.reshape((b * t, d))?.index_select(&batch.target_rows, 0)?;
-    let logits = model.lm_head(&h)?;
-    Ok(crate::model::loss::cross_entropy(&logits, &batch.targets)?)
+    Ok(crate::model::loss::linear_cross_entropy(
+        &h,
+        model.lm_head_weight(),
+        &batch.targets,
+        for_backward,
+    )?)
 }
 
 fn grad_norm(grads: &[Tensor]) -> Result<f32> {
