@@ -165,6 +165,7 @@ impl QMatrix {
     }
 
     /// Row `row` in f32 (weights exactly as the dequantizing loader computes them).
+    #[allow(clippy::needless_range_loop)] // j and j + 16 share one byte
     pub fn dequantize_row(&self, row: usize, out: &mut [f32]) -> Result<(), QError> {
         if row >= self.rows || out.len() != self.cols {
             return Err(QError::Length {
@@ -208,7 +209,11 @@ impl QMatrix {
     /// weights are unchanged bit for bit).
     pub fn permute_rows(&self, from: &[usize]) -> Result<QMatrix, QError> {
         let mut seen = vec![false; self.rows];
-        if from.len() != self.rows || from.iter().any(|&r| r >= self.rows || std::mem::replace(&mut seen[r], true)) {
+        if from.len() != self.rows
+            || from
+                .iter()
+                .any(|&r| r >= self.rows || std::mem::replace(&mut seen[r], true))
+        {
             return Err(QError::Permutation {
                 rows: self.rows,
                 found: from.len(),
@@ -453,6 +458,7 @@ fn rows_times_tokens(kernel: Kernel, w: &QMatrix, r: usize, x: &QActivations, ou
     }
 }
 
+#[allow(clippy::needless_range_loop)] // j and j + 16 share one byte
 mod scalar {
     use super::{f16_at, ActRow, QType, BLOCK};
 
@@ -464,7 +470,11 @@ mod scalar {
                 let xq = &x.qs[b * BLOCK..(b + 1) * BLOCK];
                 *o += match qtype {
                     QType::Q8_0 => {
-                        let sum: i32 = block[2..].iter().zip(xq).map(|(&w, &x)| (w as i8) as i32 * x as i32).sum();
+                        let sum: i32 = block[2..]
+                            .iter()
+                            .zip(xq)
+                            .map(|(&w, &x)| (w as i8) as i32 * x as i32)
+                            .sum();
                         dw * x.d[b] * sum as f32
                     }
                     QType::Q4_1 => {
@@ -483,8 +493,10 @@ mod scalar {
 }
 
 // Indexed loops over the `N` tokens keep the accumulators in registers (N is a constant).
+// The AVX-512 intrinsics are stable since Rust 1.89, later than the crate's declared
+// `rust-version`; the toolchain this project builds with (1.95) has them.
 #[cfg(target_arch = "x86_64")]
-#[allow(clippy::needless_range_loop)]
+#[allow(clippy::needless_range_loop, clippy::incompatible_msrv)]
 mod x86 {
     use std::arch::x86_64::*;
 
@@ -663,7 +675,16 @@ mod tests {
         let kernels = Kernel::available();
         eprintln!("kernels on this CPU: {kernels:?}");
         for qtype in [QType::Q4_1, QType::Q8_0] {
-            for (rows, cols, tokens) in [(1, 32, 1), (3, 64, 1), (17, 96, 2), (40, 160, 5), (64, 576, 7), (33, 1536, 1), (19, 32, 4), (130, 96, 3)] {
+            for (rows, cols, tokens) in [
+                (1, 32, 1),
+                (3, 64, 1),
+                (17, 96, 2),
+                (40, 160, 5),
+                (64, 576, 7),
+                (33, 1536, 1),
+                (19, 32, 4),
+                (130, 96, 3),
+            ] {
                 let mut wv = random(&mut rng, rows * cols, 0.3);
                 // A zero block and a block of one sign.
                 wv[..BLOCK].iter_mut().for_each(|v| *v = 0.0);
@@ -723,7 +744,9 @@ mod tests {
             assert_eq!(m.data().len(), rows * cols / BLOCK * qtype.block_bytes());
             let back = m.dequantize();
             for (block, got) in v.chunks(BLOCK).zip(back.chunks(BLOCK)) {
-                let (lo, hi) = block.iter().fold((f32::MAX, f32::MIN), |(a, b), x| (a.min(*x), b.max(*x)));
+                let (lo, hi) = block
+                    .iter()
+                    .fold((f32::MAX, f32::MIN), |(a, b), x| (a.min(*x), b.max(*x)));
                 let step = match qtype {
                     QType::Q8_0 => lo.abs().max(hi.abs()) / 127.0,
                     QType::Q4_1 => (hi - lo) / 15.0,
@@ -751,7 +774,10 @@ mod tests {
             QError::Columns { rows: 2, cols: 48 }
         );
         let err = QMatrix::from_blocks(QType::Q8_0, 2, 64, vec![0; 100]).unwrap_err();
-        assert_eq!(err.to_string(), "a 2x64 Q8_0 matrix needs 136 bytes of blocks, found 100");
+        assert_eq!(
+            err.to_string(),
+            "a 2x64 Q8_0 matrix needs 136 bytes of blocks, found 100"
+        );
         let w = QMatrix::quantize(QType::Q8_0, 2, 64, &[0.5; 128]).unwrap();
         let x = QActivations::quantize(&[1.0; 32], 1, 32).unwrap();
         let err = matmul(&w, &x, &mut [0.0; 2], Kernel::Scalar).unwrap_err();

@@ -101,8 +101,12 @@ impl QuantizedModel {
             if permuted {
                 let qp = hf_rows_from_gguf(cfg.num_attention_heads, hd);
                 let kp = hf_rows_from_gguf(cfg.num_key_value_heads, hd);
-                q = q.permute_rows(&qp).map_err(|e| reader.invalid(&name("attn_q.weight"), e))?;
-                k = k.permute_rows(&kp).map_err(|e| reader.invalid(&name("attn_k.weight"), e))?;
+                q = q
+                    .permute_rows(&qp)
+                    .map_err(|e| reader.invalid(&name("attn_q.weight"), e))?;
+                k = k
+                    .permute_rows(&kp)
+                    .map_err(|e| reader.invalid(&name("attn_k.weight"), e))?;
                 if let Some([qb, kb, _]) = &mut qkv_bias {
                     *qb = qp.iter().map(|&r| qb[r]).collect();
                     *kb = kp.iter().map(|&r| kb[r]).collect();
@@ -193,7 +197,10 @@ impl QuantizedModel {
         let (mut q, mut k, mut v) = (vec![0f32; t * q_dim], vec![0f32; t * kv_dim], vec![0f32; t * kv_dim]);
         let mut attn = vec![0f32; t * q_dim];
         let mut proj = vec![0f32; t * h];
-        let (mut gate, mut up) = (vec![0f32; t * cfg.intermediate_size], vec![0f32; t * cfg.intermediate_size]);
+        let (mut gate, mut up) = (
+            vec![0f32; t * cfg.intermediate_size],
+            vec![0f32; t * cfg.intermediate_size],
+        );
         let eps = cfg.rms_norm_eps as f32;
         for (layer, cache) in self.layers.iter().zip(self.cache.iter_mut()) {
             rms_norm(&x, &layer.attn_norm, eps, &mut xn);
@@ -218,8 +225,11 @@ impl QuantizedModel {
             acts.quantize_from(&xn, t, h).map_err(kernel_err)?;
             qkernels::matmul(&layer.gate, &acts, &mut gate, kernel).map_err(kernel_err)?;
             qkernels::matmul(&layer.up, &acts, &mut up, kernel).map_err(kernel_err)?;
-            gate.iter_mut().zip(&up).for_each(|(g, u)| *g = *g / (1.0 + (-*g).exp()) * u);
-            acts.quantize_from(&gate, t, cfg.intermediate_size).map_err(kernel_err)?;
+            gate.iter_mut()
+                .zip(&up)
+                .for_each(|(g, u)| *g = *g / (1.0 + (-*g).exp()) * u);
+            acts.quantize_from(&gate, t, cfg.intermediate_size)
+                .map_err(kernel_err)?;
             qkernels::matmul(&layer.down, &acts, &mut proj, kernel).map_err(kernel_err)?;
             x.iter_mut().zip(&proj).for_each(|(a, b)| *a += b);
         }
@@ -397,10 +407,10 @@ fn rope(x: &mut [f32], head_dim: usize, cos: &[f32], sin: &[f32]) {
         let (c, s) = (&cos[p * half..(p + 1) * half], &sin[p * half..(p + 1) * half]);
         for head in row.chunks_exact_mut(head_dim) {
             let (a, b) = head.split_at_mut(half);
-            for i in 0..half {
-                let (x1, x2) = (a[i], b[i]);
-                a[i] = x1 * c[i] - x2 * s[i];
-                b[i] = x2 * c[i] + x1 * s[i];
+            for (((x1, x2), c), s) in a.iter_mut().zip(b.iter_mut()).zip(c).zip(s) {
+                let (u, v) = (*x1, *x2);
+                *x1 = u * c - v * s;
+                *x2 = v * c + u * s;
             }
         }
     }
@@ -460,8 +470,8 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
     let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
     for (x, y) in ca.zip(cb) {
-        for l in 0..16 {
-            lanes[l] += x[l] * y[l];
+        for ((acc, a), b) in lanes.iter_mut().zip(x).zip(y) {
+            *acc += a * b;
         }
     }
     lanes.iter().sum::<f32>() + tail

@@ -591,8 +591,19 @@ fn real_model_quantized_logits_match_the_dequantized_model() {
     let no = AtomicBool::new(false);
     let (mut agree, mut total, mut worst) = (0usize, 0usize, 0f32);
     for text in REAL_PROMPTS {
-        let prompt = f32_model.format.encode_prompt(&[Message::new(Role::User, text)]).unwrap();
-        let answer = generate(&f32_model.model, &f32_model.format, &prompt, &greedy_opts(24), &no, &mut |_| {}).unwrap();
+        let prompt = f32_model
+            .format
+            .encode_prompt(&[Message::new(Role::User, text)])
+            .unwrap();
+        let answer = generate(
+            &f32_model.model,
+            &f32_model.format,
+            &prompt,
+            &greedy_opts(24),
+            &no,
+            &mut |_| {},
+        )
+        .unwrap();
         if text.contains("France") {
             assert!(answer.text.contains("Paris"), "f32: {:?}", answer.text);
         }
@@ -610,8 +621,16 @@ fn real_model_quantized_logits_match_the_dequantized_model() {
         }
         // Greedy generation through the Decoder trait (prefill, then one token per step).
         let g = generate_with(&mut q, &f32_model.format, &prompt, &greedy_opts(24), &no, &mut |_| {}).unwrap();
-        let same_prefix = g.token_ids.iter().zip(&answer.token_ids).take_while(|(a, b)| a == b).count();
-        eprintln!("{text:?}: quantized {:?} | f32 {:?} | same first {same_prefix} tokens", g.text, answer.text);
+        let same_prefix = g
+            .token_ids
+            .iter()
+            .zip(&answer.token_ids)
+            .take_while(|(a, b)| a == b)
+            .count();
+        eprintln!(
+            "{text:?}: quantized {:?} | f32 {:?} | same first {same_prefix} tokens",
+            g.text, answer.text
+        );
         if text.contains("France") {
             assert!(g.text.contains("Paris"), "quantized: {:?}", g.text);
         }
@@ -634,7 +653,9 @@ fn real_model_kernels_agree() {
     let files = ModelFiles::open(&path).unwrap();
     let format = ChatFormat::from_files(&files).unwrap();
     let mut q = quantized::QuantizedModel::open(&files.path, &files.config).unwrap();
-    let ids = format.encode_prompt(&[Message::new(Role::User, REAL_PROMPTS[2])]).unwrap();
+    let ids = format
+        .encode_prompt(&[Message::new(Role::User, REAL_PROMPTS[2])])
+        .unwrap();
     let mut outs = vec![];
     for kernel in qkernels::Kernel::available() {
         q.set_kernel(kernel);
