@@ -25,7 +25,7 @@ use rayon::prelude::*;
 /// Weights (and activations) per quantization block.
 pub const BLOCK: usize = 32;
 /// Tokens that share one unpacked weight block in the prompt kernel.
-pub const TOKEN_TILE: usize = 4;
+pub const TOKEN_TILE: usize = 8;
 
 /// A GGUF block type the kernels read directly.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -443,17 +443,24 @@ pub fn matmul(w: &QMatrix, x: &QActivations, out: &mut [f32], kernel: Kernel) ->
 
 /// Row `r` of `w` times every token of `x`, [`TOKEN_TILE`] tokens per pass over the row.
 fn rows_times_tokens(kernel: Kernel, w: &QMatrix, r: usize, x: &QActivations, out: &mut [f32]) {
+    fn tile<const N: usize>(kernel: Kernel, qtype: QType, row: &[u8], x: &QActivations, t: usize, out: &mut [f32]) {
+        let v = kernel.dots(qtype, row, std::array::from_fn::<_, N, _>(|i| x.row(t + i)));
+        out[t..t + N].copy_from_slice(&v);
+    }
     let row = w.row_data(r);
     let mut t = 0;
     while t + TOKEN_TILE <= x.tokens {
-        let v = kernel.dots(w.qtype, row, [x.row(t), x.row(t + 1), x.row(t + 2), x.row(t + 3)]);
-        out[t..t + TOKEN_TILE].copy_from_slice(&v);
+        tile::<TOKEN_TILE>(kernel, w.qtype, row, x, t, out);
         t += TOKEN_TILE;
     }
     match x.tokens - t {
-        3 => out[t..].copy_from_slice(&kernel.dots(w.qtype, row, [x.row(t), x.row(t + 1), x.row(t + 2)])),
-        2 => out[t..].copy_from_slice(&kernel.dots(w.qtype, row, [x.row(t), x.row(t + 1)])),
-        1 => out[t] = kernel.dots(w.qtype, row, [x.row(t)])[0],
+        7 => tile::<7>(kernel, w.qtype, row, x, t, out),
+        6 => tile::<6>(kernel, w.qtype, row, x, t, out),
+        5 => tile::<5>(kernel, w.qtype, row, x, t, out),
+        4 => tile::<4>(kernel, w.qtype, row, x, t, out),
+        3 => tile::<3>(kernel, w.qtype, row, x, t, out),
+        2 => tile::<2>(kernel, w.qtype, row, x, t, out),
+        1 => tile::<1>(kernel, w.qtype, row, x, t, out),
         _ => {}
     }
 }
@@ -667,7 +674,7 @@ mod tests {
 
     /// Every kernel (the scalar one included, whatever the CPU) against the f64 sum of the
     /// dequantized operands, over odd and even block counts, one token and prompt-sized
-    /// blocks of tokens (tile remainders 1..3), both block types, and weights with
+    /// blocks of tokens (full tiles and every remainder), both block types, and weights with
     /// extreme values (all-negative Q8_0 blocks with -128-free rounding, zero blocks).
     #[test]
     fn every_kernel_matches_dequantize_then_dot() {
@@ -683,6 +690,9 @@ mod tests {
                 (64, 576, 7),
                 (33, 1536, 1),
                 (19, 32, 4),
+                (21, 64, 11),
+                (9, 96, 16),
+                (5, 128, 23),
                 (130, 96, 3),
             ] {
                 let mut wv = random(&mut rng, rows * cols, 0.3);
