@@ -38,7 +38,7 @@ pub enum BenchCommand {
         model: Option<String>,
         #[arg(long, default_value_t = 128)]
         new_tokens: usize,
-        /// Run the GGUF without dequantizing (quantized matmuls).
+        /// Run the GGUF without dequantizing (Finch's quantized kernels).
         #[arg(long, requires = "model")]
         quantized: bool,
     },

@@ -79,7 +79,8 @@ pub struct ChatArgs {
     /// One JSON object per answer (`text`, `tokens`, `finish_reason`, ...).
     #[arg(long)]
     pub json: bool,
-    /// Run a GGUF model without dequantizing (quantized matmuls; faster, no --adapter).
+    /// Run a Q4_1/Q8_0 GGUF model without dequantizing (Finch's integer kernels; less memory,
+    /// faster decoding; no --adapter).
     #[arg(long, conflicts_with = "adapter")]
     pub quantized: bool,
     #[command(flatten)]

@@ -1,5 +1,6 @@
 //! `finch bench generate`: prefill and decode speed of the KV-cached inference path, batch 1,
-//! f32 on the CPU, for a fixed prompt and a 128-token greedy answer that ignores end tokens (so
+//! f32 on the CPU (or, with `--quantized`, the GGUF's own blocks through
+//! [`crate::generate::qkernels`]), for a fixed prompt and a 128-token greedy answer that ignores end tokens (so
 //! every run decodes the same number of tokens). Detokenization is not timed.
 
 use std::time::Instant;

@@ -11,6 +11,7 @@ pub mod adapter;
 pub mod bench;
 pub mod eval;
 pub mod export;
+pub mod qkernels;
 pub mod quantized;
 pub mod sampling;
 

@@ -1,0 +1,812 @@
+//! Matrix products with GGUF-quantized weights, the hot loop of the quantized chat path
+//! ([`super::quantized`]). Weights stay in their GGUF blocks, byte for byte as the file holds
+//! them: Q4_1 (32 weights per 20-byte block: f16 scale `d`, f16 minimum `m`, 16 bytes of
+//! nibbles, weight = d·q + m) and Q8_0 (32 weights per 34-byte block: f16 `d`, 32 `i8`,
+//! weight = d·q). Activations are quantized per 32-value block to 8 bits as llama.cpp does
+//! (Q8_1 for Q4_1 weights: scale and `d·Σq`; Q8_0 for Q8_0 weights), so a block's dot product is
+//! one integer dot product plus a scale: for Q4_1, `d_w·d_x·Σ(q_w·q_x) + m_w·(d_x·Σq_x)`.
+//!
+//! Three kernels compute the same sums: AVX-512 VNNI (`vpdpbusd`, two blocks per instruction),
+//! AVX2 (`vpmaddubsw` + `vpmaddwd`, one block) and portable scalar code, picked at run time with
+//! [`Kernel::detect`]. Integer sums are exact in every kernel, so the kernels differ only in
+//! the order of f32 additions. Output rows are split over a rayon pool (a persistent pool: a
+//! token runs ~200 products of well under a millisecond each, so spawning threads per product
+//! would cost more than it saves), and a block of tokens (the prompt) reuses each weight block,
+//! unpacked once, for up to [`TOKEN_TILE`] tokens.
+
+// std::arch intrinsics are `unsafe` (they need the CPU feature, checked by `Kernel::detect`
+// before any of them is reached) and raw pointer loads replace bounds-checked slices in the
+// innermost loops; every pointer offset is checked against the slice lengths first.
+#![allow(unsafe_code)]
+
+use half::f16;
+use rayon::prelude::*;
+
+/// Weights (and activations) per quantization block.
+pub const BLOCK: usize = 32;
+/// Tokens that share one unpacked weight block in the prompt kernel.
+pub const TOKEN_TILE: usize = 8;
+
+/// A GGUF block type the kernels read directly.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QType {
+    Q4_1,
+    Q8_0,
+}
+
+impl QType {
+    /// Bytes of one 32-weight block.
+    pub fn block_bytes(self) -> usize {
+        match self {
+            QType::Q4_1 => 20,
+            QType::Q8_0 => 34,
+        }
+    }
+}
+
+/// What is wrong with a quantized matrix or a product's operands.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum QError {
+    #[error("a {rows}x{cols} quantized matrix needs a column count that is a multiple of {BLOCK}")]
+    Columns { rows: usize, cols: usize },
+    #[error("a {rows}x{cols} {qtype:?} matrix needs {expected} bytes of blocks, found {found}")]
+    DataSize {
+        qtype: QType,
+        rows: usize,
+        cols: usize,
+        expected: usize,
+        found: usize,
+    },
+    #[error("{what}: expected {expected} values, found {found}")]
+    Length {
+        what: &'static str,
+        expected: usize,
+        found: usize,
+    },
+    #[error("row permutation of length {found} for {rows} rows is not a permutation")]
+    Permutation { rows: usize, found: usize },
+}
+
+/// A `[rows, cols]` weight matrix in GGUF blocks, row-major (a row is `cols / 32` blocks).
+#[derive(Debug, Clone, PartialEq)]
+pub struct QMatrix {
+    qtype: QType,
+    rows: usize,
+    cols: usize,
+    data: Vec<u8>,
+}
+
+impl QMatrix {
+    /// Wraps GGUF block bytes (as stored in the file) of a `[rows, cols]` matrix.
+    pub fn from_blocks(qtype: QType, rows: usize, cols: usize, data: Vec<u8>) -> Result<Self, QError> {
+        if cols % BLOCK != 0 {
+            return Err(QError::Columns { rows, cols });
+        }
+        let expected = rows * cols / BLOCK * qtype.block_bytes();
+        if data.len() != expected {
+            return Err(QError::DataSize {
+                qtype,
+                rows,
+                cols,
+                expected,
+                found: data.len(),
+            });
+        }
+        Ok(QMatrix {
+            qtype,
+            rows,
+            cols,
+            data,
+        })
+    }
+
+    /// Quantizes row-major f32 `values` to `qtype` with llama.cpp's reference rounding
+    /// (`quantize_row_q8_0` / `quantize_row_q4_1`).
+    pub fn quantize(qtype: QType, rows: usize, cols: usize, values: &[f32]) -> Result<Self, QError> {
+        if cols % BLOCK != 0 {
+            return Err(QError::Columns { rows, cols });
+        }
+        if values.len() != rows * cols {
+            return Err(QError::Length {
+                what: "matrix values",
+                expected: rows * cols,
+                found: values.len(),
+            });
+        }
+        let mut data = Vec::with_capacity(values.len() / BLOCK * qtype.block_bytes());
+        for block in values.chunks_exact(BLOCK) {
+            match qtype {
+                QType::Q8_0 => {
+                    let amax = block.iter().fold(0f32, |a, x| a.max(x.abs()));
+                    let d = amax / 127.0;
+                    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+                    data.extend_from_slice(&f16::from_f32(d).to_le_bytes());
+                    data.extend(block.iter().map(|x| (x * id).round() as i8 as u8));
+                }
+                QType::Q4_1 => {
+                    let min = block.iter().cloned().fold(f32::INFINITY, f32::min);
+                    let max = block.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+                    let d = (max - min) / 15.0;
+                    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+                    data.extend_from_slice(&f16::from_f32(d).to_le_bytes());
+                    data.extend_from_slice(&f16::from_f32(min).to_le_bytes());
+                    let q = |x: f32| (((x - min) * id + 0.5) as u8).min(15);
+                    data.extend((0..16).map(|j| q(block[j]) | (q(block[j + 16]) << 4)));
+                }
+            }
+        }
+        Self::from_blocks(qtype, rows, cols, data)
+    }
+
+    pub fn qtype(&self) -> QType {
+        self.qtype
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// The block bytes, as in the GGUF file.
+    pub fn data(&self) -> &[u8] {
+        &self.data
+    }
+
+    fn row_bytes(&self) -> usize {
+        self.cols / BLOCK * self.qtype.block_bytes()
+    }
+
+    fn row_data(&self, row: usize) -> &[u8] {
+        let n = self.row_bytes();
+        &self.data[row * n..(row + 1) * n]
+    }
+
+    /// Row `row` in f32 (weights exactly as the dequantizing loader computes them).
+    #[allow(clippy::needless_range_loop)] // j and j + 16 share one byte
+    pub fn dequantize_row(&self, row: usize, out: &mut [f32]) -> Result<(), QError> {
+        if row >= self.rows || out.len() != self.cols {
+            return Err(QError::Length {
+                what: "dequantized row",
+                expected: self.cols,
+                found: if row >= self.rows { 0 } else { out.len() },
+            });
+        }
+        let bb = self.qtype.block_bytes();
+        for (block, dst) in self.row_data(row).chunks_exact(bb).zip(out.chunks_exact_mut(BLOCK)) {
+            let d = f16_at(block, 0);
+            match self.qtype {
+                QType::Q8_0 => {
+                    for (o, &q) in dst.iter_mut().zip(&block[2..]) {
+                        *o = d * (q as i8) as f32;
+                    }
+                }
+                QType::Q4_1 => {
+                    let m = f16_at(block, 2);
+                    for j in 0..16 {
+                        dst[j] = d * (block[4 + j] & 0x0F) as f32 + m;
+                        dst[j + 16] = d * (block[4 + j] >> 4) as f32 + m;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The whole matrix in f32, row-major.
+    pub fn dequantize(&self) -> Vec<f32> {
+        let mut out = vec![0f32; self.rows * self.cols];
+        for (r, dst) in out.chunks_exact_mut(self.cols.max(1)).enumerate() {
+            // Cannot fail: `r < rows` and every chunk has `cols` values.
+            let _ = self.dequantize_row(r, dst);
+        }
+        out
+    }
+
+    /// A copy whose row `i` is this matrix's row `from[i]` (whole rows of blocks move, so the
+    /// weights are unchanged bit for bit).
+    pub fn permute_rows(&self, from: &[usize]) -> Result<QMatrix, QError> {
+        let mut seen = vec![false; self.rows];
+        if from.len() != self.rows
+            || from
+                .iter()
+                .any(|&r| r >= self.rows || std::mem::replace(&mut seen[r], true))
+        {
+            return Err(QError::Permutation {
+                rows: self.rows,
+                found: from.len(),
+            });
+        }
+        let mut data = Vec::with_capacity(self.data.len());
+        for &r in from {
+            data.extend_from_slice(self.row_data(r));
+        }
+        Ok(QMatrix { data, ..self.clone() })
+    }
+}
+
+fn f16_at(bytes: &[u8], at: usize) -> f32 {
+    f16::from_le_bytes([bytes[at], bytes[at + 1]]).to_f32()
+}
+
+/// `tokens` activation rows of `cols` values quantized to 8 bits per 32-value block:
+/// value ≈ `d[block]·qs[i]`, and `s[block] = d[block]·Σ qs` (the sum Q4_1's minimum needs).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct QActivations {
+    tokens: usize,
+    cols: usize,
+    qs: Vec<i8>,
+    d: Vec<f32>,
+    s: Vec<f32>,
+}
+
+impl QActivations {
+    /// Quantizes row-major `x: [tokens, cols]`.
+    pub fn quantize(x: &[f32], tokens: usize, cols: usize) -> Result<Self, QError> {
+        let mut a = QActivations::default();
+        a.quantize_from(x, tokens, cols)?;
+        Ok(a)
+    }
+
+    /// [`QActivations::quantize`] into this value's buffers (no allocation once they are big enough).
+    pub fn quantize_from(&mut self, x: &[f32], tokens: usize, cols: usize) -> Result<(), QError> {
+        if cols % BLOCK != 0 {
+            return Err(QError::Columns { rows: tokens, cols });
+        }
+        if x.len() != tokens * cols {
+            return Err(QError::Length {
+                what: "activations",
+                expected: tokens * cols,
+                found: x.len(),
+            });
+        }
+        self.tokens = tokens;
+        self.cols = cols;
+        self.qs.resize(x.len(), 0);
+        self.d.resize(x.len() / BLOCK, 0.0);
+        self.s.resize(x.len() / BLOCK, 0.0);
+        for (((src, qs), d), s) in x
+            .chunks_exact(BLOCK)
+            .zip(self.qs.chunks_exact_mut(BLOCK))
+            .zip(self.d.iter_mut())
+            .zip(self.s.iter_mut())
+        {
+            let amax = src.iter().fold(0f32, |a, v| a.max(v.abs()));
+            let scale = amax / 127.0;
+            let inv = if scale != 0.0 { 1.0 / scale } else { 0.0 };
+            let mut sum = 0i32;
+            for (q, v) in qs.iter_mut().zip(src) {
+                *q = (v * inv).round() as i8;
+                sum += *q as i32;
+            }
+            *d = scale;
+            *s = scale * sum as f32;
+        }
+        Ok(())
+    }
+
+    pub fn tokens(&self) -> usize {
+        self.tokens
+    }
+
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    fn row(&self, t: usize) -> ActRow<'_> {
+        let nb = self.cols / BLOCK;
+        ActRow {
+            qs: &self.qs[t * self.cols..(t + 1) * self.cols],
+            d: &self.d[t * nb..(t + 1) * nb],
+            s: &self.s[t * nb..(t + 1) * nb],
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+struct ActRow<'a> {
+    qs: &'a [i8],
+    d: &'a [f32],
+    s: &'a [f32],
+}
+
+/// Which instruction set computes the block dot products.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kernel {
+    Scalar,
+    Avx2,
+    Avx512Vnni,
+}
+
+impl Kernel {
+    /// The fastest kernel this CPU runs.
+    pub fn detect() -> Kernel {
+        Self::available().pop().unwrap_or(Kernel::Scalar)
+    }
+
+    /// Every kernel this CPU runs, slowest first (tests compare them all).
+    pub fn available() -> Vec<Kernel> {
+        #[allow(unused_mut)]
+        let mut out = vec![Kernel::Scalar];
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+                && std::arch::is_x86_feature_detected!("f16c")
+            {
+                out.push(Kernel::Avx2);
+                if std::arch::is_x86_feature_detected!("avx512f")
+                    && std::arch::is_x86_feature_detected!("avx512bw")
+                    && std::arch::is_x86_feature_detected!("avx512vnni")
+                {
+                    out.push(Kernel::Avx512Vnni);
+                }
+            }
+        }
+        out
+    }
+
+    /// `Σ_t` dot products of weight row bytes `w` with the `N` activation rows `x`.
+    fn dots<const N: usize>(self, qtype: QType, w: &[u8], x: [ActRow<'_>; N]) -> [f32; N] {
+        let nb = w.len() / qtype.block_bytes();
+        debug_assert!(x.iter().all(|r| r.d.len() == nb && r.qs.len() == nb * BLOCK));
+        match self {
+            Kernel::Scalar => scalar::dots(qtype, w, x),
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `Kernel::Avx2` / `Avx512Vnni` only come from `available()`, which checked
+            // the CPU features; the row lengths agree (checked by `matmul`).
+            Kernel::Avx2 => unsafe { x86::dots_avx2(qtype, w, x) },
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx512Vnni => unsafe { x86::dots_avx512(qtype, w, x) },
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => scalar::dots(qtype, w, x),
+        }
+    }
+}
+
+/// The pool the products run on: `candle_core::utils::get_num_threads()` threads (the count
+/// the f32 matmuls use, from `RAYON_NUM_THREADS` or the core count), built once.
+pub fn pool() -> Option<&'static rayon::ThreadPool> {
+    static POOL: std::sync::OnceLock<Option<rayon::ThreadPool>> = std::sync::OnceLock::new();
+    POOL.get_or_init(|| {
+        let threads = candle_core::utils::get_num_threads().max(1);
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|i| format!("finch-qmatmul-{i}"))
+            .build()
+            .ok()
+    })
+    .as_ref()
+}
+
+/// `out[t, r] = Σ_c w[r, c]·x[t, c]` for every token `t` of `x` and row `r` of `w`; `out` is
+/// row-major `[tokens, rows]`. Rows are split over the current rayon pool (run it inside
+/// [`pool`]'s `install` to use the quantized path's threads).
+pub fn matmul(w: &QMatrix, x: &QActivations, out: &mut [f32], kernel: Kernel) -> Result<(), QError> {
+    if x.cols != w.cols {
+        return Err(QError::Length {
+            what: "activation columns",
+            expected: w.cols,
+            found: x.cols,
+        });
+    }
+    if out.len() != x.tokens * w.rows {
+        return Err(QError::Length {
+            what: "matmul output",
+            expected: x.tokens * w.rows,
+            found: out.len(),
+        });
+    }
+    if w.rows == 0 || x.tokens == 0 {
+        return Ok(());
+    }
+    let threads = rayon::current_num_threads().max(1);
+    // A few chunks per thread so that a thread slowed by other work on the machine is helped.
+    let chunk_rows = w.rows.div_ceil(threads * 4).max(16);
+    if x.tokens == 1 {
+        let work = |(i, dst): (usize, &mut [f32])| {
+            let r0 = i * chunk_rows;
+            for (r, o) in (r0..).zip(dst.iter_mut()) {
+                *o = kernel.dots(w.qtype, w.row_data(r), [x.row(0)])[0];
+            }
+        };
+        if threads > 1 && w.rows > chunk_rows {
+            out.par_chunks_mut(chunk_rows).enumerate().for_each(work);
+        } else {
+            out.chunks_mut(chunk_rows).enumerate().for_each(work);
+        }
+        return Ok(());
+    }
+    // Several tokens: compute `[rows, tokens]` (each task owns whole rows), then transpose.
+    let tokens = x.tokens;
+    let mut by_row = vec![0f32; w.rows * tokens];
+    let work = |(i, dst): (usize, &mut [f32])| {
+        let r0 = i * chunk_rows;
+        for (r, o) in (r0..).zip(dst.chunks_exact_mut(tokens)) {
+            rows_times_tokens(kernel, w, r, x, o);
+        }
+    };
+    if threads > 1 && w.rows > chunk_rows {
+        by_row.par_chunks_mut(chunk_rows * tokens).enumerate().for_each(work);
+    } else {
+        by_row.chunks_mut(chunk_rows * tokens).enumerate().for_each(work);
+    }
+    for (r, row) in by_row.chunks_exact(tokens).enumerate() {
+        for (t, v) in row.iter().enumerate() {
+            out[t * w.rows + r] = *v;
+        }
+    }
+    Ok(())
+}
+
+/// Row `r` of `w` times every token of `x`, [`TOKEN_TILE`] tokens per pass over the row.
+fn rows_times_tokens(kernel: Kernel, w: &QMatrix, r: usize, x: &QActivations, out: &mut [f32]) {
+    fn tile<const N: usize>(kernel: Kernel, qtype: QType, row: &[u8], x: &QActivations, t: usize, out: &mut [f32]) {
+        let v = kernel.dots(qtype, row, std::array::from_fn::<_, N, _>(|i| x.row(t + i)));
+        out[t..t + N].copy_from_slice(&v);
+    }
+    let row = w.row_data(r);
+    let mut t = 0;
+    while t + TOKEN_TILE <= x.tokens {
+        tile::<TOKEN_TILE>(kernel, w.qtype, row, x, t, out);
+        t += TOKEN_TILE;
+    }
+    match x.tokens - t {
+        7 => tile::<7>(kernel, w.qtype, row, x, t, out),
+        6 => tile::<6>(kernel, w.qtype, row, x, t, out),
+        5 => tile::<5>(kernel, w.qtype, row, x, t, out),
+        4 => tile::<4>(kernel, w.qtype, row, x, t, out),
+        3 => tile::<3>(kernel, w.qtype, row, x, t, out),
+        2 => tile::<2>(kernel, w.qtype, row, x, t, out),
+        1 => tile::<1>(kernel, w.qtype, row, x, t, out),
+        _ => {}
+    }
+}
+
+#[allow(clippy::needless_range_loop)] // j and j + 16 share one byte
+mod scalar {
+    use super::{f16_at, ActRow, QType, BLOCK};
+
+    pub(super) fn dots<const N: usize>(qtype: QType, w: &[u8], x: [ActRow<'_>; N]) -> [f32; N] {
+        let mut out = [0f32; N];
+        for (b, block) in w.chunks_exact(qtype.block_bytes()).enumerate() {
+            let dw = f16_at(block, 0);
+            for (o, x) in out.iter_mut().zip(x.iter()) {
+                let xq = &x.qs[b * BLOCK..(b + 1) * BLOCK];
+                *o += match qtype {
+                    QType::Q8_0 => {
+                        let sum: i32 = block[2..]
+                            .iter()
+                            .zip(xq)
+                            .map(|(&w, &x)| (w as i8) as i32 * x as i32)
+                            .sum();
+                        dw * x.d[b] * sum as f32
+                    }
+                    QType::Q4_1 => {
+                        let mut sum = 0i32;
+                        for j in 0..16 {
+                            sum += (block[4 + j] & 0x0F) as i32 * xq[j] as i32;
+                            sum += (block[4 + j] >> 4) as i32 * xq[j + 16] as i32;
+                        }
+                        dw * x.d[b] * sum as f32 + f16_at(block, 2) * x.s[b]
+                    }
+                };
+            }
+        }
+        out
+    }
+}
+
+// Indexed loops over the `N` tokens keep the accumulators in registers (N is a constant).
+// The AVX-512 intrinsics are stable since Rust 1.89, later than the crate's declared
+// `rust-version`; the toolchain this project builds with (1.95) has them.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::needless_range_loop, clippy::incompatible_msrv)]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    use super::{scalar, ActRow, QType, BLOCK};
+
+    /// f16 at `p` (little endian) to f32 with one F16C conversion.
+    #[inline(always)]
+    unsafe fn f16_ptr(p: *const u8) -> f32 {
+        let bits = u16::from_le_bytes([*p, *p.add(1)]);
+        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
+    }
+
+    #[inline(always)]
+    unsafe fn hsum256(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+        _mm_cvtss_f32(s)
+    }
+
+    /// The 32 weights of the Q4_1 block at `p` as u8 in element order (low nibbles are
+    /// elements 0..16, high nibbles 16..32).
+    #[inline(always)]
+    unsafe fn q4_1_unpack(p: *const u8) -> __m256i {
+        let q = _mm_loadu_si128(p.add(4) as *const __m128i);
+        let m4 = _mm_set1_epi8(0x0F);
+        _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(q, 4), m4), _mm_and_si128(q, m4))
+    }
+
+    /// Safety: the CPU has AVX2, FMA and F16C; every activation row has `w.len() / block_bytes`
+    /// blocks.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn dots_avx2<const N: usize>(qtype: QType, w: &[u8], x: [ActRow<'_>; N]) -> [f32; N] {
+        let bb = qtype.block_bytes();
+        let nb = w.len() / bb;
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = [_mm256_setzero_ps(); N];
+        let mut min_acc = [0f32; N];
+        let wp = w.as_ptr();
+        for b in 0..nb {
+            let p = wp.add(b * bb);
+            let dw = f16_ptr(p);
+            match qtype {
+                QType::Q4_1 => {
+                    let wq = q4_1_unpack(p);
+                    let mw = f16_ptr(p.add(2));
+                    for t in 0..N {
+                        let xq = _mm256_loadu_si256(x[t].qs.as_ptr().add(b * BLOCK) as *const __m256i);
+                        let sum = _mm256_madd_epi16(_mm256_maddubs_epi16(wq, xq), ones);
+                        let scale = _mm256_set1_ps(dw * *x[t].d.get_unchecked(b));
+                        acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), scale, acc[t]);
+                        min_acc[t] += mw * *x[t].s.get_unchecked(b);
+                    }
+                }
+                QType::Q8_0 => {
+                    let wq = _mm256_loadu_si256(p.add(2) as *const __m256i);
+                    let wabs = _mm256_sign_epi8(wq, wq);
+                    for t in 0..N {
+                        let xq = _mm256_loadu_si256(x[t].qs.as_ptr().add(b * BLOCK) as *const __m256i);
+                        let xs = _mm256_sign_epi8(xq, wq);
+                        let sum = _mm256_madd_epi16(_mm256_maddubs_epi16(wabs, xs), ones);
+                        let scale = _mm256_set1_ps(dw * *x[t].d.get_unchecked(b));
+                        acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), scale, acc[t]);
+                    }
+                }
+            }
+        }
+        let mut out = [0f32; N];
+        for t in 0..N {
+            out[t] = hsum256(acc[t]) + min_acc[t];
+        }
+        out
+    }
+
+    /// Safety: the CPU has AVX-512 F/BW/VNNI, AVX2, FMA and F16C; every activation row has
+    /// `w.len() / block_bytes` blocks.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+    pub(super) unsafe fn dots_avx512<const N: usize>(qtype: QType, w: &[u8], x: [ActRow<'_>; N]) -> [f32; N] {
+        let bb = qtype.block_bytes();
+        let nb = w.len() / bb;
+        let pairs = nb / 2;
+        let mut acc = [_mm512_setzero_ps(); N];
+        let mut min_acc = [0f32; N];
+        let wp = w.as_ptr();
+        for pair in 0..pairs {
+            let b = 2 * pair;
+            let pa = wp.add(b * bb);
+            let pb = pa.add(bb);
+            let (dwa, dwb) = (f16_ptr(pa), f16_ptr(pb));
+            let (wq, wneg) = match qtype {
+                QType::Q4_1 => (
+                    _mm512_inserti64x4(_mm512_castsi256_si512(q4_1_unpack(pa)), q4_1_unpack(pb), 1),
+                    0,
+                ),
+                QType::Q8_0 => {
+                    let wa = _mm256_loadu_si256(pa.add(2) as *const __m256i);
+                    let wb = _mm256_loadu_si256(pb.add(2) as *const __m256i);
+                    let w = _mm512_inserti64x4(_mm512_castsi256_si512(wa), wb, 1);
+                    // vpdpbusd multiplies unsigned by signed bytes: |w| times x with w's sign.
+                    (_mm512_abs_epi8(w), _mm512_movepi8_mask(w))
+                }
+            };
+            let (mwa, mwb) = match qtype {
+                QType::Q4_1 => (f16_ptr(pa.add(2)), f16_ptr(pb.add(2))),
+                QType::Q8_0 => (0.0, 0.0),
+            };
+            for t in 0..N {
+                let mut xq = _mm512_loadu_si512(x[t].qs.as_ptr().add(b * BLOCK) as *const _);
+                if qtype == QType::Q8_0 {
+                    xq = _mm512_mask_sub_epi8(xq, wneg, _mm512_setzero_si512(), xq);
+                }
+                let sum = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wq, xq);
+                let da = dwa * *x[t].d.get_unchecked(b);
+                let db = dwb * *x[t].d.get_unchecked(b + 1);
+                let scale = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(da), _mm512_set1_ps(db));
+                acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), scale, acc[t]);
+                if qtype == QType::Q4_1 {
+                    min_acc[t] += mwa * *x[t].s.get_unchecked(b) + mwb * *x[t].s.get_unchecked(b + 1);
+                }
+            }
+        }
+        let mut out = [0f32; N];
+        for t in 0..N {
+            out[t] = _mm512_reduce_add_ps(acc[t]) + min_acc[t];
+        }
+        if nb % 2 == 1 {
+            // The odd last block: the scalar kernel on that block alone.
+            let b = nb - 1;
+            let tail: [ActRow<'_>; N] = std::array::from_fn(|t| ActRow {
+                qs: &x[t].qs[b * BLOCK..],
+                d: &x[t].d[b..],
+                s: &x[t].s[b..],
+            });
+            let rest = scalar::dots(qtype, &w[b * bb..], tail);
+            for t in 0..N {
+                out[t] += rest[t];
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::Rng;
+
+    fn random(rng: &mut Rng, n: usize, scale: f32) -> Vec<f32> {
+        (0..n).map(|_| (rng.next_f32() * 2.0 - 1.0) * scale).collect()
+    }
+
+    /// Reference: dequantized weights times dequantized activations, in f64.
+    fn reference(w: &QMatrix, x: &QActivations) -> Vec<f64> {
+        let wf = w.dequantize();
+        let mut out = vec![0f64; x.tokens * w.rows];
+        for t in 0..x.tokens {
+            let xr = x.row(t);
+            for r in 0..w.rows {
+                let mut s = 0f64;
+                for c in 0..w.cols {
+                    s += wf[r * w.cols + c] as f64 * (xr.d[c / BLOCK] * xr.qs[c] as f32) as f64;
+                }
+                out[t * w.rows + r] = s;
+            }
+        }
+        out
+    }
+
+    /// Every kernel (the scalar one included, whatever the CPU) against the f64 sum of the
+    /// dequantized operands, over odd and even block counts, one token and prompt-sized
+    /// blocks of tokens (full tiles and every remainder), both block types, and weights with
+    /// extreme values (all-negative Q8_0 blocks with -128-free rounding, zero blocks).
+    #[test]
+    fn every_kernel_matches_dequantize_then_dot() {
+        let mut rng = Rng::new(7);
+        let kernels = Kernel::available();
+        eprintln!("kernels on this CPU: {kernels:?}");
+        for qtype in [QType::Q4_1, QType::Q8_0] {
+            for (rows, cols, tokens) in [
+                (1, 32, 1),
+                (3, 64, 1),
+                (17, 96, 2),
+                (40, 160, 5),
+                (64, 576, 7),
+                (33, 1536, 1),
+                (19, 32, 4),
+                (21, 64, 11),
+                (9, 96, 16),
+                (5, 128, 23),
+                (130, 96, 3),
+            ] {
+                let mut wv = random(&mut rng, rows * cols, 0.3);
+                // A zero block and a block of one sign.
+                wv[..BLOCK].iter_mut().for_each(|v| *v = 0.0);
+                if rows > 1 {
+                    wv[cols..cols + BLOCK].iter_mut().for_each(|v| *v = -v.abs() - 0.01);
+                }
+                let w = QMatrix::quantize(qtype, rows, cols, &wv).unwrap();
+                let mut xv = random(&mut rng, tokens * cols, 2.0);
+                xv[cols - BLOCK..cols].iter_mut().for_each(|v| *v *= 100.0);
+                let x = QActivations::quantize(&xv, tokens, cols).unwrap();
+                let want = reference(&w, &x);
+                for &kernel in &kernels {
+                    let mut got = vec![f32::NAN; tokens * rows];
+                    matmul(&w, &x, &mut got, kernel).unwrap();
+                    for (i, (g, r)) in got.iter().zip(&want).enumerate() {
+                        let tol = 1e-4 * (1.0 + r.abs()) + 1e-5 * cols as f64;
+                        assert!(
+                            (*g as f64 - r).abs() <= tol,
+                            "{qtype:?} {kernel:?} {rows}x{cols}x{tokens} at {i}: {g} vs {r}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// The same products on a pool of several threads (rows split into chunks) equal the
+    /// single-threaded ones bit for bit: each output is computed by one task in one order.
+    #[test]
+    fn threads_change_nothing() {
+        let mut rng = Rng::new(3);
+        let (rows, cols) = (301, 192);
+        let w = QMatrix::quantize(QType::Q4_1, rows, cols, &random(&mut rng, rows * cols, 1.0)).unwrap();
+        for tokens in [1, 6] {
+            let x = QActivations::quantize(&random(&mut rng, tokens * cols, 1.0), tokens, cols).unwrap();
+            let kernel = Kernel::detect();
+            let mut one = vec![0f32; tokens * rows];
+            let single = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+            single.install(|| matmul(&w, &x, &mut one, kernel)).unwrap();
+            let mut three = vec![0f32; tokens * rows];
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();
+            pool.install(|| matmul(&w, &x, &mut three, kernel)).unwrap();
+            assert_eq!(one, three);
+        }
+    }
+
+    /// Quantization round trips follow llama.cpp's definitions: Q8_0 is within half a step of
+    /// the input, Q4_1 within half a step of its 16 levels between the block's min and max,
+    /// and activation blocks keep `s = d·Σq`.
+    #[test]
+    fn quantization_errors_stay_within_half_a_step() {
+        let mut rng = Rng::new(11);
+        let (rows, cols) = (5, 128);
+        let v = random(&mut rng, rows * cols, 3.0);
+        for qtype in [QType::Q8_0, QType::Q4_1] {
+            let m = QMatrix::quantize(qtype, rows, cols, &v).unwrap();
+            assert_eq!(m.data().len(), rows * cols / BLOCK * qtype.block_bytes());
+            let back = m.dequantize();
+            for (block, got) in v.chunks(BLOCK).zip(back.chunks(BLOCK)) {
+                let (lo, hi) = block
+                    .iter()
+                    .fold((f32::MAX, f32::MIN), |(a, b), x| (a.min(*x), b.max(*x)));
+                let step = match qtype {
+                    QType::Q8_0 => lo.abs().max(hi.abs()) / 127.0,
+                    QType::Q4_1 => (hi - lo) / 15.0,
+                };
+                for (a, b) in block.iter().zip(got) {
+                    // f16 scales and minimums add a relative error of ~5e-4 each.
+                    let tol = 0.5 * step + 1e-3 * (lo.abs() + hi.abs()) + 1e-2 * step;
+                    assert!((a - b).abs() <= tol, "{qtype:?}: {a} vs {b}");
+                }
+            }
+        }
+        let x = QActivations::quantize(&v, rows, cols).unwrap();
+        for b in 0..x.d.len() {
+            let sum: i32 = x.qs[b * BLOCK..(b + 1) * BLOCK].iter().map(|&q| q as i32).sum();
+            assert_eq!(x.s[b], x.d[b] * sum as f32);
+            let amax = v[b * BLOCK..(b + 1) * BLOCK].iter().fold(0f32, |a, x| a.max(x.abs()));
+            assert!(x.qs[b * BLOCK..(b + 1) * BLOCK].iter().any(|q| q.unsigned_abs() == 127) || amax == 0.0);
+        }
+    }
+
+    #[test]
+    fn bad_shapes_are_errors_not_panics() {
+        assert_eq!(
+            QMatrix::from_blocks(QType::Q4_1, 2, 48, vec![0; 60]).unwrap_err(),
+            QError::Columns { rows: 2, cols: 48 }
+        );
+        let err = QMatrix::from_blocks(QType::Q8_0, 2, 64, vec![0; 100]).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "a 2x64 Q8_0 matrix needs 136 bytes of blocks, found 100"
+        );
+        let w = QMatrix::quantize(QType::Q8_0, 2, 64, &[0.5; 128]).unwrap();
+        let x = QActivations::quantize(&[1.0; 32], 1, 32).unwrap();
+        let err = matmul(&w, &x, &mut [0.0; 2], Kernel::Scalar).unwrap_err();
+        assert_eq!(err.to_string(), "activation columns: expected 64 values, found 32");
+        let x = QActivations::quantize(&[1.0; 64], 1, 64).unwrap();
+        assert!(matmul(&w, &x, &mut [0.0; 3], Kernel::Scalar).is_err());
+        assert!(w.permute_rows(&[0, 0]).is_err());
+        assert!(w.dequantize_row(2, &mut [0.0; 64]).is_err());
+    }
+
+    /// Moving whole rows of blocks moves exactly the dequantized rows.
+    #[test]
+    fn permuted_rows_are_the_same_weights() {
+        let mut rng = Rng::new(5);
+        let w = QMatrix::quantize(QType::Q4_1, 4, 64, &random(&mut rng, 256, 1.0)).unwrap();
+        let p = w.permute_rows(&[2, 0, 3, 1]).unwrap();
+        let (a, b) = (w.dequantize(), p.dequantize());
+        for (i, &from) in [2, 0, 3, 1].iter().enumerate() {
+            assert_eq!(b[i * 64..(i + 1) * 64], a[from * 64..(from + 1) * 64]);
+        }
+    }
+}
