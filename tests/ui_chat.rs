@@ -62,9 +62,12 @@ fn chat_ready(fx: &Fixture, configure: impl FnOnce(&mut finch::ui::Settings)) ->
     open_tiny_model(&mut harness, &fx.model);
     nav(&mut harness, "Chat");
     assert_eq!(harness.state().page(), Page::Chat);
-    step_until(&mut harness, "the model loaded for chat", Duration::from_secs(60), |app| {
-        app.chat_model_ready()
-    });
+    step_until(
+        &mut harness,
+        "the model loaded for chat",
+        Duration::from_secs(60),
+        |app| app.chat_model_ready(),
+    );
     step_until(&mut harness, "the run in the list", Duration::from_secs(30), |app| {
         !app.run_history().is_empty()
     });
@@ -84,7 +87,12 @@ fn press_enter(harness: &mut Harness<'_, App>) {
 }
 
 /// Greedy answer of the engine itself, for comparison with what the page shows.
-fn engine_answer(model: &finch::model::transformer::Transformer, format: &finch::generate::ChatFormat, prompt: &str, max: usize) -> finch::generate::Generation {
+fn engine_answer(
+    model: &finch::model::transformer::Transformer,
+    format: &finch::generate::ChatFormat,
+    prompt: &str,
+    max: usize,
+) -> finch::generate::Generation {
     let opts = GenerateOptions {
         max_new_tokens: max,
         ..GenerateOptions::default()
@@ -106,9 +114,18 @@ fn chat_streams_on_enter_keeps_shift_enter_newlines_and_esc_stops() {
     harness.step();
     assert!(harness.state().chat_turns().is_empty(), "Shift+Enter must not send");
     press_enter(&mut harness);
-    assert_eq!(harness.state().chat_turns().len(), 1, "errors: {:?}", harness.state().errors());
+    assert_eq!(
+        harness.state().chat_turns().len(),
+        1,
+        "errors: {:?}",
+        harness.state().errors()
+    );
     assert_eq!(harness.state().chat_turns()[0].user, "Hello\nthere");
-    assert_eq!(harness.get_by_label("Message").value().as_deref(), Some(""), "the box is cleared");
+    assert_eq!(
+        harness.get_by_label("Message").value().as_deref(),
+        Some(""),
+        "the box is cleared"
+    );
     step_until(&mut harness, "the first answer", Duration::from_secs(60), |app| {
         !app.is_generating()
     });
@@ -121,7 +138,7 @@ fn chat_streams_on_enter_keeps_shift_enter_newlines_and_esc_stops() {
     );
     assert!(first.tokens >= 1 && first.tokens <= 12, "{} tokens", first.tokens);
     assert!(!first.text.is_empty());
-    let first_prompt_tokens = first.prompt_tokens;
+    let (first_prompt_tokens, first_tokens) = (first.prompt_tokens, first.tokens);
 
     // A long answer: the text grows over several frames, then Esc stops it.
     harness.state_mut().settings_mut().chat.max_new_tokens = 900;
@@ -132,7 +149,10 @@ fn chat_streams_on_enter_keeps_shift_enter_newlines_and_esc_stops() {
     let mut lengths = vec![];
     let start = Instant::now();
     while lengths.iter().filter(|&&n| n > 0).count() < 3 {
-        assert!(start.elapsed() < Duration::from_secs(120), "no streaming text: {lengths:?}");
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "no streaming text: {lengths:?}"
+        );
         assert!(harness.state().is_generating(), "ended before Esc: {lengths:?}");
         harness.step();
         let n = harness.state().chat_turns()[1].answer.text.len();
@@ -152,7 +172,7 @@ fn chat_streams_on_enter_keeps_shift_enter_newlines_and_esc_stops() {
     assert!(second.tokens < 900, "{} tokens", second.tokens);
     assert!(second.text.len() >= *lengths.last().unwrap());
     // The second prompt carries the first exchange.
-    assert!(second.prompt_tokens > first_prompt_tokens + first.tokens);
+    assert!(second.prompt_tokens > first_prompt_tokens + first_tokens);
     harness.get_by_label_contains("stopped ·");
     assert!(harness.state().errors().is_empty(), "{:?}", harness.state().errors());
 
@@ -171,8 +191,15 @@ fn compare_streams_base_and_adapter_side_by_side() {
     harness.step();
     type_message(&mut harness, "Which is better?");
     press_enter(&mut harness);
-    assert_eq!(harness.state().compare_rounds().len(), 1, "{:?}", harness.state().errors());
-    step_until(&mut harness, "both answers", Duration::from_secs(60), |app| !app.is_generating());
+    assert_eq!(
+        harness.state().compare_rounds().len(),
+        1,
+        "{:?}",
+        harness.state().errors()
+    );
+    step_until(&mut harness, "both answers", Duration::from_secs(60), |app| {
+        !app.is_generating()
+    });
 
     let round = &harness.state().compare_rounds()[0];
     assert_eq!(round.answers.len(), 2);
@@ -194,8 +221,15 @@ fn compare_streams_base_and_adapter_side_by_side() {
     }
     // Both columns are on screen with their titles.
     harness.get_by_label("base");
-    assert_eq!(harness.query_all_by_label("tuned").count(), 2, "checkbox and column title");
-    assert!(harness.query_by_label("A is better").is_none(), "no vote outside blind mode");
+    assert_eq!(
+        harness.query_all_by_label("tuned").count(),
+        2,
+        "checkbox and column title"
+    );
+    assert!(
+        harness.query_by_label("A is better").is_none(),
+        "no vote outside blind mode"
+    );
 }
 
 #[test]
@@ -211,7 +245,9 @@ fn blind_compare_hides_names_until_the_vote_and_saves_it() {
     harness.step();
     type_message(&mut harness, "Pick one");
     press_enter(&mut harness);
-    step_until(&mut harness, "both answers", Duration::from_secs(60), |app| !app.is_generating());
+    step_until(&mut harness, "both answers", Duration::from_secs(60), |app| {
+        !app.is_generating()
+    });
     let round = &harness.state().compare_rounds()[0];
     assert!(round.blind);
     assert_eq!(round.column_title(0), "A");
@@ -239,7 +275,10 @@ fn blind_compare_hides_names_until_the_vote_and_saves_it() {
     assert_eq!(lines.len(), 1, "{text}");
     let v = &lines[0];
     assert_eq!(v.prompt, "Pick one");
-    assert_eq!((v.chosen.as_str(), v.chosen_model.as_str()), (chosen_text.as_str(), chosen_model.as_str()));
+    assert_eq!(
+        (v.chosen.as_str(), v.chosen_model.as_str()),
+        (chosen_text.as_str(), chosen_model.as_str())
+    );
     assert_eq!(
         (v.rejected.as_str(), v.rejected_model.as_str()),
         (rejected_text.as_str(), rejected_model.as_str())
@@ -264,7 +303,9 @@ fn export_peft_and_merged_from_the_export_page() {
     assert_eq!(harness.state().export_state().out_text, peft_out.display().to_string());
     harness.get_by_label("Start export").click();
     harness.step();
-    step_until(&mut harness, "the PEFT export", Duration::from_secs(60), |app| !app.is_exporting());
+    step_until(&mut harness, "the PEFT export", Duration::from_secs(60), |app| {
+        !app.is_exporting()
+    });
     let result = harness.state().export_state().result.clone().expect("a result");
     let names: Vec<String> = result
         .files
@@ -283,14 +324,30 @@ fn export_peft_and_merged_from_the_export_page() {
     harness.get_by_label("Merged model (Hugging Face folder)").click();
     harness.step();
     let merged_out = run.join("export-merged");
-    assert_eq!(harness.state().export_state().out_text, merged_out.display().to_string());
+    assert_eq!(
+        harness.state().export_state().out_text,
+        merged_out.display().to_string()
+    );
     harness.get_by_label("Start export").click();
     harness.step();
-    step_until(&mut harness, "the merged export", Duration::from_secs(120), |app| !app.is_exporting());
+    step_until(&mut harness, "the merged export", Duration::from_secs(120), |app| {
+        !app.is_exporting()
+    });
     assert!(harness.state().errors().is_empty(), "{:?}", harness.state().errors());
     let result = harness.state().export_state().result.clone().expect("a result");
-    for f in ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"] {
-        assert!(result.files.iter().any(|(p, size)| *p == merged_out.join(f) && *size > 0), "{f}");
+    for f in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ] {
+        assert!(
+            result
+                .files
+                .iter()
+                .any(|(p, size)| *p == merged_out.join(f) && *size > 0),
+            "{f}"
+        );
     }
     assert!(result.ollama_command.is_none());
     // The merged folder is a model of its own that answers like base + adapter.
@@ -305,11 +362,18 @@ fn export_peft_and_merged_from_the_export_page() {
     // Exporting into a folder that is not empty is refused and the folder is left alone.
     harness.get_by_label("Start export").click();
     harness.step();
-    step_until(&mut harness, "the refused export", Duration::from_secs(60), |app| !app.is_exporting());
+    step_until(&mut harness, "the refused export", Duration::from_secs(60), |app| {
+        !app.is_exporting()
+    });
     let errors = harness.state().errors();
     assert!(
-        errors.iter().any(|e| e.what == "Export failed" && e.detail.contains("is not empty")),
+        errors
+            .iter()
+            .any(|e| e.what == "Export failed" && e.detail.contains("is not empty")),
         "{errors:?}"
     );
-    assert!(merged_out.join("model.safetensors").is_file(), "the earlier export is kept");
+    assert!(
+        merged_out.join("model.safetensors").is_file(),
+        "the earlier export is kept"
+    );
 }

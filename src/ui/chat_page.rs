@@ -18,7 +18,7 @@ use eframe::egui;
 use serde::{Deserialize, Serialize};
 
 use crate::data::{Message, Role};
-use crate::generate::{chat, with_adapter, FinishReason, GenerateOptions, LoadedModel, SamplingParams};
+use crate::generate::{chat, with_adapter, ChatFormat, FinishReason, GenerateOptions, LoadedModel, SamplingParams};
 use crate::model::transformer::Transformer;
 use crate::rng::Rng;
 
@@ -242,10 +242,7 @@ impl CompareRound {
         self.blind
             && self.vote.is_none()
             && self.answers.len() >= 2
-            && self
-                .answers
-                .iter()
-                .all(|a| a.finish.is_some() && a.error.is_none())
+            && self.answers.iter().all(|a| a.finish.is_some() && a.error.is_none())
     }
 }
 
@@ -277,10 +274,17 @@ pub enum ChatMode {
     Compare,
 }
 
+/// What generation needs of a loaded model. (`LoadedModel` also holds the open weight files,
+/// which cannot move between threads; only these two parts do.)
+pub struct ChatModel {
+    pub model: Transformer,
+    pub format: ChatFormat,
+}
+
 /// The base model as loaded for generation, and which model path it came from.
 struct LoadedBase {
     path: PathBuf,
-    model: Arc<LoadedModel>,
+    model: Arc<ChatModel>,
 }
 
 type AdapterCache = Arc<Mutex<HashMap<PathBuf, Arc<Transformer>>>>;
@@ -301,7 +305,7 @@ pub struct ChatPage {
     added: Vec<(String, PathBuf)>,
     history_seen: Vec<PathBuf>,
     base: Option<LoadedBase>,
-    loading: Option<(PathBuf, Job<Result<LoadedModel, String>>)>,
+    loading: Option<(PathBuf, Job<Result<ChatModel, String>>)>,
     /// A model path whose load failed: not retried until another model is opened.
     failed_path: Option<PathBuf>,
     cache: AdapterCache,
@@ -366,7 +370,7 @@ impl ChatPage {
     }
 
     /// The loaded base model for `path`, if it is loaded.
-    pub(crate) fn base_for(&self, path: &Path) -> Option<Arc<LoadedModel>> {
+    pub(crate) fn base_for(&self, path: &Path) -> Option<Arc<ChatModel>> {
         self.base.as_ref().filter(|b| b.path == path).map(|b| b.model.clone())
     }
 }
@@ -387,7 +391,7 @@ fn folder_name(dir: &Path) -> String {
 /// Starts one answer on its own thread: builds (or reuses) the adapter model, then streams.
 fn spawn_answer(
     ctx: &egui::Context,
-    base: Arc<LoadedModel>,
+    base: Arc<ChatModel>,
     cache: AdapterCache,
     adapter: Option<PathBuf>,
     messages: Vec<Message>,
@@ -517,7 +521,10 @@ impl App {
 
     /// True once the opened model is loaded for generation.
     pub fn chat_model_ready(&self) -> bool {
-        self.models.card.as_ref().is_some_and(|c| self.chat.base_for(&c.path).is_some())
+        self.models
+            .card
+            .as_ref()
+            .is_some_and(|c| self.chat.base_for(&c.path).is_some())
     }
 
     /// (votes in the file, the file) after the last saved vote.
@@ -559,7 +566,12 @@ impl App {
                 if !loaded && !loading && self.chat.failed_path.as_ref() != Some(&path) {
                     let spec = path.display().to_string();
                     let job = Job::spawn("finch-chat-load", ctx, move || {
-                        LoadedModel::open(&spec).map_err(|e| format!("{e:#}"))
+                        LoadedModel::open(&spec)
+                            .map(|m| ChatModel {
+                                model: m.model,
+                                format: m.format,
+                            })
+                            .map_err(|e| format!("{e:#}"))
                     });
                     match job {
                         Ok(job) => self.chat.loading = Some((path, job)),
@@ -971,7 +983,13 @@ impl App {
                             ui,
                             "Repetition penalty",
                             "Above 1 discourages repeating tokens already in the conversation; 1 is off.",
-                            |ui| ui.add(egui::DragValue::new(&mut s.repetition_penalty).range(0.5..=2.0).speed(0.01)),
+                            |ui| {
+                                ui.add(
+                                    egui::DragValue::new(&mut s.repetition_penalty)
+                                        .range(0.5..=2.0)
+                                        .speed(0.01),
+                                )
+                            },
                         );
                         knob_row(
                             ui,
@@ -1062,14 +1080,20 @@ impl App {
     }
 
     fn chat_input_ui(&mut self, ui: &mut egui::Ui, ctx: &egui::Context) {
-        let input_id = egui::Id::new("finch-chat-input");
+        let input_id = egui::Id::unique("finch-chat-input");
         // Enter sends and Shift+Enter adds a newline: take the plain Enter before the text field
         // sees it (it would insert a newline).
         let enter = ui.memory(|m| m.has_focus(input_id))
             && ui.input_mut(|i| !i.modifiers.shift && i.consume_key(egui::Modifiers::NONE, egui::Key::Enter));
-        let label = ui.label("Message").on_hover_text(
-            "Enter sends, Shift+Enter starts a new line, Esc stops the answers being generated.",
-        );
+        let generating = self.chat.is_generating();
+        let ready = self.chat_model_ready();
+        if enter && !generating {
+            // Sent before the box is drawn, so it shows empty in this same frame.
+            self.send_message(ctx);
+        }
+        let label = ui
+            .label("Message")
+            .on_hover_text("Enter sends, Shift+Enter starts a new line, Esc stops the answers being generated.");
         ui.add(
             egui::TextEdit::multiline(&mut self.chat.input)
                 .id(input_id)
@@ -1079,8 +1103,7 @@ impl App {
         )
         .labelled_by(label.id);
         let generating = self.chat.is_generating();
-        let ready = self.chat_model_ready();
-        let mut send = enter;
+        let mut send = false;
         ui.horizontal(|ui| {
             let can_send = ready && !generating && !self.chat.input.trim().is_empty();
             let button = ui

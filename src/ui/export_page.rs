@@ -6,7 +6,6 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 
 use eframe::egui;
 
@@ -72,7 +71,11 @@ impl ExportFormat {
 #[derive(Debug, Clone)]
 pub enum ExportMsg {
     /// Stage `index` (1-based) of `total` started.
-    Stage { index: usize, total: usize, text: String },
+    Stage {
+        index: usize,
+        total: usize,
+        text: String,
+    },
     /// Every file written, with its size in bytes.
     Done(Vec<(PathBuf, u64)>),
     Failed(String),
@@ -209,15 +212,13 @@ fn failed(what: &'static str) -> impl Fn(crate::Error) -> Early {
     move |e| Early::Failed(format!("{what}: {e:#}"))
 }
 
-/// The export itself, on its thread. `base` is the chat page's loaded base model when it is the
-/// same model, so it is not loaded twice.
+/// The export itself, on its thread.
 fn run_export(
     send: &dyn Fn(ExportMsg),
     cancel: &AtomicBool,
     format: ExportFormat,
     adapter: &Path,
     model: Option<&str>,
-    base: Option<Arc<LoadedModel>>,
     out: &Path,
 ) -> Result<(), Early> {
     let total = if format.needs_model() { 3 } else { 2 };
@@ -238,17 +239,9 @@ fn run_export(
             export_peft(&dir, out).map_err(failed("cannot write the adapter"))?;
         }
         ExportFormat::Merged | ExportFormat::Gguf => {
-            let loaded = match base {
-                Some(b) => {
-                    stage(1, "Using the loaded base model".into())?;
-                    b
-                }
-                None => {
-                    let spec = model.unwrap_or_default();
-                    stage(1, format!("Loading the base model {spec}"))?;
-                    Arc::new(LoadedModel::open(spec).map_err(failed("cannot load the base model"))?)
-                }
-            };
+            let spec = model.unwrap_or_default();
+            stage(1, format!("Loading the base model {spec}"))?;
+            let loaded = LoadedModel::open(spec).map_err(failed("cannot load the base model"))?;
             stage(2, "Attaching the adapter".into())?;
             let tuned = with_adapter(&loaded.model, adapter).map_err(failed("cannot load the adapter"))?;
             if format == ExportFormat::Merged {
@@ -258,8 +251,12 @@ fn run_export(
                 )?;
                 export_merged(&loaded.files, &loaded.format, &tuned, out).map_err(failed("cannot write the model"))?;
             } else {
-                stage(3, "Merging and writing model-f16.gguf, model-q8_0.gguf and Modelfile".into())?;
-                export_gguf(&loaded.files, &loaded.format, &tuned, out).map_err(failed("cannot write the GGUF files"))?;
+                stage(
+                    3,
+                    "Merging and writing model-f16.gguf, model-q8_0.gguf and Modelfile".into(),
+                )?;
+                export_gguf(&loaded.files, &loaded.format, &tuned, out)
+                    .map_err(failed("cannot write the GGUF files"))?;
             }
         }
     }
@@ -310,7 +307,6 @@ impl App {
             );
             return;
         }
-        let base = model.as_deref().and_then(|m| self.chat.base_for(m));
         let spec = model.map(|m| m.display().to_string());
         let stream = Stream::spawn("finch-export", ctx, move |send, cancel| {
             // Never write into (or later delete) a folder holding something else.
@@ -332,7 +328,7 @@ impl App {
                     }
                 }
             }
-            match run_export(send, cancel, format, &adapter, spec.as_deref(), base, &out) {
+            match run_export(send, cancel, format, &adapter, spec.as_deref(), &out) {
                 Ok(()) => send(ExportMsg::Done(list_files(&out))),
                 Err(early) => {
                     // A partial export is worse than none: remove what was written.
@@ -454,12 +450,13 @@ impl App {
                             .label("Adapter folder")
                             .on_hover_text("A run folder that finished training, or any PEFT adapter folder.");
                         ui.horizontal(|ui| {
-                            let edit = ui.add(
-                                egui::TextEdit::singleline(&mut self.export.adapter_text)
-                                    .hint_text("path to a run or adapter folder")
-                                    .desired_width(380.0),
-                            );
-                            edit.labelled_by(label.id);
+                            let edit = ui
+                                .add(
+                                    egui::TextEdit::singleline(&mut self.export.adapter_text)
+                                        .hint_text("path to a run or adapter folder")
+                                        .desired_width(380.0),
+                                )
+                                .labelled_by(label.id);
                             if edit.changed() {
                                 self.export.refresh_out();
                             }
@@ -489,12 +486,13 @@ impl App {
                             .label("Output folder")
                             .on_hover_text("A new or empty folder; it is created if missing.");
                         ui.horizontal(|ui| {
-                            let edit = ui.add(
-                                egui::TextEdit::singleline(&mut self.export.out_text)
-                                    .hint_text("new folder for the exported files")
-                                    .desired_width(380.0),
-                            );
-                            edit.labelled_by(label.id);
+                            let edit = ui
+                                .add(
+                                    egui::TextEdit::singleline(&mut self.export.out_text)
+                                        .hint_text("new folder for the exported files")
+                                        .desired_width(380.0),
+                                )
+                                .labelled_by(label.id);
                             if edit.changed() {
                                 self.export.out_auto = false;
                             }
