@@ -176,6 +176,8 @@ fn chat_streams_on_enter_keeps_shift_enter_newlines_and_esc_stops() {
     harness.get_by_label_contains("stopped ·");
     assert!(harness.state().errors().is_empty(), "{:?}", harness.state().errors());
 
+    harness.get_by_label("New chat").scroll_to_me();
+    harness.step();
     harness.get_by_label("New chat").click();
     harness.step();
     assert!(harness.state().chat_turns().is_empty());
@@ -211,7 +213,17 @@ fn compare_streams_base_and_adapter_side_by_side() {
     let tuned = with_adapter(&loaded.model, &run).unwrap();
     let base_expected = engine_answer(&loaded.model, &loaded.format, "Which is better?", 16);
     let tuned_expected = engine_answer(&tuned, &loaded.format, "Which is better?", 16);
-    assert_ne!(base_expected.token_ids, tuned_expected.token_ids, "the adapter matters");
+    // The random tiny model can repeat one token either way; the adapter shows in the logits.
+    let ids = loaded
+        .format
+        .encode_prompt(&[Message::new(MsgRole::User, "Which is better?")])
+        .unwrap();
+    let logits = |m: &finch::model::transformer::Transformer| {
+        m.forward_last_with_cache(&ids, &mut finch::model::transformer::KvCache::new())
+            .unwrap()
+    };
+    let diff = finch::testing::max_abs_diff(&logits(&loaded.model), &logits(&tuned));
+    assert!(diff > 1e-3, "the adapter must change the logits: {diff}");
     for (answer, expected) in round.answers.iter().zip([&base_expected, &tuned_expected]) {
         assert!(answer.error.is_none(), "{:?}", answer.error);
         assert!(!answer.text.is_empty(), "{} gave nothing", answer.model);

@@ -1133,6 +1133,10 @@ impl App {
                 self.chat.rounds.clear();
             }
         });
+        if generating {
+            // Keep the growing answer and the Stop button in view.
+            ui.scroll_to_cursor(Some(egui::Align::BOTTOM));
+        }
         if send && ready && !generating {
             self.send_message(ctx);
         }
