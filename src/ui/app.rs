@@ -8,6 +8,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::train::TrainConfig;
 
+use super::chat_page::{ChatPage, ChatSettings};
+use super::export_page::ExportPage;
 use super::models_page::ModelsPage;
 use super::train_page::TrainPage;
 use super::worker::{pick_path, Job, PickPurpose};
@@ -20,16 +22,20 @@ const SETTINGS_KEY: &str = "finch-settings";
 pub enum Page {
     Models,
     Train,
+    Chat,
+    Export,
     Settings,
 }
 
 impl Page {
-    pub const ALL: [Page; 3] = [Page::Models, Page::Train, Page::Settings];
+    pub const ALL: [Page; 5] = [Page::Models, Page::Train, Page::Chat, Page::Export, Page::Settings];
 
     pub fn title(self) -> &'static str {
         match self {
             Page::Models => "Models",
             Page::Train => "Train",
+            Page::Chat => "Chat",
+            Page::Export => "Export",
             Page::Settings => "Settings",
         }
     }
@@ -59,6 +65,8 @@ pub struct Settings {
     pub runs_dir: PathBuf,
     /// The trainer settings last used (model, data and out are filled in at start).
     pub train: TrainConfig,
+    /// System prompt, sampling settings and blind mode of the Chat page.
+    pub chat: ChatSettings,
 }
 
 impl Default for Settings {
@@ -71,6 +79,7 @@ impl Default for Settings {
             last_run: None,
             runs_dir: default_runs_dir(),
             train: super::train_page::Preset::QuickDemo.config(),
+            chat: ChatSettings::default(),
         }
     }
 }
@@ -94,7 +103,7 @@ pub struct StartOptions {
 }
 
 impl StartOptions {
-    /// `FINCH_UI_PAGE` (models, train, settings), `FINCH_UI_MODEL`, `FINCH_UI_DATA` and
+    /// `FINCH_UI_PAGE` (models, train, chat, export, settings), `FINCH_UI_MODEL`, `FINCH_UI_DATA` and
     /// `FINCH_UI_RUN` (paths): used by `scripts/screenshots.sh` to show each page with content.
     pub fn from_env() -> Self {
         let var = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
@@ -132,6 +141,8 @@ pub struct App {
     pub(crate) errors: Vec<UiError>,
     pub(crate) models: ModelsPage,
     pub(crate) train: TrainPage,
+    pub(crate) chat: ChatPage,
+    pub(crate) export: ExportPage,
     picking: Option<(PickPurpose, Job<Option<PathBuf>>)>,
     closing: Closing,
     started: bool,
@@ -153,6 +164,8 @@ impl App {
         let mut app = App {
             models: ModelsPage::default(),
             train: TrainPage::default(),
+            chat: ChatPage::default(),
+            export: ExportPage::default(),
             errors: Vec::new(),
             picking: None,
             closing: Closing::Idle,
@@ -241,6 +254,9 @@ impl App {
                 self.train.history_stale = true;
             }
             PickPurpose::ChartPng | PickPurpose::ChartSvg => self.save_chart_in(ctx, &path),
+            PickPurpose::ChatAdapter => self.add_chat_adapter(&path),
+            PickPurpose::ExportAdapter => self.set_export_adapter(&path),
+            PickPurpose::ExportFolder => self.set_export_out(&path),
         }
     }
 
@@ -279,6 +295,8 @@ impl App {
         self.handle_pick(&ctx);
         self.poll_models(&ctx);
         self.poll_train(&ctx);
+        self.poll_chat(&ctx);
+        self.poll_export();
         self.close_request_ui(&ctx);
 
         egui::Panel::left("finch-nav")
@@ -294,6 +312,8 @@ impl App {
                 .show(ui, |ui| match self.settings.page {
                     Page::Models => self.models_page_ui(ui),
                     Page::Train => self.train_page_ui(ui),
+                    Page::Chat => self.chat_page_ui(ui),
+                    Page::Export => self.export_page_ui(ui),
                     Page::Settings => self.settings_page_ui(ui),
                 });
         });

@@ -3,10 +3,14 @@
 //! back over channels, so the window never waits for a model load, a download or a training step.
 //!
 //! Pages: Models (open, Hub search/download, cache, model card), Train (settings, presets, live
-//! curves, run history, chart export) and Settings (UI scale, runs folder).
+//! curves, run history, chart export), Chat (streaming chat with the base model or an adapter;
+//! Compare side by side, with blind A/B votes saved for preference tuning), Export (PEFT adapter,
+//! merged model, GGUF + Ollama Modelfile) and Settings (UI scale, runs folder).
 
 pub mod app;
 pub mod chart;
+pub mod chat_page;
+pub mod export_page;
 pub mod models_page;
 pub mod train_page;
 pub mod widgets;

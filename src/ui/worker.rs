@@ -107,6 +107,9 @@ pub enum PickPurpose {
     RunsFolder,
     ChartPng,
     ChartSvg,
+    ChatAdapter,
+    ExportAdapter,
+    ExportFolder,
 }
 
 /// Opens a native file dialog without blocking the window. On macOS dialogs must run on the
@@ -143,6 +146,9 @@ pub fn pick_path(
                 .add_filter("SVG image", &["svg"])
                 .set_file_name("loss.svg")
                 .save_file(),
+            PickPurpose::ChatAdapter => dialog.set_title("Open a run or adapter folder").pick_folder(),
+            PickPurpose::ExportAdapter => dialog.set_title("Adapter to export").pick_folder(),
+            PickPurpose::ExportFolder => dialog.set_title("Folder for the exported files").pick_folder(),
         }
     };
     if cfg!(target_os = "macos") {
