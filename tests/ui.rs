@@ -84,7 +84,7 @@ fn open_model_train_ten_steps_and_see_the_curve_and_the_history() {
     for step in ["Step 0", "Step 5", "Step 10"] {
         harness.get_by_label(step);
     }
-    harness.get_by_label("Step 5").click();
+    harness.get_by_label("Step 5").click_accesskit();
     harness.step();
     assert_eq!(harness.state().highlighted_probe_step(), Some(5));
 

@@ -1379,9 +1379,11 @@ impl App {
     }
 
     fn live_plots_ui(&mut self, ui: &mut egui::Ui) {
+        let running = self.train.is_running();
+        let marked_step = self.train.highlighted_step;
         let highlighted = &mut self.train.highlighted_step;
         let live = &self.train.live;
-        if live.loss.is_empty() && !self.train.is_running() {
+        if live.loss.is_empty() && !running {
             return;
         }
         ui.horizontal(|ui| {
@@ -1402,7 +1404,7 @@ impl App {
             if live.tokens_per_sec > 0.0 {
                 ui.label(format!("{:.0} tokens/s", live.tokens_per_sec));
             }
-            if self.train.is_running() && live.step > 0 {
+            if running && live.step > 0 {
                 ui.label(format!("ETA {}", format_duration(live.eta_secs)));
             }
         });
@@ -1425,7 +1427,7 @@ impl App {
                 plot.line(Line::new("eval loss", PlotPoints::new(live.eval_loss.clone())).width(2.0));
                 plot.points(Points::new("eval loss", PlotPoints::new(live.eval_loss.clone())).radius(4.0));
             }
-            if let Some(step) = *highlighted {
+            if let Some(step) = marked_step {
                 plot.vline(
                     VLine::new(format!("probe step {step}"), step as f64)
                         .color(egui::Color32::from_rgb(230, 140, 30))
