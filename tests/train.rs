@@ -380,7 +380,8 @@ fn files_on_disk(dir: &Path) -> (String, String) {
         .iter()
         .cycle()
         .take(20)
-        .map(|(p, a)| format!("{}\n", serde_json::json!({"instruction": p, "input": "", "output": a})))
+        .enumerate()
+        .map(|(i, (p, a))| format!("{}\n", serde_json::json!({"instruction": format!("{p} {i}"), "input": "", "output": a})))
         .collect();
     std::fs::write(&data, rows).unwrap();
     (
