@@ -296,13 +296,26 @@ fn model_given_as_hub_id_is_read_from_the_hub_cache() {
 #[test]
 fn preflight_prints_one_json_report_and_writes_nothing() {
     let (dir, model, data) = setup();
-    let before: Vec<_> = std::fs::read_dir(dir.path()).unwrap().flatten().map(|e| e.path()).collect();
+    let before: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
     let out = dir.path().join("runs/never");
     let o = finch()
         .args(["train", "--model", &model, "--data", &data, "--out"])
         .arg(&out)
         .args(["--steps", "20", "--rank", "2", "--batch", "2", "--seq-len", "48"])
-        .args(["--eval-split", "0.2", "--eval-every", "5", "--probe", "word 3", "--probe-max-tokens", "6"])
+        .args([
+            "--eval-split",
+            "0.2",
+            "--eval-every",
+            "5",
+            "--probe",
+            "word 3",
+            "--probe-max-tokens",
+            "6",
+        ])
         .args(["--preflight", "3"])
         .output()
         .unwrap();
@@ -320,12 +333,27 @@ fn preflight_prints_one_json_report_and_writes_nothing() {
         assert!(v.is_finite() && v > 0.0, "{key} = {v}");
     }
     assert!(!out.exists() && !dir.path().join("runs").exists(), "nothing written");
-    let after: Vec<_> = std::fs::read_dir(dir.path()).unwrap().flatten().map(|e| e.path()).collect();
+    let after: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
     assert_eq!(before, after);
 
     // Without --out, and with the default number of steps.
     let o = finch()
-        .args(["train", "--model", &model, "--data", &data, "--steps", "8", "--seq-len", "48", "--preflight"])
+        .args([
+            "train",
+            "--model",
+            &model,
+            "--data",
+            &data,
+            "--steps",
+            "8",
+            "--seq-len",
+            "48",
+            "--preflight",
+        ])
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
@@ -341,7 +369,18 @@ fn probe_prompts_are_answered_on_stderr_and_logged() {
     let o = finch()
         .args(["train", "--model", &model, "--data", &data, "--out"])
         .arg(&out)
-        .args(["--steps", "4", "--rank", "2", "--batch", "2", "--seq-len", "48", "--eval-every", "2"])
+        .args([
+            "--steps",
+            "4",
+            "--rank",
+            "2",
+            "--batch",
+            "2",
+            "--seq-len",
+            "48",
+            "--eval-every",
+            "2",
+        ])
         .args(["--probe", "word 3", "--probe", "Repeat 7", "--probe-max-tokens", "5"])
         .output()
         .unwrap();
@@ -362,7 +401,10 @@ fn probe_prompts_are_answered_on_stderr_and_logged() {
         .collect();
     assert_eq!(probe_steps, [0, 2, 4]);
     let config = std::fs::read_to_string(out.join("config.toml")).unwrap();
-    assert!(config.contains("probe_prompts = [") && config.contains("\"Repeat 7\""), "{config}");
+    assert!(
+        config.contains("probe_prompts = [") && config.contains("\"Repeat 7\""),
+        "{config}"
+    );
 
     // A fourth prompt is refused with the limit named.
     let o = finch()

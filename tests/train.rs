@@ -309,7 +309,10 @@ fn probes_are_answered_before_training_at_every_eval_and_at_the_end() {
     let steps: Vec<usize> = probes.iter().map(|p| p.0).collect();
     assert_eq!(steps, vec![0, 4, 8, 10], "before training, at each eval, at the end");
     // Step 0 comes before the first optimizer step.
-    let first_probe = events.iter().position(|e| matches!(e, TrainEvent::Probe { .. })).unwrap();
+    let first_probe = events
+        .iter()
+        .position(|e| matches!(e, TrainEvent::Probe { .. }))
+        .unwrap();
     let first_step = events.iter().position(|e| matches!(e, TrainEvent::Step(_))).unwrap();
     assert!(first_probe < first_step);
     for (_, answers) in &probes {
@@ -381,7 +384,12 @@ fn files_on_disk(dir: &Path) -> (String, String) {
         .cycle()
         .take(20)
         .enumerate()
-        .map(|(i, (p, a))| format!("{}\n", serde_json::json!({"instruction": format!("{p} {i}"), "input": "", "output": a})))
+        .map(|(i, (p, a))| {
+            format!(
+                "{}\n",
+                serde_json::json!({"instruction": format!("{p} {i}"), "input": "", "output": a})
+            )
+        })
         .collect();
     std::fs::write(&data, rows).unwrap();
     (

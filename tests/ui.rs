@@ -100,7 +100,10 @@ fn open_model_train_ten_steps_and_see_the_curve_and_the_history() {
         assert!((a[1] - b[1]).abs() < 1e-5, "{a:?} vs {b:?}");
     }
     assert!(!run.eval_loss.is_empty(), "eval every 5 steps with a 20% split");
-    assert_eq!(run.probes, rounds, "the history reads the probe answers back from metrics.jsonl");
+    assert_eq!(
+        run.probes, rounds,
+        "the history reads the probe answers back from metrics.jsonl"
+    );
     assert!(run.dir.join("adapter").join("adapter_model.safetensors").exists());
     assert!(!run.resumable(), "a finished run offers no Resume");
     assert!(
@@ -148,7 +151,10 @@ fn open_model_train_ten_steps_and_see_the_curve_and_the_history() {
         sentence.contains("s per step") && sentence.contains("tokens/s") && sentence.contains("about "),
         "{sentence}"
     );
-    assert!(sentence.contains(" for 10 steps (including 2 evaluations and 3 rounds of probe answers)"), "{sentence}");
+    assert!(
+        sentence.contains(" for 10 steps (including 2 evaluations and 3 rounds of probe answers)"),
+        "{sentence}"
+    );
     harness.get_by_label(&sentence);
     assert_eq!(std::fs::read_dir(&fx.settings.runs_dir).unwrap().count(), runs_before);
 }

@@ -29,9 +29,9 @@ use crate::rng::Rng;
 use batch::{make_batch, next_indices, Batch, DataCursor};
 use checkpoint::TrainerState;
 pub use config::{Duration, Schedule, TrainConfig, MAX_PROBE_PROMPTS};
+use optim::{AdamW, AdamWParams};
 pub use preflight::{preflight, preflight_with, PreflightProgress, PreflightReport};
 pub use probe::ProbeAnswer;
-use optim::{AdamW, AdamWParams};
 
 /// Metrics of one optimizer step.
 #[derive(Debug, Clone, PartialEq, Serialize)]

@@ -123,9 +123,8 @@ pub fn preflight_with(
     } else {
         1 + scheduled_rounds(total_steps, cfg.eval_every)
     };
-    let estimated_total_secs = secs_per_step * total_steps as f64
-        + eval_runs as f64 * eval_secs_each
-        + probe_rounds as f64 * probe_secs_each;
+    let estimated_total_secs =
+        secs_per_step * total_steps as f64 + eval_runs as f64 * eval_secs_each + probe_rounds as f64 * probe_secs_each;
     Ok(PreflightReport {
         steps_run: steps,
         secs_per_step,

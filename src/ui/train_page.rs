@@ -608,9 +608,8 @@ impl App {
         }
         let Some(cfg) = self.new_run_config() else { return };
         let stream = Stream::spawn("finch-preflight", ctx, move |send, cancel| {
-            let result = crate::train::preflight_with(&cfg, PREFLIGHT_STEPS, cancel, &mut |p| {
-                send(PreflightMsg::Progress(p))
-            });
+            let result =
+                crate::train::preflight_with(&cfg, PREFLIGHT_STEPS, cancel, &mut |p| send(PreflightMsg::Progress(p)));
             send(PreflightMsg::Done(result.map_err(|e| format!("{e:#}"))));
         });
         match stream {
@@ -655,7 +654,9 @@ impl App {
     }
 
     fn poll_preflight(&mut self) {
-        let Some(stream) = &mut self.train.preflight else { return };
+        let Some(stream) = &mut self.train.preflight else {
+            return;
+        };
         let cancelled = stream.cancel.load(Ordering::Relaxed);
         let mut failure = None;
         for msg in stream.drain() {
@@ -1348,31 +1349,34 @@ impl App {
             }
         }
         let mut changed = false;
-        egui::Grid::new("train-probes").num_columns(2).spacing([12.0, 6.0]).show(ui, |ui| {
-            for (i, field) in inputs.iter_mut().enumerate() {
+        egui::Grid::new("train-probes")
+            .num_columns(2)
+            .spacing([12.0, 6.0])
+            .show(ui, |ui| {
+                for (i, field) in inputs.iter_mut().enumerate() {
+                    knob_row(
+                        ui,
+                        &format!("Probe prompt {}", i + 1),
+                        "A question the model answers before training, at every evaluation and at the end, so you can \
+                     watch its answers change beside the loss curve; leave it empty for none.",
+                        |ui| {
+                            let r = ui.add(
+                                egui::TextEdit::singleline(field)
+                                    .hint_text("e.g. a question from your data")
+                                    .desired_width(480.0),
+                            );
+                            changed |= r.changed();
+                            r
+                        },
+                    );
+                }
                 knob_row(
                     ui,
-                    &format!("Probe prompt {}", i + 1),
-                    "A question the model answers before training, at every evaluation and at the end, so you can \
-                     watch its answers change beside the loss curve; leave it empty for none.",
-                    |ui| {
-                        let r = ui.add(
-                            egui::TextEdit::singleline(field)
-                                .hint_text("e.g. a question from your data")
-                                .desired_width(480.0),
-                        );
-                        changed |= r.changed();
-                        r
-                    },
+                    "Probe answer length",
+                    "The longest probe answer in tokens; longer answers show more but slow every evaluation down.",
+                    |ui| ui.add(egui::DragValue::new(&mut cfg.probe_max_tokens).range(1..=1024)),
                 );
-            }
-            knob_row(
-                ui,
-                "Probe answer length",
-                "The longest probe answer in tokens; longer answers show more but slow every evaluation down.",
-                |ui| ui.add(egui::DragValue::new(&mut cfg.probe_max_tokens).range(1..=1024)),
-            );
-        });
+            });
         if changed {
             cfg.probe_prompts = probe_prompts_of(inputs);
         }
