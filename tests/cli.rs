@@ -1,5 +1,6 @@
 //! End-to-end: the `finch` binary trains a tiny model from a JSONL file, writes the run folder,
-//! repeats a run from its config.toml, and handles Ctrl-C with a checkpoint and `--resume`.
+//! repeats a run from its config.toml, handles Ctrl-C with a checkpoint and `--resume`, answers
+//! `--probe` prompts during the run, and times a run with `--preflight` without writing anything.
 
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -290,4 +291,129 @@ fn model_given_as_hub_id_is_read_from_the_hub_cache() {
     assert!(!o.status.success());
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(e.contains("finch-test/absent") && !e.contains("panicked"), "{e}");
+}
+
+#[test]
+fn preflight_prints_one_json_report_and_writes_nothing() {
+    let (dir, model, data) = setup();
+    let before: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    let out = dir.path().join("runs/never");
+    let o = finch()
+        .args(["train", "--model", &model, "--data", &data, "--out"])
+        .arg(&out)
+        .args(["--steps", "20", "--rank", "2", "--batch", "2", "--seq-len", "48"])
+        .args([
+            "--eval-split",
+            "0.2",
+            "--eval-every",
+            "5",
+            "--probe",
+            "word 3",
+            "--probe-max-tokens",
+            "6",
+        ])
+        .args(["--preflight", "3"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{stderr}");
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(text.lines().count(), 1, "one JSON line: {text}");
+    let r: serde_json::Value = serde_json::from_str(text.trim()).unwrap();
+    assert_eq!(r["steps_run"], 3);
+    assert_eq!(r["total_steps"], 20);
+    assert_eq!(r["eval_runs"], 4);
+    assert_eq!(r["probe_rounds"], 5);
+    for key in ["secs_per_step", "tokens_per_sec", "peak_rss_mb", "estimated_total_secs"] {
+        let v = r[key].as_f64().unwrap_or_else(|| panic!("{key} missing: {r}"));
+        assert!(v.is_finite() && v > 0.0, "{key} = {v}");
+    }
+    assert!(!out.exists() && !dir.path().join("runs").exists(), "nothing written");
+    let after: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert_eq!(before, after);
+
+    // Without --out, and with the default number of steps.
+    let o = finch()
+        .args([
+            "train",
+            "--model",
+            &model,
+            "--data",
+            &data,
+            "--steps",
+            "8",
+            "--seq-len",
+            "48",
+            "--preflight",
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let r: serde_json::Value = serde_json::from_str(String::from_utf8_lossy(&o.stdout).trim()).unwrap();
+    assert_eq!(r["steps_run"], 5);
+    assert_eq!(r["total_steps"], 8);
+}
+
+#[test]
+fn probe_prompts_are_answered_on_stderr_and_logged() {
+    let (dir, model, data) = setup();
+    let out = dir.path().join("run");
+    let o = finch()
+        .args(["train", "--model", &model, "--data", &data, "--out"])
+        .arg(&out)
+        .args([
+            "--steps",
+            "4",
+            "--rank",
+            "2",
+            "--batch",
+            "2",
+            "--seq-len",
+            "48",
+            "--eval-every",
+            "2",
+        ])
+        .args(["--probe", "word 3", "--probe", "Repeat 7", "--probe-max-tokens", "5"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{stderr}");
+    for step in [0, 2, 4] {
+        for prompt in ["word 3", "Repeat 7"] {
+            let line = format!("probe at step {step}: {prompt:?} -> ");
+            assert!(stderr.contains(&line), "missing `{line}` in {stderr}");
+        }
+    }
+    let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    let probe_steps: Vec<u64> = metrics
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v["kind"] == "probe")
+        .map(|v| v["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(probe_steps, [0, 2, 4]);
+    let config = std::fs::read_to_string(out.join("config.toml")).unwrap();
+    assert!(
+        config.contains("probe_prompts = [") && config.contains("\"Repeat 7\""),
+        "{config}"
+    );
+
+    // A fourth prompt is refused with the limit named.
+    let o = finch()
+        .args(["train", "--model", &model, "--data", &data, "--out"])
+        .arg(dir.path().join("run2"))
+        .args(["--probe", "a", "--probe", "b", "--probe", "c", "--probe", "d"])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(e.contains("at most 3") && !e.contains("panicked"), "{e}");
 }

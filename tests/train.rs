@@ -1,16 +1,18 @@
 //! Trainer behaviour on tiny random models: it learns, it resumes exactly, it stops cleanly,
-//! it detects divergence, and it writes PEFT-compatible adapters.
+//! it detects divergence, it writes PEFT-compatible adapters, it answers probe prompts with the
+//! weights being trained without changing the run, and its preflight times steps writing nothing.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use candle_core::{DType, Device};
-use finch::data::TokenizedExample;
+use finch::data::{Message, Role, TokenizedExample};
+use finch::generate::{ChatFormat, GenerateOptions};
 use finch::lora::{LoraConfig, Target};
 use finch::model::tiny::TinySpec;
 use finch::model::{Family, ModelFiles, Transformer};
 use finch::rng::Rng;
-use finch::train::{Duration, TrainConfig, TrainData, TrainEvent, Trainer};
+use finch::train::{Duration, PreflightProgress, ProbeAnswer, TrainConfig, TrainData, TrainEvent, Trainer};
 
 fn encode(tok: &tokenizers::Tokenizer, prompt: &str, answer: &str) -> TokenizedExample {
     let p = format!("<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n");
@@ -255,4 +257,217 @@ fn non_finite_loss_stops_the_run_with_an_explanation() {
     assert!(matches!(events.last(), Some(TrainEvent::Failed { step: 2, .. })));
     let log = std::fs::read_to_string(run_dir.join("metrics.jsonl")).unwrap();
     assert!(log.lines().last().unwrap().contains("\"failed\""), "{log}");
+}
+
+/// A trainer for `cfg` on the tiny model, with the model's chat format for probes; also returns
+/// that format and the base model without adapters.
+fn probing_trainer(dir: &Path, cfg: &TrainConfig) -> (Trainer, ChatFormat, Transformer) {
+    let (model, data) = setup(dir, Family::Llama);
+    let files = ModelFiles::open(dir.join("model").to_str().unwrap()).unwrap();
+    let base = files.load(DType::F32, &Device::Cpu).unwrap();
+    let format = ChatFormat::from_files(&files).unwrap();
+    let mut model = model;
+    model
+        .add_lora(&cfg.lora, &mut Rng::derive(cfg.seed, "lora-init"))
+        .unwrap();
+    let run_dir = Path::new(&cfg.out).to_path_buf();
+    std::fs::create_dir_all(&run_dir).unwrap();
+    let mut trainer = Trainer::new(cfg.clone(), model, data, Some(run_dir)).unwrap();
+    trainer.set_chat_format(format.clone());
+    (trainer, format, base)
+}
+
+fn greedy_answer(model: &Transformer, format: &ChatFormat, prompt: &str, max_tokens: usize) -> String {
+    let opts = GenerateOptions {
+        max_new_tokens: max_tokens,
+        ..GenerateOptions::default()
+    };
+    let messages = [Message::new(Role::User, prompt)];
+    finch::generate::chat(model, format, &messages, &opts, &AtomicBool::new(false), &mut |_| {})
+        .unwrap()
+        .text
+}
+
+#[test]
+fn probes_are_answered_before_training_at_every_eval_and_at_the_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path(), 10);
+    cfg.eval_every = 4;
+    cfg.probe_prompts = vec!["red".into(), "What is four?".into()];
+    cfg.probe_max_tokens = 12;
+    let (mut trainer, format, base) = probing_trainer(dir.path(), &cfg);
+    let (events, r) = run_trainer(&mut trainer, None);
+    r.unwrap();
+
+    let probes: Vec<(usize, Vec<ProbeAnswer>)> = events
+        .iter()
+        .filter_map(|e| match e {
+            TrainEvent::Probe { step, answers } => Some((*step, answers.clone())),
+            _ => None,
+        })
+        .collect();
+    let steps: Vec<usize> = probes.iter().map(|p| p.0).collect();
+    assert_eq!(steps, vec![0, 4, 8, 10], "before training, at each eval, at the end");
+    // Step 0 comes before the first optimizer step.
+    let first_probe = events
+        .iter()
+        .position(|e| matches!(e, TrainEvent::Probe { .. }))
+        .unwrap();
+    let first_step = events.iter().position(|e| matches!(e, TrainEvent::Step(_))).unwrap();
+    assert!(first_probe < first_step);
+    for (_, answers) in &probes {
+        let prompts: Vec<&str> = answers.iter().map(|a| a.prompt.as_str()).collect();
+        assert_eq!(prompts, ["red", "What is four?"]);
+        assert!(answers.iter().all(|a| a.tokens <= 12));
+    }
+    // Fresh adapters (B = 0) change nothing: step 0 answers as the base model does.
+    for a in &probes[0].1 {
+        assert_eq!(a.text, greedy_answer(&base, &format, &a.prompt, 12));
+    }
+    // The last answers come from the trained weights, adapters unmerged.
+    for a in &probes[3].1 {
+        assert_eq!(a.text, greedy_answer(trainer.model(), &format, &a.prompt, 12));
+    }
+
+    // metrics.jsonl carries the same answers, one line per probe event.
+    let text = std::fs::read_to_string(Path::new(&cfg.out).join("metrics.jsonl")).unwrap();
+    let logged: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v.get("probe").is_some())
+        .collect();
+    assert_eq!(logged.len(), 4);
+    for (line, (step, answers)) in logged.iter().zip(&probes) {
+        assert_eq!(line["kind"], "probe");
+        assert_eq!(line["step"].as_u64().unwrap() as usize, *step);
+        let read: Vec<ProbeAnswer> = serde_json::from_value(line["probe"].clone()).unwrap();
+        assert_eq!(&read, answers);
+    }
+    // The step log is unaffected by the extra lines.
+    let train_lines = text.lines().filter(|l| l.contains("\"kind\":\"train\"")).count();
+    assert_eq!(train_lines, 10);
+}
+
+#[test]
+fn probes_do_not_change_the_loss_curve() {
+    let curve = |probes: Vec<String>| {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = config(dir.path(), 12);
+        // Dropout draws from the training RNG: a probe that consumed it would shift every loss.
+        cfg.lora.dropout = 0.1;
+        cfg.eval_every = 3;
+        cfg.probe_prompts = probes;
+        let (mut trainer, _, _) = probing_trainer(dir.path(), &cfg);
+        let (events, r) = run_trainer(&mut trainer, None);
+        r.unwrap();
+        let probed = events.iter().filter(|e| matches!(e, TrainEvent::Probe { .. })).count();
+        (losses(&events), probed)
+    };
+    let (plain, none) = curve(vec![]);
+    let (probed, rounds) = curve(vec!["red".into(), "blue".into(), "seven".into()]);
+    assert_eq!(none, 0);
+    assert_eq!(rounds, 5, "steps 0, 3, 6, 9, 12");
+    assert_eq!(plain.len(), 12);
+    for ((s1, l1), (s2, l2)) in plain.iter().zip(&probed) {
+        assert_eq!(s1, s2);
+        assert!((l1 - l2).abs() <= 1e-6, "step {s1}: {l1} without probes, {l2} with");
+    }
+}
+
+/// A model folder and an Alpaca JSONL file on disk, as a real run reads them.
+fn files_on_disk(dir: &Path) -> (String, String) {
+    let model = dir.join("model");
+    TinySpec::new(Family::Llama).write(&model).unwrap();
+    let data = dir.join("pairs.jsonl");
+    let rows: String = PAIRS
+        .iter()
+        .cycle()
+        .take(20)
+        .enumerate()
+        .map(|(i, (p, a))| {
+            format!(
+                "{}\n",
+                serde_json::json!({"instruction": format!("{p} {i}"), "input": "", "output": a})
+            )
+        })
+        .collect();
+    std::fs::write(&data, rows).unwrap();
+    (
+        model.to_string_lossy().into_owned(),
+        data.to_string_lossy().into_owned(),
+    )
+}
+
+fn listing(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut all = vec![];
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            if e.path().is_dir() {
+                stack.push(e.path());
+            }
+            all.push(e.path());
+        }
+    }
+    all.sort();
+    all
+}
+
+#[test]
+fn preflight_writes_nothing_and_reports_positive_figures() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, data) = files_on_disk(dir.path());
+    let mut cfg = config(dir.path(), 40);
+    cfg.model = model;
+    cfg.data = data;
+    cfg.eval_split = 0.2;
+    cfg.eval_every = 10;
+    cfg.probe_prompts = vec!["red".into()];
+    cfg.probe_max_tokens = 8;
+    let before = listing(dir.path());
+    let mut progress = vec![];
+    let report = finch::train::preflight_with(&cfg, 4, &AtomicBool::new(false), &mut |p| progress.push(p)).unwrap();
+    assert_eq!(listing(dir.path()), before, "the preflight wrote nothing");
+    assert!(!Path::new(&cfg.out).exists());
+
+    assert_eq!(report.steps_run, 4);
+    assert_eq!(report.total_steps, 40, "the configured run's length");
+    for (name, v) in [
+        ("secs_per_step", report.secs_per_step),
+        ("tokens_per_sec", report.tokens_per_sec),
+        ("estimated_total_secs", report.estimated_total_secs),
+        ("eval_secs_each", report.eval_secs_each),
+        ("probe_secs_each", report.probe_secs_each),
+    ] {
+        assert!(v.is_finite() && v > 0.0, "{name} = {v}");
+    }
+    assert!(report.peak_rss_mb.is_some_and(|mb| mb.is_finite() && mb > 0.0));
+    assert_eq!(report.eval_runs, 4, "steps 10, 20, 30, 40");
+    assert_eq!(report.probe_rounds, 5, "step 0 and every eval");
+    let expected = report.secs_per_step * 40.0 + 4.0 * report.eval_secs_each + 5.0 * report.probe_secs_each;
+    assert!((report.estimated_total_secs - expected).abs() < 1e-9);
+    assert_eq!(
+        progress,
+        [
+            PreflightProgress::Preparing,
+            PreflightProgress::Step { step: 1, of: 4 },
+            PreflightProgress::Step { step: 2, of: 4 },
+            PreflightProgress::Step { step: 3, of: 4 },
+            PreflightProgress::Step { step: 4, of: 4 },
+            PreflightProgress::Probing,
+        ]
+    );
+
+    // A run shorter than the preflight is measured over its own steps; epochs count as steps.
+    cfg.duration = Duration::Epochs(1.0);
+    cfg.probe_prompts.clear();
+    let short = finch::train::preflight(&cfg, 5, &AtomicBool::new(false)).unwrap();
+    assert_eq!(short.total_steps, 4, "16 training rows in batches of 4");
+    assert_eq!(short.steps_run, 4);
+    assert_eq!(short.probe_rounds, 0);
+
+    // Cancelled before the first step: an error, still nothing written.
+    let err = finch::train::preflight(&cfg, 3, &AtomicBool::new(true)).unwrap_err();
+    assert!(err.to_string().contains("cancelled"), "{err}");
+    assert_eq!(listing(dir.path()), before);
 }

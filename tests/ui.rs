@@ -1,6 +1,7 @@
 //! The studio driven through its widgets with egui_kittest, on a tiny generated model: open the
-//! model, pick data, train 10 steps, watch the curve and the run history, save the chart; close
-//! during training; errors in the window; settings that persist.
+//! model, pick data, set a probe prompt, train 10 steps, watch the curve, the probe timeline and
+//! the run history, save the chart, preflight the run; close during training; errors in the
+//! window; settings that persist.
 
 #[path = "support/fake_hub.rs"]
 mod fake_hub;
@@ -46,6 +47,12 @@ fn open_model_train_ten_steps_and_see_the_curve_and_the_history() {
         .get_by_label("Data file")
         .type_text(&fx.data.display().to_string());
     harness.step();
+    let probe = "Add 2 and 3.";
+    harness.get_by_label("Probe prompt 1").focus();
+    harness.step();
+    harness.get_by_label("Probe prompt 1").type_text(probe);
+    harness.step();
+    assert_eq!(harness.state().settings().train.probe_prompts, [probe]);
     harness.get_by_label("Start training").click();
     harness.step();
     assert!(harness.state().is_training(), "errors: {:?}", harness.state().errors());
@@ -63,6 +70,24 @@ fn open_model_train_ten_steps_and_see_the_curve_and_the_history() {
     assert!(loss.iter().all(|p| p[1].is_finite() && p[1] > 0.0));
     harness.get_by_label_contains("Finished 10 steps");
 
+    // The probe was answered before training and at both evaluations (every 5 steps), and the
+    // timeline beside the curve lists those steps; clicking one marks it on the loss plot.
+    let rounds = harness.state().probe_rounds().to_vec();
+    let probe_steps: Vec<usize> = rounds.iter().map(|r| r.step).collect();
+    assert_eq!(probe_steps, [0, 5, 10]);
+    for round in &rounds {
+        assert_eq!(round.answers.len(), 1);
+        assert_eq!(round.answers[0].prompt, probe);
+        assert!(round.answers[0].tokens <= harness.state().settings().train.probe_max_tokens);
+    }
+    harness.get_by_label("Probe answers");
+    for step in ["Step 0", "Step 5", "Step 10"] {
+        harness.get_by_label(step);
+    }
+    harness.get_by_label("Step 5").click_accesskit();
+    harness.step();
+    assert_eq!(harness.state().highlighted_probe_step(), Some(5));
+
     step_until(&mut harness, "the run in the history", Duration::from_secs(30), |app| {
         !app.run_history().is_empty()
     });
@@ -75,6 +100,10 @@ fn open_model_train_ten_steps_and_see_the_curve_and_the_history() {
         assert!((a[1] - b[1]).abs() < 1e-5, "{a:?} vs {b:?}");
     }
     assert!(!run.eval_loss.is_empty(), "eval every 5 steps with a 20% split");
+    assert_eq!(
+        run.probes, rounds,
+        "the history reads the probe answers back from metrics.jsonl"
+    );
     assert!(run.dir.join("adapter").join("adapter_model.safetensors").exists());
     assert!(!run.resumable(), "a finished run offers no Resume");
     assert!(
@@ -103,6 +132,31 @@ fn open_model_train_ten_steps_and_see_the_curve_and_the_history() {
     assert_eq!(u32::from_be_bytes(bytes[20..24].try_into().unwrap()), 700);
     let svg_text = std::fs::read_to_string(&svg).unwrap();
     assert!(svg_text.contains("<svg") && svg_text.contains("training loss") && svg_text.contains("eval loss"));
+
+    // Preflight the same settings: a few timed steps, a sentence with the estimate, no new run.
+    let runs_before = std::fs::read_dir(&fx.settings.runs_dir).unwrap().count();
+    harness.get_by_label("Preflight").click();
+    harness.step();
+    assert!(harness.state().is_preflighting(), "{:?}", harness.state().errors());
+    step_until(&mut harness, "the preflight", Duration::from_secs(120), |app| {
+        !app.is_preflighting()
+    });
+    assert!(harness.state().errors().is_empty(), "{:?}", harness.state().errors());
+    let report = harness.state().preflight_report().unwrap().clone();
+    assert_eq!(report.total_steps, 10);
+    assert!(report.secs_per_step > 0.0 && report.estimated_total_secs >= 10.0 * report.secs_per_step);
+    let sentence = harness.state().preflight_status().to_string();
+    assert_eq!(sentence, finch::ui::train_page::preflight_sentence(&report));
+    assert!(
+        sentence.contains("s per step") && sentence.contains("tokens/s") && sentence.contains("about "),
+        "{sentence}"
+    );
+    assert!(
+        sentence.contains(" for 10 steps (including 2 evaluations and 3 rounds of probe answers)"),
+        "{sentence}"
+    );
+    harness.get_by_label(&sentence);
+    assert_eq!(std::fs::read_dir(&fx.settings.runs_dir).unwrap().count(), runs_before);
 }
 
 #[test]

@@ -85,6 +85,12 @@ impl Progress {
                 self.newline();
                 let _ = writeln!(err, "eval at step {step}: loss {loss:.4}, perplexity {perplexity:.2}");
             }
+            TrainEvent::Probe { step, answers } => {
+                self.newline();
+                for a in answers {
+                    let _ = writeln!(err, "probe at step {step}: {:?} -> {:?}", a.prompt, a.text);
+                }
+            }
             TrainEvent::Checkpoint { step, path } => {
                 self.newline();
                 let _ = writeln!(err, "checkpoint at step {step}: {}", path.display());

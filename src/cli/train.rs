@@ -1,5 +1,6 @@
 //! `finch train`: fine-tune a model with LoRA from the terminal. Settings come from
-//! `--config FILE` (a run's `config.toml`) and/or flags; flags win.
+//! `--config FILE` (a run's `config.toml`) and/or flags; flags win. `--preflight [N]` times N
+//! steps of that run and prints the estimate as one JSON line instead of training.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -101,6 +102,17 @@ pub struct TrainArgs {
     /// auto, cpu, cuda, metal.
     #[arg(long)]
     pub device: Option<String>,
+    /// A prompt the model answers before training, at every evaluation and at the end (up to 3;
+    /// repeat the flag). Replaces the probes of --config.
+    #[arg(long = "probe", value_name = "PROMPT")]
+    pub probes: Vec<String>,
+    /// Longest probe answer in tokens.
+    #[arg(long)]
+    pub probe_max_tokens: Option<usize>,
+    /// Run N steps (default 5) of this run, print seconds/step, tokens/s, peak memory and the
+    /// estimated total time as one JSON line, and exit without training or writing anything.
+    #[arg(long, value_name = "N", num_args = 0..=1, default_missing_value = "5")]
+    pub preflight: Option<usize>,
 }
 
 fn parse_enum<T: serde::de::DeserializeOwned>(field: &str, value: &str) -> anyhow::Result<T> {
@@ -176,7 +188,12 @@ impl TrainArgs {
         if let Some(d) = &self.device {
             c.device = parse_enum::<DeviceChoice>("device", d)?;
         }
-        if c.out.is_empty() {
+        if !self.probes.is_empty() {
+            c.probe_prompts = self.probes.clone();
+        }
+        set!(self.probe_max_tokens, c.probe_max_tokens);
+        // A preflight writes nothing, so it needs no run folder.
+        if c.out.is_empty() && self.preflight.is_none() {
             anyhow::bail!("no run folder given: use --out DIR (e.g. --out runs/demo)");
         }
         Ok(c)
@@ -185,6 +202,18 @@ impl TrainArgs {
 
 pub fn run(args: TrainArgs) -> anyhow::Result<i32> {
     let cfg = args.to_config()?;
+    if let Some(steps) = args.preflight {
+        if args.resume {
+            anyhow::bail!("--preflight times a new run; it cannot be combined with --resume");
+        }
+        resolve_hub_model(&cfg.model)?;
+        let report = crate::train::preflight(&cfg, steps, &AtomicBool::new(false))?;
+        for note in &report.notes {
+            eprintln!("{note}");
+        }
+        println!("{}", serde_json::to_string(&report)?);
+        return Ok(0);
+    }
     let stop = Arc::new(AtomicBool::new(false));
     {
         let stop = stop.clone();
@@ -198,13 +227,18 @@ pub fn run(args: TrainArgs) -> anyhow::Result<i32> {
         })
         .context("cannot install the Ctrl-C handler")?;
     }
-    if !std::path::Path::new(&cfg.model).exists() && crate::model::load::looks_like_hub_id(&cfg.model) {
-        // Download (or find in the cache) with a progress bar; the loader then reads the cache.
-        crate::cli::hub::resolve_model_with_progress(&cfg.model)?;
-    }
+    resolve_hub_model(&cfg.model)?;
     let mut progress = Progress::default();
     let mut trainer = crate::train::run::prepare(&cfg, args.resume, &mut |msg| eprintln!("{msg}"))?;
     let summary = trainer.run(&stop, &mut |e| progress.on_event(e))?;
     println!("{}", serde_json::to_string(&summary)?);
     Ok(if summary.stopped { 130 } else { 0 })
+}
+
+/// Downloads (or finds in the cache) a Hub model with a progress bar; the loader then reads the cache.
+fn resolve_hub_model(model: &str) -> anyhow::Result<()> {
+    if !std::path::Path::new(model).exists() && crate::model::load::looks_like_hub_id(model) {
+        crate::cli::hub::resolve_model_with_progress(model)?;
+    }
+    Ok(())
 }

@@ -144,6 +144,20 @@ pub struct TrainConfig {
     pub keep_checkpoints: usize,
     pub precision: Precision,
     pub device: DeviceChoice,
+    /// Up to [`MAX_PROBE_PROMPTS`] prompts the model answers (greedily, with the current
+    /// adapter) before training, at every evaluation and at the end, to watch its behaviour change.
+    #[serde(default)]
+    pub probe_prompts: Vec<String>,
+    /// Longest probe answer, in tokens.
+    #[serde(default = "default_probe_max_tokens")]
+    pub probe_max_tokens: usize,
+}
+
+/// How many probe prompts a run may carry: each one costs a generation at every evaluation.
+pub const MAX_PROBE_PROMPTS: usize = 3;
+
+fn default_probe_max_tokens() -> usize {
+    48
 }
 
 impl Default for TrainConfig {
@@ -174,6 +188,8 @@ impl Default for TrainConfig {
             keep_checkpoints: 3,
             precision: Precision::F32,
             device: DeviceChoice::Auto,
+            probe_prompts: Vec::new(),
+            probe_max_tokens: default_probe_max_tokens(),
         }
     }
 }
@@ -223,6 +239,29 @@ impl TrainConfig {
         if self.data.is_empty() {
             return Err(Error::config("data", "no training data given (--data)"));
         }
+        self.validate_probes()
+    }
+
+    /// At most [`MAX_PROBE_PROMPTS`] non-empty prompts and a positive answer length.
+    pub fn validate_probes(&self) -> Result<()> {
+        if self.probe_prompts.len() > MAX_PROBE_PROMPTS {
+            return Err(Error::config(
+                "probe_prompts",
+                format!(
+                    "{} prompts given; at most {MAX_PROBE_PROMPTS} are answered at every evaluation",
+                    self.probe_prompts.len()
+                ),
+            ));
+        }
+        if let Some(i) = self.probe_prompts.iter().position(|p| p.trim().is_empty()) {
+            return Err(Error::config(
+                "probe_prompts",
+                format!("probe prompt {} is empty", i + 1),
+            ));
+        }
+        if !self.probe_prompts.is_empty() && self.probe_max_tokens == 0 {
+            return Err(Error::config("probe_max_tokens", "must be at least 1"));
+        }
         Ok(())
     }
 
@@ -244,5 +283,58 @@ impl TrainConfig {
     pub fn from_toml_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, "cannot read run config", e))?;
         toml::from_str(&text).map_err(|e| Error::invalid(path, "run config", e.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn valid() -> TrainConfig {
+        TrainConfig {
+            model: "m".into(),
+            data: "d.jsonl".into(),
+            ..TrainConfig::default()
+        }
+    }
+
+    #[test]
+    fn a_config_written_before_probes_existed_still_reads() {
+        let mut text = valid().to_toml().unwrap();
+        let before = text.len();
+        text = text
+            .lines()
+            .filter(|l| !l.starts_with("probe_"))
+            .collect::<Vec<_>>()
+            .join("\n");
+        assert!(text.len() < before, "the probe settings are written to config.toml");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.toml");
+        std::fs::write(&path, text).unwrap();
+        let cfg = TrainConfig::from_toml_file(&path).unwrap();
+        assert!(cfg.probe_prompts.is_empty());
+        assert_eq!(cfg.probe_max_tokens, 48);
+    }
+
+    #[test]
+    fn probe_prompts_round_trip_and_are_validated() {
+        let mut cfg = valid();
+        cfg.probe_prompts = vec!["What is 2+2?".into(), "Say \"hi\"\nin French.".into()];
+        cfg.probe_max_tokens = 20;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.toml");
+        std::fs::write(&path, cfg.to_toml().unwrap()).unwrap();
+        assert_eq!(TrainConfig::from_toml_file(&path).unwrap(), cfg);
+        cfg.validate().unwrap();
+
+        cfg.probe_prompts = vec!["a".into(), "b".into(), "c".into(), "d".into()];
+        let err = cfg.validate().unwrap_err().to_string();
+        assert!(err.contains("probe_prompts") && err.contains("at most 3"), "{err}");
+        cfg.probe_prompts = vec!["a".into(), "  ".into()];
+        let err = cfg.validate().unwrap_err().to_string();
+        assert!(err.contains("probe prompt 2 is empty"), "{err}");
+        cfg.probe_prompts = vec!["a".into()];
+        cfg.probe_max_tokens = 0;
+        assert!(cfg.validate().unwrap_err().to_string().contains("probe_max_tokens"));
     }
 }

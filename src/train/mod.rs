@@ -1,11 +1,13 @@
-//! The training loop. It emits events (`Started`, `Step`, `Eval`, `Checkpoint`, `Finished`,
-//! `Failed`) to whoever listens — the CLI's progress bar or the studio's plots — and never knows
+//! The training loop. It emits events (`Started`, `Step`, `Eval`, `Probe`, `Checkpoint`,
+//! `Finished`, `Failed`) to whoever listens — the CLI's progress bar or the studio's plots — and never knows
 //! which. A stop request is an `AtomicBool` checked between steps.
 
 pub mod batch;
 pub mod checkpoint;
 pub mod config;
 pub mod optim;
+pub mod preflight;
+pub mod probe;
 pub mod run;
 pub mod schedule;
 pub mod score;
@@ -20,13 +22,16 @@ use serde::Serialize;
 
 use crate::data::TokenizedExample;
 use crate::error::{Error, Result};
+use crate::generate::ChatFormat;
 use crate::lora::{ForwardCtx, PeftConfig};
 use crate::model::Transformer;
 use crate::rng::Rng;
 use batch::{make_batch, next_indices, Batch, DataCursor};
 use checkpoint::TrainerState;
-pub use config::{Duration, Schedule, TrainConfig};
+pub use config::{Duration, Schedule, TrainConfig, MAX_PROBE_PROMPTS};
 use optim::{AdamW, AdamWParams};
+pub use preflight::{preflight, preflight_with, PreflightProgress, PreflightReport};
+pub use probe::ProbeAnswer;
 
 /// Metrics of one optimizer step.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -75,6 +80,11 @@ pub enum TrainEvent {
         loss: f32,
         perplexity: f32,
     },
+    /// The answers to the probe prompts with the weights after `step` steps (0: before training).
+    Probe {
+        step: usize,
+        answers: Vec<ProbeAnswer>,
+    },
     Checkpoint {
         step: usize,
         path: PathBuf,
@@ -103,6 +113,8 @@ pub struct Trainer {
     state: TrainerState,
     run_dir: Option<PathBuf>,
     peft: PeftConfig,
+    /// Tokenizer and chat template for the probe prompts; required when the config has some.
+    chat_format: Option<ChatFormat>,
 }
 
 /// Mean loss of `batch` (a scalar tensor that backpropagates to the adapters).
@@ -173,7 +185,13 @@ impl Trainer {
             state,
             run_dir,
             peft,
+            chat_format: None,
         })
+    }
+
+    /// Gives the trainer the model's text side, which answering probe prompts needs.
+    pub fn set_chat_format(&mut self, format: ChatFormat) {
+        self.chat_format = Some(format);
     }
 
     /// Restores adapter, optimizer and trainer state from checkpoint folder `dir`. The total
@@ -252,6 +270,35 @@ impl Trainer {
         self.log(&ev);
         on_event(&ev);
         Ok(Some(loss))
+    }
+
+    /// Answers the probe prompts with the current weights, logs and emits a `Probe` event.
+    /// Returns whether it did (not when there are no probes or `stop` cut a generation short).
+    fn probe_and_report(&self, stop: &AtomicBool, on_event: &mut dyn FnMut(&TrainEvent)) -> Result<bool> {
+        if self.cfg.probe_prompts.is_empty() {
+            return Ok(false);
+        }
+        let Some(format) = &self.chat_format else {
+            return Err(Error::config(
+                "probe_prompts",
+                "the trainer was given no chat format to render the probe prompts with",
+            ));
+        };
+        let answers = probe::answer_probes(
+            &self.model,
+            format,
+            &self.cfg.probe_prompts,
+            self.cfg.probe_max_tokens,
+            stop,
+        )?;
+        let Some(answers) = answers else { return Ok(false) };
+        let ev = TrainEvent::Probe {
+            step: self.state.step,
+            answers,
+        };
+        self.log(&ev);
+        on_event(&ev);
+        Ok(true)
     }
 
     fn save_checkpoint(&self) -> Result<PathBuf> {
@@ -376,6 +423,9 @@ impl Trainer {
                 "kind": "eval", "step": step, "eval_loss": loss, "perplexity": perplexity,
                 "elapsed_secs": self.state.elapsed_secs,
             }),
+            TrainEvent::Probe { step, answers } => serde_json::json!({
+                "kind": "probe", "step": step, "probe": answers,
+            }),
             TrainEvent::Failed { step, error } => serde_json::json!({"kind": "failed", "step": step, "error": error}),
             _ => return,
         };
@@ -402,6 +452,10 @@ impl Trainer {
         let mut last_loss = None;
         let mut eval_loss = None;
         let mut last_eval_step = None;
+        let mut last_probe_step = None;
+        if start_step == 0 && self.probe_and_report(stop, on_event)? {
+            last_probe_step = Some(0);
+        }
         let mut stopped = false;
         while self.state.step < total {
             if stop.load(Ordering::Relaxed) {
@@ -445,6 +499,9 @@ impl Trainer {
                     eval_loss = Some(l);
                     last_eval_step = Some(self.state.step);
                 }
+                if self.probe_and_report(stop, on_event)? {
+                    last_probe_step = Some(self.state.step);
+                }
             }
             if self.run_dir.is_some()
                 && self.cfg.save_every > 0
@@ -462,6 +519,9 @@ impl Trainer {
             if let Some(l) = self.evaluate_and_report(on_event)? {
                 eval_loss = Some(l);
             }
+        }
+        if !stopped && last_probe_step != Some(self.state.step) {
+            self.probe_and_report(stop, on_event)?;
         }
         if self.run_dir.is_some() {
             let path = self.save_checkpoint()?;

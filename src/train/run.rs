@@ -1,6 +1,7 @@
 //! Preparing a run from a `TrainConfig`: open the model, load and tokenize the data with the
 //! model's chat template, split off the evaluation set, create the run folder (writing
-//! `config.toml`), attach fresh adapters or restore the newest checkpoint.
+//! `config.toml`), attach fresh adapters or restore the newest checkpoint. [`build`] does all of
+//! it except touching the run folder, for the preflight.
 
 use std::path::{Path, PathBuf};
 
@@ -8,6 +9,7 @@ use crate::data::load::{describe_rejection, load_file, LoadOptions};
 use crate::data::split::{apply_split, train_validation_split};
 use crate::data::{Example, TokenizedExample};
 use crate::error::{Error, Result};
+use crate::generate::ChatFormat;
 use crate::model::ModelFiles;
 use crate::rng::Rng;
 use crate::train::{checkpoint, TrainConfig, TrainData, Trainer};
@@ -84,6 +86,21 @@ pub fn prepare(cfg: &TrainConfig, resume: bool, note: &mut dyn FnMut(String)) ->
             ),
         ));
     }
+    let mut trainer = build(cfg, Some(run_dir.clone()), note)?;
+    std::fs::create_dir_all(&run_dir).map_err(|e| Error::io(&run_dir, "cannot create run folder", e))?;
+    crate::fsutil::write_atomic(&run_dir.join("config.toml"), cfg.to_toml()?.as_bytes())?;
+    if let Some((step, dir)) = latest {
+        trainer.restore(&dir)?;
+        super::truncate_metrics(&run_dir, step)?;
+        note(format!("resuming from {}", dir.display()));
+    }
+    Ok(trainer)
+}
+
+/// The trainer a run of `cfg` starts with (model with fresh adapters, tokenized data, chat format
+/// for the probes), writing nothing: `run_dir` is only where the trainer will log once it runs.
+pub fn build(cfg: &TrainConfig, run_dir: Option<PathBuf>, note: &mut dyn FnMut(String)) -> Result<Trainer> {
+    cfg.validate()?;
     let device = cfg.device.device()?;
     let (files, template) = open_model(&cfg.model)?;
     let examples = load_examples(Path::new(&cfg.data), note)?;
@@ -115,18 +132,9 @@ pub fn prepare(cfg: &TrainConfig, resume: bool, note: &mut dyn FnMut(String)) ->
     let pad_id = files.config.eos_token_ids.first().copied().unwrap_or(0);
     let mut model = files.load(cfg.precision.dtype(), &device)?;
     model.add_lora(&cfg.lora, &mut Rng::derive(cfg.seed, "lora-init"))?;
-    std::fs::create_dir_all(&run_dir).map_err(|e| Error::io(&run_dir, "cannot create run folder", e))?;
-    crate::fsutil::write_atomic(&run_dir.join("config.toml"), cfg.to_toml()?.as_bytes())?;
-    let mut trainer = Trainer::new(
-        cfg.clone(),
-        model,
-        TrainData { train, eval, pad_id },
-        Some(run_dir.clone()),
-    )?;
-    if let Some((step, dir)) = latest {
-        trainer.restore(&dir)?;
-        super::truncate_metrics(&run_dir, step)?;
-        note(format!("resuming from {}", dir.display()));
+    let mut trainer = Trainer::new(cfg.clone(), model, TrainData { train, eval, pad_id }, run_dir)?;
+    if !cfg.probe_prompts.is_empty() {
+        trainer.set_chat_format(ChatFormat::new(files.tokenizer.clone(), template, &files.config)?);
     }
     Ok(trainer)
 }

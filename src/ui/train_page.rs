@@ -1,19 +1,24 @@
 //! The Train page: data file, LoRA and trainer settings with presets and one-sentence tooltips,
 //! Start / Stop / Resume of a run on a background thread, live curves (loss raw and smoothed,
 //! eval loss, learning rate, gradient norm) with tokens/s and ETA, the history of past runs with
-//! their curves overlaid, and saving the chart as PNG or SVG.
+//! their curves overlaid, and saving the chart as PNG or SVG. A preflight times a few steps of
+//! the configured run before committing to it, and up to three probe prompts are answered at
+//! every evaluation, shown on a timeline beside the loss curve (live, and for past runs).
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 
 use eframe::egui;
-use egui_plot::{Legend, Line, Plot, PlotPoints, Points};
+use egui_plot::{Legend, Line, Plot, PlotPoints, PlotUi, Points, VLine};
 
 use crate::data::LossOn;
 use crate::lora::Target;
 use crate::train::config::{DeviceChoice, Precision};
-use crate::train::{Duration, Schedule, TrainConfig, TrainEvent, TrainSummary, METRICS_FILE};
+use crate::train::{
+    Duration, PreflightProgress, PreflightReport, ProbeAnswer, Schedule, TrainConfig, TrainEvent, TrainSummary,
+    MAX_PROBE_PROMPTS, METRICS_FILE,
+};
 
 use super::app::App;
 use super::chart::{save_chart, ChartSeries};
@@ -123,6 +128,23 @@ pub enum TrainMsg {
     Event(TrainEvent),
 }
 
+/// The answers to the probe prompts at one step (0: before training).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct ProbeRound {
+    pub step: usize,
+    pub answers: Vec<ProbeAnswer>,
+}
+
+/// What the preflight thread sends.
+#[derive(Debug, Clone)]
+enum PreflightMsg {
+    Progress(PreflightProgress),
+    Done(Result<PreflightReport, String>),
+}
+
+/// Steps a preflight runs: one warm-up and four timed, enough for a stable median.
+pub const PREFLIGHT_STEPS: usize = 5;
+
 /// The curves of the run on screen.
 #[derive(Debug, Clone, Default)]
 pub struct LiveCurves {
@@ -133,6 +155,8 @@ pub struct LiveCurves {
     pub eval_loss: Vec<[f64; 2]>,
     pub lr: Vec<[f64; 2]>,
     pub grad_norm: Vec<[f64; 2]>,
+    /// The probe answers, oldest first.
+    pub probes: Vec<ProbeRound>,
     pub step: usize,
     pub total_steps: usize,
     pub tokens_per_sec: f64,
@@ -163,6 +187,7 @@ impl LiveCurves {
         live.eval_loss = run.eval_loss.clone();
         live.lr = run.lr.clone();
         live.grad_norm = run.grad_norm.clone();
+        live.probes = run.probes.clone();
         live.step = run.last_step;
         live.total_steps = run.planned_steps.unwrap_or(run.last_step);
         live
@@ -178,6 +203,8 @@ pub struct RunHistory {
     pub eval_loss: Vec<[f64; 2]>,
     pub lr: Vec<[f64; 2]>,
     pub grad_norm: Vec<[f64; 2]>,
+    /// The probe answers logged by the run, oldest first.
+    pub probes: Vec<ProbeRound>,
     pub last_step: usize,
     /// Steps the run was configured for, when its `config.toml` gives a step count.
     pub planned_steps: Option<usize>,
@@ -220,6 +247,15 @@ impl RunHistory {
                 Some("eval") => {
                     if let Some(loss) = num("eval_loss") {
                         run.eval_loss.push([step, loss]);
+                    }
+                }
+                Some("probe") => {
+                    let answers = v.get("probe").cloned().map(serde_json::from_value::<Vec<ProbeAnswer>>);
+                    if let Some(Ok(answers)) = answers {
+                        run.probes.push(ProbeRound {
+                            step: step as usize,
+                            answers,
+                        });
                     }
                 }
                 Some("failed") => run.failed = true,
@@ -279,6 +315,41 @@ pub fn downsample(points: &[[f64; 2]], max_points: usize) -> Vec<[f64; 2]> {
     old.iter().step_by(stride).chain(new.iter()).copied().collect()
 }
 
+const LOSS_PLOT_HEIGHT: f32 = 260.0;
+
+/// The probe answers as a vertical strip of steps, newest at the bottom and scrolled into view;
+/// clicking a step marks it on the loss plot (clicking it again clears the mark).
+fn probe_timeline_ui(ui: &mut egui::Ui, probes: &[ProbeRound], highlighted: &mut Option<usize>) {
+    ui.label(egui::RichText::new("Probe answers").strong())
+        .on_hover_text("The model's answers to the probe prompts at each evaluation step, newest last.");
+    egui::ScrollArea::vertical()
+        .id_salt("probe-timeline")
+        .max_height(LOSS_PLOT_HEIGHT - 24.0)
+        .auto_shrink([false, true])
+        .stick_to_bottom(true)
+        .show(ui, |ui| {
+            for round in probes {
+                let selected = *highlighted == Some(round.step);
+                let button = ui
+                    .selectable_label(selected, egui::RichText::new(format!("Step {}", round.step)).strong())
+                    .on_hover_text("Mark this step on the loss plot.");
+                if button.clicked() {
+                    *highlighted = if selected { None } else { Some(round.step) };
+                }
+                for answer in &round.answers {
+                    ui.label(egui::RichText::new(&answer.prompt).small().weak());
+                    let text = if answer.text.trim().is_empty() {
+                        "(empty answer)"
+                    } else {
+                        answer.text.trim()
+                    };
+                    ui.add(egui::Label::new(text).wrap());
+                }
+                ui.separator();
+            }
+        });
+}
+
 /// A training run started from the window.
 struct Session {
     stream: Stream<TrainMsg>,
@@ -308,6 +379,15 @@ pub struct TrainPage {
     overlay: BTreeSet<PathBuf>,
     saving_chart: Option<Job<Result<PathBuf, String>>>,
     showing: Option<Job<Option<RunHistory>>>,
+    preflight: Option<Stream<PreflightMsg>>,
+    /// The preflight's progress line, then its result as a sentence.
+    preflight_status: String,
+    /// The last finished preflight.
+    pub preflight_report: Option<PreflightReport>,
+    /// The probe step marked on the loss plot (clicked on the timeline).
+    pub highlighted_step: Option<usize>,
+    /// The three probe prompt fields as typed (empty ones are left out of the settings).
+    probe_inputs: [String; MAX_PROBE_PROMPTS],
 }
 
 impl TrainPage {
@@ -348,6 +428,57 @@ impl TrainPage {
     pub fn status(&self) -> &str {
         &self.status
     }
+
+    pub fn is_preflighting(&self) -> bool {
+        self.preflight.is_some()
+    }
+
+    /// The preflight's progress line or result sentence.
+    pub fn preflight_status(&self) -> &str {
+        &self.preflight_status
+    }
+}
+
+/// The non-empty, trimmed probe prompts of the three fields, in order.
+fn probe_prompts_of(inputs: &[String]) -> Vec<String> {
+    inputs
+        .iter()
+        .map(|p| p.trim())
+        .filter(|p| !p.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
+/// "2.41 s per step, 850 tokens/s, peak memory 1234 MB: about 4 min 10 s for 200 steps
+/// (including 8 evaluations and 9 rounds of probe answers)."
+pub fn preflight_sentence(report: &PreflightReport) -> String {
+    let memory = report
+        .peak_rss_mb
+        .map(|mb| format!(", peak memory {mb:.0} MB"))
+        .unwrap_or_default();
+    let mut extras = Vec::new();
+    if report.eval_runs > 0 {
+        extras.push(format!(
+            "{} evaluation{}",
+            report.eval_runs,
+            if report.eval_runs == 1 { "" } else { "s" }
+        ));
+    }
+    if report.probe_rounds > 0 {
+        extras.push(format!("{} rounds of probe answers", report.probe_rounds));
+    }
+    let extras = if extras.is_empty() {
+        String::new()
+    } else {
+        format!(" (including {})", extras.join(" and "))
+    };
+    format!(
+        "{:.2} s per step, {:.0} tokens/s{memory}: about {} for {} steps{extras}.",
+        report.secs_per_step,
+        report.tokens_per_sec,
+        format_duration(report.estimated_total_secs),
+        report.total_steps,
+    )
 }
 
 /// `base`, or `base-2`, `base-3`… whichever does not exist yet under `dir`.
@@ -435,6 +566,133 @@ impl App {
         self.train.history()
     }
 
+    /// The configuration of a new run from the open model, the data field and the settings, in a
+    /// fresh folder under the runs folder; `None` (with the error shown) when something is missing.
+    fn new_run_config(&mut self) -> Option<TrainConfig> {
+        let Some(card) = &self.models.card else {
+            self.report(
+                "No model is open",
+                "Training needs a base model.",
+                "Open one on the Models page first.",
+            );
+            return None;
+        };
+        let data = self.train.data_path.trim().to_string();
+        if data.is_empty() {
+            self.report(
+                "No training data",
+                "Training needs a JSONL file.",
+                "Pick a data file above (Alpaca rows with instruction/input/output, or OpenAI messages).",
+            );
+            return None;
+        }
+        let mut cfg = self.settings.train.clone();
+        cfg.model = card.path.display().to_string();
+        cfg.data = data.clone();
+        cfg.eval_data = None;
+        let base = if self.train.run_name.trim().is_empty() {
+            suggested_run_name(Some(&card.name), &data)
+        } else {
+            self.train.run_name.clone()
+        };
+        let name = free_run_name(&self.settings.runs_dir, &base);
+        cfg.out = self.settings.runs_dir.join(&name).display().to_string();
+        self.settings.last_data = Some(data);
+        Some(cfg)
+    }
+
+    /// Times a few steps of the run Start would begin, on a background thread, writing nothing.
+    pub fn start_preflight(&mut self, ctx: &egui::Context) {
+        if self.train.is_running() || self.train.is_preflighting() {
+            return;
+        }
+        let Some(cfg) = self.new_run_config() else { return };
+        let stream = Stream::spawn("finch-preflight", ctx, move |send, cancel| {
+            let result =
+                crate::train::preflight_with(&cfg, PREFLIGHT_STEPS, cancel, &mut |p| send(PreflightMsg::Progress(p)));
+            send(PreflightMsg::Done(result.map_err(|e| format!("{e:#}"))));
+        });
+        match stream {
+            Ok(stream) => {
+                self.train.preflight = Some(stream);
+                self.train.preflight_report = None;
+                self.train.preflight_status = "Preflight: loading the model and tokenizing the data…".into();
+            }
+            Err(e) => self.report("Cannot start the preflight", e, "Restart Finch."),
+        }
+    }
+
+    /// Asks a running preflight to stop after its current step.
+    pub fn cancel_preflight(&mut self) {
+        if let Some(stream) = &self.train.preflight {
+            stream.cancel.store(true, Ordering::Relaxed);
+        }
+    }
+
+    pub fn is_preflighting(&self) -> bool {
+        self.train.is_preflighting()
+    }
+
+    /// The preflight's progress line ("Preflight: measuring step 2/5…") or its result sentence.
+    pub fn preflight_status(&self) -> &str {
+        self.train.preflight_status()
+    }
+
+    /// The last finished preflight's figures.
+    pub fn preflight_report(&self) -> Option<&PreflightReport> {
+        self.train.preflight_report.as_ref()
+    }
+
+    /// The probe answers of the run on screen, oldest first.
+    pub fn probe_rounds(&self) -> &[ProbeRound] {
+        &self.train.live.probes
+    }
+
+    /// The probe step marked on the loss plot.
+    pub fn highlighted_probe_step(&self) -> Option<usize> {
+        self.train.highlighted_step
+    }
+
+    fn poll_preflight(&mut self) {
+        let Some(stream) = &mut self.train.preflight else {
+            return;
+        };
+        let cancelled = stream.cancel.load(Ordering::Relaxed);
+        let mut failure = None;
+        for msg in stream.drain() {
+            match msg {
+                PreflightMsg::Progress(PreflightProgress::Preparing) => {}
+                PreflightMsg::Progress(PreflightProgress::Step { step, of }) => {
+                    self.train.preflight_status = format!("Preflight: measuring step {step}/{of}…");
+                }
+                PreflightMsg::Progress(PreflightProgress::Probing) => {
+                    self.train.preflight_status = "Preflight: timing the probe answers…".into();
+                }
+                PreflightMsg::Done(Ok(report)) => {
+                    self.train.preflight_status = preflight_sentence(&report);
+                    self.train.preflight_report = Some(report);
+                }
+                PreflightMsg::Done(Err(_)) if cancelled => {
+                    self.train.preflight_status = "Preflight cancelled.".into();
+                }
+                PreflightMsg::Done(Err(e)) => {
+                    self.train.preflight_status.clear();
+                    failure = Some(e);
+                }
+            }
+        }
+        if stream.is_finished() {
+            self.train.preflight = None;
+        }
+        if let Some(e) = failure {
+            self.report(
+                "Preflight failed",
+                e,
+                "Check the model, the data file and the settings; the same problem would stop a real run.",
+            );
+        }
+    }
+
     /// Starts a new run with the current settings, or resumes the run in `resume_dir`.
     pub fn start_training(&mut self, ctx: &egui::Context, resume_dir: Option<&Path>) {
         if self.train.is_running() {
@@ -455,38 +713,10 @@ impl App {
                     return;
                 }
             },
-            None => {
-                let Some(card) = &self.models.card else {
-                    self.report(
-                        "No model is open",
-                        "Training needs a base model.",
-                        "Open one on the Models page first.",
-                    );
-                    return;
-                };
-                let data = self.train.data_path.trim().to_string();
-                if data.is_empty() {
-                    self.report(
-                        "No training data",
-                        "Training needs a JSONL file.",
-                        "Pick a data file above (Alpaca rows with instruction/input/output, or OpenAI messages).",
-                    );
-                    return;
-                }
-                let mut cfg = self.settings.train.clone();
-                cfg.model = card.path.display().to_string();
-                cfg.data = data.clone();
-                cfg.eval_data = None;
-                let base = if self.train.run_name.trim().is_empty() {
-                    suggested_run_name(Some(&card.name), &data)
-                } else {
-                    self.train.run_name.clone()
-                };
-                let name = free_run_name(&self.settings.runs_dir, &base);
-                cfg.out = self.settings.runs_dir.join(&name).display().to_string();
-                self.settings.last_data = Some(data);
-                (cfg, false)
-            }
+            None => match self.new_run_config() {
+                Some(cfg) => (cfg, false),
+                None => return,
+            },
         };
         let run_dir = PathBuf::from(&cfg.out);
         if let Err(e) = std::fs::create_dir_all(&self.settings.runs_dir) {
@@ -518,6 +748,7 @@ impl App {
         match stream {
             Ok(stream) => {
                 self.train.live = LiveCurves::default();
+                self.train.highlighted_step = None;
                 self.train.summary = None;
                 self.train.notes.clear();
                 self.train.status = if resume {
@@ -537,6 +768,7 @@ impl App {
     }
 
     pub(crate) fn poll_train(&mut self, ctx: &egui::Context) {
+        self.poll_preflight();
         let mut failures = Vec::new();
         let mut ended = false;
         if let Some(session) = &mut self.train.session {
@@ -572,6 +804,9 @@ impl App {
                     }
                     TrainMsg::Event(TrainEvent::Eval { step, loss, .. }) => {
                         live.eval_loss.push([step as f64, loss as f64]);
+                    }
+                    TrainMsg::Event(TrainEvent::Probe { step, answers }) => {
+                        live.probes.push(ProbeRound { step, answers });
                     }
                     TrainMsg::Event(TrainEvent::Checkpoint { step, .. }) => {
                         self.train.status = format!("Checkpoint saved at step {step}");
@@ -632,6 +867,7 @@ impl App {
                 match run {
                     Some(run) if !self.train.is_running() => {
                         self.train.live = LiveCurves::from_history(&run);
+                        self.train.highlighted_step = None;
                         self.train.summary = None;
                         self.train.status = format!("Showing the run {}", run.name);
                     }
@@ -761,8 +997,10 @@ impl App {
         });
         ui.add_space(8.0);
 
+        let preflighting = self.train.is_preflighting();
         ui.horizontal(|ui| {
-            let can_start = !running && self.models.card.is_some() && !self.train.data_path.trim().is_empty();
+            let ready = self.models.card.is_some() && !self.train.data_path.trim().is_empty();
+            let can_start = !running && !preflighting && ready;
             let start = ui
                 .add_enabled(
                     can_start,
@@ -770,9 +1008,33 @@ impl App {
                 )
                 .on_hover_text("Trains a LoRA adapter on the data; the base model is not changed.");
             if !can_start && !running {
-                start.on_disabled_hover_text("Open a model and pick a data file first.");
+                start.on_disabled_hover_text(if ready {
+                    "Wait for the preflight to finish or cancel it."
+                } else {
+                    "Open a model and pick a data file first."
+                });
             } else if start.clicked() {
                 self.start_training(&ctx, None);
+            }
+            if preflighting {
+                if ui
+                    .button("Cancel preflight")
+                    .on_hover_text("Stops the measurement after the current step.")
+                    .clicked()
+                {
+                    self.cancel_preflight();
+                }
+                ui.spinner();
+            } else if !running {
+                let preflight = ui
+                    .add_enabled(ready, egui::Button::new("Preflight"))
+                    .on_hover_text(format!(
+                        "Runs {PREFLIGHT_STEPS} real training steps with these settings, writing nothing, and \
+                         reports seconds per step, tokens/s, peak memory and how long the whole run would take."
+                    ));
+                if preflight.clicked() {
+                    self.start_preflight(&ctx);
+                }
             }
             if running {
                 let stopping = self.train.session.as_ref().is_some_and(|s| s.stopping);
@@ -798,6 +1060,9 @@ impl App {
         });
         if !self.train.status.is_empty() {
             ui.label(&self.train.status);
+        }
+        if !self.train.preflight_status.is_empty() {
+            ui.label(&self.train.preflight_status);
         }
         for note in &self.train.notes {
             ui.label(egui::RichText::new(note).small().weak());
@@ -1068,11 +1333,61 @@ impl App {
                 }
             });
         });
+        ui.add_space(6.0);
+        self.probe_settings_ui(ui);
+    }
+
+    /// The three probe prompt fields and the answer length.
+    fn probe_settings_ui(&mut self, ui: &mut egui::Ui) {
+        let inputs = &mut self.train.probe_inputs;
+        let cfg = &mut self.settings.train;
+        // Settings changed elsewhere (a relaunch, a test) refill the fields.
+        if probe_prompts_of(inputs) != cfg.probe_prompts {
+            *inputs = Default::default();
+            for (field, prompt) in inputs.iter_mut().zip(&cfg.probe_prompts) {
+                field.clone_from(prompt);
+            }
+        }
+        let mut changed = false;
+        egui::Grid::new("train-probes")
+            .num_columns(2)
+            .spacing([12.0, 6.0])
+            .show(ui, |ui| {
+                for (i, field) in inputs.iter_mut().enumerate() {
+                    knob_row(
+                        ui,
+                        &format!("Probe prompt {}", i + 1),
+                        "A question the model answers before training, at every evaluation and at the end, so you can \
+                     watch its answers change beside the loss curve; leave it empty for none.",
+                        |ui| {
+                            let r = ui.add(
+                                egui::TextEdit::singleline(field)
+                                    .hint_text("e.g. a question from your data")
+                                    .desired_width(480.0),
+                            );
+                            changed |= r.changed();
+                            r
+                        },
+                    );
+                }
+                knob_row(
+                    ui,
+                    "Probe answer length",
+                    "The longest probe answer in tokens; longer answers show more but slow every evaluation down.",
+                    |ui| ui.add(egui::DragValue::new(&mut cfg.probe_max_tokens).range(1..=1024)),
+                );
+            });
+        if changed {
+            cfg.probe_prompts = probe_prompts_of(inputs);
+        }
     }
 
     fn live_plots_ui(&mut self, ui: &mut egui::Ui) {
+        let running = self.train.is_running();
+        let marked_step = self.train.highlighted_step;
+        let highlighted = &mut self.train.highlighted_step;
         let live = &self.train.live;
-        if live.loss.is_empty() && !self.train.is_running() {
+        if live.loss.is_empty() && !running {
             return;
         }
         ui.horizontal(|ui| {
@@ -1093,35 +1408,52 @@ impl App {
             if live.tokens_per_sec > 0.0 {
                 ui.label(format!("{:.0} tokens/s", live.tokens_per_sec));
             }
-            if self.train.is_running() && live.step > 0 {
+            if running && live.step > 0 {
                 ui.label(format!("ETA {}", format_duration(live.eta_secs)));
             }
         });
-        Plot::new("loss-plot")
-            .height(260.0)
+        let draw_loss = |plot: &mut PlotUi| {
+            plot.line(
+                Line::new(
+                    "training loss",
+                    PlotPoints::new(downsample(&live.loss, MAX_DRAWN_POINTS)),
+                )
+                .width(1.0),
+            );
+            plot.line(
+                Line::new(
+                    "smoothed",
+                    PlotPoints::new(downsample(&live.loss_smoothed, MAX_DRAWN_POINTS)),
+                )
+                .width(2.5),
+            );
+            if !live.eval_loss.is_empty() {
+                plot.line(Line::new("eval loss", PlotPoints::new(live.eval_loss.clone())).width(2.0));
+                plot.points(Points::new("eval loss", PlotPoints::new(live.eval_loss.clone())).radius(4.0));
+            }
+            if let Some(step) = marked_step {
+                plot.vline(
+                    VLine::new(format!("probe step {step}"), step as f64)
+                        .color(egui::Color32::from_rgb(230, 140, 30))
+                        .width(1.5),
+                );
+            }
+        };
+        let loss_plot = Plot::new("loss-plot")
+            .height(LOSS_PLOT_HEIGHT)
             .legend(Legend::default())
             .x_axis_label("step")
-            .y_axis_label("loss")
-            .show(ui, |plot| {
-                plot.line(
-                    Line::new(
-                        "training loss",
-                        PlotPoints::new(downsample(&live.loss, MAX_DRAWN_POINTS)),
-                    )
-                    .width(1.0),
-                );
-                plot.line(
-                    Line::new(
-                        "smoothed",
-                        PlotPoints::new(downsample(&live.loss_smoothed, MAX_DRAWN_POINTS)),
-                    )
-                    .width(2.5),
-                );
-                if !live.eval_loss.is_empty() {
-                    plot.line(Line::new("eval loss", PlotPoints::new(live.eval_loss.clone())).width(2.0));
-                    plot.points(Points::new("eval loss", PlotPoints::new(live.eval_loss.clone())).radius(4.0));
-                }
+            .y_axis_label("loss");
+        if live.probes.is_empty() {
+            loss_plot.show(ui, draw_loss);
+        } else {
+            // The probe timeline sits beside the curve so answers and loss are read together.
+            let plot_width = (ui.available_width() * 0.62).max(200.0);
+            ui.horizontal_top(|ui| {
+                loss_plot.width(plot_width).show(ui, draw_loss);
+                ui.vertical(|ui| probe_timeline_ui(ui, &live.probes, highlighted));
             });
+        }
         ui.columns(2, |cols| {
             Plot::new("lr-plot")
                 .height(140.0)
