@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::train::TrainConfig;
 
+use super::data_page::DataPage;
 use super::models_page::ModelsPage;
 use super::train_page::TrainPage;
 use super::worker::{pick_path, Job, PickPurpose};
@@ -19,16 +20,18 @@ const SETTINGS_KEY: &str = "finch-settings";
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Page {
     Models,
+    Data,
     Train,
     Settings,
 }
 
 impl Page {
-    pub const ALL: [Page; 3] = [Page::Models, Page::Train, Page::Settings];
+    pub const ALL: [Page; 4] = [Page::Models, Page::Data, Page::Train, Page::Settings];
 
     pub fn title(self) -> &'static str {
         match self {
             Page::Models => "Models",
+            Page::Data => "Data",
             Page::Train => "Train",
             Page::Settings => "Settings",
         }
@@ -94,7 +97,7 @@ pub struct StartOptions {
 }
 
 impl StartOptions {
-    /// `FINCH_UI_PAGE` (models, train, settings), `FINCH_UI_MODEL`, `FINCH_UI_DATA` and
+    /// `FINCH_UI_PAGE` (models, data, train, settings), `FINCH_UI_MODEL`, `FINCH_UI_DATA` and
     /// `FINCH_UI_RUN` (paths): used by `scripts/screenshots.sh` to show each page with content.
     pub fn from_env() -> Self {
         let var = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
@@ -131,6 +134,7 @@ pub struct App {
     pub(crate) settings: Settings,
     pub(crate) errors: Vec<UiError>,
     pub(crate) models: ModelsPage,
+    pub(crate) data: DataPage,
     pub(crate) train: TrainPage,
     picking: Option<(PickPurpose, Job<Option<PathBuf>>)>,
     closing: Closing,
@@ -152,6 +156,7 @@ impl App {
     pub fn with_settings(settings: Settings, start: StartOptions) -> Self {
         let mut app = App {
             models: ModelsPage::default(),
+            data: DataPage::default(),
             train: TrainPage::default(),
             errors: Vec::new(),
             picking: None,
@@ -236,6 +241,9 @@ impl App {
         match purpose {
             PickPurpose::ModelFolder | PickPurpose::ModelGguf => self.open_model_path_in(ctx, &path),
             PickPurpose::DataFile => self.set_data_path(&path),
+            PickPurpose::DataOpen | PickPurpose::DataSaveAs | PickPurpose::DataSplitFolder => {
+                self.data_pick(ctx, purpose, &path)
+            }
             PickPurpose::RunsFolder => {
                 self.settings.runs_dir = path;
                 self.train.history_stale = true;
@@ -278,6 +286,7 @@ impl App {
         }
         self.handle_pick(&ctx);
         self.poll_models(&ctx);
+        self.poll_data(&ctx);
         self.poll_train(&ctx);
         self.close_request_ui(&ctx);
 
@@ -293,6 +302,7 @@ impl App {
                 .auto_shrink([false, false])
                 .show(ui, |ui| match self.settings.page {
                     Page::Models => self.models_page_ui(ui),
+                    Page::Data => self.data_page_ui(ui),
                     Page::Train => self.train_page_ui(ui),
                     Page::Settings => self.settings_page_ui(ui),
                 });

@@ -2,11 +2,14 @@
 //! engine through the library's public API on named background threads, with results coming
 //! back over channels, so the window never waits for a model load, a download or a training step.
 //!
-//! Pages: Models (open, Hub search/download, cache, model card), Train (settings, presets, live
-//! curves, run history, chart export) and Settings (UI scale, runs folder).
+//! Pages: Models (open, Hub search/download, cache, model card), Data (open or demo datasets, a
+//! virtualized row table, rejected rows, edit/undo/save, token-length histogram, template and
+//! loss-mask inspector, split, quality filters), Train (settings, presets, live curves, run
+//! history, chart export) and Settings (UI scale, runs folder).
 
 pub mod app;
 pub mod chart;
+pub mod data_page;
 pub mod models_page;
 pub mod train_page;
 pub mod widgets;
