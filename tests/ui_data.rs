@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use eframe::egui;
 use egui::accesskit::Role as AkRole;
-use egui_kittest::kittest::Queryable;
+use egui_kittest::kittest::{NodeT, Queryable};
 use egui_kittest::Harness;
 use finch::data::load::{load_file, LoadOptions};
 use finch::data::tokenize::{assistant_spans, encode_example};
@@ -24,7 +24,9 @@ fn open_through_field(harness: &mut Harness<'_, App>, path: &Path) {
     assert_eq!(harness.state().page(), Page::Data);
     harness.get_by_label("Dataset file").focus();
     harness.step();
-    harness.get_by_label("Dataset file").type_text(&path.display().to_string());
+    harness
+        .get_by_label("Dataset file")
+        .type_text(&path.display().to_string());
     harness.step();
     harness.get_by_label("Open dataset").click();
     harness.step();
@@ -49,7 +51,7 @@ fn answer(ex: &Example) -> String {
 fn row_widgets(harness: &Harness<'_, App>) -> Vec<usize> {
     harness
         .query_all_by_role(AkRole::Button)
-        .filter_map(|n| n.label().and_then(|l| l.parse::<usize>().ok()))
+        .filter_map(|n| n.accesskit_node().label().and_then(|l| l.parse::<usize>().ok()))
         .collect()
 }
 
@@ -139,14 +141,22 @@ fn rejections_filters_edit_undo_save_and_split_without_a_model() {
     harness.get_by_label("Undo").click();
     harness.step();
     assert_eq!(harness.state().data_rows().len(), 6);
-    assert_eq!(answer(&harness.state().data_rows()[1]), edited, "undoing the delete keeps the edit");
+    assert_eq!(
+        answer(&harness.state().data_rows()[1]),
+        edited,
+        "undoing the delete keeps the edit"
+    );
     let rows_now = harness.state().data_rows().to_vec();
     harness.get_by_label("Save").click();
     harness.step();
     wait_idle(&mut harness, "the save");
     assert!(harness.state().errors().is_empty(), "{:?}", harness.state().errors());
     assert!(!harness.state().data_has_unsaved_changes());
-    assert!(harness.state().data_status().starts_with("Saved 6 rows"), "{}", harness.state().data_status());
+    assert!(
+        harness.state().data_status().starts_with("Saved 6 rows"),
+        "{}",
+        harness.state().data_status()
+    );
     let saved = load_file(&file, &LoadOptions::default()).unwrap();
     assert!(saved.rejected.is_empty(), "{:?}", saved.rejected);
     let saved_rows: Vec<Example> = saved.examples().cloned().collect();
@@ -178,9 +188,12 @@ fn histogram_and_inspector_with_the_tiny_model() {
     harness.step();
     open_tiny_model(&mut harness, &fx.model);
     open_through_field(&mut harness, &fx.data);
-    step_until(&mut harness, "token lengths and the inspector", Duration::from_secs(120), |app| {
-        app.data_histogram_lengths().is_some() && app.data_inspector_pieces().is_some()
-    });
+    step_until(
+        &mut harness,
+        "token lengths and the inspector",
+        Duration::from_secs(120),
+        |app| app.data_histogram_lengths().is_some() && app.data_inspector_pieces().is_some(),
+    );
     assert!(harness.state().errors().is_empty(), "{:?}", harness.state().errors());
 
     // (2) One length per row, each the length the trainer's encoder gives.
@@ -210,7 +223,9 @@ fn histogram_and_inspector_with_the_tiny_model() {
     let Example::Chat { messages } = &rows[0] else {
         panic!("Alpaca rows load as conversations")
     };
-    let rendered = assistant_spans(messages, &template, LossOn::Assistant).unwrap().rendered;
+    let rendered = assistant_spans(messages, &template, LossOn::Assistant)
+        .unwrap()
+        .rendered;
     let joined: String = pieces.iter().map(|p| p.text.as_str()).collect();
     assert_eq!(joined, rendered);
     let trained_text: String = pieces
@@ -221,7 +236,10 @@ fn histogram_and_inspector_with_the_tiny_model() {
     assert_eq!(trained_text, "1", "row 1's answer is the only trained text");
     let last = pieces.last().unwrap();
     assert!(last.end_of_turn && last.trained && last.text == "<|im_end|>");
-    assert!(pieces.iter().any(|p| p.end_of_turn && !p.trained), "the user turn's marker is masked");
+    assert!(
+        pieces.iter().any(|p| p.end_of_turn && !p.trained),
+        "the user turn's marker is masked"
+    );
     assert!(pieces.iter().any(|p| !p.trained && p.text.contains("Add 0 and 1.")));
     for legend in ["trained", "masked", "end of turn"] {
         harness.get_by_label(legend);
@@ -257,19 +275,16 @@ fn a_100k_row_table_lays_out_only_visible_rows() {
     assert!(first.contains(&1) && !first.is_empty(), "{first:?}");
     assert!(first.len() < 100, "{} row widgets before scrolling", first.len());
 
-    // Scroll the table with the mouse wheel.
-    harness.get_by_label("5").hover();
-    harness.event(egui::Event::MouseWheel {
-        unit: egui::MouseWheelUnit::Point,
-        delta: egui::vec2(0.0, -20_000.0),
-        modifiers: egui::Modifiers::NONE,
-    });
-    for _ in 0..5 {
+    // Scroll the table down, 100 points at a time, as a scroll wheel or screen reader does.
+    for _ in 0..30 {
+        let visible = row_widgets(&harness);
+        let last = *visible.iter().max().unwrap();
+        harness.get_by_label(&last.to_string()).scroll_down();
         harness.step();
     }
     let scrolled = row_widgets(&harness);
     assert!(!scrolled.contains(&1), "the table scrolled: {scrolled:?}");
-    assert!(scrolled.iter().any(|&n| n > 200), "{scrolled:?}");
+    assert!(scrolled.iter().any(|&n| n > 60), "{scrolled:?}");
     assert!(scrolled.len() < 100, "{} row widgets after scrolling", scrolled.len());
 
     // Jump to row 50 000 and select it.
@@ -280,7 +295,11 @@ fn a_100k_row_table_lays_out_only_visible_rows() {
     assert_eq!(harness.state().data_selected_row(), Some(49_999));
     let jumped = row_widgets(&harness);
     assert!(jumped.contains(&50_000), "{jumped:?}");
-    assert!(jumped.len() < 1000 && jumped.len() < 100, "{} row widgets", jumped.len());
+    assert!(
+        jumped.len() < 1000 && jumped.len() < 100,
+        "{} row widgets",
+        jumped.len()
+    );
     // The selected row is in the editor panel.
     harness.get_by_label("Row 50000");
 }

@@ -376,15 +376,18 @@ impl DataPage {
 
     /// Token lengths when they describe the current rows.
     fn current_lengths(&self) -> Option<&TokenLengths> {
-        self.lengths.as_ref().filter(|l| {
-            l.revision == self.revision && self.model.as_ref().is_some_and(|m| m.path == l.model)
-        })
+        self.lengths
+            .as_ref()
+            .filter(|l| l.revision == self.revision && self.model.as_ref().is_some_and(|m| m.path == l.model))
     }
 
     fn changed(&mut self) {
         self.revision += 1;
         if let Some(d) = &self.dataset {
-            self.selected = self.selected.filter(|_| !d.editor.is_empty()).map(|i| i.min(d.editor.len() - 1));
+            self.selected = self
+                .selected
+                .filter(|_| !d.editor.is_empty())
+                .map(|i| i.min(d.editor.len() - 1));
         }
     }
 
@@ -450,7 +453,10 @@ fn split_paths(file: &Path, dir: &Path) -> (PathBuf, PathBuf) {
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_else(|| "data".into());
-    (dir.join(format!("{stem}.train.jsonl")), dir.join(format!("{stem}.val.jsonl")))
+    (
+        dir.join(format!("{stem}.train.jsonl")),
+        dir.join(format!("{stem}.val.jsonl")),
+    )
 }
 
 /// What the page's widgets asked for this frame; applied after drawing so the drawing code only
@@ -755,7 +761,10 @@ impl App {
         let Some(d) = &self.data.dataset else { return };
         let dir_text = self.data.split_dir_text.trim();
         let dir = if dir_text.is_empty() {
-            d.path.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."))
+            d.path
+                .parent()
+                .map(Path::to_path_buf)
+                .unwrap_or_else(|| PathBuf::from("."))
         } else {
             PathBuf::from(dir_text)
         };
@@ -1047,7 +1056,11 @@ impl App {
                         );
                         page.counts = Some(counts);
                     }
-                    Err(e) => self.report("Cannot run the filters", e, "Pick a near-duplicate threshold in (0, 1]."),
+                    Err(e) => self.report(
+                        "Cannot run the filters",
+                        e,
+                        "Pick a near-duplicate threshold in (0, 1].",
+                    ),
                 }
             }
         }
@@ -1207,7 +1220,7 @@ impl App {
                                 .hint_text("path to a dataset file")
                                 .desired_width(420.0),
                         );
-                        edit.labelled_by(label.id);
+                        let edit = edit.labelled_by(label.id);
                         let enter = edit.lost_focus() && ui.input(|i| i.key_pressed(egui::Key::Enter));
                         if ui.button("Browse…").on_hover_text("Pick a dataset file.").clicked() {
                             actions.push(Action::BrowseOpen);
@@ -1258,7 +1271,11 @@ impl App {
         let page = &mut self.data;
         let Some(d) = &page.dataset else { return };
         ui.horizontal_wrapped(|ui| {
-            let unsaved = if d.has_unsaved_changes() { " · unsaved changes" } else { "" };
+            let unsaved = if d.has_unsaved_changes() {
+                " · unsaved changes"
+            } else {
+                ""
+            };
             ui.label(
                 egui::RichText::new(format!(
                     "{} rows · {} · {} · {} rejected{unsaved}",
@@ -1277,6 +1294,7 @@ impl App {
                 actions.push(Action::UseForTraining);
             }
         });
+        let (can_undo, can_redo) = (page.can_undo(), page.can_redo());
         ui.horizontal_wrapped(|ui| {
             let saving = page.saving.is_some();
             let save_label = ui
@@ -1285,7 +1303,8 @@ impl App {
             ui.add(egui::TextEdit::singleline(&mut page.save_text).desired_width(320.0))
                 .labelled_by(save_label.id);
             let save_path = page.save_text.trim().to_string();
-            let mut save_tip = "Write every row to this file atomically (the old file stays intact if it fails).".to_string();
+            let mut save_tip =
+                "Write every row to this file atomically (the old file stays intact if it fails).".to_string();
             if !d.rejected.is_empty() && Path::new(&save_path) == d.path {
                 save_tip.push_str(&format!(
                     " The {} rejected records are not rows and are not written.",
@@ -1311,14 +1330,14 @@ impl App {
             }
             ui.separator();
             if ui
-                .add_enabled(page.can_undo(), egui::Button::new("Undo"))
+                .add_enabled(can_undo, egui::Button::new("Undo"))
                 .on_hover_text("Revert the last change (Ctrl+Z).")
                 .clicked()
             {
                 actions.push(Action::Undo);
             }
             if ui
-                .add_enabled(page.can_redo(), egui::Button::new("Redo"))
+                .add_enabled(can_redo, egui::Button::new("Redo"))
                 .on_hover_text("Re-apply the last undone change (Ctrl+Shift+Z).")
                 .clicked()
             {
@@ -1344,8 +1363,8 @@ impl App {
             let n = d.editor.len().max(1);
             let goto = ui
                 .add(egui::DragValue::new(&mut page.goto_row).range(1..=n))
-                .on_hover_text("Scroll the table to this row and select it.");
-            goto.labelled_by(goto_label.id);
+                .on_hover_text("Scroll the table to this row and select it.")
+                .labelled_by(goto_label.id);
             if goto.changed() {
                 let index = page.goto_row.clamp(1, n) - 1;
                 page.scroll_to = Some(index);
@@ -1366,10 +1385,15 @@ impl App {
             .as_ref()
             .filter(|l| l.revision == page.revision)
             .map(|l| &l.per_row);
-        let row_height = ui.text_style_height(&egui::TextStyle::Body).max(ui.spacing().interact_size.y);
+        let row_height = ui
+            .text_style_height(&egui::TextStyle::Body)
+            .max(ui.spacing().interact_size.y);
         ui.horizontal(|ui| {
             for (head, width) in [("#", 56.0), ("Prompt", 240.0), ("Answer", 200.0)] {
-                ui.add_sized([width, row_height], egui::Label::new(egui::RichText::new(head).strong()));
+                ui.add_sized(
+                    [width, row_height],
+                    egui::Label::new(egui::RichText::new(head).strong()),
+                );
             }
             if lengths.is_some() {
                 ui.label(egui::RichText::new("Tokens").strong());
@@ -1442,9 +1466,15 @@ impl App {
             .max_height(TABLE_HEIGHT - 40.0)
             .show(ui, |ui| match &mut draft.example {
                 Example::Text { text } => {
-                    let label = ui.label("Text").on_hover_text("The raw text; every token of it is trained.");
-                    ui.add(egui::TextEdit::multiline(text).desired_rows(6).desired_width(f32::INFINITY))
-                        .labelled_by(label.id);
+                    let label = ui
+                        .label("Text")
+                        .on_hover_text("The raw text; every token of it is trained.");
+                    ui.add(
+                        egui::TextEdit::multiline(text)
+                            .desired_rows(6)
+                            .desired_width(f32::INFINITY),
+                    )
+                    .labelled_by(label.id);
                 }
                 Example::Chat { messages } => {
                     let mut remove = None;
@@ -1679,7 +1709,9 @@ impl App {
                     .color(egui::Color32::WHITE),
             )
             .on_hover_text(match &inspected.end_of_turn {
-                Some(m) => format!("The template's end-of-turn marker `{m}`: trained, so the tuned model learns to stop."),
+                Some(m) => {
+                    format!("The template's end-of-turn marker `{m}`: trained, so the tuned model learns to stop.")
+                }
                 None => "This template writes no end-of-turn marker, so a tuned model will not learn to stop.".into(),
             });
             ui.label(
@@ -1833,9 +1865,17 @@ impl App {
                         .label("Token length")
                         .on_hover_text("Remove rows with fewer or more tokens than these bounds.");
                     ui.horizontal(|ui| {
-                        ui.add(egui::DragValue::new(&mut page.min_tokens).range(0..=1_000_000).prefix("min "))
-                            .labelled_by(label.id);
-                        ui.add(egui::DragValue::new(&mut page.max_tokens).range(1..=1_000_000).prefix("max "));
+                        ui.add(
+                            egui::DragValue::new(&mut page.min_tokens)
+                                .range(0..=1_000_000)
+                                .prefix("min "),
+                        )
+                        .labelled_by(label.id);
+                        ui.add(
+                            egui::DragValue::new(&mut page.max_tokens)
+                                .range(1..=1_000_000)
+                                .prefix("max "),
+                        );
                     });
                     let bounds = (page.min_tokens, page.max_tokens.max(page.min_tokens));
                     let stale = counts.is_some_and(|c| c.length_bounds != bounds);
@@ -1934,7 +1974,11 @@ mod tests {
         let original: String = segments.iter().map(|s| s.text.as_str()).collect();
         assert_eq!(joined, original);
         let eot: Vec<bool> = pieces.iter().filter(|p| p.end_of_turn).map(|p| p.trained).collect();
-        assert_eq!(eot, vec![false, true], "the user turn's marker is masked, the answer's trained");
+        assert_eq!(
+            eot,
+            vec![false, true],
+            "the user turn's marker is masked, the answer's trained"
+        );
         assert_eq!(
             pieces.last(),
             Some(&InspectorPiece {
@@ -1955,7 +1999,7 @@ mod tests {
         assert_eq!(total, lengths.len() as f64);
         // 5 and 5 share the bin [3, 6) centred at 4.5.
         assert!(bars.contains(&[4.5, 2.0]));
-        assert_eq!(histogram(&[], 40).0, vec![]);
+        assert!(histogram(&[], 40).0.is_empty());
         assert_eq!(histogram(&[0, 0], 40), (vec![[0.5, 2.0]], 1.0));
     }
 
