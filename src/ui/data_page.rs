@@ -398,7 +398,7 @@ impl DataPage {
     }
 }
 
-/// `"Hello\nworld"` → `"Hello ⏎ world"`, cut to `max` characters with an ellipsis.
+/// `"Hello\nworld"` → `"Hello ¶ world"`, cut to `max` characters with an ellipsis.
 fn one_line(text: &str, max: usize) -> String {
     let mut out = String::new();
     for (i, c) in text.chars().enumerate() {
@@ -407,7 +407,7 @@ fn one_line(text: &str, max: usize) -> String {
             break;
         }
         match c {
-            '\n' => out.push_str(" ⏎ "),
+            '\n' => out.push_str(" ¶ "),
             '\r' | '\t' => out.push(' '),
             c => out.push(c),
         }
@@ -2013,7 +2013,7 @@ mod tests {
             ],
         };
         let (prompt, answer) = preview(&ex);
-        assert_eq!(prompt, "line one ⏎ line two");
+        assert_eq!(prompt, "line one ¶ line two");
         assert_eq!(answer.chars().count(), PREVIEW_CHARS + 1);
         assert!(answer.ends_with('…'));
     }
