@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Screenshots of every studio page, taken from the real release binary under Xvfb.
 #
-#   scripts/screenshots.sh            # writes docs/screenshots/{models,train,chat,export,settings}.png
+#   scripts/screenshots.sh            # writes docs/screenshots/{models,data,train,chat,export,settings}.png
 #   FINCH_SCREENSHOT_PROFILE=debug scripts/screenshots.sh   # with a debug build
 #
 # Uses the model in FINCH_REAL_MODEL (default: ../shared/models/SmolLM2-135M-Instruct-Q4_1 when it
@@ -83,6 +83,7 @@ shot() { # page file
     echo "wrote $out/$2"
 }
 shot models models.png
+shot data data.png
 shot train train.png
 shot chat chat.png
 shot export export.png

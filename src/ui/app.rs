@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use crate::train::TrainConfig;
 
 use super::chat_page::{ChatPage, ChatSettings};
+use super::data_page::DataPage;
 use super::export_page::ExportPage;
 use super::models_page::ModelsPage;
 use super::train_page::TrainPage;
@@ -21,6 +22,7 @@ const SETTINGS_KEY: &str = "finch-settings";
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Page {
     Models,
+    Data,
     Train,
     Chat,
     Export,
@@ -28,11 +30,19 @@ pub enum Page {
 }
 
 impl Page {
-    pub const ALL: [Page; 5] = [Page::Models, Page::Train, Page::Chat, Page::Export, Page::Settings];
+    pub const ALL: [Page; 6] = [
+        Page::Models,
+        Page::Data,
+        Page::Train,
+        Page::Chat,
+        Page::Export,
+        Page::Settings,
+    ];
 
     pub fn title(self) -> &'static str {
         match self {
             Page::Models => "Models",
+            Page::Data => "Data",
             Page::Train => "Train",
             Page::Chat => "Chat",
             Page::Export => "Export",
@@ -103,7 +113,7 @@ pub struct StartOptions {
 }
 
 impl StartOptions {
-    /// `FINCH_UI_PAGE` (models, train, chat, export, settings), `FINCH_UI_MODEL`, `FINCH_UI_DATA` and
+    /// `FINCH_UI_PAGE` (models, data, train, chat, export, settings), `FINCH_UI_MODEL`, `FINCH_UI_DATA` and
     /// `FINCH_UI_RUN` (paths): used by `scripts/screenshots.sh` to show each page with content.
     pub fn from_env() -> Self {
         let var = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
@@ -140,6 +150,7 @@ pub struct App {
     pub(crate) settings: Settings,
     pub(crate) errors: Vec<UiError>,
     pub(crate) models: ModelsPage,
+    pub(crate) data: DataPage,
     pub(crate) train: TrainPage,
     pub(crate) chat: ChatPage,
     pub(crate) export: ExportPage,
@@ -163,6 +174,7 @@ impl App {
     pub fn with_settings(settings: Settings, start: StartOptions) -> Self {
         let mut app = App {
             models: ModelsPage::default(),
+            data: DataPage::default(),
             train: TrainPage::default(),
             chat: ChatPage::default(),
             export: ExportPage::default(),
@@ -249,6 +261,9 @@ impl App {
         match purpose {
             PickPurpose::ModelFolder | PickPurpose::ModelGguf => self.open_model_path_in(ctx, &path),
             PickPurpose::DataFile => self.set_data_path(&path),
+            PickPurpose::DataOpen | PickPurpose::DataSaveAs | PickPurpose::DataSplitFolder => {
+                self.data_pick(ctx, purpose, &path)
+            }
             PickPurpose::RunsFolder => {
                 self.settings.runs_dir = path;
                 self.train.history_stale = true;
@@ -294,6 +309,7 @@ impl App {
         }
         self.handle_pick(&ctx);
         self.poll_models(&ctx);
+        self.poll_data(&ctx);
         self.poll_train(&ctx);
         self.poll_chat(&ctx);
         self.poll_export();
@@ -311,6 +327,7 @@ impl App {
                 .auto_shrink([false, false])
                 .show(ui, |ui| match self.settings.page {
                     Page::Models => self.models_page_ui(ui),
+                    Page::Data => self.data_page_ui(ui),
                     Page::Train => self.train_page_ui(ui),
                     Page::Chat => self.chat_page_ui(ui),
                     Page::Export => self.export_page_ui(ui),

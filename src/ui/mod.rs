@@ -2,14 +2,17 @@
 //! engine through the library's public API on named background threads, with results coming
 //! back over channels, so the window never waits for a model load, a download or a training step.
 //!
-//! Pages: Models (open, Hub search/download, cache, model card), Train (settings, presets, live
-//! curves, run history, chart export), Chat (streaming chat with the base model or an adapter;
-//! Compare side by side, with blind A/B votes saved for preference tuning), Export (PEFT adapter,
-//! merged model, GGUF + Ollama Modelfile) and Settings (UI scale, runs folder).
+//! Pages: Models (open, Hub search/download, cache, model card), Data (open or demo datasets, a
+//! virtualized row table, rejected rows, edit/undo/save, token-length histogram, template and
+//! loss-mask inspector, split, quality filters), Train (settings, presets, live curves, probe
+//! prompts, preflight, run history, chart export), Chat (streaming chat with the base model or an
+//! adapter; Compare side by side, with blind A/B votes saved for preference tuning), Export (PEFT
+//! adapter, merged model, GGUF + Ollama Modelfile) and Settings (UI scale, runs folder).
 
 pub mod app;
 pub mod chart;
 pub mod chat_page;
+pub mod data_page;
 pub mod export_page;
 pub mod models_page;
 pub mod train_page;

@@ -104,6 +104,12 @@ pub enum PickPurpose {
     ModelFolder,
     ModelGguf,
     DataFile,
+    /// A dataset to open on the Data page.
+    DataOpen,
+    /// Where the Data page saves its rows.
+    DataSaveAs,
+    /// Where the Data page writes a train / validation split.
+    DataSplitFolder,
     RunsFolder,
     ChartPng,
     ChartSvg,
@@ -135,6 +141,16 @@ pub fn pick_path(
                 .set_title("Pick training data")
                 .add_filter("JSON Lines", &["jsonl", "json"])
                 .pick_file(),
+            PickPurpose::DataOpen => dialog
+                .set_title("Open a dataset")
+                .add_filter("Datasets", &["jsonl", "ndjson", "json", "csv", "parquet"])
+                .pick_file(),
+            PickPurpose::DataSaveAs => dialog
+                .set_title("Save the dataset as JSONL")
+                .add_filter("JSON Lines", &["jsonl"])
+                .set_file_name("dataset.jsonl")
+                .save_file(),
+            PickPurpose::DataSplitFolder => dialog.set_title("Folder for the split files").pick_folder(),
             PickPurpose::RunsFolder => dialog.set_title("Folder for training runs").pick_folder(),
             PickPurpose::ChartPng => dialog
                 .set_title("Save chart as PNG")
