@@ -215,7 +215,13 @@ fn closing_during_training_asks_then_stops_with_a_checkpoint_and_resume_continue
     step_until(&mut harness, "the history", Duration::from_secs(30), |app| {
         app.run_history().iter().any(|r| r.resumable())
     });
-    open_tiny_model(&mut harness, &fx.model);
+    // The relaunched window reopens the last model by itself.
+    step_until(
+        &mut harness,
+        "the last model to reopen",
+        Duration::from_secs(60),
+        |app| app.model_card().is_some(),
+    );
     nav(&mut harness, "Train");
     harness.get_all_by_label("Resume").next().unwrap().click();
     harness.step();
