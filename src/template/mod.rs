@@ -13,7 +13,7 @@
 
 mod pyjson;
 mod pyrepr;
-mod strftime;
+pub(crate) mod strftime;
 
 use std::io::Write;
 use std::path::Path;

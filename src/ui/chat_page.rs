@@ -475,25 +475,9 @@ pub fn append_votes(path: &Path, records: &[VoteRecord]) -> Result<usize, String
     Ok(all.lines().filter(|l| !l.trim().is_empty()).count())
 }
 
-/// `2026-11-21T17:37:04Z` for seconds since 1970 (Howard Hinnant's civil-from-days).
+/// `2026-11-21T17:37:04Z` for seconds since 1970.
 pub fn rfc3339_utc(unix_secs: i64) -> String {
-    let days = unix_secs.div_euclid(86_400);
-    let secs = unix_secs.rem_euclid(86_400);
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
-        secs / 3600,
-        (secs / 60) % 60,
-        secs % 60
-    )
+    crate::template::strftime::strftime_utc("%Y-%m-%dT%H:%M:%SZ", unix_secs)
 }
 
 fn now_rfc3339() -> String {
