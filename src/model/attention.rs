@@ -14,7 +14,7 @@ use std::sync::Mutex;
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::ops::{self, cpu_f32, exp_fast, slice};
+use super::ops::{self, cpu_f32, exp_fast, rope_row, slice};
 use crate::lora::kernels::{gemm_into_on, with_slice, Mat};
 
 /// Head layout of one attention call.
@@ -125,17 +125,6 @@ struct FusedAttention {
     cos: Vec<f32>,
     sin: Vec<f32>,
     saved: Mutex<Option<Saved>>,
-}
-
-/// Rotates one head row (`sign` +1) or rotates it back (`sign` −1), rotate-half convention.
-fn rope_row(src: &[f32], dst: &mut [f32], cos: &[f32], sin: &[f32], sign: f32) {
-    let half = dst.len() / 2;
-    for i in 0..half {
-        let (a, b) = (src[i], src[i + half]);
-        let s = sign * sin[i];
-        dst[i] = a * cos[i] - b * s;
-        dst[i + half] = b * cos[i] + a * s;
-    }
 }
 
 /// In-place causal softmax of the `t×t` scores of one head: row `i` keeps columns `0..=i`.

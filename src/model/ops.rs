@@ -1,8 +1,9 @@
 //! Fused CPU kernels for the transformer's elementwise parts, each with its own backward:
-//! RMS norm, rotary embedding, causal softmax and SwiGLU. candle's built-in fast versions drop
-//! gradients, and the composite (differentiable) versions materialise 4–6 full-size
-//! intermediates each, which dominated step time and memory. On other devices and dtypes the
-//! composite versions are used.
+//! RMS norm, rotary embedding and SwiGLU (the causal softmax is fused into the attention op in
+//! `attention.rs`; `causal_softmax` here is its composite form for other devices). candle's
+//! built-in fast versions drop gradients, and the composite (differentiable) versions materialise
+//! 4–6 full-size intermediates each, which dominated step time and memory. On other devices and
+//! dtypes the composite versions are used.
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor, D};
 use rayon::prelude::*;
@@ -171,6 +172,17 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tenso
     x.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?
 }
 
+/// Rotates one head row (`sign` +1) or rotates it back (`sign` −1), rotate-half convention.
+pub(crate) fn rope_row(src: &[f32], dst: &mut [f32], cos: &[f32], sin: &[f32], sign: f32) {
+    let half = dst.len() / 2;
+    for i in 0..half {
+        let (a, b) = (src[i], src[i + half]);
+        let s = sign * sin[i];
+        dst[i] = a * cos[i] - b * s;
+        dst[i + half] = b * cos[i] + a * s;
+    }
+}
+
 struct Rope {
     cos: Vec<f32>,
     sin: Vec<f32>,
@@ -194,13 +206,7 @@ impl Rope {
         out.par_chunks_mut(t * d).zip(x.par_chunks(t * d)).for_each(|(o, xh)| {
             for p in 0..t {
                 let (c, s) = (&self.cos[p * half..(p + 1) * half], &self.sin[p * half..(p + 1) * half]);
-                let (xr, orow) = (&xh[p * d..(p + 1) * d], &mut o[p * d..(p + 1) * d]);
-                for i in 0..half {
-                    let (a, b) = (xr[i], xr[i + half]);
-                    let si = self.sign * s[i];
-                    orow[i] = a * c[i] - b * si;
-                    orow[i + half] = b * c[i] + a * si;
-                }
+                rope_row(&xh[p * d..(p + 1) * d], &mut o[p * d..(p + 1) * d], c, s, self.sign);
             }
         });
         Ok(out)
@@ -234,67 +240,16 @@ impl CustomOp1 for Rope {
 
 /// `softmax(scale · scores + causal mask)` over the last dimension of `scores: [.., t, t]`,
 /// where query `i` sees keys `0..=i`. Gradients flow to `scores`.
+///
+/// Composite ops on every device: the CPU f32 training path fuses it into
+/// [`crate::model::attention::causal_attention`].
 pub fn causal_softmax(scores: &Tensor, scale: f64) -> candle_core::Result<Tensor> {
-    if cpu_f32(scores) {
-        return scores.contiguous()?.apply_op1(CausalSoftmax { scale: scale as f32 });
-    }
     let t = scores.dim(D::Minus1)?;
     let mask: Vec<f32> = (0..t)
         .flat_map(|i| (0..t).map(move |j| if j <= i { 0.0 } else { f32::NEG_INFINITY }))
         .collect();
     let mask = Tensor::from_vec(mask, (t, t), scores.device())?.to_dtype(scores.dtype())?;
     candle_nn::ops::softmax(&(scores * scale)?.broadcast_add(&mask)?, D::Minus1)
-}
-
-struct CausalSoftmax {
-    scale: f32,
-}
-
-impl CustomOp1 for CausalSoftmax {
-    fn name(&self) -> &'static str {
-        "causal-softmax"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = slice(s, l, "causal_softmax")?;
-        let t = *l.shape().dims().last().unwrap_or(&0);
-        if t == 0 {
-            return Ok((CpuStorage::F32(vec![]), l.shape().clone()));
-        }
-        let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(t)
-            .zip(x.par_chunks(t))
-            .enumerate()
-            .for_each(|(r, (o, xr))| {
-                let n = r % t + 1;
-                let m = max(&xr[..n]) * self.scale;
-                for j in 0..n {
-                    o[j] = exp_fast(xr[j] * self.scale - m);
-                }
-                let inv = 1.0 / sum(&o[..n]);
-                for v in &mut o[..n] {
-                    *v *= inv;
-                }
-            });
-        Ok((CpuStorage::F32(out), l.shape().clone()))
-    }
-
-    fn bwd(&self, x: &Tensor, y: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        let (yv, gv) = (tensor_vec(y)?, tensor_vec(g)?);
-        let t = x.dim(D::Minus1)?;
-        let mut dx = vec![0f32; yv.len()];
-        dx.par_chunks_mut(t)
-            .zip(yv.par_chunks(t).zip(gv.par_chunks(t)))
-            .enumerate()
-            .for_each(|(r, (o, (yr, gr)))| {
-                let n = r % t + 1;
-                let dot: f32 = (0..n).map(|j| yr[j] * gr[j]).sum();
-                for j in 0..n {
-                    o[j] = self.scale * yr[j] * (gr[j] - dot);
-                }
-            });
-        Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
-    }
 }
 
 // ---------------------------------------------------------------- SwiGLU
