@@ -9,13 +9,15 @@
 //! with its own KV cache. llama.cpp stores Llama's q/k projection rows permuted for its
 //! interleaved rope; whole rows of blocks are moved back at load (as the dequantizing loader
 //! does for f32), so both paths use the same weights and the same rope. The only numerical
-//! difference from the f32 model on the same file is the 8-bit quantization of the activations
-//! entering each product (per 32 values, as llama.cpp does).
+//! difference from the f32 model on the same file is the 16-bit quantization of the activations
+//! entering each product (per 32 values; see [`super::qkernels`] for why not 8): logits agree
+//! to ~0.01 and greedy answers are the f32 model's.
 //!
 //! Matrices stored as Q4_1 or Q8_0 are used as they are; matrices of other types (F32, F16,
 //! Q4_0, K-quants…) are dequantized and re-quantized to Q8_0 at load (error below 0.4% of a
 //! block's largest weight). The token embedding is read one row per token (dequantized).
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::path::Path;
 
@@ -63,6 +65,9 @@ pub struct QuantizedModel {
     position: usize,
     context_len: usize,
     kernel: Kernel,
+    /// Diagnostic mode ([`QuantizedModel::set_exact_activations`]): every matrix dequantized
+    /// to f32 (keyed by the address of its blocks) and multiplied with f32 activations.
+    exact: Option<HashMap<usize, Vec<f32>>>,
 }
 
 impl QuantizedModel {
@@ -150,6 +155,7 @@ impl QuantizedModel {
             position: 0,
             context_len: cfg.max_position_embeddings,
             kernel: Kernel::detect(),
+            exact: None,
         })
     }
 
@@ -160,6 +166,21 @@ impl QuantizedModel {
 
     pub fn kernel(&self) -> Kernel {
         self.kernel
+    }
+
+    /// Diagnostic mode: `true` dequantizes every matrix to f32 (~4 bytes per weight) and runs
+    /// the products on f32 activations, so the forward computes exactly what the f32 model
+    /// computes from the same file. Tests use it to tell a forward bug from the rounding of
+    /// the 8-bit activations; `false` returns to the integer kernels.
+    pub fn set_exact_activations(&mut self, exact: bool) {
+        self.exact = exact.then(|| {
+            let mut all: Vec<&QMatrix> = vec![&self.embed];
+            all.extend(self.output.as_ref());
+            for l in &self.layers {
+                all.extend([&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down]);
+            }
+            all.into_iter().map(|m| (matrix_key(m), m.dequantize())).collect()
+        });
     }
 
     /// Runs `ids` after the cached positions; returns the logits of the last position
@@ -191,8 +212,11 @@ impl QuantizedModel {
             self.embed.dequantize_row(id as usize, row).map_err(kernel_err)?;
         }
         let (cos, sin) = rope_tables(&self.inv_freq, past, t);
-        let kernel = self.kernel;
-        let mut acts = QActivations::default();
+        let mut mm = Products {
+            kernel: self.kernel,
+            exact: self.exact.as_ref(),
+            acts: QActivations::default(),
+        };
         let mut xn = vec![0f32; t * h];
         let (mut q, mut k, mut v) = (vec![0f32; t * q_dim], vec![0f32; t * kv_dim], vec![0f32; t * kv_dim]);
         let mut attn = vec![0f32; t * q_dim];
@@ -204,10 +228,10 @@ impl QuantizedModel {
         let eps = cfg.rms_norm_eps as f32;
         for (layer, cache) in self.layers.iter().zip(self.cache.iter_mut()) {
             rms_norm(&x, &layer.attn_norm, eps, &mut xn);
-            acts.quantize_from(&xn, t, h).map_err(kernel_err)?;
-            qkernels::matmul(&layer.q, &acts, &mut q, kernel).map_err(kernel_err)?;
-            qkernels::matmul(&layer.k, &acts, &mut k, kernel).map_err(kernel_err)?;
-            qkernels::matmul(&layer.v, &acts, &mut v, kernel).map_err(kernel_err)?;
+            mm.set_input(&xn, t, h)?;
+            mm.run(&layer.q, &xn, &mut q)?;
+            mm.run(&layer.k, &xn, &mut k)?;
+            mm.run(&layer.v, &xn, &mut v)?;
             if let Some([qb, kb, vb]) = &layer.qkv_bias {
                 add_rows(&mut q, qb);
                 add_rows(&mut k, kb);
@@ -218,19 +242,18 @@ impl QuantizedModel {
             cache.k.extend_from_slice(&k);
             cache.v.extend_from_slice(&v);
             attention(cfg, &q, cache, past, &mut attn);
-            acts.quantize_from(&attn, t, q_dim).map_err(kernel_err)?;
-            qkernels::matmul(&layer.o, &acts, &mut proj, kernel).map_err(kernel_err)?;
+            mm.set_input(&attn, t, q_dim)?;
+            mm.run(&layer.o, &attn, &mut proj)?;
             x.iter_mut().zip(&proj).for_each(|(a, b)| *a += b);
             rms_norm(&x, &layer.ffn_norm, eps, &mut xn);
-            acts.quantize_from(&xn, t, h).map_err(kernel_err)?;
-            qkernels::matmul(&layer.gate, &acts, &mut gate, kernel).map_err(kernel_err)?;
-            qkernels::matmul(&layer.up, &acts, &mut up, kernel).map_err(kernel_err)?;
+            mm.set_input(&xn, t, h)?;
+            mm.run(&layer.gate, &xn, &mut gate)?;
+            mm.run(&layer.up, &xn, &mut up)?;
             gate.iter_mut()
                 .zip(&up)
                 .for_each(|(g, u)| *g = *g / (1.0 + (-*g).exp()) * u);
-            acts.quantize_from(&gate, t, cfg.intermediate_size)
-                .map_err(kernel_err)?;
-            qkernels::matmul(&layer.down, &acts, &mut proj, kernel).map_err(kernel_err)?;
+            mm.set_input(&gate, t, cfg.intermediate_size)?;
+            mm.run(&layer.down, &gate, &mut proj)?;
             x.iter_mut().zip(&proj).for_each(|(a, b)| *a += b);
         }
         self.position += t;
@@ -238,10 +261,10 @@ impl QuantizedModel {
         let last = &x[(t - rows) * h..];
         let mut normed = vec![0f32; rows * h];
         rms_norm(last, &self.norm, eps, &mut normed);
-        acts.quantize_from(&normed, rows, h).map_err(kernel_err)?;
+        mm.set_input(&normed, rows, h)?;
         let head = self.output.as_ref().unwrap_or(&self.embed);
         let mut logits = vec![0f32; rows * head.rows()];
-        qkernels::matmul(head, &acts, &mut logits, kernel).map_err(kernel_err)?;
+        mm.run(head, &normed, &mut logits)?;
         Ok(logits)
     }
 }
@@ -278,6 +301,46 @@ impl Decoder for QuantizedModel {
     fn context_len(&self) -> usize {
         self.context_len
     }
+}
+
+/// The matrix products of one forward: integer kernels on 8-bit activations, or (diagnostic
+/// mode) f32 products with the dequantized matrices.
+struct Products<'a> {
+    kernel: Kernel,
+    exact: Option<&'a HashMap<usize, Vec<f32>>>,
+    acts: QActivations,
+}
+
+impl Products<'_> {
+    /// Quantizes `x` (`[t, cols]`) once for the products that read it.
+    fn set_input(&mut self, x: &[f32], t: usize, cols: usize) -> Result<()> {
+        if self.exact.is_none() {
+            self.acts.quantize_from(x, t, cols).map_err(kernel_err)?;
+        }
+        Ok(())
+    }
+
+    /// `out[t, r] = Σ_c w[r, c]·x[t, c]`; `x` is the input last given to `set_input`.
+    fn run(&self, w: &QMatrix, x: &[f32], out: &mut [f32]) -> Result<()> {
+        match self.exact.and_then(|m| m.get(&matrix_key(w))) {
+            Some(wf) => {
+                use crate::lora::kernels::{gemm_into, Mat};
+                let t = x.len() / w.cols();
+                gemm_into(
+                    out,
+                    false,
+                    Mat::row_major(x, t, w.cols()),
+                    Mat::row_major(wf, w.rows(), w.cols()).t(),
+                )?;
+                Ok(())
+            }
+            None => qkernels::matmul(w, &self.acts, out, self.kernel).map_err(kernel_err),
+        }
+    }
+}
+
+fn matrix_key(m: &QMatrix) -> usize {
+    m.data().as_ptr() as usize
 }
 
 fn kernel_err(e: qkernels::QError) -> Error {
