@@ -88,6 +88,39 @@ fn chat_compare_eval_and_export_use_a_trained_run() {
         tuned["text"],
         "run folder and adapter folder are the same adapter"
     );
+    let merged = json_lines(&ok(finch()
+        .args([
+            "chat",
+            "--model",
+            &model,
+            "--adapter",
+            &run,
+            "--merge",
+            "--prompt",
+            "Repeat 3",
+        ])
+        .args(["--json", "--max-new-tokens", "12"])
+        .output()
+        .unwrap()))
+    .remove(0);
+    assert_eq!(merged["text"], tuned["text"], "--merge folds the same adapter in");
+    assert!(merged["model"].as_str().unwrap().ends_with("(merged)"), "{merged}");
+    let bench = json_lines(&ok(finch()
+        .args([
+            "bench",
+            "generate",
+            "--model",
+            &model,
+            "--adapter",
+            &run,
+            "--new-tokens",
+            "4",
+        ])
+        .output()
+        .unwrap()))
+    .remove(0);
+    assert!(bench["decode_tokens_per_sec"].as_f64().unwrap() > 0.0, "{bench}");
+    assert!(bench["model"].as_str().unwrap().ends_with("(unmerged)"), "{bench}");
 
     let cmp = ok(finch()
         .args(["compare", "--model", &model, "--adapter", &run, "--adapter", &adapter])

@@ -1,8 +1,11 @@
 //! `finch bench …`: benchmarks that print one JSON line on stdout.
 
+use std::path::PathBuf;
+
 use clap::{Args, Subcommand};
 
 use crate::bench::{bench_train, BenchTrainOptions};
+use crate::generate::bench::BenchGenerateOptions;
 use crate::lora::Target;
 
 #[derive(Debug, Args)]
@@ -39,8 +42,14 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 128)]
         new_tokens: usize,
         /// Run the GGUF without dequantizing (Finch's quantized kernels).
-        #[arg(long, requires = "model")]
+        #[arg(long, requires = "model", conflicts_with = "adapter")]
         quantized: bool,
+        /// A `finch train` run folder or a PEFT adapter folder, applied unmerged.
+        #[arg(long, requires = "model")]
+        adapter: Option<PathBuf>,
+        /// Fold the adapter into the weights first (as `chat --merge`).
+        #[arg(long, requires = "adapter")]
+        merge: bool,
     },
 }
 
@@ -74,8 +83,16 @@ pub fn run(args: BenchArgs) -> anyhow::Result<i32> {
             model,
             new_tokens,
             quantized,
+            adapter,
+            merge,
         } => {
-            let r = crate::generate::bench::bench_generate(model.as_deref(), new_tokens, quantized)?;
+            let r = crate::generate::bench::bench_generate(&BenchGenerateOptions {
+                model,
+                new_tokens,
+                quantized,
+                adapter,
+                merge,
+            })?;
             println!("{}", serde_json::to_string(&r)?);
             Ok(0)
         }

@@ -83,6 +83,9 @@ pub struct ChatArgs {
     /// faster decoding; no --adapter).
     #[arg(long, conflicts_with = "adapter")]
     pub quantized: bool,
+    /// Fold the adapter into the weights (faster decoding; the changed matrices are copied).
+    #[arg(long, requires = "adapter")]
+    pub merge: bool,
     #[command(flatten)]
     pub gen: GenArgs,
 }
@@ -124,10 +127,15 @@ pub fn run(args: ChatArgs) -> anyhow::Result<i32> {
     } else {
         let loaded = LoadedModel::open(&args.model).with_context(|| format!("cannot open model `{}`", args.model))?;
         let (model, label) = match &args.adapter {
-            Some(a) => (
-                with_adapter(&loaded.model, a).with_context(|| format!("cannot load adapter `{}`", a.display()))?,
-                a.display().to_string(),
-            ),
+            Some(a) => {
+                let tuned =
+                    with_adapter(&loaded.model, a).with_context(|| format!("cannot load adapter `{}`", a.display()))?;
+                if args.merge {
+                    (tuned.merged()?, format!("{} (merged)", a.display()))
+                } else {
+                    (tuned, a.display().to_string())
+                }
+            }
             None => (loaded.model.clone(), "base".to_string()),
         };
         (loaded.format, Some(model), None, label)

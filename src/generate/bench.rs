@@ -3,6 +3,7 @@
 //! [`crate::generate::qkernels`]), for a fixed prompt and a 128-token greedy answer that ignores end tokens (so
 //! every run decodes the same number of tokens). Detokenization is not timed.
 
+use std::path::PathBuf;
 use std::time::Instant;
 
 use candle_core::{DType, Device};
@@ -10,6 +11,7 @@ use serde::Serialize;
 
 use crate::data::{Message, Role};
 use crate::error::{Error, Result};
+use crate::generate::adapter::with_adapter;
 use crate::generate::quantized::QuantizedModel;
 use crate::generate::sampling::argmax;
 use crate::generate::{CachedTransformer, ChatFormat, Decoder, LoadedModel};
@@ -40,10 +42,34 @@ pub struct BenchGenerateResult {
     pub peak_rss_mb: Option<f64>,
 }
 
+/// What `finch bench generate` runs.
+#[derive(Debug, Clone, Default)]
+pub struct BenchGenerateOptions {
+    /// Model folder, GGUF file or Hub id; `None`: random weights with SmolLM2-135M's shapes.
+    pub model: Option<String>,
+    pub new_tokens: usize,
+    /// The GGUF's own blocks through the integer kernels.
+    pub quantized: bool,
+    /// A run or PEFT adapter folder attached to the f32 model (unmerged unless `merge`).
+    pub adapter: Option<PathBuf>,
+    /// Fold the adapter into the weights first.
+    pub merge: bool,
+}
+
 /// Times one greedy answer of `new_tokens` tokens (after a short warm-up answer). Without a
 /// model, random weights with SmolLM2-135M's shapes and a random 150-token prompt.
-pub fn bench_generate(model: Option<&str>, new_tokens: usize, quantized: bool) -> Result<BenchGenerateResult> {
-    if quantized {
+pub fn bench_generate(opts: &BenchGenerateOptions) -> Result<BenchGenerateResult> {
+    let (model, new_tokens) = (opts.model.as_deref(), opts.new_tokens);
+    if opts.adapter.is_some() && (opts.quantized || model.is_none()) {
+        return Err(Error::config(
+            "adapter",
+            "an adapter needs --model and the f32 path (not --quantized)",
+        ));
+    }
+    if opts.merge && opts.adapter.is_none() {
+        return Err(Error::config("merge", "--merge needs --adapter"));
+    }
+    if opts.quantized {
         let spec = model.ok_or_else(|| Error::config("quantized", "needs --model (a GGUF file)"))?;
         let files = ModelFiles::open(spec)?;
         let prompt = prompt_ids(&ChatFormat::from_files(&files)?)?;
@@ -56,7 +82,18 @@ pub fn bench_generate(model: Option<&str>, new_tokens: usize, quantized: bool) -
         Some(spec) => {
             let m = LoadedModel::open(spec)?;
             let prompt = prompt_ids(&m.format)?;
-            (m.model, prompt, spec.to_string())
+            match &opts.adapter {
+                Some(a) => {
+                    let tuned = with_adapter(&m.model, a)?;
+                    let (tuned, how) = if opts.merge {
+                        (tuned.merged()?, "merged")
+                    } else {
+                        (tuned, "unmerged")
+                    };
+                    (tuned, prompt, format!("{spec} + {} ({how})", a.display()))
+                }
+                None => (m.model, prompt, spec.to_string()),
+            }
         }
         None => {
             let spec = TinySpec::smollm2_135m();

@@ -76,13 +76,14 @@ impl LoraLinear {
         Ok(y)
     }
 
-    /// The dense weight with the adapter folded in: `W + scale · B·A`.
+    /// The dense weight with the adapter folded in: `W + scale · B·A`, a plain tensor (no
+    /// backprop graph back to the adapter's variables).
     pub fn merged_weight(&self) -> candle_core::Result<Tensor> {
         match &self.lora {
             None => Ok(self.weight.clone()),
             Some(l) => {
                 let delta = (l.b.as_tensor().matmul(l.a.as_tensor())? * l.scale)?;
-                self.weight.add(&delta.to_dtype(self.weight.dtype())?)
+                Ok(self.weight.add(&delta.to_dtype(self.weight.dtype())?)?.detach())
             }
         }
     }
