@@ -7,6 +7,7 @@ format with `finch export`, and then, for a few chat prompts, compares greedy an
 
   base       transformers loading the model's GGUF (gguf_file=)        vs `finch chat` and
              `finch chat --quantized` (Finch's integer kernels on the GGUF's own blocks)
+  python     an adapter made by Python PEFT on that model              vs `finch chat --adapter` on it
   peft       that model + PEFT loading the exported adapter folder      vs `finch chat --adapter`
   merged     transformers loading the exported merged folder            vs `finch chat --adapter`
   gguf f16   transformers loading the exported f16 GGUF (gguf_file=)    vs `finch chat --model it`
@@ -128,6 +129,24 @@ def main():
         theirs = hf_answer(base, tok, p)
         compare(f"base: {p}", finch_answer(finch, model_dir, p), theirs)
         compare(f"base, finch --quantized: {p}", finch_answer(finch, model_dir, p, quantized=True), theirs)
+
+    # An adapter made by Python PEFT (random A and B, rsLoRA scaling, every projection) loads
+    # in Finch with the same answers.
+    py_cfg = peft.LoraConfig(
+        r=8,
+        lora_alpha=2,
+        use_rslora=True,
+        init_lora_weights=False,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        task_type="CAUSAL_LM",
+    )
+    py_model = peft.get_peft_model(base, py_cfg)
+    py_model.eval()
+    py_model.save_pretrained(work / "python_peft")
+    for p in PROMPTS:
+        compare(f"adapter made by Python PEFT: {p}", finch_answer(finch, model_dir, p, adapter=work / "python_peft"),
+                hf_answer(py_model, tok, p))
+    base = py_model.unload()  # the base model without the Python adapter's layers
 
     tuned_finch = {p: finch_answer(finch, model_dir, p, adapter=run_dir) for p in PROMPTS}
     with_peft = peft.PeftModel.from_pretrained(base, work / "peft")
