@@ -561,6 +561,23 @@ mod x86 {
         }
     }
 
+    /// Q4_1's minimum term of block `b` (at `p`) for each token: `m_w · d_x·Σq_x`.
+    #[inline(always)]
+    unsafe fn add_min_terms<const N: usize>(
+        qtype: QType,
+        p: *const u8,
+        x: &[ActRow<'_>; N],
+        b: usize,
+        min_acc: &mut [f32; N],
+    ) {
+        if qtype == QType::Q4_1 {
+            let mw = f16_ptr(p.add(2));
+            for t in 0..N {
+                min_acc[t] += mw * *x[t].s.get_unchecked(b);
+            }
+        }
+    }
+
     /// Safety: the CPU has AVX2, FMA and F16C; every activation row has `w.len() / block_bytes`
     /// blocks.
     #[target_feature(enable = "avx2,fma,f16c")]
@@ -582,12 +599,7 @@ mod x86 {
                 let scale = _mm256_set1_ps(dw * *x[t].d.get_unchecked(b));
                 acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), scale, acc[t]);
             }
-            if qtype == QType::Q4_1 {
-                let mw = f16_ptr(p.add(2));
-                for t in 0..N {
-                    min_acc[t] += mw * *x[t].s.get_unchecked(b);
-                }
-            }
+            add_min_terms(qtype, p, &x, b, &mut min_acc);
         }
         let mut out = [0f32; N];
         for t in 0..N {
@@ -618,12 +630,7 @@ mod x86 {
                 let scale = _mm512_set1_ps(dw * *x[t].d.get_unchecked(b));
                 acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), scale, acc[t]);
             }
-            if qtype == QType::Q4_1 {
-                let mw = f16_ptr(p.add(2));
-                for t in 0..N {
-                    min_acc[t] += mw * *x[t].s.get_unchecked(b);
-                }
-            }
+            add_min_terms(qtype, p, &x, b, &mut min_acc);
         }
         let mut out = [0f32; N];
         for t in 0..N {

@@ -288,12 +288,18 @@ fn end_of_turn_stops_and_context_is_handled() {
     assert!(err.contains("does not fit"), "{err}");
 }
 
+/// The real model's path from `FINCH_REAL_MODEL`, or `None` (printing why the test is skipped).
+fn real_model() -> Option<String> {
+    let path = std::env::var("FINCH_REAL_MODEL").ok();
+    if path.is_none() {
+        eprintln!("skipped: FINCH_REAL_MODEL is not set");
+    }
+    path
+}
+
 #[test]
 fn real_model_answers_paris() {
-    let Ok(path) = std::env::var("FINCH_REAL_MODEL") else {
-        eprintln!("skipped: FINCH_REAL_MODEL is not set");
-        return;
-    };
+    let Some(path) = real_model() else { return };
     let m = LoadedModel::open(&path).unwrap();
     let no = AtomicBool::new(false);
     let msgs = [Message::new(
@@ -578,10 +584,7 @@ fn quantized_path_matches_the_dequantized_model() {
 
 #[test]
 fn real_model_quantized_answers_paris() {
-    let Ok(path) = std::env::var("FINCH_REAL_MODEL") else {
-        eprintln!("skipped: FINCH_REAL_MODEL is not set");
-        return;
-    };
+    let Some(path) = real_model() else { return };
     let files = ModelFiles::open(&path).unwrap();
     let format = ChatFormat::from_files(&files).unwrap();
     let mut q = quantized::QuantizedModel::open(&files.path, &files.config).unwrap();
@@ -614,10 +617,7 @@ const REAL_PROMPTS: [&str; 4] = [
 /// greedy answers (24 tokens) as the f32 model on every prompt.
 #[test]
 fn real_model_quantized_logits_match_the_dequantized_model() {
-    let Ok(path) = std::env::var("FINCH_REAL_MODEL") else {
-        eprintln!("skipped: FINCH_REAL_MODEL is not set");
-        return;
-    };
+    let Some(path) = real_model() else { return };
     let f32_model = LoadedModel::open(&path).unwrap();
     let mut q = quantized::QuantizedModel::open(&f32_model.files.path, &f32_model.files.config).unwrap();
     let no = AtomicBool::new(false);
@@ -683,13 +683,10 @@ fn real_model_quantized_logits_match_the_dequantized_model() {
 
 /// The quantized forward with f32 activations (diagnostic mode) computes what the f32 model
 /// computes from the same file: the forward itself (weight layout, rope, attention, cache) is
-/// right, and any difference of the normal mode comes from the 8-bit activations alone.
+/// right, and any difference of the normal mode comes from the 16-bit activations alone.
 #[test]
 fn real_model_quantized_forward_in_exact_mode_equals_the_f32_model() {
-    let Ok(path) = std::env::var("FINCH_REAL_MODEL") else {
-        eprintln!("skipped: FINCH_REAL_MODEL is not set");
-        return;
-    };
+    let Some(path) = real_model() else { return };
     let f32_model = LoadedModel::open(&path).unwrap();
     let mut q = quantized::QuantizedModel::open(&f32_model.files.path, &f32_model.files.config).unwrap();
     q.set_exact_activations(true);
@@ -721,10 +718,7 @@ fn real_model_quantized_forward_in_exact_mode_equals_the_f32_model() {
 /// by float summation order.
 #[test]
 fn real_model_kernels_agree() {
-    let Ok(path) = std::env::var("FINCH_REAL_MODEL") else {
-        eprintln!("skipped: FINCH_REAL_MODEL is not set");
-        return;
-    };
+    let Some(path) = real_model() else { return };
     let files = ModelFiles::open(&path).unwrap();
     let format = ChatFormat::from_files(&files).unwrap();
     let mut q = quantized::QuantizedModel::open(&files.path, &files.config).unwrap();
