@@ -42,13 +42,13 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 128)]
         new_tokens: usize,
         /// Run the GGUF without dequantizing (Finch's quantized kernels).
-        #[arg(long, requires = "model", conflicts_with = "adapter")]
+        #[arg(long, requires = "model")]
         quantized: bool,
         /// A `finch train` run folder or a PEFT adapter folder, applied unmerged.
         #[arg(long, requires = "model")]
         adapter: Option<PathBuf>,
-        /// Fold the adapter into the weights first (as `chat --merge`).
-        #[arg(long, requires = "adapter")]
+        /// Fold the adapter into the weights first (as `chat --merge`; f32 path only).
+        #[arg(long, requires = "adapter", conflicts_with = "quantized")]
         merge: bool,
     },
 }

@@ -80,11 +80,11 @@ pub struct ChatArgs {
     #[arg(long)]
     pub json: bool,
     /// Run a Q4_1/Q8_0 GGUF model without dequantizing (Finch's integer kernels; less memory,
-    /// faster decoding; no --adapter).
-    #[arg(long, conflicts_with = "adapter")]
+    /// faster decoding); an --adapter is applied unmerged in f32.
+    #[arg(long)]
     pub quantized: bool,
     /// Fold the adapter into the weights (faster decoding; the changed matrices are copied).
-    #[arg(long, requires = "adapter")]
+    #[arg(long, requires = "adapter", conflicts_with = "quantized")]
     pub merge: bool,
     #[command(flatten)]
     pub gen: GenArgs,
@@ -122,8 +122,16 @@ pub fn run(args: ChatArgs) -> anyhow::Result<i32> {
     let (format, f32_model, mut quantized, label) = if args.quantized {
         let files = ModelFiles::open(&args.model).with_context(|| format!("cannot open model `{}`", args.model))?;
         let format = ChatFormat::from_files(&files)?;
-        let q = QuantizedModel::open(&files.path, &files.config)?;
-        (format, None, Some(q), "base (quantized)".to_string())
+        let mut q = QuantizedModel::open(&files.path, &files.config)?;
+        let label = match &args.adapter {
+            Some(a) => {
+                q.set_adapter(a)
+                    .with_context(|| format!("cannot load adapter `{}`", a.display()))?;
+                format!("{} (quantized)", a.display())
+            }
+            None => "base (quantized)".to_string(),
+        };
+        (format, None, Some(q), label)
     } else {
         let loaded = LoadedModel::open(&args.model).with_context(|| format!("cannot open model `{}`", args.model))?;
         let (model, label) = match &args.adapter {

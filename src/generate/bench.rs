@@ -60,23 +60,28 @@ pub struct BenchGenerateOptions {
 /// model, random weights with SmolLM2-135M's shapes and a random 150-token prompt.
 pub fn bench_generate(opts: &BenchGenerateOptions) -> Result<BenchGenerateResult> {
     let (model, new_tokens) = (opts.model.as_deref(), opts.new_tokens);
-    if opts.adapter.is_some() && (opts.quantized || model.is_none()) {
-        return Err(Error::config(
-            "adapter",
-            "an adapter needs --model and the f32 path (not --quantized)",
-        ));
+    if opts.adapter.is_some() && model.is_none() {
+        return Err(Error::config("adapter", "an adapter needs --model"));
     }
-    if opts.merge && opts.adapter.is_none() {
-        return Err(Error::config("merge", "--merge needs --adapter"));
+    if opts.merge && (opts.adapter.is_none() || opts.quantized) {
+        return Err(Error::config(
+            "merge",
+            "--merge needs --adapter and the f32 path (not --quantized)",
+        ));
     }
     if opts.quantized {
         let spec = model.ok_or_else(|| Error::config("quantized", "needs --model (a GGUF file)"))?;
         let files = ModelFiles::open(spec)?;
         let prompt = prompt_ids(&ChatFormat::from_files(&files)?)?;
         let mut q = QuantizedModel::open(&files.path, &files.config)?;
+        let mut name = format!("{spec} (quantized)");
+        if let Some(a) = &opts.adapter {
+            q.set_adapter(a)?;
+            name = format!("{spec} + {} (quantized, unmerged)", a.display());
+        }
         greedy_timed(&mut q, &prompt, 8)?;
         let timing = greedy_timed(&mut q, &prompt, new_tokens)?;
-        return Ok(result(format!("{spec} (quantized)"), prompt.len(), timing));
+        return Ok(result(name, prompt.len(), timing));
     }
     let (transformer, prompt, name): (Transformer, Vec<u32>, String) = match model {
         Some(spec) => {

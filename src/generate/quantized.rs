@@ -1,8 +1,8 @@
 //! Chat straight from a quantized GGUF file: the weight matrices stay in their GGUF blocks and
 //! every matrix product runs on Finch's own integer kernels ([`super::qkernels`]), so a Q4_1
 //! model reads ~6x less memory per token than the dequantized f32 model. Llama and Qwen2
-//! families (Llama 3 rope scaling included); no LoRA (export a merged GGUF to chat with a tuned
-//! model this way).
+//! families (Llama 3 rope scaling included). A LoRA adapter is applied unmerged in f32
+//! (`y += scale·(x·Aᵀ)·Bᵀ` on the product's f32 input), as the f32 model applies it.
 //!
 //! The forward is the f32 [`crate::model::Transformer`]'s, step for step (RMSNorm, rotate-half
 //! rope, grouped-query attention, SwiGLU, tied or separate output head), on plain `f32` buffers
@@ -28,8 +28,50 @@ use rayon::prelude::*;
 use crate::error::{Error, Result};
 use crate::generate::qkernels::{self, Kernel, QActivations, QMatrix, QType};
 use crate::generate::Decoder;
+use crate::lora::Target;
 use crate::model::config::ModelConfig;
 use crate::model::gguf::GgufModel;
+
+/// One adapted projection: `y += scale·(x·Aᵀ)·Bᵀ`, `a: [r, in]`, `b: [out, r]`, f32.
+struct LowRank {
+    a: Vec<f32>,
+    b: Vec<f32>,
+    r: usize,
+    scale: f32,
+}
+
+impl LowRank {
+    /// Adds the update for the `[t, in]` input `x` to the `[t, out]` output `y`.
+    fn add_to(&self, x: &[f32], y: &mut [f32]) -> Result<()> {
+        use crate::lora::kernels::{gemm_into_on, Mat};
+        let k = self.a.len() / self.r;
+        let out = self.b.len() / self.r;
+        let t = x.len() / k;
+        // The rank-r products are small: one thread (as the f32 path's LoRA op for decoding).
+        let threads = if t * self.r * (k + out) < 1 << 20 {
+            1
+        } else {
+            candle_core::utils::get_num_threads()
+        };
+        let mut h = vec![0f32; t * self.r];
+        gemm_into_on(
+            &mut h,
+            false,
+            Mat::row_major(x, t, k),
+            Mat::row_major(&self.a, self.r, k).t(),
+            threads,
+        )?;
+        h.iter_mut().for_each(|v| *v *= self.scale);
+        gemm_into_on(
+            y,
+            true,
+            Mat::row_major(&h, t, self.r),
+            Mat::row_major(&self.b, out, self.r).t(),
+            threads,
+        )?;
+        Ok(())
+    }
+}
 
 struct Layer {
     attn_norm: Vec<f32>,
@@ -43,6 +85,22 @@ struct Layer {
     gate: QMatrix,
     up: QMatrix,
     down: QMatrix,
+    /// The adapter's update per projection, in [`Target::ALL`] order.
+    lora: [Option<LowRank>; 7],
+}
+
+impl Layer {
+    fn matrix(&self, t: Target) -> &QMatrix {
+        match t {
+            Target::Q => &self.q,
+            Target::K => &self.k,
+            Target::V => &self.v,
+            Target::O => &self.o,
+            Target::Gate => &self.gate,
+            Target::Up => &self.up,
+            Target::Down => &self.down,
+        }
+    }
 }
 
 /// Keys and values of one layer, `[position, kv_heads * head_dim]` row-major.
@@ -128,6 +186,7 @@ impl QuantizedModel {
                 gate: reader.matrix(&name("ffn_gate.weight"), cfg.intermediate_size, h)?,
                 up: reader.matrix(&name("ffn_up.weight"), cfg.intermediate_size, h)?,
                 down: reader.matrix(&name("ffn_down.weight"), h, cfg.intermediate_size)?,
+                lora: Default::default(),
             });
         }
         if cfg.o_bias || cfg.mlp_bias {
@@ -166,6 +225,62 @@ impl QuantizedModel {
 
     pub fn kernel(&self) -> Kernel {
         self.kernel
+    }
+
+    /// Applies the adapter at `path` (a PEFT folder, Finch's or Python PEFT's, or a `finch
+    /// train` run folder) unmerged, replacing any
+    /// adapter set before. Its q/k rows are in Hugging Face order, as this model's are.
+    pub fn set_adapter(&mut self, path: &Path) -> Result<()> {
+        let dir = &crate::generate::adapter::resolve_adapter_dir(path)?;
+        let adapter = crate::lora::load_adapter(dir, &Device::Cpu)?;
+        let cfg = &adapter.config;
+        let mut lora: Vec<[Option<LowRank>; 7]> = (0..self.layers.len()).map(|_| Default::default()).collect();
+        let mut used = 0;
+        for (l, layer) in self.layers.iter().enumerate() {
+            for t in Target::ALL {
+                let module = t.module_path(l);
+                let Some((a, b)) = adapter.weights.get(&module) else {
+                    continue;
+                };
+                let m = layer.matrix(t);
+                if a.dims() != [cfg.r, m.cols()] || b.dims() != [m.rows(), cfg.r] {
+                    return Err(Error::ShapeMismatch {
+                        path: dir.to_path_buf(),
+                        tensor: format!("{module}.lora_A/lora_B"),
+                        expected: vec![cfg.r, m.cols(), m.rows(), cfg.r],
+                        found: [a.dims(), b.dims()].concat(),
+                    });
+                }
+                let values = |t: &Tensor| t.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>();
+                lora[l][t as usize] = Some(LowRank {
+                    a: values(a)?,
+                    b: values(b)?,
+                    r: cfg.r,
+                    scale: cfg.scale() as f32,
+                });
+                used += 1;
+            }
+        }
+        if used != adapter.weights.len() {
+            return Err(Error::invalid(
+                dir,
+                "adapter",
+                format!(
+                    "{} of its {} LoRA modules do not exist in this model (was it trained for another base model?)",
+                    adapter.weights.len() - used,
+                    adapter.weights.len()
+                ),
+            ));
+        }
+        for (layer, l) in self.layers.iter_mut().zip(lora) {
+            layer.lora = l;
+        }
+        Ok(())
+    }
+
+    /// Removes the adapter: the base model again.
+    pub fn clear_adapter(&mut self) {
+        self.layers.iter_mut().for_each(|l| l.lora = Default::default());
     }
 
     /// Diagnostic mode: `true` dequantizes every matrix to f32 (~4 bytes per weight) and runs
@@ -229,9 +344,9 @@ impl QuantizedModel {
         for (layer, cache) in self.layers.iter().zip(self.cache.iter_mut()) {
             rms_norm(&x, &layer.attn_norm, eps, &mut xn);
             mm.set_input(&xn, t, h)?;
-            mm.run(&layer.q, &xn, &mut q)?;
-            mm.run(&layer.k, &xn, &mut k)?;
-            mm.run(&layer.v, &xn, &mut v)?;
+            mm.run(layer, Target::Q, &xn, &mut q)?;
+            mm.run(layer, Target::K, &xn, &mut k)?;
+            mm.run(layer, Target::V, &xn, &mut v)?;
             if let Some([qb, kb, vb]) = &layer.qkv_bias {
                 add_rows(&mut q, qb);
                 add_rows(&mut k, kb);
@@ -243,17 +358,17 @@ impl QuantizedModel {
             cache.v.extend_from_slice(&v);
             attention(cfg, &q, cache, past, &mut attn);
             mm.set_input(&attn, t, q_dim)?;
-            mm.run(&layer.o, &attn, &mut proj)?;
+            mm.run(layer, Target::O, &attn, &mut proj)?;
             x.iter_mut().zip(&proj).for_each(|(a, b)| *a += b);
             rms_norm(&x, &layer.ffn_norm, eps, &mut xn);
             mm.set_input(&xn, t, h)?;
-            mm.run(&layer.gate, &xn, &mut gate)?;
-            mm.run(&layer.up, &xn, &mut up)?;
+            mm.run(layer, Target::Gate, &xn, &mut gate)?;
+            mm.run(layer, Target::Up, &xn, &mut up)?;
             gate.iter_mut()
                 .zip(&up)
                 .for_each(|(g, u)| *g = *g / (1.0 + (-*g).exp()) * u);
             mm.set_input(&gate, t, cfg.intermediate_size)?;
-            mm.run(&layer.down, &gate, &mut proj)?;
+            mm.run(layer, Target::Down, &gate, &mut proj)?;
             x.iter_mut().zip(&proj).for_each(|(a, b)| *a += b);
         }
         self.position += t;
@@ -264,7 +379,7 @@ impl QuantizedModel {
         mm.set_input(&normed, rows, h)?;
         let head = self.output.as_ref().unwrap_or(&self.embed);
         let mut logits = vec![0f32; rows * head.rows()];
-        mm.run(head, &normed, &mut logits)?;
+        mm.product(head, &normed, &mut logits)?;
         Ok(logits)
     }
 }
@@ -320,8 +435,18 @@ impl Products<'_> {
         Ok(())
     }
 
+    /// Projection `target` of `layer` (with its adapter update, if any) on `x`, the input last
+    /// given to `set_input`.
+    fn run(&self, layer: &Layer, target: Target, x: &[f32], out: &mut [f32]) -> Result<()> {
+        self.product(layer.matrix(target), x, out)?;
+        match &layer.lora[target as usize] {
+            Some(l) => l.add_to(x, out),
+            None => Ok(()),
+        }
+    }
+
     /// `out[t, r] = Σ_c w[r, c]·x[t, c]`; `x` is the input last given to `set_input`.
-    fn run(&self, w: &QMatrix, x: &[f32], out: &mut [f32]) -> Result<()> {
+    fn product(&self, w: &QMatrix, x: &[f32], out: &mut [f32]) -> Result<()> {
         match self.exact.and_then(|m| m.get(&matrix_key(w))) {
             Some(wf) => {
                 use crate::lora::kernels::{gemm_into, Mat};

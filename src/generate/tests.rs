@@ -582,6 +582,42 @@ fn quantized_path_matches_the_dequantized_model() {
     assert!(err.contains("needs a .gguf file"), "{err}");
 }
 
+/// An adapter on the quantized path (unmerged, f32 update on the product's input) gives the
+/// logits of the f32 model with the same adapter, for both families and both a prompt and
+/// cached single tokens; clearing it gives the base model back; a wrong folder is an error.
+#[test]
+fn quantized_path_applies_an_adapter_unmerged() {
+    for family in [Family::Llama, Family::Qwen2] {
+        let (dir, m, _) = tuned(family);
+        let paths = export::export_gguf(&m.files, &m.format, &m.model, &dir.path().join("base-gguf")).unwrap();
+        let q8 = &paths[1];
+        let base = LoadedModel::open(q8.to_str().unwrap()).unwrap();
+        let with = adapter::with_adapter(&base.model, &dir.path().join("run")).unwrap();
+        let mut q = quantized::QuantizedModel::open(q8, &base.files.config).unwrap();
+        q.set_adapter(&dir.path().join("run")).unwrap();
+        let ids: Vec<u32> = (0..20).map(|i| (i * 11 % 250) as u32 + 3).collect();
+        let want = all_logits(&with, &ids);
+        q.reset().unwrap();
+        let mut got = q.forward(&ids[..15], true).unwrap();
+        for &t in &ids[15..] {
+            got.extend(q.forward(&[t], true).unwrap());
+        }
+        let got = Tensor::from_vec(got, want.dims(), &Device::Cpu).unwrap();
+        let scale = want.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let d = max_diff(&got, &want) / scale;
+        assert!(d < 1e-3, "{family:?}: relative difference {d}");
+        // The adapter matters: the base model's logits are far from these.
+        let base_logits = all_logits(&base.model, &ids);
+        assert!(max_diff(&base_logits, &want) / scale > 1e-2, "{family:?}");
+        q.clear_adapter();
+        q.reset().unwrap();
+        let plain = Tensor::from_vec(q.forward(&ids, true).unwrap(), want.dims(), &Device::Cpu).unwrap();
+        assert!(max_diff(&plain, &base_logits) / scale < 1e-3, "{family:?}");
+        let err = q.set_adapter(&dir.path().join("nowhere")).unwrap_err().to_string();
+        assert!(err.contains("adapter_config.json"), "{err}");
+    }
+}
+
 #[test]
 fn real_model_quantized_answers_paris() {
     let Some(path) = real_model() else { return };
