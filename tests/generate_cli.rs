@@ -311,6 +311,15 @@ fn real_model_tuned_answers_follow_the_training_format() {
     let (base, tuned) = (&cmp["answers"][0]["text"], &cmp["answers"][1]["text"]);
     assert!(tuned.as_str().unwrap().contains("COLOUR:"), "{cmp}");
     assert!(!base.as_str().unwrap().contains("COLOUR:"), "{cmp}");
+    // `compare --quantized` swaps the adapter on one quantized model: the same two answers.
+    let qcmp = json_lines(&ok(finch()
+        .args(["compare", "--model", &model, "--adapter", &run, "--quantized", "--json"])
+        .args(["--max-new-tokens", "20", "--prompt", "Name a colour number 25"])
+        .output()
+        .unwrap()))
+    .remove(0);
+    assert_eq!(&qcmp["answers"][0]["text"], base, "{qcmp}");
+    assert_eq!(&qcmp["answers"][1]["text"], tuned, "{qcmp}");
     // The quantized path applies the same adapter unmerged and answers the same.
     let quantized = json_lines(&ok(finch()
         .args(["chat", "--model", &model, "--adapter", &run, "--quantized", "--json"])

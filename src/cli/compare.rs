@@ -1,6 +1,7 @@
 //! `finch compare`: the same prompt to the base model and each adapter, answers side by side
 //! (columns on a terminal, sections in a pipe, or one JSON object with `--json`). The base
-//! weights are loaded once and shared by every adapter.
+//! weights are loaded once and shared by every adapter (with `--quantized`, one quantized model
+//! whose adapter is swapped between answers).
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -11,7 +12,9 @@ use clap::Args;
 
 use crate::cli::chat::{AnswerJson, GenArgs};
 use crate::data::{Message, Role};
-use crate::generate::{chat, with_adapter, Generation, LoadedModel};
+use crate::generate::quantized::QuantizedModel;
+use crate::generate::{chat, chat_with, with_adapter, ChatFormat, Generation, LoadedModel};
+use crate::model::ModelFiles;
 
 #[derive(Debug, Args)]
 pub struct CompareArgs {
@@ -27,6 +30,10 @@ pub struct CompareArgs {
     /// One JSON object: `prompt` and `answers` (one per model, base first).
     #[arg(long)]
     pub json: bool,
+    /// Run a Q4_1/Q8_0 GGUF model without dequantizing (as `chat --quantized`); adapters are
+    /// applied unmerged in f32.
+    #[arg(long)]
+    pub quantized: bool,
     #[command(flatten)]
     pub gen: GenArgs,
 }
@@ -34,12 +41,6 @@ pub struct CompareArgs {
 pub fn run(args: CompareArgs) -> anyhow::Result<i32> {
     let opts = args.gen.options();
     opts.sampling.validate()?;
-    let loaded = LoadedModel::open(&args.model).with_context(|| format!("cannot open model `{}`", args.model))?;
-    let mut models = vec![("base".to_string(), loaded.model.clone())];
-    for a in &args.adapter {
-        let m = with_adapter(&loaded.model, a).with_context(|| format!("cannot load adapter `{}`", a.display()))?;
-        models.push((a.display().to_string(), m));
-    }
     let mut messages = vec![];
     if let Some(s) = &args.system {
         messages.push(Message::new(Role::System, s.clone()));
@@ -47,10 +48,39 @@ pub fn run(args: CompareArgs) -> anyhow::Result<i32> {
     messages.push(Message::new(Role::User, args.prompt.clone()));
     let no_cancel = AtomicBool::new(false);
     let mut answers: Vec<(String, Generation)> = vec![];
-    for (label, model) in &models {
-        eprintln!("generating with {label} ...");
-        let g = chat(model, &loaded.format, &messages, &opts, &no_cancel, &mut |_| {})?;
-        answers.push((label.clone(), g));
+    if args.quantized {
+        let files = ModelFiles::open(&args.model).with_context(|| format!("cannot open model `{}`", args.model))?;
+        let format = ChatFormat::from_files(&files)?;
+        let mut q = QuantizedModel::open(&files.path, &files.config)?;
+        let sides = std::iter::once(None).chain(args.adapter.iter().map(Some));
+        for adapter in sides {
+            let label = match adapter {
+                None => {
+                    q.clear_adapter();
+                    "base".to_string()
+                }
+                Some(a) => {
+                    q.set_adapter(a)
+                        .with_context(|| format!("cannot load adapter `{}`", a.display()))?;
+                    a.display().to_string()
+                }
+            };
+            eprintln!("generating with {label} (quantized) ...");
+            let g = chat_with(&mut q, &format, &messages, &opts, &no_cancel, &mut |_| {})?;
+            answers.push((label, g));
+        }
+    } else {
+        let loaded = LoadedModel::open(&args.model).with_context(|| format!("cannot open model `{}`", args.model))?;
+        let mut models = vec![("base".to_string(), loaded.model.clone())];
+        for a in &args.adapter {
+            let m = with_adapter(&loaded.model, a).with_context(|| format!("cannot load adapter `{}`", a.display()))?;
+            models.push((a.display().to_string(), m));
+        }
+        for (label, model) in &models {
+            eprintln!("generating with {label} ...");
+            let g = chat(model, &loaded.format, &messages, &opts, &no_cancel, &mut |_| {})?;
+            answers.push((label.clone(), g));
+        }
     }
     if args.json {
         let list: Vec<AnswerJson> = answers.iter().map(|(l, g)| AnswerJson::new(l, g)).collect();
