@@ -1,7 +1,8 @@
 //! The Chat and Export pages driven through their widgets with egui_kittest on a tiny generated
 //! model and a run folder holding a LoRA adapter with random (nonzero) B: streaming chat with
 //! Enter / Shift+Enter / Esc, Compare with answers checked against the engine, blind votes saved
-//! to votes.jsonl, and PEFT and merged exports that reload with the adapter's greedy tokens.
+//! to votes.jsonl, PEFT and merged exports that reload with the adapter's greedy tokens, and
+//! quantized answers from a GGUF (with and without the adapter) equal to the engine's.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
@@ -13,7 +14,9 @@ use egui::accesskit::Role;
 use egui_kittest::kittest::Queryable;
 use egui_kittest::Harness;
 use finch::data::{Message, Role as MsgRole};
-use finch::generate::{chat, with_adapter, FinishReason, GenerateOptions, LoadedModel};
+use finch::generate::quantized::QuantizedModel;
+use finch::generate::Decoder;
+use finch::generate::{chat, chat_with, with_adapter, FinishReason, GenerateOptions, LoadedModel};
 use finch::lora::{LoraConfig, PeftConfig};
 use finch::rng::Rng;
 use finch::ui::chat_page::VoteRecord;
@@ -242,6 +245,83 @@ fn compare_streams_base_and_adapter_side_by_side() {
         harness.query_by_label("A is better").is_none(),
         "no vote outside blind mode"
     );
+}
+
+/// With "Quantized (GGUF)" ticked and a q8_0 GGUF opened, Compare answers from the GGUF's own
+/// blocks: base and adapter columns equal the quantized engine's greedy answers.
+#[test]
+fn quantized_compare_answers_from_the_gguf_blocks() {
+    let mut fx = fixture(1);
+    let loaded = LoadedModel::open(fx.model.to_str().unwrap()).unwrap();
+    let out = fx.model.parent().unwrap().join("gguf");
+    let paths = finch::generate::export::export_gguf(&loaded.files, &loaded.format, &loaded.model, &out).unwrap();
+    fx.model = paths[1].clone();
+    let (mut harness, run) = chat_ready(&fx, |s| {
+        s.chat.max_new_tokens = 16;
+        s.chat.quantized = true;
+    });
+    harness.get_by_label("Quantized (GGUF)");
+    harness.get_by_label("Compare models").click();
+    harness.step();
+    harness.get_by_role_and_label(Role::CheckBox, "tuned").click();
+    harness.step();
+    type_message(&mut harness, "Which is better?");
+    press_enter(&mut harness);
+    step_until(&mut harness, "both answers", Duration::from_secs(60), |app| {
+        !app.is_generating()
+    });
+    let gguf = LoadedModel::open(fx.model.to_str().unwrap()).unwrap();
+    let mut q = QuantizedModel::open(&gguf.files.path, &gguf.files.config).unwrap();
+    let opts = GenerateOptions {
+        max_new_tokens: 16,
+        ..GenerateOptions::default()
+    };
+    let messages = [Message::new(MsgRole::User, "Which is better?".to_string())];
+    let mut expect = |adapter: Option<&Path>| {
+        match adapter {
+            Some(a) => q.set_adapter(a).unwrap(),
+            None => q.clear_adapter(),
+        }
+        chat_with(
+            &mut q,
+            &gguf.format,
+            &messages,
+            &opts,
+            &AtomicBool::new(false),
+            &mut |_| {},
+        )
+        .unwrap()
+    };
+    let (base_expected, tuned_expected) = (expect(None), expect(Some(&run)));
+    let round = &harness.state().compare_rounds()[0];
+    for (answer, expected) in round.answers.iter().zip([&base_expected, &tuned_expected]) {
+        assert!(answer.error.is_none(), "{:?}", answer.error);
+        assert!(answer.quantized, "{} ran in f32", answer.model);
+        assert!(
+            answer.status_text().ends_with("· quantized"),
+            "{}",
+            answer.status_text()
+        );
+        assert_eq!(answer.text, expected.text, "{}", answer.model);
+        assert_eq!(answer.tokens, expected.token_ids.len(), "{}", answer.model);
+    }
+    // The random tiny model may repeat one token either way; the adapter shows in the logits.
+    let ids = gguf.format.encode_prompt(&messages).unwrap();
+    let mut last_logits = |adapter: Option<&Path>| {
+        match adapter {
+            Some(a) => q.set_adapter(a).unwrap(),
+            None => q.clear_adapter(),
+        }
+        q.reset().unwrap();
+        q.forward(&ids, false).unwrap()
+    };
+    let (plain, adapted) = (last_logits(None), last_logits(Some(&run)));
+    let diff = plain
+        .iter()
+        .zip(&adapted)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(diff > 1e-3, "the adapter must change the logits: {diff}");
 }
 
 #[test]

@@ -20,6 +20,7 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::path::Path;
+use std::sync::Arc;
 
 use candle_core::quantized::GgmlDType;
 use candle_core::{Device, Tensor};
@@ -85,9 +86,10 @@ struct Layer {
     gate: QMatrix,
     up: QMatrix,
     down: QMatrix,
-    /// The adapter's update per projection, in [`Target::ALL`] order.
-    lora: [Option<LowRank>; 7],
 }
+
+/// An adapter's update per projection of one layer, in [`Target::ALL`] order.
+type LayerLora = [Option<LowRank>; 7];
 
 impl Layer {
     fn matrix(&self, t: Target) -> &QMatrix {
@@ -110,8 +112,8 @@ struct LayerCache {
     v: Vec<f32>,
 }
 
-/// A GGUF model run without dequantizing its matrices.
-pub struct QuantizedModel {
+/// The weights of a quantized model (shared by its forks).
+struct Weights {
     cfg: ModelConfig,
     embed: QMatrix,
     /// `None`: the output head is the token embedding (tied).
@@ -119,13 +121,21 @@ pub struct QuantizedModel {
     norm: Vec<f32>,
     layers: Vec<Layer>,
     inv_freq: Vec<f32>,
+}
+
+/// A GGUF model run without dequantizing its matrices. [`QuantizedModel::fork`] gives another
+/// decoder over the same weights (and adapter) with its own cache, for concurrent answers.
+pub struct QuantizedModel {
+    w: Arc<Weights>,
+    /// Per layer; empty without an adapter.
+    lora: Arc<Vec<LayerLora>>,
     cache: Vec<LayerCache>,
     position: usize,
     context_len: usize,
     kernel: Kernel,
     /// Diagnostic mode ([`QuantizedModel::set_exact_activations`]): every matrix dequantized
     /// to f32 (keyed by the address of its blocks) and multiplied with f32 activations.
-    exact: Option<HashMap<usize, Vec<f32>>>,
+    exact: Option<Arc<HashMap<usize, Vec<f32>>>>,
 }
 
 impl QuantizedModel {
@@ -186,7 +196,6 @@ impl QuantizedModel {
                 gate: reader.matrix(&name("ffn_gate.weight"), cfg.intermediate_size, h)?,
                 up: reader.matrix(&name("ffn_up.weight"), cfg.intermediate_size, h)?,
                 down: reader.matrix(&name("ffn_down.weight"), h, cfg.intermediate_size)?,
-                lora: Default::default(),
             });
         }
         if cfg.o_bias || cfg.mlp_bias {
@@ -204,18 +213,34 @@ impl QuantizedModel {
         };
         let norm = reader.vector("output_norm.weight", h)?;
         Ok(QuantizedModel {
-            cfg: cfg.clone(),
-            embed,
-            output,
-            norm,
-            layers,
-            inv_freq: crate::model::transformer::rope_inv_freq(cfg),
+            w: Arc::new(Weights {
+                cfg: cfg.clone(),
+                embed,
+                output,
+                norm,
+                layers,
+                inv_freq: crate::model::transformer::rope_inv_freq(cfg),
+            }),
+            lora: Arc::new(Vec::new()),
             cache: vec![],
             position: 0,
             context_len: cfg.max_position_embeddings,
             kernel: Kernel::detect(),
             exact: None,
         })
+    }
+
+    /// Another decoder over the same weights and adapter (nothing copied) with an empty cache.
+    pub fn fork(&self) -> QuantizedModel {
+        QuantizedModel {
+            w: self.w.clone(),
+            lora: self.lora.clone(),
+            cache: vec![],
+            position: 0,
+            context_len: self.context_len,
+            kernel: self.kernel,
+            exact: self.exact.clone(),
+        }
     }
 
     /// Uses `kernel` for every product (tests compare kernels; the default is the fastest).
@@ -234,9 +259,9 @@ impl QuantizedModel {
         let dir = &crate::generate::adapter::resolve_adapter_dir(path)?;
         let adapter = crate::lora::load_adapter(dir, &Device::Cpu)?;
         let cfg = &adapter.config;
-        let mut lora: Vec<[Option<LowRank>; 7]> = (0..self.layers.len()).map(|_| Default::default()).collect();
+        let mut lora: Vec<LayerLora> = (0..self.w.layers.len()).map(|_| Default::default()).collect();
         let mut used = 0;
-        for (l, layer) in self.layers.iter().enumerate() {
+        for (l, layer) in self.w.layers.iter().enumerate() {
             for t in Target::ALL {
                 let module = t.module_path(l);
                 let Some((a, b)) = adapter.weights.get(&module) else {
@@ -272,15 +297,13 @@ impl QuantizedModel {
                 ),
             ));
         }
-        for (layer, l) in self.layers.iter_mut().zip(lora) {
-            layer.lora = l;
-        }
+        self.lora = Arc::new(lora);
         Ok(())
     }
 
     /// Removes the adapter: the base model again.
     pub fn clear_adapter(&mut self) {
-        self.layers.iter_mut().for_each(|l| l.lora = Default::default());
+        self.lora = Arc::new(Vec::new());
     }
 
     /// Diagnostic mode: `true` dequantizes every matrix to f32 (~4 bytes per weight) and runs
@@ -288,13 +311,14 @@ impl QuantizedModel {
     /// computes from the same file. Tests use it to tell a forward bug from the rounding of
     /// the 8-bit activations; `false` returns to the integer kernels.
     pub fn set_exact_activations(&mut self, exact: bool) {
+        let w = &self.w;
         self.exact = exact.then(|| {
-            let mut all: Vec<&QMatrix> = vec![&self.embed];
-            all.extend(self.output.as_ref());
-            for l in &self.layers {
+            let mut all: Vec<&QMatrix> = vec![&w.embed];
+            all.extend(w.output.as_ref());
+            for l in &w.layers {
                 all.extend([&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down]);
             }
-            all.into_iter().map(|m| (matrix_key(m), m.dequantize())).collect()
+            Arc::new(all.into_iter().map(|m| (matrix_key(m), m.dequantize())).collect())
         });
     }
 
@@ -308,13 +332,14 @@ impl QuantizedModel {
     }
 
     fn forward_here(&mut self, ids: &[u32], all: bool) -> Result<Vec<f32>> {
-        let cfg = &self.cfg;
+        let w = self.w.clone();
+        let cfg = &w.cfg;
         let (h, hd) = (cfg.hidden_size, cfg.head_dim);
         let (q_dim, kv_dim) = (cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd);
         let t = ids.len();
         let past = self.position;
-        if self.cache.len() != self.layers.len() {
-            self.cache = (0..self.layers.len()).map(|_| LayerCache::default()).collect();
+        if self.cache.len() != w.layers.len() {
+            self.cache = (0..w.layers.len()).map(|_| LayerCache::default()).collect();
         }
         let mut x = vec![0f32; t * h];
         for (row, &id) in x.chunks_exact_mut(h).zip(ids) {
@@ -324,12 +349,12 @@ impl QuantizedModel {
                     format!("token id {id} is outside the vocabulary of {} tokens", cfg.vocab_size),
                 ));
             }
-            self.embed.dequantize_row(id as usize, row).map_err(kernel_err)?;
+            w.embed.dequantize_row(id as usize, row).map_err(kernel_err)?;
         }
-        let (cos, sin) = rope_tables(&self.inv_freq, past, t);
+        let (cos, sin) = rope_tables(&w.inv_freq, past, t);
         let mut mm = Products {
             kernel: self.kernel,
-            exact: self.exact.as_ref(),
+            exact: self.exact.as_deref(),
             acts: QActivations::default(),
         };
         let mut xn = vec![0f32; t * h];
@@ -341,12 +366,13 @@ impl QuantizedModel {
             vec![0f32; t * cfg.intermediate_size],
         );
         let eps = cfg.rms_norm_eps as f32;
-        for (layer, cache) in self.layers.iter().zip(self.cache.iter_mut()) {
+        for (l, (layer, cache)) in w.layers.iter().zip(self.cache.iter_mut()).enumerate() {
+            let lora = self.lora.get(l);
             rms_norm(&x, &layer.attn_norm, eps, &mut xn);
             mm.set_input(&xn, t, h)?;
-            mm.run(layer, Target::Q, &xn, &mut q)?;
-            mm.run(layer, Target::K, &xn, &mut k)?;
-            mm.run(layer, Target::V, &xn, &mut v)?;
+            mm.run(layer, lora, Target::Q, &xn, &mut q)?;
+            mm.run(layer, lora, Target::K, &xn, &mut k)?;
+            mm.run(layer, lora, Target::V, &xn, &mut v)?;
             if let Some([qb, kb, vb]) = &layer.qkv_bias {
                 add_rows(&mut q, qb);
                 add_rows(&mut k, kb);
@@ -358,26 +384,26 @@ impl QuantizedModel {
             cache.v.extend_from_slice(&v);
             attention(cfg, &q, cache, past, &mut attn);
             mm.set_input(&attn, t, q_dim)?;
-            mm.run(layer, Target::O, &attn, &mut proj)?;
+            mm.run(layer, lora, Target::O, &attn, &mut proj)?;
             x.iter_mut().zip(&proj).for_each(|(a, b)| *a += b);
             rms_norm(&x, &layer.ffn_norm, eps, &mut xn);
             mm.set_input(&xn, t, h)?;
-            mm.run(layer, Target::Gate, &xn, &mut gate)?;
-            mm.run(layer, Target::Up, &xn, &mut up)?;
+            mm.run(layer, lora, Target::Gate, &xn, &mut gate)?;
+            mm.run(layer, lora, Target::Up, &xn, &mut up)?;
             gate.iter_mut()
                 .zip(&up)
                 .for_each(|(g, u)| *g = *g / (1.0 + (-*g).exp()) * u);
             mm.set_input(&gate, t, cfg.intermediate_size)?;
-            mm.run(layer, Target::Down, &gate, &mut proj)?;
+            mm.run(layer, lora, Target::Down, &gate, &mut proj)?;
             x.iter_mut().zip(&proj).for_each(|(a, b)| *a += b);
         }
         self.position += t;
         let rows = if all { t } else { 1 };
         let last = &x[(t - rows) * h..];
         let mut normed = vec![0f32; rows * h];
-        rms_norm(last, &self.norm, eps, &mut normed);
+        rms_norm(last, &w.norm, eps, &mut normed);
         mm.set_input(&normed, rows, h)?;
-        let head = self.output.as_ref().unwrap_or(&self.embed);
+        let head = w.output.as_ref().unwrap_or(&w.embed);
         let mut logits = vec![0f32; rows * head.rows()];
         mm.product(head, &normed, &mut logits)?;
         Ok(logits)
@@ -437,9 +463,9 @@ impl Products<'_> {
 
     /// Projection `target` of `layer` (with its adapter update, if any) on `x`, the input last
     /// given to `set_input`.
-    fn run(&self, layer: &Layer, target: Target, x: &[f32], out: &mut [f32]) -> Result<()> {
+    fn run(&self, layer: &Layer, lora: Option<&LayerLora>, target: Target, x: &[f32], out: &mut [f32]) -> Result<()> {
         self.product(layer.matrix(target), x, out)?;
-        match &layer.lora[target as usize] {
+        match lora.and_then(|l| l[target as usize].as_ref()) {
             Some(l) => l.add_to(x, out),
             None => Ok(()),
         }

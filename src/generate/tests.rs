@@ -584,7 +584,8 @@ fn quantized_path_matches_the_dequantized_model() {
 
 /// An adapter on the quantized path (unmerged, f32 update on the product's input) gives the
 /// logits of the f32 model with the same adapter, for both families and both a prompt and
-/// cached single tokens; clearing it gives the base model back; a wrong folder is an error.
+/// cached single tokens; a fork computes the same; clearing it gives the base model back; a
+/// wrong folder is an error.
 #[test]
 fn quantized_path_applies_an_adapter_unmerged() {
     for family in [Family::Llama, Family::Qwen2] {
@@ -602,6 +603,13 @@ fn quantized_path_applies_an_adapter_unmerged() {
         for &t in &ids[15..] {
             got.extend(q.forward(&[t], true).unwrap());
         }
+        // A fork shares the weights and the adapter, with its own cache: the same numbers.
+        let mut fork = q.fork();
+        let mut forked = fork.forward(&ids[..15], true).unwrap();
+        for &t in &ids[15..] {
+            forked.extend(fork.forward(&[t], true).unwrap());
+        }
+        assert_eq!(forked, got, "{family:?}");
         let got = Tensor::from_vec(got, want.dims(), &Device::Cpu).unwrap();
         let scale = want.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
         let d = max_diff(&got, &want) / scale;

@@ -7,6 +7,8 @@
 //! The base model is loaded once per opened model on a named thread and shared through an `Arc`;
 //! adapter models are built from it on first use (unmerged, so they share the base weights) and
 //! cached. Every answer streams on its own named thread and checks its cancel flag between tokens.
+//! For a Q4_1/Q8_0 GGUF the quantized model is loaded too; with "Quantized (GGUF)" ticked each
+//! answer forks it (shared weights, its own cache) and applies its adapter unmerged.
 
 use std::collections::{BTreeSet, HashMap};
 use std::io::Write;
@@ -18,7 +20,10 @@ use eframe::egui;
 use serde::{Deserialize, Serialize};
 
 use crate::data::{Message, Role};
-use crate::generate::{chat, with_adapter, ChatFormat, FinishReason, GenerateOptions, LoadedModel, SamplingParams};
+use crate::generate::quantized::QuantizedModel;
+use crate::generate::{
+    chat, chat_with, with_adapter, ChatFormat, FinishReason, GenerateOptions, LoadedModel, SamplingParams,
+};
 use crate::model::transformer::Transformer;
 use crate::rng::Rng;
 
@@ -47,6 +52,9 @@ pub struct ChatSettings {
     pub stop: String,
     /// Compare mode hides which model wrote which answer until the user votes.
     pub blind: bool,
+    /// Answer from the GGUF's own Q4_1/Q8_0 blocks (integer kernels: ~3x faster decoding, the
+    /// same answers); only for such GGUF models.
+    pub quantized: bool,
 }
 
 impl Default for ChatSettings {
@@ -63,6 +71,7 @@ impl Default for ChatSettings {
             seed: 0,
             stop: String::new(),
             blind: false,
+            quantized: false,
         }
     }
 }
@@ -102,6 +111,8 @@ pub enum AnswerEvent {
         tokens: usize,
         prompt_tokens: usize,
         tokens_per_sec: f64,
+        /// Whether the GGUF's quantized blocks answered (else the f32 weights).
+        quantized: bool,
     },
     Failed(String),
 }
@@ -118,6 +129,8 @@ pub struct Answer {
     pub tokens: usize,
     pub prompt_tokens: usize,
     pub tokens_per_sec: f64,
+    /// Answered by the quantized path.
+    pub quantized: bool,
     pub error: Option<String>,
     stream: Option<Stream<AnswerEvent>>,
 }
@@ -132,6 +145,7 @@ impl Answer {
             tokens: 0,
             prompt_tokens: 0,
             tokens_per_sec: 0.0,
+            quantized: false,
             error: None,
             stream: None,
         }
@@ -160,11 +174,13 @@ impl Answer {
                     tokens,
                     prompt_tokens,
                     tokens_per_sec,
+                    quantized,
                 } => {
                     self.finish = Some(finish);
                     self.tokens = tokens;
                     self.prompt_tokens = prompt_tokens;
                     self.tokens_per_sec = tokens_per_sec;
+                    self.quantized = quantized;
                 }
                 AnswerEvent::Failed(e) => self.error = Some(e),
             }
@@ -193,7 +209,11 @@ impl Answer {
                     FinishReason::Length => "finished (token limit)",
                     FinishReason::Cancelled => "stopped",
                 };
-                format!("{why} · {} tokens · {:.1} tokens/s", self.tokens, self.tokens_per_sec)
+                let path = if self.quantized { " · quantized" } else { "" };
+                format!(
+                    "{why} · {} tokens · {:.1} tokens/s{path}",
+                    self.tokens, self.tokens_per_sec
+                )
             }
         }
     }
@@ -279,6 +299,9 @@ pub enum ChatMode {
 pub struct ChatModel {
     pub model: Transformer,
     pub format: ChatFormat,
+    /// The same GGUF run by the integer kernels, or why it cannot be (not a GGUF, unsupported
+    /// layout). Answers fork it: weights are shared, each answer has its own cache.
+    pub quantized: std::result::Result<QuantizedModel, String>,
 }
 
 /// The base model as loaded for generation, and which model path it came from.
@@ -396,8 +419,36 @@ fn spawn_answer(
     adapter: Option<PathBuf>,
     messages: Vec<Message>,
     opts: GenerateOptions,
+    quantized: bool,
 ) -> Result<Stream<AnswerEvent>, String> {
     Stream::spawn("finch-chat-answer", ctx, move |send, cancel| {
+        let done = |result: crate::error::Result<crate::generate::Generation>, quantized: bool| match result {
+            Ok(g) => AnswerEvent::Done {
+                finish: g.finish_reason,
+                tokens: g.token_ids.len(),
+                prompt_tokens: g.prompt_tokens,
+                tokens_per_sec: g.token_ids.len() as f64 / (g.prefill_secs + g.decode_secs).max(1e-9),
+                quantized,
+            },
+            Err(e) => AnswerEvent::Failed(format!("{e:#}")),
+        };
+        if let (true, Ok(q)) = (quantized, &base.quantized) {
+            let mut q = q.fork();
+            if let Some(path) = &adapter {
+                if let Err(e) = q.set_adapter(path) {
+                    send(AnswerEvent::Failed(format!(
+                        "cannot load the adapter {}: {e:#}",
+                        path.display()
+                    )));
+                    return;
+                }
+            }
+            let result = chat_with(&mut q, &base.format, &messages, &opts, cancel, &mut |piece: &str| {
+                send(AnswerEvent::Text(piece.to_string()))
+            });
+            send(done(result, true));
+            return;
+        }
         let adapted = match &adapter {
             None => None,
             Some(path) => {
@@ -427,15 +478,7 @@ fn spawn_answer(
         let result = chat(model, &base.format, &messages, &opts, cancel, &mut |piece: &str| {
             send(AnswerEvent::Text(piece.to_string()))
         });
-        match result {
-            Ok(g) => send(AnswerEvent::Done {
-                finish: g.finish_reason,
-                tokens: g.token_ids.len(),
-                prompt_tokens: g.prompt_tokens,
-                tokens_per_sec: g.token_ids.len() as f64 / (g.prefill_secs + g.decode_secs).max(1e-9),
-            }),
-            Err(e) => send(AnswerEvent::Failed(format!("{e:#}"))),
-        }
+        send(done(result, false));
     })
 }
 
@@ -551,9 +594,14 @@ impl App {
                     let spec = path.display().to_string();
                     let job = Job::spawn("finch-chat-load", ctx, move || {
                         LoadedModel::open(&spec)
-                            .map(|m| ChatModel {
-                                model: m.model,
-                                format: m.format,
+                            .map(|m| {
+                                let quantized =
+                                    QuantizedModel::open(&m.files.path, &m.files.config).map_err(|e| format!("{e:#}"));
+                                ChatModel {
+                                    model: m.model,
+                                    format: m.format,
+                                    quantized,
+                                }
                             })
                             .map_err(|e| format!("{e:#}"))
                     });
@@ -688,7 +736,8 @@ impl App {
                     .unwrap_or_else(|| "base".into());
                 let messages = self.conversation(&text);
                 let mut answer = Answer::new(name, adapter.clone());
-                match spawn_answer(ctx, base, self.chat.cache.clone(), adapter, messages, opts) {
+                let quantized = self.settings.chat.quantized;
+                match spawn_answer(ctx, base, self.chat.cache.clone(), adapter, messages, opts, quantized) {
                     Ok(stream) => answer.stream = Some(stream),
                     Err(e) => answer.error = Some(e),
                 }
@@ -723,6 +772,7 @@ impl App {
                         adapter,
                         messages.clone(),
                         opts.clone(),
+                        self.settings.chat.quantized,
                     );
                     match stream {
                         Ok(stream) => answer.stream = Some(stream),
@@ -899,7 +949,28 @@ impl App {
     }
 
     fn chat_settings_ui(&mut self, ui: &mut egui::Ui) {
+        // Whether the loaded model can run quantized, or why not.
+        let quantized: Option<Result<(), String>> = self
+            .chat
+            .base
+            .as_ref()
+            .map(|b| b.model.quantized.as_ref().map(|_| ()).map_err(Clone::clone));
         let s = &mut self.settings.chat;
+        ui.horizontal(|ui| {
+            let available = matches!(quantized, Some(Ok(())));
+            let tip = "Answer from the GGUF's own Q4_1/Q8_0 blocks with Finch's integer kernels: about 3x \
+                       faster decoding and less memory, the same answers as the dequantized model. \
+                       Adapters are applied unmerged.";
+            ui.add_enabled(available, egui::Checkbox::new(&mut s.quantized, "Quantized (GGUF)"))
+                .on_hover_text(tip)
+                .on_disabled_hover_text(match &quantized {
+                    Some(Err(e)) => format!("Not for this model: {e}"),
+                    _ => "Available once a Q4_1/Q8_0 GGUF model is loaded.".to_string(),
+                });
+            if s.quantized && !available {
+                ui.weak("(this model runs in f32)");
+            }
+        });
         let label = ui
             .label("System prompt")
             .on_hover_text("Instructions the model sees before the conversation; leave empty for none.");
