@@ -14,7 +14,7 @@ use egui::accesskit::Role;
 use egui_kittest::kittest::Queryable;
 use egui_kittest::Harness;
 use finch::data::{Message, Role as MsgRole};
-use finch::generate::quantized::QuantizedModel;
+use finch::model::quantized::QuantizedModel;
 use finch::generate::Decoder;
 use finch::generate::{chat, chat_with, with_adapter, FinishReason, GenerateOptions, LoadedModel};
 use finch::lora::{LoraConfig, PeftConfig};
@@ -254,7 +254,7 @@ fn quantized_compare_answers_from_the_gguf_blocks() {
     let mut fx = fixture(1);
     let loaded = LoadedModel::open(fx.model.to_str().unwrap()).unwrap();
     let out = fx.model.parent().unwrap().join("gguf");
-    let paths = finch::generate::export::export_gguf(&loaded.files, &loaded.format, &loaded.model, &out).unwrap();
+    let paths = finch::export::export_gguf(&loaded.files, &loaded.format, &loaded.model, &out).unwrap();
     fx.model = paths[1].clone();
     let (mut harness, run) = chat_ready(&fx, |s| {
         s.chat.max_new_tokens = 16;

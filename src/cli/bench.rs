@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use clap::{Args, Subcommand};
 
 use crate::bench::{bench_train, BenchTrainOptions};
-use crate::generate::bench::BenchGenerateOptions;
+use crate::bench::generate::BenchGenerateOptions;
 use crate::lora::Target;
 
 #[derive(Debug, Args)]
@@ -86,7 +86,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<i32> {
             adapter,
             merge,
         } => {
-            let r = crate::generate::bench::bench_generate(&BenchGenerateOptions {
+            let r = crate::bench::generate::bench_generate(&BenchGenerateOptions {
                 model,
                 new_tokens,
                 quantized,

@@ -409,7 +409,7 @@ fn run_split(args: SplitArgs) -> anyhow::Result<i32> {
 fn run_score(args: ScoreArgs) -> anyhow::Result<i32> {
     use crate::data::quality::{select_by_score, Keep, ResponseScorer};
     let report = args.load.load()?;
-    let files = ModelFiles::open(&args.model)?;
+    let files = crate::hub::open_model(&args.model)?;
     let mut warnings = vec![];
     let template = choose_template(Some(&files), None, &mut warnings)?;
     for w in &warnings {

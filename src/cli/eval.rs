@@ -8,7 +8,7 @@ use std::sync::atomic::AtomicBool;
 use anyhow::Context;
 use clap::Args;
 
-use crate::generate::eval::{evaluate, Metric};
+use crate::train::eval::{evaluate, Metric};
 use crate::generate::{with_adapter, LoadedModel};
 
 #[derive(Debug, Args)]

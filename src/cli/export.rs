@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Args, ValueEnum};
 
-use crate::generate::export::{export_gguf, export_merged, export_peft};
+use crate::export::{export_gguf, export_merged, export_peft};
 use crate::generate::{resolve_adapter_dir, with_adapter, LoadedModel};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

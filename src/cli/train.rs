@@ -237,7 +237,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<i32> {
 
 /// Downloads (or finds in the cache) a Hub model with a progress bar; the loader then reads the cache.
 fn resolve_hub_model(model: &str) -> anyhow::Result<()> {
-    if !std::path::Path::new(model).exists() && crate::model::load::looks_like_hub_id(model) {
+    if !std::path::Path::new(model).exists() && crate::hub::looks_like_hub_id(model) {
         crate::cli::hub::resolve_model_with_progress(model)?;
     }
     Ok(())

@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+pub use crate::data::records::{FileKind, Rejection};
 use crate::data::records::{kind_of, read_records, RawRecord};
 use crate::data::{Example, Message, Role};
 use crate::error::{Error, Result};
@@ -57,49 +58,6 @@ impl Format {
     pub fn from_name(name: &str) -> Option<Self> {
         let name = name.to_ascii_lowercase().replace('-', "_");
         Format::ALL.into_iter().find(|f| f.name() == name)
-    }
-}
-
-/// Container file types.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum FileKind {
-    Jsonl,
-    Json,
-    Csv,
-    Parquet,
-}
-
-impl FileKind {
-    /// From the file extension (`.jsonl`/`.ndjson`, `.json`, `.csv`, `.parquet`).
-    pub fn from_path(path: &Path) -> Option<Self> {
-        let ext = path.extension()?.to_str()?.to_ascii_lowercase();
-        match ext.as_str() {
-            "jsonl" | "ndjson" => Some(FileKind::Jsonl),
-            "json" => Some(FileKind::Json),
-            "csv" => Some(FileKind::Csv),
-            "parquet" => Some(FileKind::Parquet),
-            _ => None,
-        }
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            FileKind::Jsonl => "jsonl",
-            FileKind::Json => "json",
-            FileKind::Csv => "csv",
-            FileKind::Parquet => "parquet",
-        }
-    }
-
-    pub fn from_name(name: &str) -> Option<Self> {
-        match name.to_ascii_lowercase().as_str() {
-            "jsonl" | "ndjson" => Some(FileKind::Jsonl),
-            "json" => Some(FileKind::Json),
-            "csv" => Some(FileKind::Csv),
-            "parquet" => Some(FileKind::Parquet),
-            _ => None,
-        }
     }
 }
 
@@ -230,16 +188,6 @@ pub struct Row {
     /// 1-based line (or Parquet row) number.
     pub line: usize,
     pub example: Example,
-}
-
-/// A record that was not loaded, and why.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Rejection {
-    /// 1-based line (or Parquet row) number.
-    pub line: usize,
-    /// The offending field (`output`, `messages[2].content`), empty for the record as a whole.
-    pub field: String,
-    pub reason: String,
 }
 
 /// What loading a file produced.

@@ -7,8 +7,7 @@
 use bytes::Bytes;
 use parquet::file::reader::{FileReader, SerializedFileReader};
 
-use crate::data::load::Rejection;
-use crate::data::records::{RawRecord, Records};
+use crate::data::records::{RawRecord, Records, Rejection};
 
 /// Reads every row; the "line" of a record is its 1-based row number.
 pub fn read_parquet(bytes: &[u8], max_record_bytes: usize) -> Records {

@@ -5,9 +5,65 @@
 //! next one: one broken line must not hide a thousand good ones. Only a file that cannot be read
 //! at all (an I/O error, nothing in it) is an error.
 
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use crate::data::load::{FileKind, Rejection};
+/// Container file types.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FileKind {
+    Jsonl,
+    Json,
+    Csv,
+    Parquet,
+}
+
+impl FileKind {
+    /// From the file extension (`.jsonl`/`.ndjson`, `.json`, `.csv`, `.parquet`).
+    pub fn from_path(path: &Path) -> Option<Self> {
+        let ext = path.extension()?.to_str()?.to_ascii_lowercase();
+        match ext.as_str() {
+            "jsonl" | "ndjson" => Some(FileKind::Jsonl),
+            "json" => Some(FileKind::Json),
+            "csv" => Some(FileKind::Csv),
+            "parquet" => Some(FileKind::Parquet),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            FileKind::Jsonl => "jsonl",
+            FileKind::Json => "json",
+            FileKind::Csv => "csv",
+            FileKind::Parquet => "parquet",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Self> {
+        match name.to_ascii_lowercase().as_str() {
+            "jsonl" | "ndjson" => Some(FileKind::Jsonl),
+            "json" => Some(FileKind::Json),
+            "csv" => Some(FileKind::Csv),
+            "parquet" => Some(FileKind::Parquet),
+            _ => None,
+        }
+    }
+}
+
+/// A record that was not loaded, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rejection {
+    /// 1-based line (or Parquet row) number.
+    pub line: usize,
+    /// The offending field (`output`, `messages[2].content`), empty for the record as a whole.
+    pub field: String,
+    pub reason: String,
+}
+
+
 
 /// One record as read from the file, before format-specific validation.
 #[derive(Debug, Clone, PartialEq)]

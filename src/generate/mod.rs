@@ -8,11 +8,6 @@
 //! checked between tokens → `cancelled`.
 
 pub mod adapter;
-pub mod bench;
-pub mod eval;
-pub mod export;
-pub mod qkernels;
-pub mod quantized;
 pub mod sampling;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -29,6 +24,7 @@ use crate::model::transformer::{KvCache, Transformer};
 use crate::model::ModelFiles;
 use crate::template::ChatTemplate;
 
+pub use crate::model::decoder::{CachedTransformer, Decoder};
 pub use adapter::{resolve_adapter_dir, with_adapter};
 pub use sampling::{Sampler, SamplingParams};
 
@@ -215,7 +211,7 @@ pub struct LoadedModel {
 
 impl LoadedModel {
     pub fn open(spec: &str) -> Result<Self> {
-        let files = ModelFiles::open(spec)?;
+        let files = crate::hub::open_model(spec)?;
         let format = ChatFormat::from_files(&files)?;
         let model = files.load(DType::F32, &Device::Cpu)?;
         Ok(LoadedModel { files, model, format })
@@ -239,47 +235,6 @@ pub fn on_decode_thread<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     match pool {
         Some(p) => p.install(f),
         None => f(),
-    }
-}
-
-/// A model that runs one sequence incrementally: the f32 [`Transformer`] with a [`KvCache`]
-/// (adapters unmerged) or the quantized GGUF path ([`quantized::QuantizedModel`]).
-pub trait Decoder {
-    /// Starts a new sequence.
-    fn reset(&mut self) -> Result<()>;
-    /// Runs `ids` after the tokens already seen; returns the last position's logits `[vocab]`.
-    fn step(&mut self, ids: &[u32]) -> Result<candle_core::Tensor>;
-    /// Longest sequence (prompt + answer) the model handles.
-    fn context_len(&self) -> usize;
-}
-
-/// The f32 transformer with its cache.
-pub struct CachedTransformer<'a> {
-    pub model: &'a Transformer,
-    pub cache: KvCache,
-}
-
-impl<'a> CachedTransformer<'a> {
-    pub fn new(model: &'a Transformer) -> Self {
-        CachedTransformer {
-            model,
-            cache: KvCache::new(),
-        }
-    }
-}
-
-impl Decoder for CachedTransformer<'_> {
-    fn reset(&mut self) -> Result<()> {
-        self.cache.clear();
-        Ok(())
-    }
-
-    fn step(&mut self, ids: &[u32]) -> Result<candle_core::Tensor> {
-        self.model.forward_last_with_cache(ids, &mut self.cache)
-    }
-
-    fn context_len(&self) -> usize {
-        self.model.cfg.max_position_embeddings
     }
 }
 

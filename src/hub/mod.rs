@@ -469,6 +469,31 @@ pub fn split_spec(spec: &str) -> (&str, &str) {
 /// Turns a Hub id (optionally `id@revision`) into a local snapshot folder using the environment's
 /// settings: the cache first, a download only if nothing usable is cached. An existing local path
 /// is returned unchanged. Prints nothing; see `finch::cli::hub::resolve_model_with_progress` for
+/// `org/name` (or `org/name@revision`) that is not a local path.
+pub fn looks_like_hub_id(spec: &str) -> bool {
+    let id = spec.split('@').next().unwrap_or(spec);
+    let mut parts = id.split('/');
+    let (Some(org), Some(name), None) = (parts.next(), parts.next(), parts.next()) else {
+        return false;
+    };
+    let ok = |s: &str| {
+        !s.is_empty() && !s.starts_with('.') && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+    };
+    ok(org) && ok(name) && !spec.ends_with(".gguf")
+}
+
+/// Opens a model given as a local folder, a `.gguf` file or a Hub id (`org/name[@revision]`,
+/// from the cache first, then downloaded). The one place a model spec meets the Hub: the model
+/// module itself only reads local files.
+pub fn open_model(spec: &str) -> crate::Result<crate::model::ModelFiles> {
+    let path = Path::new(spec);
+    if !path.exists() && looks_like_hub_id(spec) {
+        let dir = resolve_model(spec)?;
+        return crate::model::ModelFiles::open_path(spec, &dir);
+    }
+    crate::model::ModelFiles::open(spec)
+}
+
 /// a version that draws a progress bar.
 pub fn resolve_model(spec: &str) -> Result<PathBuf> {
     resolve_model_with(spec, &HubOptions::from_env(), &mut |_| {}, &AtomicBool::new(false))

@@ -3,7 +3,7 @@
 
 use candle_core::{Tensor, Var};
 
-use crate::lora::kernels::{frozen_linear, lora_linear, lora_linear_supported};
+use crate::kernels::gemm::{frozen_linear, lora_linear, lora_linear_supported};
 use crate::rng::Rng;
 
 /// Trainable low-rank update of one linear layer. `a: [r, in]`, `b: [out, r]`.

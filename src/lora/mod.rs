@@ -2,11 +2,10 @@
 //! (`adapter_config.json` + `adapter_model.safetensors`) used to save and load them, so adapters
 //! move freely between Finch and Python PEFT.
 
-pub mod kernels;
 pub mod linear;
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor, Var};
 use serde::{Deserialize, Serialize};
@@ -301,6 +300,32 @@ pub fn save_adapter(dir: &Path, cfg: &PeftConfig, weights: &[(String, &LoraWeigh
     crate::fsutil::rename(&tmp, &st)?;
     let json = serde_json::to_string_pretty(cfg).map_err(|e| Error::invalid(dir, "adapter config", e.to_string()))?;
     crate::fsutil::write_atomic(&dir.join("adapter_config.json"), json.as_bytes())
+}
+
+/// The PEFT adapter folder that `path` names: `path` itself when it holds
+/// `adapter_config.json`, else `path/adapter` (a training run folder).
+pub fn resolve_adapter_dir(path: &Path) -> Result<PathBuf> {
+    if path.join("adapter_config.json").is_file() {
+        return Ok(path.to_path_buf());
+    }
+    let nested = path.join("adapter");
+    if nested.join("adapter_config.json").is_file() {
+        return Ok(nested);
+    }
+    let hint = if !path.exists() {
+        "no such folder".to_string()
+    } else if path.join("checkpoints").is_dir() {
+        "this run folder has no adapter/ yet (the run has not finished); pass a checkpoint's adapter folder".to_string()
+    } else {
+        "expected a PEFT adapter folder (adapter_config.json + adapter_model.safetensors) or a \
+         `finch train` run folder holding adapter/"
+            .to_string()
+    };
+    Err(Error::MissingFile {
+        path: path.to_path_buf(),
+        file: "adapter_config.json".into(),
+        hint,
+    })
 }
 
 /// A loaded adapter: its configuration and `(A, B)` per module path.

@@ -44,13 +44,15 @@ fn read_tokenizer(path: &Path) -> Result<tokenizers::Tokenizer> {
 }
 
 impl ModelFiles {
-    /// Opens a model folder or GGUF file.
+    /// Opens a local model folder or GGUF file. A Hub id is resolved to a folder by the
+    /// caller first ([`crate::hub::open_model`] does both).
     pub fn open(spec: &str) -> Result<Self> {
-        let mut path = PathBuf::from(spec);
-        if !path.exists() && looks_like_hub_id(spec) {
-            // A Hub id (`org/name`, optionally `@revision`): the cache first, then the network.
-            path = crate::hub::resolve_model(spec)?;
-        }
+        Self::open_path(spec, Path::new(spec))
+    }
+
+    /// Opens the folder or file at `path`; `spec` is what the user gave (a path or a Hub id).
+    pub fn open_path(spec: &str, path: &Path) -> Result<Self> {
+        let path = path.to_path_buf();
         if !path.exists() {
             return Err(Error::MissingFile {
                 path: path.clone(),
@@ -166,17 +168,4 @@ fn has_gguf(dir: &Path) -> bool {
 /// is a GGUF model whose config and tokenizer sit beside it.
 fn has_only_gguf_weights(dir: &Path) -> bool {
     has_gguf(dir) && !dir.join("model.safetensors").is_file() && !dir.join("model.safetensors.index.json").is_file()
-}
-
-/// `org/name` (or `org/name@revision`) that is not a local path.
-pub fn looks_like_hub_id(spec: &str) -> bool {
-    let id = spec.split('@').next().unwrap_or(spec);
-    let mut parts = id.split('/');
-    let (Some(org), Some(name), None) = (parts.next(), parts.next(), parts.next()) else {
-        return false;
-    };
-    let ok = |s: &str| {
-        !s.is_empty() && !s.starts_with('.') && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-    };
-    ok(org) && ok(name) && !spec.ends_with(".gguf")
 }

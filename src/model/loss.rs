@@ -8,7 +8,7 @@ use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor, D};
 use rayon::prelude::*;
 
 use super::ops::{self, cpu_f32, exp_fast, max};
-use crate::lora::kernels::{gemm_into, with_slice, Mat};
+use crate::kernels::gemm::{gemm_into, with_slice, Mat};
 
 /// Mean cross-entropy of `logits: [n, vocab]` against `targets` (`n` token ids).
 pub fn cross_entropy(logits: &Tensor, targets: &[u32]) -> candle_core::Result<Tensor> {
@@ -64,7 +64,7 @@ pub fn linear_cross_entropy(
         };
         return hidden.contiguous()?.apply_op1(op)?.mean_all();
     }
-    cross_entropy(&crate::lora::kernels::frozen_linear(hidden, w)?, targets)
+    cross_entropy(&crate::kernels::gemm::frozen_linear(hidden, w)?, targets)
 }
 
 struct LinearCrossEntropy {
@@ -185,7 +185,7 @@ mod tests {
         let w = Tensor::randn(0f32, 1.0, (v, d), &dev).unwrap();
         let targets = [0u32, 12, 3, 3, 7, 1, 9];
         let reference = cross_entropy(
-            &crate::lora::kernels::frozen_linear(h.as_tensor(), &w).unwrap(),
+            &crate::kernels::gemm::frozen_linear(h.as_tensor(), &w).unwrap(),
             &targets,
         )
         .unwrap();

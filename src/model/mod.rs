@@ -3,11 +3,12 @@
 
 pub mod attention;
 pub mod config;
+pub mod decoder;
 pub mod gguf;
 pub mod gguf_tokenizer;
 pub mod load;
 pub mod loss;
-pub mod ops;
+pub mod quantized;
 pub mod safetensors;
 pub mod tiny;
 pub mod transformer;

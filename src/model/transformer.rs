@@ -9,7 +9,7 @@ use crate::error::{Error, Result};
 use crate::lora::{ForwardCtx, LoraConfig, LoraLinear, LoraWeights, Target};
 use crate::model::attention::{causal_attention, Heads};
 use crate::model::config::ModelConfig;
-use crate::model::ops;
+use crate::kernels::ops;
 use crate::model::weights::WeightSource;
 use crate::rng::Rng;
 
@@ -517,7 +517,7 @@ impl Transformer {
 
     /// Logits for hidden states `[.., hidden]` → `[.., vocab]`.
     pub fn lm_head(&self, hidden: &Tensor) -> Result<Tensor> {
-        Ok(crate::lora::kernels::frozen_linear(hidden, &self.lm_head)?)
+        Ok(crate::kernels::gemm::frozen_linear(hidden, &self.lm_head)?)
     }
 
     /// The output head's weight `[vocab, hidden]` (the embeddings when they are tied).

@@ -11,6 +11,9 @@
 //! access, every render runs on a fuel budget (a bound on executed instructions, so a template
 //! cannot loop forever) and writes into a buffer that refuses to grow past a size limit.
 
+mod message;
+pub use message::{Message, Role};
+
 mod pyjson;
 mod pyrepr;
 pub(crate) mod strftime;
@@ -21,7 +24,6 @@ use std::path::Path;
 use minijinja::value::{Kwargs, Value};
 use minijinja::{Environment, ErrorKind};
 
-use crate::data::{Message, Role};
 use crate::error::{Error, Result};
 
 /// Name under which the template is registered in its environment (appears in error messages).

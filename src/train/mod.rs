@@ -5,6 +5,7 @@
 pub mod batch;
 pub mod checkpoint;
 pub mod config;
+pub mod eval;
 pub mod optim;
 pub mod preflight;
 pub mod probe;

@@ -34,7 +34,7 @@ pub fn load_examples(path: &Path, note: &mut dyn FnMut(String)) -> Result<Vec<Ex
 
 /// Opens the model named in `cfg` and loads its template.
 pub fn open_model(spec: &str) -> Result<(ModelFiles, crate::template::ChatTemplate)> {
-    let files = ModelFiles::open(spec)?;
+    let files = crate::hub::open_model(spec)?;
     let template = files.chat_template()?.ok_or_else(|| {
         Error::invalid(
             &files.path,

@@ -20,7 +20,7 @@ use eframe::egui;
 use serde::{Deserialize, Serialize};
 
 use crate::data::{Message, Role};
-use crate::generate::quantized::QuantizedModel;
+use crate::model::quantized::QuantizedModel;
 use crate::generate::{
     chat, chat_with, with_adapter, ChatFormat, FinishReason, GenerateOptions, LoadedModel, SamplingParams,
 };

@@ -111,7 +111,7 @@ struct DataModel {
 /// Reads a model's tokenizer and chat template (not its weights). Without a usable template of
 /// its own, ChatML with the model's special tokens is used, as `finch data inspect` does.
 fn open_data_model(path: &Path) -> Result<DataModel, String> {
-    let files = ModelFiles::open(&path.display().to_string()).map_err(|e| format!("{e:#}"))?;
+    let files = crate::hub::open_model(&path.display().to_string()).map_err(|e| format!("{e:#}"))?;
     let (template, note) = match files.chat_template() {
         Ok(Some(template)) => (template, None),
         own => {

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use eframe::egui;
 
-use crate::generate::export::{export_gguf, export_merged, export_peft};
+use crate::export::{export_gguf, export_merged, export_peft};
 use crate::generate::{resolve_adapter_dir, with_adapter, LoadedModel};
 
 use super::app::App;

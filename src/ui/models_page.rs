@@ -36,7 +36,7 @@ impl ModelCard {
     /// Opens the model files (config, tokenizer, template; not the weights) and summarises them.
     pub fn open(path: &Path) -> crate::Result<ModelCard> {
         let spec = path.display().to_string();
-        let files = ModelFiles::open(&spec)?;
+        let files = crate::hub::open_model(&spec)?;
         let chat_template = match files.chat_template() {
             Ok(t) => Ok(t.is_some()),
             Err(e) => Err(format!("{e:#}")),

@@ -2,6 +2,8 @@
 //! the reference setting (r=16, alpha 32, all 7 targets, batch 4 × 256 tokens, f32, AdamW,
 //! 3 warm-up + 10 timed steps).
 
+pub mod generate;
+
 use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
@@ -64,7 +66,7 @@ pub struct BenchTrainResult {
 pub fn bench_train(opts: &BenchTrainOptions) -> Result<BenchTrainResult> {
     let device = Device::Cpu;
     let (model, name): (Transformer, String) = match &opts.model {
-        Some(m) => (ModelFiles::open(m)?.load(DType::F32, &device)?, m.clone()),
+        Some(m) => (crate::hub::open_model(m)?.load(DType::F32, &device)?, m.clone()),
         None => {
             let spec = TinySpec::smollm2_135m();
             let cfg = crate::model::ModelConfig::from_json(&spec.config_json(), "random-smollm2-135m".as_ref())?;

@@ -1,5 +1,5 @@
 //! Matrix products with GGUF-quantized weights, the hot loop of the quantized chat path
-//! ([`super::quantized`]). Weights stay in their GGUF blocks, byte for byte as the file holds
+//! ([`crate::model::quantized`]). Weights stay in their GGUF blocks, byte for byte as the file holds
 //! them: Q4_1 (32 weights per 20-byte block: f16 scale `d`, f16 minimum `m`, 16 bytes of
 //! nibbles, weight = d·q + m) and Q8_0 (32 weights per 34-byte block: f16 `d`, 32 `i8`,
 //! weight = d·q). Activations are quantized per 32-value block to **16 bits** (scale `d` and

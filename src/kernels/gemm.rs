@@ -11,7 +11,7 @@
 
 #![allow(unsafe_code)]
 
-use crate::model::ops::{cpu_f32, slice, tensor_vec};
+use crate::kernels::ops::{cpu_f32, slice, tensor_vec};
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Storage, Tensor};
 
 /// A read-only matrix view: element `(i, j)` is `data[i * rs + j * cs]`.

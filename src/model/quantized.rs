@@ -1,5 +1,5 @@
 //! Chat straight from a quantized GGUF file: the weight matrices stay in their GGUF blocks and
-//! every matrix product runs on Finch's own integer kernels ([`super::qkernels`]), so a Q4_1
+//! every matrix product runs on Finch's own integer kernels ([`crate::kernels::quant`]), so a Q4_1
 //! model reads ~6x less memory per token than the dequantized f32 model. Llama and Qwen2
 //! families (Llama 3 rope scaling included). A LoRA adapter is applied unmerged in f32
 //! (`y += scale·(x·Aᵀ)·Bᵀ` on the product's f32 input), as the f32 model applies it.
@@ -10,7 +10,7 @@
 //! interleaved rope; whole rows of blocks are moved back at load (as the dequantizing loader
 //! does for f32), so both paths use the same weights and the same rope. The only numerical
 //! difference from the f32 model on the same file is the 16-bit quantization of the activations
-//! entering each product (per 32 values; see [`super::qkernels`] for why not 8): logits agree
+//! entering each product (per 32 values; see [`crate::kernels::quant`] for why not 8): logits agree
 //! to ~0.01 and greedy answers are the f32 model's.
 //!
 //! Matrices stored as Q4_1 or Q8_0 are used as they are; matrices of other types (F32, F16,
@@ -27,8 +27,8 @@ use candle_core::{Device, Tensor};
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
-use crate::generate::qkernels::{self, Kernel, QActivations, QMatrix, QType};
-use crate::generate::Decoder;
+use crate::kernels::quant::{self, Kernel, QActivations, QMatrix, QType};
+use crate::model::decoder::Decoder;
 use crate::lora::Target;
 use crate::model::config::ModelConfig;
 use crate::model::gguf::GgufModel;
@@ -44,7 +44,7 @@ struct LowRank {
 impl LowRank {
     /// Adds the update for the `[t, in]` input `x` to the `[t, out]` output `y`.
     fn add_to(&self, x: &[f32], y: &mut [f32]) -> Result<()> {
-        use crate::lora::kernels::{gemm_into_on, Mat};
+        use crate::kernels::gemm::{gemm_into_on, Mat};
         let k = self.a.len() / self.r;
         let out = self.b.len() / self.r;
         let t = x.len() / k;
@@ -256,7 +256,7 @@ impl QuantizedModel {
     /// train` run folder) unmerged, replacing any
     /// adapter set before. Its q/k rows are in Hugging Face order, as this model's are.
     pub fn set_adapter(&mut self, path: &Path) -> Result<()> {
-        let dir = &crate::generate::adapter::resolve_adapter_dir(path)?;
+        let dir = &crate::lora::resolve_adapter_dir(path)?;
         let adapter = crate::lora::load_adapter(dir, &Device::Cpu)?;
         let cfg = &adapter.config;
         let mut lora: Vec<LayerLora> = (0..self.w.layers.len()).map(|_| Default::default()).collect();
@@ -475,7 +475,7 @@ impl Products<'_> {
     fn product(&self, w: &QMatrix, x: &[f32], out: &mut [f32]) -> Result<()> {
         match self.exact.and_then(|m| m.get(&matrix_key(w))) {
             Some(wf) => {
-                use crate::lora::kernels::{gemm_into, Mat};
+                use crate::kernels::gemm::{gemm_into, Mat};
                 let t = x.len() / w.cols();
                 gemm_into(
                     out,

@@ -1,6 +1,6 @@
 //! `finch bench generate`: prefill and decode speed of the KV-cached inference path, batch 1,
 //! f32 on the CPU (or, with `--quantized`, the GGUF's own blocks through
-//! [`crate::generate::qkernels`]), for a fixed prompt and a 128-token greedy answer that ignores end tokens (so
+//! [`crate::kernels::quant`]), for a fixed prompt and a 128-token greedy answer that ignores end tokens (so
 //! every run decodes the same number of tokens). Detokenization is not timed.
 
 use std::path::PathBuf;
@@ -12,7 +12,7 @@ use serde::Serialize;
 use crate::data::{Message, Role};
 use crate::error::{Error, Result};
 use crate::generate::adapter::with_adapter;
-use crate::generate::quantized::QuantizedModel;
+use crate::model::quantized::QuantizedModel;
 use crate::generate::sampling::argmax;
 use crate::generate::{CachedTransformer, ChatFormat, Decoder, LoadedModel};
 use crate::model::tiny::TinySpec;
@@ -71,7 +71,7 @@ pub fn bench_generate(opts: &BenchGenerateOptions) -> Result<BenchGenerateResult
     }
     if opts.quantized {
         let spec = model.ok_or_else(|| Error::config("quantized", "needs --model (a GGUF file)"))?;
-        let files = ModelFiles::open(spec)?;
+        let files = crate::hub::open_model(spec)?;
         let prompt = prompt_ids(&ChatFormat::from_files(&files)?)?;
         let mut q = QuantizedModel::open(&files.path, &files.config)?;
         let mut name = format!("{spec} (quantized)");

@@ -1,0 +1,8 @@
+//! CPU kernels shared by the model, LoRA, the loss and generation: gemm wrappers over slices
+//! (`gemm`), fused elementwise ops with their own backward (`ops`), and the integer kernels of
+//! the quantized inference path (`quant`). Nothing here knows about models or files; callers
+//! pick a kernel and fall back to composite candle ops on devices and dtypes a kernel lacks.
+
+pub mod gemm;
+pub mod ops;
+pub mod quant;
