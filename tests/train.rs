@@ -130,6 +130,20 @@ fn tiny_model_overfits_eight_examples() {
     assert!(matches!(events.last(), Some(TrainEvent::Finished(_))));
 }
 
+/// Qwen3 (per-head q/k norms before rotary): gradients reach the q/k adapters through the norms.
+#[test]
+fn qwen3_tiny_model_learns() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, data) = setup(dir.path(), Family::Qwen3);
+    let cfg = config(dir.path(), 100);
+    let (events, result) = train(&cfg, model, data, None);
+    result.unwrap();
+    let l = losses(&events);
+    let first = l[0].1;
+    let last = l.iter().rev().take(5).map(|x| x.1).sum::<f32>() / 5.0;
+    assert!(last < 0.2 * first, "loss fell only from {first} to {last}");
+}
+
 #[test]
 fn resume_reproduces_the_uninterrupted_run() {
     let dir_a = tempfile::tempdir().unwrap();

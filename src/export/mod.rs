@@ -45,10 +45,7 @@ pub fn export_peft(adapter_dir: &Path, out: &Path) -> Result<()> {
 
 /// `config.json` for `cfg` as `transformers` writes it.
 pub fn hf_config_json(cfg: &ModelConfig) -> serde_json::Value {
-    let arch = match cfg.family {
-        Family::Llama => "LlamaForCausalLM",
-        Family::Qwen2 => "Qwen2ForCausalLM",
-    };
+    let arch = cfg.family.architecture();
     let mut v = json!({
         "architectures": [arch],
         "model_type": cfg.family.name(),
@@ -67,7 +64,7 @@ pub fn hf_config_json(cfg: &ModelConfig) -> serde_json::Value {
         "mlp_bias": cfg.mlp_bias,
         "torch_dtype": "float32",
     });
-    if cfg.family == Family::Llama {
+    if cfg.family != Family::Qwen2 {
         v["attention_bias"] = json!(cfg.qkv_bias);
     }
     if let Some(s) = &cfg.rope_scaling {
@@ -152,7 +149,8 @@ pub fn export_merged(files: &ModelFiles, format: &ChatFormat, model: &Transforme
 /// (the names `convert_hf_to_gguf.py` assigns to the models Finch supports).
 fn pre_tokenizer_name(cfg: &ModelConfig) -> &'static str {
     match (cfg.family, cfg.vocab_size) {
-        (Family::Qwen2, _) => "qwen2",
+        // convert_hf_to_gguf.py names Qwen3's pre-tokenizer `qwen2` too.
+        (Family::Qwen2 | Family::Qwen3, _) => "qwen2",
         (Family::Llama, v) if v >= 128_000 => "llama-bpe",
         (Family::Llama, 49_152) => "smollm",
         _ => "default",

@@ -15,16 +15,19 @@ use crate::error::{Error, Result};
 pub enum Family {
     Llama,
     Qwen2,
+    Qwen3,
 }
 
 impl Family {
-    pub const SUPPORTED: &'static str = "llama (SmolLM, SmolLM2, TinyLlama, Llama 3.x), qwen2 (Qwen2, Qwen2.5)";
+    pub const SUPPORTED: &'static str =
+        "llama (SmolLM, SmolLM2, TinyLlama, Llama 3.x), qwen2 (Qwen2, Qwen2.5), qwen3 (Qwen3 dense)";
 
     /// Maps a `model_type` (or `architectures[0]`) to a family.
     pub fn from_model_type(model_type: &str) -> Option<Family> {
         match model_type {
             "llama" | "LlamaForCausalLM" => Some(Family::Llama),
             "qwen2" | "Qwen2ForCausalLM" => Some(Family::Qwen2),
+            "qwen3" | "Qwen3ForCausalLM" => Some(Family::Qwen3),
             _ => None,
         }
     }
@@ -33,6 +36,16 @@ impl Family {
         match self {
             Family::Llama => "llama",
             Family::Qwen2 => "qwen2",
+            Family::Qwen3 => "qwen3",
+        }
+    }
+
+    /// The `architectures[0]` transformers writes for this family.
+    pub fn architecture(self) -> &'static str {
+        match self {
+            Family::Llama => "LlamaForCausalLM",
+            Family::Qwen2 => "Qwen2ForCausalLM",
+            Family::Qwen3 => "Qwen3ForCausalLM",
         }
     }
 }
@@ -68,11 +81,16 @@ pub struct ModelConfig {
     pub o_bias: bool,
     /// Bias on the gate/up/down projections (Llama `mlp_bias`).
     pub mlp_bias: bool,
+    /// RMS norm over each head of q and k before rotary (Qwen3 `q_norm` / `k_norm`).
+    #[serde(default)]
+    pub qk_norm: bool,
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
 }
 
-/// The raw fields of a `config.json` that Finch reads. Unknown fields are ignored.
+/// The raw fields of a `config.json` that Finch reads. Fields that change the math and that
+/// Finch does not implement are read too, so that a config using them is refused by name rather
+/// than silently run differently from transformers; other unknown fields are ignored.
 #[derive(Debug, Deserialize)]
 struct HfConfig {
     model_type: Option<String>,
@@ -88,6 +106,13 @@ struct HfConfig {
     rms_norm_eps: Option<f64>,
     rope_theta: Option<f64>,
     rope_scaling: Option<serde_json::Value>,
+    /// transformers 5.x: `{rope_theta, rope_type, …scaling fields}` instead of the two above.
+    rope_parameters: Option<serde_json::Value>,
+    layer_types: Option<Vec<String>>,
+    use_sliding_window: Option<bool>,
+    partial_rotary_factor: Option<f64>,
+    attn_logit_softcapping: Option<serde_json::Value>,
+    final_logit_softcapping: Option<serde_json::Value>,
     tie_word_embeddings: Option<bool>,
     attention_bias: Option<bool>,
     mlp_bias: Option<bool>,
@@ -177,11 +202,13 @@ impl ModelConfig {
                 ));
             }
         }
-        let rope_scaling = parse_rope_scaling(raw.rope_scaling.as_ref(), path)?;
+        refuse_unimplemented(&raw, path)?;
+        let (rope_theta, rope_scaling) = parse_rope(&raw, path)?;
         let attention_bias = raw.attention_bias.unwrap_or(false);
         let (qkv_bias, o_bias) = match family {
             Family::Llama => (attention_bias, attention_bias),
             Family::Qwen2 => (true, false),
+            Family::Qwen3 => (attention_bias, attention_bias),
         };
         Ok(ModelConfig {
             family,
@@ -194,12 +221,13 @@ impl ModelConfig {
             head_dim,
             max_position_embeddings: raw.max_position_embeddings.unwrap_or(2048),
             rms_norm_eps: raw.rms_norm_eps.unwrap_or(1e-6),
-            rope_theta: raw.rope_theta.unwrap_or(10_000.0),
+            rope_theta,
             rope_scaling,
             tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(false),
             qkv_bias,
             o_bias,
             mlp_bias: raw.mlp_bias.unwrap_or(false),
+            qk_norm: family == Family::Qwen3,
             bos_token_id: token_ids(&raw.bos_token_id).first().copied(),
             eos_token_ids: token_ids(&raw.eos_token_id),
         })
@@ -218,7 +246,8 @@ impl ModelConfig {
             } else {
                 0
             };
-        let layer = attn + mlp + 2 * h;
+        let qk_norm = if self.qk_norm { 2 * self.head_dim } else { 0 };
+        let layer = attn + mlp + 2 * h + qk_norm;
         let embed = self.vocab_size * h;
         let head = if self.tie_word_embeddings {
             0
@@ -229,7 +258,102 @@ impl ModelConfig {
     }
 }
 
-fn parse_rope_scaling(v: Option<&serde_json::Value>, path: &Path) -> Result<Option<RopeScaling>> {
+/// Refuses config fields that change the forward pass in ways Finch does not implement.
+fn refuse_unimplemented(raw: &HfConfig, path: &Path) -> Result<()> {
+    if raw.use_sliding_window == Some(true) {
+        return Err(Error::invalid(
+            path,
+            "field `use_sliding_window`",
+            "sliding-window attention is not supported (set it to false to use full attention)",
+        ));
+    }
+    if let Some(kind) = raw
+        .layer_types
+        .iter()
+        .flatten()
+        .find(|t| t.as_str() != "full_attention")
+    {
+        return Err(Error::invalid(
+            path,
+            "field `layer_types`",
+            format!("layer type `{kind}` is not supported (only full_attention)"),
+        ));
+    }
+    if let Some(f) = raw.partial_rotary_factor {
+        if f != 1.0 {
+            return Err(Error::invalid(
+                path,
+                "field `partial_rotary_factor`",
+                format!("{f} is not supported (only 1.0: rotary on the whole head)"),
+            ));
+        }
+    }
+    for (name, v) in [
+        ("attn_logit_softcapping", &raw.attn_logit_softcapping),
+        ("final_logit_softcapping", &raw.final_logit_softcapping),
+    ] {
+        if v.as_ref().is_some_and(|v| !v.is_null()) {
+            return Err(Error::invalid(
+                path,
+                format!("field `{name}`"),
+                "logit soft-capping is not supported",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The rotary base and scaling, from either layout: top-level `rope_theta` + `rope_scaling`
+/// (transformers 4.x) or `rope_parameters` (transformers 5.x). Both present must agree.
+fn parse_rope(raw: &HfConfig, path: &Path) -> Result<(f64, Option<RopeScaling>)> {
+    let params = raw.rope_parameters.as_ref().filter(|v| !v.is_null());
+    let Some(params) = params else {
+        let scaling = parse_rope_scaling(raw.rope_scaling.as_ref(), "rope_scaling", path)?;
+        return Ok((raw.rope_theta.unwrap_or(10_000.0), scaling));
+    };
+    let Some(obj) = params.as_object() else {
+        return Err(Error::invalid(path, "field `rope_parameters`", "must be an object"));
+    };
+    if obj.values().any(|v| v.is_object()) {
+        return Err(Error::invalid(
+            path,
+            "field `rope_parameters`",
+            "per-layer-type rope parameters (one set per attention kind) are not supported",
+        ));
+    }
+    let theta = match obj.get("rope_theta") {
+        Some(t) => t
+            .as_f64()
+            .ok_or_else(|| Error::invalid(path, "field `rope_parameters.rope_theta`", "must be a number"))?,
+        None => raw.rope_theta.unwrap_or(10_000.0),
+    };
+    if let Some(top) = raw.rope_theta {
+        if top != theta {
+            return Err(Error::invalid(
+                path,
+                "field `rope_theta`",
+                format!("{top} disagrees with `rope_parameters.rope_theta` = {theta}"),
+            ));
+        }
+    }
+    let scaling = parse_rope_scaling(Some(params), "rope_parameters", path)?;
+    if let (Some(old), Some(new)) = (
+        parse_rope_scaling(raw.rope_scaling.as_ref(), "rope_scaling", path)?,
+        &scaling,
+    ) {
+        if &old != new {
+            return Err(Error::invalid(
+                path,
+                "field `rope_scaling`",
+                "disagrees with `rope_parameters` (remove one of them)",
+            ));
+        }
+    }
+    Ok((theta, scaling))
+}
+
+/// `field` names the object in error messages (`rope_scaling` or `rope_parameters`).
+fn parse_rope_scaling(v: Option<&serde_json::Value>, field: &str, path: &Path) -> Result<Option<RopeScaling>> {
     let Some(v) = v else { return Ok(None) };
     if v.is_null() {
         return Ok(None);
@@ -240,11 +364,12 @@ fn parse_rope_scaling(v: Option<&serde_json::Value>, path: &Path) -> Result<Opti
         .and_then(|t| t.as_str())
         .unwrap_or("");
     match kind {
+        // A `rope_parameters` object without `rope_type` is the default rotary.
         "default" => Ok(None),
+        "" if field == "rope_parameters" => Ok(None),
         "llama3" => {
             let f = |k: &str| v.get(k).and_then(|x| x.as_f64());
-            let get =
-                |k: &str| f(k).ok_or_else(|| Error::invalid(path, format!("field `rope_scaling.{k}`"), "is missing"));
+            let get = |k: &str| f(k).ok_or_else(|| Error::invalid(path, format!("field `{field}.{k}`"), "is missing"));
             Ok(Some(RopeScaling {
                 factor: get("factor")?,
                 low_freq_factor: get("low_freq_factor")?,
@@ -254,8 +379,8 @@ fn parse_rope_scaling(v: Option<&serde_json::Value>, path: &Path) -> Result<Opti
         }
         other => Err(Error::invalid(
             path,
-            "field `rope_scaling`",
-            format!("rope type `{other}` is not supported (supported: llama3)"),
+            format!("field `{field}.rope_type`"),
+            format!("rope type `{other}` is not supported (supported: default, llama3)"),
         )),
     }
 }

@@ -111,8 +111,7 @@ impl GgufModel {
         let rope_scaling = self.rope_scaling_json(&arch, head_dim, rope_theta)?;
         let has = |name: &str| self.content.tensor_infos.contains_key(name);
         let architectures = match Family::from_model_type(&arch) {
-            Some(Family::Llama) => json!(["LlamaForCausalLM"]),
-            Some(Family::Qwen2) => json!(["Qwen2ForCausalLM"]),
+            Some(family) => json!([family.architecture()]),
             None => json!([]),
         };
         let mut config = json!({
@@ -559,7 +558,7 @@ pub fn gguf_to_hf_name(gguf: &str) -> Option<String> {
 }
 
 /// (Hugging Face module, GGUF module) inside one decoder layer.
-const LAYER_NAMES: [(&str, &str); 9] = [
+const LAYER_NAMES: [(&str, &str); 11] = [
     ("self_attn.q_proj", "attn_q"),
     ("self_attn.k_proj", "attn_k"),
     ("self_attn.v_proj", "attn_v"),
@@ -569,6 +568,8 @@ const LAYER_NAMES: [(&str, &str); 9] = [
     ("mlp.down_proj", "ffn_down"),
     ("input_layernorm", "attn_norm"),
     ("post_attention_layernorm", "ffn_norm"),
+    ("self_attn.q_norm", "attn_q_norm"),
+    ("self_attn.k_norm", "attn_k_norm"),
 ];
 
 /// llama.cpp's row permutation of Llama q/k projections (weights `[rows, cols]` or biases
@@ -757,7 +758,7 @@ pub fn write_gguf(
             Error::invalid(
                 path,
                 format!("tensor `{hf_name}`"),
-                "has no GGUF name (not a Llama/Qwen2 tensor)",
+                "has no GGUF name (not a Llama/Qwen2/Qwen3 tensor)",
             )
         })?;
         let mut t = tensor.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
@@ -982,7 +983,7 @@ mod tests {
 
     #[test]
     fn tiny_gguf_tensors_equal_the_hugging_face_tensors() {
-        for family in [Family::Llama, Family::Qwen2] {
+        for family in [Family::Llama, Family::Qwen2, Family::Qwen3] {
             for tie in [true, false] {
                 let dir = tempfile::tempdir().unwrap();
                 let mut spec = TinySpec::new(family);

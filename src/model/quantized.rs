@@ -148,6 +148,17 @@ impl QuantizedModel {
                 "the quantized path needs a .gguf file (safetensors models run in f32)",
             ));
         }
+        if cfg.qk_norm {
+            // Refused rather than run without the per-head q/k norms (a silently wrong answer).
+            return Err(Error::invalid(
+                path,
+                "model",
+                format!(
+                    "the quantized path does not run {} models yet (q/k norms); run without --quantized",
+                    cfg.family.name()
+                ),
+            ));
+        }
         let gguf = GgufModel::open(path)?;
         let mut reader = Reader {
             gguf: &gguf,

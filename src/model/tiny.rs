@@ -48,7 +48,8 @@ impl TinySpec {
             num_hidden_layers: 2,
             num_attention_heads: 4,
             num_key_value_heads: 2,
-            tie_word_embeddings: family == Family::Llama,
+            // Small Llama and Qwen3 checkpoints tie the head to the embedding; Qwen2.5 ones differ by size.
+            tie_word_embeddings: family != Family::Qwen2,
             max_position_embeddings: 1024,
             embedding_std: 0.5,
             seed: 42,
@@ -87,6 +88,7 @@ impl TinySpec {
         let (model_type, arch) = match self.family {
             Family::Llama => ("llama", "LlamaForCausalLM"),
             Family::Qwen2 => ("qwen2", "Qwen2ForCausalLM"),
+            Family::Qwen3 => ("qwen3", "Qwen3ForCausalLM"),
         };
         json!({
             "architectures": [arch],
@@ -140,6 +142,10 @@ impl TinySpec {
             put(format!("{p}.self_attn.k_proj.weight"), &[kv, h], Init::Normal(0.02))?;
             put(format!("{p}.self_attn.v_proj.weight"), &[kv, h], Init::Normal(0.02))?;
             put(format!("{p}.self_attn.o_proj.weight"), &[h, q], Init::Normal(0.02))?;
+            if self.family == Family::Qwen3 {
+                put(format!("{p}.self_attn.q_norm.weight"), &[hd], Init::Norm)?;
+                put(format!("{p}.self_attn.k_norm.weight"), &[hd], Init::Norm)?;
+            }
             if self.family == Family::Qwen2 {
                 put(format!("{p}.self_attn.q_proj.bias"), &[q], Init::Normal(0.02))?;
                 put(format!("{p}.self_attn.k_proj.bias"), &[kv], Init::Normal(0.02))?;

@@ -1,4 +1,4 @@
-//! The differentiable decoder-only transformer used for training (Llama and Qwen2 families;
+//! The differentiable decoder-only transformer used for training (Llama, Qwen2 and Qwen3 families;
 //! family differences are flags in `ModelConfig`). Unlike candle's fast kernels and the stock
 //! `candle-transformers` models, every op here propagates gradients, and the forward returns
 //! hidden states for all positions.
@@ -19,6 +19,24 @@ struct Attention {
     k: LoraLinear,
     v: LoraLinear,
     o: LoraLinear,
+    /// Per-head RMS norm weights `[head_dim]` for q and k (Qwen3), applied before rotary.
+    q_norm: Option<Tensor>,
+    k_norm: Option<Tensor>,
+}
+
+impl Attention {
+    /// q and k `[.., heads·head_dim]` after the per-head norms (when the family has them).
+    fn norm_qk(&self, q: Tensor, k: Tensor, head_dim: usize, eps: f64) -> Result<(Tensor, Tensor)> {
+        let per_head = |x: Tensor, w: &Option<Tensor>| -> Result<Tensor> {
+            let Some(w) = w else { return Ok(x) };
+            let dims = x.dims().to_vec();
+            let last = dims[dims.len() - 1];
+            let mut split = dims[..dims.len() - 1].to_vec();
+            split.extend([last / head_dim, head_dim]);
+            Ok(ops::rms_norm(&x.reshape(split)?, w, eps)?.reshape(dims)?)
+        };
+        Ok((per_head(q, &self.q_norm)?, per_head(k, &self.k_norm)?))
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -158,6 +176,16 @@ impl Transformer {
                     k: linear(src, &format!("{a}.k_proj"), kv_dim, h, cfg.qkv_bias, dtype, device)?,
                     v: linear(src, &format!("{a}.v_proj"), kv_dim, h, cfg.qkv_bias, dtype, device)?,
                     o: linear(src, &format!("{a}.o_proj"), h, q_dim, cfg.o_bias, dtype, device)?,
+                    q_norm: if cfg.qk_norm {
+                        Some(src.get(&format!("{a}.q_norm.weight"), &[cfg.head_dim], dtype, device)?)
+                    } else {
+                        None
+                    },
+                    k_norm: if cfg.qk_norm {
+                        Some(src.get(&format!("{a}.k_norm.weight"), &[cfg.head_dim], dtype, device)?)
+                    } else {
+                        None
+                    },
                 },
                 mlp: Mlp {
                     gate: linear(src, &format!("{m}.gate_proj"), i, h, cfg.mlp_bias, dtype, device)?,
@@ -325,6 +353,12 @@ impl Transformer {
                 format!("model.layers.{l}.post_attention_layernorm.weight"),
                 b.post_norm.clone(),
             ));
+            if let Some(w) = &b.attn.q_norm {
+                out.push((format!("model.layers.{l}.self_attn.q_norm.weight"), w.clone()));
+            }
+            if let Some(w) = &b.attn.k_norm {
+                out.push((format!("model.layers.{l}.self_attn.k_norm.weight"), w.clone()));
+            }
             for t in Target::ALL {
                 let lin = self.linear_ref(l, t);
                 let module = t.module_path(l);
@@ -372,6 +406,7 @@ impl Transformer {
             let q = block.attn.q.forward(&hs, ctx)?;
             let k = block.attn.k.forward(&hs, ctx)?;
             let v = block.attn.v.forward(&hs, ctx)?;
+            let (q, k) = block.attn.norm_qk(q, k, cfg.head_dim, cfg.rms_norm_eps)?;
             let y = causal_attention(&q, &k, &v, &cos, &sin, heads, scale)?;
             let y = block.attn.o.forward(&y, ctx)?;
             x = (residual + y)?;
@@ -459,6 +494,7 @@ impl Transformer {
             let q = block.attn.q.forward(&hs, ctx)?;
             let k = block.attn.k.forward(&hs, ctx)?;
             let v = block.attn.v.forward(&hs, ctx)?;
+            let (q, k) = block.attn.norm_qk(q, k, hd, cfg.rms_norm_eps)?;
             let q = q.reshape((1, t, nh, hd))?.transpose(1, 2)?.contiguous()?;
             let k = k.reshape((1, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
             let v = v.reshape((1, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;

@@ -1,0 +1,59 @@
+#!/usr/bin/env python3
+"""Writes tests/fixtures/transformers/<case>/: tiny random models saved by transformers itself
+(config.json in the layout the installed transformers writes, model.safetensors) and
+expected.json with the logits transformers' own modeling code gives for fixed input ids.
+tests/transformers_parity.rs checks that Finch reads each config and gives the same logits.
+
+Run it in a throwaway venv: python3 -m venv /tmp/tf && /tmp/tf/bin/pip install torch transformers
+safetensors && /tmp/tf/bin/python scripts/make_transformers_fixtures.py
+"""
+import json
+import os
+import sys
+
+import torch
+import transformers
+from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3Config
+
+OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "fixtures", "transformers")
+SHAPES = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+IDS = [[1, 5, 17, 33, 2, 60, 61, 62, 8, 95, 40, 3]]
+
+CASES = {
+    # transformers 5.x writes the rotary base into rope_parameters (no top-level rope_theta).
+    "llama_rope_parameters": LlamaConfig(**SHAPES, rope_theta=50000.0, tie_word_embeddings=True),
+    # Llama 3.x rope scaling, also inside rope_parameters.
+    "llama3_scaling": LlamaConfig(**SHAPES, rope_theta=500000.0, rope_scaling={
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64}),
+    "qwen2": Qwen2Config(**SHAPES, rope_theta=1000000.0, tie_word_embeddings=False),
+    # Qwen3: per-head q/k RMS norms before rotary, head_dim from the config (not hidden/heads).
+    "qwen3": Qwen3Config(**SHAPES, head_dim=16, rope_theta=1000000.0, tie_word_embeddings=True),
+}
+
+
+def main():
+    torch.manual_seed(0)
+    for name, cfg in CASES.items():
+        model = AutoModelForCausalLM.from_config(cfg).to(torch.float32).eval()
+        with torch.no_grad():
+            for p in model.parameters():  # larger weights than the init so the logits differ clearly
+                p.normal_(0.0, 0.2)
+        d = os.path.join(OUT, name)
+        os.makedirs(d, exist_ok=True)
+        model.save_pretrained(d, safe_serialization=True)
+        with torch.no_grad():
+            logits = model(torch.tensor(IDS)).logits[0]
+        with open(os.path.join(d, "expected.json"), "w") as f:
+            json.dump({"transformers_version": transformers.__version__, "input_ids": IDS[0],
+                       "logits": [[round(x, 6) for x in row] for row in logits.tolist()]}, f)
+        for extra in ("generation_config.json",):
+            p = os.path.join(d, extra)
+            if os.path.exists(p):
+                os.remove(p)
+        print(name, "written", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
