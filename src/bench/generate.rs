@@ -12,13 +12,12 @@ use serde::Serialize;
 use crate::data::{Message, Role};
 use crate::error::{Error, Result};
 use crate::generate::adapter::with_adapter;
-use crate::model::quantized::QuantizedModel;
 use crate::generate::sampling::argmax;
 use crate::generate::{CachedTransformer, ChatFormat, Decoder, LoadedModel};
+use crate::model::quantized::QuantizedModel;
 use crate::model::tiny::TinySpec;
 use crate::model::transformer::Transformer;
 use crate::model::weights::TensorMap;
-use crate::model::ModelFiles;
 use crate::rng::Rng;
 
 /// The fixed user message of the benchmark prompt (about 150 tokens with SmolLM2's template).

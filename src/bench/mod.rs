@@ -15,7 +15,7 @@ use crate::error::Result;
 use crate::lora::LoraConfig;
 use crate::model::tiny::TinySpec;
 use crate::model::weights::TensorMap;
-use crate::model::{ModelFiles, Transformer};
+use crate::model::Transformer;
 use crate::rng::Rng;
 use crate::train::{Duration, TrainConfig, TrainData, TrainEvent, Trainer};
 

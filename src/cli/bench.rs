@@ -4,8 +4,8 @@ use std::path::PathBuf;
 
 use clap::{Args, Subcommand};
 
-use crate::bench::{bench_train, BenchTrainOptions};
 use crate::bench::generate::BenchGenerateOptions;
+use crate::bench::{bench_train, BenchTrainOptions};
 use crate::lora::Target;
 
 #[derive(Debug, Args)]

@@ -12,12 +12,11 @@ use clap::Args;
 use serde::Serialize;
 
 use crate::data::{Message, Role};
-use crate::model::quantized::QuantizedModel;
 use crate::generate::{
     chat_with, with_adapter, CachedTransformer, ChatFormat, Decoder, GenerateOptions, Generation, LoadedModel,
     SamplingParams,
 };
-use crate::model::ModelFiles;
+use crate::model::quantized::QuantizedModel;
 
 /// Sampling flags (greedy unless `--temperature` is above 0).
 #[derive(Debug, Clone, Args)]
@@ -120,7 +119,8 @@ pub fn run(args: ChatArgs) -> anyhow::Result<i32> {
     eprintln!("loading {} ...", args.model);
     // The f32 model (base weights shared with the adapter clone) or the quantized GGUF.
     let (format, f32_model, mut quantized, label) = if args.quantized {
-        let files = crate::hub::open_model(&args.model).with_context(|| format!("cannot open model `{}`", args.model))?;
+        let files =
+            crate::hub::open_model(&args.model).with_context(|| format!("cannot open model `{}`", args.model))?;
         let format = ChatFormat::from_files(&files)?;
         let mut q = QuantizedModel::open(&files.path, &files.config)?;
         let label = match &args.adapter {

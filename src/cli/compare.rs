@@ -12,9 +12,8 @@ use clap::Args;
 
 use crate::cli::chat::{AnswerJson, GenArgs};
 use crate::data::{Message, Role};
-use crate::model::quantized::QuantizedModel;
 use crate::generate::{chat, chat_with, with_adapter, ChatFormat, Generation, LoadedModel};
-use crate::model::ModelFiles;
+use crate::model::quantized::QuantizedModel;
 
 #[derive(Debug, Args)]
 pub struct CompareArgs {
@@ -49,7 +48,8 @@ pub fn run(args: CompareArgs) -> anyhow::Result<i32> {
     let no_cancel = AtomicBool::new(false);
     let mut answers: Vec<(String, Generation)> = vec![];
     if args.quantized {
-        let files = crate::hub::open_model(&args.model).with_context(|| format!("cannot open model `{}`", args.model))?;
+        let files =
+            crate::hub::open_model(&args.model).with_context(|| format!("cannot open model `{}`", args.model))?;
         let format = ChatFormat::from_files(&files)?;
         let mut q = QuantizedModel::open(&files.path, &files.config)?;
         let sides = std::iter::once(None).chain(args.adapter.iter().map(Some));

@@ -8,8 +8,8 @@ use std::sync::atomic::AtomicBool;
 use anyhow::Context;
 use clap::Args;
 
-use crate::train::eval::{evaluate, Metric};
 use crate::generate::{with_adapter, LoadedModel};
+use crate::train::eval::{evaluate, Metric};
 
 #[derive(Debug, Args)]
 pub struct EvalArgs {

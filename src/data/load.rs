@@ -13,8 +13,8 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-pub use crate::data::records::{FileKind, Rejection};
 use crate::data::records::{kind_of, read_records, RawRecord};
+pub use crate::data::records::{FileKind, Rejection};
 use crate::data::{Example, Message, Role};
 use crate::error::{Error, Result};
 

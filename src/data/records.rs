@@ -63,8 +63,6 @@ pub struct Rejection {
     pub reason: String,
 }
 
-
-
 /// One record as read from the file, before format-specific validation.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RawRecord {

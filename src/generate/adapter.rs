@@ -2,14 +2,13 @@
 //! `finch train` (which holds `adapter/`) or a PEFT adapter folder (Finch's or Python PEFT's).
 //! The adapted model is a clone of the base, so base weights stay in memory once.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use candle_core::Device;
 
+use crate::error::Result;
 pub use crate::lora::resolve_adapter_dir;
-use crate::error::{Error, Result};
 use crate::model::transformer::Transformer;
-
 
 /// `base` with the adapter at `path` (run or adapter folder) attached, unmerged. The clone
 /// shares every base tensor with `base`.

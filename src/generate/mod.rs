@@ -20,7 +20,7 @@ use tokenizers::Tokenizer;
 use crate::data::{Message, Role};
 use crate::error::{Error, Result};
 use crate::model::config::ModelConfig;
-use crate::model::transformer::{KvCache, Transformer};
+use crate::model::transformer::Transformer;
 use crate::model::ModelFiles;
 use crate::template::ChatTemplate;
 

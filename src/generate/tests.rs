@@ -3,10 +3,13 @@ use std::sync::atomic::AtomicBool;
 use candle_core::{Device, Tensor};
 
 use super::*;
+use crate::export;
 use crate::lora::{LoraConfig, Target};
 use crate::model::config::Family;
 use crate::model::tiny::TinySpec;
+use crate::model::transformer::KvCache;
 use crate::rng::Rng;
+use crate::train::eval;
 
 fn tiny(family: Family) -> (tempfile::TempDir, LoadedModel) {
     let dir = tempfile::tempdir().unwrap();
@@ -536,7 +539,7 @@ fn quantized_path_matches_the_dequantized_model() {
         let paths = export::export_gguf(&m.files, &m.format, &model, &out).unwrap();
         let q8 = &paths[1];
         let f32_model = LoadedModel::open(q8.to_str().unwrap()).unwrap();
-        let mut q = quantized::QuantizedModel::open(q8, &f32_model.files.config).unwrap();
+        let mut q = crate::model::quantized::QuantizedModel::open(q8, &f32_model.files.config).unwrap();
         let ids: Vec<u32> = (0..30).map(|i| (i * 7 % 260) as u32 + 3).collect();
         let want = all_logits(&f32_model.model, &ids);
         // Prompt in one step, then token by token; logits of the last position each time.
@@ -575,7 +578,7 @@ fn quantized_path_matches_the_dequantized_model() {
     let dir = tempfile::tempdir().unwrap();
     TinySpec::new(Family::Llama).write(dir.path()).unwrap();
     let cfg = LoadedModel::open(dir.path().to_str().unwrap()).unwrap().files.config;
-    let err = quantized::QuantizedModel::open(dir.path(), &cfg)
+    let err = crate::model::quantized::QuantizedModel::open(dir.path(), &cfg)
         .err()
         .unwrap()
         .to_string();
@@ -594,7 +597,7 @@ fn quantized_path_applies_an_adapter_unmerged() {
         let q8 = &paths[1];
         let base = LoadedModel::open(q8.to_str().unwrap()).unwrap();
         let with = adapter::with_adapter(&base.model, &dir.path().join("run")).unwrap();
-        let mut q = quantized::QuantizedModel::open(q8, &base.files.config).unwrap();
+        let mut q = crate::model::quantized::QuantizedModel::open(q8, &base.files.config).unwrap();
         q.set_adapter(&dir.path().join("run")).unwrap();
         let ids: Vec<u32> = (0..20).map(|i| (i * 11 % 250) as u32 + 3).collect();
         let want = all_logits(&with, &ids);
@@ -631,7 +634,7 @@ fn real_model_quantized_answers_paris() {
     let Some(path) = real_model() else { return };
     let files = ModelFiles::open(&path).unwrap();
     let format = ChatFormat::from_files(&files).unwrap();
-    let mut q = quantized::QuantizedModel::open(&files.path, &files.config).unwrap();
+    let mut q = crate::model::quantized::QuantizedModel::open(&files.path, &files.config).unwrap();
     let no = AtomicBool::new(false);
     let msgs = [Message::new(
         Role::User,
@@ -663,7 +666,7 @@ const REAL_PROMPTS: [&str; 4] = [
 fn real_model_quantized_logits_match_the_dequantized_model() {
     let Some(path) = real_model() else { return };
     let f32_model = LoadedModel::open(&path).unwrap();
-    let mut q = quantized::QuantizedModel::open(&f32_model.files.path, &f32_model.files.config).unwrap();
+    let mut q = crate::model::quantized::QuantizedModel::open(&f32_model.files.path, &f32_model.files.config).unwrap();
     let no = AtomicBool::new(false);
     let (mut agree, mut total, mut worst, mut sum_abs) = (0usize, 0usize, 0f32, 0f64);
     for text in REAL_PROMPTS {
@@ -732,7 +735,7 @@ fn real_model_quantized_logits_match_the_dequantized_model() {
 fn real_model_quantized_forward_in_exact_mode_equals_the_f32_model() {
     let Some(path) = real_model() else { return };
     let f32_model = LoadedModel::open(&path).unwrap();
-    let mut q = quantized::QuantizedModel::open(&f32_model.files.path, &f32_model.files.config).unwrap();
+    let mut q = crate::model::quantized::QuantizedModel::open(&f32_model.files.path, &f32_model.files.config).unwrap();
     q.set_exact_activations(true);
     let ids = f32_model
         .format
@@ -765,12 +768,12 @@ fn real_model_kernels_agree() {
     let Some(path) = real_model() else { return };
     let files = ModelFiles::open(&path).unwrap();
     let format = ChatFormat::from_files(&files).unwrap();
-    let mut q = quantized::QuantizedModel::open(&files.path, &files.config).unwrap();
+    let mut q = crate::model::quantized::QuantizedModel::open(&files.path, &files.config).unwrap();
     let ids = format
         .encode_prompt(&[Message::new(Role::User, REAL_PROMPTS[2])])
         .unwrap();
     let mut outs = vec![];
-    for kernel in qkernels::Kernel::available() {
+    for kernel in crate::kernels::quant::Kernel::available() {
         q.set_kernel(kernel);
         q.reset().unwrap();
         // Prompt in two steps (tiled prompt kernel, then the cache), then one token.

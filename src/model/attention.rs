@@ -14,8 +14,8 @@ use std::sync::Mutex;
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::ops::{self, cpu_f32, exp_fast, rope_row, slice};
 use crate::kernels::gemm::{gemm_into_on, with_slice, Mat};
+use crate::kernels::ops::{self, cpu_f32, exp_fast, rope_row, slice};
 
 /// Head layout of one attention call.
 #[derive(Debug, Clone, Copy)]

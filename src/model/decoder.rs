@@ -43,4 +43,3 @@ impl Decoder for CachedTransformer<'_> {
         self.model.cfg.max_position_embeddings
     }
 }
-

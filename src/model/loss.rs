@@ -7,8 +7,8 @@
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor, D};
 use rayon::prelude::*;
 
-use super::ops::{self, cpu_f32, exp_fast, max};
 use crate::kernels::gemm::{gemm_into, with_slice, Mat};
+use crate::kernels::ops::{self, cpu_f32, exp_fast, max};
 
 /// Mean cross-entropy of `logits: [n, vocab]` against `targets` (`n` token ids).
 pub fn cross_entropy(logits: &Tensor, targets: &[u32]) -> candle_core::Result<Tensor> {

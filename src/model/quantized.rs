@@ -28,9 +28,9 @@ use rayon::prelude::*;
 
 use crate::error::{Error, Result};
 use crate::kernels::quant::{self, Kernel, QActivations, QMatrix, QType};
-use crate::model::decoder::Decoder;
 use crate::lora::Target;
 use crate::model::config::ModelConfig;
+use crate::model::decoder::Decoder;
 use crate::model::gguf::GgufModel;
 
 /// One adapted projection: `y += scale·(x·Aᵀ)·Bᵀ`, `a: [r, in]`, `b: [out, r]`, f32.
@@ -325,7 +325,7 @@ impl QuantizedModel {
     /// Runs `ids` after the cached positions; returns the logits of the last position
     /// (`all = false`, `[vocab]`) or of every new position (`[ids.len() * vocab]`).
     pub fn forward(&mut self, ids: &[u32], all: bool) -> Result<Vec<f32>> {
-        match qkernels::pool() {
+        match quant::pool() {
             Some(pool) => pool.install(|| self.forward_here(ids, all)),
             None => self.forward_here(ids, all),
         }
@@ -485,7 +485,7 @@ impl Products<'_> {
                 )?;
                 Ok(())
             }
-            None => qkernels::matmul(w, &self.acts, out, self.kernel).map_err(kernel_err),
+            None => quant::matmul(w, &self.acts, out, self.kernel).map_err(kernel_err),
         }
     }
 }
@@ -494,7 +494,7 @@ fn matrix_key(m: &QMatrix) -> usize {
     m.data().as_ptr() as usize
 }
 
-fn kernel_err(e: qkernels::QError) -> Error {
+fn kernel_err(e: quant::QError) -> Error {
     Error::config("quantized", e.to_string())
 }
 

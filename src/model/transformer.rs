@@ -6,10 +6,10 @@
 use candle_core::{DType, Device, Tensor};
 
 use crate::error::{Error, Result};
+use crate::kernels::ops;
 use crate::lora::{ForwardCtx, LoraConfig, LoraLinear, LoraWeights, Target};
 use crate::model::attention::{causal_attention, Heads};
 use crate::model::config::ModelConfig;
-use crate::kernels::ops;
 use crate::model::weights::WeightSource;
 use crate::rng::Rng;
 

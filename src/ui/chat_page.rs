@@ -20,10 +20,10 @@ use eframe::egui;
 use serde::{Deserialize, Serialize};
 
 use crate::data::{Message, Role};
-use crate::model::quantized::QuantizedModel;
 use crate::generate::{
     chat, chat_with, with_adapter, ChatFormat, FinishReason, GenerateOptions, LoadedModel, SamplingParams,
 };
+use crate::model::quantized::QuantizedModel;
 use crate::model::transformer::Transformer;
 use crate::rng::Rng;
 

@@ -28,7 +28,6 @@ use crate::data::split::{apply_split, train_validation_split};
 use crate::data::tokenize::encode_example;
 use crate::data::{Example, LossOn, Message, Role};
 use crate::model::load::TemplateSource;
-use crate::model::ModelFiles;
 use crate::template::{special_tokens_from_config, BuiltinTemplate, ChatTemplate};
 
 use super::app::App;

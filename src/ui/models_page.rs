@@ -8,7 +8,6 @@ use eframe::egui;
 
 use crate::hub::{CachedModel, DownloadProgress, DownloadRequest, HubOptions, ModelSummary, SearchQuery, Token};
 use crate::model::load::TemplateSource;
-use crate::model::ModelFiles;
 
 use super::app::App;
 use super::widgets::{format_bytes, format_count};
