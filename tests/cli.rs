@@ -417,3 +417,36 @@ fn probe_prompts_are_answered_on_stderr_and_logged() {
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(e.contains("at most 3") && !e.contains("panicked"), "{e}");
 }
+
+#[test]
+fn a_truncated_gguf_is_one_clean_error_line_even_with_rust_backtrace_set() {
+    // candle attaches a backtrace to its errors when RUST_BACKTRACE is set; the user must see the
+    // message (which file, what went wrong) and nothing else.
+    let dir = tempfile::tempdir().unwrap();
+    let spec = TinySpec::new(Family::Llama);
+    let config = finch::model::ModelConfig::from_json(&spec.config_json(), Path::new("config.json")).unwrap();
+    let gguf = dir.path().join("tiny.gguf");
+    let weights = spec.weights().unwrap();
+    finch::model::gguf::write_gguf(&gguf, &config, &weights, None, candle_core::quantized::GgmlDType::F32).unwrap();
+    let bytes = std::fs::read(&gguf).unwrap();
+    for (name, keep) in [("header.gguf", 200), ("tensors.gguf", bytes.len() - 100)] {
+        let cut = dir.path().join(name);
+        std::fs::write(&cut, &bytes[..keep]).unwrap();
+        let o = finch()
+            .args(["chat", "--model"])
+            .arg(&cut)
+            .args(["--prompt", "hi"])
+            .env("RUST_BACKTRACE", "1")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{stderr}");
+        let error_lines: Vec<&str> = stderr.lines().skip_while(|l| !l.starts_with("error:")).collect();
+        assert_eq!(error_lines.len(), 1, "expected one error line, got:\n{stderr}");
+        assert!(error_lines[0].contains(name), "{stderr}");
+        assert!(
+            !stderr.contains("panicked") && !stderr.contains("backtrace"),
+            "{stderr}"
+        );
+    }
+}

@@ -832,7 +832,7 @@ fn a_download_waits_while_another_process_writes_the_same_blob() {
     let lock_dir = cache.path().join(".locks").join("models--test-org--tiny-llama");
     std::fs::create_dir_all(&lock_dir).unwrap();
     let held = std::fs::File::create(lock_dir.join(format!("{sha}.lock"))).unwrap();
-    fs2::FileExt::lock_exclusive(&held).unwrap();
+    fs4::FileExt::lock(&held).unwrap();
 
     let (events_tx, events_rx) = std::sync::mpsc::channel();
     let worker = std::thread::Builder::new()

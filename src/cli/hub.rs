@@ -7,15 +7,13 @@
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use serde_json::json;
 
+use crate::cli::progress::{human_bytes, DownloadBar};
 use crate::hub::token::{finch_token_path, find_token, save_token, TokenSource};
-use crate::hub::{
-    DownloadProgress, DownloadRequest, Hub, HubError, HubOptions, ModelSummary, SearchQuery, SearchSort, Token,
-};
+use crate::hub::{DownloadRequest, Hub, HubError, HubOptions, ModelSummary, SearchQuery, SearchSort, Token};
 
 #[derive(Debug, clap::Args)]
 pub struct HubArgs {
@@ -188,7 +186,7 @@ fn download(hub: &Hub, id: String, revision: String, gguf_file: Option<String>) 
     let request = DownloadRequest::new(&id)
         .with_revision(&revision)
         .with_gguf_file(gguf_file);
-    let mut bar = ProgressBar::new();
+    let mut bar = DownloadBar::new();
     let result = hub.download(&request, &mut |event| bar.on_event(&event), &CANCEL);
     bar.finish_line();
     let snapshot = match result {
@@ -299,167 +297,11 @@ fn login(hub: &Hub, no_verify: bool) -> anyhow::Result<i32> {
 /// [`crate::hub::resolve_model`] with a progress bar on stderr, for commands that accept a Hub id
 /// as `--model`.
 pub fn resolve_model_with_progress(spec: &str) -> anyhow::Result<PathBuf> {
-    let mut bar = ProgressBar::new();
+    let mut bar = DownloadBar::new();
     let cancel = AtomicBool::new(false);
     let result = crate::hub::resolve_model_with(spec, &HubOptions::from_env(), &mut |e| bar.on_event(&e), &cancel);
     bar.finish_line();
     Ok(result?)
-}
-
-/// Renders download events on stderr: a redrawn bar on a terminal, a line per 10% otherwise.
-pub struct ProgressBar {
-    started: Instant,
-    /// Bytes already present when the transfer started (cached or resumed), excluded from the rate.
-    start_done_bytes: u64,
-    last_draw: Option<Instant>,
-    last_logged_tenth: u64,
-    terminal: bool,
-    drawn: bool,
-    file: String,
-}
-
-impl Default for ProgressBar {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-impl ProgressBar {
-    pub fn new() -> Self {
-        ProgressBar {
-            started: Instant::now(),
-            start_done_bytes: 0,
-            last_draw: None,
-            last_logged_tenth: 0,
-            terminal: std::io::stderr().is_terminal(),
-            drawn: false,
-            file: String::new(),
-        }
-    }
-
-    pub fn on_event(&mut self, event: &DownloadProgress) {
-        match event {
-            DownloadProgress::Planned {
-                id,
-                commit,
-                files,
-                total_bytes,
-                done_bytes,
-            } => {
-                self.started = Instant::now();
-                self.start_done_bytes = *done_bytes;
-                let cached = files.iter().filter(|f| f.cached).count();
-                eprintln!(
-                    "{id} @ {}: {} files, {}{}",
-                    commit.chars().take(8).collect::<String>(),
-                    files.len(),
-                    human_bytes(*total_bytes),
-                    if cached > 0 {
-                        format!(" ({cached} already cached)")
-                    } else {
-                        String::new()
-                    }
-                );
-            }
-            DownloadProgress::FileStarted {
-                file,
-                resume_from_bytes,
-                ..
-            } => {
-                self.file = file.clone();
-                if *resume_from_bytes > 0 {
-                    self.finish_line();
-                    eprintln!("resuming {file} from {}", human_bytes(*resume_from_bytes));
-                }
-            }
-            DownloadProgress::Bytes {
-                done_bytes,
-                total_bytes,
-                ..
-            } => self.draw(*done_bytes, *total_bytes),
-            DownloadProgress::WaitingForLock { file, lock_path } => {
-                self.finish_line();
-                eprintln!(
-                    "waiting: another download is writing {file} (lock {})",
-                    lock_path.display()
-                );
-            }
-            DownloadProgress::Verifying { .. } | DownloadProgress::FileDone { .. } => {}
-            DownloadProgress::Finished { snapshot, .. } => {
-                self.finish_line();
-                eprintln!(
-                    "done in {:.1} s: {}",
-                    self.started.elapsed().as_secs_f64(),
-                    snapshot.display()
-                );
-            }
-        }
-    }
-
-    fn draw(&mut self, done_bytes: u64, total_bytes: u64) {
-        let fraction = if total_bytes == 0 {
-            1.0
-        } else {
-            done_bytes as f64 / total_bytes as f64
-        };
-        let elapsed_secs = self.started.elapsed().as_secs_f64().max(1e-3);
-        let rate_bytes_per_sec = done_bytes.saturating_sub(self.start_done_bytes) as f64 / elapsed_secs;
-        let eta = if rate_bytes_per_sec > 0.0 {
-            format_duration(Duration::from_secs_f64(
-                total_bytes.saturating_sub(done_bytes) as f64 / rate_bytes_per_sec,
-            ))
-        } else {
-            "?".to_string()
-        };
-        let line = format!(
-            "{:>3.0}% {} / {}  {}/s  ETA {eta}  {}",
-            fraction * 100.0,
-            human_bytes(done_bytes),
-            human_bytes(total_bytes),
-            human_bytes(rate_bytes_per_sec as u64),
-            self.file
-        );
-        if self.terminal {
-            let due = self.last_draw.is_none_or(|t| t.elapsed() >= Duration::from_millis(100));
-            if due || done_bytes == total_bytes {
-                const WIDTH: usize = 24;
-                let filled = ((fraction * WIDTH as f64) as usize).min(WIDTH);
-                eprint!("\r[{}{}] {line}\x1b[K", "#".repeat(filled), "-".repeat(WIDTH - filled));
-                let _ = std::io::stderr().flush();
-                self.last_draw = Some(Instant::now());
-                self.drawn = true;
-            }
-        } else {
-            let tenth = (fraction * 10.0).floor() as u64;
-            if tenth > self.last_logged_tenth {
-                self.last_logged_tenth = tenth;
-                eprintln!("{line}");
-            }
-        }
-    }
-
-    /// Ends a redrawn bar line so later messages start on a fresh line.
-    pub fn finish_line(&mut self) {
-        if self.terminal && self.drawn {
-            eprintln!();
-            self.drawn = false;
-        }
-    }
-}
-
-fn human_bytes(bytes: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut value = bytes as f64;
-    let mut unit = 0;
-    while value >= 1024.0 && unit < UNITS.len() - 1 {
-        value /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{bytes} B")
-    } else {
-        format!("{value:.1} {}", UNITS[unit])
-    }
 }
 
 fn human_count(n: u64) -> String {
@@ -471,26 +313,13 @@ fn human_count(n: u64) -> String {
     }
 }
 
-fn format_duration(d: Duration) -> String {
-    let secs = d.as_secs();
-    if secs >= 3600 {
-        format!("{}:{:02}:{:02}", secs / 3600, secs / 60 % 60, secs % 60)
-    } else {
-        format!("{}:{:02}", secs / 60, secs % 60)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn sizes_and_counts_read_naturally() {
-        assert_eq!(human_bytes(512), "512 B");
-        assert_eq!(human_bytes(270 * 1024 * 1024), "270.0 MiB");
         assert_eq!(human_count(134_515_008), "134.5M");
         assert_eq!(human_count(1_711_376_384), "1.7B");
-        assert_eq!(format_duration(Duration::from_secs(3725)), "1:02:05");
-        assert_eq!(format_duration(Duration::from_secs(75)), "1:15");
     }
 }

@@ -9,11 +9,13 @@
 //!     refs/<branch or tag>              the commit the name pointed to when last downloaded
 //! ```
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
 use super::{is_commit_hash, HubError, RepoId, Result};
+use crate::fsutil::AtomicFile;
 
 /// A usable snapshot folder of one model.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -85,12 +87,12 @@ impl Cache {
         if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent).map_err(|e| HubError::io(parent, "cannot create folder", e))?;
         }
-        let tmp = path.with_file_name(format!(
-            ".{}.tmp",
-            path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default()
-        ));
-        std::fs::write(&tmp, commit).map_err(|e| HubError::io(&tmp, "cannot write ref", e))?;
-        std::fs::rename(&tmp, &path).map_err(|e| HubError::io(&path, "cannot move ref into place", e))
+        let mut file = AtomicFile::create(&path).map_err(|e| HubError::io(&path, "cannot write ref", e))?;
+        file.file_mut()
+            .write_all(commit.as_bytes())
+            .map_err(|e| HubError::io(&path, "cannot write ref", e))?;
+        file.commit()
+            .map_err(|e| HubError::io(&path, "cannot move ref into place", e))
     }
 
     /// The snapshot for `revision` (a commit hash, or a branch/tag resolved through `refs/`), if it

@@ -311,7 +311,7 @@ fn check_free_space(cache: &Cache, repo: &RepoId, needed_bytes: u64) -> Result<(
     }
     let blobs = cache.blobs_dir(repo);
     std::fs::create_dir_all(&blobs).map_err(|e| HubError::io(&blobs, "cannot create cache folder", e))?;
-    match fs2::available_space(&blobs) {
+    match fs4::available_space(&blobs) {
         Ok(available_bytes) if available_bytes < needed_bytes => Err(HubError::NotEnoughSpace {
             path: blobs,
             needed_bytes,
@@ -603,9 +603,10 @@ fn lock_blob(
         .map_err(|e| HubError::io(&path, "cannot open lock file", e))?;
     let mut announced = false;
     loop {
-        match fs2::FileExt::try_lock_exclusive(&lock_file) {
+        // Called through the trait: since Rust 1.89 `File` has an inherent `try_lock` of its own.
+        match fs4::FileExt::try_lock(&lock_file) {
             Ok(()) => return Ok(BlobLock { _file: Some(lock_file) }),
-            Err(e) if e.raw_os_error() == fs2::lock_contended_error().raw_os_error() => {
+            Err(fs4::TryLockError::WouldBlock) => {
                 if !announced {
                     announced = true;
                     tally.emit(DownloadProgress::WaitingForLock {

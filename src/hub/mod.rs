@@ -7,9 +7,13 @@
 //! (endpoint, token, cache folder, offline mode) as explicit [`HubOptions`]; only
 //! [`HubOptions::from_env`] reads environment variables, so tests and the GUI stay in control.
 //!
-//! We talk to the Hub's HTTP API with `ureq` directly rather than through `hf-hub`, because
-//! downloads need things `hf-hub` 0.5 does not offer: byte-level progress events, cancellation,
-//! range resume from `<blob>.incomplete`, sha256 verification, and model search.
+//! Why not the `hf-hub` crate: `hf-hub` 0.5 (sync API) does write this same cache, reports byte
+//! progress and resumes a partial file, but it has no way to cancel a download (the studio's
+//! Cancel button and Ctrl-C must stop it between chunks and keep the partial file), does not
+//! verify a file against its sha256/etag, and has no model search, no offline listing of the cache
+//! and no removal of a cached model. Those are most of this module; what would remain to share is
+//! a few HTTP requests. So we talk to the Hub's HTTP API with `ureq` directly and keep the cache
+//! layout byte-compatible with `huggingface_hub` (tests check both directions).
 
 mod api;
 pub mod cache;
@@ -466,9 +470,6 @@ pub fn split_spec(spec: &str) -> (&str, &str) {
     }
 }
 
-/// Turns a Hub id (optionally `id@revision`) into a local snapshot folder using the environment's
-/// settings: the cache first, a download only if nothing usable is cached. An existing local path
-/// is returned unchanged. Prints nothing; see `finch::cli::hub::resolve_model_with_progress` for
 /// `org/name` (or `org/name@revision`) that is not a local path.
 pub fn looks_like_hub_id(spec: &str) -> bool {
     let id = spec.split('@').next().unwrap_or(spec);
@@ -494,6 +495,9 @@ pub fn open_model(spec: &str) -> crate::Result<crate::model::ModelFiles> {
     crate::model::ModelFiles::open(spec)
 }
 
+/// Turns a Hub id (optionally `id@revision`) into a local snapshot folder using the environment's
+/// settings: the cache first, a download only if nothing usable is cached. An existing local path
+/// is returned unchanged. Prints nothing; see `finch::cli::hub::resolve_model_with_progress` for
 /// a version that draws a progress bar.
 pub fn resolve_model(spec: &str) -> Result<PathBuf> {
     resolve_model_with(spec, &HubOptions::from_env(), &mut |_| {}, &AtomicBool::new(false))

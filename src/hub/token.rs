@@ -6,6 +6,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use super::{hf_home, home_dir, HubError, Result};
+use crate::fsutil::AtomicFile;
 
 /// A Hub access token. `Debug` prints `Token(<redacted>)`; use [`Token::secret`] only to build the
 /// `Authorization` header.
@@ -86,24 +87,12 @@ pub fn save_token(path: &Path, token: &Token) -> Result<()> {
     if let Some(parent) = path.parent() {
         std::fs::create_dir_all(parent).map_err(|e| HubError::io(parent, "cannot create folder", e))?;
     }
-    let tmp = path.with_extension("tmp");
-    let _ = std::fs::remove_file(&tmp);
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create_new(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        options.mode(0o600);
-    }
-    {
-        let mut file = options
-            .open(&tmp)
-            .map_err(|e| HubError::io(&tmp, "cannot create token file", e))?;
-        file.write_all(token.secret().as_bytes())
-            .and_then(|_| file.sync_all())
-            .map_err(|e| HubError::io(&tmp, "cannot write token file", e))?;
-    }
-    std::fs::rename(&tmp, path).map_err(|e| HubError::io(path, "cannot move token file into place", e))
+    let mut file = AtomicFile::create_private(path).map_err(|e| HubError::io(path, "cannot create token file", e))?;
+    file.file_mut()
+        .write_all(token.secret().as_bytes())
+        .map_err(|e| HubError::io(path, "cannot write token file", e))?;
+    file.commit()
+        .map_err(|e| HubError::io(path, "cannot move token file into place", e))
 }
 
 #[cfg(test)]

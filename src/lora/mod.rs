@@ -295,9 +295,11 @@ pub fn save_adapter(dir: &Path, cfg: &PeftConfig, weights: &[(String, &LoraWeigh
         tensors.insert(kb, w.b.as_tensor().to_dtype(DType::F32)?.to_device(&Device::Cpu)?);
     }
     let st = dir.join("adapter_model.safetensors");
-    let tmp = dir.join("adapter_model.safetensors.tmp");
-    candle_core::safetensors::save(&tensors, &tmp)?;
-    crate::fsutil::rename(&tmp, &st)?;
+    // candle writes safetensors to a path, so it writes the temporary file's.
+    let file = crate::fsutil::AtomicFile::create(&st).map_err(|e| Error::io(&st, "cannot create adapter file", e))?;
+    candle_core::safetensors::save(&tensors, file.temp_path())?;
+    file.commit()
+        .map_err(|e| Error::io(&st, "cannot move the written adapter into place", e))?;
     let json = serde_json::to_string_pretty(cfg).map_err(|e| Error::invalid(dir, "adapter config", e.to_string()))?;
     crate::fsutil::write_atomic(&dir.join("adapter_config.json"), json.as_bytes())
 }

@@ -790,14 +790,17 @@ pub fn write_gguf(
     order.sort_by_key(|(name, _)| tensor_sort_key(name));
     let meta_refs: Vec<(&str, &Value)> = meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
     let tensor_refs: Vec<(&str, &QTensor)> = order.iter().map(|(k, v)| (k.as_str(), v)).collect();
-    let tmp = path.with_extension("gguf.tmp");
-    let mut file = File::create(&tmp).map_err(|e| Error::io(&tmp, "cannot create GGUF file", e))?;
-    gguf_file::write(&mut file, &meta_refs, &tensor_refs)
-        .map_err(|e| Error::invalid(&tmp, "GGUF file", format!("cannot write: {e}")))?;
-    file.sync_all()
-        .map_err(|e| Error::io(&tmp, "cannot flush GGUF file", e))?;
-    drop(file);
-    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, "cannot move the written GGUF file into place", e))
+    let mut file =
+        crate::fsutil::AtomicFile::create(path).map_err(|e| Error::io(path, "cannot create GGUF file", e))?;
+    gguf_file::write(file.file_mut(), &meta_refs, &tensor_refs).map_err(|e| {
+        Error::invalid(
+            path,
+            "GGUF file",
+            format!("cannot write: {}", crate::error::candle_message(&e)),
+        )
+    })?;
+    file.commit()
+        .map_err(|e| Error::io(path, "cannot move the written GGUF file into place", e))
 }
 
 fn tensor_sort_key(name: &str) -> (usize, usize, String) {

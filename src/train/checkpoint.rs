@@ -55,19 +55,23 @@ pub fn latest(run_dir: &Path) -> Option<(usize, PathBuf)> {
     list(run_dir).pop()
 }
 
-/// Writes a checkpoint via `fill(tmp_dir)`, then moves it into place and prunes old ones.
+/// Writes a checkpoint via `fill(tmp_dir)` into a uniquely named temporary folder beside it, then
+/// moves it into place and prunes old ones. A crash leaves a hidden `.step-N.*.tmp` folder that
+/// [`list`] ignores; a failed `fill` removes its folder.
 pub fn write(run_dir: &Path, step: usize, keep: usize, fill: impl FnOnce(&Path) -> Result<()>) -> Result<PathBuf> {
     let final_dir = step_dir(run_dir, step);
-    let tmp = final_dir.with_extension("tmp");
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, "cannot remove stale checkpoint", e))?;
-    }
-    std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, "cannot create checkpoint folder", e))?;
-    fill(&tmp)?;
+    let parent = checkpoints_dir(run_dir);
+    std::fs::create_dir_all(&parent).map_err(|e| Error::io(&parent, "cannot create checkpoint folder", e))?;
+    let tmp = tempfile::Builder::new()
+        .prefix(&format!(".step-{step}."))
+        .suffix(".tmp")
+        .tempdir_in(&parent)
+        .map_err(|e| Error::io(&parent, "cannot create checkpoint folder", e))?;
+    fill(tmp.path())?;
     if final_dir.exists() {
         std::fs::remove_dir_all(&final_dir).map_err(|e| Error::io(&final_dir, "cannot replace checkpoint", e))?;
     }
-    crate::fsutil::rename(&tmp, &final_dir)?;
+    crate::fsutil::rename(&tmp.keep(), &final_dir)?;
     let all = list(run_dir);
     if keep > 0 && all.len() > keep {
         for (_, p) in &all[..all.len() - keep] {
