@@ -88,7 +88,7 @@ impl Default for Settings {
             last_data: None,
             last_run: None,
             runs_dir: default_runs_dir(),
-            train: super::train_page::Preset::QuickDemo.config(),
+            train: crate::train::presets::Preset::QuickDemo.config(),
             chat: ChatSettings::default(),
         }
     }

@@ -11,7 +11,6 @@
 //! answer forks it (shared weights, its own cache) and applies its adapter unmerged.
 
 use std::collections::{BTreeSet, HashMap};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -19,6 +18,7 @@ use std::sync::{Arc, Mutex};
 use eframe::egui;
 use serde::{Deserialize, Serialize};
 
+use crate::data::votes;
 use crate::data::{Message, Role};
 use crate::generate::{
     chat, chat_with, with_adapter, ChatFormat, FinishReason, GenerateOptions, LoadedModel, SamplingParams,
@@ -30,9 +30,6 @@ use crate::rng::Rng;
 use super::app::App;
 use super::widgets::knob_row;
 use super::worker::{Job, PickPurpose, Stream};
-
-/// File (under the runs folder) that blind votes are appended to.
-pub const VOTES_FILE: &str = "votes.jsonl";
 
 /// The chat settings that persist between launches.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -427,7 +424,7 @@ fn spawn_answer(
                 finish: g.finish_reason,
                 tokens: g.token_ids.len(),
                 prompt_tokens: g.prompt_tokens,
-                tokens_per_sec: g.token_ids.len() as f64 / (g.prefill_secs + g.decode_secs).max(1e-9),
+                tokens_per_sec: g.decode_tokens_per_sec(),
                 quantized,
             },
             Err(e) => AnswerEvent::Failed(format!("{e:#}")),
@@ -480,55 +477,6 @@ fn spawn_answer(
         });
         send(done(result, false));
     })
-}
-
-/// One line of `votes.jsonl`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct VoteRecord {
-    pub prompt: String,
-    pub chosen: String,
-    pub rejected: String,
-    pub chosen_model: String,
-    pub rejected_model: String,
-    pub system: String,
-    /// UTC, RFC 3339.
-    pub time: String,
-}
-
-/// Appends `records` to `path` (never truncating) and returns how many votes the file holds.
-pub fn append_votes(path: &Path, records: &[VoteRecord]) -> Result<usize, String> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-    }
-    let mut text = String::new();
-    for r in records {
-        let line = serde_json::to_string(r).map_err(|e| format!("cannot encode a vote: {e}"))?;
-        text.push_str(&line);
-        text.push('\n');
-    }
-    let mut file = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
-    // One write call, so a line is never interleaved with another writer's.
-    file.write_all(text.as_bytes())
-        .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
-    let all = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    Ok(all.lines().filter(|l| !l.trim().is_empty()).count())
-}
-
-/// `2026-11-21T17:37:04Z` for seconds since 1970.
-pub fn rfc3339_utc(unix_secs: i64) -> String {
-    crate::template::strftime::strftime_utc("%Y-%m-%dT%H:%M:%SZ", unix_secs)
-}
-
-fn now_rfc3339() -> String {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0);
-    rfc3339_utc(secs)
 }
 
 impl App {
@@ -809,25 +757,12 @@ impl App {
             return;
         }
         r.vote = Some(chosen);
-        let time = now_rfc3339();
-        let records: Vec<VoteRecord> = r
-            .answers
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| *i != chosen)
-            .map(|(_, rejected)| VoteRecord {
-                prompt: r.prompt.clone(),
-                chosen: r.answers[chosen].text.clone(),
-                rejected: rejected.text.clone(),
-                chosen_model: r.answers[chosen].model.clone(),
-                rejected_model: rejected.model.clone(),
-                system: r.system.clone(),
-                time: time.clone(),
-            })
-            .collect();
-        let path = self.settings.runs_dir.join(VOTES_FILE);
+        let answers: Vec<(&str, &str)> = r.answers.iter().map(|a| (a.model.as_str(), a.text.as_str())).collect();
+        let records = votes::vote_records(&r.prompt, &r.system, &answers, chosen, &votes::now_rfc3339());
+        let path = self.settings.runs_dir.join(votes::VOTES_FILE);
         self.chat.votes_path = Some(path.clone());
-        match Job::spawn("finch-save-votes", ctx, move || append_votes(&path, &records)) {
+        let save = move || votes::append(&path, &records).map_err(|e| format!("{e:#}"));
+        match Job::spawn("finch-save-votes", ctx, save) {
             Ok(job) => self.chat.saving_vote = Some(job),
             Err(e) => self.report("Cannot save the vote", e, "Restart Finch."),
         }
@@ -1219,15 +1154,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn letters_times_and_blind_orders() {
+    fn letters_and_blind_orders() {
         assert_eq!(column_letter(0), "A");
         assert_eq!(column_letter(25), "Z");
         assert_eq!(column_letter(26), "AA");
-        // Reference: Python `datetime.fromtimestamp(1795282624, timezone.utc).isoformat()`
-        // → 2026-11-21T17:37:04+00:00.
-        assert_eq!(rfc3339_utc(1_795_282_624), "2026-11-21T17:37:04Z");
-        assert_eq!(rfc3339_utc(0), "1970-01-01T00:00:00Z");
-        assert_eq!(rfc3339_utc(951_782_400), "2000-02-29T00:00:00Z");
         let order = blind_order("What is 2+2?", 0, 4);
         assert_eq!(order, blind_order("What is 2+2?", 0, 4), "seeded by the prompt");
         let mut sorted = order.clone();
@@ -1235,30 +1165,6 @@ mod tests {
         assert_eq!(sorted, vec![0, 1, 2, 3], "a permutation");
         let differs = (0..8).any(|r| blind_order("What is 2+2?", r, 4) != order);
         assert!(differs, "later rounds get other orders");
-    }
-
-    #[test]
-    fn votes_append_and_never_truncate() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("sub").join(VOTES_FILE);
-        let rec = |c: &str| VoteRecord {
-            prompt: "p".into(),
-            chosen: c.into(),
-            rejected: "r".into(),
-            chosen_model: "tuned".into(),
-            rejected_model: "base".into(),
-            system: String::new(),
-            time: rfc3339_utc(0),
-        };
-        assert_eq!(append_votes(&path, &[rec("a")]).unwrap(), 1);
-        assert_eq!(append_votes(&path, &[rec("b"), rec("c")]).unwrap(), 3);
-        let lines: Vec<VoteRecord> = std::fs::read_to_string(&path)
-            .unwrap()
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect();
-        let chosen: Vec<&str> = lines.iter().map(|r| r.chosen.as_str()).collect();
-        assert_eq!(chosen, ["a", "b", "c"]);
     }
 
     #[test]

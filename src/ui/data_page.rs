@@ -27,8 +27,8 @@ use crate::data::quality::{exact_duplicates, near_duplicates, within_length, Nea
 use crate::data::split::{apply_split, train_validation_split};
 use crate::data::tokenize::encode_example;
 use crate::data::{Example, LossOn, Message, Role};
-use crate::model::load::TemplateSource;
-use crate::template::{special_tokens_from_config, BuiltinTemplate, ChatTemplate};
+use crate::model::template_choice::choose_template;
+use crate::template::ChatTemplate;
 
 use super::app::App;
 use super::widgets::format_count;
@@ -111,29 +111,12 @@ struct DataModel {
 /// its own, ChatML with the model's special tokens is used, as `finch data inspect` does.
 fn open_data_model(path: &Path) -> Result<DataModel, String> {
     let files = crate::hub::open_model(&path.display().to_string()).map_err(|e| format!("{e:#}"))?;
-    let (template, note) = match files.chat_template() {
-        Ok(Some(template)) => (template, None),
-        own => {
-            let (bos, eos) = match &files.template {
-                TemplateSource::TokenizerConfig(p) => special_tokens_from_config(p).unwrap_or((None, None)),
-                TemplateSource::Embedded { bos, eos, .. } => (bos.clone(), eos.clone()),
-                TemplateSource::None => (None, None),
-            };
-            let why = match own {
-                Err(e) => format!("the model's chat template does not parse ({e:#}); showing ChatML"),
-                _ => "the model has no chat template; showing ChatML".to_string(),
-            };
-            (
-                ChatTemplate::builtin(BuiltinTemplate::ChatMl).with_special_tokens(bos, eos),
-                Some(why),
-            )
-        }
-    };
+    let choice = choose_template(Some(&files), None);
     Ok(DataModel {
         path: path.to_path_buf(),
         tokenizer: Arc::new(files.tokenizer),
-        template: Arc::new(template),
-        note,
+        template: Arc::new(choice.template),
+        note: choice.note,
     })
 }
 

@@ -5,91 +5,22 @@
 //! the `ollama create` command to run.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 
 use eframe::egui;
 
-use crate::export::{export_gguf, export_merged, export_peft};
-use crate::generate::{resolve_adapter_dir, with_adapter, LoadedModel};
+pub use crate::export::ExportFormat;
+use crate::export::{ExportError, ExportEvent, ExportRequest, Exported};
 
 use super::app::App;
 use super::widgets::format_bytes;
 use super::worker::{PickPurpose, Stream};
 
-/// What an export writes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ExportFormat {
-    /// The adapter alone (`adapter_config.json` + `adapter_model.safetensors`), for PEFT.
-    Peft,
-    /// The base model with the adapter folded in, as a Hugging Face folder.
-    Merged,
-    /// `model-f16.gguf`, `model-q8_0.gguf` and a `Modelfile` for llama.cpp and Ollama.
-    Gguf,
-}
-
-impl ExportFormat {
-    pub const ALL: [ExportFormat; 3] = [ExportFormat::Peft, ExportFormat::Merged, ExportFormat::Gguf];
-
-    pub fn title(self) -> &'static str {
-        match self {
-            ExportFormat::Peft => "PEFT adapter",
-            ExportFormat::Merged => "Merged model (Hugging Face folder)",
-            ExportFormat::Gguf => "GGUF f16 + q8_0 with Ollama Modelfile",
-        }
-    }
-
-    pub fn description(self) -> &'static str {
-        match self {
-            ExportFormat::Peft => {
-                "The small adapter files alone; load them on top of the base model with Python PEFT or Finch."
-            }
-            ExportFormat::Merged => {
-                "A standalone model folder (safetensors, config, tokenizer, chat template) for transformers or Finch."
-            }
-            ExportFormat::Gguf => {
-                "Merged weights as GGUF files for llama.cpp, LM Studio and Ollama, with a Modelfile that keeps the \
-                 chat template and stop tokens."
-            }
-        }
-    }
-
-    /// The default output folder's name.
-    fn folder(self) -> &'static str {
-        match self {
-            ExportFormat::Peft => "export-peft",
-            ExportFormat::Merged => "export-merged",
-            ExportFormat::Gguf => "export-gguf",
-        }
-    }
-
-    fn needs_model(self) -> bool {
-        self != ExportFormat::Peft
-    }
-}
-
 /// What the export thread sends.
 #[derive(Debug, Clone)]
 pub enum ExportMsg {
-    /// Stage `index` (1-based) of `total` started.
-    Stage {
-        index: usize,
-        total: usize,
-        text: String,
-    },
-    /// Every file written, with its size in bytes.
-    Done(Vec<(PathBuf, u64)>),
-    Failed(String),
-    Cancelled,
-}
-
-/// A finished export.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ExportResult {
-    pub format: ExportFormat,
-    pub out: PathBuf,
-    pub files: Vec<(PathBuf, u64)>,
-    /// For GGUF: the command that makes an Ollama model of it.
-    pub ollama_command: Option<String>,
+    Event(ExportEvent),
+    Done(Result<Exported, ExportError>),
 }
 
 /// State of the Export page.
@@ -104,7 +35,7 @@ pub struct ExportPage {
     cancelling: bool,
     /// The running stage: (index, total, text).
     pub stage: Option<(usize, usize, String)>,
-    pub result: Option<ExportResult>,
+    pub result: Option<Exported>,
     /// The last export's end when it did not succeed ("Cancelled", or the error).
     pub status: String,
 }
@@ -142,7 +73,7 @@ impl ExportPage {
         } else {
             adapter
         };
-        Some(home.join(self.format.folder()))
+        Some(home.join(self.format.folder_name()))
     }
 
     fn refresh_out(&mut self) {
@@ -152,115 +83,6 @@ impl ExportPage {
             }
         }
     }
-}
-
-/// A model name Ollama accepts: lowercase letters, digits, `-`, `_` and `.`.
-fn ollama_name(out: &Path) -> String {
-    let source = out
-        .parent()
-        .and_then(Path::file_name)
-        .or_else(|| out.file_name())
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let name: String = source
-        .to_lowercase()
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || "-_.".contains(c) {
-                c
-            } else {
-                '-'
-            }
-        })
-        .collect();
-    let name = name.trim_matches(|c| c == '-' || c == '.').to_string();
-    if name.is_empty() {
-        "finch-model".into()
-    } else {
-        name
-    }
-}
-
-/// Every file under `dir` (recursively), sorted, with sizes.
-fn list_files(dir: &Path) -> Vec<(PathBuf, u64)> {
-    let mut out = vec![];
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(&d) else { continue };
-        for e in entries.filter_map(Result::ok) {
-            let p = e.path();
-            if p.is_dir() {
-                stack.push(p);
-            } else {
-                let size = e.metadata().map(|m| m.len()).unwrap_or(0);
-                out.push((p, size));
-            }
-        }
-    }
-    out.sort();
-    out
-}
-
-/// How an export run ended early.
-enum Early {
-    Cancelled,
-    Failed(String),
-}
-
-/// Turns an engine error into a failure saying what was being done.
-fn failed(what: &'static str) -> impl Fn(crate::Error) -> Early {
-    move |e| Early::Failed(format!("{what}: {e:#}"))
-}
-
-/// The export itself, on its thread.
-fn run_export(
-    send: &dyn Fn(ExportMsg),
-    cancel: &AtomicBool,
-    format: ExportFormat,
-    adapter: &Path,
-    model: Option<&str>,
-    out: &Path,
-) -> Result<(), Early> {
-    let total = if format.needs_model() { 3 } else { 2 };
-    let stage = |index: usize, text: String| -> Result<(), Early> {
-        if cancel.load(Ordering::Relaxed) {
-            return Err(Early::Cancelled);
-        }
-        send(ExportMsg::Stage { index, total, text });
-        Ok(())
-    };
-    match format {
-        ExportFormat::Peft => {
-            stage(1, "Checking the adapter".into())?;
-            let dir = resolve_adapter_dir(adapter).map_err(failed("cannot find the adapter"))?;
-            // Loading checks that the folder is a complete, readable adapter before copying.
-            crate::lora::load_adapter(&dir, &candle_core::Device::Cpu).map_err(failed("cannot read the adapter"))?;
-            stage(2, "Writing adapter_config.json and adapter_model.safetensors".into())?;
-            export_peft(&dir, out).map_err(failed("cannot write the adapter"))?;
-        }
-        ExportFormat::Merged | ExportFormat::Gguf => {
-            let spec = model.unwrap_or_default();
-            stage(1, format!("Loading the base model {spec}"))?;
-            let loaded = LoadedModel::open(spec).map_err(failed("cannot load the base model"))?;
-            stage(2, "Attaching the adapter".into())?;
-            let tuned = with_adapter(&loaded.model, adapter).map_err(failed("cannot load the adapter"))?;
-            if format == ExportFormat::Merged {
-                stage(
-                    3,
-                    "Merging and writing model.safetensors, config.json and the tokenizer files".into(),
-                )?;
-                export_merged(&loaded.files, &loaded.format, &tuned, out).map_err(failed("cannot write the model"))?;
-            } else {
-                stage(
-                    3,
-                    "Merging and writing model-f16.gguf, model-q8_0.gguf and Modelfile".into(),
-                )?;
-                export_gguf(&loaded.files, &loaded.format, &tuned, out)
-                    .map_err(failed("cannot write the GGUF files"))?;
-            }
-        }
-    }
-    Ok(())
 }
 
 impl App {
@@ -307,41 +129,15 @@ impl App {
             );
             return;
         }
-        let spec = model.map(|m| m.display().to_string());
+        let request = ExportRequest {
+            format,
+            adapter,
+            model: model.map(|m| m.display().to_string()),
+            out,
+        };
         let stream = Stream::spawn("finch-export", ctx, move |send, cancel| {
-            // Never write into (or later delete) a folder holding something else.
-            let existed = out.exists();
-            if existed {
-                let empty = std::fs::read_dir(&out).map(|mut d| d.next().is_none());
-                match empty {
-                    Ok(true) => {}
-                    Ok(false) => {
-                        send(ExportMsg::Failed(format!(
-                            "{} is not empty; export into a new or empty folder",
-                            out.display()
-                        )));
-                        return;
-                    }
-                    Err(e) => {
-                        send(ExportMsg::Failed(format!("cannot read {}: {e}", out.display())));
-                        return;
-                    }
-                }
-            }
-            match run_export(send, cancel, format, &adapter, spec.as_deref(), &out) {
-                Ok(()) => send(ExportMsg::Done(list_files(&out))),
-                Err(early) => {
-                    // A partial export is worse than none: remove what was written.
-                    let _ = std::fs::remove_dir_all(&out);
-                    if existed {
-                        let _ = std::fs::create_dir_all(&out);
-                    }
-                    send(match early {
-                        Early::Cancelled => ExportMsg::Cancelled,
-                        Early::Failed(e) => ExportMsg::Failed(e),
-                    });
-                }
-            }
+            let result = crate::export::run(&request, cancel, &mut |event| send(ExportMsg::Event(event)));
+            send(ExportMsg::Done(result));
         });
         match stream {
             Ok(stream) => {
@@ -361,36 +157,22 @@ impl App {
         };
         let events = job.drain();
         let finished = job.is_finished();
-        let out = PathBuf::from(self.export.out_text.trim());
         for event in events {
             match event {
-                ExportMsg::Stage { index, total, text } => {
+                ExportMsg::Event(ExportEvent::Stage { index, total, text }) => {
                     self.export.status.clear();
                     self.export.stage = Some((index, total, text));
                 }
-                ExportMsg::Done(files) => {
-                    let format = self.export.format;
-                    let ollama_command = (format == ExportFormat::Gguf).then(|| {
-                        format!(
-                            "cd \"{}\" && ollama create {} -f Modelfile",
-                            out.display(),
-                            ollama_name(&out)
-                        )
-                    });
+                ExportMsg::Done(Ok(exported)) => {
                     self.export.stage = None;
                     self.export.status = "Export finished.".into();
-                    self.export.result = Some(ExportResult {
-                        format,
-                        out: out.clone(),
-                        files,
-                        ollama_command,
-                    });
+                    self.export.result = Some(exported);
                 }
-                ExportMsg::Cancelled => {
+                ExportMsg::Done(Err(ExportError::Cancelled)) => {
                     self.export.stage = None;
                     self.export.status = "Export cancelled; the partial output was removed.".into();
                 }
-                ExportMsg::Failed(e) => {
+                ExportMsg::Done(Err(ExportError::Failed(e))) => {
                     self.export.stage = None;
                     self.export.status = "Export failed; any partial output was removed.".into();
                     self.report(
@@ -577,18 +359,5 @@ impl App {
                 }
             });
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn ollama_names_are_valid() {
-        assert_eq!(ollama_name(Path::new("/r/Tiny Llama v2/export-gguf")), "tiny-llama-v2");
-        assert_eq!(ollama_name(Path::new("/r/smol.capitals/export-gguf")), "smol.capitals");
-        assert_eq!(ollama_name(Path::new("/export-gguf")), "export-gguf");
-        assert_eq!(ollama_name(Path::new("/…/export-gguf")), "finch-model");
     }
 }

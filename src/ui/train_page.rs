@@ -15,106 +15,16 @@ use egui_plot::{Legend, Line, Plot, PlotPoints, PlotUi, Points, VLine};
 use crate::data::LossOn;
 use crate::lora::Target;
 use crate::train::config::{DeviceChoice, Precision};
+pub use crate::train::history::{ProbeRound, RunHistory};
+use crate::train::presets::Preset;
 use crate::train::{
-    Duration, PreflightProgress, PreflightReport, ProbeAnswer, Schedule, TrainConfig, TrainEvent, TrainSummary,
-    MAX_PROBE_PROMPTS, METRICS_FILE,
+    Duration, PreflightProgress, PreflightReport, Schedule, TrainConfig, TrainEvent, TrainSummary, MAX_PROBE_PROMPTS,
 };
 
 use super::app::App;
 use super::chart::{save_chart, ChartSeries};
 use super::widgets::{format_duration, knob_row};
 use super::worker::{Job, PickPurpose, Stream};
-
-/// Starting points for the settings, from a two-minute classroom demo to a careful run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Preset {
-    QuickDemo,
-    Balanced,
-    Quality,
-}
-
-impl Preset {
-    pub const ALL: [Preset; 3] = [Preset::QuickDemo, Preset::Balanced, Preset::Quality];
-
-    pub fn title(self) -> &'static str {
-        match self {
-            Preset::QuickDemo => "Quick demo",
-            Preset::Balanced => "Balanced",
-            Preset::Quality => "Quality",
-        }
-    }
-
-    pub fn description(self) -> &'static str {
-        match self {
-            Preset::QuickDemo => "A few minutes on a laptop: small adapter, short examples, 30 steps.",
-            Preset::Balanced => "A sensible first real run: rank 16 on every projection, 200 steps.",
-            Preset::Quality => "Three passes over the data with a larger adapter, warm-up and regular evaluation.",
-        }
-    }
-
-    /// The preset's settings; model, data and run folder are left empty.
-    pub fn config(self) -> TrainConfig {
-        let mut cfg = TrainConfig::default();
-        self.apply(&mut cfg);
-        cfg
-    }
-
-    /// Sets the knobs the preset is about; model, data, run folder, seed and device are kept.
-    pub fn apply(self, cfg: &mut TrainConfig) {
-        cfg.lora.targets = Target::ALL.to_vec();
-        cfg.lora.use_rslora = false;
-        cfg.loss_on = LossOn::Assistant;
-        cfg.schedule = Schedule::Cosine;
-        cfg.max_grad_norm = 1.0;
-        match self {
-            Preset::QuickDemo => {
-                cfg.duration = Duration::Steps(30);
-                cfg.lora.r = 8;
-                cfg.lora.alpha = 16.0;
-                cfg.lora.dropout = 0.0;
-                cfg.batch_size = 2;
-                cfg.grad_accum = 1;
-                cfg.seq_len = 256;
-                cfg.lr = 3e-4;
-                cfg.warmup_steps = 0;
-                cfg.weight_decay = 0.0;
-                cfg.eval_split = 0.1;
-                cfg.eval_every = 10;
-                cfg.save_every = 0;
-            }
-            Preset::Balanced => {
-                cfg.duration = Duration::Steps(200);
-                cfg.lora.r = 16;
-                cfg.lora.alpha = 32.0;
-                cfg.lora.dropout = 0.05;
-                cfg.batch_size = 4;
-                cfg.grad_accum = 1;
-                cfg.seq_len = 512;
-                cfg.lr = 2e-4;
-                cfg.warmup_steps = 10;
-                cfg.weight_decay = 0.0;
-                cfg.eval_split = 0.1;
-                cfg.eval_every = 25;
-                cfg.save_every = 50;
-            }
-            Preset::Quality => {
-                cfg.duration = Duration::Epochs(3.0);
-                cfg.lora.r = 32;
-                cfg.lora.alpha = 64.0;
-                cfg.lora.dropout = 0.05;
-                cfg.batch_size = 4;
-                cfg.grad_accum = 4;
-                cfg.seq_len = 1024;
-                cfg.lr = 1e-4;
-                cfg.warmup_steps = 20;
-                cfg.weight_decay = 0.01;
-                cfg.eval_split = 0.1;
-                cfg.eval_every = 50;
-                cfg.save_every = 100;
-            }
-        }
-    }
-}
 
 /// What the training thread sends.
 #[derive(Debug, Clone)]
@@ -126,13 +36,6 @@ pub enum TrainMsg {
     /// The curves already logged in a resumed run, to continue drawing from.
     Resumed(RunHistory),
     Event(TrainEvent),
-}
-
-/// The answers to the probe prompts at one step (0: before training).
-#[derive(Debug, Clone, PartialEq, Default)]
-pub struct ProbeRound {
-    pub step: usize,
-    pub answers: Vec<ProbeAnswer>,
 }
 
 /// What the preflight thread sends.
@@ -191,112 +94,6 @@ impl LiveCurves {
         live.step = run.last_step;
         live.total_steps = run.planned_steps.unwrap_or(run.last_step);
         live
-    }
-}
-
-/// A run folder found under the runs folder, read from its `metrics.jsonl`.
-#[derive(Debug, Clone, PartialEq, Default)]
-pub struct RunHistory {
-    pub name: String,
-    pub dir: PathBuf,
-    pub loss: Vec<[f64; 2]>,
-    pub eval_loss: Vec<[f64; 2]>,
-    pub lr: Vec<[f64; 2]>,
-    pub grad_norm: Vec<[f64; 2]>,
-    /// The probe answers logged by the run, oldest first.
-    pub probes: Vec<ProbeRound>,
-    pub last_step: usize,
-    /// Steps the run was configured for, when its `config.toml` gives a step count.
-    pub planned_steps: Option<usize>,
-    /// A checkpoint exists, so the run can be resumed.
-    pub has_checkpoint: bool,
-    /// The last logged line was a failure.
-    pub failed: bool,
-}
-
-impl RunHistory {
-    /// Reads one run folder; `None` when it holds no `metrics.jsonl`. Malformed lines (a line
-    /// cut short by a crash) are skipped: the rest of the curve is still worth showing.
-    pub fn read(dir: &Path) -> Option<RunHistory> {
-        let text = std::fs::read_to_string(dir.join(METRICS_FILE)).ok()?;
-        let mut run = RunHistory {
-            name: dir.file_name()?.to_string_lossy().into_owned(),
-            dir: dir.to_path_buf(),
-            ..RunHistory::default()
-        };
-        for line in text.lines() {
-            let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
-                continue;
-            };
-            let num = |k: &str| v.get(k).and_then(|x| x.as_f64());
-            let Some(step) = num("step") else { continue };
-            match v.get("kind").and_then(|k| k.as_str()) {
-                Some("train") => {
-                    run.failed = false;
-                    run.last_step = run.last_step.max(step as usize);
-                    if let Some(loss) = num("loss") {
-                        run.loss.push([step, loss]);
-                    }
-                    if let Some(lr) = num("lr") {
-                        run.lr.push([step, lr]);
-                    }
-                    if let Some(g) = num("grad_norm") {
-                        run.grad_norm.push([step, g]);
-                    }
-                }
-                Some("eval") => {
-                    if let Some(loss) = num("eval_loss") {
-                        run.eval_loss.push([step, loss]);
-                    }
-                }
-                Some("probe") => {
-                    let answers = v.get("probe").cloned().map(serde_json::from_value::<Vec<ProbeAnswer>>);
-                    if let Some(Ok(answers)) = answers {
-                        run.probes.push(ProbeRound {
-                            step: step as usize,
-                            answers,
-                        });
-                    }
-                }
-                Some("failed") => run.failed = true,
-                _ => {}
-            }
-        }
-        run.has_checkpoint = crate::train::checkpoint::latest(dir).is_some();
-        run.planned_steps = TrainConfig::from_toml_file(&dir.join("config.toml"))
-            .ok()
-            .and_then(|cfg| match cfg.duration {
-                Duration::Steps(n) => Some(n),
-                Duration::Epochs(_) => None,
-            });
-        Some(run)
-    }
-
-    /// Every run folder directly under `runs_dir`, newest first (by folder modification time).
-    pub fn scan(runs_dir: &Path) -> Vec<RunHistory> {
-        let Ok(entries) = std::fs::read_dir(runs_dir) else {
-            return Vec::new();
-        };
-        let mut runs: Vec<(std::time::SystemTime, RunHistory)> = entries
-            .filter_map(|e| e.ok())
-            .filter(|e| e.path().is_dir())
-            .filter_map(|e| {
-                let modified = e
-                    .path()
-                    .join(METRICS_FILE)
-                    .metadata()
-                    .and_then(|m| m.modified())
-                    .unwrap_or(std::time::UNIX_EPOCH);
-                Some((modified, RunHistory::read(&e.path())?))
-            })
-            .collect();
-        runs.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.name.cmp(&b.1.name)));
-        runs.into_iter().map(|(_, r)| r).collect()
-    }
-
-    /// True when a checkpoint exists and the run has steps left (or its length is in epochs).
-    pub fn resumable(&self) -> bool {
-        self.has_checkpoint && self.planned_steps.is_none_or(|n| self.last_step < n)
     }
 }
 
@@ -1632,49 +1429,6 @@ mod tests {
         live.push_loss(2.0, 2.0);
         let expected = (0.9 * 0.1 * 4.0 + 0.1 * 2.0) / (1.0 - 0.9f64.powi(2));
         assert!((live.loss_smoothed[1][1] - expected).abs() < 1e-9);
-    }
-
-    #[test]
-    fn run_history_reads_metrics_and_skips_broken_lines() {
-        let dir = tempfile::tempdir().unwrap();
-        let run = dir.path().join("demo");
-        std::fs::create_dir_all(&run).unwrap();
-        std::fs::write(
-            run.join(METRICS_FILE),
-            "{\"kind\":\"train\",\"step\":1,\"loss\":2.5,\"lr\":0.0002,\"grad_norm\":1.5}\n\
-             {\"kind\":\"eval\",\"step\":1,\"eval_loss\":2.7,\"perplexity\":14.9}\n\
-             {\"kind\":\"train\",\"step\":2,\"lo\n\
-             {\"kind\":\"train\",\"step\":3,\"loss\":2.0,\"lr\":0.0001,\"grad_norm\":1.0}\n",
-        )
-        .unwrap();
-        let mut cfg = Preset::QuickDemo.config();
-        cfg.duration = Duration::Steps(5);
-        std::fs::write(run.join("config.toml"), cfg.to_toml().unwrap()).unwrap();
-        std::fs::create_dir_all(dir.path().join("not-a-run")).unwrap();
-        let runs = RunHistory::scan(dir.path());
-        assert_eq!(runs.len(), 1);
-        let r = &runs[0];
-        assert_eq!(r.name, "demo");
-        assert_eq!(r.loss, vec![[1.0, 2.5], [3.0, 2.0]]);
-        assert_eq!(r.eval_loss, vec![[1.0, 2.7]]);
-        assert_eq!(r.last_step, 3);
-        assert_eq!(r.planned_steps, Some(5));
-        assert!(!r.has_checkpoint && !r.resumable());
-    }
-
-    #[test]
-    fn presets_validate_once_model_and_data_are_set() {
-        for preset in Preset::ALL {
-            let mut cfg = preset.config();
-            cfg.model = "m".into();
-            cfg.data = "d.jsonl".into();
-            cfg.validate().unwrap_or_else(|e| panic!("{}: {e}", preset.title()));
-        }
-        let mut cfg = Preset::Quality.config();
-        cfg.seed = 7;
-        Preset::QuickDemo.apply(&mut cfg);
-        assert_eq!(cfg.seed, 7, "a preset keeps the seed");
-        assert_eq!(cfg.duration, Duration::Steps(30));
     }
 
     #[test]
