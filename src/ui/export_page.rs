@@ -12,7 +12,7 @@ use eframe::egui;
 pub use crate::export::ExportFormat;
 use crate::export::{ExportError, ExportEvent, ExportRequest, Exported};
 
-use super::app::App;
+use super::shared::Shared;
 use super::widgets::format_bytes;
 use super::worker::{PickPurpose, Stream};
 
@@ -85,44 +85,37 @@ impl ExportPage {
     }
 }
 
-impl App {
-    /// The Export page's state (tests).
-    pub fn export_state(&self) -> &ExportPage {
-        &self.export
+impl ExportPage {
+    /// Exports this run or adapter folder (the output folder follows it unless typed).
+    pub fn set_adapter(&mut self, path: &Path) {
+        self.adapter_text = path.display().to_string();
+        self.refresh_out();
     }
 
-    pub fn is_exporting(&self) -> bool {
-        self.export.is_running()
+    /// Writes the export into this folder.
+    pub fn set_out(&mut self, path: &Path) {
+        self.out_text = path.display().to_string();
+        self.out_auto = false;
     }
 
-    pub(crate) fn set_export_adapter(&mut self, path: &Path) {
-        self.export.adapter_text = path.display().to_string();
-        self.export.refresh_out();
-    }
-
-    pub(crate) fn set_export_out(&mut self, path: &Path) {
-        self.export.out_text = path.display().to_string();
-        self.export.out_auto = false;
-    }
-
-    fn start_export(&mut self, ctx: &egui::Context) {
-        if self.export.is_running() {
+    fn start(&mut self, ctx: &egui::Context, shared: &mut Shared) {
+        if self.is_running() {
             return;
         }
-        let format = self.export.format;
-        let adapter = PathBuf::from(self.export.adapter_text.trim());
-        let out = PathBuf::from(self.export.out_text.trim());
+        let format = self.format;
+        let adapter = PathBuf::from(self.adapter_text.trim());
+        let out = PathBuf::from(self.out_text.trim());
         if adapter.as_os_str().is_empty() || out.as_os_str().is_empty() {
-            self.report(
+            shared.report(
                 "Nothing to export",
                 "Export needs an adapter and an output folder.",
                 "Pick a run above (or type an adapter folder) and an output folder.",
             );
             return;
         }
-        let model = self.models.card.as_ref().map(|c| c.path.clone());
+        let model = shared.model.as_ref().map(|c| c.path.clone());
         if format.needs_model() && model.is_none() {
-            self.report(
+            shared.report(
                 "No base model is open",
                 format!("A {} export folds the adapter into its base model.", format.title()),
                 "Open the model the adapter was trained on, on the Models page.",
@@ -141,18 +134,18 @@ impl App {
         });
         match stream {
             Ok(stream) => {
-                self.export.job = Some(stream);
-                self.export.cancelling = false;
-                self.export.stage = None;
-                self.export.result = None;
-                self.export.status = "Starting…".into();
+                self.job = Some(stream);
+                self.cancelling = false;
+                self.stage = None;
+                self.result = None;
+                self.status = "Starting…".into();
             }
-            Err(e) => self.report("Cannot start the export", e, "Restart Finch."),
+            Err(e) => shared.report("Cannot start the export", e, "Restart Finch."),
         }
     }
 
-    pub(crate) fn poll_export(&mut self) {
-        let Some(job) = &mut self.export.job else {
+    pub fn poll(&mut self, shared: &mut Shared) {
+        let Some(job) = &mut self.job else {
             return;
         };
         let events = job.drain();
@@ -160,22 +153,22 @@ impl App {
         for event in events {
             match event {
                 ExportMsg::Event(ExportEvent::Stage { index, total, text }) => {
-                    self.export.status.clear();
-                    self.export.stage = Some((index, total, text));
+                    self.status.clear();
+                    self.stage = Some((index, total, text));
                 }
                 ExportMsg::Done(Ok(exported)) => {
-                    self.export.stage = None;
-                    self.export.status = "Export finished.".into();
-                    self.export.result = Some(exported);
+                    self.stage = None;
+                    self.status = "Export finished.".into();
+                    self.result = Some(exported);
                 }
                 ExportMsg::Done(Err(ExportError::Cancelled)) => {
-                    self.export.stage = None;
-                    self.export.status = "Export cancelled; the partial output was removed.".into();
+                    self.stage = None;
+                    self.status = "Export cancelled; the partial output was removed.".into();
                 }
                 ExportMsg::Done(Err(ExportError::Failed(e))) => {
-                    self.export.stage = None;
-                    self.export.status = "Export failed; any partial output was removed.".into();
-                    self.report(
+                    self.stage = None;
+                    self.status = "Export failed; any partial output was removed.".into();
+                    shared.report(
                         "Export failed",
                         e,
                         "Check that the adapter was trained on the open model and that the output folder is \
@@ -185,113 +178,122 @@ impl App {
             }
         }
         if finished {
-            self.export.job = None;
-            self.export.cancelling = false;
+            self.job = None;
+            self.cancelling = false;
         }
     }
 
-    pub(crate) fn export_page_ui(&mut self, ui: &mut egui::Ui) {
-        let ctx = ui.ctx().clone();
+    pub fn ui(&mut self, ui: &mut egui::Ui, shared: &mut Shared) {
         ui.heading("Export");
         ui.add_space(6.0);
-        let running = self.export.is_running();
-        let runs: Vec<(String, PathBuf)> = self.chat.adapters().cloned().collect();
-        ui.add_enabled_ui(!running, |ui| {
-            ui.group(|ui| {
-                ui.horizontal(|ui| {
-                    ui.label("Model");
-                    match &self.models.card {
-                        Some(card) => ui.label(format!("{} ({})", card.name, card.family)),
-                        None => ui.label(
-                            egui::RichText::new("none: open one on the Models page (PEFT export does not need it)")
-                                .weak(),
-                        ),
-                    };
-                });
-                ui.horizontal_wrapped(|ui| {
-                    ui.label("Run");
-                    if runs.is_empty() {
-                        ui.label(egui::RichText::new("no finished runs yet: type an adapter folder below").weak());
-                    }
-                    for (name, dir) in &runs {
-                        let selected = Path::new(self.export.adapter_text.trim()) == dir.as_path();
-                        if ui
-                            .radio(selected, name)
-                            .on_hover_text(dir.display().to_string())
-                            .clicked()
-                        {
-                            self.set_export_adapter(dir);
-                        }
-                    }
-                });
-                egui::Grid::new("export-grid")
-                    .num_columns(2)
-                    .spacing([12.0, 8.0])
-                    .show(ui, |ui| {
-                        let label = ui
-                            .label("Adapter folder")
-                            .on_hover_text("A run folder that finished training, or any PEFT adapter folder.");
-                        ui.horizontal(|ui| {
-                            let edit = ui
-                                .add(
-                                    egui::TextEdit::singleline(&mut self.export.adapter_text)
-                                        .hint_text("path to a run or adapter folder")
-                                        .desired_width(380.0),
-                                )
-                                .labelled_by(label.id);
-                            if edit.changed() {
-                                self.export.refresh_out();
-                            }
-                            if ui.button("Browse…").clicked() {
-                                let start = self.settings.runs_dir.clone();
-                                self.start_pick(&ctx, PickPurpose::ExportAdapter, Some(&start));
-                            }
-                        });
-                        ui.end_row();
-
-                        ui.label("Format")
-                            .on_hover_text("Which files to write; hover over a choice for what it is for.");
-                        ui.vertical(|ui| {
-                            for f in ExportFormat::ALL {
-                                if ui
-                                    .radio_value(&mut self.export.format, f, f.title())
-                                    .on_hover_text(f.description())
-                                    .changed()
-                                {
-                                    self.export.refresh_out();
-                                }
-                            }
-                        });
-                        ui.end_row();
-
-                        let label = ui
-                            .label("Output folder")
-                            .on_hover_text("A new or empty folder; it is created if missing.");
-                        ui.horizontal(|ui| {
-                            let edit = ui
-                                .add(
-                                    egui::TextEdit::singleline(&mut self.export.out_text)
-                                        .hint_text("new folder for the exported files")
-                                        .desired_width(380.0),
-                                )
-                                .labelled_by(label.id);
-                            if edit.changed() {
-                                self.export.out_auto = false;
-                            }
-                            if ui.button("Browse…").clicked() {
-                                let start = self.settings.runs_dir.clone();
-                                self.start_pick(&ctx, PickPurpose::ExportFolder, Some(&start));
-                            }
-                        });
-                        ui.end_row();
-                    });
-            });
-        });
+        let running = self.is_running();
+        ui.add_enabled_ui(!running, |ui| self.inputs_ui(ui, shared));
         ui.add_space(8.0);
+        self.start_ui(ui, shared);
+        self.progress_ui(ui);
+    }
+
+    /// The base model, the run or adapter folder, the format and the output folder.
+    fn inputs_ui(&mut self, ui: &mut egui::Ui, shared: &mut Shared) {
+        let runs: Vec<(String, PathBuf)> = shared.adapters().cloned().collect();
+        ui.group(|ui| {
+            ui.horizontal(|ui| {
+                ui.label("Model");
+                match &shared.model {
+                    Some(card) => ui.label(format!("{} ({})", card.name, card.family)),
+                    None => ui.label(
+                        egui::RichText::new("none: open one on the Models page (PEFT export does not need it)").weak(),
+                    ),
+                };
+            });
+            ui.horizontal_wrapped(|ui| {
+                ui.label("Run");
+                if runs.is_empty() {
+                    ui.label(egui::RichText::new("no finished runs yet: type an adapter folder below").weak());
+                }
+                for (name, dir) in &runs {
+                    let selected = Path::new(self.adapter_text.trim()) == dir.as_path();
+                    if ui
+                        .radio(selected, name)
+                        .on_hover_text(dir.display().to_string())
+                        .clicked()
+                    {
+                        self.set_adapter(dir);
+                    }
+                }
+            });
+            egui::Grid::new("export-grid")
+                .num_columns(2)
+                .spacing([12.0, 8.0])
+                .show(ui, |ui| {
+                    let label = ui
+                        .label("Adapter folder")
+                        .on_hover_text("A run folder that finished training, or any PEFT adapter folder.");
+                    ui.horizontal(|ui| {
+                        let edit = ui
+                            .add(
+                                egui::TextEdit::singleline(&mut self.adapter_text)
+                                    .hint_text("path to a run or adapter folder")
+                                    .desired_width(380.0),
+                            )
+                            .labelled_by(label.id);
+                        if edit.changed() {
+                            self.refresh_out();
+                        }
+                        if ui.button("Browse…").clicked() {
+                            let start = shared.settings.runs_dir.clone();
+                            shared.pick(PickPurpose::ExportAdapter, Some(&start));
+                        }
+                    });
+                    ui.end_row();
+
+                    ui.label("Format")
+                        .on_hover_text("Which files to write; hover over a choice for what it is for.");
+                    ui.vertical(|ui| {
+                        for f in ExportFormat::ALL {
+                            if ui
+                                .radio_value(&mut self.format, f, f.title())
+                                .on_hover_text(f.description())
+                                .changed()
+                            {
+                                self.refresh_out();
+                            }
+                        }
+                    });
+                    ui.end_row();
+
+                    let label = ui
+                        .label("Output folder")
+                        .on_hover_text("A new or empty folder; it is created if missing.");
+                    ui.horizontal(|ui| {
+                        let edit = ui
+                            .add(
+                                egui::TextEdit::singleline(&mut self.out_text)
+                                    .hint_text("new folder for the exported files")
+                                    .desired_width(380.0),
+                            )
+                            .labelled_by(label.id);
+                        if edit.changed() {
+                            self.out_auto = false;
+                        }
+                        if ui.button("Browse…").clicked() {
+                            let start = shared.settings.runs_dir.clone();
+                            shared.pick(PickPurpose::ExportFolder, Some(&start));
+                        }
+                    });
+                    ui.end_row();
+                });
+        });
+    }
+
+    /// Start export and Cancel.
+    fn start_ui(&mut self, ui: &mut egui::Ui, shared: &mut Shared) {
+        let ctx = ui.ctx().clone();
+        let running = self.is_running();
         ui.horizontal(|ui| {
-            let ready = !self.export.adapter_text.trim().is_empty()
-                && !self.export.out_text.trim().is_empty()
-                && (!self.export.format.needs_model() || self.models.card.is_some());
+            let ready = !self.adapter_text.trim().is_empty()
+                && !self.out_text.trim().is_empty()
+                && (!self.format.needs_model() || shared.model.is_some());
             let start = ui
                 .add_enabled(
                     ready && !running,
@@ -303,35 +305,39 @@ impl App {
                     "Pick an adapter and an output folder; merged and GGUF exports also need the base model open.",
                 );
             } else if start.clicked() {
-                self.start_export(&ctx);
+                self.start(&ctx, shared);
             }
             if running {
                 if ui
-                    .add_enabled(!self.export.cancelling, egui::Button::new("Cancel"))
+                    .add_enabled(!self.cancelling, egui::Button::new("Cancel"))
                     .on_hover_text("Stops after the current stage and removes the partial output.")
                     .clicked()
                 {
-                    if let Some(job) = &self.export.job {
+                    if let Some(job) = &self.job {
                         job.cancel.store(true, Ordering::Relaxed);
                     }
-                    self.export.cancelling = true;
+                    self.cancelling = true;
                 }
                 ui.spinner();
             }
         });
-        if let Some((index, total, text)) = &self.export.stage {
+    }
+
+    /// The running stage, the last status and the written files.
+    fn progress_ui(&mut self, ui: &mut egui::Ui) {
+        if let Some((index, total, text)) = &self.stage {
             ui.add(
                 egui::ProgressBar::new((*index as f32 - 1.0) / *total as f32)
                     .text(format!("Step {index} of {total}: {text}…")),
             );
-            if self.export.cancelling {
+            if self.cancelling {
                 ui.label("Cancelling after this step…");
             }
         }
-        if !self.export.status.is_empty() {
-            ui.label(&self.export.status);
+        if !self.status.is_empty() {
+            ui.label(&self.status);
         }
-        if let Some(result) = &self.export.result {
+        if let Some(result) = &self.result {
             ui.add_space(8.0);
             ui.group(|ui| {
                 ui.label(egui::RichText::new(format!("Written to {}", result.out.display())).strong());
