@@ -13,13 +13,13 @@ use eframe::egui;
 use egui::accesskit::Role;
 use egui_kittest::kittest::Queryable;
 use egui_kittest::Harness;
+use finch::data::votes::VoteRecord;
 use finch::data::{Message, Role as MsgRole};
 use finch::generate::Decoder;
 use finch::generate::{chat, chat_with, with_adapter, FinishReason, GenerateOptions, LoadedModel};
 use finch::lora::{LoraConfig, PeftConfig};
 use finch::model::quantized::QuantizedModel;
 use finch::rng::Rng;
-use finch::ui::chat_page::VoteRecord;
 use finch::ui::{App, Page, StartOptions};
 
 #[path = "support/ui_harness.rs"]

@@ -108,7 +108,7 @@ impl<'a> AnswerJson<'a> {
             tokens: g.token_ids.len(),
             finish_reason: g.finish_reason.as_str(),
             prompt_tokens: g.prompt_tokens,
-            decode_tokens_per_sec: g.token_ids.len().saturating_sub(1) as f64 / g.decode_secs.max(1e-9),
+            decode_tokens_per_sec: g.decode_tokens_per_sec(),
         }
     }
 }

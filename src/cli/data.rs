@@ -9,7 +9,7 @@
 use std::io::IsTerminal;
 use std::path::PathBuf;
 
-use crate::model::load::TemplateSource;
+use crate::model::template_choice::choose_template;
 use crate::model::ModelFiles;
 use anyhow::Context;
 use clap::{Args, Subcommand, ValueEnum};
@@ -21,7 +21,7 @@ use crate::data::load::{describe_rejection, load_file, FileKind, Format, LoadOpt
 use crate::data::quality::{exact_duplicates, near_duplicates, response_chars, NearDuplicateConfig};
 use crate::data::split::{apply_split, train_validation_split};
 use crate::data::LossOn;
-use crate::template::{special_tokens_from_config, BuiltinTemplate, ChatTemplate};
+use crate::template::BuiltinTemplate;
 
 #[derive(Debug, Args)]
 pub struct DataArgs {
@@ -181,34 +181,6 @@ pub fn run(args: DataArgs) -> anyhow::Result<i32> {
     }
 }
 
-/// The template to use: an explicit built-in (with the model's special tokens), the model's own,
-/// or ChatML when there is neither (with a warning).
-fn choose_template(
-    model: Option<&ModelFiles>,
-    explicit: Option<BuiltinTemplate>,
-    warnings: &mut Vec<String>,
-) -> anyhow::Result<ChatTemplate> {
-    let own = model.map(|m| m.chat_template()).transpose()?.flatten();
-    let (bos, eos) = match (&own, model.map(|m| &m.template)) {
-        (Some(t), _) => (t.bos_token().map(str::to_owned), t.eos_token().map(str::to_owned)),
-        (None, Some(TemplateSource::TokenizerConfig(p))) => special_tokens_from_config(p)?,
-        _ => (None, None),
-    };
-    if let Some(kind) = explicit {
-        return Ok(ChatTemplate::builtin(kind).with_special_tokens(bos, eos));
-    }
-    if let Some(template) = own {
-        return Ok(template);
-    }
-    if let Some(m) = model {
-        warnings.push(format!(
-            "{} has no chat template; using chatml (pick one with --template)",
-            m.path.display()
-        ));
-    }
-    Ok(ChatTemplate::builtin(BuiltinTemplate::ChatMl).with_special_tokens(bos, eos))
-}
-
 fn run_inspect(args: InspectArgs) -> anyhow::Result<i32> {
     if args.seq_len == 0 {
         anyhow::bail!("--seq-len must be at least 1");
@@ -220,7 +192,11 @@ fn run_inspect(args: InspectArgs) -> anyhow::Result<i32> {
     let tokenizer = files.as_ref().map(|f| f.tokenizer.clone());
     let needs_template = tokenizer.is_some() || args.show.is_some();
     let template = if needs_template {
-        Some(choose_template(files.as_ref(), args.template, &mut warnings)?)
+        let choice = choose_template(files.as_ref(), args.template);
+        if let Some(note) = choice.note {
+            warnings.push(format!("{note} (pick one with --template)"));
+        }
+        Some(choice.template)
     } else {
         None
     };
@@ -410,11 +386,11 @@ fn run_score(args: ScoreArgs) -> anyhow::Result<i32> {
     use crate::data::quality::{select_by_score, Keep, ResponseScorer};
     let report = args.load.load()?;
     let files = crate::hub::open_model(&args.model)?;
-    let mut warnings = vec![];
-    let template = choose_template(Some(&files), None, &mut warnings)?;
-    for w in &warnings {
-        eprintln!("warning: {w}");
+    let choice = choose_template(Some(&files), None);
+    if let Some(note) = &choice.note {
+        eprintln!("warning: {note}");
     }
+    let template = choice.template;
     let model = files.load(candle_core::DType::F32, &candle_core::Device::Cpu)?;
     let mut tokenized = Vec::with_capacity(report.rows.len());
     for row in &report.rows {

@@ -1,19 +1,16 @@
 //! `finch export`: an adapter as a PEFT folder, a merged Hugging Face folder, or GGUF (f16 and
-//! q8_0) with an Ollama Modelfile. Prints one JSON line with what was written.
+//! q8_0) with an Ollama Modelfile, through the same workflow as the studio's Export page
+//! ([`crate::export::run`]). Stages go to stderr; one JSON line on stdout lists what was written.
 
 use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
 
-use anyhow::Context;
-use clap::{Args, ValueEnum};
+use clap::Args;
 
-use crate::export::{export_gguf, export_merged, export_peft};
-use crate::generate::{resolve_adapter_dir, with_adapter, LoadedModel};
+use crate::export::{ExportEvent, ExportFormat, ExportRequest};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum ExportFormat {
-    Peft,
-    Merged,
-    Gguf,
+fn parse_format(name: &str) -> Result<ExportFormat, String> {
+    ExportFormat::from_name(name).ok_or_else(|| format!("unknown format `{name}` (expected peft, merged or gguf)"))
 }
 
 #[derive(Debug, Args)]
@@ -23,39 +20,30 @@ pub struct ExportArgs {
     /// A `finch train` run folder or a PEFT adapter folder.
     #[arg(long)]
     pub adapter: PathBuf,
-    #[arg(long, value_enum)]
+    /// peft, merged or gguf.
+    #[arg(long, value_parser = parse_format)]
     pub format: ExportFormat,
+    /// A new or empty folder.
     #[arg(long)]
     pub out: PathBuf,
 }
 
 pub fn run(args: ExportArgs) -> anyhow::Result<i32> {
-    let written: Vec<PathBuf> = match args.format {
-        ExportFormat::Peft => {
-            let dir = resolve_adapter_dir(&args.adapter)?;
-            // Loading checks that the folder is a complete, readable adapter before copying.
-            crate::lora::load_adapter(&dir, &candle_core::Device::Cpu)?;
-            export_peft(&dir, &args.out)?;
-            vec![args.out.clone()]
-        }
-        ExportFormat::Merged | ExportFormat::Gguf => {
-            let loaded =
-                LoadedModel::open(&args.model).with_context(|| format!("cannot open model `{}`", args.model))?;
-            let model = with_adapter(&loaded.model, &args.adapter)
-                .with_context(|| format!("cannot load adapter `{}`", args.adapter.display()))?;
-            if args.format == ExportFormat::Merged {
-                export_merged(&loaded.files, &loaded.format, &model, &args.out)?;
-                vec![args.out.clone()]
-            } else {
-                let mut paths = export_gguf(&loaded.files, &loaded.format, &model, &args.out)?;
-                paths.push(args.out.join("Modelfile"));
-                paths
-            }
-        }
+    let request = ExportRequest {
+        format: args.format,
+        adapter: args.adapter,
+        model: Some(args.model),
+        out: args.out,
     };
+    let exported = crate::export::run(&request, &AtomicBool::new(false), &mut |event| match event {
+        ExportEvent::Stage { index, total, text } => eprintln!("[{index}/{total}] {text}"),
+    })?;
+    if let Some(cmd) = &exported.ollama_command {
+        eprintln!("to use it in Ollama: {cmd}");
+    }
     let v = serde_json::json!({
-        "format": format!("{:?}", args.format).to_lowercase(),
-        "written": written.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),
+        "format": exported.format.name(),
+        "written": exported.files.iter().map(|(p, _)| p.display().to_string()).collect::<Vec<_>>(),
     });
     println!("{v}");
     Ok(0)

@@ -1,5 +1,5 @@
 //! `finch train`: fine-tune a model with LoRA from the terminal. Settings come from
-//! `--config FILE` (a run's `config.toml`) and/or flags; flags win. `--preflight [N]` times N
+//! `--config FILE` (a run's `config.toml`), then `--preset NAME`, then flags; flags win. `--preflight [N]` times N
 //! steps of that run and prints the estimate as one JSON line instead of training.
 
 use std::path::PathBuf;
@@ -13,6 +13,7 @@ use crate::cli::progress::Progress;
 use crate::data::LossOn;
 use crate::lora::Target;
 use crate::train::config::{DeviceChoice, Precision};
+use crate::train::presets::Preset;
 use crate::train::{Duration, Schedule, TrainConfig};
 
 #[derive(Debug, Args)]
@@ -20,6 +21,10 @@ pub struct TrainArgs {
     /// A run's config.toml to start from (flags override its values).
     #[arg(long)]
     pub config: Option<PathBuf>,
+    /// Start from a preset (quick-demo, balanced, quality), as the studio's buttons do; applied
+    /// after --config, and flags given explicitly override it.
+    #[arg(long, value_parser = parse_preset)]
+    pub preset: Option<Preset>,
     /// Model folder, .gguf file (or folder holding one), or Hub id.
     #[arg(long)]
     pub model: Option<String>,
@@ -115,6 +120,13 @@ pub struct TrainArgs {
     pub preflight: Option<usize>,
 }
 
+fn parse_preset(name: &str) -> Result<Preset, String> {
+    Preset::from_name(name).ok_or_else(|| {
+        let names: Vec<&str> = Preset::ALL.iter().map(|p| p.name()).collect();
+        format!("unknown preset `{name}` (expected one of: {})", names.join(", "))
+    })
+}
+
 fn parse_enum<T: serde::de::DeserializeOwned>(field: &str, value: &str) -> anyhow::Result<T> {
     serde_json::from_value(serde_json::Value::String(value.to_ascii_lowercase()))
         .map_err(|_| anyhow::anyhow!("invalid --{field} `{value}`"))
@@ -122,7 +134,7 @@ fn parse_enum<T: serde::de::DeserializeOwned>(field: &str, value: &str) -> anyho
 
 impl TrainArgs {
     /// The effective configuration: defaults, then --config (or the run's own config.toml when
-    /// resuming), then flags.
+    /// resuming), then --preset, then flags.
     pub fn to_config(&self) -> anyhow::Result<TrainConfig> {
         let run_config = self
             .out
@@ -135,6 +147,9 @@ impl TrainArgs {
         };
         if self.config.is_none() && run_config.is_none() {
             c.out = String::new();
+        }
+        if let Some(preset) = self.preset {
+            preset.apply(&mut c);
         }
         macro_rules! set {
             ($flag:expr, $field:expr) => {
@@ -241,4 +256,50 @@ fn resolve_hub_model(model: &str) -> anyhow::Result<()> {
         crate::cli::hub::resolve_model_with_progress(model)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cmd {
+        #[command(flatten)]
+        train: TrainArgs,
+    }
+
+    fn config(args: &[&str]) -> anyhow::Result<TrainConfig> {
+        let cmd = Cmd::try_parse_from(std::iter::once("train").chain(args.iter().copied()))?;
+        cmd.train.to_config()
+    }
+
+    #[test]
+    fn a_preset_sets_the_studio_values_and_flags_override_it() {
+        let cfg = config(&["--preset", "balanced", "--out", "runs/x"]).unwrap();
+        let want = Preset::Balanced.config();
+        assert_eq!((cfg.lora.r, cfg.seq_len, cfg.duration), (16, 512, want.duration));
+        let cfg = config(&[
+            "--preset",
+            "quick-demo",
+            "--rank",
+            "4",
+            "--steps",
+            "7",
+            "--out",
+            "runs/x",
+        ])
+        .unwrap();
+        assert_eq!(cfg.lora.r, 4, "an explicit flag wins over the preset");
+        assert_eq!(cfg.duration, Duration::Steps(7));
+        assert_eq!(
+            cfg.lora.alpha,
+            Preset::QuickDemo.config().lora.alpha,
+            "the rest is the preset's"
+        );
+        let err = Cmd::try_parse_from(["train", "--preset", "fast"])
+            .err()
+            .expect("refused");
+        assert!(err.to_string().contains("quick-demo, balanced, quality"), "{err}");
+    }
 }

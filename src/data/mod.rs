@@ -12,6 +12,7 @@ pub mod quality;
 pub mod records;
 pub mod split;
 pub mod tokenize;
+pub mod votes;
 
 use serde::{Deserialize, Serialize};
 

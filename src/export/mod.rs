@@ -7,6 +7,10 @@
 //! `stop` parameter for each end marker and a TEMPLATE derived by rendering the model's own
 //! chat template (so it writes the same text for a conversation).
 
+pub mod run;
+
+pub use run::{run, ExportError, ExportEvent, ExportFormat, ExportRequest, Exported};
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 

@@ -85,6 +85,16 @@ pub struct Generation {
     pub decode_secs: f64,
 }
 
+impl Generation {
+    /// Decoding speed, the one tokens/s Finch reports for an answer: the tokens generated after
+    /// the first, over the time their forwards took. The prompt's prefill (which yields the first
+    /// token) is left out, so a long conversation does not make decoding look slower, and the
+    /// figure matches `finch bench generate`'s `decode_tokens_per_sec`.
+    pub fn decode_tokens_per_sec(&self) -> f64 {
+        self.token_ids.len().saturating_sub(1) as f64 / self.decode_secs.max(1e-9)
+    }
+}
+
 /// The text side of a model: tokenizer, chat template and which tokens end an answer.
 #[derive(Debug, Clone)]
 pub struct ChatFormat {

@@ -794,3 +794,27 @@ fn real_model_kernels_agree() {
         assert!(d < 0.1, "{k:?} vs {k0:?}: max difference {d}");
     }
 }
+
+#[test]
+fn tokens_per_sec_counts_decoding_only() {
+    let g = Generation {
+        text: "abc".into(),
+        token_ids: vec![1, 2, 3, 4, 5],
+        finish_reason: FinishReason::Eos,
+        prompt_tokens: 1000,
+        prefill_secs: 10.0,
+        decode_secs: 2.0,
+    };
+    // Four tokens after the first, in two seconds; the long prefill does not count.
+    assert_eq!(g.decode_tokens_per_sec(), 2.0);
+    let one = Generation {
+        token_ids: vec![1],
+        decode_secs: 0.0,
+        ..g
+    };
+    assert_eq!(
+        one.decode_tokens_per_sec(),
+        0.0,
+        "a one-token answer has no decoding to time"
+    );
+}

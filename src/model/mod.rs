@@ -10,6 +10,7 @@ pub mod load;
 pub mod loss;
 pub mod quantized;
 pub mod safetensors;
+pub mod template_choice;
 pub mod tiny;
 pub mod transformer;
 pub mod weights;

@@ -8,6 +8,11 @@
 //! prompts, preflight, run history, chart export), Chat (streaming chat with the base model or an
 //! adapter; Compare side by side, with blind A/B votes saved for preference tuning), Export (PEFT
 //! adapter, merged model, GGUF + Ollama Modelfile) and Settings (UI scale, runs folder).
+//!
+//! Each page is a struct that owns its state, with `poll` (its background jobs, every frame) and
+//! `ui(&mut self, ui, &mut Shared)`; what pages share is in [`shared::Shared`], and the shell in
+//! [`app`] owns the pages. The big pages are folders: `state.rs` (jobs, polling, actions) and
+//! `view.rs` (drawing).
 
 pub mod app;
 pub mod chart;
@@ -15,11 +20,15 @@ pub mod chat_page;
 pub mod data_page;
 pub mod export_page;
 pub mod models_page;
+mod queries;
+pub mod settings_page;
+pub mod shared;
 pub mod train_page;
 pub mod widgets;
 pub mod worker;
 
-pub use app::{App, Page, Settings, StartOptions, UiError};
+pub use app::{App, StartOptions};
+pub use shared::{Page, Settings, Shared, UiError};
 
 use eframe::egui;
 

@@ -9,7 +9,7 @@ use eframe::egui;
 use crate::hub::{CachedModel, DownloadProgress, DownloadRequest, HubOptions, ModelSummary, SearchQuery, Token};
 use crate::model::load::TemplateSource;
 
-use super::app::App;
+use super::shared::Shared;
 use super::widgets::{format_bytes, format_count};
 use super::worker::{Job, PickPurpose, Stream};
 
@@ -89,9 +89,8 @@ struct Download {
 pub struct ModelsPage {
     /// The path field: a model folder or `.gguf` file.
     pub path_text: String,
+    /// The model being opened; once open, its card is [`Shared::model`].
     opening: Option<(PathBuf, Job<Result<ModelCard, String>>)>,
-    /// The opened model.
-    pub card: Option<ModelCard>,
     search_text: String,
     include_unsupported: bool,
     searching: Option<Job<Result<Vec<ModelSummary>, String>>>,
@@ -102,14 +101,12 @@ pub struct ModelsPage {
     cached: Vec<CachedModel>,
     /// Token for gated models; kept in memory only.
     token_text: String,
-    /// Hub settings used instead of the environment's (tests, a fake Hub).
-    hub_override: Option<HubOptions>,
 }
 
 impl ModelsPage {
-    /// Hub settings from the environment, with the token typed into the page if any.
-    pub fn hub_options(&self) -> HubOptions {
-        let options = self.hub_override.clone().unwrap_or_else(HubOptions::from_env);
+    /// The shared Hub settings, with the token typed into the page if any.
+    pub fn hub_options(&self, shared: &Shared) -> HubOptions {
+        let options = shared.hub.clone();
         match Token::new(self.token_text.trim()) {
             Some(token) => options.with_token(Some(token)),
             None => options,
@@ -127,64 +124,46 @@ impl ModelsPage {
     }
 }
 
-impl App {
-    /// Opens a model folder or `.gguf` file, as the file dialog would (tests call this directly).
-    pub fn open_model_path(&mut self, ctx: &egui::Context, path: &Path) {
-        self.open_model_path_in(ctx, path);
-    }
-
-    pub(crate) fn open_model_path_in(&mut self, ctx: &egui::Context, path: &Path) {
-        self.models.path_text = path.display().to_string();
+impl ModelsPage {
+    /// Opens a model folder or `.gguf` file on a background thread, as the Open button does.
+    pub fn open(&mut self, ctx: &egui::Context, shared: &mut Shared, path: &Path) {
+        self.path_text = path.display().to_string();
         let owned = path.to_path_buf();
         let job = Job::spawn("finch-open-model", ctx, move || {
             ModelCard::open(&owned).map_err(|e| format!("{e:#}"))
         });
         match job {
-            Ok(job) => self.models.opening = Some((path.to_path_buf(), job)),
-            Err(e) => self.report("Cannot open the model", e, "Try again; if it persists, restart Finch."),
+            Ok(job) => self.opening = Some((path.to_path_buf(), job)),
+            Err(e) => shared.report("Cannot open the model", e, "Try again; if it persists, restart Finch."),
         }
     }
 
-    /// Uses these Hub settings instead of the environment's (`HF_ENDPOINT`, `HF_HUB_CACHE`, …).
-    pub fn set_hub_options(&mut self, options: HubOptions) {
-        self.models.hub_override = Some(options);
-    }
-
-    /// Models in the Hugging Face cache, as last listed.
-    pub fn cached_models(&self) -> &[CachedModel] {
-        self.models.cached()
-    }
-
-    /// The opened model, if any.
-    pub fn model_card(&self) -> Option<&ModelCard> {
-        self.models.card.as_ref()
-    }
-
-    pub(crate) fn refresh_cached(&mut self, ctx: &egui::Context) {
-        if self.models.listing.is_some() {
+    /// Lists the models in the Hugging Face cache on a background thread.
+    pub fn refresh_cached(&mut self, ctx: &egui::Context, shared: &mut Shared) {
+        if self.listing.is_some() {
             return;
         }
-        let cache_dir = self.models.hub_options().cache_dir;
+        let cache_dir = self.hub_options(shared).cache_dir;
         let job = Job::spawn("finch-list-cache", ctx, move || {
             crate::hub::list_cached(&cache_dir).map_err(|e| format!("{e:#}"))
         });
         match job {
-            Ok(job) => self.models.listing = Some(job),
-            Err(e) => self.report("Cannot list cached models", e, "Restart Finch."),
+            Ok(job) => self.listing = Some(job),
+            Err(e) => shared.report("Cannot list cached models", e, "Restart Finch."),
         }
     }
 
-    pub(crate) fn poll_models(&mut self, ctx: &egui::Context) {
-        if let Some((path, job)) = &mut self.models.opening {
+    pub fn poll(&mut self, ctx: &egui::Context, shared: &mut Shared) {
+        if let Some((path, job)) = &mut self.opening {
             if let Some(result) = job.poll() {
                 let path = path.clone();
-                self.models.opening = None;
+                self.opening = None;
                 match result {
                     Ok(card) => {
-                        self.settings.last_model = Some(path.display().to_string());
-                        self.models.card = Some(card);
+                        shared.settings.last_model = Some(path.display().to_string());
+                        shared.model = Some(card);
                     }
-                    Err(e) => self.report(
+                    Err(e) => shared.report(
                         format!("Cannot open the model {}", path.display()),
                         e,
                         "Pick a folder holding config.json, tokenizer.json and model.safetensors, or a .gguf file \
@@ -193,17 +172,17 @@ impl App {
                 }
             }
         }
-        if let Some(job) = &mut self.models.searching {
+        if let Some(job) = &mut self.searching {
             if let Some(result) = job.poll() {
-                self.models.searching = None;
-                self.models.searched = true;
+                self.searching = None;
+                self.searched = true;
                 match result {
                     Ok(mut results) => {
                         // Models Finch can tune come first, most downloaded first within each group.
                         results.sort_by(|a, b| b.supported.cmp(&a.supported).then(b.downloads.cmp(&a.downloads)));
-                        self.models.results = results;
+                        self.results = results;
                     }
-                    Err(e) => self.report(
+                    Err(e) => shared.report(
                         "The Hub search failed",
                         e,
                         "Check the internet connection (or HF_ENDPOINT); cached models below still work offline.",
@@ -211,12 +190,12 @@ impl App {
                 }
             }
         }
-        if let Some(job) = &mut self.models.listing {
+        if let Some(job) = &mut self.listing {
             if let Some(result) = job.poll() {
-                self.models.listing = None;
+                self.listing = None;
                 match result {
-                    Ok(cached) => self.models.cached = cached,
-                    Err(e) => self.report(
+                    Ok(cached) => self.cached = cached,
+                    Err(e) => shared.report(
                         "Cannot list the Hugging Face cache",
                         e,
                         "Check that HF_HOME / HF_HUB_CACHE point to a readable folder.",
@@ -225,7 +204,7 @@ impl App {
             }
         }
         let mut finished = None;
-        if let Some(dl) = &mut self.models.download {
+        if let Some(dl) = &mut self.download {
             for event in dl.stream.drain() {
                 match event {
                     Ok(DownloadProgress::Planned {
@@ -259,39 +238,39 @@ impl App {
             }
         }
         if let Some(outcome) = finished {
-            self.models.download = None;
+            self.download = None;
             match outcome {
-                Ok(snapshot) => self.open_model_path_in(ctx, &snapshot),
+                Ok(snapshot) => self.open(ctx, shared, &snapshot),
                 Err((_, _, true)) => {}
-                Err((id, e, false)) => self.report(
+                Err((id, e, false)) => shared.report(
                     format!("Downloading {id} failed"),
                     e,
                     "Check the connection and the free disk space, then press Download again: finished files are \
                      kept and a partial file resumes. Gated models need a token (below) and an accepted licence.",
                 ),
             }
-            self.refresh_cached(ctx);
+            self.refresh_cached(ctx, shared);
         }
     }
 
-    fn start_search(&mut self, ctx: &egui::Context) {
-        let mut query = SearchQuery::new(self.models.search_text.trim());
-        query.include_unsupported = self.models.include_unsupported;
-        let options = self.models.hub_options();
+    fn start_search(&mut self, ctx: &egui::Context, shared: &mut Shared) {
+        let mut query = SearchQuery::new(self.search_text.trim());
+        query.include_unsupported = self.include_unsupported;
+        let options = self.hub_options(shared);
         let job = Job::spawn("finch-hub-search", ctx, move || {
             crate::hub::search(&options, &query).map_err(|e| format!("{e:#}"))
         });
         match job {
-            Ok(job) => self.models.searching = Some(job),
-            Err(e) => self.report("Cannot search the Hub", e, "Restart Finch."),
+            Ok(job) => self.searching = Some(job),
+            Err(e) => shared.report("Cannot search the Hub", e, "Restart Finch."),
         }
     }
 
-    fn start_download(&mut self, ctx: &egui::Context, id: &str) {
-        if self.models.download.is_some() {
+    fn start_download(&mut self, ctx: &egui::Context, shared: &mut Shared, id: &str) {
+        if self.download.is_some() {
             return;
         }
-        let options = self.models.hub_options();
+        let options = self.hub_options(shared);
         let request = DownloadRequest::new(id);
         let stream = Stream::spawn("finch-hub-download", ctx, move |send, cancel| {
             let result = crate::hub::download(&options, &request, &mut |p| send(Ok(p)), cancel);
@@ -301,7 +280,7 @@ impl App {
         });
         match stream {
             Ok(stream) => {
-                self.models.download = Some(Download {
+                self.download = Some(Download {
                     id: id.to_string(),
                     stream,
                     done_bytes: 0,
@@ -310,134 +289,142 @@ impl App {
                     cancelled: false,
                 })
             }
-            Err(e) => self.report("Cannot start the download", e, "Restart Finch."),
+            Err(e) => shared.report("Cannot start the download", e, "Restart Finch."),
         }
     }
 
-    pub(crate) fn models_page_ui(&mut self, ui: &mut egui::Ui) {
-        let ctx = ui.ctx().clone();
+    pub fn ui(&mut self, ui: &mut egui::Ui, shared: &mut Shared) {
         ui.heading("Models");
         ui.add_space(6.0);
-        self.model_card_ui(ui);
+        self.card_ui(ui, shared);
         ui.add_space(10.0);
-
-        ui.group(|ui| {
-            ui.label(egui::RichText::new("Open a model on this computer").strong());
-            ui.horizontal(|ui| {
-                let label = ui.label("Model path");
-                let edit = ui.add(
-                    egui::TextEdit::singleline(&mut self.models.path_text)
-                        .hint_text("folder with config.json, or a .gguf file")
-                        .desired_width(380.0),
-                );
-                let edit = edit.labelled_by(label.id);
-                let enter = edit.lost_focus() && ui.input(|i| i.key_pressed(egui::Key::Enter));
-                let can_open = !self.models.path_text.trim().is_empty() && !self.models.is_opening();
-                let clicked = ui.add_enabled(can_open, egui::Button::new("Open")).clicked();
-                if can_open && (clicked || enter) {
-                    let path = PathBuf::from(self.models.path_text.trim());
-                    self.open_model_path_in(&ctx, &path);
-                }
-                if ui
-                    .button("Folder…")
-                    .on_hover_text("Pick a Hugging Face model folder")
-                    .clicked()
-                {
-                    self.start_pick(&ctx, PickPurpose::ModelFolder, None);
-                }
-                if ui
-                    .button("GGUF file…")
-                    .on_hover_text("Pick a .gguf model file")
-                    .clicked()
-                {
-                    self.start_pick(&ctx, PickPurpose::ModelGguf, None);
-                }
-                if self.models.is_opening() {
-                    ui.spinner();
-                    ui.label("Opening…");
-                }
-            });
-        });
+        ui.group(|ui| self.open_ui(ui, shared));
         ui.add_space(10.0);
-
-        ui.group(|ui| {
-            let search_label = ui.label(egui::RichText::new("Search the Hugging Face Hub").strong());
-            ui.horizontal(|ui| {
-                let edit = ui.add(
-                    egui::TextEdit::singleline(&mut self.models.search_text)
-                        .hint_text("e.g. SmolLM2, Qwen2.5 0.5B")
-                        .desired_width(300.0),
-                );
-                let edit = edit.labelled_by(search_label.id);
-                let enter = edit.lost_focus() && ui.input(|i| i.key_pressed(egui::Key::Enter));
-                let searching = self.models.searching.is_some();
-                if (ui.add_enabled(!searching, egui::Button::new("Search")).clicked() || enter) && !searching {
-                    self.start_search(&ctx);
-                }
-                ui.checkbox(&mut self.models.include_unsupported, "Show models Finch cannot tune")
-                    .on_hover_text("Also list other architectures and models over 2B parameters, greyed out.");
-                if searching {
-                    ui.spinner();
-                }
-            });
-            ui.horizontal(|ui| {
-                ui.label("Access token");
-                ui.add(
-                    egui::TextEdit::singleline(&mut self.models.token_text)
-                        .password(true)
-                        .hint_text("only for gated models (hf_…)")
-                        .desired_width(260.0),
-                )
-                .on_hover_text(
-                    "Gated models (e.g. Llama) need a Hugging Face token and an accepted licence on the model's web \
-                     page. HF_TOKEN and `huggingface-cli login` tokens are used automatically.",
-                );
-            });
-            self.download_ui(ui);
-            self.search_results_ui(ui, &ctx);
-        });
+        ui.group(|ui| self.hub_ui(ui, shared));
         ui.add_space(10.0);
+        ui.group(|ui| self.cached_ui(ui, shared));
+    }
 
-        ui.group(|ui| {
-            ui.horizontal(|ui| {
-                ui.label(egui::RichText::new("Downloaded models").strong());
-                if ui.small_button("Refresh").clicked() {
-                    self.refresh_cached(&ctx);
-                }
-            });
-            if self.models.cached.is_empty() {
-                ui.label(egui::RichText::new("No models in the Hugging Face cache yet.").weak());
+    /// Open a model folder or `.gguf` file on this computer.
+    fn open_ui(&mut self, ui: &mut egui::Ui, shared: &mut Shared) {
+        let ctx = ui.ctx().clone();
+        ui.label(egui::RichText::new("Open a model on this computer").strong());
+        ui.horizontal(|ui| {
+            let label = ui.label("Model path");
+            let edit = ui.add(
+                egui::TextEdit::singleline(&mut self.path_text)
+                    .hint_text("folder with config.json, or a .gguf file")
+                    .desired_width(380.0),
+            );
+            let edit = edit.labelled_by(label.id);
+            let enter = edit.lost_focus() && ui.input(|i| i.key_pressed(egui::Key::Enter));
+            let can_open = !self.path_text.trim().is_empty() && !self.is_opening();
+            let clicked = ui.add_enabled(can_open, egui::Button::new("Open")).clicked();
+            if can_open && (clicked || enter) {
+                let path = PathBuf::from(self.path_text.trim());
+                self.open(&ctx, shared, &path);
             }
-            let mut open = None;
-            egui::Grid::new("cached-models")
-                .striped(true)
-                .num_columns(3)
-                .show(ui, |ui| {
-                    for model in &self.models.cached {
-                        ui.label(&model.id);
-                        ui.label(format_bytes(model.size_bytes));
-                        match model.revisions.iter().find(|r| r.usable) {
-                            Some(rev) => {
-                                if ui.button("Use").on_hover_text(rev.path.display().to_string()).clicked() {
-                                    open = Some(rev.path.clone());
-                                }
-                            }
-                            None => {
-                                ui.label(egui::RichText::new("incomplete").weak())
-                                    .on_hover_text("Download it again to finish the missing files.");
-                            }
-                        }
-                        ui.end_row();
-                    }
-                });
-            if let Some(path) = open {
-                self.open_model_path_in(&ctx, &path);
+            if ui
+                .button("Folder…")
+                .on_hover_text("Pick a Hugging Face model folder")
+                .clicked()
+            {
+                shared.pick(PickPurpose::ModelFolder, None);
+            }
+            if ui
+                .button("GGUF file…")
+                .on_hover_text("Pick a .gguf model file")
+                .clicked()
+            {
+                shared.pick(PickPurpose::ModelGguf, None);
+            }
+            if self.is_opening() {
+                ui.spinner();
+                ui.label("Opening…");
             }
         });
     }
 
-    fn model_card_ui(&mut self, ui: &mut egui::Ui) {
-        let Some(card) = &self.models.card else {
+    /// Search the Hub, the access token, the download in progress and the results.
+    fn hub_ui(&mut self, ui: &mut egui::Ui, shared: &mut Shared) {
+        let ctx = ui.ctx().clone();
+        let search_label = ui.label(egui::RichText::new("Search the Hugging Face Hub").strong());
+        ui.horizontal(|ui| {
+            let edit = ui.add(
+                egui::TextEdit::singleline(&mut self.search_text)
+                    .hint_text("e.g. SmolLM2, Qwen2.5 0.5B")
+                    .desired_width(300.0),
+            );
+            let edit = edit.labelled_by(search_label.id);
+            let enter = edit.lost_focus() && ui.input(|i| i.key_pressed(egui::Key::Enter));
+            let searching = self.searching.is_some();
+            if (ui.add_enabled(!searching, egui::Button::new("Search")).clicked() || enter) && !searching {
+                self.start_search(&ctx, shared);
+            }
+            ui.checkbox(&mut self.include_unsupported, "Show models Finch cannot tune")
+                .on_hover_text("Also list other architectures and models over 2B parameters, greyed out.");
+            if searching {
+                ui.spinner();
+            }
+        });
+        ui.horizontal(|ui| {
+            ui.label("Access token");
+            ui.add(
+                egui::TextEdit::singleline(&mut self.token_text)
+                    .password(true)
+                    .hint_text("only for gated models (hf_…)")
+                    .desired_width(260.0),
+            )
+            .on_hover_text(
+                "Gated models (e.g. Llama) need a Hugging Face token and an accepted licence on the model's web \
+                 page. HF_TOKEN and `huggingface-cli login` tokens are used automatically.",
+            );
+        });
+        self.download_ui(ui);
+        self.search_results_ui(ui, &ctx, shared);
+    }
+
+    /// The models in the Hugging Face cache, each with a Use button.
+    fn cached_ui(&mut self, ui: &mut egui::Ui, shared: &mut Shared) {
+        let ctx = ui.ctx().clone();
+        ui.horizontal(|ui| {
+            ui.label(egui::RichText::new("Downloaded models").strong());
+            if ui.small_button("Refresh").clicked() {
+                self.refresh_cached(&ctx, shared);
+            }
+        });
+        if self.cached.is_empty() {
+            ui.label(egui::RichText::new("No models in the Hugging Face cache yet.").weak());
+        }
+        let mut open = None;
+        egui::Grid::new("cached-models")
+            .striped(true)
+            .num_columns(3)
+            .show(ui, |ui| {
+                for model in &self.cached {
+                    ui.label(&model.id);
+                    ui.label(format_bytes(model.size_bytes));
+                    match model.revisions.iter().find(|r| r.usable) {
+                        Some(rev) => {
+                            if ui.button("Use").on_hover_text(rev.path.display().to_string()).clicked() {
+                                open = Some(rev.path.clone());
+                            }
+                        }
+                        None => {
+                            ui.label(egui::RichText::new("incomplete").weak())
+                                .on_hover_text("Download it again to finish the missing files.");
+                        }
+                    }
+                    ui.end_row();
+                }
+            });
+        if let Some(path) = open {
+            self.open(&ctx, shared, &path);
+        }
+    }
+
+    fn card_ui(&mut self, ui: &mut egui::Ui, shared: &Shared) {
+        let Some(card) = &shared.model else {
             ui.label(egui::RichText::new("No model open. Open one below, or search the Hub.").weak());
             return;
         };
@@ -483,7 +470,7 @@ impl App {
     }
 
     fn download_ui(&mut self, ui: &mut egui::Ui) {
-        let Some(dl) = &mut self.models.download else { return };
+        let Some(dl) = &mut self.download else { return };
         ui.horizontal(|ui| {
             let fraction = if dl.total_bytes > 0 {
                 dl.done_bytes as f32 / dl.total_bytes as f32
@@ -508,24 +495,24 @@ impl App {
         }
     }
 
-    fn search_results_ui(&mut self, ui: &mut egui::Ui, ctx: &egui::Context) {
-        if self.models.searched && self.models.results.is_empty() {
+    fn search_results_ui(&mut self, ui: &mut egui::Ui, ctx: &egui::Context, shared: &mut Shared) {
+        if self.searched && self.results.is_empty() {
             ui.label(egui::RichText::new("No matching models.").weak());
             return;
         }
-        let downloading = self.models.download.is_some();
+        let downloading = self.download.is_some();
         let mut download = None;
         egui::Grid::new("hub-results")
             .striped(true)
             .num_columns(6)
             .show(ui, |ui| {
-                if !self.models.results.is_empty() {
+                if !self.results.is_empty() {
                     for head in ["Model", "Parameters", "Size", "Licence", "Downloads", ""] {
                         ui.label(egui::RichText::new(head).strong());
                     }
                     ui.end_row();
                 }
-                for m in &self.models.results {
+                for m in &self.results {
                     let name = egui::RichText::new(&m.id);
                     let name = if m.supported { name } else { name.weak() };
                     let label = ui.label(name);
@@ -548,7 +535,7 @@ impl App {
                 }
             });
         if let Some(id) = download {
-            self.start_download(ctx, &id);
+            self.start_download(ctx, shared, &id);
         }
     }
 }

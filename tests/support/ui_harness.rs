@@ -12,8 +12,8 @@ use egui_kittest::Harness;
 use finch::hub::HubOptions;
 use finch::model::tiny::TinySpec;
 use finch::model::Family;
+use finch::train::presets::Preset;
 use finch::train::Duration as TrainDuration;
-use finch::ui::train_page::Preset;
 use finch::ui::{App, Settings};
 
 /// Alpaca rows the tiny byte-level tokenizer can encode.
