@@ -27,6 +27,9 @@ pub struct ExportArgs {
     pub format: ExportFormat,
     #[arg(long)]
     pub out: PathBuf,
+    /// Where the adapter is folded in: auto, cpu, cuda[:N], metal (auto: the GPU when there is one).
+    #[arg(long, default_value = "auto")]
+    pub device: crate::device::DeviceChoice,
 }
 
 pub fn run(args: ExportArgs) -> anyhow::Result<i32> {
@@ -39,8 +42,9 @@ pub fn run(args: ExportArgs) -> anyhow::Result<i32> {
             vec![args.out.clone()]
         }
         ExportFormat::Merged | ExportFormat::Gguf => {
-            let loaded =
-                LoadedModel::open(&args.model).with_context(|| format!("cannot open model `{}`", args.model))?;
+            let device = args.device.open()?;
+            let loaded = LoadedModel::open_on(&args.model, &device)
+                .with_context(|| format!("cannot open model `{}`", args.model))?;
             let model = with_adapter(&loaded.model, &args.adapter)
                 .with_context(|| format!("cannot load adapter `{}`", args.adapter.display()))?;
             if args.format == ExportFormat::Merged {
