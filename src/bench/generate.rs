@@ -6,7 +6,7 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use candle_core::{DType, Device};
+use candle_core::DType;
 use serde::Serialize;
 
 use crate::data::{Message, Role};
@@ -53,6 +53,8 @@ pub struct BenchGenerateOptions {
     pub adapter: Option<PathBuf>,
     /// Fold the adapter into the weights first.
     pub merge: bool,
+    /// Where the f32 path runs (`--quantized` runs on the CPU).
+    pub device: crate::device::DeviceChoice,
 }
 
 /// Times one greedy answer of `new_tokens` tokens (after a short warm-up answer). Without a
@@ -69,6 +71,7 @@ pub fn bench_generate(opts: &BenchGenerateOptions) -> Result<BenchGenerateResult
         ));
     }
     if opts.quantized {
+        opts.device.cpu_only("--quantized")?;
         let spec = model.ok_or_else(|| Error::config("quantized", "needs --model (a GGUF file)"))?;
         let files = crate::hub::open_model(spec)?;
         let prompt = prompt_ids(&ChatFormat::from_files(&files)?)?;
@@ -82,9 +85,10 @@ pub fn bench_generate(opts: &BenchGenerateOptions) -> Result<BenchGenerateResult
         let timing = greedy_timed(&mut q, &prompt, new_tokens)?;
         return Ok(result(name, prompt.len(), timing));
     }
+    let device = opts.device.open()?;
     let (transformer, prompt, name): (Transformer, Vec<u32>, String) = match model {
         Some(spec) => {
-            let m = LoadedModel::open(spec)?;
+            let m = LoadedModel::open_on(spec, &device)?;
             let prompt = prompt_ids(&m.format)?;
             match &opts.adapter {
                 Some(a) => {
@@ -107,7 +111,7 @@ pub fn bench_generate(opts: &BenchGenerateOptions) -> Result<BenchGenerateResult
                 tensors: spec.weights()?,
                 origin: name.into(),
             };
-            let model = Transformer::load(&cfg, &src, DType::F32, &Device::Cpu)?;
+            let model = Transformer::load(&cfg, &src, DType::F32, &device)?;
             let mut rng = Rng::new(1);
             let prompt = (0..150).map(|_| rng.below(cfg.vocab_size) as u32).collect();
             (model, prompt, name.to_string())

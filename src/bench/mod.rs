@@ -7,16 +7,19 @@ pub mod generate;
 use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
-use candle_core::{DType, Device};
+use candle_core::DType;
 use serde::Serialize;
 
 use crate::data::TokenizedExample;
+use crate::device::DeviceChoice;
 use crate::error::Result;
+use crate::kernels::KernelPath;
 use crate::lora::LoraConfig;
 use crate::model::tiny::TinySpec;
 use crate::model::weights::TensorMap;
 use crate::model::Transformer;
 use crate::rng::Rng;
+use crate::train::config::Precision;
 use crate::train::{Duration, TrainConfig, TrainData, TrainEvent, Trainer};
 
 #[derive(Debug, Clone)]
@@ -28,6 +31,9 @@ pub struct BenchTrainOptions {
     pub warmup_steps: usize,
     pub timed_steps: usize,
     pub lora: LoraConfig,
+    pub device: DeviceChoice,
+    /// Base weights' precision (the adapter and optimizer are f32).
+    pub precision: Precision,
 }
 
 impl Default for BenchTrainOptions {
@@ -43,6 +49,8 @@ impl Default for BenchTrainOptions {
                 alpha: 32.0,
                 ..LoraConfig::default()
             },
+            device: DeviceChoice::Auto,
+            precision: Precision::F32,
         }
     }
 }
@@ -61,12 +69,23 @@ pub struct BenchTrainResult {
     pub loss_first: f32,
     pub loss_last: f32,
     pub trainable_params: usize,
+    /// `cpu`, `cuda`, `cuda:1`, `metal`.
+    pub device: String,
+    pub precision: Precision,
+    /// `fused` (Finch's CPU kernels) or `composite` (candle ops: GPUs, `FINCH_FUSED=0`, bf16/f16).
+    pub path: &'static str,
 }
 
 pub fn bench_train(opts: &BenchTrainOptions) -> Result<BenchTrainResult> {
-    let device = Device::Cpu;
+    let device = opts.device.open()?;
+    let dtype = opts.precision.dtype();
+    let path = if device.is_cpu() && dtype == DType::F32 {
+        crate::kernels::kernel_path()
+    } else {
+        KernelPath::Composite
+    };
     let (model, name): (Transformer, String) = match &opts.model {
-        Some(m) => (crate::hub::open_model(m)?.load(DType::F32, &device)?, m.clone()),
+        Some(m) => (crate::hub::open_model(m)?.load(dtype, &device)?, m.clone()),
         None => {
             let spec = TinySpec::smollm2_135m();
             let cfg = crate::model::ModelConfig::from_json(&spec.config_json(), "random-smollm2-135m".as_ref())?;
@@ -75,7 +94,7 @@ pub fn bench_train(opts: &BenchTrainOptions) -> Result<BenchTrainResult> {
                 origin: "random-smollm2-135m".into(),
             };
             (
-                Transformer::load(&cfg, &src, DType::F32, &device)?,
+                Transformer::load(&cfg, &src, dtype, &device)?,
                 "random-smollm2-135m".into(),
             )
         }
@@ -100,6 +119,8 @@ pub fn bench_train(opts: &BenchTrainOptions) -> Result<BenchTrainResult> {
         seq_len: opts.seq_len,
         lr: 1e-3,
         eval_split: 0.0,
+        device: opts.device,
+        precision: opts.precision,
         ..TrainConfig::default()
     };
     let mut model = model;
@@ -151,5 +172,8 @@ pub fn bench_train(opts: &BenchTrainOptions) -> Result<BenchTrainResult> {
         loss_first: losses.first().copied().unwrap_or(f32::NAN),
         loss_last: losses.last().copied().unwrap_or(f32::NAN),
         trainable_params: trainable,
+        device: crate::device::name(&device),
+        precision: opts.precision,
+        path: path.as_str(),
     })
 }

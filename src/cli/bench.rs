@@ -6,7 +6,9 @@ use clap::{Args, Subcommand};
 
 use crate::bench::generate::BenchGenerateOptions;
 use crate::bench::{bench_train, BenchTrainOptions};
+use crate::device::DeviceChoice;
 use crate::lora::Target;
+use crate::train::config::Precision;
 
 #[derive(Debug, Args)]
 pub struct BenchArgs {
@@ -33,6 +35,12 @@ pub enum BenchCommand {
         rank: usize,
         #[arg(long, default_value = "all")]
         targets: String,
+        /// auto, cpu, cuda[:N], metal (auto: the GPU when there is one).
+        #[arg(long, default_value = "auto")]
+        device: DeviceChoice,
+        /// Base-weight precision: f32, bf16, f16 (the adapter and optimizer stay f32).
+        #[arg(long, default_value = "f32")]
+        precision: String,
     },
     /// Inference speed: prefill and decode tokens/s for a 128-token greedy answer, batch 1.
     Generate {
@@ -50,6 +58,9 @@ pub enum BenchCommand {
         /// Fold the adapter into the weights first (as `chat --merge`; f32 path only).
         #[arg(long, requires = "adapter", conflicts_with = "quantized")]
         merge: bool,
+        /// auto, cpu, cuda[:N], metal (the f32 path; --quantized runs on the CPU).
+        #[arg(long, default_value = "auto")]
+        device: DeviceChoice,
     },
 }
 
@@ -63,6 +74,8 @@ pub fn run(args: BenchArgs) -> anyhow::Result<i32> {
             steps,
             rank,
             targets,
+            device,
+            precision,
         } => {
             let mut opts = BenchTrainOptions {
                 model,
@@ -70,6 +83,8 @@ pub fn run(args: BenchArgs) -> anyhow::Result<i32> {
                 seq_len,
                 warmup_steps: warmup,
                 timed_steps: steps,
+                device,
+                precision: Precision::parse(&precision)?,
                 ..BenchTrainOptions::default()
             };
             opts.lora.r = rank;
@@ -85,6 +100,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<i32> {
             quantized,
             adapter,
             merge,
+            device,
         } => {
             let r = crate::bench::generate::bench_generate(&BenchGenerateOptions {
                 model,
@@ -92,6 +108,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<i32> {
                 quantized,
                 adapter,
                 merge,
+                device,
             })?;
             println!("{}", serde_json::to_string(&r)?);
             Ok(0)

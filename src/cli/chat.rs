@@ -85,6 +85,9 @@ pub struct ChatArgs {
     /// Fold the adapter into the weights (faster decoding; the changed matrices are copied).
     #[arg(long, requires = "adapter", conflicts_with = "quantized")]
     pub merge: bool,
+    /// auto, cpu, cuda[:N], metal (auto: the GPU when there is one; --quantized runs on the CPU).
+    #[arg(long, default_value = "auto")]
+    pub device: crate::device::DeviceChoice,
     #[command(flatten)]
     pub gen: GenArgs,
 }
@@ -119,6 +122,7 @@ pub fn run(args: ChatArgs) -> anyhow::Result<i32> {
     eprintln!("loading {} ...", args.model);
     // The f32 model (base weights shared with the adapter clone) or the quantized GGUF.
     let (format, f32_model, mut quantized, label) = if args.quantized {
+        args.device.cpu_only("--quantized")?;
         let files =
             crate::hub::open_model(&args.model).with_context(|| format!("cannot open model `{}`", args.model))?;
         let format = ChatFormat::from_files(&files)?;
@@ -133,7 +137,9 @@ pub fn run(args: ChatArgs) -> anyhow::Result<i32> {
         };
         (format, None, Some(q), label)
     } else {
-        let loaded = LoadedModel::open(&args.model).with_context(|| format!("cannot open model `{}`", args.model))?;
+        let device = args.device.open()?;
+        let loaded = LoadedModel::open_on(&args.model, &device)
+            .with_context(|| format!("cannot open model `{}`", args.model))?;
         let (model, label) = match &args.adapter {
             Some(a) => {
                 let tuned =

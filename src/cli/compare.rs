@@ -33,6 +33,9 @@ pub struct CompareArgs {
     /// applied unmerged in f32.
     #[arg(long)]
     pub quantized: bool,
+    /// auto, cpu, cuda[:N], metal (auto: the GPU when there is one; --quantized runs on the CPU).
+    #[arg(long, default_value = "auto")]
+    pub device: crate::device::DeviceChoice,
     #[command(flatten)]
     pub gen: GenArgs,
 }
@@ -48,6 +51,7 @@ pub fn run(args: CompareArgs) -> anyhow::Result<i32> {
     let no_cancel = AtomicBool::new(false);
     let mut answers: Vec<(String, Generation)> = vec![];
     if args.quantized {
+        args.device.cpu_only("--quantized")?;
         let files =
             crate::hub::open_model(&args.model).with_context(|| format!("cannot open model `{}`", args.model))?;
         let format = ChatFormat::from_files(&files)?;
@@ -70,7 +74,9 @@ pub fn run(args: CompareArgs) -> anyhow::Result<i32> {
             answers.push((label, g));
         }
     } else {
-        let loaded = LoadedModel::open(&args.model).with_context(|| format!("cannot open model `{}`", args.model))?;
+        let device = args.device.open()?;
+        let loaded = LoadedModel::open_on(&args.model, &device)
+            .with_context(|| format!("cannot open model `{}`", args.model))?;
         let mut models = vec![("base".to_string(), loaded.model.clone())];
         for a in &args.adapter {
             let m = with_adapter(&loaded.model, a).with_context(|| format!("cannot load adapter `{}`", a.display()))?;

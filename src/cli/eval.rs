@@ -30,6 +30,9 @@ pub struct EvalArgs {
     /// Longest generated answer for exact / rouge-l.
     #[arg(long, default_value_t = 256)]
     pub max_new_tokens: usize,
+    /// auto, cpu, cuda[:N], metal (auto: the GPU when there is one).
+    #[arg(long, default_value = "auto")]
+    pub device: crate::device::DeviceChoice,
 }
 
 pub fn run(args: EvalArgs) -> anyhow::Result<i32> {
@@ -39,7 +42,9 @@ pub fn run(args: EvalArgs) -> anyhow::Result<i32> {
         .map(|m| Metric::parse(m))
         .collect::<Result<Vec<_>, _>>()?;
     let examples = crate::train::run::load_examples(&args.data, &mut |m| eprintln!("{m}"))?;
-    let loaded = LoadedModel::open(&args.model).with_context(|| format!("cannot open model `{}`", args.model))?;
+    let device = args.device.open()?;
+    let loaded =
+        LoadedModel::open_on(&args.model, &device).with_context(|| format!("cannot open model `{}`", args.model))?;
     let model = match &args.adapter {
         Some(a) => with_adapter(&loaded.model, a).with_context(|| format!("cannot load adapter `{}`", a.display()))?,
         None => loaded.model.clone(),

@@ -26,6 +26,9 @@ pub struct ExportArgs {
     /// A new or empty folder.
     #[arg(long)]
     pub out: PathBuf,
+    /// Where the adapter is folded in: auto, cpu, cuda[:N], metal (auto: the GPU when there is one).
+    #[arg(long, default_value = "auto")]
+    pub device: crate::device::DeviceChoice,
 }
 
 pub fn run(args: ExportArgs) -> anyhow::Result<i32> {
@@ -34,6 +37,7 @@ pub fn run(args: ExportArgs) -> anyhow::Result<i32> {
         adapter: args.adapter,
         model: Some(args.model),
         out: args.out,
+        device: args.device,
     };
     let exported = crate::export::run(&request, &AtomicBool::new(false), &mut |event| match event {
         ExportEvent::Stage { index, total, text } => eprintln!("[{index}/{total}] {text}"),

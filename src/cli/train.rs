@@ -104,7 +104,7 @@ pub struct TrainArgs {
     /// Base-weight precision: f32, bf16, f16.
     #[arg(long)]
     pub precision: Option<String>,
-    /// auto, cpu, cuda, metal.
+    /// auto, cpu, cuda[:N], metal (auto: the GPU when there is one).
     #[arg(long)]
     pub device: Option<String>,
     /// A prompt the model answers before training, at every evaluation and at the end (up to 3;
@@ -201,7 +201,7 @@ impl TrainArgs {
             c.precision = parse_enum::<Precision>("precision", p)?;
         }
         if let Some(d) = &self.device {
-            c.device = parse_enum::<DeviceChoice>("device", d)?;
+            c.device = DeviceChoice::parse(d)?;
         }
         if !self.probes.is_empty() {
             c.probe_prompts = self.probes.clone();

@@ -95,6 +95,8 @@ pub struct ExportRequest {
     pub model: Option<String>,
     /// A new or empty folder.
     pub out: PathBuf,
+    /// Where the adapter is folded into the base (merged and GGUF exports).
+    pub device: crate::device::DeviceChoice,
 }
 
 /// What [`run`] reports while it works.
@@ -201,7 +203,8 @@ fn run_stages(
                 ))
             })?;
             stage(1, format!("Loading the base model {spec}"))?;
-            let loaded = LoadedModel::open(spec).map_err(failed("cannot load the base model"))?;
+            let device = request.device.open().map_err(failed("cannot open the device"))?;
+            let loaded = LoadedModel::open_on(spec, &device).map_err(failed("cannot load the base model"))?;
             stage(2, "Attaching the adapter".into())?;
             let tuned = with_adapter(&loaded.model, adapter).map_err(failed("cannot load the adapter"))?;
             if format == ExportFormat::Merged {
@@ -309,6 +312,7 @@ mod tests {
             adapter: dir.path().join("no-adapter"),
             model: None,
             out: dir.path().to_path_buf(),
+            device: Default::default(),
         };
         let mut events = vec![];
         let err = run(&request, &AtomicBool::new(false), &mut |e| events.push(e)).unwrap_err();
@@ -326,6 +330,7 @@ mod tests {
             adapter: dir.path().join("no-adapter"),
             model: None,
             out: out.clone(),
+            device: Default::default(),
         };
         let mut events = vec![];
         let err = run(&request, &AtomicBool::new(false), &mut |e| events.push(e)).unwrap_err();

@@ -221,9 +221,14 @@ pub struct LoadedModel {
 
 impl LoadedModel {
     pub fn open(spec: &str) -> Result<Self> {
+        Self::open_on(spec, &Device::Cpu)
+    }
+
+    /// The model in f32 on `device`.
+    pub fn open_on(spec: &str, device: &Device) -> Result<Self> {
         let files = crate::hub::open_model(spec)?;
         let format = ChatFormat::from_files(&files)?;
-        let model = files.load(DType::F32, &Device::Cpu)?;
+        let model = files.load(DType::F32, device)?;
         Ok(LoadedModel { files, model, format })
     }
 }

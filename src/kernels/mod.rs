@@ -6,3 +6,9 @@
 pub mod gemm;
 pub mod ops;
 pub mod quant;
+
+mod path;
+
+pub use path::{
+    compute_dtype, fused_allowed, kernel_path, kernel_path_from_env, set_kernel_path, with_kernel_path, KernelPath,
+};

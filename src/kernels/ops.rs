@@ -5,12 +5,12 @@
 //! 4–6 full-size intermediates each, which dominated step time and memory. On other devices and
 //! dtypes the composite versions are used.
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor, D};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor, D};
 use rayon::prelude::*;
 
-/// Whether the fused CPU f32 kernels can run on `t`.
+/// Whether the fused CPU f32 kernels can run on `t` (see [`super::fused_allowed`]).
 pub(crate) fn cpu_f32(t: &Tensor) -> bool {
-    t.device().is_cpu() && t.dtype() == DType::F32
+    super::fused_allowed(t)
 }
 
 /// The contiguous f32 data of a CPU storage, or an error naming `op`.
@@ -82,7 +82,7 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> candle_core::Result<Tensor>
         return x.contiguous()?.apply_op2(&w.contiguous()?, RmsNorm { eps: eps as f32 });
     }
     let dt = x.dtype();
-    let xf = x.to_dtype(DType::F32)?;
+    let xf = x.to_dtype(super::compute_dtype(dt))?;
     let ms = xf.sqr()?.mean_keepdim(D::Minus1)?;
     let y = xf.broadcast_div(&(ms + eps)?.sqrt()?)?;
     y.to_dtype(dt)?.broadcast_mul(w)
@@ -248,8 +248,13 @@ pub fn causal_softmax(scores: &Tensor, scale: f64) -> candle_core::Result<Tensor
     let mask: Vec<f32> = (0..t)
         .flat_map(|i| (0..t).map(move |j| if j <= i { 0.0 } else { f32::NEG_INFINITY }))
         .collect();
-    let mask = Tensor::from_vec(mask, (t, t), scores.device())?.to_dtype(scores.dtype())?;
-    candle_nn::ops::softmax(&(scores * scale)?.broadcast_add(&mask)?, D::Minus1)
+    // In f32 for bf16/f16 models (GPUs): exponentials of half-precision scores lose the small
+    // probabilities.
+    let dt = scores.dtype();
+    let ct = super::compute_dtype(dt);
+    let mask = Tensor::from_vec(mask, (t, t), scores.device())?.to_dtype(ct)?;
+    let scores = (scores.to_dtype(ct)? * scale)?.broadcast_add(&mask)?;
+    candle_nn::ops::softmax(&scores, D::Minus1)?.to_dtype(dt)
 }
 
 // ---------------------------------------------------------------- SwiGLU

@@ -64,9 +64,13 @@ impl LoraLinear {
                         Some(rng) if dropout_on => dropout(x, l.dropout, rng)?,
                         _ => x.clone(),
                     };
+                    // Mixed precision: the adapter (and its optimizer) stay f32 over a bf16/f16
+                    // base; its input is cast up and its update cast down to the base's dtype.
+                    let xd = xd.to_dtype(l.a.dtype())?;
                     // Scale the [tokens, r] product, not the [tokens, out] one.
                     let h = (xd.broadcast_matmul(&l.a.as_tensor().t()?)? * l.scale)?;
-                    (frozen_linear(x, &self.weight)? + h.broadcast_matmul(&l.b.as_tensor().t()?)?)?
+                    let update = h.broadcast_matmul(&l.b.as_tensor().t()?)?.to_dtype(x.dtype())?;
+                    (frozen_linear(x, &self.weight)? + update)?
                 }
             }
         };

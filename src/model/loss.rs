@@ -20,7 +20,10 @@ pub fn cross_entropy(logits: &Tensor, targets: &[u32]) -> candle_core::Result<Te
         candle_core::bail!("cross_entropy: no target tokens")
     }
     let t = Tensor::from_slice(targets, n, logits.device())?;
-    let logp = candle_nn::ops::log_softmax(&logits.to_dtype(DType::F32)?, D::Minus1)?;
+    let logp = candle_nn::ops::log_softmax(
+        &logits.to_dtype(crate::kernels::compute_dtype(logits.dtype()))?,
+        D::Minus1,
+    )?;
     let picked = logp.gather(&t.unsqueeze(1)?, 1)?;
     picked.neg()?.mean_all()
 }

@@ -158,6 +158,7 @@ pub fn rope_inv_freq(cfg: &ModelConfig) -> Vec<f32> {
 impl Transformer {
     /// Builds the model from `src`, checking every tensor's shape.
     pub fn load(cfg: &ModelConfig, src: &dyn WeightSource, dtype: DType, device: &Device) -> Result<Self> {
+        crate::device::check_precision(device, dtype)?;
         let h = cfg.hidden_size;
         let q_dim = cfg.num_attention_heads * cfg.head_dim;
         let kv_dim = cfg.num_key_value_heads * cfg.head_dim;
@@ -257,7 +258,8 @@ impl Transformer {
     pub fn add_lora(&mut self, cfg: &LoraConfig, rng: &mut Rng) -> Result<()> {
         cfg.validate()?;
         let device = self.device.clone();
-        let dtype = self.dtype;
+        // Mixed precision: adapters (and so the optimizer's moments) are f32 over a bf16/f16 base.
+        let dtype = crate::kernels::compute_dtype(self.dtype);
         for l in 0..self.layers.len() {
             for &t in &cfg.targets {
                 let lin = self.linear_mut(l, t);
@@ -274,7 +276,7 @@ impl Transformer {
         self.remove_lora();
         let cfg = &adapter.config;
         let device = self.device.clone();
-        let dtype = self.dtype;
+        let dtype = crate::kernels::compute_dtype(self.dtype);
         let mut used = 0;
         for l in 0..self.layers.len() {
             for &t in &cfg.targets {

@@ -43,6 +43,18 @@ pub enum Precision {
 }
 
 impl Precision {
+    pub fn parse(s: &str) -> Result<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "f32" => Ok(Precision::F32),
+            "bf16" => Ok(Precision::Bf16),
+            "f16" => Ok(Precision::F16),
+            other => Err(Error::config(
+                "precision",
+                format!("`{other}` is not one of f32, bf16, f16"),
+            )),
+        }
+    }
+
     pub fn dtype(self) -> candle_core::DType {
         match self {
             Precision::F32 => candle_core::DType::F32,
@@ -52,50 +64,8 @@ impl Precision {
     }
 }
 
-/// Which device trains: `auto` picks CUDA or Metal when Finch was built with them and one is present.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum DeviceChoice {
-    #[default]
-    Auto,
-    Cpu,
-    Cuda,
-    Metal,
-}
-
-impl DeviceChoice {
-    pub fn device(self) -> Result<candle_core::Device> {
-        use candle_core::Device;
-        match self {
-            DeviceChoice::Cpu => Ok(Device::Cpu),
-            DeviceChoice::Cuda => Device::new_cuda(0).map_err(|e| {
-                Error::config(
-                    "device",
-                    format!("CUDA is not available ({e}); build with --features cuda"),
-                )
-            }),
-            DeviceChoice::Metal => Device::new_metal(0).map_err(|e| {
-                Error::config(
-                    "device",
-                    format!("Metal is not available ({e}); build with --features metal"),
-                )
-            }),
-            DeviceChoice::Auto => {
-                if candle_core::utils::cuda_is_available() {
-                    if let Ok(d) = Device::new_cuda(0) {
-                        return Ok(d);
-                    }
-                }
-                if candle_core::utils::metal_is_available() {
-                    if let Ok(d) = Device::new_metal(0) {
-                        return Ok(d);
-                    }
-                }
-                Ok(Device::Cpu)
-            }
-        }
-    }
-}
+/// Which device trains (`auto`, `cpu`, `cuda[:N]`, `metal`); see [`crate::device`].
+pub use crate::device::DeviceChoice;
 
 /// How long to train: a number of optimizer steps, or whole passes over the training data.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]

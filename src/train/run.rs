@@ -101,7 +101,7 @@ pub fn prepare(cfg: &TrainConfig, resume: bool, note: &mut dyn FnMut(String)) ->
 /// for the probes), writing nothing: `run_dir` is only where the trainer will log once it runs.
 pub fn build(cfg: &TrainConfig, run_dir: Option<PathBuf>, note: &mut dyn FnMut(String)) -> Result<Trainer> {
     cfg.validate()?;
-    let device = cfg.device.device()?;
+    let device = cfg.device.open()?;
     let (files, template) = open_model(&cfg.model)?;
     let examples = load_examples(Path::new(&cfg.data), note)?;
     let (mut train_ex, eval_ex) = match &cfg.eval_data {

@@ -127,6 +127,8 @@ impl ExportPage {
             adapter,
             model: model.map(|m| m.display().to_string()),
             out,
+            // The studio has no device choice yet: the CPU, as every page uses.
+            device: crate::device::DeviceChoice::Cpu,
         };
         let stream = Stream::spawn("finch-export", ctx, move |send, cancel| {
             let result = crate::export::run(&request, cancel, &mut |event| send(ExportMsg::Event(event)));
