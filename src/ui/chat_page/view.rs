@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use eframe::egui;
 
-use super::{column_letter, Answer, ChatMode, ChatPage};
+use super::{column_letter, Answer, ChatMode, ChatPage, ChatSettings};
 use crate::ui::shared::Shared;
 use crate::ui::widgets::knob_row;
 use crate::ui::worker::PickPurpose;
@@ -160,89 +160,7 @@ impl ChatPage {
         .labelled_by(label.id);
         egui::CollapsingHeader::new("Sampling settings")
             .id_salt("chat-sampling")
-            .show(ui, |ui| {
-                egui::Grid::new("chat-sampling-grid")
-                    .num_columns(2)
-                    .spacing([12.0, 6.0])
-                    .show(ui, |ui| {
-                        knob_row(
-                            ui,
-                            "Greedy",
-                            "Always pick the most likely next token: the same answer every time.",
-                            |ui| ui.checkbox(&mut s.greedy, ""),
-                        );
-                        let sampling = !s.greedy;
-                        knob_row(
-                            ui,
-                            "Temperature",
-                            "Higher values make unlikely words more likely: more varied, less focused answers.",
-                            |ui| {
-                                ui.add_enabled(
-                                    sampling,
-                                    egui::DragValue::new(&mut s.temperature).range(0.01..=2.0).speed(0.01),
-                                )
-                            },
-                        );
-                        knob_row(
-                            ui,
-                            "Top-p",
-                            "Sample only from the most likely tokens whose probabilities add up to this.",
-                            |ui| {
-                                ui.add_enabled(
-                                    sampling,
-                                    egui::DragValue::new(&mut s.top_p).range(0.01..=1.0).speed(0.01),
-                                )
-                            },
-                        );
-                        knob_row(
-                            ui,
-                            "Top-k",
-                            "Sample only from this many most likely tokens; 0 keeps all.",
-                            |ui| ui.add_enabled(sampling, egui::DragValue::new(&mut s.top_k).range(0..=1000)),
-                        );
-                        knob_row(
-                            ui,
-                            "Min-p",
-                            "Drop tokens less likely than this fraction of the most likely one; 0 keeps all.",
-                            |ui| {
-                                ui.add_enabled(
-                                    sampling,
-                                    egui::DragValue::new(&mut s.min_p).range(0.0..=1.0).speed(0.01),
-                                )
-                            },
-                        );
-                        knob_row(
-                            ui,
-                            "Repetition penalty",
-                            "Above 1 discourages repeating tokens already in the conversation; 1 is off.",
-                            |ui| {
-                                ui.add(
-                                    egui::DragValue::new(&mut s.repetition_penalty)
-                                        .range(0.5..=2.0)
-                                        .speed(0.01),
-                                )
-                            },
-                        );
-                        knob_row(
-                            ui,
-                            "Max new tokens",
-                            "The longest answer, in tokens; generation stops there.",
-                            |ui| ui.add(egui::DragValue::new(&mut s.max_new_tokens).range(1..=8192)),
-                        );
-                        knob_row(
-                            ui,
-                            "Seed",
-                            "The same seed and settings reproduce the same sampled answer.",
-                            |ui| ui.add_enabled(sampling, egui::DragValue::new(&mut s.seed)),
-                        );
-                        knob_row(
-                            ui,
-                            "Stop strings",
-                            "Text that ends an answer when the model writes it; separate several with |.",
-                            |ui| ui.add(egui::TextEdit::singleline(&mut s.stop).desired_width(240.0)),
-                        );
-                    });
-            });
+            .show(ui, |ui| sampling_ui(ui, s));
     }
 
     fn conversation_ui(&mut self, ui: &mut egui::Ui) {
@@ -375,6 +293,91 @@ impl ChatPage {
             self.send_message(&ctx, shared);
         }
     }
+}
+
+/// The sampling knobs; temperature and the filters are greyed out while greedy.
+fn sampling_ui(ui: &mut egui::Ui, s: &mut ChatSettings) {
+    egui::Grid::new("chat-sampling-grid")
+        .num_columns(2)
+        .spacing([12.0, 6.0])
+        .show(ui, |ui| {
+            knob_row(
+                ui,
+                "Greedy",
+                "Always pick the most likely next token: the same answer every time.",
+                |ui| ui.checkbox(&mut s.greedy, ""),
+            );
+            let sampling = !s.greedy;
+            knob_row(
+                ui,
+                "Temperature",
+                "Higher values make unlikely words more likely: more varied, less focused answers.",
+                |ui| {
+                    ui.add_enabled(
+                        sampling,
+                        egui::DragValue::new(&mut s.temperature).range(0.01..=2.0).speed(0.01),
+                    )
+                },
+            );
+            knob_row(
+                ui,
+                "Top-p",
+                "Sample only from the most likely tokens whose probabilities add up to this.",
+                |ui| {
+                    ui.add_enabled(
+                        sampling,
+                        egui::DragValue::new(&mut s.top_p).range(0.01..=1.0).speed(0.01),
+                    )
+                },
+            );
+            knob_row(
+                ui,
+                "Top-k",
+                "Sample only from this many most likely tokens; 0 keeps all.",
+                |ui| ui.add_enabled(sampling, egui::DragValue::new(&mut s.top_k).range(0..=1000)),
+            );
+            knob_row(
+                ui,
+                "Min-p",
+                "Drop tokens less likely than this fraction of the most likely one; 0 keeps all.",
+                |ui| {
+                    ui.add_enabled(
+                        sampling,
+                        egui::DragValue::new(&mut s.min_p).range(0.0..=1.0).speed(0.01),
+                    )
+                },
+            );
+            knob_row(
+                ui,
+                "Repetition penalty",
+                "Above 1 discourages repeating tokens already in the conversation; 1 is off.",
+                |ui| {
+                    ui.add(
+                        egui::DragValue::new(&mut s.repetition_penalty)
+                            .range(0.5..=2.0)
+                            .speed(0.01),
+                    )
+                },
+            );
+            knob_row(
+                ui,
+                "Max new tokens",
+                "The longest answer, in tokens; generation stops there.",
+                |ui| ui.add(egui::DragValue::new(&mut s.max_new_tokens).range(1..=8192)),
+            );
+            knob_row(
+                ui,
+                "Seed",
+                "The same seed and settings reproduce the same sampled answer.",
+                |ui| ui.add_enabled(sampling, egui::DragValue::new(&mut s.seed)),
+            );
+            knob_row(
+                ui,
+                "Stop strings",
+                "Text that ends an answer when the model writes it; separate several with |.",
+                |ui| ui.add(egui::TextEdit::singleline(&mut s.stop).desired_width(240.0)),
+            );
+        });
 }
 
 /// An answer with its title and status line.

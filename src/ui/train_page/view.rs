@@ -27,50 +27,76 @@ impl TrainPage {
         ui.add_space(6.0);
         let running = self.is_running();
 
-        ui.group(|ui| {
-            egui::Grid::new("train-inputs")
-                .num_columns(2)
-                .spacing([12.0, 8.0])
-                .show(ui, |ui| {
-                    ui.label("Model");
-                    match &shared.model {
-                        Some(card) => ui.label(format!("{} ({})", card.name, card.family)),
-                        None => ui.label(egui::RichText::new("none: open one on the Models page").weak()),
-                    };
-                    ui.end_row();
-                    let data_label = ui.label("Data file").on_hover_text(
-                        "A JSONL file: one example per line, with Alpaca fields (instruction, input, output) or \
-                     OpenAI `messages`.",
-                    );
-                    ui.horizontal(|ui| {
-                        let edit = ui.add_enabled(
-                            !running,
-                            egui::TextEdit::singleline(&mut self.data_path)
-                                .hint_text("path to a .jsonl file")
-                                .desired_width(380.0),
-                        );
-                        edit.labelled_by(data_label.id);
-                        if ui.add_enabled(!running, egui::Button::new("Browse…")).clicked() {
-                            shared.pick(PickPurpose::DataFile, None);
-                        }
-                    });
-                    ui.end_row();
-                    let name_label = ui
-                        .label("Run name")
-                        .on_hover_text("The run's folder under the runs folder; a number is added if it exists.");
-                    let hint = suggested_run_name(shared.model.as_ref().map(|c| c.name.as_str()), &self.data_path);
-                    ui.add_enabled(
-                        !running,
-                        egui::TextEdit::singleline(&mut self.run_name)
-                            .hint_text(hint)
-                            .desired_width(380.0),
-                    )
-                    .labelled_by(name_label.id);
-                    ui.end_row();
-                });
-        });
+        ui.group(|ui| self.inputs_ui(ui, shared, running));
         ui.add_space(8.0);
+        self.run_controls_ui(ui, shared, running);
+        if !self.status.is_empty() {
+            ui.label(&self.status);
+        }
+        if !self.preflight_status.is_empty() {
+            ui.label(&self.preflight_status);
+        }
+        for note in &self.notes {
+            ui.label(egui::RichText::new(note).small().weak());
+        }
+        ui.add_space(8.0);
+        // Curves come before the settings so a running (or shown) run is visible without scrolling.
+        self.live_plots_ui(ui);
+        ui.add_space(8.0);
+        egui::CollapsingHeader::new("Training settings")
+            .default_open(true)
+            .show(ui, |ui| ui.add_enabled_ui(!running, |ui| self.settings_ui(ui, shared)));
+        ui.add_space(12.0);
+        self.history_ui(ui, &ctx, shared);
+    }
 
+    /// The open model, the data file and the run name.
+    fn inputs_ui(&mut self, ui: &mut egui::Ui, shared: &mut Shared, running: bool) {
+        egui::Grid::new("train-inputs")
+            .num_columns(2)
+            .spacing([12.0, 8.0])
+            .show(ui, |ui| {
+                ui.label("Model");
+                match &shared.model {
+                    Some(card) => ui.label(format!("{} ({})", card.name, card.family)),
+                    None => ui.label(egui::RichText::new("none: open one on the Models page").weak()),
+                };
+                ui.end_row();
+                let data_label = ui.label("Data file").on_hover_text(
+                    "A JSONL file: one example per line, with Alpaca fields (instruction, input, output) or \
+                 OpenAI `messages`.",
+                );
+                ui.horizontal(|ui| {
+                    let edit = ui.add_enabled(
+                        !running,
+                        egui::TextEdit::singleline(&mut self.data_path)
+                            .hint_text("path to a .jsonl file")
+                            .desired_width(380.0),
+                    );
+                    edit.labelled_by(data_label.id);
+                    if ui.add_enabled(!running, egui::Button::new("Browse…")).clicked() {
+                        shared.pick(PickPurpose::DataFile, None);
+                    }
+                });
+                ui.end_row();
+                let name_label = ui
+                    .label("Run name")
+                    .on_hover_text("The run's folder under the runs folder; a number is added if it exists.");
+                let hint = suggested_run_name(shared.model.as_ref().map(|c| c.name.as_str()), &self.data_path);
+                ui.add_enabled(
+                    !running,
+                    egui::TextEdit::singleline(&mut self.run_name)
+                        .hint_text(hint)
+                        .desired_width(380.0),
+                )
+                .labelled_by(name_label.id);
+                ui.end_row();
+            });
+    }
+
+    /// Start / Preflight / Stop / Resume.
+    fn run_controls_ui(&mut self, ui: &mut egui::Ui, shared: &mut Shared, running: bool) {
+        let ctx = ui.ctx().clone();
         let preflighting = self.is_preflighting();
         ui.horizontal(|ui| {
             let ready = shared.model.is_some() && !self.data_path.trim().is_empty();
@@ -132,24 +158,6 @@ impl TrainPage {
                 }
             }
         });
-        if !self.status.is_empty() {
-            ui.label(&self.status);
-        }
-        if !self.preflight_status.is_empty() {
-            ui.label(&self.preflight_status);
-        }
-        for note in &self.notes {
-            ui.label(egui::RichText::new(note).small().weak());
-        }
-        ui.add_space(8.0);
-        // Curves come before the settings so a running (or shown) run is visible without scrolling.
-        self.live_plots_ui(ui);
-        ui.add_space(8.0);
-        egui::CollapsingHeader::new("Training settings")
-            .default_open(true)
-            .show(ui, |ui| ui.add_enabled_ui(!running, |ui| self.settings_ui(ui, shared)));
-        ui.add_space(12.0);
-        self.history_ui(ui, &ctx, shared);
     }
 
     /// The last run of this window (or of the last launch), when it stopped with steps left.
