@@ -128,14 +128,22 @@ pub fn bench_generate(opts: &BenchGenerateOptions) -> Result<BenchGenerateResult
     let mut cached = CachedTransformer::new(&transformer);
     greedy_timed(&mut cached, &prompt, 8)?;
     let timing = greedy_timed(&mut cached, &prompt, new_tokens)?;
-    Ok(result(name, prompt.len(), timing, f32_weight_bytes_per_token(&transformer.cfg)))
+    Ok(result(
+        name,
+        prompt.len(),
+        timing,
+        f32_weight_bytes_per_token(&transformer.cfg),
+    ))
 }
 
 /// Bytes of f32 weights one token's forward reads: every layer's seven projections and the
 /// output head (one embedding row and the norms are negligible; adapters are small).
 fn f32_weight_bytes_per_token(cfg: &crate::model::ModelConfig) -> usize {
     let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
-    let (q, kv) = (cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim);
+    let (q, kv) = (
+        cfg.num_attention_heads * cfg.head_dim,
+        cfg.num_key_value_heads * cfg.head_dim,
+    );
     let layer = h * q * 2 + h * kv * 2 + h * i * 3;
     (layer * cfg.num_hidden_layers + cfg.vocab_size * h) * std::mem::size_of::<f32>()
 }

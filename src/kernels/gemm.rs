@@ -98,7 +98,15 @@ fn gemm_into_with(
     // contiguous rows): single-token decoding. gemm's matrix×vector path is far from the
     // memory bandwidth this product is bound by.
     if m == 1 && rhs.rs == 1 && (lhs.cs == 1 || k == 1) {
-        return crate::kernels::gemv::gemv(dst, accumulate, &lhs.data[..k], rhs.data, rhs.cs.max(k), family, threads);
+        return crate::kernels::gemv::gemv(
+            dst,
+            accumulate,
+            &lhs.data[..k],
+            rhs.data,
+            rhs.cs.max(k),
+            family,
+            threads,
+        );
     }
     let parallelism = if threads > 1 {
         gemm::Parallelism::Rayon(threads)
@@ -108,17 +116,7 @@ fn gemm_into_with(
     // SAFETY: every index reached is inside its slice: checked above for lhs and rhs
     // (`in_bounds`) and for dst (m*n, row-major). The slices outlive the call.
     unsafe {
-        gemm_f32(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            accumulate,
-            lhs,
-            rhs,
-            parallelism,
-            family,
-        );
+        gemm_f32(m, n, k, dst.as_mut_ptr(), accumulate, lhs, rhs, parallelism, family);
     }
     Ok(())
 }
@@ -362,11 +360,7 @@ impl CustomOp3 for LoraMatmul {
         let mut y = with_slice(&self.w, |w| matmul(xm, Mat::row_major(w, out, k).t()))?;
         // The rank-r products of a few tokens (decoding) are far too small to share between
         // threads: dispatching them cost more than computing them (25 vs 38 tokens/s decode).
-        let threads = if m * r * (k + out) < 1 << 20 {
-            1
-        } else {
-            cpu::threads()
-        };
+        let threads = if m * r * (k + out) < 1 << 20 { 1 } else { cpu::threads() };
         let mut h = vec![0f32; m * r];
         gemm_into_on(&mut h, false, xm, Mat::row_major(a, r, k).t(), threads)?;
         h.iter_mut().for_each(|v| *v *= self.scale);
@@ -460,7 +454,10 @@ mod tests {
                             let dot: f64 = (0..k).map(|c| a[i * k + c] as f64 * w[j * k + c] as f64).sum();
                             let want = dot + if accumulate { base[i * n + j] as f64 } else { 0.0 };
                             let got = y[i * n + j] as f64;
-                            assert!((got - want).abs() < 1e-4, "{family:?} {m}x{k}x{n} at ({i},{j}): {got} vs {want}");
+                            assert!(
+                                (got - want).abs() < 1e-4,
+                                "{family:?} {m}x{k}x{n} at ({i},{j}): {got} vs {want}"
+                            );
                         }
                     }
                 }

@@ -215,7 +215,14 @@ mod tests {
     #[allow(clippy::needless_range_loop)]
     fn every_family_matches_an_f64_reference() {
         let mut rng = Rng::new(9);
-        for (n, k, rs) in [(1, 1, 1), (3, 7, 7), (5, 16, 20), (9, 33, 33), (64, 576, 576), (700, 100, 101)] {
+        for (n, k, rs) in [
+            (1, 1, 1),
+            (3, 7, 7),
+            (5, 16, 20),
+            (9, 33, 33),
+            (64, 576, 576),
+            (700, 100, 101),
+        ] {
             let w: Vec<f32> = (0..(n - 1) * rs + k).map(|_| rng.next_f32() * 2.0 - 1.0).collect();
             let x: Vec<f32> = (0..k).map(|_| rng.next_f32() * 2.0 - 1.0).collect();
             let base: Vec<f32> = (0..n).map(|_| rng.next_f32()).collect();
@@ -236,7 +243,8 @@ mod tests {
                     }
                     let pool = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();
                     let mut y3 = base.clone();
-                    pool.install(|| gemv(&mut y3, accumulate, &x, &w, rs, family, 3)).unwrap();
+                    pool.install(|| gemv(&mut y3, accumulate, &x, &w, rs, family, 3))
+                        .unwrap();
                     assert_eq!(y, y3, "{family:?}: threads changed the values");
                 }
             }
