@@ -22,6 +22,13 @@ fn main() {
     if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
         std::env::set_var("CANDLE_NUM_THREADS", "1");
     }
+    // Once, before any thread exists: candle asks for its thread count on every matmul and,
+    // unless RAYON_NUM_THREADS is set, parses /proc/cpuinfo to answer.
+    finch::kernels::cpu::pin_thread_count_env();
+    if let Err(msg) = finch::kernels::cpu::check_env() {
+        eprintln!("error: {msg}");
+        std::process::exit(2);
+    }
     let cli = <finch::cli::Cli as clap::Parser>::parse();
     if cli.command.is_none() {
         // No subcommand: open the studio window.

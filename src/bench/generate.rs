@@ -2,6 +2,10 @@
 //! f32 on the CPU (or, with `--quantized`, the GGUF's own blocks through
 //! [`crate::kernels::quant`]), for a fixed prompt and a 128-token greedy answer that ignores end tokens (so
 //! every run decodes the same number of tokens). Detokenization is not timed.
+//!
+//! Decoding one token reads every weight once, so its speed limit is the memory bandwidth: the
+//! result reports the bandwidth measured on this machine (a streaming read of a buffer larger
+//! than any cache) and decode's share of it.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -39,6 +43,14 @@ pub struct BenchGenerateResult {
     pub prefill_tokens_per_sec: f64,
     pub decode_tokens_per_sec: f64,
     pub peak_rss_mb: Option<f64>,
+    /// Weight bytes one decoded token reads (the layers' matrices and the output head).
+    pub weight_bytes_per_token: usize,
+    /// This machine's streaming-read bandwidth on the decode threads, GB/s (10⁹ bytes).
+    pub memory_bandwidth_gb_per_s: f64,
+    /// `weight_bytes_per_token · decode_tokens_per_sec / bandwidth`: 1.0 is the memory limit.
+    pub decode_bandwidth_share: f64,
+    #[serde(flatten)]
+    pub machine: super::Machine,
 }
 
 /// What `finch bench generate` runs.
@@ -83,7 +95,7 @@ pub fn bench_generate(opts: &BenchGenerateOptions) -> Result<BenchGenerateResult
         }
         greedy_timed(&mut q, &prompt, 8)?;
         let timing = greedy_timed(&mut q, &prompt, new_tokens)?;
-        return Ok(result(name, prompt.len(), timing));
+        return Ok(result(name, prompt.len(), timing, q.weight_bytes_per_token()));
     }
     let device = opts.device.open()?;
     let (transformer, prompt, name): (Transformer, Vec<u32>, String) = match model {
@@ -120,24 +132,76 @@ pub fn bench_generate(opts: &BenchGenerateOptions) -> Result<BenchGenerateResult
     let mut cached = CachedTransformer::new(&transformer);
     greedy_timed(&mut cached, &prompt, 8)?;
     let timing = greedy_timed(&mut cached, &prompt, new_tokens)?;
-    Ok(result(name, prompt.len(), timing))
+    Ok(result(
+        name,
+        prompt.len(),
+        timing,
+        f32_weight_bytes_per_token(&transformer.cfg),
+    ))
+}
+
+/// Bytes of f32 weights one token's forward reads: every layer's seven projections and the
+/// output head (one embedding row and the norms are negligible; adapters are small).
+fn f32_weight_bytes_per_token(cfg: &crate::model::ModelConfig) -> usize {
+    let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+    let (q, kv) = (
+        cfg.num_attention_heads * cfg.head_dim,
+        cfg.num_key_value_heads * cfg.head_dim,
+    );
+    let layer = h * q * 2 + h * kv * 2 + h * i * 3;
+    (layer * cfg.num_hidden_layers + cfg.vocab_size * h) * std::mem::size_of::<f32>()
+}
+
+/// Streaming-read bandwidth in GB/s: the best of three passes summing a 256 MiB buffer (8× the
+/// largest L3 of the machines measured) on the quantized path's thread pool, the threads decode
+/// runs on.
+pub fn memory_bandwidth_gb_per_s() -> f64 {
+    use rayon::prelude::*;
+    let buf = vec![1f32; 64 << 20];
+    let chunk = 1 << 16;
+    let pass = || {
+        let t = Instant::now();
+        let total: f32 = buf.par_chunks(chunk).map(crate::kernels::ops::sum).sum();
+        (t.elapsed().as_secs_f64(), total)
+    };
+    let mut best = f64::INFINITY;
+    for _ in 0..3 {
+        let (secs, total) = match crate::kernels::quant::pool() {
+            Some(pool) => pool.install(pass),
+            None => pass(),
+        };
+        // The sum is used, so the reads cannot be optimised away.
+        if total > 0.0 {
+            best = best.min(secs);
+        }
+    }
+    (buf.len() * std::mem::size_of::<f32>()) as f64 / best.max(1e-9) / 1e9
 }
 
 fn result(
     model: String,
     prompt_tokens: usize,
     (prefill_secs, decode_secs, produced): (f64, f64, usize),
+    weight_bytes_per_token: usize,
 ) -> BenchGenerateResult {
+    let decode_tokens_per_sec = produced.saturating_sub(1) as f64 / decode_secs.max(1e-9);
+    // Before the bandwidth pass, whose buffer would count as the model's memory.
+    let peak_rss_mb = crate::system::peak_rss_mb();
+    let bandwidth = memory_bandwidth_gb_per_s();
     BenchGenerateResult {
         bench: "generate",
         model,
-        threads: candle_core::utils::get_num_threads(),
+        threads: crate::kernels::cpu::threads(),
         prompt_tokens,
         new_tokens: produced,
         prefill_tokens_per_sec: prompt_tokens as f64 / prefill_secs.max(1e-9),
         // The first answer token comes from the prefill's logits.
-        decode_tokens_per_sec: produced.saturating_sub(1) as f64 / decode_secs.max(1e-9),
-        peak_rss_mb: crate::system::peak_rss_mb(),
+        decode_tokens_per_sec,
+        peak_rss_mb,
+        weight_bytes_per_token,
+        memory_bandwidth_gb_per_s: bandwidth,
+        decode_bandwidth_share: weight_bytes_per_token as f64 * decode_tokens_per_sec / (bandwidth * 1e9),
+        machine: super::Machine::now(),
     }
 }
 

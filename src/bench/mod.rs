@@ -1,6 +1,6 @@
 //! Benchmarks that print one JSON line. `finch bench train` measures LoRA training throughput in
 //! the reference setting (r=16, alpha 32, all 7 targets, batch 4 × 256 tokens, f32, AdamW,
-//! 3 warm-up + 10 timed steps).
+//! 3 warm-up + 10 timed steps). Every result names the machine it ran on ([`Machine`]).
 
 pub mod generate;
 
@@ -55,6 +55,37 @@ impl Default for BenchTrainOptions {
     }
 }
 
+/// The machine facts a benchmark figure depends on, in every bench JSON line.
+#[derive(Debug, Clone, Serialize)]
+pub struct Machine {
+    /// `/proc/cpuinfo`'s model name.
+    pub cpu_model: Option<&'static str>,
+    /// The family of Finch's own kernels (gemv, quantized products; `FINCH_CPU` forces one).
+    pub kernel_family: &'static str,
+    /// The family of the gemm microkernels behind Finch's matrix products (the same as
+    /// `kernel_family`: Finch drives gemm's public per-family kernels when `FINCH_CPU` asks for
+    /// less than the CPU's best). candle's own matmuls, outside Finch's kernels (the decode
+    /// attention scores), keep gemm's choice: `gemm_family_candle`.
+    pub gemm_family: &'static str,
+    pub gemm_family_candle: &'static str,
+    /// Transparent huge pages: `always`, `madvise` or `never`.
+    pub thp_mode: Option<&'static str>,
+}
+
+impl Machine {
+    pub fn now() -> Machine {
+        use crate::kernels::cpu;
+        let family = cpu::family().name();
+        Machine {
+            cpu_model: cpu::model_name(),
+            kernel_family: family,
+            gemm_family: family,
+            gemm_family_candle: cpu::best().name(),
+            thp_mode: cpu::thp_mode(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct BenchTrainResult {
     pub bench: &'static str,
@@ -66,6 +97,11 @@ pub struct BenchTrainResult {
     pub tokens_per_sec: f64,
     pub secs_per_step: f64,
     pub peak_rss_mb: Option<f64>,
+    /// Minor page faults per timed step (fresh pages the kernel mapped and zeroed); near zero
+    /// when steps reuse their buffers.
+    pub minor_page_faults_per_step: Option<f64>,
+    #[serde(flatten)]
+    pub machine: Machine,
     pub loss_first: f32,
     pub loss_last: f32,
     pub trainable_params: usize,
@@ -138,6 +174,7 @@ pub fn bench_train(opts: &BenchTrainOptions) -> Result<BenchTrainResult> {
     let stop = AtomicBool::new(false);
     let mut losses = vec![];
     let mut timed_start = None;
+    let (mut faults_start, mut faults_end) = (None, None);
     let mut timed_tokens = 0usize;
     let mut trainable = 0;
     trainer.run(&stop, &mut |e| match e {
@@ -145,30 +182,40 @@ pub fn bench_train(opts: &BenchTrainOptions) -> Result<BenchTrainResult> {
             trainable = *trainable_params;
             if opts.warmup_steps == 0 {
                 timed_start = Some(Instant::now());
+                faults_start = crate::system::minor_page_faults();
             }
         }
         TrainEvent::Step(m) => {
             losses.push(m.loss);
             if m.step == opts.warmup_steps {
                 timed_start = Some(Instant::now());
+                faults_start = crate::system::minor_page_faults();
             }
             if m.step > opts.warmup_steps {
                 timed_tokens += m.tokens;
+            }
+            if m.step == total {
+                faults_end = crate::system::minor_page_faults();
             }
         }
         _ => {}
     })?;
     let secs = timed_start.map(|t| t.elapsed().as_secs_f64()).unwrap_or(0.0);
+    let faults = faults_start
+        .zip(faults_end)
+        .map(|(a, b)| b.saturating_sub(a) as f64 / opts.timed_steps.max(1) as f64);
     Ok(BenchTrainResult {
         bench: "train",
         model: name,
-        threads: candle_core::utils::get_num_threads(),
+        threads: crate::kernels::cpu::threads(),
         batch_size: opts.batch_size,
         seq_len: opts.seq_len,
         timed_steps: opts.timed_steps,
         tokens_per_sec: timed_tokens as f64 / secs.max(1e-9),
         secs_per_step: secs / opts.timed_steps.max(1) as f64,
         peak_rss_mb: crate::system::peak_rss_mb(),
+        minor_page_faults_per_step: faults,
+        machine: Machine::now(),
         loss_first: losses.first().copied().unwrap_or(f32::NAN),
         loss_last: losses.last().copied().unwrap_or(f32::NAN),
         trainable_params: trainable,

@@ -6,11 +6,13 @@
 //!   composite version materialises three full-size `[tokens, out]` tensors per layer (the
 //!   low-rank product, its scaled copy, the sum) and as many again in backward.
 //!
-//! Both call the `gemm` crate directly on f32 slices; other devices and dtypes fall back to
+//! Both call the `gemm` crate directly on f32 slices (one input row goes to Finch's own
+//! matrix×vector kernel, [`crate::kernels::gemv`]); other devices and dtypes fall back to
 //! candle's ops in the callers.
 
 #![allow(unsafe_code)]
 
+use crate::kernels::cpu::{self, Family};
 use crate::kernels::ops::{cpu_f32, slice, tensor_vec};
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Storage, Tensor};
 
@@ -52,7 +54,7 @@ impl<'a> Mat<'a> {
 
 /// `dst[m, n] (+)= lhs[m, k] · rhs[k, n]`, `dst` row-major, on all of rayon's threads.
 pub(crate) fn gemm_into(dst: &mut [f32], accumulate: bool, lhs: Mat, rhs: Mat) -> candle_core::Result<()> {
-    gemm_into_on(dst, accumulate, lhs, rhs, candle_core::utils::get_num_threads())
+    gemm_into_on(dst, accumulate, lhs, rhs, cpu::threads())
 }
 
 /// [`gemm_into`] on `threads` threads (1 inside work that is already split across threads).
@@ -62,6 +64,18 @@ pub(crate) fn gemm_into_on(
     lhs: Mat,
     rhs: Mat,
     threads: usize,
+) -> candle_core::Result<()> {
+    gemm_into_with(dst, accumulate, lhs, rhs, threads, cpu::family())
+}
+
+/// [`gemm_into_on`] with the kernels of `family` (one this CPU runs).
+fn gemm_into_with(
+    dst: &mut [f32],
+    accumulate: bool,
+    lhs: Mat,
+    rhs: Mat,
+    threads: usize,
+    family: Family,
 ) -> candle_core::Result<()> {
     let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
     if rhs.rows != k || dst.len() != m * n || !lhs.in_bounds() || !rhs.in_bounds() {
@@ -80,6 +94,20 @@ pub(crate) fn gemm_into_on(
         }
         return Ok(());
     }
+    // One input row against a row-major weight (`rhs` is `Wᵀ`, so its columns are W's
+    // contiguous rows): single-token decoding. gemm's matrix×vector path is far from the
+    // memory bandwidth this product is bound by.
+    if m == 1 && rhs.rs == 1 && (lhs.cs == 1 || k == 1) {
+        return crate::kernels::gemv::gemv(
+            dst,
+            accumulate,
+            &lhs.data[..k],
+            rhs.data,
+            rhs.cs.max(k),
+            family,
+            threads,
+        );
+    }
     let parallelism = if threads > 1 {
         gemm::Parallelism::Rayon(threads)
     } else {
@@ -88,29 +116,113 @@ pub(crate) fn gemm_into_on(
     // SAFETY: every index reached is inside its slice: checked above for lhs and rhs
     // (`in_bounds`) and for dst (m*n, row-major). The slices outlive the call.
     unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
-            accumulate,
-            lhs.data.as_ptr(),
-            lhs.cs as isize,
-            lhs.rs as isize,
-            rhs.data.as_ptr(),
-            rhs.cs as isize,
-            rhs.rs as isize,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            parallelism,
-        );
+        gemm_f32(m, n, k, dst.as_mut_ptr(), accumulate, lhs, rhs, parallelism, family);
     }
     Ok(())
+}
+
+/// `dst (+)= lhs·rhs` through the gemm crate, with the kernel family [`cpu::family`] chose.
+///
+/// gemm 0.19 picks its microkernels from the CPU's features alone (no switch). Its generic
+/// driver and per-family microkernels are public (`gemm_common::gemm::gemm_basic_generic`,
+/// `gemm_f32::microkernel::{fma, scalar}`), so a family below the CPU's best calls the driver
+/// with that family's microkernels, exactly as gemm's own dispatch (`gemm_def!`) would on such a
+/// CPU. candle's own matmuls (outside Finch's kernels: the decode attention scores) keep gemm's
+/// choice.
+///
+/// Safety: `dst` holds `m·n` values row-major, and every element of `lhs` and `rhs` reached is
+/// inside its slice.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_f32(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    accumulate: bool,
+    lhs: Mat,
+    rhs: Mat,
+    parallelism: gemm::Parallelism,
+    family: Family,
+) {
+    let best = cpu::best();
+    #[cfg(target_arch = "x86_64")]
+    if family < best {
+        // gemm's front end (`gemm::gemm`): the microkernels prefer a column-major destination,
+        // so a row-major one is computed as its transpose, dstᵀ = rhsᵀ·lhsᵀ.
+        let (mm, nn, dst_cs, dst_rs) = (n, m, n as isize, 1isize);
+        let (l, l_cs, l_rs) = (rhs.data.as_ptr(), rhs.rs as isize, rhs.cs as isize);
+        let (r, r_cs, r_rs) = (lhs.data.as_ptr(), lhs.rs as isize, lhs.cs as isize);
+        macro_rules! basic {
+            // `n`: f32 lanes of the family's vectors (the value gemm's `gemm_def!` gives it).
+            ($simd:expr, $n:expr, $($u:ident)::+) => {
+                gemm_common::gemm::gemm_basic_generic::<
+                    _,
+                    f32,
+                    $n,
+                    { $($u)::+::MR_DIV_N * $n },
+                    { $($u)::+::NR },
+                    { $($u)::+::MR_DIV_N },
+                    { $($u)::+::H_M },
+                    { $($u)::+::H_N },
+                >(
+                    $simd,
+                    mm,
+                    nn,
+                    k,
+                    dst,
+                    dst_cs,
+                    dst_rs,
+                    accumulate,
+                    l,
+                    l_cs,
+                    l_rs,
+                    r,
+                    r_cs,
+                    r_rs,
+                    1.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    |a, b, c| a * b + c,
+                    &$($u)::+::UKR,
+                    &$($u)::+::H_UKR,
+                    false,
+                    parallelism,
+                )
+            };
+        }
+        match family {
+            Family::Avx2 => match gemm_common::simd::V3::try_new() {
+                Some(simd) => basic!(simd, 8, gemm_f32::microkernel::fma::f32),
+                None => basic!(gemm_common::simd::Scalar, 1, gemm_f32::microkernel::scalar::f32),
+            },
+            _ => basic!(gemm_common::simd::Scalar, 1, gemm_f32::microkernel::scalar::f32),
+        }
+        return;
+    }
+    let _ = (family, best);
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        1,
+        n as isize,
+        accumulate,
+        lhs.data.as_ptr(),
+        lhs.cs as isize,
+        lhs.rs as isize,
+        rhs.data.as_ptr(),
+        rhs.cs as isize,
+        rhs.rs as isize,
+        1.0,
+        1.0,
+        false,
+        false,
+        false,
+        parallelism,
+    );
 }
 
 fn matmul(lhs: Mat, rhs: Mat) -> candle_core::Result<Vec<f32>> {
@@ -248,11 +360,7 @@ impl CustomOp3 for LoraMatmul {
         let mut y = with_slice(&self.w, |w| matmul(xm, Mat::row_major(w, out, k).t()))?;
         // The rank-r products of a few tokens (decoding) are far too small to share between
         // threads: dispatching them cost more than computing them (25 vs 38 tokens/s decode).
-        let threads = if m * r * (k + out) < 1 << 20 {
-            1
-        } else {
-            candle_core::utils::get_num_threads()
-        };
+        let threads = if m * r * (k + out) < 1 << 20 { 1 } else { cpu::threads() };
         let mut h = vec![0f32; m * r];
         gemm_into_on(&mut h, false, xm, Mat::row_major(a, r, k).t(), threads)?;
         h.iter_mut().for_each(|v| *v *= self.scale);
@@ -323,6 +431,50 @@ mod tests {
         let g_ref = (y_ref * &c).unwrap().sum_all().unwrap().backward().unwrap();
         assert!(crate::testing::max_abs_diff(g.get(x.as_tensor()).unwrap(), g_ref.get(x.as_tensor()).unwrap()) < 1e-5);
         assert!(g.get(&w).is_none(), "the frozen weight must get no gradient");
+    }
+
+    /// Every kernel family this CPU runs (forced with `FINCH_CPU` in the binary) against an
+    /// f64 reference: matrix products of training shapes through gemm, and one-row products
+    /// (decoding) through the gemv kernel, plain and accumulating.
+    #[test]
+    #[allow(clippy::needless_range_loop)]
+    fn every_family_gives_the_same_products() {
+        let mut rng = crate::rng::Rng::new(4);
+        for (m, k, n) in [(1, 576, 300), (1, 7, 5), (3, 40, 33), (70, 96, 130)] {
+            let a: Vec<f32> = (0..m * k).map(|_| rng.next_f32() - 0.5).collect();
+            let w: Vec<f32> = (0..n * k).map(|_| rng.next_f32() - 0.5).collect();
+            let base: Vec<f32> = (0..m * n).map(|_| rng.next_f32()).collect();
+            for family in Family::available() {
+                for accumulate in [false, true] {
+                    let mut y = base.clone();
+                    let (lhs, rhs) = (Mat::row_major(&a, m, k), Mat::row_major(&w, n, k).t());
+                    gemm_into_with(&mut y, accumulate, lhs, rhs, 2, family).unwrap();
+                    for i in 0..m {
+                        for j in 0..n {
+                            let dot: f64 = (0..k).map(|c| a[i * k + c] as f64 * w[j * k + c] as f64).sum();
+                            let want = dot + if accumulate { base[i * n + j] as f64 } else { 0.0 };
+                            let got = y[i * n + j] as f64;
+                            assert!(
+                                (got - want).abs() < 1e-4,
+                                "{family:?} {m}x{k}x{n} at ({i},{j}): {got} vs {want}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// A decode-shaped product (one token) through the op equals candle's matmul.
+    #[test]
+    fn one_token_products_match_candle_matmul() {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1.0, (1, 1, 576), &dev).unwrap();
+        let w = Tensor::randn(0f32, 1.0, (1000, 576), &dev).unwrap();
+        let y = frozen_linear(&x, &w).unwrap();
+        let y_ref = x.broadcast_matmul(&w.t().unwrap()).unwrap();
+        let d = crate::testing::max_abs_diff(&y, &y_ref);
+        assert!(d < 1e-3, "differs by {d}");
     }
 
     #[test]

@@ -334,9 +334,24 @@ pub enum Kernel {
 }
 
 impl Kernel {
-    /// The fastest kernel this CPU runs.
+    /// The fastest kernel of the family [`crate::kernels::cpu::family`] allows (`FINCH_CPU`
+    /// caps it; by default the fastest this CPU runs).
     pub fn detect() -> Kernel {
-        Self::available().pop().unwrap_or(Kernel::Scalar)
+        let cap = crate::kernels::cpu::family();
+        Self::available()
+            .into_iter()
+            .rfind(|k| k.family() <= cap)
+            .unwrap_or(Kernel::Scalar)
+    }
+
+    /// The instruction-set family this kernel belongs to.
+    pub fn family(self) -> crate::kernels::cpu::Family {
+        use crate::kernels::cpu::Family;
+        match self {
+            Kernel::Scalar => Family::Portable,
+            Kernel::Avx2 => Family::Avx2,
+            Kernel::Avx512 => Family::Avx512,
+        }
     }
 
     /// Every kernel this CPU runs, slowest first (tests compare them all).
@@ -376,12 +391,12 @@ impl Kernel {
     }
 }
 
-/// The pool the products run on: `candle_core::utils::get_num_threads()` threads (the count
-/// the f32 matmuls use, from `RAYON_NUM_THREADS` or the core count), built once.
+/// The pool the products run on: [`crate::kernels::cpu::threads`] threads (the count the f32
+/// matmuls use, from `RAYON_NUM_THREADS` or the core count), built once.
 pub fn pool() -> Option<&'static rayon::ThreadPool> {
     static POOL: std::sync::OnceLock<Option<rayon::ThreadPool>> = std::sync::OnceLock::new();
     POOL.get_or_init(|| {
-        let threads = candle_core::utils::get_num_threads().max(1);
+        let threads = crate::kernels::cpu::threads();
         rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
             .thread_name(|i| format!("finch-qmatmul-{i}"))

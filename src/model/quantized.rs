@@ -52,7 +52,7 @@ impl LowRank {
         let threads = if t * self.r * (k + out) < 1 << 20 {
             1
         } else {
-            candle_core::utils::get_num_threads()
+            crate::kernels::cpu::threads()
         };
         let mut h = vec![0f32; t * self.r];
         gemm_into_on(
@@ -252,6 +252,19 @@ impl QuantizedModel {
             kernel: self.kernel,
             exact: self.exact.clone(),
         }
+    }
+
+    /// Bytes of quantized weight blocks one token's forward reads: every layer's seven
+    /// matrices and the output head (one embedding row is negligible).
+    pub fn weight_bytes_per_token(&self) -> usize {
+        let head = self.w.output.as_ref().unwrap_or(&self.w.embed);
+        let layers: usize = self
+            .w
+            .layers
+            .iter()
+            .map(|l| Target::ALL.iter().map(|&t| l.matrix(t).data().len()).sum::<usize>())
+            .sum();
+        layers + head.data().len()
     }
 
     /// Uses `kernel` for every product (tests compare kernels; the default is the fastest).

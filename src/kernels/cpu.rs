@@ -1,0 +1,164 @@
+//! What the CPU offers Finch's kernels, decided once per process: the instruction-set family
+//! (`FINCH_CPU=avx512|avx2|portable` forces one, so the AVX2 laptop path can be measured on an
+//! AVX-512 machine), the thread count, the CPU model and the transparent-huge-page mode.
+//!
+//! Everything here reads the environment or system files at most once: these values are asked
+//! for on every matrix product, and `num_cpus::get_physical` (behind candle's thread count)
+//! parses `/proc/cpuinfo` on each call — 6,505 opens in a 16-token decode before this module.
+
+use std::sync::OnceLock;
+
+/// A kernel family: which vector instructions Finch's own kernels (and its gemm calls) use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Family {
+    /// Plain Rust that the compiler vectorizes for the baseline target (SSE2 on x86-64).
+    Portable,
+    /// AVX2 + FMA + F16C (x86-64-v3: most laptops, Intel consumer CPUs since 12th gen).
+    Avx2,
+    /// AVX-512 F/BW on top of AVX2 (x86-64-v4).
+    Avx512,
+}
+
+impl Family {
+    pub fn name(self) -> &'static str {
+        match self {
+            Family::Portable => "portable",
+            Family::Avx2 => "avx2",
+            Family::Avx512 => "avx512",
+        }
+    }
+
+    fn parse(s: &str) -> Option<Family> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "portable" | "scalar" => Some(Family::Portable),
+            "avx2" => Some(Family::Avx2),
+            "avx512" => Some(Family::Avx512),
+            _ => None,
+        }
+    }
+
+    /// Every family this CPU runs, slowest first.
+    pub fn available() -> Vec<Family> {
+        #[allow(unused_mut)]
+        let mut out = vec![Family::Portable];
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::is_x86_feature_detected as has;
+            if has!("avx2") && has!("fma") && has!("f16c") {
+                out.push(Family::Avx2);
+                if has!("avx512f") && has!("avx512bw") {
+                    out.push(Family::Avx512);
+                }
+            }
+        }
+        out
+    }
+}
+
+/// The family from `FINCH_CPU`, or why it cannot be used.
+fn from_env() -> Result<Option<Family>, String> {
+    let Some(value) = std::env::var_os("FINCH_CPU") else {
+        return Ok(None);
+    };
+    let value = value.to_string_lossy();
+    if value.trim().is_empty() {
+        return Ok(None);
+    }
+    let available = Family::available();
+    let names = available.iter().map(|f| f.name()).collect::<Vec<_>>().join(", ");
+    match Family::parse(&value) {
+        None => Err(format!(
+            "FINCH_CPU={value} is not a kernel family; use one of: avx512, avx2, portable (this CPU runs {names})"
+        )),
+        Some(f) if !available.contains(&f) => Err(format!(
+            "FINCH_CPU={value}: this CPU lacks the {} instructions (it runs {names})",
+            f.name()
+        )),
+        Some(f) => Ok(Some(f)),
+    }
+}
+
+/// The family Finch's kernels use: `FINCH_CPU`'s when it names one this CPU runs, otherwise the
+/// fastest available. Decided on the first call.
+pub fn family() -> Family {
+    static FAMILY: OnceLock<Family> = OnceLock::new();
+    *FAMILY.get_or_init(|| {
+        from_env()
+            .ok()
+            .flatten()
+            .or_else(|| Family::available().pop())
+            .unwrap_or(Family::Portable)
+    })
+}
+
+/// The fastest family this CPU runs (what gemm picks by itself), decided on the first call.
+pub fn best() -> Family {
+    static BEST: OnceLock<Family> = OnceLock::new();
+    *BEST.get_or_init(|| Family::available().pop().unwrap_or(Family::Portable))
+}
+
+/// `Err` with a one-line explanation when `FINCH_CPU` is set to something unusable (commands
+/// report it instead of silently measuring another family).
+pub fn check_env() -> Result<(), String> {
+    from_env().map(|_| ())
+}
+
+/// Threads for matrix products: `RAYON_NUM_THREADS`, else candle's choice (physical cores),
+/// computed once. candle recomputes it — reading `/proc/cpuinfo` — on every call.
+pub fn threads() -> usize {
+    static THREADS: OnceLock<usize> = OnceLock::new();
+    *THREADS.get_or_init(|| candle_core::utils::get_num_threads().max(1))
+}
+
+/// Makes candle's own per-matmul thread query cheap: candle reads `RAYON_NUM_THREADS` before
+/// falling back to parsing `/proc/cpuinfo`, so the binary sets it once at start-up (before any
+/// thread exists) to the count candle would have chosen. The user's own setting wins.
+pub fn pin_thread_count_env() {
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        let n = threads();
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    }
+}
+
+/// The CPU's model name (`/proc/cpuinfo`'s first `model name`), read once; `None` where the OS
+/// does not report it.
+pub fn model_name() -> Option<&'static str> {
+    static NAME: OnceLock<Option<String>> = OnceLock::new();
+    NAME.get_or_init(|| {
+        let info = std::fs::read_to_string("/proc/cpuinfo").ok()?;
+        info.lines()
+            .find(|l| l.starts_with("model name") || l.starts_with("Model"))
+            .and_then(|l| l.split_once(':'))
+            .map(|(_, v)| v.trim().to_string())
+    })
+    .as_deref()
+}
+
+/// The transparent-huge-page mode (`always`, `madvise` or `never`: the bracketed word of
+/// `/sys/kernel/mm/transparent_hugepage/enabled`), read once; `None` off Linux.
+pub fn thp_mode() -> Option<&'static str> {
+    static MODE: OnceLock<Option<String>> = OnceLock::new();
+    MODE.get_or_init(|| {
+        let s = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled").ok()?;
+        let start = s.find('[')? + 1;
+        let end = start + s[start..].find(']')?;
+        Some(s[start..end].to_string())
+    })
+    .as_deref()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn family_names_round_trip_and_the_chosen_family_is_available() {
+        for f in [Family::Portable, Family::Avx2, Family::Avx512] {
+            assert_eq!(Family::parse(f.name()), Some(f));
+        }
+        assert_eq!(Family::parse("sse9"), None);
+        assert!(Family::available().contains(&family()));
+        assert!(threads() >= 1);
+    }
+}
