@@ -39,7 +39,8 @@ impl GgufModel {
         };
         let mut file = File::open(&file_path).map_err(|e| Error::io(&file_path, "cannot open GGUF file", e))?;
         let content = Content::read(&mut file).map_err(|e| {
-            let hint = if e.to_string().contains("unknown dtype") {
+            let e = crate::error::candle_message(&e);
+            let hint = if e.contains("unknown dtype") {
                 " (a tensor uses a ggml type that candle cannot read, such as the IQ* i-quants; \
                  use a Q4_0/Q4_1/Q5_*/Q8_0/K-quant/F16/BF16/F32 file or the safetensors model)"
             } else {
@@ -275,12 +276,18 @@ impl GgufModel {
         let mut file = File::open(&self.path).map_err(|e| Error::io(&self.path, "cannot open GGUF file", e))?;
         let qtensor = info
             .read(&mut file, self.content.tensor_data_offset, &Device::Cpu)
-            .map_err(|e| Error::invalid(&self.path, format!("tensor `{gguf_name}`"), e.to_string()))?;
+            .map_err(|e| {
+                Error::invalid(
+                    &self.path,
+                    format!("tensor `{gguf_name}`"),
+                    crate::error::candle_message(&e),
+                )
+            })?;
         qtensor.dequantize(&Device::Cpu).map_err(|e| {
             Error::invalid(
                 &self.path,
                 format!("tensor `{gguf_name}`"),
-                format!("cannot dequantize: {e}"),
+                format!("cannot dequantize: {}", crate::error::candle_message(&e)),
             )
         })
     }

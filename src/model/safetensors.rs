@@ -66,7 +66,7 @@ impl SafetensorsWeights {
             // SAFETY: the file is mapped read-only; like every mmap user we rely on it not being
             // truncated while Finch runs (model files are not edited in place).
             let st = unsafe { MmapedSafetensors::new(&p) }
-                .map_err(|e| Error::invalid(&p, "safetensors file", format!("{e}")))?;
+                .map_err(|e| Error::invalid(&p, "safetensors file", crate::error::candle_message(&e)))?;
             for (name, _) in st.tensors() {
                 routing.insert(name, i);
             }
@@ -97,7 +97,7 @@ impl WeightSource for SafetensorsWeights {
         let (path, st) = &self.files[i];
         let view = st
             .get(name)
-            .map_err(|e| Error::invalid(path, format!("tensor `{name}`"), e.to_string()))?;
+            .map_err(|e| Error::invalid(path, format!("tensor `{name}`"), crate::error::candle_message(&e)))?;
         if view.shape() != shape {
             return Err(Error::ShapeMismatch {
                 path: path.clone(),
@@ -116,7 +116,7 @@ impl WeightSource for SafetensorsWeights {
         }
         let t = st
             .load(name, &Device::Cpu)
-            .map_err(|e| Error::invalid(path, format!("tensor `{name}`"), e.to_string()))?;
+            .map_err(|e| Error::invalid(path, format!("tensor `{name}`"), crate::error::candle_message(&e)))?;
         Ok(t.to_dtype(dtype)?.to_device(device)?)
     }
 
