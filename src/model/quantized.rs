@@ -81,6 +81,8 @@ struct Layer {
     v: QMatrix,
     /// Qwen2's q/k/v biases.
     qkv_bias: Option<[Vec<f32>; 3]>,
+    /// Qwen3's per-head RMS norm weights for q and k (`[head_dim]` each), before rotary.
+    qk_norm: Option<[Vec<f32>; 2]>,
     o: QMatrix,
     ffn_norm: Vec<f32>,
     gate: QMatrix,
@@ -148,17 +150,6 @@ impl QuantizedModel {
                 "the quantized path needs a .gguf file (safetensors models run in f32)",
             ));
         }
-        if cfg.qk_norm {
-            // Refused rather than run without the per-head q/k norms (a silently wrong answer).
-            return Err(Error::invalid(
-                path,
-                "model",
-                format!(
-                    "the quantized path does not run {} models yet (q/k norms); run without --quantized",
-                    cfg.family.name()
-                ),
-            ));
-        }
         let gguf = GgufModel::open(path)?;
         let mut reader = Reader {
             gguf: &gguf,
@@ -202,6 +193,14 @@ impl QuantizedModel {
                 k,
                 v: reader.matrix(&name("attn_v.weight"), kv_dim, h)?,
                 qkv_bias,
+                qk_norm: if cfg.qk_norm {
+                    Some([
+                        reader.vector(&name("attn_q_norm.weight"), hd)?,
+                        reader.vector(&name("attn_k_norm.weight"), hd)?,
+                    ])
+                } else {
+                    None
+                },
                 o: reader.matrix(&name("attn_output.weight"), h, q_dim)?,
                 ffn_norm: reader.vector(&name("ffn_norm.weight"), h)?,
                 gate: reader.matrix(&name("ffn_gate.weight"), cfg.intermediate_size, h)?,
@@ -401,6 +400,10 @@ impl QuantizedModel {
                 add_rows(&mut q, qb);
                 add_rows(&mut k, kb);
                 add_rows(&mut v, vb);
+            }
+            if let Some([qn, kn]) = &layer.qk_norm {
+                rms_norm_in_place(&mut q, qn, eps);
+                rms_norm_in_place(&mut k, kn, eps);
             }
             rope(&mut q, hd, &cos, &sin);
             rope(&mut k, hd, &cos, &sin);
@@ -612,6 +615,16 @@ fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
         for ((o, v), g) in dst.iter_mut().zip(row).zip(w) {
             *o = v * r * g;
         }
+    }
+}
+
+/// [`rms_norm`] over each `w.len()`-wide row of `x`, in place (Qwen3's per-head q/k norms).
+fn rms_norm_in_place(x: &mut [f32], w: &[f32], eps: f32) {
+    let n = w.len();
+    for row in x.chunks_exact_mut(n) {
+        let ms = row.iter().map(|v| v * v).sum::<f32>() / n as f32;
+        let r = 1.0 / (ms + eps).sqrt();
+        row.iter_mut().zip(w).for_each(|(v, g)| *v *= r * g);
     }
 }
 
