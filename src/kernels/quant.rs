@@ -331,6 +331,8 @@ pub enum Kernel {
     Scalar,
     Avx2,
     Avx512,
+    /// aarch64 NEON (`quant_neon.rs`); every aarch64 CPU has it.
+    Neon,
 }
 
 impl Kernel {
@@ -370,6 +372,8 @@ impl Kernel {
                 }
             }
         }
+        #[cfg(target_arch = "aarch64")]
+        out.push(Kernel::Neon);
         out
     }
 
@@ -385,7 +389,11 @@ impl Kernel {
             Kernel::Avx2 => unsafe { x86::dots_avx2(qtype, w, x) },
             #[cfg(target_arch = "x86_64")]
             Kernel::Avx512 => unsafe { x86::dots_avx512(qtype, w, x) },
-            #[cfg(not(target_arch = "x86_64"))]
+            #[cfg(target_arch = "aarch64")]
+            // SAFETY: NEON is baseline on aarch64; the row lengths agree (checked by `matmul`).
+            Kernel::Neon => unsafe { neon::dots(qtype, w, x) },
+            // Kernels of another architecture never come from `available()`.
+            #[allow(unreachable_patterns)]
             _ => scalar::dots(qtype, w, x),
         }
     }
@@ -523,6 +531,10 @@ mod scalar {
         out
     }
 }
+
+#[cfg(target_arch = "aarch64")]
+#[path = "quant_neon.rs"]
+mod neon;
 
 // Indexed loops over the `N` tokens keep the accumulators in registers (N is a constant).
 // The AVX-512 intrinsics are stable since Rust 1.89, later than the crate's declared
