@@ -125,9 +125,12 @@ fn old_layout_still_reads_and_disagreeing_layouts_are_refused() {
     assert!(err.contains("rope_theta") && err.contains("disagrees"), "{err}");
 }
 
+/// A config field and an edit that sets it to something Finch does not implement.
+type Case = (&'static str, fn(&mut serde_json::Value));
+
 #[test]
 fn unimplemented_attention_variants_are_refused_by_name() {
-    let cases: [(&str, fn(&mut serde_json::Value)); 5] = [
+    let cases: [Case; 5] = [
         ("use_sliding_window", |v| v["use_sliding_window"] = true.into()),
         ("layer_types", |v| {
             v["layer_types"] = serde_json::json!(["sliding_attention", "full_attention"])

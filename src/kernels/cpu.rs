@@ -18,6 +18,8 @@ pub enum Family {
     Avx2,
     /// AVX-512 F/BW on top of AVX2 (x86-64-v4).
     Avx512,
+    /// aarch64 NEON (every aarch64 CPU has it); only the quantized kernels have a NEON path.
+    Neon,
 }
 
 impl Family {
@@ -26,6 +28,7 @@ impl Family {
             Family::Portable => "portable",
             Family::Avx2 => "avx2",
             Family::Avx512 => "avx512",
+            Family::Neon => "neon",
         }
     }
 
@@ -34,6 +37,7 @@ impl Family {
             "portable" | "scalar" => Some(Family::Portable),
             "avx2" => Some(Family::Avx2),
             "avx512" => Some(Family::Avx512),
+            "neon" => Some(Family::Neon),
             _ => None,
         }
     }
@@ -52,6 +56,8 @@ impl Family {
                 }
             }
         }
+        #[cfg(target_arch = "aarch64")]
+        out.push(Family::Neon);
         out
     }
 }
@@ -154,7 +160,7 @@ mod tests {
 
     #[test]
     fn family_names_round_trip_and_the_chosen_family_is_available() {
-        for f in [Family::Portable, Family::Avx2, Family::Avx512] {
+        for f in [Family::Portable, Family::Avx2, Family::Avx512, Family::Neon] {
             assert_eq!(Family::parse(f.name()), Some(f));
         }
         assert_eq!(Family::parse("sse9"), None);

@@ -353,6 +353,7 @@ impl Kernel {
             Kernel::Scalar => Family::Portable,
             Kernel::Avx2 => Family::Avx2,
             Kernel::Avx512 => Family::Avx512,
+            Kernel::Neon => Family::Neon,
         }
     }
 
