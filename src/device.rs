@@ -355,8 +355,9 @@ mod cuda {
     fn explain(e: result::DriverError) -> String {
         match e.0 {
             sys::CUresult::CUDA_ERROR_NO_DEVICE => "no NVIDIA GPU found".into(),
-            sys::CUresult::CUDA_ERROR_INSUFFICIENT_DRIVER => {
-                "the NVIDIA driver is older than the CUDA version this Finch was built with".into()
+            sys::CUresult::CUDA_ERROR_SYSTEM_DRIVER_MISMATCH => {
+                "the NVIDIA driver's kernel module and libcuda differ in version (reboot or reinstall the driver)"
+                    .into()
             }
             sys::CUresult::CUDA_ERROR_STUB_LIBRARY => "no NVIDIA driver found (only a stub libcuda)".into(),
             _ => format!("the NVIDIA driver failed: {e}"),
