@@ -1,6 +1,7 @@
 //! Data-side integration tests: chat-template parity with Hugging Face `transformers`, loss
 //! masks under real-world templates, the broken-file corpus, the bundled demo datasets, and the
 //! `finch data inspect` command.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic on a broken fixture
 
 use std::path::{Path, PathBuf};
 

@@ -1,5 +1,6 @@
 //! End-to-end: `finch train` writes a run folder; `finch chat`, `compare`, `eval` and `export`
 //! take it (or its adapter folder), and exported models answer like the adapted model.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic on a broken fixture
 
 use std::io::Write;
 use std::path::Path;

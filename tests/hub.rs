@@ -4,6 +4,7 @@
 //! requests, a cache written the way Python's `huggingface_hub` writes it, and the CLI end to end.
 //! Every test uses its own temp cache and an explicit endpoint; none touches ~/.cache or the
 //! process environment.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic on a broken fixture
 
 #[path = "support/fake_hub.rs"]
 mod fake_hub;

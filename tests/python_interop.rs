@@ -5,6 +5,7 @@
 //!
 //! Needs `FINCH_REAL_MODEL` and `FINCH_PYTHON`, a Python with torch, transformers, peft and
 //! gguf (about 5 GB, so `.ci/run` does not install it); skipped with a printed reason otherwise.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic on a broken fixture
 
 use std::process::Command;
 

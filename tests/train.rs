@@ -1,6 +1,7 @@
 //! Trainer behaviour on tiny random models: it learns, it resumes exactly, it stops cleanly,
 //! it detects divergence, it writes PEFT-compatible adapters, it answers probe prompts with the
 //! weights being trained without changing the run, and its preflight times steps writing nothing.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic on a broken fixture
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};

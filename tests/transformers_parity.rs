@@ -3,6 +3,7 @@
 //! logits transformers computed for the same ids. Covers the config layouts transformers 5.x
 //! writes (`rope_parameters` instead of top-level `rope_theta` / `rope_scaling`), and config
 //! fields Finch does not implement must be refused by name rather than run differently.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic on a broken fixture
 
 use std::path::{Path, PathBuf};
 

@@ -2,6 +2,7 @@
 //! model, pick data, set a probe prompt, train 10 steps, watch the curve, the probe timeline and
 //! the run history, save the chart, preflight the run; close during training; errors in the
 //! window; settings that persist.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic on a broken fixture
 
 #[path = "support/fake_hub.rs"]
 mod fake_hub;

@@ -3,6 +3,7 @@
 //! Enter / Shift+Enter / Esc, Compare with answers checked against the engine, blind votes saved
 //! to votes.jsonl, PEFT and merged exports that reload with the adapter's greedy tokens, and
 //! quantized answers from a GGUF (with and without the adapter) equal to the engine's.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic on a broken fixture
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;

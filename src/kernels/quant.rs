@@ -389,6 +389,7 @@ impl Kernel {
             // the CPU features; the row lengths agree (checked by `matmul`).
             Kernel::Avx2 => unsafe { x86::dots_avx2(qtype, w, x) },
             #[cfg(target_arch = "x86_64")]
+            // SAFETY: as above.
             Kernel::Avx512 => unsafe { x86::dots_avx512(qtype, w, x) },
             #[cfg(target_arch = "aarch64")]
             // SAFETY: NEON is baseline on aarch64; the row lengths agree (checked by `matmul`).
