@@ -194,7 +194,7 @@ impl DeviceOffer {
 pub fn offered() -> Vec<DeviceOffer> {
     let mut out = vec![DeviceOffer {
         choice: DeviceChoice::Cpu,
-        label: format!("CPU ({} threads)", candle_core::utils::get_num_threads()),
+        label: format!("CPU ({} threads)", crate::kernels::cpu::threads()),
         unavailable: None,
     }];
     out.extend(cuda_offers());

@@ -42,6 +42,11 @@ fn open_model_train_ten_steps_and_see_the_curve_and_the_history() {
 
     nav(&mut harness, "Train");
     assert_eq!(harness.state().page(), Page::Train);
+    // The device choice says what this build and machine offer, and why a device is not offered.
+    harness.get_by_label("Device");
+    if !cfg!(feature = "cuda") {
+        harness.get_by_label_contains("built without CUDA");
+    }
     harness.get_by_label("Data file").focus();
     harness.step();
     harness

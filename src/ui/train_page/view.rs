@@ -738,6 +738,13 @@ fn evaluation_ui(ui: &mut egui::Ui, cfg: &mut TrainConfig) {
 }
 
 /// Precision of the base weights and, when this build has a GPU backend, the device.
+/// What this build and machine offer, asked once per process (probing a GPU driver is not a
+/// per-frame job).
+fn offered_devices() -> &'static [crate::device::DeviceOffer] {
+    static OFFERS: std::sync::OnceLock<Vec<crate::device::DeviceOffer>> = std::sync::OnceLock::new();
+    OFFERS.get_or_init(crate::device::offered)
+}
+
 fn hardware_ui(ui: &mut egui::Ui, cfg: &mut TrainConfig) {
     knob_row(
         ui,
@@ -754,29 +761,37 @@ fn hardware_ui(ui: &mut egui::Ui, cfg: &mut TrainConfig) {
                 .response
         },
     );
-    // Only devices this build can use are offered.
-    let mut devices = vec![DeviceChoice::Auto, DeviceChoice::Cpu];
-    if cfg!(feature = "cuda") {
-        devices.push(DeviceChoice::Cuda);
-    }
-    if cfg!(feature = "metal") {
-        devices.push(DeviceChoice::Metal);
-    }
-    if devices.len() > 2 {
-        knob_row(
-            ui,
-            "Device",
-            "Where training runs; auto picks the GPU when there is one.",
-            |ui| {
-                egui::ComboBox::from_id_salt("device")
-                    .selected_text(format!("{:?}", cfg.device).to_lowercase())
-                    .show_ui(ui, |ui| {
-                        for d in devices {
-                            ui.selectable_value(&mut cfg.device, d, format!("{d:?}").to_lowercase());
+    // Every device kind is listed; those this build or machine cannot use are shown greyed
+    // with the reason ("built without CUDA", "no NVIDIA driver found").
+    knob_row(
+        ui,
+        "Device",
+        "Where training runs; auto picks the first usable GPU, else the CPU.",
+        |ui| {
+            egui::ComboBox::from_id_salt("device")
+                .selected_text(cfg.device.to_string())
+                .show_ui(ui, |ui| {
+                    ui.selectable_value(&mut cfg.device, DeviceChoice::Auto, "auto");
+                    for offer in offered_devices() {
+                        match &offer.unavailable {
+                            None => {
+                                ui.selectable_value(&mut cfg.device, offer.choice, offer.label.as_str());
+                            }
+                            Some(why) => {
+                                ui.weak(format!("{}: {why}", offer.label));
+                            }
                         }
-                    })
-                    .response
-            },
-        );
+                    }
+                })
+                .response
+        },
+    );
+    // One grid row per device that cannot be used, saying why.
+    for offer in offered_devices() {
+        if let Some(why) = &offer.unavailable {
+            ui.label("");
+            ui.weak(format!("{}: {why}", offer.label));
+            ui.end_row();
+        }
     }
 }
