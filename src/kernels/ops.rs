@@ -92,7 +92,8 @@ struct RmsNorm {
     eps: f32,
 }
 
-fn rstd(row: &[f32], eps: f32) -> f32 {
+/// 1 / RMS of `row` (with `eps`): the scale an RMS norm applies to that row.
+pub(crate) fn rstd(row: &[f32], eps: f32) -> f32 {
     let ms = row.iter().map(|v| v * v).sum::<f32>() / row.len() as f32;
     1.0 / (ms + eps).sqrt()
 }

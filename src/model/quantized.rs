@@ -610,8 +610,7 @@ fn hf_rows_from_gguf(heads: usize, head_dim: usize) -> Vec<usize> {
 fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
     let n = w.len();
     for (row, dst) in x.chunks_exact(n).zip(out.chunks_exact_mut(n)) {
-        let ms = row.iter().map(|v| v * v).sum::<f32>() / n as f32;
-        let r = 1.0 / (ms + eps).sqrt();
+        let r = crate::kernels::ops::rstd(row, eps);
         for ((o, v), g) in dst.iter_mut().zip(row).zip(w) {
             *o = v * r * g;
         }
@@ -622,8 +621,7 @@ fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
 fn rms_norm_in_place(x: &mut [f32], w: &[f32], eps: f32) {
     let n = w.len();
     for row in x.chunks_exact_mut(n) {
-        let ms = row.iter().map(|v| v * v).sum::<f32>() / n as f32;
-        let r = 1.0 / (ms + eps).sqrt();
+        let r = crate::kernels::ops::rstd(row, eps);
         row.iter_mut().zip(w).for_each(|(v, g)| *v *= r * g);
     }
 }
