@@ -224,7 +224,7 @@ fn greedy_timed(model: &mut (dyn Decoder + Send), prompt: &[u32], new_tokens: us
         if produced == new_tokens.min(room) {
             break;
         }
-        logits = crate::generate::on_decode_thread(|| model.step(&[token]))?;
+        logits = crate::generate::on_decode_pool(|| model.step(&[token]))?;
     }
     Ok((prefill_secs, t.elapsed().as_secs_f64(), produced))
 }

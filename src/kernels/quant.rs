@@ -378,6 +378,23 @@ impl Kernel {
         out
     }
 
+    /// The dot product of weight row bytes `w` with one activation row (decoding). The x86
+    /// kernels convert the blocks' f16 scales sixteen (AVX2: eight) at a time and keep the
+    /// Q4_1 minimum terms in a vector: per block, those scalar conversions cost as much as the
+    /// integer dot product itself. Same sums as [`Kernel::dots`], added in another order.
+    fn row_dot(self, qtype: QType, w: &[u8], x: ActRow<'_>) -> f32 {
+        debug_assert!(x.d.len() == w.len() / qtype.block_bytes());
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: as in `dots`; the row has the activation row's block count.
+            Kernel::Avx2 => unsafe { x86::row_dot_avx2(qtype, w, x) },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: as above.
+            Kernel::Avx512 => unsafe { x86::row_dot_avx512(qtype, w, x) },
+            _ => self.dots(qtype, w, [x])[0],
+        }
+    }
+
     /// `Σ_t` dot products of weight row bytes `w` with the `N` activation rows `x`.
     fn dots<const N: usize>(self, qtype: QType, w: &[u8], x: [ActRow<'_>; N]) -> [f32; N] {
         let nb = w.len() / qtype.block_bytes();
@@ -444,7 +461,7 @@ pub fn matmul(w: &QMatrix, x: &QActivations, out: &mut [f32], kernel: Kernel) ->
         let work = |(i, dst): (usize, &mut [f32])| {
             let r0 = i * chunk_rows;
             for (r, o) in (r0..).zip(dst.iter_mut()) {
-                *o = kernel.dots(w.qtype, w.row_data(r), [x.row(0)])[0];
+                *o = kernel.row_dot(w.qtype, w.row_data(r), x.row(0));
             }
         };
         if threads > 1 && w.rows > chunk_rows {
@@ -635,6 +652,137 @@ mod x86 {
             out[t] = hsum256(acc[t]) + min_acc[t];
         }
         out
+    }
+
+    /// The header of block `p`: its f16 scale `d` (low half) and, for Q4_1, its f16 minimum.
+    #[inline(always)]
+    unsafe fn header(p: *const u8) -> u32 {
+        (p as *const u32).read_unaligned()
+    }
+
+    /// [`dots_avx2`] for one activation row, eight blocks' scales at a time. Safety: as
+    /// [`dots_avx2`].
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn row_dot_avx2(qtype: QType, w: &[u8], x: ActRow<'_>) -> f32 {
+        const G: usize = 8;
+        let bb = qtype.block_bytes();
+        let nb = w.len() / bb;
+        let wp = w.as_ptr();
+        let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        let mut min_acc = _mm256_setzero_ps();
+        let mut scales = [0f32; G];
+        let (mut d16, mut m16) = ([0u16; G], [0u16; G]);
+        let mut b0 = 0;
+        while b0 + G <= nb {
+            for i in 0..G {
+                let h = header(wp.add((b0 + i) * bb));
+                d16[i] = h as u16;
+                m16[i] = (h >> 16) as u16;
+            }
+            let dw = _mm256_cvtph_ps(_mm_loadu_si128(d16.as_ptr() as *const __m128i));
+            let dx = _mm256_loadu_ps(x.d.as_ptr().add(b0));
+            _mm256_storeu_ps(scales.as_mut_ptr(), _mm256_mul_ps(dw, dx));
+            if qtype == QType::Q4_1 {
+                let mw = _mm256_cvtph_ps(_mm_loadu_si128(m16.as_ptr() as *const __m128i));
+                min_acc = _mm256_fmadd_ps(mw, _mm256_loadu_ps(x.s.as_ptr().add(b0)), min_acc);
+            }
+            // Two named accumulators, as in `row_dot_avx512`.
+            for i in (0..G).step_by(2) {
+                let (b, s) = (b0 + i, scales.as_ptr().add(i));
+                acc0 = _mm256_fmadd_ps(block_sum_avx2(qtype, wp.add(b * bb), &x, b), _mm256_set1_ps(*s), acc0);
+                let b = b + 1;
+                acc1 = _mm256_fmadd_ps(
+                    block_sum_avx2(qtype, wp.add(b * bb), &x, b),
+                    _mm256_set1_ps(*s.add(1)),
+                    acc1,
+                );
+            }
+            b0 += G;
+        }
+        let mut min_tail = 0f32;
+        for b in b0..nb {
+            let p = wp.add(b * bb);
+            let scale = _mm256_set1_ps(f16_ptr(p) * *x.d.get_unchecked(b));
+            acc0 = _mm256_fmadd_ps(block_sum_avx2(qtype, p, &x, b), scale, acc0);
+            if qtype == QType::Q4_1 {
+                min_tail += f16_ptr(p.add(2)) * *x.s.get_unchecked(b);
+            }
+        }
+        hsum256(_mm256_add_ps(acc0, acc1)) + hsum256(min_acc) + min_tail
+    }
+
+    /// The integer dot product of block `b` (weights at `p`) with the activation row's block
+    /// `b`, as 8 f32 lanes.
+    #[inline(always)]
+    unsafe fn block_sum_avx2(qtype: QType, p: *const u8, x: &ActRow<'_>, b: usize) -> __m256 {
+        let [w0, w1] = widen_avx2(qtype, p);
+        let xp = x.qs.as_ptr().add(b * BLOCK);
+        let x0 = _mm256_loadu_si256(xp as *const __m256i);
+        let x1 = _mm256_loadu_si256(xp.add(16) as *const __m256i);
+        _mm256_cvtepi32_ps(_mm256_add_epi32(_mm256_madd_epi16(w0, x0), _mm256_madd_epi16(w1, x1)))
+    }
+
+    /// [`dots_avx512`] for one activation row, sixteen blocks' scales at a time. Safety: as
+    /// [`dots_avx512`].
+    #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+    pub(super) unsafe fn row_dot_avx512(qtype: QType, w: &[u8], x: ActRow<'_>) -> f32 {
+        const G: usize = 16;
+        let bb = qtype.block_bytes();
+        let nb = w.len() / bb;
+        let wp = w.as_ptr();
+        let (mut acc0, mut acc1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+        let mut min_acc = _mm512_setzero_ps();
+        let mut scales = [0f32; G];
+        let mut headers = [0u32; G];
+        let mut b0 = 0;
+        while b0 + G <= nb {
+            for (i, h) in headers.iter_mut().enumerate() {
+                *h = header(wp.add((b0 + i) * bb));
+            }
+            let h = _mm512_loadu_si512(headers.as_ptr() as *const _);
+            let dw = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(h));
+            let dx = _mm512_loadu_ps(x.d.as_ptr().add(b0));
+            _mm512_storeu_ps(scales.as_mut_ptr(), _mm512_mul_ps(dw, dx));
+            if qtype == QType::Q4_1 {
+                let mw = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(h, 16)));
+                min_acc = _mm512_fmadd_ps(mw, _mm512_loadu_ps(x.s.as_ptr().add(b0)), min_acc);
+            }
+            // Two accumulators (named, so that they stay in registers): one chain of FMAs
+            // would wait on its latency every block.
+            for i in (0..G).step_by(2) {
+                let (b, s) = (b0 + i, scales.as_ptr().add(i));
+                acc0 = _mm512_fmadd_ps(block_sum_avx512(qtype, wp.add(b * bb), &x, b), _mm512_set1_ps(*s), acc0);
+                let b = b + 1;
+                acc1 = _mm512_fmadd_ps(
+                    block_sum_avx512(qtype, wp.add(b * bb), &x, b),
+                    _mm512_set1_ps(*s.add(1)),
+                    acc1,
+                );
+            }
+            b0 += G;
+        }
+        let mut min_tail = 0f32;
+        for b in b0..nb {
+            let p = wp.add(b * bb);
+            let scale = _mm512_set1_ps(f16_ptr(p) * *x.d.get_unchecked(b));
+            acc0 = _mm512_fmadd_ps(block_sum_avx512(qtype, p, &x, b), scale, acc0);
+            if qtype == QType::Q4_1 {
+                min_tail += f16_ptr(p.add(2)) * *x.s.get_unchecked(b);
+            }
+        }
+        _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1)) + _mm512_reduce_add_ps(min_acc) + min_tail
+    }
+
+    /// The integer dot product of block `b` (weights at `p`) with the activation row's block
+    /// `b`, as 16 f32 lanes.
+    #[inline(always)]
+    unsafe fn block_sum_avx512(qtype: QType, p: *const u8, x: &ActRow<'_>, b: usize) -> __m512 {
+        let w16 = match qtype {
+            QType::Q4_1 => _mm512_cvtepu8_epi16(q4_1_unpack(p)),
+            QType::Q8_0 => _mm512_cvtepi8_epi16(_mm256_loadu_si256(p.add(2) as *const __m256i)),
+        };
+        let xq = _mm512_loadu_si512(x.qs.as_ptr().add(b * BLOCK) as *const _);
+        _mm512_cvtepi32_ps(_mm512_madd_epi16(w16, xq))
     }
 
     /// Safety: the CPU has AVX-512 F/BW, AVX2, FMA and F16C; every activation row has
