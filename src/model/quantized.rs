@@ -471,8 +471,13 @@ impl Decoder for QuantizedModel {
     }
 }
 
-/// The matrix products of one forward: integer kernels on 8-bit activations, or (diagnostic
-/// mode) f32 products with the dequantized matrices.
+/// From this many tokens on (a prompt), products dequantize panels of weights and run f32
+/// gemm ([`quant::matmul_f32`]) instead of the integer kernels.
+const F32_PANEL_TOKENS: usize = 16;
+
+/// The matrix products of one forward: integer kernels on 16-bit activations for a few tokens,
+/// dequantized panels through f32 gemm for a prompt, or (diagnostic mode) f32 products with
+/// the whole dequantized matrices.
 struct Products<'a> {
     kernel: Kernel,
     exact: Option<&'a HashMap<usize, Vec<f32>>>,
@@ -482,7 +487,7 @@ struct Products<'a> {
 impl Products<'_> {
     /// Quantizes `x` (`[t, cols]`) once for the products that read it.
     fn set_input(&mut self, x: &[f32], t: usize, cols: usize) -> Result<()> {
-        if self.exact.is_none() {
+        if self.exact.is_none() && t < F32_PANEL_TOKENS {
             self.acts.quantize_from(x, t, cols).map_err(kernel_err)?;
         }
         Ok(())
@@ -512,7 +517,14 @@ impl Products<'_> {
                 )?;
                 Ok(())
             }
-            None => quant::matmul(w, &self.acts, out, self.kernel).map_err(kernel_err),
+            None => {
+                let t = x.len() / w.cols().max(1);
+                if t >= F32_PANEL_TOKENS {
+                    quant::matmul_f32(w, x, t, out).map_err(kernel_err)
+                } else {
+                    quant::matmul(w, &self.acts, out, self.kernel).map_err(kernel_err)
+                }
+            }
         }
     }
 }
