@@ -51,8 +51,8 @@ fn reference_logits(family: Family, dir: &std::path::Path) -> Tensor {
                 rows.push(model.forward(&x, pos).unwrap().flatten_all().unwrap());
             }
         }
-        Family::Qwen3 | Family::Gemma3 => {
-            unreachable!("Qwen3 and Gemma 3 are checked against transformers in tests/transformers_parity.rs")
+        Family::Qwen3 | Family::Gemma3 | Family::SmolLM3 => {
+            unreachable!("Qwen3, Gemma 3 and SmolLM3 are checked against transformers in tests/transformers_parity.rs")
         }
     }
     Tensor::stack(&rows, 0).unwrap()

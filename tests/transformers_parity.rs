@@ -339,3 +339,52 @@ fn gemma3_unimplemented_settings_are_refused_by_name() {
         (1e6, Some(1e4), None)
     );
 }
+
+/// SmolLM3: Llama with rotary skipped on the layers `no_rope_layers` marks 0 (here layers 1
+/// and 3 of 4).
+#[test]
+fn smollm3_matches_transformers() {
+    let cfg = ModelConfig::from_file(&fixture("smollm3").join("config.json")).unwrap();
+    assert_eq!(cfg.family, finch::model::Family::SmolLM3);
+    assert_eq!(cfg.rope_layers, [true, false, true, false]);
+    let d = max_logit_diff("smollm3");
+    println!("smollm3: max |logit diff| vs transformers {d:e}");
+    assert!(d < 1e-4, "max |logit diff| {d}");
+    // The test can fail: rotary on every layer moves the logits far beyond the tolerance.
+    let want = rows_of(&expected("smollm3")["logits"]);
+    let ids = ids_of(&expected("smollm3")["input_ids"]);
+    let input = Tensor::new(ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    let model = load_fixture("smollm3", |v| v["no_rope_layers"] = serde_json::json!([1, 1, 1, 1]));
+    let got: Vec<Vec<f32>> = model.logits(&input).unwrap().squeeze(0).unwrap().to_vec2().unwrap();
+    let d = got.iter().zip(&want).map(|(g, w)| max_diff(g, w)).fold(0.0, f32::max);
+    assert!(d > 1e-3, "rotary on the NoPE layers moved the logits by only {d}");
+}
+
+/// SmolLM3 greedy decoding through the KV cache equals transformers' `generate`, step by step.
+#[test]
+fn smollm3_cached_greedy_decoding_matches_transformers() {
+    let exp = expected("smollm3");
+    let model = load_fixture("smollm3", |_| {});
+    let mut cache = finch::model::transformer::KvCache::new();
+    let mut logits: Vec<f32> = model
+        .forward_last_with_cache(&ids_of(&exp["input_ids"]), &mut cache)
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let mut worst = 0f32;
+    for (&want_tok, want_row) in ids_of(&exp["greedy_tokens"])
+        .iter()
+        .zip(&rows_of(&exp["greedy_logits"]))
+    {
+        worst = worst.max(max_diff(&logits, want_row));
+        let tok = argmax(&logits);
+        assert_eq!(tok, want_tok);
+        logits = model
+            .forward_last_with_cache(&[tok], &mut cache)
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+    }
+    println!("smollm3 decoding: max |logit diff| vs transformers {worst:e}");
+    assert!(worst < 1e-4, "cached logits differ from transformers' by {worst}");
+}

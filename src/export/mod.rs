@@ -83,6 +83,11 @@ pub fn hf_config_json(cfg: &ModelConfig) -> serde_json::Value {
     if cfg.family == Family::Gemma3 {
         gemma3_config_fields(cfg, &mut v);
     }
+    if cfg.family == Family::SmolLM3 {
+        v["no_rope_layers"] = json!((0..cfg.num_hidden_layers)
+            .map(|l| u8::from(cfg.uses_rope(l)))
+            .collect::<Vec<_>>());
+    }
     if let Some(b) = cfg.bos_token_id {
         v["bos_token_id"] = json!(b);
     }

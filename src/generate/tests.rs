@@ -53,7 +53,13 @@ fn greedy_opts(n: usize) -> GenerateOptions {
 
 #[test]
 fn kv_cache_greedy_equals_full_recomputation() {
-    for family in [Family::Llama, Family::Qwen2, Family::Qwen3, Family::Gemma3] {
+    for family in [
+        Family::Llama,
+        Family::Qwen2,
+        Family::Qwen3,
+        Family::Gemma3,
+        Family::SmolLM3,
+    ] {
         let (_dir, m) = tiny(family);
         let prompt = m
             .format
@@ -388,7 +394,13 @@ fn cached_inference_keeps_no_adapter_graph() {
 
 #[test]
 fn merged_export_reloads_with_the_same_logits() {
-    for family in [Family::Llama, Family::Qwen2, Family::Qwen3, Family::Gemma3] {
+    for family in [
+        Family::Llama,
+        Family::Qwen2,
+        Family::Qwen3,
+        Family::Gemma3,
+        Family::SmolLM3,
+    ] {
         let (dir, m, model) = tuned(family);
         let out = dir.path().join("merged");
         export::export_merged(&m.files, &m.format, &model, &out).unwrap();
@@ -458,7 +470,7 @@ fn peft_export_round_trips() {
 #[test]
 fn gguf_export_reloads_with_the_same_greedy_tokens_and_a_modelfile_that_stops() {
     // Gemma 3: norms stored as 1 + w, its four norm names, sliding layers over the 30 ids.
-    for family in [Family::Llama, Family::Gemma3] {
+    for family in [Family::Llama, Family::Gemma3, Family::SmolLM3] {
         let (dir, m, model) = tuned(family);
         let out = dir.path().join("gguf");
         let paths = export::export_gguf(&m.files, &m.format, &model, &out).unwrap();
@@ -569,7 +581,13 @@ fn eval_loss_matches_the_logits_and_exact_match_counts_rows() {
 
 #[test]
 fn quantized_path_matches_the_dequantized_model() {
-    for family in [Family::Llama, Family::Qwen2, Family::Qwen3, Family::Gemma3] {
+    for family in [
+        Family::Llama,
+        Family::Qwen2,
+        Family::Qwen3,
+        Family::Gemma3,
+        Family::SmolLM3,
+    ] {
         let (dir, m, model) = tuned(family);
         let out = dir.path().join("gguf");
         let paths = export::export_gguf(&m.files, &m.format, &model, &out).unwrap();
@@ -627,7 +645,13 @@ fn quantized_path_matches_the_dequantized_model() {
 /// wrong folder is an error.
 #[test]
 fn quantized_path_applies_an_adapter_unmerged() {
-    for family in [Family::Llama, Family::Qwen2, Family::Qwen3, Family::Gemma3] {
+    for family in [
+        Family::Llama,
+        Family::Qwen2,
+        Family::Qwen3,
+        Family::Gemma3,
+        Family::SmolLM3,
+    ] {
         let (dir, m, _) = tuned(family);
         let paths = export::export_gguf(&m.files, &m.format, &m.model, &dir.path().join("base-gguf")).unwrap();
         let q8 = &paths[1];

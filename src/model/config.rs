@@ -18,11 +18,13 @@ pub enum Family {
     Qwen3,
     /// Gemma 3 text models (`Gemma3ForCausalLM`, `gemma3_text`: Gemma-3-270M, 1B).
     Gemma3,
+    /// SmolLM3 (`SmolLM3ForCausalLM`): Llama with rotary skipped on the layers `no_rope_layers` marks.
+    SmolLM3,
 }
 
 impl Family {
     pub const SUPPORTED: &'static str =
-        "llama (SmolLM, SmolLM2, TinyLlama, Llama 3.x), qwen2 (Qwen2, Qwen2.5), qwen3 (Qwen3 dense), gemma3_text (Gemma 3 270M, 1B)";
+        "llama (SmolLM, SmolLM2, TinyLlama, Llama 3.x), qwen2 (Qwen2, Qwen2.5), qwen3 (Qwen3 dense), gemma3_text (Gemma 3 270M, 1B), smollm3 (SmolLM3)";
 
     /// Maps a `model_type` (or `architectures[0]`) to a family.
     pub fn from_model_type(model_type: &str) -> Option<Family> {
@@ -32,6 +34,7 @@ impl Family {
             "qwen3" | "Qwen3ForCausalLM" => Some(Family::Qwen3),
             // `gemma3` is llama.cpp's GGUF architecture name for the same text model.
             "gemma3_text" | "gemma3" | "Gemma3ForCausalLM" => Some(Family::Gemma3),
+            "smollm3" | "SmolLM3ForCausalLM" => Some(Family::SmolLM3),
             _ => None,
         }
     }
@@ -42,6 +45,7 @@ impl Family {
             Family::Qwen2 => "qwen2",
             Family::Qwen3 => "qwen3",
             Family::Gemma3 => "gemma3_text",
+            Family::SmolLM3 => "smollm3",
         }
     }
 
@@ -60,6 +64,7 @@ impl Family {
             Family::Qwen2 => "Qwen2ForCausalLM",
             Family::Qwen3 => "Qwen3ForCausalLM",
             Family::Gemma3 => "Gemma3ForCausalLM",
+            Family::SmolLM3 => "SmolLM3ForCausalLM",
         }
     }
 }
@@ -146,6 +151,10 @@ pub struct ModelConfig {
     /// Linear rope scaling of the full-attention layers (positions divided by `factor`).
     #[serde(default)]
     pub rope_linear_factor: Option<f64>,
+    /// One entry per layer: whether it applies rotary embeddings (SmolLM3's NoPE layers do not);
+    /// empty means every layer does.
+    #[serde(default)]
+    pub rope_layers: Vec<bool>,
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
 }
@@ -190,6 +199,10 @@ struct HfConfig {
     /// Gemma 3 (transformers 4.x layout): rotary base of the sliding layers.
     rope_local_base_freq: Option<f64>,
     use_bidirectional_attention: Option<bool>,
+    /// SmolLM3: 1 where a layer applies rotary embeddings, 0 for NoPE layers.
+    no_rope_layers: Option<Vec<serde_json::Value>>,
+    /// SmolLM3 without `no_rope_layers`: every `no_rope_layer_interval`-th layer is NoPE.
+    no_rope_layer_interval: Option<usize>,
     /// Multimodal configs (Gemma 3 4B and up) nest the text model here.
     text_config: Option<serde_json::Value>,
 }
@@ -322,7 +335,7 @@ impl ModelConfig {
         let (qkv_bias, o_bias) = match family {
             Family::Llama => (attention_bias, attention_bias),
             Family::Qwen2 => (true, false),
-            Family::Qwen3 | Family::Gemma3 => (attention_bias, attention_bias),
+            Family::Qwen3 | Family::Gemma3 | Family::SmolLM3 => (attention_bias, attention_bias),
         };
         Ok(ModelConfig {
             family,
@@ -355,6 +368,11 @@ impl ModelConfig {
             sliding_window,
             rope_local_theta: gemma_rope.as_ref().map(|g| g.local_theta),
             rope_linear_factor: gemma_rope.and_then(|g| g.linear_factor),
+            rope_layers: if family == Family::SmolLM3 {
+                smollm3_rope_layers(&raw, num_hidden_layers, path)?
+            } else {
+                vec![]
+            },
             bos_token_id: token_ids(&raw.bos_token_id).first().copied(),
             eos_token_ids: token_ids(&raw.eos_token_id),
         })
@@ -398,6 +416,11 @@ impl ModelConfig {
             LayerType::FullAttention => None,
             LayerType::SlidingAttention => self.sliding_window,
         }
+    }
+
+    /// Whether layer `l` applies rotary embeddings (false on SmolLM3's NoPE layers).
+    pub fn uses_rope(&self, l: usize) -> bool {
+        self.rope_layers.get(l).copied().unwrap_or(true)
     }
 
     /// The scale of the attention scores (`q·k · scale`).
@@ -528,6 +551,34 @@ fn gemma3_layer_types(raw: &HfConfig, layers: usize, path: &Path) -> Result<Vec<
                 path,
                 "field `layer_types`",
                 format!("layer type `{other}` is not supported (full_attention, sliding_attention)"),
+            )),
+        })
+        .collect()
+}
+
+/// SmolLM3's per-layer rotary switch: `no_rope_layers` (1: rotary, 0: NoPE) when given, else
+/// transformers' rule from `no_rope_layer_interval` (default 4: every fourth layer NoPE).
+fn smollm3_rope_layers(raw: &HfConfig, layers: usize, path: &Path) -> Result<Vec<bool>> {
+    let Some(flags) = &raw.no_rope_layers else {
+        let interval = raw.no_rope_layer_interval.unwrap_or(4).max(1);
+        return Ok((0..layers).map(|i| (i + 1) % interval != 0).collect());
+    };
+    if flags.len() != layers {
+        return Err(Error::invalid(
+            path,
+            "field `no_rope_layers`",
+            format!("has {} entries for {layers} layers", flags.len()),
+        ));
+    }
+    flags
+        .iter()
+        .map(|f| match f.as_u64() {
+            Some(0) => Ok(false),
+            Some(1) => Ok(true),
+            _ => Err(Error::invalid(
+                path,
+                "field `no_rope_layers`",
+                format!("entries must be 0 or 1, found {f}"),
             )),
         })
         .collect()

@@ -319,7 +319,8 @@ impl GgufModel {
 
     /// The number of heads llama.cpp used to permute the rows of `name`, when it did.
     fn qk_permutation_heads(&self, hf_name: &str) -> Result<Option<usize>> {
-        if self.architecture()? != "llama" {
+        let arch = self.architecture()?;
+        if arch != "llama" && arch != "smollm3" {
             return Ok(None);
         }
         let is = |proj: &str| {
@@ -327,17 +328,21 @@ impl GgufModel {
                 || hf_name.ends_with(&format!("self_attn.{proj}.bias"))
         };
         let key = if is("q_proj") {
-            "llama.attention.head_count"
+            format!("{arch}.attention.head_count")
         } else if is("k_proj") {
-            "llama.attention.head_count_kv"
+            format!("{arch}.attention.head_count_kv")
         } else {
             return Ok(None);
         };
         let meta = self.meta();
-        let heads = match meta.usize(key)? {
+        let heads = match meta.usize(&key)? {
             Some(h) => h,
-            None => meta.usize("llama.attention.head_count")?.ok_or_else(|| {
-                Error::invalid(&self.path, "GGUF metadata", "`llama.attention.head_count` is missing")
+            None => meta.usize(&format!("{arch}.attention.head_count"))?.ok_or_else(|| {
+                Error::invalid(
+                    &self.path,
+                    "GGUF metadata",
+                    format!("`{arch}.attention.head_count` is missing"),
+                )
             })?,
         };
         Ok(Some(heads))
@@ -812,6 +817,15 @@ pub fn write_gguf(
     if config.family == Family::Gemma3 {
         meta.extend(gemma3_metadata(path, config)?);
     }
+    if config.family == Family::SmolLM3
+        && (0..config.num_hidden_layers).any(|l| config.uses_rope(l) == ((l + 1) % 4 == 0))
+    {
+        return Err(Error::invalid(
+            path,
+            "field `no_rope_layers`",
+            "llama.cpp's SmolLM3 skips rotary on every fourth layer; this model's layers differ",
+        ));
+    }
     if let Some(tok) = tokenizer {
         meta.extend(tok.to_metadata());
     }
@@ -828,7 +842,8 @@ pub fn write_gguf(
         if shifts_norm(config.family, hf_name) {
             t = (t + 1.0)?;
         }
-        if config.family == Family::Llama {
+        // convert_hf_to_gguf.py's SmolLM3 is its Llama, rows permuted alike.
+        if matches!(config.family, Family::Llama | Family::SmolLM3) {
             if hf_name.contains("self_attn.q_proj.") {
                 t = permute_qk_for_gguf(&t, config.num_attention_heads)?;
             } else if hf_name.contains("self_attn.k_proj.") {
@@ -1094,7 +1109,13 @@ mod tests {
 
     #[test]
     fn tiny_gguf_tensors_equal_the_hugging_face_tensors() {
-        for family in [Family::Llama, Family::Qwen2, Family::Qwen3, Family::Gemma3] {
+        for family in [
+            Family::Llama,
+            Family::Qwen2,
+            Family::Qwen3,
+            Family::Gemma3,
+            Family::SmolLM3,
+        ] {
             for tie in [true, false] {
                 let dir = tempfile::tempdir().unwrap();
                 let mut spec = TinySpec::new(family);

@@ -92,6 +92,8 @@ struct Layer {
     window: Option<usize>,
     /// Gemma 3: this layer uses the local (sliding) rotary tables.
     local_rope: bool,
+    /// SmolLM3's NoPE layers apply no rotary embeddings.
+    rope: bool,
     ffn_norm: Vec<f32>,
     gate: QMatrix,
     up: QMatrix,
@@ -168,7 +170,7 @@ impl QuantizedModel {
         let h = cfg.hidden_size;
         let hd = cfg.head_dim;
         let (q_dim, kv_dim) = (cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd);
-        let permuted = gguf.architecture()? == "llama";
+        let permuted = matches!(gguf.architecture()?.as_str(), "llama" | "smollm3");
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for l in 0..cfg.num_hidden_layers {
             let name = |m: &str| format!("blk.{l}.{m}");
@@ -224,6 +226,7 @@ impl QuantizedModel {
                 },
                 window: cfg.window(l),
                 local_rope: cfg.layer_type(l) == LayerType::SlidingAttention && cfg.rope_local_theta.is_some(),
+                rope: cfg.uses_rope(l),
                 ffn_norm: reader.vector(&name("ffn_norm.weight"), h)?,
                 gate: reader.matrix(&name("ffn_gate.weight"), cfg.intermediate_size, h)?,
                 up: reader.matrix(&name("ffn_up.weight"), cfg.intermediate_size, h)?,
@@ -439,8 +442,10 @@ impl QuantizedModel {
                 (Some((c, s)), true) => (c, s),
                 _ => (&cos, &sin),
             };
-            rope(&mut q, hd, c, s);
-            rope(&mut k, hd, c, s);
+            if layer.rope {
+                rope(&mut q, hd, c, s);
+                rope(&mut k, hd, c, s);
+            }
             cache.k.extend_from_slice(&k);
             cache.v.extend_from_slice(&v);
             attention(cfg, &q, cache, past, layer.window, &mut attn);

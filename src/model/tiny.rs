@@ -45,7 +45,12 @@ impl TinySpec {
             vocab_size: 272,
             hidden_size: 64,
             intermediate_size: 128,
-            num_hidden_layers: if family == Family::Gemma3 { 6 } else { 2 },
+            // Gemma 3: five sliding layers and a full one; SmolLM3: three rotary layers and a NoPE one.
+            num_hidden_layers: match family {
+                Family::Gemma3 => 6,
+                Family::SmolLM3 => 4,
+                _ => 2,
+            },
             num_attention_heads: 4,
             num_key_value_heads: 2,
             // Small Llama and Qwen3 checkpoints tie the head to the embedding; Qwen2.5 ones differ by size.
@@ -117,6 +122,7 @@ impl TinySpec {
             Family::Qwen2 => ("qwen2", "Qwen2ForCausalLM"),
             Family::Qwen3 => ("qwen3", "Qwen3ForCausalLM"),
             Family::Gemma3 => ("gemma3_text", "Gemma3ForCausalLM"),
+            Family::SmolLM3 => ("smollm3", "SmolLM3ForCausalLM"),
         };
         json!({
             "architectures": [arch],

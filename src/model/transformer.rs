@@ -152,12 +152,15 @@ impl Block {
 struct RopeTables {
     global: (Tensor, Tensor),
     local: Option<(Tensor, Tensor)>,
+    /// cos = 1, sin = 0: the rotation by nothing of SmolLM3's NoPE layers (exact in floats).
+    identity: Option<(Tensor, Tensor)>,
 }
 
 impl RopeTables {
-    fn for_layer(&self, kind: LayerType) -> (&Tensor, &Tensor) {
-        let (c, s) = match (kind, &self.local) {
-            (LayerType::SlidingAttention, Some(local)) => local,
+    fn for_layer(&self, cfg: &ModelConfig, l: usize) -> (&Tensor, &Tensor) {
+        let (c, s) = match (cfg.layer_type(l), &self.local, &self.identity) {
+            (_, _, Some(identity)) if !cfg.uses_rope(l) => identity,
+            (LayerType::SlidingAttention, Some(local), _) => local,
             _ => &self.global,
         };
         (c, s)
@@ -543,7 +546,7 @@ impl Transformer {
                 head_dim: cfg.head_dim,
                 window: cfg.window(l),
             };
-            let (cos, sin) = tables.for_layer(cfg.layer_type(l));
+            let (cos, sin) = tables.for_layer(cfg, l);
             let hs = block.input_norm.forward(&x, cfg.rms_norm_eps)?;
             let q = block.attn.q.forward(&hs, ctx)?;
             let k = block.attn.k.forward(&hs, ctx)?;
@@ -577,7 +580,20 @@ impl Transformer {
             Some(f) => Some(self.rope_table(f, start, t)?),
             None => None,
         };
-        Ok(RopeTables { global, local })
+        let identity = if self.cfg.rope_layers.contains(&false) {
+            let half = self.rope.global.len();
+            Some((
+                Tensor::ones((t, half), self.dtype, &self.device)?,
+                Tensor::zeros((t, half), self.dtype, &self.device)?,
+            ))
+        } else {
+            None
+        };
+        Ok(RopeTables {
+            global,
+            local,
+            identity,
+        })
     }
 
     fn rope_table(&self, inv_freq: &[f32], start: usize, t: usize) -> candle_core::Result<(Tensor, Tensor)> {
@@ -661,7 +677,7 @@ impl Transformer {
         let input = Tensor::from_slice(ids, t, &self.device)?;
         let mut x = self.embed_tokens(&input)?.reshape((1, t, cfg.hidden_size))?;
         for (l, (block, slot)) in self.layers.iter().zip(cache.layers.iter_mut()).enumerate() {
-            let (cos, sin) = tables.for_layer(cfg.layer_type(l));
+            let (cos, sin) = tables.for_layer(cfg, l);
             let hs = block.input_norm.forward(&x, cfg.rms_norm_eps)?;
             let q = block.attn.q.forward(&hs, ctx)?;
             let k = block.attn.k.forward(&hs, ctx)?;
