@@ -13,7 +13,8 @@ import sys
 
 import torch
 import transformers
-from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3Config
+from transformers import (AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig, Qwen2Config, Qwen3Config,
+                          SmolLM3Config)
 
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "fixtures", "transformers")
 SHAPES = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -30,12 +31,31 @@ CASES = {
     "qwen2": Qwen2Config(**SHAPES, rope_theta=1000000.0, tie_word_embeddings=False),
     # Qwen3: per-head q/k RMS norms before rotary, head_dim from the config (not hidden/heads).
     "qwen3": Qwen3Config(**SHAPES, head_dim=16, rope_theta=1000000.0, tie_word_embeddings=True),
+    # Gemma 3 text: (1 + w) RMS norms, four per block, GELU-tanh MLP, embeddings scaled by
+    # sqrt(hidden), query_pre_attn_scalar, q/k norms, sliding layers (window 4 < the 12 ids, so
+    # the local mask matters) with their own rope base beside full layers with linear scaling.
+    "gemma3": Gemma3TextConfig(
+        **{**SHAPES, "num_hidden_layers": 3}, head_dim=16, query_pre_attn_scalar=24, sliding_window=4,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1000000.0},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}},
+        attn_implementation="eager"),
+    # SmolLM3: Llama with NoPE layers (no rotary where no_rope_layers is 0).
+    "smollm3": SmolLM3Config(**{**SHAPES, "num_hidden_layers": 4}, no_rope_layers=[1, 0, 1, 0],
+                             rope_theta=2000000.0, tie_word_embeddings=True, pad_token_id=0, bos_token_id=1,
+                             eos_token_id=2),
 }
+# Cases whose expected.json also holds transformers' greedy continuation of IDS.
+GREEDY_NEW_TOKENS = {"gemma3": 12, "smollm3": 8}
 
 
 def main():
+    """With case names as arguments, writes only those (the others keep their committed files)."""
     torch.manual_seed(0)
+    wanted = sys.argv[1:] or list(CASES)
     for name, cfg in CASES.items():
+        if name not in wanted:
+            continue
         model = AutoModelForCausalLM.from_config(cfg).to(torch.float32).eval()
         with torch.no_grad():
             for p in model.parameters():  # larger weights than the init so the logits differ clearly
@@ -45,9 +65,19 @@ def main():
         model.save_pretrained(d, safe_serialization=True)
         with torch.no_grad():
             logits = model(torch.tensor(IDS)).logits[0]
+        expected = {"transformers_version": transformers.__version__, "input_ids": IDS[0],
+                    "logits": [[round(x, 6) for x in row] for row in logits.tolist()]}
+        if name in GREEDY_NEW_TOKENS:
+            with torch.no_grad():
+                out = model.generate(torch.tensor(IDS), max_new_tokens=GREEDY_NEW_TOKENS[name], do_sample=False,
+                                     eos_token_id=None, pad_token_id=0, return_dict_in_generate=True,
+                                     output_logits=True)
+            # Tokens and the logits of every step, computed through transformers' KV cache
+            # (a sliding-window cache for the local layers).
+            expected["greedy_tokens"] = out.sequences[0, len(IDS[0]):].tolist()
+            expected["greedy_logits"] = [[round(x, 6) for x in step[0].tolist()] for step in out.logits]
         with open(os.path.join(d, "expected.json"), "w") as f:
-            json.dump({"transformers_version": transformers.__version__, "input_ids": IDS[0],
-                       "logits": [[round(x, 6) for x in row] for row in logits.tolist()]}, f)
+            json.dump(expected, f)
         for extra in ("generation_config.json",):
             p = os.path.join(d, extra)
             if os.path.exists(p):

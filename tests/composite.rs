@@ -114,12 +114,19 @@ fn rms_norm_rotary_and_swiglu_agree_on_both_paths() {
 
 #[test]
 fn attention_agrees_on_both_paths() {
+    for window in [None, Some(3)] {
+        attention_agrees_on_both_paths_with(window);
+    }
+}
+
+fn attention_agrees_on_both_paths_with(window: Option<usize>) {
     let dev = Device::Cpu;
     let (b, t, nh, nkv, hd) = (2, 7, 6, 2, 8);
     let heads = Heads {
         q_heads: nh,
         kv_heads: nkv,
         head_dim: hd,
+        window,
     };
     let q = Var::randn(0f32, 1.0, (b, t, nh * hd), &dev).unwrap();
     let k = Var::randn(0f32, 1.0, (b, t, nkv * hd), &dev).unwrap();

@@ -51,7 +51,9 @@ fn reference_logits(family: Family, dir: &std::path::Path) -> Tensor {
                 rows.push(model.forward(&x, pos).unwrap().flatten_all().unwrap());
             }
         }
-        Family::Qwen3 => unreachable!("Qwen3 is checked against transformers in tests/transformers_parity.rs"),
+        Family::Qwen3 | Family::Gemma3 | Family::SmolLM3 => {
+            unreachable!("Qwen3, Gemma 3 and SmolLM3 are checked against transformers in tests/transformers_parity.rs")
+        }
     }
     Tensor::stack(&rows, 0).unwrap()
 }
@@ -121,7 +123,18 @@ fn loss_of(model: &Transformer, ids: &Tensor, targets: &[u32]) -> Tensor {
 
 #[test]
 fn lora_gradients_match_finite_differences() {
-    let (_dir, mut model) = tiny(Family::Llama);
+    lora_gradients_match_finite_differences_for(Family::Llama);
+}
+
+/// Gemma 3: gradients through the (1 + w) norms around attention and MLP, GELU-tanh, the
+/// sliding-window layers (window 4 < the 12 ids) and the √hidden embedding scale.
+#[test]
+fn gemma3_lora_gradients_match_finite_differences() {
+    lora_gradients_match_finite_differences_for(Family::Gemma3);
+}
+
+fn lora_gradients_match_finite_differences_for(family: Family) {
+    let (_dir, mut model) = tiny(family);
     let cfg = LoraConfig {
         r: 4,
         alpha: 8.0,
@@ -175,7 +188,7 @@ fn lora_gradients_match_finite_differences() {
             }
         }
     }
-    assert_eq!(checked, 2 * 2 * 2 * 3);
+    assert_eq!(checked, model.cfg.num_hidden_layers * 2 * 2 * 3);
 }
 
 #[test]

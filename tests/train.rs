@@ -145,6 +145,35 @@ fn qwen3_tiny_model_learns() {
     assert!(last < 0.2 * first, "loss fell only from {first} to {last}");
 }
 
+/// Gemma 3 ((1 + w) norms around attention and MLP, GELU-tanh, sliding-window layers): the
+/// tiny model learns the pairs.
+#[test]
+fn gemma3_tiny_model_learns() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, data) = setup(dir.path(), Family::Gemma3);
+    let cfg = config(dir.path(), 100);
+    let (events, result) = train(&cfg, model, data, None);
+    result.unwrap();
+    let l = losses(&events);
+    let first = l[0].1;
+    let last = l.iter().rev().take(5).map(|x| x.1).sum::<f32>() / 5.0;
+    assert!(last < 0.2 * first, "loss fell only from {first} to {last}");
+}
+
+/// SmolLM3 (no rotary on every fourth layer): the tiny model learns the pairs.
+#[test]
+fn smollm3_tiny_model_learns() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, data) = setup(dir.path(), Family::SmolLM3);
+    let cfg = config(dir.path(), 100);
+    let (events, result) = train(&cfg, model, data, None);
+    result.unwrap();
+    let l = losses(&events);
+    let first = l[0].1;
+    let last = l.iter().rev().take(5).map(|x| x.1).sum::<f32>() / 5.0;
+    assert!(last < 0.2 * first, "loss fell only from {first} to {last}");
+}
+
 #[test]
 fn resume_reproduces_the_uninterrupted_run() {
     let dir_a = tempfile::tempdir().unwrap();

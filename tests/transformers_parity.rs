@@ -160,3 +160,231 @@ fn unimplemented_attention_variants_are_refused_by_name() {
     })
     .unwrap();
 }
+
+/// The fixture's `expected.json`.
+fn expected(name: &str) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(fixture(name).join("expected.json")).unwrap()).unwrap()
+}
+
+fn ids_of(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
+
+fn rows_of(v: &serde_json::Value) -> Vec<Vec<f32>> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|row| {
+            row.as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap() as f32)
+                .collect()
+        })
+        .collect()
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+fn argmax(v: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, x) in v.iter().enumerate() {
+        if *x > v[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+fn load_fixture(name: &str, edit: impl FnOnce(&mut serde_json::Value)) -> Transformer {
+    let dir = fixture(name);
+    let path = dir.join("config.json");
+    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    edit(&mut v);
+    let cfg = ModelConfig::from_json(&v, &path).unwrap();
+    let weights = SafetensorsWeights::open(&dir).unwrap();
+    Transformer::load(&cfg, &weights, DType::F32, &Device::Cpu).unwrap()
+}
+
+/// Gemma 3 text: (1 + w) norms, four per block, GELU-tanh MLP, √hidden embedding scale,
+/// `query_pre_attn_scalar` = 24 (not head_dim), q/k norms, layers [sliding, full, sliding] with
+/// a window of 4 over 12 ids, local rope base 10⁴ and global 10⁶ with linear scaling ×2.
+#[test]
+fn gemma3_matches_transformers() {
+    let cfg = ModelConfig::from_file(&fixture("gemma3").join("config.json")).unwrap();
+    assert_eq!(cfg.family, finch::model::Family::Gemma3);
+    assert_eq!(cfg.head_dim, 16);
+    assert_eq!(cfg.sliding_window, Some(4));
+    assert_eq!(cfg.window(0), Some(4));
+    assert_eq!(cfg.window(1), None);
+    assert_eq!(cfg.query_pre_attn_scalar, Some(24.0));
+    assert_eq!((cfg.rope_theta, cfg.rope_local_theta), (1e6, Some(1e4)));
+    assert_eq!(cfg.rope_linear_factor, Some(2.0));
+    let d = max_logit_diff("gemma3");
+    println!("gemma3: max |logit diff| vs transformers {d:e}");
+    assert!(d < 1e-4, "max |logit diff| {d}");
+}
+
+/// The test above can fail: reading the window, the scalar or the local rope base wrong moves
+/// the logits far beyond the tolerance.
+#[test]
+fn gemma3_window_scalar_and_local_rope_each_change_the_logits() {
+    let want = rows_of(&expected("gemma3")["logits"]);
+    let ids = ids_of(&expected("gemma3")["input_ids"]);
+    let input = Tensor::new(ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    type Edit = fn(&mut serde_json::Value);
+    let edits: [(&str, Edit); 3] = [
+        ("sliding_window", |v| v["sliding_window"] = 512.into()),
+        ("query_pre_attn_scalar", |v| v["query_pre_attn_scalar"] = 16.into()),
+        ("rope_parameters.sliding_attention.rope_theta", |v| {
+            v["rope_parameters"]["sliding_attention"]["rope_theta"] = 1e6.into()
+        }),
+    ];
+    for (field, edit) in edits {
+        let model = load_fixture("gemma3", edit);
+        let got: Vec<Vec<f32>> = model.logits(&input).unwrap().squeeze(0).unwrap().to_vec2().unwrap();
+        let d = got.iter().zip(&want).map(|(g, w)| max_diff(g, w)).fold(0.0, f32::max);
+        assert!(d > 1e-2, "changing {field} moved the logits by only {d}");
+    }
+}
+
+/// Greedy decoding through Finch's KV cache (sliding layers masked to the last 4 positions)
+/// gives transformers' tokens and, at every step, transformers' logits (computed through its own
+/// sliding-window cache), and the cached logits equal a full recomputation.
+#[test]
+fn gemma3_cached_greedy_decoding_matches_transformers_and_full_recompute() {
+    let exp = expected("gemma3");
+    let model = load_fixture("gemma3", |_| {});
+    let want_tokens = ids_of(&exp["greedy_tokens"]);
+    let want_logits = rows_of(&exp["greedy_logits"]);
+    let mut seq = ids_of(&exp["input_ids"]);
+    let mut cache = finch::model::transformer::KvCache::new();
+    let mut logits: Vec<f32> = model
+        .forward_last_with_cache(&seq, &mut cache)
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let (mut worst_tf, mut worst_full) = (0f32, 0f32);
+    for (step, (&want_tok, want_row)) in want_tokens.iter().zip(&want_logits).enumerate() {
+        worst_tf = worst_tf.max(max_diff(&logits, want_row));
+        let full_input = Tensor::new(seq.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+        let full = model.logits(&full_input).unwrap().squeeze(0).unwrap();
+        let full_last: Vec<f32> = full.get(seq.len() - 1).unwrap().to_vec1().unwrap();
+        worst_full = worst_full.max(max_diff(&logits, &full_last));
+        let tok = argmax(&logits);
+        assert_eq!(tok, want_tok, "step {step}: Finch chose {tok}, transformers {want_tok}");
+        seq.push(tok);
+        logits = model
+            .forward_last_with_cache(&[tok], &mut cache)
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+    }
+    println!("gemma3 decoding: max |logit diff| vs transformers {worst_tf:e}, vs full recompute {worst_full:e}");
+    assert!(worst_tf < 1e-4, "cached logits differ from transformers' by {worst_tf}");
+    assert!(
+        worst_full < 1e-4,
+        "cached logits differ from a full recomputation by {worst_full}"
+    );
+    assert!(seq.len() > 2 * 4, "the decode must run past the window");
+}
+
+/// Gemma 3 settings Finch does not implement are refused by name.
+#[test]
+fn gemma3_unimplemented_settings_are_refused_by_name() {
+    let path = fixture("gemma3").join("config.json");
+    let base: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let cases: [Case; 6] = [
+        ("attn_logit_softcapping", |v| v["attn_logit_softcapping"] = 50.0.into()),
+        ("final_logit_softcapping", |v| {
+            v["final_logit_softcapping"] = 30.0.into()
+        }),
+        ("use_bidirectional_attention", |v| {
+            v["use_bidirectional_attention"] = true.into()
+        }),
+        ("hidden_activation", |v| v["hidden_activation"] = "gelu".into()),
+        ("rope_parameters.sliding_attention.rope_type", |v| {
+            v["rope_parameters"]["sliding_attention"] = serde_json::json!({"rope_type": "linear", "factor": 2.0})
+        }),
+        ("rope_parameters.full_attention.rope_type", |v| {
+            v["rope_parameters"]["full_attention"]["rope_type"] = "yarn".into()
+        }),
+    ];
+    for (field, edit) in cases {
+        let mut v = base.clone();
+        edit(&mut v);
+        let err = ModelConfig::from_json(&v, &path).unwrap_err().to_string();
+        assert!(err.contains(field), "{field}: {err}");
+    }
+    // The 4.x layout of the Hub's Gemma 3 configs: rope_theta, rope_local_base_freq, no
+    // layer_types (every sixth layer global).
+    let mut v = base.clone();
+    let obj = v.as_object_mut().unwrap();
+    obj.remove("rope_parameters");
+    obj.remove("layer_types");
+    obj.insert("rope_theta".into(), 1e6.into());
+    obj.insert("rope_local_base_freq".into(), 1e4.into());
+    obj.insert("sliding_window_pattern".into(), 3.into());
+    let cfg = ModelConfig::from_json(&v, &path).unwrap();
+    assert_eq!((cfg.window(0), cfg.window(1), cfg.window(2)), (Some(4), Some(4), None));
+    assert_eq!(
+        (cfg.rope_theta, cfg.rope_local_theta, cfg.rope_linear_factor),
+        (1e6, Some(1e4), None)
+    );
+}
+
+/// SmolLM3: Llama with rotary skipped on the layers `no_rope_layers` marks 0 (here layers 1
+/// and 3 of 4).
+#[test]
+fn smollm3_matches_transformers() {
+    let cfg = ModelConfig::from_file(&fixture("smollm3").join("config.json")).unwrap();
+    assert_eq!(cfg.family, finch::model::Family::SmolLM3);
+    assert_eq!(cfg.rope_layers, [true, false, true, false]);
+    let d = max_logit_diff("smollm3");
+    println!("smollm3: max |logit diff| vs transformers {d:e}");
+    assert!(d < 1e-4, "max |logit diff| {d}");
+    // The test can fail: rotary on every layer moves the logits far beyond the tolerance.
+    let want = rows_of(&expected("smollm3")["logits"]);
+    let ids = ids_of(&expected("smollm3")["input_ids"]);
+    let input = Tensor::new(ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    let model = load_fixture("smollm3", |v| v["no_rope_layers"] = serde_json::json!([1, 1, 1, 1]));
+    let got: Vec<Vec<f32>> = model.logits(&input).unwrap().squeeze(0).unwrap().to_vec2().unwrap();
+    let d = got.iter().zip(&want).map(|(g, w)| max_diff(g, w)).fold(0.0, f32::max);
+    assert!(d > 1e-3, "rotary on the NoPE layers moved the logits by only {d}");
+}
+
+/// SmolLM3 greedy decoding through the KV cache equals transformers' `generate`, step by step.
+#[test]
+fn smollm3_cached_greedy_decoding_matches_transformers() {
+    let exp = expected("smollm3");
+    let model = load_fixture("smollm3", |_| {});
+    let mut cache = finch::model::transformer::KvCache::new();
+    let mut logits: Vec<f32> = model
+        .forward_last_with_cache(&ids_of(&exp["input_ids"]), &mut cache)
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let mut worst = 0f32;
+    for (&want_tok, want_row) in ids_of(&exp["greedy_tokens"])
+        .iter()
+        .zip(&rows_of(&exp["greedy_logits"]))
+    {
+        worst = worst.max(max_diff(&logits, want_row));
+        let tok = argmax(&logits);
+        assert_eq!(tok, want_tok);
+        logits = model
+            .forward_last_with_cache(&[tok], &mut cache)
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+    }
+    println!("smollm3 decoding: max |logit diff| vs transformers {worst:e}");
+    assert!(worst < 1e-4, "cached logits differ from transformers' by {worst}");
+}

@@ -20,7 +20,7 @@ use serde_json::json;
 use crate::data::{Message, Role};
 use crate::error::{Error, Result};
 use crate::generate::ChatFormat;
-use crate::model::config::{Family, ModelConfig};
+use crate::model::config::{Family, LayerType, ModelConfig};
 use crate::model::gguf::write_gguf;
 use crate::model::gguf_tokenizer::GgufTokenizerMetadata;
 use crate::model::load::TemplateSource;
@@ -79,6 +79,14 @@ pub fn hf_config_json(cfg: &ModelConfig) -> serde_json::Value {
             "high_freq_factor": s.high_freq_factor,
             "original_max_position_embeddings": s.original_max_position_embeddings,
         });
+    }
+    if cfg.family == Family::Gemma3 {
+        gemma3_config_fields(cfg, &mut v);
+    }
+    if cfg.family == Family::SmolLM3 {
+        v["no_rope_layers"] = json!((0..cfg.num_hidden_layers)
+            .map(|l| u8::from(cfg.uses_rope(l)))
+            .collect::<Vec<_>>());
     }
     if let Some(b) = cfg.bos_token_id {
         v["bos_token_id"] = json!(b);
@@ -147,6 +155,40 @@ pub fn export_merged(files: &ModelFiles, format: &ChatFormat, model: &Transforme
     }
     gen["eos_token_id"] = json!(format.stop_token_ids);
     write_json(&out.join("generation_config.json"), &gen)
+}
+
+/// Gemma 3's own fields, in the layout transformers 5 writes (`rope_parameters` per layer type).
+fn gemma3_config_fields(cfg: &ModelConfig, v: &mut serde_json::Value) {
+    if let Some(obj) = v.as_object_mut() {
+        obj.remove("hidden_act");
+        obj.remove("rope_theta");
+        obj.remove("mlp_bias");
+    }
+    let full = match cfg.rope_linear_factor {
+        Some(f) => json!({"rope_type": "linear", "factor": f, "rope_theta": cfg.rope_theta}),
+        None => json!({"rope_type": "default", "rope_theta": cfg.rope_theta}),
+    };
+    v["rope_parameters"] = json!({
+        "full_attention": full,
+        "sliding_attention": {"rope_type": "default", "rope_theta": cfg.rope_local_theta.unwrap_or(10_000.0)},
+    });
+    v["hidden_activation"] = json!("gelu_pytorch_tanh");
+    // An integer field in transformers' strict config class.
+    let scalar = cfg.query_pre_attn_scalar.unwrap_or(cfg.head_dim as f64);
+    v["query_pre_attn_scalar"] = if scalar.fract() == 0.0 {
+        json!(scalar as u64)
+    } else {
+        json!(scalar)
+    };
+    v["sliding_window"] = json!(cfg.sliding_window);
+    v["layer_types"] = json!((0..cfg.num_hidden_layers)
+        .map(|l| match cfg.layer_type(l) {
+            LayerType::FullAttention => "full_attention",
+            LayerType::SlidingAttention => "sliding_attention",
+        })
+        .collect::<Vec<_>>());
+    v["final_logit_softcapping"] = serde_json::Value::Null;
+    v["attn_logit_softcapping"] = serde_json::Value::Null;
 }
 
 /// llama.cpp's pre-tokenizer name for a Hugging Face tokenizer, by family and vocabulary size

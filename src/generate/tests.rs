@@ -53,7 +53,13 @@ fn greedy_opts(n: usize) -> GenerateOptions {
 
 #[test]
 fn kv_cache_greedy_equals_full_recomputation() {
-    for family in [Family::Llama, Family::Qwen2, Family::Qwen3] {
+    for family in [
+        Family::Llama,
+        Family::Qwen2,
+        Family::Qwen3,
+        Family::Gemma3,
+        Family::SmolLM3,
+    ] {
         let (_dir, m) = tiny(family);
         let prompt = m
             .format
@@ -388,7 +394,13 @@ fn cached_inference_keeps_no_adapter_graph() {
 
 #[test]
 fn merged_export_reloads_with_the_same_logits() {
-    for family in [Family::Llama, Family::Qwen2, Family::Qwen3] {
+    for family in [
+        Family::Llama,
+        Family::Qwen2,
+        Family::Qwen3,
+        Family::Gemma3,
+        Family::SmolLM3,
+    ] {
         let (dir, m, model) = tuned(family);
         let out = dir.path().join("merged");
         export::export_merged(&m.files, &m.format, &model, &out).unwrap();
@@ -412,73 +424,109 @@ fn merged_export_reloads_with_the_same_logits() {
 
 #[test]
 fn peft_export_round_trips() {
-    let (dir, m, model) = tuned(Family::Llama);
-    let out = dir.path().join("peft");
-    export::export_peft(&resolve_adapter_dir(&dir.path().join("run")).unwrap(), &out).unwrap();
-    let a = crate::lora::load_adapter(&out, &Device::Cpu).unwrap();
-    assert_eq!(a.weights.len(), 2 * Target::ALL.len());
-    let ids = [3u32, 70, 71, 72];
-    let back = with_adapter(&m.model, &out).unwrap();
-    assert_eq!(max_diff(&all_logits(&back, &ids), &all_logits(&model, &ids)), 0.0);
+    for family in [Family::Llama, Family::Gemma3] {
+        let (dir, m, model) = tuned(family);
+        let out = dir.path().join("peft");
+        export::export_peft(&resolve_adapter_dir(&dir.path().join("run")).unwrap(), &out).unwrap();
+        let a = crate::lora::load_adapter(&out, &Device::Cpu).unwrap();
+        assert_eq!(a.weights.len(), m.model.cfg.num_hidden_layers * Target::ALL.len());
+        // PEFT's module names for these architectures (Gemma3ForCausalLM included):
+        // `model.layers.N.self_attn.{q,k,v,o}_proj`, `model.layers.N.mlp.{gate,up,down}_proj`.
+        let peft: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap()).unwrap();
+        let mut targets: Vec<&str> = peft["target_modules"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t.as_str().unwrap())
+            .collect();
+        targets.sort_unstable();
+        assert_eq!(
+            targets,
+            [
+                "down_proj",
+                "gate_proj",
+                "k_proj",
+                "o_proj",
+                "q_proj",
+                "up_proj",
+                "v_proj"
+            ],
+            "{family:?}"
+        );
+        let last = m.model.cfg.num_hidden_layers - 1;
+        for module in [
+            "model.layers.0.self_attn.q_proj".to_string(),
+            format!("model.layers.{last}.mlp.down_proj"),
+        ] {
+            assert!(a.weights.contains_key(&module), "{family:?}: no adapter for {module}");
+        }
+        let ids = [3u32, 70, 71, 72, 73, 74, 75];
+        let back = with_adapter(&m.model, &out).unwrap();
+        assert_eq!(max_diff(&all_logits(&back, &ids), &all_logits(&model, &ids)), 0.0);
+    }
 }
 
 #[test]
 fn gguf_export_reloads_with_the_same_greedy_tokens_and_a_modelfile_that_stops() {
-    let (dir, m, model) = tuned(Family::Llama);
-    let out = dir.path().join("gguf");
-    let paths = export::export_gguf(&m.files, &m.format, &model, &out).unwrap();
-    let prompt = m.format.encode_prompt(&[Message::new(Role::User, "hello")]).unwrap();
-    let no = AtomicBool::new(false);
-    let want = generate(&model, &m.format, &prompt, &greedy_opts(20), &no, &mut |_| {}).unwrap();
-    let ids: Vec<u32> = (0..30).map(|i| (i * 7 % 260) as u32 + 3).collect();
-    let reference = all_logits(&model, &ids);
-    let scale = reference.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-    // Relative to the largest logit: f16 rounding, then 8-bit blocks.
-    for (path, tolerance) in paths.iter().zip([1e-3f32, 1e-2]) {
-        let back = LoadedModel::open(path.to_str().unwrap()).unwrap();
-        // Tokenizer, template and end tokens come from the GGUF metadata alone.
-        assert_eq!(
-            back.format.encode_prompt(&[Message::new(Role::User, "hello")]).unwrap(),
-            prompt
-        );
-        assert!(
-            back.format.stop_token_ids.contains(&2),
-            "{:?}",
-            back.format.stop_token_ids
-        );
-        let got = generate(&back.model, &back.format, &prompt, &greedy_opts(20), &no, &mut |_| {}).unwrap();
-        assert_eq!(got.token_ids, want.token_ids, "{}", path.display());
-        let got_logits = all_logits(&back.model, &ids);
-        // Greedy decoding of a random tiny model repeats one token, so also compare the greedy
-        // choice after every prefix of a varied sequence.
-        let argmaxes = |t: &Tensor| -> Vec<u32> {
-            t.to_vec2::<f32>()
-                .unwrap()
-                .iter()
-                .map(|r| sampling::argmax(r))
-                .collect()
-        };
-        assert_eq!(argmaxes(&got_logits), argmaxes(&reference), "{}", path.display());
-        let d = max_diff(&got_logits, &reference) / scale;
-        eprintln!("{}: relative logit difference {d}", path.display());
-        assert!(d < tolerance, "{}: logits differ by {d} of {scale}", path.display());
+    // Gemma 3: norms stored as 1 + w, its four norm names, sliding layers over the 30 ids.
+    for family in [Family::Llama, Family::Gemma3, Family::SmolLM3] {
+        let (dir, m, model) = tuned(family);
+        let out = dir.path().join("gguf");
+        let paths = export::export_gguf(&m.files, &m.format, &model, &out).unwrap();
+        let prompt = m.format.encode_prompt(&[Message::new(Role::User, "hello")]).unwrap();
+        let no = AtomicBool::new(false);
+        let want = generate(&model, &m.format, &prompt, &greedy_opts(20), &no, &mut |_| {}).unwrap();
+        let ids: Vec<u32> = (0..30).map(|i| (i * 7 % 260) as u32 + 3).collect();
+        let reference = all_logits(&model, &ids);
+        let scale = reference.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        // Relative to the largest logit: f16 rounding, then 8-bit blocks.
+        for (path, tolerance) in paths.iter().zip([1e-3f32, 1e-2]) {
+            let back = LoadedModel::open(path.to_str().unwrap()).unwrap();
+            // Tokenizer, template and end tokens come from the GGUF metadata alone.
+            assert_eq!(
+                back.format.encode_prompt(&[Message::new(Role::User, "hello")]).unwrap(),
+                prompt
+            );
+            assert!(
+                back.format.stop_token_ids.contains(&2),
+                "{:?}",
+                back.format.stop_token_ids
+            );
+            let got = generate(&back.model, &back.format, &prompt, &greedy_opts(20), &no, &mut |_| {}).unwrap();
+            assert_eq!(got.token_ids, want.token_ids, "{}", path.display());
+            let got_logits = all_logits(&back.model, &ids);
+            // Greedy decoding of a random tiny model repeats one token, so also compare the greedy
+            // choice after every prefix of a varied sequence.
+            let argmaxes = |t: &Tensor| -> Vec<u32> {
+                t.to_vec2::<f32>()
+                    .unwrap()
+                    .iter()
+                    .map(|r| sampling::argmax(r))
+                    .collect()
+            };
+            assert_eq!(argmaxes(&got_logits), argmaxes(&reference), "{}", path.display());
+            let d = max_diff(&got_logits, &reference) / scale;
+            eprintln!("{}: relative logit difference {d}", path.display());
+            assert!(d < tolerance, "{}: logits differ by {d} of {scale}", path.display());
+        }
+        let modelfile = std::fs::read_to_string(out.join("Modelfile")).unwrap();
+        assert!(modelfile.starts_with("FROM ./model-q8_0.gguf\n"), "{modelfile}");
+        assert!(modelfile.contains("PARAMETER stop \"<|im_end|>\""), "{modelfile}");
+        // The Go template writes exactly what the Jinja template writes.
+        let t = export::OllamaTemplate::derive(&m.format.template).unwrap();
+        let conv = [
+            Message::new(Role::System, "You are brief."),
+            Message::new(Role::User, "Hi"),
+            Message::new(Role::Assistant, "Hello!\nHow can I help?"),
+            Message::new(Role::User, "Name a colour."),
+        ];
+        assert_eq!(t.render(&conv), m.format.template.render(&conv, true).unwrap());
+        assert!(modelfile.contains(&format!("TEMPLATE \"\"\"{}\"\"\"", t.go_template())));
+        assert!(t
+            .go_template()
+            .contains("{{ if eq .Role \"system\" }}<|im_start|>system\n{{ .Content }}"));
     }
-    let modelfile = std::fs::read_to_string(out.join("Modelfile")).unwrap();
-    assert!(modelfile.starts_with("FROM ./model-q8_0.gguf\n"), "{modelfile}");
-    assert!(modelfile.contains("PARAMETER stop \"<|im_end|>\""), "{modelfile}");
-    // The Go template writes exactly what the Jinja template writes.
-    let t = export::OllamaTemplate::derive(&m.format.template).unwrap();
-    let conv = [
-        Message::new(Role::System, "You are brief."),
-        Message::new(Role::User, "Hi"),
-        Message::new(Role::Assistant, "Hello!\nHow can I help?"),
-        Message::new(Role::User, "Name a colour."),
-    ];
-    assert_eq!(t.render(&conv), m.format.template.render(&conv, true).unwrap());
-    assert!(modelfile.contains(&format!("TEMPLATE \"\"\"{}\"\"\"", t.go_template())));
-    assert!(t
-        .go_template()
-        .contains("{{ if eq .Role \"system\" }}<|im_start|>system\n{{ .Content }}"));
 }
 
 #[test]
@@ -533,7 +581,13 @@ fn eval_loss_matches_the_logits_and_exact_match_counts_rows() {
 
 #[test]
 fn quantized_path_matches_the_dequantized_model() {
-    for family in [Family::Llama, Family::Qwen2, Family::Qwen3] {
+    for family in [
+        Family::Llama,
+        Family::Qwen2,
+        Family::Qwen3,
+        Family::Gemma3,
+        Family::SmolLM3,
+    ] {
         let (dir, m, model) = tuned(family);
         let out = dir.path().join("gguf");
         let paths = export::export_gguf(&m.files, &m.format, &model, &out).unwrap();
@@ -591,7 +645,13 @@ fn quantized_path_matches_the_dequantized_model() {
 /// wrong folder is an error.
 #[test]
 fn quantized_path_applies_an_adapter_unmerged() {
-    for family in [Family::Llama, Family::Qwen2, Family::Qwen3] {
+    for family in [
+        Family::Llama,
+        Family::Qwen2,
+        Family::Qwen3,
+        Family::Gemma3,
+        Family::SmolLM3,
+    ] {
         let (dir, m, _) = tuned(family);
         let paths = export::export_gguf(&m.files, &m.format, &m.model, &dir.path().join("base-gguf")).unwrap();
         let q8 = &paths[1];

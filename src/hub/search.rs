@@ -207,6 +207,18 @@ mod tests {
         let gguf = json!({"id": "a/g", "tags": ["gguf"], "gguf": {"total": 134515008, "architecture": "llama"}});
         assert!(summarize(&gguf).unwrap().supported);
 
+        // Gemma 3 text models, as safetensors (model_type gemma3_text) and as llama.cpp GGUF
+        // (architecture gemma3).
+        let gemma = json!({
+            "id": "google/gemma-3-270m-it", "tags": ["transformers", "safetensors", "gemma3_text"],
+            "config": {"architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text"},
+            "safetensors": {"total": 268_098_176u64}, "gated": "manual"
+        });
+        let s = summarize(&gemma).unwrap();
+        assert!(s.supported, "{:?}", s.unsupported_reason);
+        let gemma_gguf = json!({"id": "a/gemma-3-1b-GGUF", "tags": ["gguf"], "gguf": {"total": 999_885_952u64, "architecture": "gemma3"}});
+        assert!(summarize(&gemma_gguf).unwrap().supported);
+
         let pickle = json!({"id": "a/p", "tags": ["pytorch", "llama"], "config": {"model_type": "llama"}});
         assert!(summarize(&pickle)
             .unwrap()

@@ -240,14 +240,16 @@ impl CustomOp1 for Rope {
 // ---------------------------------------------------------------- causal softmax
 
 /// `softmax(scale · scores + causal mask)` over the last dimension of `scores: [.., t, t]`,
-/// where query `i` sees keys `0..=i`. Gradients flow to `scores`.
+/// where query `i` sees keys `0..=i`, or only the last `window` of them (`i + 1 - window..=i`)
+/// when `window` is set (sliding-window layers). Gradients flow to `scores`.
 ///
 /// Composite ops on every device: the CPU f32 training path fuses it into
 /// [`crate::model::attention::causal_attention`].
-pub fn causal_softmax(scores: &Tensor, scale: f64) -> candle_core::Result<Tensor> {
+pub fn causal_softmax(scores: &Tensor, scale: f64, window: Option<usize>) -> candle_core::Result<Tensor> {
     let t = scores.dim(D::Minus1)?;
+    let w = window.unwrap_or(t).max(1);
     let mask: Vec<f32> = (0..t)
-        .flat_map(|i| (0..t).map(move |j| if j <= i { 0.0 } else { f32::NEG_INFINITY }))
+        .flat_map(|i| (0..t).map(move |j| if j <= i && i - j < w { 0.0 } else { f32::NEG_INFINITY }))
         .collect();
     // In f32 for bf16/f16 models (GPUs): exponentials of half-precision scores lose the small
     // probabilities.
@@ -424,7 +426,7 @@ mod tests {
         let mask = Tensor::from_vec(mask, (5, 5), &dev).unwrap();
         check(
             std::slice::from_ref(&s),
-            |t| causal_softmax(&t[0], 0.125).unwrap(),
+            |t| causal_softmax(&t[0], 0.125, None).unwrap(),
             |t| candle_nn::ops::softmax(&(&t[0] * 0.125).unwrap().broadcast_add(&mask).unwrap(), D::Minus1).unwrap(),
             &gs,
         );

@@ -23,10 +23,13 @@ pub struct Heads {
     pub q_heads: usize,
     pub kv_heads: usize,
     pub head_dim: usize,
+    /// Sliding-window layers: a query sees only the last `window` positions, its own included.
+    pub window: Option<usize>,
 }
 
 /// `softmax(scale · rope(q)·rope(k)ᵀ + causal mask) · v`, per head, with query head `h`
-/// reading key/value head `h / (q_heads / kv_heads)`.
+/// reading key/value head `h / (q_heads / kv_heads)`, and with `heads.window` set, query `i`
+/// seeing only keys `i + 1 - window..=i`.
 ///
 /// `q: [b, t, q_heads·hd]`, `k, v: [b, t, kv_heads·hd]`; `cos, sin: [t, hd/2]` rotary tables
 /// (rotate-half convention). Returns `[b, t, q_heads·hd]`. Gradients flow to q, k and v.
@@ -43,6 +46,7 @@ pub fn causal_attention(
         q_heads: nh,
         kv_heads: nkv,
         head_dim: hd,
+        ..
     } = heads;
     let (b, t, q_dim) = q.dims3()?;
     if nkv == 0 || nh % nkv != 0 || q_dim != nh * hd || k.dims3()? != (b, t, nkv * hd) || v.dims3()? != (b, t, nkv * hd)
@@ -90,7 +94,7 @@ fn composite(
     let q = ops::rope(&q, cos, sin)?;
     let k = repeat_kv(ops::rope(&k, cos, sin)?, nh / nkv)?.contiguous()?;
     let v = repeat_kv(v, nh / nkv)?.contiguous()?;
-    let att = ops::causal_softmax(&q.matmul(&k.t()?)?, scale)?;
+    let att = ops::causal_softmax(&q.matmul(&k.t()?)?, scale, heads.window)?;
     att.matmul(&v)?.transpose(1, 2)?.reshape((b, t, nh * hd))
 }
 
@@ -127,10 +131,14 @@ struct FusedAttention {
     saved: Mutex<Option<Saved>>,
 }
 
-/// In-place causal softmax of the `t×t` scores of one head: row `i` keeps columns `0..=i`.
-fn causal_softmax_rows(p: &mut [f32], t: usize, scale: f32) {
+/// In-place causal softmax of the `t×t` scores of one head: row `i` keeps columns `0..=i`, or
+/// only the last `window` of them. Masked columns become 0, which the backward relies on.
+fn causal_softmax_rows(p: &mut [f32], t: usize, scale: f32, window: Option<usize>) {
     for (i, row) in p.chunks_exact_mut(t).enumerate() {
-        let (seen, masked) = row.split_at_mut(i + 1);
+        let lo = (i + 1).saturating_sub(window.unwrap_or(t).max(1));
+        let (before, row) = row.split_at_mut(lo);
+        before.fill(0.0);
+        let (seen, masked) = row.split_at_mut(i + 1 - lo);
         let m = seen.iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x)) * scale;
         for x in seen.iter_mut() {
             *x = exp_fast(*x * scale - m);
@@ -217,6 +225,7 @@ impl CustomOp3 for FusedAttention {
             q_heads: nh,
             kv_heads: nkv,
             head_dim: hd,
+            ..
         } = self.heads;
         let n_rep = nh / nkv;
         let tile = t * hd;
@@ -243,7 +252,7 @@ impl CustomOp3 for FusedAttention {
                 let kt = Mat::row_major(&kr[kv * tile..][..tile], t, hd);
                 let vt = Mat::row_major(&vr[kv * tile..][..tile], t, hd);
                 gemm_into_on(pt, false, Mat::row_major(qt, t, hd), kt.t(), 1)?;
-                causal_softmax_rows(pt, t, self.scale);
+                causal_softmax_rows(pt, t, self.scale, self.heads.window);
                 gemm_into_on(ot, false, Mat::row_major(pt, t, t), vt, 1)
             })?;
         let out = self.scatter(&o, nh);
@@ -272,6 +281,7 @@ impl CustomOp3 for FusedAttention {
             q_heads: nh,
             kv_heads: nkv,
             head_dim: hd,
+            ..
         } = self.heads;
         let n_rep = nh / nkv;
         let tile = t * hd;
@@ -347,15 +357,22 @@ mod tests {
     }
 
     /// The fused op against the composite candle ops (the path other devices take), forward
-    /// and all three gradients, with grouped heads.
+    /// and all three gradients, with grouped heads, causal and with a sliding window.
     #[test]
     fn fused_attention_matches_composite_ops() {
+        for window in [None, Some(3)] {
+            fused_attention_matches_composite_ops_with(window);
+        }
+    }
+
+    fn fused_attention_matches_composite_ops_with(window: Option<usize>) {
         let dev = Device::Cpu;
         let (b, t, nh, nkv, hd) = (2, 7, 6, 2, 8);
         let heads = Heads {
             q_heads: nh,
             kv_heads: nkv,
             head_dim: hd,
+            window,
         };
         let q = Var::randn(0f32, 1.0, (b, t, nh * hd), &dev).unwrap();
         let k = Var::randn(0f32, 1.0, (b, t, nkv * hd), &dev).unwrap();

@@ -16,11 +16,15 @@ pub enum Family {
     Llama,
     Qwen2,
     Qwen3,
+    /// Gemma 3 text models (`Gemma3ForCausalLM`, `gemma3_text`: Gemma-3-270M, 1B).
+    Gemma3,
+    /// SmolLM3 (`SmolLM3ForCausalLM`): Llama with rotary skipped on the layers `no_rope_layers` marks.
+    SmolLM3,
 }
 
 impl Family {
     pub const SUPPORTED: &'static str =
-        "llama (SmolLM, SmolLM2, TinyLlama, Llama 3.x), qwen2 (Qwen2, Qwen2.5), qwen3 (Qwen3 dense)";
+        "llama (SmolLM, SmolLM2, TinyLlama, Llama 3.x), qwen2 (Qwen2, Qwen2.5), qwen3 (Qwen3 dense), gemma3_text (Gemma 3 270M, 1B), smollm3 (SmolLM3)";
 
     /// Maps a `model_type` (or `architectures[0]`) to a family.
     pub fn from_model_type(model_type: &str) -> Option<Family> {
@@ -28,6 +32,9 @@ impl Family {
             "llama" | "LlamaForCausalLM" => Some(Family::Llama),
             "qwen2" | "Qwen2ForCausalLM" => Some(Family::Qwen2),
             "qwen3" | "Qwen3ForCausalLM" => Some(Family::Qwen3),
+            // `gemma3` is llama.cpp's GGUF architecture name for the same text model.
+            "gemma3_text" | "gemma3" | "Gemma3ForCausalLM" => Some(Family::Gemma3),
+            "smollm3" | "SmolLM3ForCausalLM" => Some(Family::SmolLM3),
             _ => None,
         }
     }
@@ -37,6 +44,16 @@ impl Family {
             Family::Llama => "llama",
             Family::Qwen2 => "qwen2",
             Family::Qwen3 => "qwen3",
+            Family::Gemma3 => "gemma3_text",
+            Family::SmolLM3 => "smollm3",
+        }
+    }
+
+    /// llama.cpp's `general.architecture` for this family.
+    pub fn gguf_arch(self) -> &'static str {
+        match self {
+            Family::Gemma3 => "gemma3",
+            other => other.name(),
         }
     }
 
@@ -46,6 +63,8 @@ impl Family {
             Family::Llama => "LlamaForCausalLM",
             Family::Qwen2 => "Qwen2ForCausalLM",
             Family::Qwen3 => "Qwen3ForCausalLM",
+            Family::Gemma3 => "Gemma3ForCausalLM",
+            Family::SmolLM3 => "SmolLM3ForCausalLM",
         }
     }
 }
@@ -57,6 +76,25 @@ pub struct RopeScaling {
     pub low_freq_factor: f64,
     pub high_freq_factor: f64,
     pub original_max_position_embeddings: usize,
+}
+
+/// The gate activation of the MLP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Activation {
+    /// `silu(gate) · up` (Llama, Qwen).
+    #[default]
+    Silu,
+    /// `gelu_tanh(gate) · up` (Gemma's `gelu_pytorch_tanh`).
+    GeluTanh,
+}
+
+/// The attention of one layer: over every earlier position, or over the last `sliding_window`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LayerType {
+    FullAttention,
+    SlidingAttention,
 }
 
 /// Everything the transformer needs to know about a model's shapes and numerics.
@@ -84,6 +122,39 @@ pub struct ModelConfig {
     /// RMS norm over each head of q and k before rotary (Qwen3 `q_norm` / `k_norm`).
     #[serde(default)]
     pub qk_norm: bool,
+    #[serde(default)]
+    pub activation: Activation,
+    /// RMS norms multiply by `1 + w` (Gemma stores the weights centred on 0), computed in f32.
+    #[serde(default)]
+    pub norm_plus_one: bool,
+    /// Gemma's four norms per block: the attention and MLP outputs are normed before they join
+    /// the residual (`post_attention_layernorm`, `post_feedforward_layernorm`) and the MLP input
+    /// has its own norm (`pre_feedforward_layernorm`).
+    #[serde(default)]
+    pub sandwich_norms: bool,
+    /// Token embeddings are multiplied by √hidden_size (rounded to the weights' dtype, as
+    /// transformers does).
+    #[serde(default)]
+    pub embed_scale: bool,
+    /// Attention scores are scaled by `query_pre_attn_scalar^-0.5` when set, else `head_dim^-0.5`.
+    #[serde(default)]
+    pub query_pre_attn_scalar: Option<f64>,
+    /// One entry per layer; empty means every layer attends to all earlier positions.
+    #[serde(default)]
+    pub layer_types: Vec<LayerType>,
+    /// How many positions (the query's own included) a sliding-attention layer sees.
+    #[serde(default)]
+    pub sliding_window: Option<usize>,
+    /// Rotary base of sliding-attention layers (Gemma 3 `rope_local_base_freq`, default rotary).
+    #[serde(default)]
+    pub rope_local_theta: Option<f64>,
+    /// Linear rope scaling of the full-attention layers (positions divided by `factor`).
+    #[serde(default)]
+    pub rope_linear_factor: Option<f64>,
+    /// One entry per layer: whether it applies rotary embeddings (SmolLM3's NoPE layers do not);
+    /// empty means every layer does.
+    #[serde(default)]
+    pub rope_layers: Vec<bool>,
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
 }
@@ -119,6 +190,21 @@ struct HfConfig {
     bos_token_id: Option<serde_json::Value>,
     eos_token_id: Option<serde_json::Value>,
     hidden_act: Option<String>,
+    /// Gemma's name for the MLP activation (transformers' Gemma 3 reads only this one).
+    hidden_activation: Option<String>,
+    query_pre_attn_scalar: Option<f64>,
+    sliding_window: Option<usize>,
+    /// Older Gemma 3 configs: every `sliding_window_pattern`-th layer is global, the rest local.
+    sliding_window_pattern: Option<usize>,
+    /// Gemma 3 (transformers 4.x layout): rotary base of the sliding layers.
+    rope_local_base_freq: Option<f64>,
+    use_bidirectional_attention: Option<bool>,
+    /// SmolLM3: 1 where a layer applies rotary embeddings, 0 for NoPE layers.
+    no_rope_layers: Option<Vec<serde_json::Value>>,
+    /// SmolLM3 without `no_rope_layers`: every `no_rope_layer_interval`-th layer is NoPE.
+    no_rope_layer_interval: Option<usize>,
+    /// Multimodal configs (Gemma 3 4B and up) nest the text model here.
+    text_config: Option<serde_json::Value>,
 }
 
 fn token_ids(v: &Option<serde_json::Value>) -> Vec<u32> {
@@ -152,6 +238,15 @@ impl ModelConfig {
             arch: arch.clone(),
             supported: Family::SUPPORTED.to_string(),
         })?;
+        if raw.text_config.is_some() {
+            return Err(Error::invalid(
+                path,
+                "field `text_config`",
+                format!(
+                    "`{arch}` is a multimodal model; Finch tunes text-only models (for Gemma 3: gemma3_text, 270M and 1B)"
+                ),
+            ));
+        }
         let need = |field: &str, v: Option<usize>| -> Result<usize> {
             match v {
                 Some(0) => Err(Error::invalid(
@@ -193,7 +288,21 @@ impl ModelConfig {
                 format!("{head_dim} must be even for rotary embeddings"),
             ));
         }
-        if let Some(act) = &raw.hidden_act {
+        let activation = if family == Family::Gemma3 {
+            match raw.hidden_activation.as_deref().unwrap_or("gelu_pytorch_tanh") {
+                "gelu_pytorch_tanh" => Activation::GeluTanh,
+                other => {
+                    return Err(Error::invalid(
+                        path,
+                        "field `hidden_activation`",
+                        format!("`{other}` is not supported (only gelu_pytorch_tanh)"),
+                    ))
+                }
+            }
+        } else {
+            Activation::Silu
+        };
+        if let (Some(act), false) = (&raw.hidden_act, family == Family::Gemma3) {
             if act != "silu" && act != "swish" {
                 return Err(Error::invalid(
                     path,
@@ -202,20 +311,38 @@ impl ModelConfig {
                 ));
             }
         }
-        refuse_unimplemented(&raw, path)?;
-        let (rope_theta, rope_scaling) = parse_rope(&raw, path)?;
+        let gemma = family == Family::Gemma3;
+        refuse_unimplemented(&raw, path, gemma)?;
+        let num_hidden_layers = need("num_hidden_layers", raw.num_hidden_layers)?;
+        let (rope_theta, rope_scaling, gemma_rope) = if gemma {
+            let g = parse_gemma3_rope(&raw, path)?;
+            (g.global_theta, None, Some(g))
+        } else {
+            let (t, s) = parse_rope(&raw, path)?;
+            (t, s, None)
+        };
+        let layer_types = if gemma {
+            gemma3_layer_types(&raw, num_hidden_layers, path)?
+        } else {
+            vec![]
+        };
+        let sliding_window = if layer_types.contains(&LayerType::SlidingAttention) {
+            Some(need("sliding_window", raw.sliding_window)?)
+        } else {
+            None
+        };
         let attention_bias = raw.attention_bias.unwrap_or(false);
         let (qkv_bias, o_bias) = match family {
             Family::Llama => (attention_bias, attention_bias),
             Family::Qwen2 => (true, false),
-            Family::Qwen3 => (attention_bias, attention_bias),
+            Family::Qwen3 | Family::Gemma3 | Family::SmolLM3 => (attention_bias, attention_bias),
         };
         Ok(ModelConfig {
             family,
             vocab_size: need("vocab_size", raw.vocab_size)?,
             hidden_size,
             intermediate_size: need("intermediate_size", raw.intermediate_size)?,
-            num_hidden_layers: need("num_hidden_layers", raw.num_hidden_layers)?,
+            num_hidden_layers,
             num_attention_heads,
             num_key_value_heads,
             head_dim,
@@ -227,7 +354,25 @@ impl ModelConfig {
             qkv_bias,
             o_bias,
             mlp_bias: raw.mlp_bias.unwrap_or(false),
-            qk_norm: family == Family::Qwen3,
+            qk_norm: matches!(family, Family::Qwen3 | Family::Gemma3),
+            activation,
+            norm_plus_one: gemma,
+            sandwich_norms: gemma,
+            embed_scale: gemma,
+            query_pre_attn_scalar: if gemma {
+                Some(raw.query_pre_attn_scalar.unwrap_or(256.0))
+            } else {
+                None
+            },
+            layer_types,
+            sliding_window,
+            rope_local_theta: gemma_rope.as_ref().map(|g| g.local_theta),
+            rope_linear_factor: gemma_rope.and_then(|g| g.linear_factor),
+            rope_layers: if family == Family::SmolLM3 {
+                smollm3_rope_layers(&raw, num_hidden_layers, path)?
+            } else {
+                vec![]
+            },
             bos_token_id: token_ids(&raw.bos_token_id).first().copied(),
             eos_token_ids: token_ids(&raw.eos_token_id),
         })
@@ -247,7 +392,8 @@ impl ModelConfig {
                 0
             };
         let qk_norm = if self.qk_norm { 2 * self.head_dim } else { 0 };
-        let layer = attn + mlp + 2 * h + qk_norm;
+        let norms = if self.sandwich_norms { 4 * h } else { 2 * h };
+        let layer = attn + mlp + norms + qk_norm;
         let embed = self.vocab_size * h;
         let head = if self.tie_word_embeddings {
             0
@@ -258,8 +404,196 @@ impl ModelConfig {
     }
 }
 
+impl ModelConfig {
+    /// The attention kind of layer `l`.
+    pub fn layer_type(&self, l: usize) -> LayerType {
+        self.layer_types.get(l).copied().unwrap_or(LayerType::FullAttention)
+    }
+
+    /// How many positions (its own included) a query of layer `l` sees; `None`: all earlier ones.
+    pub fn window(&self, l: usize) -> Option<usize> {
+        match self.layer_type(l) {
+            LayerType::FullAttention => None,
+            LayerType::SlidingAttention => self.sliding_window,
+        }
+    }
+
+    /// Whether layer `l` applies rotary embeddings (false on SmolLM3's NoPE layers).
+    pub fn uses_rope(&self, l: usize) -> bool {
+        self.rope_layers.get(l).copied().unwrap_or(true)
+    }
+
+    /// The scale of the attention scores (`q·k · scale`).
+    pub fn attention_scale(&self) -> f64 {
+        1.0 / self.query_pre_attn_scalar.unwrap_or(self.head_dim as f64).sqrt()
+    }
+}
+
+/// Gemma 3's two rotary settings: global (full-attention) layers and local (sliding) ones.
+struct Gemma3Rope {
+    global_theta: f64,
+    linear_factor: Option<f64>,
+    local_theta: f64,
+}
+
+/// Gemma 3 rotary settings from either layout: transformers 5.x writes `rope_parameters` with one
+/// object per layer type; 4.x configs (those on the Hub) have `rope_theta` + `rope_scaling` for the
+/// global layers and `rope_local_base_freq` for the local ones.
+fn parse_gemma3_rope(raw: &HfConfig, path: &Path) -> Result<Gemma3Rope> {
+    // transformers' defaults for Gemma 3.
+    let mut global_theta = raw.rope_theta.unwrap_or(1_000_000.0);
+    let mut local_theta = raw.rope_local_base_freq.unwrap_or(10_000.0);
+    let mut linear_factor = gemma3_scaling(raw.rope_scaling.as_ref(), "rope_scaling", path)?;
+    if let Some(params) = raw.rope_parameters.as_ref().filter(|v| !v.is_null()) {
+        let obj = params
+            .as_object()
+            .ok_or_else(|| Error::invalid(path, "field `rope_parameters`", "must be an object"))?;
+        if let Some(key) = obj.keys().find(|k| *k != "full_attention" && *k != "sliding_attention") {
+            return Err(Error::invalid(
+                path,
+                "field `rope_parameters`",
+                format!("`{key}` is not a Gemma 3 layer type (expected full_attention and sliding_attention)"),
+            ));
+        }
+        let theta = |kind: &str| -> Result<Option<f64>> {
+            match obj.get(kind).and_then(|p| p.get("rope_theta")) {
+                None => Ok(None),
+                Some(t) => t.as_f64().map(Some).ok_or_else(|| {
+                    Error::invalid(
+                        path,
+                        format!("field `rope_parameters.{kind}.rope_theta`"),
+                        "must be a number",
+                    )
+                }),
+            }
+        };
+        if let Some(t) = theta("full_attention")? {
+            global_theta = t;
+        }
+        if let Some(t) = theta("sliding_attention")? {
+            local_theta = t;
+        }
+        if let Some(full) = obj.get("full_attention") {
+            linear_factor = gemma3_scaling(Some(full), "rope_parameters.full_attention", path)?;
+        }
+        if let Some(local) = obj.get("sliding_attention") {
+            if gemma3_scaling(Some(local), "rope_parameters.sliding_attention", path)?.is_some() {
+                return Err(Error::invalid(
+                    path,
+                    "field `rope_parameters.sliding_attention.rope_type`",
+                    "rope scaling on the sliding-window layers is not supported (only default)",
+                ));
+            }
+        }
+    }
+    Ok(Gemma3Rope {
+        global_theta,
+        linear_factor,
+        local_theta,
+    })
+}
+
+/// The linear scaling factor of one Gemma 3 rope setting (`None` for the default rotary).
+fn gemma3_scaling(v: Option<&serde_json::Value>, field: &str, path: &Path) -> Result<Option<f64>> {
+    let Some(v) = v.filter(|v| !v.is_null()) else {
+        return Ok(None);
+    };
+    let kind = v
+        .get("rope_type")
+        .or_else(|| v.get("type"))
+        .and_then(|t| t.as_str())
+        .unwrap_or("default");
+    match kind {
+        "default" => Ok(None),
+        "linear" => {
+            let f = v
+                .get("factor")
+                .and_then(|f| f.as_f64())
+                .ok_or_else(|| Error::invalid(path, format!("field `{field}.factor`"), "is missing"))?;
+            Ok((f != 1.0).then_some(f))
+        }
+        other => Err(Error::invalid(
+            path,
+            format!("field `{field}.rope_type`"),
+            format!("rope type `{other}` is not supported for Gemma 3 (supported: default, linear)"),
+        )),
+    }
+}
+
+/// Gemma 3's per-layer attention kinds: `layer_types` when given, else transformers' rule from
+/// `sliding_window_pattern` (default 6: every sixth layer global, the others local).
+fn gemma3_layer_types(raw: &HfConfig, layers: usize, path: &Path) -> Result<Vec<LayerType>> {
+    let Some(types) = &raw.layer_types else {
+        let pattern = raw.sliding_window_pattern.unwrap_or(6).max(1);
+        return Ok((0..layers)
+            .map(|i| {
+                if (i + 1) % pattern == 0 {
+                    LayerType::FullAttention
+                } else {
+                    LayerType::SlidingAttention
+                }
+            })
+            .collect());
+    };
+    if types.len() != layers {
+        return Err(Error::invalid(
+            path,
+            "field `layer_types`",
+            format!("has {} entries for {layers} layers", types.len()),
+        ));
+    }
+    types
+        .iter()
+        .map(|t| match t.as_str() {
+            "full_attention" => Ok(LayerType::FullAttention),
+            "sliding_attention" => Ok(LayerType::SlidingAttention),
+            other => Err(Error::invalid(
+                path,
+                "field `layer_types`",
+                format!("layer type `{other}` is not supported (full_attention, sliding_attention)"),
+            )),
+        })
+        .collect()
+}
+
+/// SmolLM3's per-layer rotary switch: `no_rope_layers` (1: rotary, 0: NoPE) when given, else
+/// transformers' rule from `no_rope_layer_interval` (default 4: every fourth layer NoPE).
+fn smollm3_rope_layers(raw: &HfConfig, layers: usize, path: &Path) -> Result<Vec<bool>> {
+    let Some(flags) = &raw.no_rope_layers else {
+        let interval = raw.no_rope_layer_interval.unwrap_or(4).max(1);
+        return Ok((0..layers).map(|i| (i + 1) % interval != 0).collect());
+    };
+    if flags.len() != layers {
+        return Err(Error::invalid(
+            path,
+            "field `no_rope_layers`",
+            format!("has {} entries for {layers} layers", flags.len()),
+        ));
+    }
+    flags
+        .iter()
+        .map(|f| match f.as_u64() {
+            Some(0) => Ok(false),
+            Some(1) => Ok(true),
+            _ => Err(Error::invalid(
+                path,
+                "field `no_rope_layers`",
+                format!("entries must be 0 or 1, found {f}"),
+            )),
+        })
+        .collect()
+}
+
 /// Refuses config fields that change the forward pass in ways Finch does not implement.
-fn refuse_unimplemented(raw: &HfConfig, path: &Path) -> Result<()> {
+/// `gemma`: Gemma 3's sliding-window layers are implemented (read by `gemma3_layer_types`).
+fn refuse_unimplemented(raw: &HfConfig, path: &Path, gemma: bool) -> Result<()> {
+    if raw.use_bidirectional_attention == Some(true) {
+        return Err(Error::invalid(
+            path,
+            "field `use_bidirectional_attention`",
+            "bidirectional attention (an embedding model) is not supported",
+        ));
+    }
     if raw.use_sliding_window == Some(true) {
         return Err(Error::invalid(
             path,
@@ -271,7 +605,7 @@ fn refuse_unimplemented(raw: &HfConfig, path: &Path) -> Result<()> {
         .layer_types
         .iter()
         .flatten()
-        .find(|t| t.as_str() != "full_attention")
+        .find(|t| t.as_str() != "full_attention" && !gemma)
     {
         return Err(Error::invalid(
             path,

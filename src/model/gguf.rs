@@ -17,7 +17,7 @@ use candle_core::{DType, Device, Tensor};
 use serde_json::json;
 
 use crate::error::{Error, Result};
-use crate::model::config::{Family, ModelConfig, RopeScaling};
+use crate::model::config::{Family, LayerType, ModelConfig, RopeScaling};
 use crate::model::gguf_tokenizer::{self, GgufTokenizerMetadata};
 use crate::model::weights::WeightSource;
 
@@ -141,6 +141,23 @@ impl GgufModel {
         if let Some(eos) = meta.usize("tokenizer.ggml.eos_token_id")? {
             config["eos_token_id"] = json!(eos);
         }
+        if arch == "gemma3" {
+            // What llama.cpp's Gemma 3 loader assumes rather than reads: every sixth layer global
+            // (the config parser's default pattern), local layers' rotary base 10000 (the
+            // parser's default), and q·k scaled by 1/√head_dim.
+            config["model_type"] = json!("gemma3_text");
+            config["hidden_activation"] = json!("gelu_pytorch_tanh");
+            config["query_pre_attn_scalar"] = json!(head_dim);
+            config["sliding_window"] = json!(need("attention.sliding_window")?);
+            for (field, k) in [
+                ("final_logit_softcapping", "final_logit_softcapping"),
+                ("attn_logit_softcapping", "attn_logit_softcapping"),
+            ] {
+                if let Some(v) = meta.f64(&key(k))? {
+                    config[field] = json!(v);
+                }
+            }
+        }
         Ok(config)
     }
 
@@ -256,7 +273,7 @@ impl GgufModel {
             .content
             .tensor_infos
             .keys()
-            .filter_map(|n| gguf_to_hf_name(n))
+            .filter_map(|n| gguf_to_hf_name(n, self.family()))
             .collect();
         names.sort();
         names
@@ -292,9 +309,18 @@ impl GgufModel {
         })
     }
 
+    /// The family `general.architecture` names (Llama's tensor names when it names none).
+    fn family(&self) -> Family {
+        self.architecture()
+            .ok()
+            .and_then(|a| Family::from_model_type(&a))
+            .unwrap_or(Family::Llama)
+    }
+
     /// The number of heads llama.cpp used to permute the rows of `name`, when it did.
     fn qk_permutation_heads(&self, hf_name: &str) -> Result<Option<usize>> {
-        if self.architecture()? != "llama" {
+        let arch = self.architecture()?;
+        if arch != "llama" && arch != "smollm3" {
             return Ok(None);
         }
         let is = |proj: &str| {
@@ -302,17 +328,21 @@ impl GgufModel {
                 || hf_name.ends_with(&format!("self_attn.{proj}.bias"))
         };
         let key = if is("q_proj") {
-            "llama.attention.head_count"
+            format!("{arch}.attention.head_count")
         } else if is("k_proj") {
-            "llama.attention.head_count_kv"
+            format!("{arch}.attention.head_count_kv")
         } else {
             return Ok(None);
         };
         let meta = self.meta();
-        let heads = match meta.usize(key)? {
+        let heads = match meta.usize(&key)? {
             Some(h) => h,
-            None => meta.usize("llama.attention.head_count")?.ok_or_else(|| {
-                Error::invalid(&self.path, "GGUF metadata", "`llama.attention.head_count` is missing")
+            None => meta.usize(&format!("{arch}.attention.head_count"))?.ok_or_else(|| {
+                Error::invalid(
+                    &self.path,
+                    "GGUF metadata",
+                    format!("`{arch}.attention.head_count` is missing"),
+                )
             })?,
         };
         Ok(Some(heads))
@@ -321,7 +351,8 @@ impl GgufModel {
 
 impl WeightSource for GgufModel {
     fn get(&self, name: &str, shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
-        let gguf_name = hf_to_gguf_name(name).ok_or_else(|| Error::MissingTensor {
+        let family = self.family();
+        let gguf_name = hf_to_gguf_name(name, family).ok_or_else(|| Error::MissingTensor {
             path: self.path.clone(),
             tensor: name.to_string(),
             hint: " (this Hugging Face tensor has no GGUF counterpart)".to_string(),
@@ -348,11 +379,15 @@ impl WeightSource for GgufModel {
             tensor = unpermute_qk_from_gguf(&tensor, heads)
                 .map_err(|e| Error::invalid(&self.path, format!("tensor `{gguf_name}`"), e.to_string()))?;
         }
+        if shifts_norm(family, name) {
+            // convert_hf_to_gguf.py stores Gemma's norm weights as 1 + w.
+            tensor = (tensor - 1.0)?;
+        }
         Ok(tensor.to_dtype(dtype)?.to_device(device)?)
     }
 
     fn contains(&self, name: &str) -> bool {
-        hf_to_gguf_name(name).is_some_and(|g| self.content.tensor_infos.contains_key(&g))
+        hf_to_gguf_name(name, self.family()).is_some_and(|g| self.content.tensor_infos.contains_key(&g))
     }
 
     fn origin(&self) -> &Path {
@@ -525,9 +560,14 @@ impl Meta<'_> {
     }
 }
 
-/// llama.cpp's GGUF name for a Hugging Face tensor name (Llama/Qwen2 layout), or `None` when
-/// the tensor has no GGUF counterpart.
-pub fn hf_to_gguf_name(hf: &str) -> Option<String> {
+/// Whether llama.cpp stores this tensor of `family` shifted by +1 (Gemma's `(1 + w)` RMS norms).
+fn shifts_norm(family: Family, hf_name: &str) -> bool {
+    family == Family::Gemma3 && hf_name.ends_with("norm.weight")
+}
+
+/// llama.cpp's GGUF name for a Hugging Face tensor name of `family`, or `None` when the tensor
+/// has no GGUF counterpart.
+pub fn hf_to_gguf_name(hf: &str, family: Family) -> Option<String> {
     match hf {
         "model.embed_tokens.weight" => return Some("token_embd.weight".into()),
         "model.norm.weight" => return Some("output_norm.weight".into()),
@@ -541,12 +581,12 @@ pub fn hf_to_gguf_name(hf: &str) -> Option<String> {
     if kind != "weight" && kind != "bias" {
         return None;
     }
-    let gguf = LAYER_NAMES.iter().find(|(h, _)| *h == module)?.1;
+    let gguf = layer_names(family).find(|(h, _)| *h == module)?.1;
     Some(format!("blk.{layer}.{gguf}.{kind}"))
 }
 
-/// The Hugging Face name for a GGUF tensor name, or `None` for GGUF-only tensors.
-pub fn gguf_to_hf_name(gguf: &str) -> Option<String> {
+/// The Hugging Face name for a GGUF tensor name of `family`, or `None` for GGUF-only tensors.
+pub fn gguf_to_hf_name(gguf: &str, family: Family) -> Option<String> {
     match gguf {
         "token_embd.weight" => return Some("model.embed_tokens.weight".into()),
         "output_norm.weight" => return Some("model.norm.weight".into()),
@@ -560,9 +600,27 @@ pub fn gguf_to_hf_name(gguf: &str) -> Option<String> {
     if kind != "weight" && kind != "bias" {
         return None;
     }
-    let hf = LAYER_NAMES.iter().find(|(_, g)| *g == module)?.0;
+    let hf = layer_names(family).find(|(_, g)| *g == module)?.0;
     Some(format!("model.layers.{layer}.{hf}.{kind}"))
 }
+
+/// (Hugging Face module, GGUF module) pairs of one decoder layer of `family`.
+fn layer_names(family: Family) -> impl Iterator<Item = &'static (&'static str, &'static str)> {
+    let (extra, skip): (&[(&str, &str)], &str) = match family {
+        // Gemma's `post_attention_layernorm` norms the attention output; its pre-MLP norm is
+        // `pre_feedforward_layernorm` (llama.cpp: `ffn_norm` for both families' pre-MLP norm).
+        Family::Gemma3 => (&GEMMA_LAYER_NAMES, "post_attention_layernorm"),
+        _ => (&[], ""),
+    };
+    extra.iter().chain(LAYER_NAMES.iter().filter(move |(h, _)| *h != skip))
+}
+
+/// Gemma's extra norms, as llama.cpp's `gguf-py` tensor map names them.
+const GEMMA_LAYER_NAMES: [(&str, &str); 3] = [
+    ("post_attention_layernorm", "post_attention_norm"),
+    ("pre_feedforward_layernorm", "ffn_norm"),
+    ("post_feedforward_layernorm", "post_ffw_norm"),
+];
 
 /// (Hugging Face module, GGUF module) inside one decoder layer.
 const LAYER_NAMES: [(&str, &str); 11] = [
@@ -731,7 +789,7 @@ pub fn write_gguf(
     tokenizer: Option<&GgufTokenizerMetadata>,
     matrix_dtype: GgmlDType,
 ) -> Result<()> {
-    let arch = config.family.name();
+    let arch = config.family.gguf_arch();
     let k = |s: &str| format!("{arch}.{s}");
     let mut meta: Vec<(String, Value)> = vec![
         ("general.architecture".into(), Value::String(arch.into())),
@@ -756,20 +814,36 @@ pub fn write_gguf(
         ),
         (k("vocab_size"), Value::U32(config.vocab_size as u32)),
     ];
+    if config.family == Family::Gemma3 {
+        meta.extend(gemma3_metadata(path, config)?);
+    }
+    if config.family == Family::SmolLM3
+        && (0..config.num_hidden_layers).any(|l| config.uses_rope(l) == ((l + 1) % 4 == 0))
+    {
+        return Err(Error::invalid(
+            path,
+            "field `no_rope_layers`",
+            "llama.cpp's SmolLM3 skips rotary on every fourth layer; this model's layers differ",
+        ));
+    }
     if let Some(tok) = tokenizer {
         meta.extend(tok.to_metadata());
     }
     let mut order: Vec<(String, QTensor)> = vec![];
     for (hf_name, tensor) in tensors {
-        let gguf_name = hf_to_gguf_name(hf_name).ok_or_else(|| {
+        let gguf_name = hf_to_gguf_name(hf_name, config.family).ok_or_else(|| {
             Error::invalid(
                 path,
                 format!("tensor `{hf_name}`"),
-                "has no GGUF name (not a Llama/Qwen2/Qwen3 tensor)",
+                "has no GGUF name (not a Llama/Qwen2/Qwen3/Gemma 3 tensor)",
             )
         })?;
         let mut t = tensor.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
-        if config.family == Family::Llama {
+        if shifts_norm(config.family, hf_name) {
+            t = (t + 1.0)?;
+        }
+        // convert_hf_to_gguf.py's SmolLM3 is its Llama, rows permuted alike.
+        if matches!(config.family, Family::Llama | Family::SmolLM3) {
             if hf_name.contains("self_attn.q_proj.") {
                 t = permute_qk_for_gguf(&t, config.num_attention_heads)?;
             } else if hf_name.contains("self_attn.k_proj.") {
@@ -808,6 +882,48 @@ pub fn write_gguf(
     })?;
     file.commit()
         .map_err(|e| Error::io(path, "cannot move the written GGUF file into place", e))
+}
+
+/// Gemma 3's metadata as `convert_hf_to_gguf.py` writes it. llama.cpp reads only the window
+/// and the global rotary settings, and assumes the rest (every sixth layer global, local rotary
+/// base 10000, q·k scaled by 1/√head_dim), so a config that differs is refused by field rather
+/// than written into a file that llama.cpp would run differently.
+fn gemma3_metadata(path: &Path, config: &ModelConfig) -> Result<Vec<(String, Value)>> {
+    let refuse = |field: &str, why: String| Err(Error::invalid(path, format!("field `{field}`"), why));
+    let standard = (0..config.num_hidden_layers).all(|l| {
+        let global = (l + 1) % 6 == 0;
+        (config.layer_type(l) == LayerType::FullAttention) == global
+    });
+    if !standard {
+        return refuse(
+            "layer_types",
+            "llama.cpp's Gemma 3 makes every sixth layer global; this model's layers differ".into(),
+        );
+    }
+    if let Some(theta) = config.rope_local_theta.filter(|t| *t != 10_000.0) {
+        return refuse(
+            "rope_local_base_freq",
+            format!("{theta}: llama.cpp's Gemma 3 uses 10000 for the sliding layers"),
+        );
+    }
+    if let Some(s) = config.query_pre_attn_scalar.filter(|s| *s != config.head_dim as f64) {
+        return refuse(
+            "query_pre_attn_scalar",
+            format!(
+                "{s}: llama.cpp's Gemma 3 scales by 1/sqrt(head_dim = {})",
+                config.head_dim
+            ),
+        );
+    }
+    let mut meta = vec![(
+        "gemma3.attention.sliding_window".to_string(),
+        Value::U32(config.sliding_window.unwrap_or(config.max_position_embeddings) as u32),
+    )];
+    if let Some(f) = config.rope_linear_factor {
+        meta.push(("gemma3.rope.scaling.type".into(), Value::String("linear".into())));
+        meta.push(("gemma3.rope.scaling.factor".into(), Value::F32(f as f32)));
+    }
+    Ok(meta)
 }
 
 fn tensor_sort_key(name: &str) -> (usize, usize, String) {
@@ -993,7 +1109,13 @@ mod tests {
 
     #[test]
     fn tiny_gguf_tensors_equal_the_hugging_face_tensors() {
-        for family in [Family::Llama, Family::Qwen2, Family::Qwen3] {
+        for family in [
+            Family::Llama,
+            Family::Qwen2,
+            Family::Qwen3,
+            Family::Gemma3,
+            Family::SmolLM3,
+        ] {
             for tie in [true, false] {
                 let dir = tempfile::tempdir().unwrap();
                 let mut spec = TinySpec::new(family);
@@ -1019,8 +1141,11 @@ mod tests {
                             .to_scalar::<f32>()
                             .unwrap()
                             .max(1e-6);
+                        // Gemma's norms are stored as 1 + w (as llama.cpp wants them) and read
+                        // back as (1 + w) − 1: exact up to half an f32 ulp of 1.
+                        let shift = if shifts_norm(family, name) { f32::EPSILON } else { 0.0 };
                         assert!(
-                            diff <= tolerance * scale,
+                            diff <= tolerance * scale + shift,
                             "{family:?} {dtype:?} {name}: max diff {diff} (max {scale})"
                         );
                     }
@@ -1357,19 +1482,39 @@ mod tests {
     fn name_maps_are_inverse() {
         let spec = TinySpec::new(Family::Qwen2);
         for name in spec.weights().unwrap().keys() {
-            let g = hf_to_gguf_name(name).unwrap();
-            assert_eq!(gguf_to_hf_name(&g).as_deref(), Some(name.as_str()));
+            let g = hf_to_gguf_name(name, Family::Qwen2).unwrap();
+            assert_eq!(gguf_to_hf_name(&g, Family::Qwen2).as_deref(), Some(name.as_str()));
         }
         assert_eq!(
-            hf_to_gguf_name("model.layers.12.mlp.down_proj.weight").as_deref(),
+            hf_to_gguf_name("model.layers.12.mlp.down_proj.weight", Family::Llama).as_deref(),
             Some("blk.12.ffn_down.weight")
         );
         assert_eq!(
-            hf_to_gguf_name("model.layers.3.post_attention_layernorm.weight").as_deref(),
+            hf_to_gguf_name("model.layers.3.post_attention_layernorm.weight", Family::Llama).as_deref(),
             Some("blk.3.ffn_norm.weight")
         );
-        assert_eq!(gguf_to_hf_name("rope_freqs.weight"), None);
-        assert_eq!(hf_to_gguf_name("model.layers.x.mlp.up_proj.weight"), None);
+        assert_eq!(gguf_to_hf_name("rope_freqs.weight", Family::Llama), None);
+        // Gemma 3's four norms per block, as convert_hf_to_gguf.py names them.
+        for name in TinySpec::new(Family::Gemma3).weights().unwrap().keys() {
+            let g = hf_to_gguf_name(name, Family::Gemma3).unwrap();
+            assert_eq!(gguf_to_hf_name(&g, Family::Gemma3).as_deref(), Some(name.as_str()));
+        }
+        for (hf, gguf) in [
+            ("input_layernorm", "attn_norm"),
+            ("post_attention_layernorm", "post_attention_norm"),
+            ("pre_feedforward_layernorm", "ffn_norm"),
+            ("post_feedforward_layernorm", "post_ffw_norm"),
+            ("self_attn.q_norm", "attn_q_norm"),
+        ] {
+            assert_eq!(
+                hf_to_gguf_name(&format!("model.layers.2.{hf}.weight"), Family::Gemma3),
+                Some(format!("blk.2.{gguf}.weight"))
+            );
+        }
+        assert_eq!(
+            hf_to_gguf_name("model.layers.x.mlp.up_proj.weight", Family::Llama),
+            None
+        );
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! Chat straight from a quantized GGUF file: the weight matrices stay in their GGUF blocks and
 //! every matrix product runs on Finch's own integer kernels ([`crate::kernels::quant`]), so a Q4_1
-//! model reads ~6x less memory per token than the dequantized f32 model. Llama and Qwen2
-//! families (Llama 3 rope scaling included). A LoRA adapter is applied unmerged in f32
+//! model reads ~6x less memory per token than the dequantized f32 model. Llama, Qwen2, Qwen3 and
+//! Gemma 3 families (Llama 3 rope scaling included; Gemma's norms are stored by llama.cpp as
+//! `1 + w`, which is the factor they multiply by here). A LoRA adapter is applied unmerged in f32
 //! (`y += scale·(x·Aᵀ)·Bᵀ` on the product's f32 input), as the f32 model applies it.
 //!
 //! The forward is the f32 [`crate::model::Transformer`]'s, step for step (RMSNorm, rotate-half
@@ -29,7 +30,7 @@ use rayon::prelude::*;
 use crate::error::{Error, Result};
 use crate::kernels::quant::{self, Kernel, QActivations, QMatrix, QType};
 use crate::lora::Target;
-use crate::model::config::ModelConfig;
+use crate::model::config::{Activation, LayerType, ModelConfig};
 use crate::model::decoder::Decoder;
 use crate::model::gguf::GgufModel;
 
@@ -84,6 +85,15 @@ struct Layer {
     /// Qwen3's per-head RMS norm weights for q and k (`[head_dim]` each), before rotary.
     qk_norm: Option<[Vec<f32>; 2]>,
     o: QMatrix,
+    /// Gemma: norms of the attention and MLP outputs before the residual add.
+    attn_out_norm: Option<Vec<f32>>,
+    ffn_out_norm: Option<Vec<f32>>,
+    /// Gemma 3: this layer sees only the last `window` positions.
+    window: Option<usize>,
+    /// Gemma 3: this layer uses the local (sliding) rotary tables.
+    local_rope: bool,
+    /// SmolLM3's NoPE layers apply no rotary embeddings.
+    rope: bool,
     ffn_norm: Vec<f32>,
     gate: QMatrix,
     up: QMatrix,
@@ -123,6 +133,8 @@ struct Weights {
     norm: Vec<f32>,
     layers: Vec<Layer>,
     inv_freq: Vec<f32>,
+    /// Gemma 3's sliding layers' rotary frequencies.
+    local_inv_freq: Option<Vec<f32>>,
 }
 
 /// A GGUF model run without dequantizing its matrices. [`QuantizedModel::fork`] gives another
@@ -158,7 +170,7 @@ impl QuantizedModel {
         let h = cfg.hidden_size;
         let hd = cfg.head_dim;
         let (q_dim, kv_dim) = (cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd);
-        let permuted = gguf.architecture()? == "llama";
+        let permuted = matches!(gguf.architecture()?.as_str(), "llama" | "smollm3");
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for l in 0..cfg.num_hidden_layers {
             let name = |m: &str| format!("blk.{l}.{m}");
@@ -202,6 +214,19 @@ impl QuantizedModel {
                     None
                 },
                 o: reader.matrix(&name("attn_output.weight"), h, q_dim)?,
+                attn_out_norm: if cfg.sandwich_norms {
+                    Some(reader.vector(&name("post_attention_norm.weight"), h)?)
+                } else {
+                    None
+                },
+                ffn_out_norm: if cfg.sandwich_norms {
+                    Some(reader.vector(&name("post_ffw_norm.weight"), h)?)
+                } else {
+                    None
+                },
+                window: cfg.window(l),
+                local_rope: cfg.layer_type(l) == LayerType::SlidingAttention && cfg.rope_local_theta.is_some(),
+                rope: cfg.uses_rope(l),
                 ffn_norm: reader.vector(&name("ffn_norm.weight"), h)?,
                 gate: reader.matrix(&name("ffn_gate.weight"), cfg.intermediate_size, h)?,
                 up: reader.matrix(&name("ffn_up.weight"), cfg.intermediate_size, h)?,
@@ -230,6 +255,9 @@ impl QuantizedModel {
                 norm,
                 layers,
                 inv_freq: crate::model::transformer::rope_inv_freq(cfg),
+                local_inv_freq: cfg
+                    .rope_local_theta
+                    .map(|theta| crate::model::transformer::default_inv_freq(hd, theta)),
             }),
             lora: Arc::new(Vec::new()),
             cache: vec![],
@@ -374,7 +402,12 @@ impl QuantizedModel {
             }
             w.embed.dequantize_row(id as usize, row).map_err(kernel_err)?;
         }
+        if cfg.embed_scale {
+            let scale = (h as f64).sqrt() as f32;
+            x.iter_mut().for_each(|v| *v *= scale);
+        }
         let (cos, sin) = rope_tables(&w.inv_freq, past, t);
+        let local = w.local_inv_freq.as_ref().map(|f| rope_tables(f, past, t));
         let mut mm = Products {
             kernel: self.kernel,
             exact: self.exact.as_deref(),
@@ -405,23 +438,39 @@ impl QuantizedModel {
                 rms_norm_in_place(&mut q, qn, eps);
                 rms_norm_in_place(&mut k, kn, eps);
             }
-            rope(&mut q, hd, &cos, &sin);
-            rope(&mut k, hd, &cos, &sin);
+            let (c, s) = match (&local, layer.local_rope) {
+                (Some((c, s)), true) => (c, s),
+                _ => (&cos, &sin),
+            };
+            if layer.rope {
+                rope(&mut q, hd, c, s);
+                rope(&mut k, hd, c, s);
+            }
             cache.k.extend_from_slice(&k);
             cache.v.extend_from_slice(&v);
-            attention(cfg, &q, cache, past, &mut attn);
+            attention(cfg, &q, cache, past, layer.window, &mut attn);
             mm.set_input(&attn, t, q_dim)?;
             mm.run(layer, lora, Target::O, &attn, &mut proj)?;
+            if let Some(n) = &layer.attn_out_norm {
+                rms_norm_in_place(&mut proj, n, eps);
+            }
             x.iter_mut().zip(&proj).for_each(|(a, b)| *a += b);
             rms_norm(&x, &layer.ffn_norm, eps, &mut xn);
             mm.set_input(&xn, t, h)?;
             mm.run(layer, lora, Target::Gate, &xn, &mut gate)?;
             mm.run(layer, lora, Target::Up, &xn, &mut up)?;
-            gate.iter_mut()
-                .zip(&up)
-                .for_each(|(g, u)| *g = *g / (1.0 + (-*g).exp()) * u);
+            match cfg.activation {
+                Activation::Silu => gate
+                    .iter_mut()
+                    .zip(&up)
+                    .for_each(|(g, u)| *g = *g / (1.0 + (-*g).exp()) * u),
+                Activation::GeluTanh => gate.iter_mut().zip(&up).for_each(|(g, u)| *g = gelu_tanh(*g) * u),
+            }
             mm.set_input(&gate, t, cfg.intermediate_size)?;
             mm.run(layer, lora, Target::Down, &gate, &mut proj)?;
+            if let Some(n) = &layer.ffn_out_norm {
+                rms_norm_in_place(&mut proj, n, eps);
+            }
             x.iter_mut().zip(&proj).for_each(|(a, b)| *a += b);
         }
         self.position += t;
@@ -677,14 +726,21 @@ fn rope(x: &mut [f32], head_dim: usize, cos: &[f32], sin: &[f32]) {
     }
 }
 
+/// `gelu_pytorch_tanh`, the formula candle's `gelu` (the f32 path's) computes.
+fn gelu_tanh(x: f32) -> f32 {
+    const SQRT_TWO_OVER_PI: f32 = 0.797_884_6;
+    0.5 * x * (1.0 + (SQRT_TWO_OVER_PI * x * (1.0 + 0.044_715 * x * x)).tanh())
+}
+
 /// Causal grouped-query attention of the `t` new queries (positions `past..past + t`) over the
-/// cache; writes `[t, heads * head_dim]`. Heads run in parallel.
-fn attention(cfg: &ModelConfig, q: &[f32], cache: &LayerCache, past: usize, out: &mut [f32]) {
+/// cache, each seeing only the last `window` positions when set; writes `[t, heads * head_dim]`.
+/// Heads run in parallel.
+fn attention(cfg: &ModelConfig, q: &[f32], cache: &LayerCache, past: usize, window: Option<usize>, out: &mut [f32]) {
     let (heads, kv_heads, hd) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
     let (q_dim, kv_dim) = (heads * hd, kv_heads * hd);
     let t = q.len() / q_dim;
     let group = heads / kv_heads.max(1);
-    let scale = 1.0 / (hd as f32).sqrt();
+    let scale = cfg.attention_scale() as f32;
     // Per head, `[t, hd]`, so that heads can be written in parallel; copied into `out` after.
     let mut by_head = vec![0f32; heads * t * hd];
     let work = |(head, dst): (usize, &mut [f32])| {
@@ -693,20 +749,21 @@ fn attention(cfg: &ModelConfig, q: &[f32], cache: &LayerCache, past: usize, out:
         for i in 0..t {
             let qi = &q[i * q_dim + head * hd..i * q_dim + (head + 1) * hd];
             let seen = past + i + 1;
+            let first = window.map_or(0, |w| seen.saturating_sub(w.max(1)));
             let mut max = f32::NEG_INFINITY;
-            for (p, s) in scores[..seen].iter_mut().enumerate() {
+            for (p, s) in scores[..seen].iter_mut().enumerate().skip(first) {
                 let kp = &cache.k[p * kv_dim + kvh * hd..p * kv_dim + (kvh + 1) * hd];
                 *s = dot(qi, kp) * scale;
                 max = max.max(*s);
             }
             let mut sum = 0f32;
-            for s in &mut scores[..seen] {
+            for s in &mut scores[first..seen] {
                 *s = (*s - max).exp();
                 sum += *s;
             }
             let o = &mut dst[i * hd..(i + 1) * hd];
             o.fill(0.0);
-            for (p, s) in scores[..seen].iter().enumerate() {
+            for (p, s) in scores[..seen].iter().enumerate().skip(first) {
                 let vp = &cache.v[p * kv_dim + kvh * hd..p * kv_dim + (kvh + 1) * hd];
                 let w = s / sum;
                 o.iter_mut().zip(vp).for_each(|(a, b)| *a += w * b);

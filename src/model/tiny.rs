@@ -45,7 +45,12 @@ impl TinySpec {
             vocab_size: 272,
             hidden_size: 64,
             intermediate_size: 128,
-            num_hidden_layers: 2,
+            // Gemma 3: five sliding layers and a full one; SmolLM3: three rotary layers and a NoPE one.
+            num_hidden_layers: match family {
+                Family::Gemma3 => 6,
+                Family::SmolLM3 => 4,
+                _ => 2,
+            },
             num_attention_heads: 4,
             num_key_value_heads: 2,
             // Small Llama and Qwen3 checkpoints tie the head to the embedding; Qwen2.5 ones differ by size.
@@ -75,6 +80,33 @@ impl TinySpec {
 
     pub fn config_json(&self) -> serde_json::Value {
         let mut v = self.base_config_json();
+        if self.family == Family::Gemma3 {
+            // Gemma 3 as transformers 5 writes it, with a window (4) shorter than test prompts so
+            // the sliding layers differ from full ones (`TinySpec::new` gives it 6 layers: five
+            // sliding, one full).
+            if let Some(obj) = v.as_object_mut() {
+                obj.remove("hidden_act");
+                obj.remove("rope_theta");
+            }
+            v["hidden_activation"] = json!("gelu_pytorch_tanh");
+            v["head_dim"] = json!(self.hidden_size / self.num_attention_heads);
+            v["query_pre_attn_scalar"] = json!(self.hidden_size / self.num_attention_heads);
+            v["sliding_window"] = json!(4);
+            // Every sixth layer global, as in every Gemma 3 (and as llama.cpp assumes).
+            v["layer_types"] = json!((0..self.num_hidden_layers)
+                .map(|l| if (l + 1) % 6 == 0 {
+                    "full_attention"
+                } else {
+                    "sliding_attention"
+                })
+                .collect::<Vec<_>>());
+            v["rope_parameters"] = json!({
+                "full_attention": {"rope_type": "default", "rope_theta": 1_000_000.0},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+            });
+            v["final_logit_softcapping"] = serde_json::Value::Null;
+            v["attn_logit_softcapping"] = serde_json::Value::Null;
+        }
         if self.family == Family::Qwen2 {
             // Fields Qwen2's config.json always carries (candle-transformers requires them).
             v["sliding_window"] = json!(self.max_position_embeddings);
@@ -89,6 +121,8 @@ impl TinySpec {
             Family::Llama => ("llama", "LlamaForCausalLM"),
             Family::Qwen2 => ("qwen2", "Qwen2ForCausalLM"),
             Family::Qwen3 => ("qwen3", "Qwen3ForCausalLM"),
+            Family::Gemma3 => ("gemma3_text", "Gemma3ForCausalLM"),
+            Family::SmolLM3 => ("smollm3", "SmolLM3ForCausalLM"),
         };
         json!({
             "architectures": [arch],
@@ -120,11 +154,13 @@ impl TinySpec {
         let q = self.num_attention_heads * hd;
         let kv = self.num_key_value_heads * hd;
         let i = self.intermediate_size;
+        // Gemma's norms multiply by (1 + w): its weights sit near 0, not 1.
+        let norm_centre = if self.family == Family::Gemma3 { 0.0 } else { 1.0 };
         let mut put = |name: String, shape: &[usize], kind: Init| -> Result<()> {
             let n: usize = shape.iter().product();
             let data: Vec<f32> = match kind {
                 Init::Normal(std) => (0..n).map(|_| normal(&mut rng) * std).collect(),
-                Init::Norm => (0..n).map(|_| 1.0 + 0.1 * normal(&mut rng)).collect(),
+                Init::Norm => (0..n).map(|_| norm_centre + 0.1 * normal(&mut rng)).collect(),
             };
             out.insert(name, Tensor::from_vec(data, shape, &dev)?);
             Ok(())
@@ -138,11 +174,15 @@ impl TinySpec {
             let p = format!("model.layers.{l}");
             put(format!("{p}.input_layernorm.weight"), &[h], Init::Norm)?;
             put(format!("{p}.post_attention_layernorm.weight"), &[h], Init::Norm)?;
+            if self.family == Family::Gemma3 {
+                put(format!("{p}.pre_feedforward_layernorm.weight"), &[h], Init::Norm)?;
+                put(format!("{p}.post_feedforward_layernorm.weight"), &[h], Init::Norm)?;
+            }
             put(format!("{p}.self_attn.q_proj.weight"), &[q, h], Init::Normal(0.02))?;
             put(format!("{p}.self_attn.k_proj.weight"), &[kv, h], Init::Normal(0.02))?;
             put(format!("{p}.self_attn.v_proj.weight"), &[kv, h], Init::Normal(0.02))?;
             put(format!("{p}.self_attn.o_proj.weight"), &[h, q], Init::Normal(0.02))?;
-            if self.family == Family::Qwen3 {
+            if matches!(self.family, Family::Qwen3 | Family::Gemma3) {
                 put(format!("{p}.self_attn.q_norm.weight"), &[hd], Init::Norm)?;
                 put(format!("{p}.self_attn.k_norm.weight"), &[hd], Init::Norm)?;
             }
