@@ -110,7 +110,8 @@ mod tests {
                 messages: vec![
                     Message::new(Role::User, "Count"),
                     Message::new(Role::Assistant, "1 2 3")
-                ]
+                ],
+                tools: None,
             }
         );
         assert_eq!(report.rows[1].line, 3);

@@ -18,19 +18,14 @@ pub enum FileKind {
     Json,
     Csv,
     Parquet,
+    /// Plain text (`.txt`, `.md`): the whole file is one document of the `text` format.
+    Text,
 }
 
 impl FileKind {
-    /// From the file extension (`.jsonl`/`.ndjson`, `.json`, `.csv`, `.parquet`).
+    /// From the file extension (`.jsonl`/`.ndjson`, `.json`, `.csv`, `.parquet`, `.txt`/`.md`).
     pub fn from_path(path: &Path) -> Option<Self> {
-        let ext = path.extension()?.to_str()?.to_ascii_lowercase();
-        match ext.as_str() {
-            "jsonl" | "ndjson" => Some(FileKind::Jsonl),
-            "json" => Some(FileKind::Json),
-            "csv" => Some(FileKind::Csv),
-            "parquet" => Some(FileKind::Parquet),
-            _ => None,
-        }
+        FileKind::from_name(path.extension()?.to_str()?)
     }
 
     pub fn name(self) -> &'static str {
@@ -39,6 +34,7 @@ impl FileKind {
             FileKind::Json => "json",
             FileKind::Csv => "csv",
             FileKind::Parquet => "parquet",
+            FileKind::Text => "text",
         }
     }
 
@@ -48,6 +44,7 @@ impl FileKind {
             "json" => Some(FileKind::Json),
             "csv" => Some(FileKind::Csv),
             "parquet" => Some(FileKind::Parquet),
+            "text" | "txt" | "md" | "markdown" => Some(FileKind::Text),
             _ => None,
         }
     }
@@ -89,7 +86,34 @@ pub fn read_records(bytes: &[u8], kind: FileKind, max_record_bytes: usize) -> Re
         FileKind::Json => read_json(bytes, max_record_bytes),
         FileKind::Csv => read_csv(bytes, max_record_bytes),
         FileKind::Parquet => read_parquet(bytes, max_record_bytes),
+        FileKind::Text => read_text(bytes, "text"),
     }
+}
+
+/// A plain-text file is one record, `{key: <the whole file>}`, on line 1: a document is chunked
+/// by tokens when it is tokenized, so no size limit per record applies here.
+pub(crate) fn read_text(bytes: &[u8], key: &str) -> Records {
+    let bytes = bytes.strip_prefix(UTF8_BOM).unwrap_or(bytes);
+    let mut out = Records::default();
+    match std::str::from_utf8(bytes) {
+        Ok(text) => {
+            let mut map = Map::new();
+            map.insert(key.to_string(), Value::String(text.to_string()));
+            out.records.push(RawRecord {
+                line: 1,
+                value: Value::Object(map),
+            });
+        }
+        Err(err) => {
+            let line = 1 + bytes[..err.valid_up_to()].iter().filter(|b| **b == b'\n').count();
+            out.rejected.push(reject(
+                line,
+                "",
+                format!("not UTF-8 text (invalid byte at offset {})", err.valid_up_to()),
+            ));
+        }
+    }
+    out
 }
 
 fn reject(line: usize, field: &str, reason: impl Into<String>) -> Rejection {
