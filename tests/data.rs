@@ -119,7 +119,9 @@ fn tool_template_parity_with_transformers() {
         };
         let name = case["template"].as_str().unwrap();
         let fixture = templates.iter().find(|t| t.name == name).unwrap();
-        let row = expected["tool_conversations"][conversation]["finch_row"].as_str().unwrap();
+        let row = expected["tool_conversations"][conversation]["finch_row"]
+            .as_str()
+            .unwrap();
         let report = load_bytes(row.as_bytes(), FileKind::Jsonl, &LoadOptions::default()).unwrap();
         let Example::Chat { messages, tools } = &report.rows[0].example else {
             panic!("{conversation}: not a conversation")
@@ -760,7 +762,11 @@ fn raw_text_file_is_chunked_by_tokens_with_overlap() {
         assert!(!w.truncated);
         assert_eq!(w.input_ids[..], whole.input_ids[48 * k..48 * k + w.len()], "window {k}");
         if k > 0 {
-            assert_eq!(w.input_ids[..16], windows[k - 1].input_ids[48..64], "window {k} overlap");
+            assert_eq!(
+                w.input_ids[..16],
+                windows[k - 1].input_ids[48..64],
+                "window {k} overlap"
+            );
         }
     }
     // Without overlap: back to back, ceil(283 / 64) = 5 windows that concatenate to the whole.
@@ -863,10 +869,18 @@ fn sharegpt_tool_calls_load_and_bad_rows_are_reported() {
         &report,
         &[
             (3, "conversations[1].value", "expected a tool call as JSON text"),
-            (4, "conversations[1].from", "roles out of order: `tool` where `assistant` was expected"),
+            (
+                4,
+                "conversations[1].from",
+                "roles out of order: `tool` where `assistant` was expected",
+            ),
             (5, "conversations[1].value.name", "missing field"),
             (6, "tools", "expected a list of tools, found an object"),
-            (8, "conversations[2].from", "roles out of order: `assistant` where `tool` was expected"),
+            (
+                8,
+                "conversations[2].from",
+                "roles out of order: `assistant` where `tool` was expected",
+            ),
         ],
     );
     let Example::Chat { messages, tools } = &report.rows[0].example else {
@@ -885,7 +899,10 @@ fn sharegpt_tool_calls_load_and_bad_rows_are_reported() {
     let Example::Chat { messages, tools } = &report.rows[1].example else {
         panic!()
     };
-    assert_eq!(messages[0], Message::new(Role::System, "You are a helpful assistant with tools."));
+    assert_eq!(
+        messages[0],
+        Message::new(Role::System, "You are a helpful assistant with tools.")
+    );
     let tools: Value = serde_json::from_str(tools.as_deref().unwrap()).unwrap();
     assert_eq!(tools.as_array().unwrap().len(), 2);
     // Parallel calls: one assistant message with two calls, answered by two tool messages.
@@ -912,10 +929,18 @@ fn openai_tool_calls_load_and_bad_rows_are_reported() {
         &[
             (3, "messages[1].tool_calls[0].function.arguments", "not valid JSON"),
             (4, "messages[0].tool_calls", "only assistant messages call tools"),
-            (5, "messages[1].role", "roles out of order: `tool` where `assistant` was expected"),
+            (
+                5,
+                "messages[1].role",
+                "roles out of order: `tool` where `assistant` was expected",
+            ),
             (6, "messages[1].tool_calls[0].type", "unsupported tool call type"),
             (7, "messages[1].content", "missing field"),
-            (8, "messages[1].tool_calls[0].function.arguments", "expected JSON text of an object, found a list"),
+            (
+                8,
+                "messages[1].tool_calls[0].function.arguments",
+                "expected JSON text of an object, found a list",
+            ),
         ],
     );
     let Example::Chat { messages, tools } = &report.rows[0].example else {
@@ -984,7 +1009,11 @@ fn tool_call_masks_train_the_call_and_mask_the_result() {
         assert_eq!(runs.len(), 2, "{name}: {runs:?}");
         assert_eq!(runs[0], first, "{name}");
         let answer = runs[1].strip_prefix("<think>\n\n</think>\n\n").unwrap_or(&runs[1]);
-        assert_eq!(answer, format!("It is -3 °C and snowing in Oslo.{}", f.end_of_turn), "{name}");
+        assert_eq!(
+            answer,
+            format!("It is -3 °C and snowing in Oslo.{}", f.end_of_turn),
+            "{name}"
+        );
         // The tool result is in the sequence, masked.
         let all = tok.decode(&out.input_ids, false).unwrap();
         assert!(all.contains("\"condition\": \"snow\""), "{name}");

@@ -526,8 +526,9 @@ fn tool_calls_and_raw_text_folders_train_end_to_end() {
     let config_path = model.join("tokenizer_config.json");
     let mut tokenizer_config: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
-    tokenizer_config["chat_template"] =
-        std::fs::read_to_string(fixtures.join("templates/qwen2.5.jinja")).unwrap().into();
+    tokenizer_config["chat_template"] = std::fs::read_to_string(fixtures.join("templates/qwen2.5.jinja"))
+        .unwrap()
+        .into();
     std::fs::write(&config_path, tokenizer_config.to_string()).unwrap();
     let (result, notes) = run("tools", &tools);
     let losses = result.unwrap();
@@ -541,7 +542,9 @@ fn tool_calls_and_raw_text_folders_train_end_to_end() {
     assert!(losses.iter().all(|(_, l)| l.is_finite() && *l > 0.0), "{losses:?}");
     // 44 + 74 tokens (bytes and EOS) in windows of 32 starting every 24 tokens: 2 + 3 windows.
     assert!(
-        notes.iter().any(|n| n.contains("2 raw-text rows were cut into 5 windows")),
+        notes
+            .iter()
+            .any(|n| n.contains("2 raw-text rows were cut into 5 windows")),
         "{notes:?}"
     );
     assert!(notes.iter().any(|n| n.contains("empty.md")), "{notes:?}");

@@ -168,7 +168,8 @@ fn parse_format(s: &str) -> Result<Format, String> {
 }
 
 fn parse_file_kind(s: &str) -> Result<FileKind, String> {
-    FileKind::from_name(s).ok_or_else(|| format!("unknown file type `{s}` (expected jsonl, json, csv, parquet or text)"))
+    FileKind::from_name(s)
+        .ok_or_else(|| format!("unknown file type `{s}` (expected jsonl, json, csv, parquet or text)"))
 }
 
 fn parse_template(s: &str) -> Result<BuiltinTemplate, String> {

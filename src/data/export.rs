@@ -55,10 +55,7 @@ pub fn to_record(ex: &Example, format: Format, fields: &FieldMap) -> Option<Valu
                         call.insert("id".into(), Value::String(id.clone()));
                     }
                     call.insert("type".into(), Value::String("function".into()));
-                    call.insert(
-                        "function".into(),
-                        json!({"name": c.name, "arguments": c.arguments}),
-                    );
+                    call.insert("function".into(), json!({"name": c.name, "arguments": c.arguments}));
                     Value::Object(call)
                 })
                 .collect();
@@ -71,7 +68,10 @@ pub fn to_record(ex: &Example, format: Format, fields: &FieldMap) -> Option<Valu
     };
     let message_objects = |msgs: &[Message], sharegpt: bool| -> Option<Value> {
         if sharegpt {
-            msgs.iter().map(sharegpt_message).collect::<Option<Vec<_>>>().map(Value::Array)
+            msgs.iter()
+                .map(sharegpt_message)
+                .collect::<Option<Vec<_>>>()
+                .map(Value::Array)
         } else {
             Some(Value::Array(msgs.iter().map(openai_message).collect()))
         }
@@ -88,7 +88,10 @@ pub fn to_record(ex: &Example, format: Format, fields: &FieldMap) -> Option<Valu
     match format {
         Format::Text => None,
         Format::Messages => Some(with_tools(single(&fields.messages, message_objects(messages, false)?))),
-        Format::ShareGpt => Some(with_tools(single(&fields.conversations, message_objects(messages, true)?))),
+        Format::ShareGpt => Some(with_tools(single(
+            &fields.conversations,
+            message_objects(messages, true)?,
+        ))),
         Format::Alpaca => {
             let (system, rest) = match messages.split_first() {
                 Some((first, rest)) if first.role == Role::System => (Some(first), rest),

@@ -560,14 +560,14 @@ pub fn convert(record: &RawRecord, format: Format, fields: &FieldMap) -> Convert
                     }
                     vec![Message::new(Role::User, s.as_str())]
                 }
-                other => message_list(line, &fields.prompt, other, fields)?,
+                other => message_list(line, &fields.prompt, other, None, fields)?,
             };
             let prompt_len = messages.len();
             match completion {
                 Value::String(s) if !looks_like_message_list(s) => {
                     messages.push(Message::new(Role::Assistant, s.as_str()))
                 }
-                other => messages.extend(message_list(line, &fields.completion, other, fields)?),
+                other => messages.extend(message_list(line, &fields.completion, other, None, fields)?),
             }
             validate_conversation(line, &fields.completion, &messages, prompt_len)?;
             Ok(Example::chat(messages))
@@ -579,14 +579,21 @@ pub fn convert(record: &RawRecord, format: Format, fields: &FieldMap) -> Convert
                 &fields.conversations
             };
             let value = get(key).ok_or_else(|| missing(line, key))?;
-            let mut messages = message_list(line, key, value, fields)?;
+            // The record as written (key order intact) when it has tool JSON to pass on.
+            let ordered = record.ordered.as_ref();
+            let mut messages = message_list(line, key, value, ordered.and_then(|o| o.get(key)), fields)?;
             // A separate `system` field next to the list (some ShareGPT exports) is a system turn.
             if let Some(system) = optional_string(line, &fields.system, get(&fields.system))? {
                 if !system.trim().is_empty() && messages.first().is_none_or(|m| m.role != Role::System) {
                     messages.insert(0, Message::new(Role::System, system));
                 }
             }
-            let tools = tool_definitions(line, &fields.tools, get(&fields.tools))?;
+            let tools = tool_definitions(
+                line,
+                &fields.tools,
+                get(&fields.tools),
+                ordered.and_then(|o| o.get(&fields.tools)),
+            )?;
             validate_conversation(line, key, &messages, 0)?;
             Ok(Example::Chat { messages, tools })
         }
@@ -658,6 +665,7 @@ fn message_list(
     line: usize,
     field: &str,
     value: &Value,
+    ordered: Option<&OrderedJson>,
     fields: &FieldMap,
 ) -> std::result::Result<Vec<Message>, Rejection> {
     let parsed;
@@ -695,14 +703,25 @@ fn message_list(
     }
     let mut messages = Vec::with_capacity(items.len());
     for (i, item) in items.iter().enumerate() {
-        messages.push(one_message(line, &format!("{field}[{i}]"), item, fields)?);
+        let item_ordered = match ordered {
+            Some(OrderedJson::Array(items)) => items.get(i),
+            _ => None,
+        };
+        messages.push(one_message(line, &format!("{field}[{i}]"), item, item_ordered, fields)?);
     }
     Ok(messages)
 }
 
 /// One `{role, content}` (OpenAI, with optional `tool_calls` / `tool_call_id`) or ShareGPT
 /// `{from, value}` message; `at` names it in rejections (`messages[2]`).
-fn one_message(line: usize, at: &str, item: &Value, fields: &FieldMap) -> std::result::Result<Message, Rejection> {
+/// `ordered` is the same message as written (keys in order), when the record kept it.
+fn one_message(
+    line: usize,
+    at: &str,
+    item: &Value,
+    ordered: Option<&OrderedJson>,
+    fields: &FieldMap,
+) -> std::result::Result<Message, Rejection> {
     let sub = |name: &str| format!("{at}.{name}");
     let Value::Object(m) = item else {
         return Err(rejection(
@@ -739,7 +758,7 @@ fn one_message(line: usize, at: &str, item: &Value, fields: &FieldMap) -> std::r
         // ShareGPT (LLaMA-Factory): the value is the call, `{"name", "arguments"}` as JSON text
         // (or a list of them for parallel calls).
         let (key, value) = content_entry.ok_or_else(|| missing(line, &sub(&fields.content)))?;
-        let calls = function_calls(line, &sub(key), value)?;
+        let calls = function_calls(line, &sub(key), value, None)?;
         return Ok(Message::tool_calls("", calls));
     }
     let tool_calls = match m.get("tool_calls").filter(|v| !v.is_null()) {
@@ -751,7 +770,12 @@ fn one_message(line: usize, at: &str, item: &Value, fields: &FieldMap) -> std::r
                 format!("only assistant messages call tools, this one is `{role_name}`"),
             ))
         }
-        Some(value) => function_calls(line, &sub("tool_calls"), value)?,
+        Some(value) => function_calls(
+            line,
+            &sub("tool_calls"),
+            value,
+            ordered.and_then(|o| o.get("tool_calls")),
+        )?,
     };
     let role = match role {
         ParsedRole::Plain(role) => role,
@@ -818,10 +842,17 @@ fn text_content(line: usize, at: &str, value: &Value) -> std::result::Result<Str
 /// Tool calls: a list (or JSON text of a list, or one call) of OpenAI
 /// `{"id"?, "type": "function", "function": {"name", "arguments"}}` or flat `{"name", "arguments"}`
 /// objects. Arguments are an object or JSON text of one.
-fn function_calls(line: usize, at: &str, value: &Value) -> std::result::Result<Vec<ToolCall>, Rejection> {
+/// `ordered` is the same value as written (keys in order), when the record kept it; JSON text is
+/// parsed in order here.
+fn function_calls(
+    line: usize,
+    at: &str,
+    value: &Value,
+    ordered: Option<&OrderedJson>,
+) -> std::result::Result<Vec<ToolCall>, Rejection> {
     let parsed;
-    // JSON text keeps its key order for the arguments (serde_json's Value sorts keys).
-    let mut ordered = None;
+    // Arguments keep their key order (serde_json's Value sorts keys).
+    let mut ordered = ordered.cloned();
     let value = match value {
         Value::String(text) => {
             parsed = serde_json::from_str::<Value>(text)
@@ -839,7 +870,10 @@ fn function_calls(line: usize, at: &str, value: &Value) -> std::result::Result<V
             return Err(rejection(
                 line,
                 at,
-                format!("expected a tool call object or a list of them, found {}", kind_of(other)),
+                format!(
+                    "expected a tool call object or a list of them, found {}",
+                    kind_of(other)
+                ),
             ))
         }
     };
@@ -932,7 +966,12 @@ fn function_calls(line: usize, at: &str, value: &Value) -> std::result::Result<V
 
 /// The `tools` column: a list of tool definitions, or JSON text of one. An empty list (or empty
 /// text) means no tools.
-fn tool_definitions(line: usize, field: &str, value: Option<&Value>) -> std::result::Result<Option<String>, Rejection> {
+fn tool_definitions(
+    line: usize,
+    field: &str,
+    value: Option<&Value>,
+    ordered: Option<&OrderedJson>,
+) -> std::result::Result<Option<String>, Rejection> {
     let value = match value {
         None => return Ok(None),
         Some(Value::String(text)) if text.trim().is_empty() => return Ok(None),
@@ -941,9 +980,18 @@ fn tool_definitions(line: usize, field: &str, value: Option<&Value>) -> std::res
     let (list, text) = match value {
         Value::String(text) => match serde_json::from_str::<Value>(text) {
             Ok(list) => (list, text.trim().to_string()),
-            Err(e) => return Err(rejection(line, field, format!("expected a list of tools (JSON text): {e}"))),
+            Err(e) => {
+                return Err(rejection(
+                    line,
+                    field,
+                    format!("expected a list of tools (JSON text): {e}"),
+                ))
+            }
         },
-        other => (other.clone(), other.to_string()),
+        other => (
+            other.clone(),
+            ordered.map_or_else(|| other.to_string(), OrderedJson::to_compact),
+        ),
     };
     match &list {
         Value::Array(items) if items.is_empty() => Ok(None),

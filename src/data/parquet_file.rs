@@ -44,7 +44,7 @@ pub fn read_parquet(bytes: &[u8], max_record_bytes: usize) -> Records {
                         format!("record is {size} bytes, longer than the limit of {max_record_bytes} bytes"),
                     ));
                 } else {
-                    out.records.push(RawRecord { line, value });
+                    out.records.push(RawRecord::new(line, value));
                 }
             }
             Err(err) => {

@@ -151,9 +151,8 @@ pub fn assistant_spans_with_tools(
         LossOn::Assistant | LossOn::All => assistant_indices,
     };
     let marker = template.end_of_turn();
-    let render = |msgs: &[Message], add_generation_prompt: bool| {
-        template.render_with_tools(msgs, tools, add_generation_prompt)
-    };
+    let render =
+        |msgs: &[Message], add_generation_prompt: bool| template.render_with_tools(msgs, tools, add_generation_prompt);
     let mut spans = Vec::with_capacity(wanted.len());
     let mut cursor = 0usize;
     for &i in &wanted {

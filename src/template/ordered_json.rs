@@ -181,7 +181,10 @@ mod tests {
     fn keys_keep_their_written_order() {
         let j = OrderedJson::parse(r#"{"z": 1, "a": {"y": [true, null, 2.5, "é\"q"], "b": -3}}"#).unwrap();
         assert_eq!(j.to_compact(), r#"{"z":1,"a":{"y":[true,null,2.5,"é\"q"],"b":-3}}"#);
-        assert_eq!(j.get("a").and_then(|a| a.get("b")), Some(&OrderedJson::Number((-3).into())));
+        assert_eq!(
+            j.get("a").and_then(|a| a.get("b")),
+            Some(&OrderedJson::Number((-3).into()))
+        );
         assert!(OrderedJson::parse("{oops").is_err());
     }
 }
