@@ -497,13 +497,13 @@ fn tool_calls_and_raw_text_folders_train_end_to_end() {
     let dir = tempfile::tempdir().unwrap();
     let model = dir.path().join("model");
     TinySpec::new(Family::Llama).write(&model).unwrap();
-    let run = |name: &str, data: &Path| {
+    let run = |name: &str, data: &Path, seq_len: usize| {
         let mut cfg = config(&dir.path().join(name), 3);
         cfg.model = model.to_string_lossy().into_owned();
         cfg.data = data.to_string_lossy().into_owned();
         cfg.eval_split = 0.0;
         cfg.batch_size = 2;
-        cfg.seq_len = 32;
+        cfg.seq_len = seq_len;
         cfg.text_overlap = 8;
         let mut notes = vec![];
         let result = finch::train::run::prepare(&cfg, false, &mut |n| notes.push(n)).map(|mut trainer| {
@@ -515,7 +515,7 @@ fn tool_calls_and_raw_text_folders_train_end_to_end() {
     };
     let tools = fixtures.join("data/tools_sharegpt.jsonl");
     // The tiny model's own ChatML template never reads tools.
-    let (result, _) = run("chatml", &tools);
+    let (result, _) = run("chatml", &tools, 1024);
     let err = result.unwrap_err().to_string();
     assert!(
         err.contains("line 1") && err.contains("does not support tool calls"),
@@ -530,13 +530,14 @@ fn tool_calls_and_raw_text_folders_train_end_to_end() {
         .unwrap()
         .into();
     std::fs::write(&config_path, tokenizer_config.to_string()).unwrap();
-    let (result, notes) = run("tools", &tools);
+    // Qwen2.5's system prompt with the tool list is ~900 bytes, one token each here.
+    let (result, notes) = run("tools", &tools, 1024);
     let losses = result.unwrap();
     assert_eq!(losses.len(), 3);
     assert!(losses.iter().all(|(_, l)| l.is_finite() && *l > 0.0), "{losses:?}");
     assert!(notes.iter().any(|n| n.contains("4 rows ok, 5 rejected")), "{notes:?}");
 
-    let (result, notes) = run("text", &fixtures.join("data/docs"));
+    let (result, notes) = run("text", &fixtures.join("data/docs"), 32);
     let losses = result.unwrap();
     assert_eq!(losses.len(), 3);
     assert!(losses.iter().all(|(_, l)| l.is_finite() && *l > 0.0), "{losses:?}");
