@@ -534,7 +534,7 @@ mod properties {
             proptest::collection::vec((any::<usize>(), any::<u8>()), 0..6),
         )
             .prop_map(|(convs, cut, edits)| {
-                let examples: Vec<Example> = convs.into_iter().map(|messages| Example::chat(messages)).collect();
+                let examples: Vec<Example> = convs.into_iter().map(Example::chat).collect();
                 let mut bytes =
                     write_examples(&examples, Format::Messages, FileKind::Jsonl, &FieldMap::default()).unwrap();
                 for (at, b) in edits {
@@ -579,7 +579,7 @@ mod properties {
         fn conversations_round_trip_through_every_format_and_file_type(
             convs in proptest::collection::vec(conversation(), 1..5)
         ) {
-            let examples: Vec<Example> = convs.into_iter().map(|messages| Example::chat(messages)).collect();
+            let examples: Vec<Example> = convs.into_iter().map(Example::chat).collect();
             for format in [Format::Messages, Format::ShareGpt, Format::PromptCompletion] {
                 for kind in [FileKind::Jsonl, FileKind::Json, FileKind::Csv] {
                     let bytes = write_examples(&examples, format, kind, &FieldMap::default()).unwrap();

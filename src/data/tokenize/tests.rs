@@ -292,8 +292,8 @@ fn trimmed_offsets_of_space_tokens_stay_on_the_right_side_of_the_span() {
 #[test]
 fn chunk_ranges_cover_the_text_with_the_asked_overlap() {
     use super::chunk_ranges;
-    assert_eq!(chunk_ranges(5, 8, 2).unwrap(), [0..5]);
-    assert_eq!(chunk_ranges(8, 8, 2).unwrap(), [0..8]);
+    assert_eq!(chunk_ranges(5, 8, 2).unwrap(), vec![0..5]);
+    assert_eq!(chunk_ranges(8, 8, 2).unwrap(), vec![0..8]);
     assert_eq!(chunk_ranges(9, 8, 2).unwrap(), [0..8, 6..9]);
     assert_eq!(chunk_ranges(20, 8, 0).unwrap(), [0..8, 8..16, 16..20]);
     // 1 + ceil((100 - 10) / 7) = 14 windows, the last one ending at the end.
