@@ -812,6 +812,12 @@ fn folder_of_text_files_loads_each_document_and_reports_empty_ones() {
         ]
     );
     assert_rejections(&report, &[(1, "empty.md", "empty file")]);
+    // A copy of a document is a duplicate that names both files.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("a.txt"), "same words").unwrap();
+    std::fs::write(dir.path().join("b.md"), "same words").unwrap();
+    let report = load_file(dir.path(), &LoadOptions::default()).unwrap();
+    assert_rejections(&report, &[(2, "b.md", "duplicate of line 1 (a.txt)")]);
 
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("data.jsonl"), GOOD).unwrap();

@@ -270,17 +270,22 @@ pub fn load_text_folder(dir: &Path, options: &LoadOptions) -> Result<LoadReport>
             "the folder holds no .txt or .md files (a folder is read as raw-text documents)",
         ));
     }
+    let names: Vec<String> = files
+        .iter()
+        .map(|file| {
+            file.strip_prefix(dir)
+                .unwrap_or(file)
+                .components()
+                .map(|c| c.as_os_str().to_string_lossy())
+                .collect::<Vec<_>>()
+                .join("/")
+        })
+        .collect();
     let mut rows = vec![];
     let mut rejected = vec![];
-    for (i, file) in files.iter().enumerate() {
+    for (i, (file, name)) in files.iter().zip(&names).enumerate() {
         let line = i + 1;
-        let name = file
-            .strip_prefix(dir)
-            .unwrap_or(file)
-            .components()
-            .map(|c| c.as_os_str().to_string_lossy())
-            .collect::<Vec<_>>()
-            .join("/");
+        let name = name.clone();
         let bytes = match std::fs::read(file) {
             Ok(bytes) => bytes,
             Err(e) => {
@@ -302,6 +307,18 @@ pub fn load_text_folder(dir: &Path, options: &LoadOptions) -> Result<LoadReport>
         }
     }
     let duplicates = mark_duplicates(&mut rows, &mut rejected, options.keep_duplicates);
+    // A duplicate names its file and the file it repeats.
+    for r in rejected.iter_mut().filter(|r| r.field.is_empty()) {
+        let name_of = |line: usize| names.get(line.wrapping_sub(1)).cloned().unwrap_or_default();
+        if let Some(original) = r
+            .reason
+            .strip_prefix("duplicate of line ")
+            .and_then(|n| n.parse::<usize>().ok())
+        {
+            r.reason = format!("duplicate of line {original} ({})", name_of(original));
+        }
+        r.field = name_of(r.line);
+    }
     rejected.sort_by_key(|r| r.line);
     if rows.is_empty() {
         let reason = match no_rows_error(files.len(), &rejected) {
