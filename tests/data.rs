@@ -1046,3 +1046,24 @@ fn templates_without_tool_support_report_tool_rows_by_line() {
     let smollm2 = fixture_templates().into_iter().find(|t| t.name == "smollm2").unwrap();
     assert!(!smollm2.template.supports_tools());
 }
+
+/// Saving tool-calling rows (the Data page saves JSONL) and reading them back gives the same
+/// examples: calls, arguments, tool results, `tool_call_id` and tool definitions survive.
+#[test]
+fn tool_rows_survive_a_save_and_reload() {
+    use finch::data::export::write_examples;
+    use finch::data::load::{FieldMap, Format};
+    for (file, format) in [
+        ("tools_openai.jsonl", Format::Messages),
+        ("tools_sharegpt.jsonl", Format::ShareGpt),
+        ("tools_sharegpt.jsonl", Format::Messages),
+    ] {
+        let report = load_file(&data_fixtures().join(file), &LoadOptions::default()).unwrap();
+        let examples: Vec<Example> = report.examples().cloned().collect();
+        let bytes = write_examples(&examples, format, FileKind::Jsonl, &FieldMap::default()).unwrap();
+        let again = load_bytes(&bytes, FileKind::Jsonl, &LoadOptions::default()).unwrap();
+        assert!(again.rejected.is_empty(), "{file}: {:?}", again.rejected);
+        let again: Vec<Example> = again.examples().cloned().collect();
+        assert_eq!(again, examples, "{file} as {}", format.name());
+    }
+}
