@@ -149,7 +149,11 @@ pub fn inspect(
                             summary.encode_errors.push(Rejection {
                                 line: row.line,
                                 field: String::new(),
-                                reason: err.to_string(),
+                                reason: match err {
+                                    // The row's line already says it is about data.
+                                    crate::error::Error::Data(reason) => reason,
+                                    other => other.to_string(),
+                                },
                             });
                         }
                     }
