@@ -250,6 +250,20 @@ fn bad_inputs_are_reported_not_panicked() {
     assert!(e.contains("lr"), "{e}");
     let e = run(&["train", "--model", &model, "--data", &data]);
     assert!(e.contains("--out"), "{e}");
+    let e = run(&[
+        "train",
+        "--model",
+        &model,
+        "--data",
+        &data,
+        "--out",
+        &out_s,
+        "--seq-len",
+        "64",
+        "--text-overlap",
+        "64",
+    ]);
+    assert!(e.contains("text_overlap") && e.contains("fewer than seq_len"), "{e}");
     let e = run(&["train", "--resume", "--out", &out_s, "--model", &model, "--data", &data]);
     assert!(e.contains("checkpoint"), "{e}");
 }

@@ -5,7 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
-use finch::data::load::{load_file, LoadOptions};
+use finch::data::load::{load_bytes, load_file, FileKind, LoadOptions};
 use finch::data::tokenize::encode_example;
 use finch::data::{Example, LossOn, Message, Role};
 use finch::model::config::Family;
@@ -69,6 +69,9 @@ fn template_parity_with_transformers() {
     assert!(cases.len() >= 5 * 6, "too few parity cases");
     let mut failures = vec![];
     for case in cases {
+        if case.get("tool_conversation").is_some() {
+            continue; // tool_template_parity_with_transformers
+        }
         let name = case["template"].as_str().unwrap();
         let fixture = templates.iter().find(|t| t.name == name).unwrap();
         let conversation = case["conversation"].as_str().unwrap();
@@ -90,6 +93,61 @@ fn template_parity_with_transformers() {
             }
         }
     }
+    assert!(
+        failures.is_empty(),
+        "{} mismatches:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
+
+/// Tool-calling conversations: transformers rendered `apply_chat_template(messages, tools=tools)`
+/// with dict arguments (generate_expected.py); Finch reads the same conversation from the dataset
+/// line a file would hold (`finch_row`: tools and arguments as JSON text) through its own loader,
+/// and must render byte-identical text, or fail with the template's own message (Llama 3.1
+/// refuses parallel calls).
+#[test]
+fn tool_template_parity_with_transformers() {
+    let expected: Value =
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join("expected.json")).unwrap()).unwrap();
+    let templates = fixture_templates();
+    let mut checked = 0;
+    let mut failures = vec![];
+    for case in expected["cases"].as_array().unwrap() {
+        let Some(conversation) = case.get("tool_conversation").and_then(Value::as_str) else {
+            continue;
+        };
+        let name = case["template"].as_str().unwrap();
+        let fixture = templates.iter().find(|t| t.name == name).unwrap();
+        let row = expected["tool_conversations"][conversation]["finch_row"]
+            .as_str()
+            .unwrap();
+        let report = load_bytes(row.as_bytes(), FileKind::Jsonl, &LoadOptions::default()).unwrap();
+        let Example::Chat { messages, tools } = &report.rows[0].example else {
+            panic!("{conversation}: not a conversation")
+        };
+        assert!(tools.is_some(), "{conversation}: tools were not read");
+        let add_generation_prompt = case["add_generation_prompt"].as_bool().unwrap();
+        let ours = fixture
+            .template
+            .render_with_tools(messages, tools.as_deref(), add_generation_prompt);
+        checked += 1;
+        match (case.get("output").and_then(Value::as_str), ours) {
+            (Some(want), Ok(got)) if want == got => {}
+            (Some(want), Ok(got)) => failures.push(format!(
+                "{name}/{conversation}/{add_generation_prompt}:\n  want {want:?}\n  got  {got:?}"
+            )),
+            (Some(_), Err(e)) => failures.push(format!("{name}/{conversation}: unexpected error {e}")),
+            (None, Ok(got)) => failures.push(format!("{name}/{conversation}: expected an error, got {got:?}")),
+            (None, Err(e)) => {
+                let want = case["error"].as_str().unwrap();
+                if !e.to_string().contains(want) {
+                    failures.push(format!("{name}/{conversation}: error `{e}` lacks `{want}`"));
+                }
+            }
+        }
+    }
+    assert_eq!(checked, 3 * 4 * 2, "tool cases missing from expected.json");
     assert!(
         failures.is_empty(),
         "{} mismatches:\n{}",
@@ -149,6 +207,7 @@ fn masks_follow_every_real_template() {
             }
             let ex = Example::Chat {
                 messages: messages.clone(),
+                tools: None,
             };
             let out = encode_example(&ex, &f.template, &tok, LossOn::Assistant, 4096)
                 .unwrap_or_else(|e| panic!("{}: {e}", f.name));
@@ -296,7 +355,8 @@ fn broken_file_corpus_is_reported_row_by_row() {
             messages: vec![
                 Message::new(Role::User, "Say hi"),
                 Message::new(Role::Assistant, "hi\r\nthere")
-            ]
+            ],
+            tools: None,
         }
     );
     let p = write(dir.path(), "bom.json", format!("\u{feff}[{GOOD}]").as_bytes());
@@ -321,7 +381,7 @@ fn demo_datasets_load_cleanly_with_disjoint_held_out_rows() {
         let prompts = |r: &finch::data::load::LoadReport| -> Vec<String> {
             r.examples()
                 .map(|e| match e {
-                    Example::Chat { messages } => messages[messages.len() - 2].content.clone(),
+                    Example::Chat { messages, .. } => messages[messages.len() - 2].content.clone(),
                     Example::Text { text } => text.clone(),
                 })
                 .collect()
@@ -474,7 +534,7 @@ mod properties {
             proptest::collection::vec((any::<usize>(), any::<u8>()), 0..6),
         )
             .prop_map(|(convs, cut, edits)| {
-                let examples: Vec<Example> = convs.into_iter().map(|messages| Example::Chat { messages }).collect();
+                let examples: Vec<Example> = convs.into_iter().map(Example::chat).collect();
                 let mut bytes =
                     write_examples(&examples, Format::Messages, FileKind::Jsonl, &FieldMap::default()).unwrap();
                 for (at, b) in edits {
@@ -519,7 +579,7 @@ mod properties {
         fn conversations_round_trip_through_every_format_and_file_type(
             convs in proptest::collection::vec(conversation(), 1..5)
         ) {
-            let examples: Vec<Example> = convs.into_iter().map(|messages| Example::Chat { messages }).collect();
+            let examples: Vec<Example> = convs.into_iter().map(Example::chat).collect();
             for format in [Format::Messages, Format::ShareGpt, Format::PromptCompletion] {
                 for kind in [FileKind::Jsonl, FileKind::Json, FileKind::Csv] {
                     let bytes = write_examples(&examples, format, kind, &FieldMap::default()).unwrap();
@@ -541,7 +601,7 @@ mod properties {
                 .filter(|m| m.role == Role::Assistant)
                 .map(|m| format!("{}<|im_end|>", m.content))
                 .collect();
-            let out = encode_example(&Example::Chat { messages }, &template, &tok, LossOn::Assistant, 1 << 20).unwrap();
+            let out = encode_example(&Example::chat(messages), &template, &tok, LossOn::Assistant, 1 << 20).unwrap();
             let mut runs: Vec<String> = vec![];
             let mut current: Vec<u32> = vec![];
             for (id, m) in out.input_ids.iter().zip(&out.loss_mask) {
@@ -649,4 +709,361 @@ fn data_filter_and_split_write_jsonl_that_loads_back() {
     let first = std::fs::read(split_dir.join("validation.jsonl")).unwrap();
     assert_eq!(finch(&args).0, 0);
     assert_eq!(std::fs::read(split_dir.join("validation.jsonl")).unwrap(), first);
+}
+
+fn data_fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/data")
+}
+
+/// (line, field, reason fragment) of every rejection, for comparing with an expected list.
+fn rejections(report: &finch::data::load::LoadReport) -> Vec<(usize, String, String)> {
+    report
+        .rejected
+        .iter()
+        .map(|r| (r.line, r.field.clone(), r.reason.clone()))
+        .collect()
+}
+
+fn assert_rejections(report: &finch::data::load::LoadReport, expect: &[(usize, &str, &str)]) {
+    let got = rejections(report);
+    assert_eq!(got.len(), expect.len(), "{got:#?}");
+    for ((line, field, reason), (eline, efield, ereason)) in got.iter().zip(expect) {
+        assert_eq!((line, field.as_str()), (eline, *efield), "{reason}");
+        assert!(reason.contains(ereason), "line {line}: `{reason}` lacks `{ereason}`");
+    }
+}
+
+/// A `.txt` file is one raw-text document; training cuts it into windows of `seq_len` tokens
+/// that share `text_overlap` tokens, every token trained, nothing lost at the end.
+#[test]
+fn raw_text_file_is_chunked_by_tokens_with_overlap() {
+    use finch::data::tokenize::encode_for_training;
+    let report = load_file(&data_fixtures().join("notes.txt"), &LoadOptions::default()).unwrap();
+    assert_eq!(report.format.name(), "text");
+    assert_eq!(report.file_kind, FileKind::Text);
+    assert_eq!((report.rows.len(), report.rejected.len()), (1, 0));
+    let Example::Text { text } = &report.rows[0].example else {
+        panic!("a .txt file loads as raw text")
+    };
+    assert!(text.starts_with("Finch field notes.\n\nThe chaffinch"));
+
+    let (tok, dir) = tiny_tokenizer();
+    let template = ChatTemplate::from_tokenizer_config(dir.path()).unwrap().unwrap();
+    let whole = encode_example(&report.rows[0].example, &template, &tok, LossOn::Assistant, usize::MAX).unwrap();
+    // The tiny tokenizer has one token per byte: 282 bytes of text, then the `<|im_end|>` EOS.
+    assert_eq!(whole.len(), 283);
+
+    // seq_len 64, overlap 16: windows start every 48 tokens, at 0, 48, 96, 144, 192 and 240.
+    let windows = encode_for_training(&report.rows[0].example, &template, &tok, LossOn::Assistant, 64, 16).unwrap();
+    let lengths: Vec<usize> = windows.iter().map(|w| w.len()).collect();
+    assert_eq!(lengths, [64, 64, 64, 64, 64, 43]);
+    for (k, w) in windows.iter().enumerate() {
+        assert!(w.loss_mask.iter().all(|m| *m), "window {k}: loss on every token");
+        assert!(!w.truncated);
+        assert_eq!(w.input_ids[..], whole.input_ids[48 * k..48 * k + w.len()], "window {k}");
+        if k > 0 {
+            assert_eq!(
+                w.input_ids[..16],
+                windows[k - 1].input_ids[48..64],
+                "window {k} overlap"
+            );
+        }
+    }
+    // Without overlap: back to back, ceil(283 / 64) = 5 windows that concatenate to the whole.
+    let windows = encode_for_training(&report.rows[0].example, &template, &tok, LossOn::Assistant, 64, 0).unwrap();
+    assert_eq!(windows.len(), 5);
+    let joined: Vec<u32> = windows.iter().flat_map(|w| w.input_ids.clone()).collect();
+    assert_eq!(joined, whole.input_ids);
+    let err = encode_for_training(&report.rows[0].example, &template, &tok, LossOn::Assistant, 64, 64)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("text_overlap"), "{err}");
+
+    // `finch data inspect` counts the windows training will use.
+    let ins = finch::data::inspect::inspect(&report, Some((&tok, &template)), LossOn::Assistant, 64, 16).unwrap();
+    let tokens = ins.tokens.unwrap();
+    assert_eq!((tokens.text_windows, tokens.over_seq_len), (6, 0));
+    assert_eq!(tokens.trained_tokens, 5 * 63 + 42);
+}
+
+/// A folder is every .txt / .md file under it, in path order; an empty file is reported with its
+/// name, other files are not documents; a folder without text files is an error naming it.
+#[test]
+fn folder_of_text_files_loads_each_document_and_reports_empty_ones() {
+    let docs = data_fixtures().join("docs");
+    let report = load_file(&docs, &LoadOptions::default()).unwrap();
+    assert_eq!(report.format.name(), "text");
+    let texts: Vec<(usize, String)> = report
+        .rows
+        .iter()
+        .map(|r| match &r.example {
+            Example::Text { text } => (r.line, text.clone()),
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(
+        texts,
+        [
+            (2, "Open a dataset, pick a model, press Start.\n".to_string()),
+            (
+                3,
+                "# Finch handbook\n\nFinch tunes small language models on your own machine.\n".to_string()
+            ),
+        ]
+    );
+    assert_rejections(&report, &[(1, "empty.md", "empty file")]);
+    // A copy of a document is a duplicate that names both files.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("a.txt"), "same words").unwrap();
+    std::fs::write(dir.path().join("b.md"), "same words").unwrap();
+    let report = load_file(dir.path(), &LoadOptions::default()).unwrap();
+    assert_rejections(&report, &[(2, "b.md", "duplicate of line 1 (a.txt)")]);
+
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("data.jsonl"), GOOD).unwrap();
+    let err = load_file(dir.path(), &LoadOptions::default()).unwrap_err().to_string();
+    assert!(
+        err.contains(&dir.path().display().to_string()) && err.contains("no .txt or .md files"),
+        "{err}"
+    );
+    // An empty single file is an error, not an empty dataset.
+    let empty = write(dir.path(), "empty.txt", b"  \n");
+    let err = load_file(&empty, &LoadOptions::default()).unwrap_err().to_string();
+    assert!(err.contains("empty.txt") && err.contains("empty"), "{err}");
+    // A folder of nothing but empty files says why no row is left.
+    let only_empty = dir.path().join("only_empty");
+    std::fs::create_dir(&only_empty).unwrap();
+    std::fs::write(only_empty.join("a.md"), "").unwrap();
+    let err = load_file(&only_empty, &LoadOptions::default()).unwrap_err().to_string();
+    assert!(err.contains("a.md") && err.contains("empty file"), "{err}");
+}
+
+#[test]
+fn content_parts_with_value_are_text() {
+    let text = [
+        r#"{"messages": [{"role": "user", "content": [{"type": "text", "value": "Hi "}, {"type": "text", "text": "there"}]}, {"role": "assistant", "content": [{"type": "text", "value": "Hello"}]}]}"#,
+        r#"{"messages": [{"role": "user", "content": [{"type": "image_url", "value": "x.png"}]}, {"role": "assistant", "content": "A cat"}]}"#,
+        r#"{"messages": [{"role": "user", "content": [{"type": "text", "value": 7}]}, {"role": "assistant", "content": "7"}]}"#,
+    ]
+    .join("\n");
+    let report = load_bytes(text.as_bytes(), FileKind::Jsonl, &LoadOptions::default()).unwrap();
+    assert_eq!(
+        report.rows[0].example,
+        Example::chat(vec![
+            Message::new(Role::User, "Hi there"),
+            Message::new(Role::Assistant, "Hello")
+        ])
+    );
+    assert_rejections(
+        &report,
+        &[
+            (2, "messages[0].content", "only text content parts"),
+            (3, "messages[0].content", "only text content parts"),
+        ],
+    );
+}
+
+/// LLaMA-Factory's ShareGPT tool layout: `function_call` becomes an assistant message carrying
+/// the call, `observation` a tool message, `tools` (JSON text or a list) the definitions.
+#[test]
+fn sharegpt_tool_calls_load_and_bad_rows_are_reported() {
+    let report = load_file(&data_fixtures().join("tools_sharegpt.jsonl"), &LoadOptions::default()).unwrap();
+    assert_eq!(report.format.name(), "sharegpt");
+    let lines: Vec<usize> = report.rows.iter().map(|r| r.line).collect();
+    assert_eq!(lines, [1, 2, 7, 9]);
+    assert_rejections(
+        &report,
+        &[
+            (3, "conversations[1].value", "expected a tool call as JSON text"),
+            (
+                4,
+                "conversations[1].role",
+                "roles out of order: `tool` where `assistant` was expected",
+            ),
+            (5, "conversations[1].value.name", "missing field"),
+            (6, "tools", "expected a list of tools, found an object"),
+            (
+                8,
+                "conversations[2].role",
+                "roles out of order: `assistant` where `tool` was expected",
+            ),
+        ],
+    );
+    let Example::Chat { messages, tools } = &report.rows[0].example else {
+        panic!()
+    };
+    let roles: Vec<Role> = messages.iter().map(|m| m.role).collect();
+    assert_eq!(roles, [Role::User, Role::Assistant, Role::Tool, Role::Assistant]);
+    assert_eq!(messages[1].content, "");
+    assert_eq!(messages[1].tool_calls.len(), 1);
+    assert_eq!(messages[1].tool_calls[0].name, "get_weather");
+    // The call was JSON text with an object inside: the object is kept as compact JSON text.
+    assert_eq!(messages[1].tool_calls[0].arguments, r#"{"city":"Oslo"}"#);
+    assert_eq!(messages[2].content, r#"{"temperature": -3, "condition": "snow"}"#);
+    assert!(tools.as_deref().unwrap().starts_with(r#"[{"name": "get_weather""#));
+    // The `system` column is the system turn; a list of tools is kept as JSON text.
+    let Example::Chat { messages, tools } = &report.rows[1].example else {
+        panic!()
+    };
+    assert_eq!(
+        messages[0],
+        Message::new(Role::System, "You are a helpful assistant with tools.")
+    );
+    let tools: Value = serde_json::from_str(tools.as_deref().unwrap()).unwrap();
+    assert_eq!(tools.as_array().unwrap().len(), 2);
+    // Parallel calls: one assistant message with two calls, answered by two tool messages.
+    let Example::Chat { messages, .. } = &report.rows[2].example else {
+        panic!()
+    };
+    let names: Vec<&str> = messages[1].tool_calls.iter().map(|c| c.name.as_str()).collect();
+    assert_eq!(names, ["get_weather", "get_weather"]);
+    assert_eq!((messages[2].role, messages[3].role), (Role::Tool, Role::Tool));
+    // An empty `tools` cell means no tools.
+    assert!(matches!(&report.rows[3].example, Example::Chat { tools: None, .. }));
+}
+
+/// OpenAI layout: assistant `tool_calls` (arguments as an object or JSON text, content null) and
+/// the `tool` role with its `tool_call_id`.
+#[test]
+fn openai_tool_calls_load_and_bad_rows_are_reported() {
+    let report = load_file(&data_fixtures().join("tools_openai.jsonl"), &LoadOptions::default()).unwrap();
+    assert_eq!(report.format.name(), "messages");
+    let lines: Vec<usize> = report.rows.iter().map(|r| r.line).collect();
+    assert_eq!(lines, [1, 2]);
+    assert_rejections(
+        &report,
+        &[
+            (3, "messages[1].tool_calls[0].function.arguments", "not valid JSON"),
+            (4, "messages[0].tool_calls", "only assistant messages call tools"),
+            (
+                5,
+                "messages[1].role",
+                "roles out of order: `tool` where `assistant` was expected",
+            ),
+            (6, "messages[1].tool_calls[0].type", "unsupported tool call type"),
+            (7, "messages[1].content", "missing field"),
+            (
+                8,
+                "messages[1].tool_calls[0].function.arguments",
+                "expected JSON text of an object, found a list",
+            ),
+        ],
+    );
+    let Example::Chat { messages, tools } = &report.rows[0].example else {
+        panic!()
+    };
+    assert_eq!(messages[1].tool_calls[0].id.as_deref(), Some("call_1"));
+    assert_eq!(messages[1].tool_calls[0].arguments, r#"{"city": "Oslo"}"#);
+    assert_eq!(messages[2].tool_call_id.as_deref(), Some("call_1"));
+    // Tool definitions written as objects keep their keys in the file's order (as Python's json
+    // does), so templates print them as transformers would.
+    assert!(
+        tools
+            .as_deref()
+            .unwrap()
+            .starts_with(r#"[{"type":"function","function":{"name":"get_weather","description":"#),
+        "{tools:?}"
+    );
+    let Example::Chat { messages, .. } = &report.rows[1].example else {
+        panic!()
+    };
+    assert_eq!(messages[2].content, "Checking.");
+    assert_eq!(messages[2].tool_calls[0].name, "convert_currency");
+    // A `value` content part in a tool message.
+    assert_eq!(messages[3], Message::new(Role::Tool, "21.7"));
+}
+
+/// Under every template that supports tools, the assistant's tool call is trained (its whole
+/// call and the end-of-turn marker), the tool's result is not, and the final answer is.
+#[test]
+fn tool_call_masks_train_the_call_and_mask_the_result() {
+    let (tok, _dir) = tiny_tokenizer();
+    let report = load_file(&data_fixtures().join("tools_sharegpt.jsonl"), &LoadOptions::default()).unwrap();
+    let example = &report.rows[0].example;
+    let want_first = [
+        (
+            "qwen2.5",
+            "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Oslo\"}}\n</tool_call><|im_end|>",
+        ),
+        (
+            "qwen3",
+            "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Oslo\"}}\n</tool_call><|im_end|>",
+        ),
+        (
+            "llama3.1",
+            "{\"name\": \"get_weather\", \"parameters\": {\"city\": \"Oslo\"}}<|eot_id|>",
+        ),
+    ];
+    let templates = fixture_templates();
+    for (name, first) in want_first {
+        let f = templates.iter().find(|t| t.name == name).unwrap();
+        let out = encode_example(example, &f.template, &tok, LossOn::Assistant, 1 << 20)
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let mut runs: Vec<String> = vec![];
+        let mut current: Vec<u32> = vec![];
+        for (id, m) in out.input_ids.iter().zip(&out.loss_mask) {
+            if *m {
+                current.push(*id);
+            } else if !current.is_empty() {
+                runs.push(tok.decode(&current, false).unwrap());
+                current.clear();
+            }
+        }
+        if !current.is_empty() {
+            runs.push(tok.decode(&current, false).unwrap());
+        }
+        assert_eq!(runs.len(), 2, "{name}: {runs:?}");
+        assert_eq!(runs[0], first, "{name}");
+        let answer = runs[1].strip_prefix("<think>\n\n</think>\n\n").unwrap_or(&runs[1]);
+        assert_eq!(
+            answer,
+            format!("It is -3 °C and snowing in Oslo.{}", f.end_of_turn),
+            "{name}"
+        );
+        // The tool result is in the sequence, masked.
+        let all = tok.decode(&out.input_ids, false).unwrap();
+        // (Llama 3.1 prints a string result with `tojson`, so its quotes come escaped.)
+        assert!(all.contains("condition"), "{name}");
+        assert!(runs.iter().all(|r| !r.contains("condition")), "{name}");
+    }
+}
+
+/// A template that never reads tools (the tiny model's ChatML, SmolLM2's) refuses tool rows, and
+/// `finch data inspect` lists each of them by line; rows without tools still encode.
+#[test]
+fn templates_without_tool_support_report_tool_rows_by_line() {
+    let (tok, dir) = tiny_tokenizer();
+    let template = ChatTemplate::from_tokenizer_config(dir.path()).unwrap().unwrap();
+    assert!(!template.supports_tools());
+    let report = load_file(&data_fixtures().join("tools_sharegpt.jsonl"), &LoadOptions::default()).unwrap();
+    let err = encode_example(&report.rows[0].example, &template, &tok, LossOn::Assistant, 4096)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("does not support tool calls"), "{err}");
+    let ins = finch::data::inspect::inspect(&report, Some((&tok, &template)), LossOn::Assistant, 4096, 0).unwrap();
+    let errors: Vec<usize> = ins.tokens.unwrap().encode_errors.iter().map(|e| e.line).collect();
+    assert_eq!(errors, [1, 2, 7], "line 9 has no tools and encodes");
+    let smollm2 = fixture_templates().into_iter().find(|t| t.name == "smollm2").unwrap();
+    assert!(!smollm2.template.supports_tools());
+}
+
+/// Saving tool-calling rows (the Data page saves JSONL) and reading them back gives the same
+/// examples: calls, arguments, tool results, `tool_call_id` and tool definitions survive.
+#[test]
+fn tool_rows_survive_a_save_and_reload() {
+    use finch::data::export::write_examples;
+    use finch::data::load::{FieldMap, Format};
+    for (file, format) in [
+        ("tools_openai.jsonl", Format::Messages),
+        ("tools_sharegpt.jsonl", Format::ShareGpt),
+        ("tools_sharegpt.jsonl", Format::Messages),
+    ] {
+        let report = load_file(&data_fixtures().join(file), &LoadOptions::default()).unwrap();
+        let examples: Vec<Example> = report.examples().cloned().collect();
+        let bytes = write_examples(&examples, format, FileKind::Jsonl, &FieldMap::default()).unwrap();
+        let again = load_bytes(&bytes, FileKind::Jsonl, &LoadOptions::default()).unwrap();
+        assert!(again.rejected.is_empty(), "{file}: {:?}", again.rejected);
+        let again: Vec<Example> = again.examples().cloned().collect();
+        assert_eq!(again, examples, "{file} as {}", format.name());
+    }
 }

@@ -505,3 +505,67 @@ fn preflight_writes_nothing_and_reports_positive_figures() {
     assert!(err.to_string().contains("cancelled"), "{err}");
     assert_eq!(listing(dir.path()), before);
 }
+
+/// `finch train` on the data issue 16 adds: a ShareGPT tool-calling file (its bad rows noted,
+/// the good ones trained under a template that supports tools) and a folder of text documents
+/// cut into overlapping windows. Under a template without tool support the run fails naming
+/// the first tool row's line instead of training on conversations without their calls.
+#[test]
+fn tool_calls_and_raw_text_folders_train_end_to_end() {
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("model");
+    TinySpec::new(Family::Llama).write(&model).unwrap();
+    let run = |name: &str, data: &Path, seq_len: usize| {
+        let mut cfg = config(&dir.path().join(name), 3);
+        cfg.model = model.to_string_lossy().into_owned();
+        cfg.data = data.to_string_lossy().into_owned();
+        cfg.eval_split = 0.0;
+        cfg.batch_size = 2;
+        cfg.seq_len = seq_len;
+        cfg.text_overlap = 8;
+        let mut notes = vec![];
+        let result = finch::train::run::prepare(&cfg, false, &mut |n| notes.push(n)).map(|mut trainer| {
+            let (events, result) = run_trainer(&mut trainer, None);
+            result.unwrap();
+            losses(&events)
+        });
+        (result, notes)
+    };
+    let tools = fixtures.join("data/tools_sharegpt.jsonl");
+    // The tiny model's own ChatML template never reads tools.
+    let (result, _) = run("chatml", &tools, 1024);
+    let err = result.unwrap_err().to_string();
+    assert!(
+        err.contains("line 1") && err.contains("does not support tool calls"),
+        "{err}"
+    );
+
+    // Qwen2.5's template does.
+    let config_path = model.join("tokenizer_config.json");
+    let mut tokenizer_config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
+    tokenizer_config["chat_template"] = std::fs::read_to_string(fixtures.join("templates/qwen2.5.jinja"))
+        .unwrap()
+        .into();
+    std::fs::write(&config_path, tokenizer_config.to_string()).unwrap();
+    // Qwen2.5's system prompt with the tool list is ~900 bytes, one token each here.
+    let (result, notes) = run("tools", &tools, 1024);
+    let losses = result.unwrap();
+    assert_eq!(losses.len(), 3);
+    assert!(losses.iter().all(|(_, l)| l.is_finite() && *l > 0.0), "{losses:?}");
+    assert!(notes.iter().any(|n| n.contains("4 rows ok, 5 rejected")), "{notes:?}");
+
+    let (result, notes) = run("text", &fixtures.join("data/docs"), 32);
+    let losses = result.unwrap();
+    assert_eq!(losses.len(), 3);
+    assert!(losses.iter().all(|(_, l)| l.is_finite() && *l > 0.0), "{losses:?}");
+    // 44 + 74 tokens (bytes and EOS) in windows of 32 starting every 24 tokens: 2 + 3 windows.
+    assert!(
+        notes
+            .iter()
+            .any(|n| n.contains("2 raw-text rows were cut into 5 windows")),
+        "{notes:?}"
+    );
+    assert!(notes.iter().any(|n| n.contains("empty.md")), "{notes:?}");
+}

@@ -39,7 +39,7 @@ fn wait_idle(harness: &mut Harness<'_, App>, what: &str) {
 
 fn answer(ex: &Example) -> String {
     match ex {
-        Example::Chat { messages } => messages
+        Example::Chat { messages, .. } => messages
             .iter()
             .filter(|m| m.role == Role::Assistant)
             .map(|m| m.content.clone())
@@ -221,7 +221,7 @@ fn histogram_and_inspector_with_the_tiny_model() {
     // The inspector shows row 1: trained, masked and end-of-turn pieces that together are the
     // rendered conversation (cut after the last trained turn, as training sees it).
     let pieces = harness.state().data_inspector_pieces().unwrap().to_vec();
-    let Example::Chat { messages } = &rows[0] else {
+    let Example::Chat { messages, .. } = &rows[0] else {
         panic!("Alpaca rows load as conversations")
     };
     let rendered = assistant_spans(messages, &template, LossOn::Assistant)

@@ -74,12 +74,13 @@ pub enum KeepArg {
 /// How to read the dataset file (shared by every `data` command).
 #[derive(Debug, Args)]
 pub struct LoadArgs {
-    /// Dataset file: .jsonl, .json, .csv or .parquet.
+    /// Dataset file (.jsonl, .json, .csv, .parquet, or raw text: .txt, .md), or a folder of
+    /// .txt / .md documents.
     pub file: PathBuf,
     /// Record format (detected when omitted): alpaca, sharegpt, messages, prompt_completion, text.
     #[arg(long, value_parser = parse_format)]
     pub format: Option<Format>,
-    /// File type (taken from the extension when omitted): jsonl, json, csv, parquet.
+    /// File type (taken from the extension when omitted): jsonl, json, csv, parquet, text.
     #[arg(long = "file-type", value_parser = parse_file_kind)]
     pub file_type: Option<FileKind>,
     /// Map a field to another name in the file, e.g. `--field output=response` (repeatable).
@@ -115,9 +116,12 @@ pub struct InspectArgs {
     /// Model folder, GGUF file or Hub id: adds token-length statistics.
     #[arg(long)]
     pub model: Option<String>,
-    /// Sequence length used for `over_seq_len` and truncation.
+    /// Sequence length used for `over_seq_len` and truncation (raw text: the window length).
     #[arg(long, default_value_t = 2048)]
     pub seq_len: usize,
+    /// Tokens each raw-text window shares with the previous one (as `finch train --text-overlap`).
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub text_overlap: usize,
     /// Print row N (1-based, counting loaded rows) rendered, masked text in ⟦…⟧.
     #[arg(long, value_name = "N")]
     pub show: Option<usize>,
@@ -164,7 +168,8 @@ fn parse_format(s: &str) -> Result<Format, String> {
 }
 
 fn parse_file_kind(s: &str) -> Result<FileKind, String> {
-    FileKind::from_name(s).ok_or_else(|| format!("unknown file type `{s}` (expected jsonl, json, csv or parquet)"))
+    FileKind::from_name(s)
+        .ok_or_else(|| format!("unknown file type `{s}` (expected jsonl, json, csv, parquet or text)"))
 }
 
 fn parse_template(s: &str) -> Result<BuiltinTemplate, String> {
@@ -185,6 +190,9 @@ fn run_inspect(args: InspectArgs) -> anyhow::Result<i32> {
     if args.seq_len == 0 {
         anyhow::bail!("--seq-len must be at least 1");
     }
+    if args.text_overlap >= args.seq_len {
+        anyhow::bail!("--text-overlap must be below --seq-len");
+    }
     let report = args.load.load()?;
     let loss_on = LossOn::from(args.loss_on);
     let mut warnings = vec![];
@@ -201,7 +209,7 @@ fn run_inspect(args: InspectArgs) -> anyhow::Result<i32> {
         None
     };
     let model = tokenizer.as_ref().zip(template.as_ref());
-    let mut inspection = inspect(&report, model, loss_on, args.seq_len)?;
+    let mut inspection = inspect(&report, model, loss_on, args.seq_len, args.text_overlap)?;
     warnings.append(&mut inspection.warnings);
     inspection.warnings = warnings;
     let mut out = serde_json::to_value(&inspection).context("cannot serialize the summary")?;

@@ -79,9 +79,13 @@ pub struct TrainArgs {
     /// Examples per micro-batch.
     #[arg(long)]
     pub batch: Option<usize>,
-    /// Maximum tokens per example (longer ones are truncated).
+    /// Maximum tokens per example (longer conversations are truncated; raw text is cut into
+    /// windows of this many tokens).
     #[arg(long)]
     pub seq_len: Option<usize>,
+    /// Tokens each raw-text window shares with the previous one (below --seq-len; default 0).
+    #[arg(long, value_name = "N")]
+    pub text_overlap: Option<usize>,
     /// Peak learning rate.
     #[arg(long)]
     pub lr: Option<f64>,
@@ -189,6 +193,7 @@ impl TrainArgs {
         set!(self.grad_accum, c.grad_accum);
         set!(self.batch, c.batch_size);
         set!(self.seq_len, c.seq_len);
+        set!(self.text_overlap, c.text_overlap);
         set!(self.lr, c.lr);
         if let Some(s) = &self.schedule {
             c.schedule = Schedule::parse(s)?;

@@ -269,6 +269,7 @@ mod tests {
     fn qa(q: &str, a: &str) -> Example {
         Example::Chat {
             messages: vec![Message::new(Role::User, q), Message::new(Role::Assistant, a)],
+            tools: None,
         }
     }
 

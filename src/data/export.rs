@@ -4,43 +4,94 @@
 use serde_json::{json, Map, Value};
 
 use crate::data::load::{FieldMap, FileKind, Format};
-use crate::data::{Example, Message, Role};
+use crate::data::{Example, Message, Role, ToolCall};
 use crate::error::{Error, Result};
 
 /// The record for `ex` in `format`, or `None` when the format cannot express it (a multi-turn
 /// conversation as Alpaca, a conversation as raw text, raw text as a conversation).
 pub fn to_record(ex: &Example, format: Format, fields: &FieldMap) -> Option<Value> {
-    let messages = match ex {
+    let (messages, tools) = match ex {
         Example::Text { text } => {
             return (format == Format::Text).then(|| single(&fields.text, Value::String(text.clone())));
         }
-        Example::Chat { messages } => messages,
+        Example::Chat { messages, tools } => (messages, tools),
     };
-    let message_objects = |msgs: &[Message], sharegpt: bool| -> Value {
-        Value::Array(
-            msgs.iter()
-                .map(|m| {
-                    if sharegpt {
-                        let from = match m.role {
-                            Role::System => "system",
-                            Role::User => "human",
-                            Role::Assistant => "gpt",
-                        };
-                        json!({"from": from, "value": m.content})
-                    } else {
-                        let mut o = Map::new();
-                        o.insert(fields.role.clone(), Value::String(m.role.as_str().into()));
-                        o.insert(fields.content.clone(), Value::String(m.content.clone()));
-                        Value::Object(o)
-                    }
-                })
-                .collect(),
+    let uses_tools = tools.is_some() || messages.iter().any(|m| m.role == Role::Tool);
+    // Tool calls keep their arguments as the JSON text they were read as (key order intact).
+    let call_text = |c: &ToolCall| {
+        format!(
+            "{{\"name\": {}, \"arguments\": {}}}",
+            Value::String(c.name.clone()),
+            c.arguments
         )
     };
+    let sharegpt_message = |m: &Message| -> Option<Value> {
+        let (from, value) = match (m.role, m.tool_calls.as_slice()) {
+            (Role::System, _) => ("system", m.content.clone()),
+            (Role::User, _) => ("human", m.content.clone()),
+            (Role::Assistant, []) => ("gpt", m.content.clone()),
+            // ShareGPT has no place for text next to a call.
+            (Role::Assistant, _) if !m.content.is_empty() => return None,
+            (Role::Assistant, [call]) => ("function_call", call_text(call)),
+            (Role::Assistant, calls) => (
+                "function_call",
+                format!("[{}]", calls.iter().map(call_text).collect::<Vec<_>>().join(", ")),
+            ),
+            (Role::Tool, _) => ("observation", m.content.clone()),
+        };
+        Some(json!({"from": from, "value": value}))
+    };
+    let openai_message = |m: &Message| -> Value {
+        let mut o = Map::new();
+        o.insert(fields.role.clone(), Value::String(m.role.as_str().into()));
+        o.insert(fields.content.clone(), Value::String(m.content.clone()));
+        if !m.tool_calls.is_empty() {
+            let calls = m
+                .tool_calls
+                .iter()
+                .map(|c| {
+                    let mut call = Map::new();
+                    if let Some(id) = &c.id {
+                        call.insert("id".into(), Value::String(id.clone()));
+                    }
+                    call.insert("type".into(), Value::String("function".into()));
+                    call.insert("function".into(), json!({"name": c.name, "arguments": c.arguments}));
+                    Value::Object(call)
+                })
+                .collect();
+            o.insert("tool_calls".into(), Value::Array(calls));
+        }
+        if let Some(id) = &m.tool_call_id {
+            o.insert("tool_call_id".into(), Value::String(id.clone()));
+        }
+        Value::Object(o)
+    };
+    let message_objects = |msgs: &[Message], sharegpt: bool| -> Option<Value> {
+        if sharegpt {
+            msgs.iter()
+                .map(sharegpt_message)
+                .collect::<Option<Vec<_>>>()
+                .map(Value::Array)
+        } else {
+            Some(Value::Array(msgs.iter().map(openai_message).collect()))
+        }
+    };
+    let with_tools = |mut record: Value| {
+        if let (Some(tools), Value::Object(o)) = (tools, &mut record) {
+            o.insert(fields.tools.clone(), Value::String(tools.clone()));
+        }
+        record
+    };
+    if uses_tools && matches!(format, Format::Alpaca | Format::PromptCompletion) {
+        return None;
+    }
     match format {
         Format::Text => None,
-        Format::Messages => Some(single(&fields.messages, message_objects(messages, false))),
-        Format::ShareGpt => Some(single(&fields.conversations, message_objects(messages, true))),
+        Format::Messages => Some(with_tools(single(&fields.messages, message_objects(messages, false)?))),
+        Format::ShareGpt => Some(with_tools(single(
+            &fields.conversations,
+            message_objects(messages, true)?,
+        ))),
         Format::Alpaca => {
             let (system, rest) = match messages.split_first() {
                 Some((first, rest)) if first.role == Role::System => (Some(first), rest),
@@ -71,10 +122,10 @@ pub fn to_record(ex: &Example, format: Format, fields: &FieldMap) -> Option<Valu
                 }
                 // TRL's conversational prompt/completion.
                 _ => {
-                    o.insert(fields.prompt.clone(), message_objects(prompt, false));
+                    o.insert(fields.prompt.clone(), message_objects(prompt, false)?);
                     o.insert(
                         fields.completion.clone(),
-                        message_objects(std::slice::from_ref(last), false),
+                        message_objects(std::slice::from_ref(last), false)?,
                     );
                 }
             }
@@ -135,6 +186,9 @@ pub fn write_records(records: &[Value], kind: FileKind) -> Result<Vec<u8>> {
                 .map_err(|e| Error::Data(format!("cannot write CSV: {e}")))
         }
         FileKind::Parquet => Err(Error::Data("writing Parquet is not supported; save as JSONL".into())),
+        FileKind::Text => Err(Error::Data(
+            "writing raw text files is not supported; save as JSONL (the text format)".into(),
+        )),
     }
 }
 

@@ -7,7 +7,7 @@ use tokenizers::Tokenizer;
 
 use crate::data::load::{LoadReport, Rejection};
 use crate::data::quality::{near_duplicates, NearDuplicateConfig};
-use crate::data::tokenize::{assistant_spans, encode_example};
+use crate::data::tokenize::{assistant_spans_with_tools, chunk_ranges, encode_example};
 use crate::data::{Example, LossOn};
 use crate::error::Result;
 use crate::template::ChatTemplate;
@@ -69,8 +69,12 @@ pub struct TokenSummary {
     pub loss_on: LossOn,
     pub end_of_turn: Option<String>,
     pub token_lengths: Option<LengthStats>,
-    /// Rows longer than `seq_len` (they would be truncated).
+    /// Conversations longer than `seq_len` (they would be truncated).
     pub over_seq_len: usize,
+    /// Windows of `seq_len` tokens (sharing `text_overlap` tokens) the raw-text rows are cut
+    /// into for training; 0 without raw text.
+    pub text_windows: usize,
+    pub text_overlap: usize,
     /// Tokens that carry loss over all rows, after truncation.
     pub trained_tokens: usize,
     /// Rows whose truncation leaves no token that carries loss (they would teach nothing).
@@ -79,12 +83,14 @@ pub struct TokenSummary {
     pub encode_errors: Vec<Rejection>,
 }
 
-/// Summarizes `report`; with a tokenizer and template, also tokenizes every row.
+/// Summarizes `report`; with a tokenizer and template, also tokenizes every row (raw text as
+/// the windows of `seq_len` tokens with `text_overlap` shared tokens that training uses).
 pub fn inspect(
     report: &LoadReport,
     model: Option<(&Tokenizer, &ChatTemplate)>,
     loss_on: LossOn,
     seq_len: usize,
+    text_overlap: usize,
 ) -> Result<Inspection> {
     let mut warnings = vec![];
     let tokens = match model {
@@ -109,6 +115,8 @@ pub fn inspect(
                 end_of_turn,
                 token_lengths: None,
                 over_seq_len: 0,
+                text_windows: 0,
+                text_overlap,
                 trained_tokens: 0,
                 rows_without_trained_tokens: 0,
                 encode_errors: vec![],
@@ -117,6 +125,13 @@ pub fn inspect(
             for row in &report.rows {
                 // Encoded untruncated for the true length; truncation is applied by hand below.
                 match encode_example(&row.example, template, tokenizer, loss_on, usize::MAX) {
+                    Ok(full) if matches!(row.example, Example::Text { .. }) => {
+                        lengths.push(full.len());
+                        let windows = chunk_ranges(full.len(), seq_len, text_overlap)?;
+                        summary.text_windows += windows.len();
+                        // Every token of a window but its first (which has no context) is trained.
+                        summary.trained_tokens += windows.iter().map(|w| w.len().saturating_sub(1)).sum::<usize>();
+                    }
                     Ok(full) => {
                         lengths.push(full.len());
                         if full.len() > seq_len {
@@ -134,7 +149,11 @@ pub fn inspect(
                             summary.encode_errors.push(Rejection {
                                 line: row.line,
                                 field: String::new(),
-                                reason: err.to_string(),
+                                reason: match err {
+                                    // The row's line already says it is about data.
+                                    crate::error::Error::Data(reason) => reason,
+                                    other => other.to_string(),
+                                },
                             });
                         }
                     }
@@ -147,6 +166,13 @@ pub fn inspect(
                 warnings.push(format!(
                     "{} rows are longer than seq_len = {seq_len} tokens and would be truncated",
                     summary.over_seq_len
+                ));
+            }
+            if summary.text_windows > 0 {
+                warnings.push(format!(
+                    "raw text is cut into {} windows of up to {seq_len} tokens ({text_overlap} tokens of overlap), \
+                     loss on every token",
+                    summary.text_windows
                 ));
             }
             summary.token_lengths = LengthStats::from_lengths(&lengths);
@@ -211,8 +237,8 @@ pub fn loss_segments(
         }
         None => match ex {
             Example::Text { text } => push(text, true),
-            Example::Chat { messages } => {
-                let spans = assistant_spans(messages, template, loss_on)?;
+            Example::Chat { messages, tools } => {
+                let spans = assistant_spans_with_tools(messages, tools.as_deref(), template, loss_on)?;
                 let mut at = 0;
                 for span in &spans.spans {
                     push(&spans.rendered[at..span.start], loss_on == LossOn::All);
@@ -293,7 +319,7 @@ mod tests {
 {"instruction": "hi", "output": "yo"}
 {"instruction": "", "output": "x"}"#;
         let report = load_bytes(data, FileKind::Jsonl, &LoadOptions::default()).unwrap();
-        let ins = inspect(&report, Some((&tok, &template)), LossOn::Assistant, 40).unwrap();
+        let ins = inspect(&report, Some((&tok, &template)), LossOn::Assistant, 40, 0).unwrap();
         assert_eq!((ins.rows_ok, ins.rows_rejected, ins.duplicates), (2, 2, 1));
         let tokens = ins.tokens.as_ref().unwrap();
         // The tiny tokenizer has one token per byte plus the specials: "<|im_start|>user\nhi<|im_end|>\n

@@ -13,10 +13,11 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::data::records::{kind_of, read_records, RawRecord};
+use crate::data::records::{kind_of, read_records, read_text, RawRecord};
 pub use crate::data::records::{FileKind, Rejection};
-use crate::data::{Example, Message, Role};
+use crate::data::{Example, Message, Role, ToolCall};
 use crate::error::{Error, Result};
+use crate::template::OrderedJson;
 
 /// How records are laid out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -77,6 +78,8 @@ pub struct FieldMap {
     pub prompt: String,
     pub completion: String,
     pub text: String,
+    /// Tool definitions of a conversation (a list, or JSON text of one).
+    pub tools: String,
 }
 
 impl Default for FieldMap {
@@ -93,12 +96,13 @@ impl Default for FieldMap {
             prompt: "prompt".into(),
             completion: "completion".into(),
             text: "text".into(),
+            tools: "tools".into(),
         }
     }
 }
 
 impl FieldMap {
-    pub const KEYS: [&'static str; 11] = [
+    pub const KEYS: [&'static str; 12] = [
         "instruction",
         "input",
         "output",
@@ -110,6 +114,7 @@ impl FieldMap {
         "prompt",
         "completion",
         "text",
+        "tools",
     ];
 
     /// Maps one logical field to a name in the file, e.g. `set("output", "response")`.
@@ -126,6 +131,7 @@ impl FieldMap {
             "prompt" => &mut self.prompt,
             "completion" => &mut self.completion,
             "text" => &mut self.text,
+            "tools" => &mut self.tools,
             other => {
                 return Err(Error::config(
                     "field",
@@ -214,16 +220,21 @@ impl LoadReport {
     }
 }
 
-/// Loads a dataset file; see the module docs. Fails on I/O errors, an empty file, an unknown
-/// format, or a file without a single usable row.
+/// Loads a dataset file, or a folder of `.txt` / `.md` documents ([`load_text_folder`]); see
+/// the module docs. Fails on I/O errors, an empty file, an unknown format, or a file without a
+/// single usable row.
 pub fn load_file(path: &Path, options: &LoadOptions) -> Result<LoadReport> {
+    if path.is_dir() {
+        return load_text_folder(path, options);
+    }
     let kind = match options.file_kind.or_else(|| FileKind::from_path(path)) {
         Some(kind) => kind,
         None => {
             return Err(Error::invalid(
                 path,
                 "dataset",
-                "unknown file type: expected .jsonl, .json, .csv or .parquet (or name the type explicitly)",
+                "unknown file type: expected .jsonl, .json, .csv, .parquet, .txt or .md, or a folder of \
+                 .txt / .md files (or name the type explicitly)",
             ))
         }
     };
@@ -236,13 +247,130 @@ pub fn load_file(path: &Path, options: &LoadOptions) -> Result<LoadReport> {
     Ok(report)
 }
 
+/// Loads every `.txt` / `.md` / `.markdown` file under `dir` (recursively, in path order) as
+/// one document each of the `text` format. A row's `line` is the file's 1-based position in
+/// that order; an empty, unreadable or non-UTF-8 file is a rejection whose field is the file's
+/// path relative to `dir`. Other files are not datasets and are ignored; a folder without a
+/// single text file is an error naming the folder.
+pub fn load_text_folder(dir: &Path, options: &LoadOptions) -> Result<LoadReport> {
+    if options.format.is_some_and(|f| f != Format::Text) {
+        return Err(Error::invalid(
+            dir,
+            "format",
+            "a folder of .txt / .md files holds raw text: its format can only be `text`",
+        ));
+    }
+    let mut files = vec![];
+    collect_text_files(dir, &mut files)?;
+    files.sort();
+    if files.is_empty() {
+        return Err(Error::invalid(
+            dir,
+            "dataset",
+            "the folder holds no .txt or .md files (a folder is read as raw-text documents)",
+        ));
+    }
+    let names: Vec<String> = files
+        .iter()
+        .map(|file| {
+            file.strip_prefix(dir)
+                .unwrap_or(file)
+                .components()
+                .map(|c| c.as_os_str().to_string_lossy())
+                .collect::<Vec<_>>()
+                .join("/")
+        })
+        .collect();
+    let mut rows = vec![];
+    let mut rejected = vec![];
+    for (i, (file, name)) in files.iter().zip(&names).enumerate() {
+        let line = i + 1;
+        let name = name.clone();
+        let bytes = match std::fs::read(file) {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                rejected.push(rejection(line, &name, format!("cannot read the file: {e}")));
+                continue;
+            }
+        };
+        let read = read_text(&bytes, &options.fields.text);
+        rejected.extend(read.rejected.into_iter().map(|r| Rejection {
+            line,
+            field: name.clone(),
+            reason: r.reason,
+        }));
+        for record in &read.records {
+            match convert(record, Format::Text, &options.fields) {
+                Ok(example) => rows.push(Row { line, example }),
+                Err(_) => rejected.push(rejection(line, &name, "empty file (nothing but whitespace)")),
+            }
+        }
+    }
+    let duplicates = mark_duplicates(&mut rows, &mut rejected, options.keep_duplicates);
+    // A duplicate names its file and the file it repeats.
+    for r in rejected.iter_mut().filter(|r| r.field.is_empty()) {
+        let name_of = |line: usize| names.get(line.wrapping_sub(1)).cloned().unwrap_or_default();
+        if let Some(original) = r
+            .reason
+            .strip_prefix("duplicate of line ")
+            .and_then(|n| n.parse::<usize>().ok())
+        {
+            r.reason = format!("duplicate of line {original} ({})", name_of(original));
+        }
+        r.field = name_of(r.line);
+    }
+    rejected.sort_by_key(|r| r.line);
+    if rows.is_empty() {
+        let reason = match no_rows_error(files.len(), &rejected) {
+            Error::Data(reason) => reason,
+            other => other.to_string(),
+        };
+        return Err(Error::invalid(dir, "dataset", reason));
+    }
+    Ok(LoadReport {
+        path: Some(dir.to_path_buf()),
+        format: Format::Text,
+        file_kind: FileKind::Text,
+        rows,
+        rejected,
+        duplicates,
+    })
+}
+
+/// Depth-first; hidden entries (`.git`, `.DS_Store`) are skipped.
+fn collect_text_files(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
+    let entries = std::fs::read_dir(dir).map_err(|e| Error::io(dir, "cannot read folder", e))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| Error::io(dir, "cannot read folder", e))?;
+        let path = entry.path();
+        if entry.file_name().to_string_lossy().starts_with('.') {
+            continue;
+        }
+        if path.is_dir() {
+            collect_text_files(&path, out)?;
+        } else if FileKind::from_path(&path) == Some(FileKind::Text) {
+            out.push(path);
+        }
+    }
+    Ok(())
+}
+
 /// [`load_file`] on bytes already in memory.
 pub fn load_bytes(bytes: &[u8], kind: FileKind, options: &LoadOptions) -> Result<LoadReport> {
     if bytes.iter().all(u8::is_ascii_whitespace) || bytes == b"\xEF\xBB\xBF" {
         return Err(Error::Data("the file is empty".into()));
     }
-    let read = read_records(bytes, kind, options.max_record_bytes);
-    let format = match options.format {
+    let read = if kind == FileKind::Text {
+        if options.format.is_some_and(|f| f != Format::Text) {
+            return Err(Error::Data(
+                "a .txt / .md file holds raw text: its format can only be `text`".into(),
+            ));
+        }
+        read_text(bytes, &options.fields.text)
+    } else {
+        read_records(bytes, kind, options.max_record_bytes)
+    };
+    let format = match options.format.or((kind == FileKind::Text).then_some(Format::Text)) {
         Some(format) => format,
         None => detect_format(&read.records, &options.fields).ok_or_else(|| {
             if read.records.is_empty() {
@@ -437,7 +565,7 @@ pub fn convert(record: &RawRecord, format: Format, fields: &FieldMap) -> Convert
             };
             messages.push(Message::new(Role::User, user));
             messages.push(Message::new(Role::Assistant, output));
-            Ok(Example::Chat { messages })
+            Ok(Example::chat(messages))
         }
         Format::PromptCompletion => {
             let prompt = get(&fields.prompt).ok_or_else(|| missing(line, &fields.prompt))?;
@@ -449,17 +577,17 @@ pub fn convert(record: &RawRecord, format: Format, fields: &FieldMap) -> Convert
                     }
                     vec![Message::new(Role::User, s.as_str())]
                 }
-                other => message_list(line, &fields.prompt, other, fields)?,
+                other => message_list(line, &fields.prompt, other, None, fields)?,
             };
             let prompt_len = messages.len();
             match completion {
                 Value::String(s) if !looks_like_message_list(s) => {
                     messages.push(Message::new(Role::Assistant, s.as_str()))
                 }
-                other => messages.extend(message_list(line, &fields.completion, other, fields)?),
+                other => messages.extend(message_list(line, &fields.completion, other, None, fields)?),
             }
             validate_conversation(line, &fields.completion, &messages, prompt_len)?;
-            Ok(Example::Chat { messages })
+            Ok(Example::chat(messages))
         }
         Format::Messages | Format::ShareGpt => {
             let key = if format == Format::Messages {
@@ -468,15 +596,23 @@ pub fn convert(record: &RawRecord, format: Format, fields: &FieldMap) -> Convert
                 &fields.conversations
             };
             let value = get(key).ok_or_else(|| missing(line, key))?;
-            let mut messages = message_list(line, key, value, fields)?;
+            // The record as written (key order intact) when it has tool JSON to pass on.
+            let ordered = record.ordered.as_ref();
+            let mut messages = message_list(line, key, value, ordered.and_then(|o| o.get(key)), fields)?;
             // A separate `system` field next to the list (some ShareGPT exports) is a system turn.
             if let Some(system) = optional_string(line, &fields.system, get(&fields.system))? {
                 if !system.trim().is_empty() && messages.first().is_none_or(|m| m.role != Role::System) {
                     messages.insert(0, Message::new(Role::System, system));
                 }
             }
+            let tools = tool_definitions(
+                line,
+                &fields.tools,
+                get(&fields.tools),
+                ordered.and_then(|o| o.get(&fields.tools)),
+            )?;
             validate_conversation(line, key, &messages, 0)?;
-            Ok(Example::Chat { messages })
+            Ok(Example::Chat { messages, tools })
         }
     }
 }
@@ -501,7 +637,7 @@ pub fn validate_example(line: usize, ex: &Example) -> std::result::Result<(), Re
     match ex {
         Example::Text { text } if text.trim().is_empty() => Err(rejection(line, "text", "empty text")),
         Example::Text { .. } => Ok(()),
-        Example::Chat { messages } => validate_conversation(line, "messages", messages, 0),
+        Example::Chat { messages, .. } => validate_conversation(line, "messages", messages, 0),
     }
 }
 
@@ -546,6 +682,7 @@ fn message_list(
     line: usize,
     field: &str,
     value: &Value,
+    ordered: Option<&OrderedJson>,
     fields: &FieldMap,
 ) -> std::result::Result<Vec<Message>, Rejection> {
     let parsed;
@@ -583,82 +720,339 @@ fn message_list(
     }
     let mut messages = Vec::with_capacity(items.len());
     for (i, item) in items.iter().enumerate() {
-        let at = |sub: &str| format!("{field}[{i}].{sub}");
-        let Value::Object(m) = item else {
-            return Err(rejection(
-                line,
-                &format!("{field}[{i}]"),
-                format!("expected a message object, found {}", kind_of(item)),
-            ));
+        let item_ordered = match ordered {
+            Some(OrderedJson::Array(items)) => items.get(i),
+            _ => None,
         };
-        let (role_key, role_value) = [fields.role.as_str(), "from"]
-            .into_iter()
-            .find_map(|k| m.get(k).filter(|v| !v.is_null()).map(|v| (k, v)))
-            .ok_or_else(|| missing(line, &at(&fields.role)))?;
-        let role_name = role_value.as_str().ok_or_else(|| {
-            rejection(
-                line,
-                &at(role_key),
-                format!("expected a string, found {}", kind_of(role_value)),
-            )
-        })?;
-        let role = parse_role(role_name).ok_or_else(|| {
-            rejection(
-                line,
-                &at(role_key),
-                format!("unsupported role `{role_name}` (expected system, user/human or assistant/gpt)"),
-            )
-        })?;
-        let (content_key, content_value) = [fields.content.as_str(), "value"]
-            .into_iter()
-            .find_map(|k| m.get(k).filter(|v| !v.is_null()).map(|v| (k, v)))
-            .ok_or_else(|| missing(line, &at(&fields.content)))?;
-        let content = match content_value {
-            Value::String(s) => s.clone(),
-            // OpenAI's multi-part content: the text parts, in order.
-            Value::Array(parts) => {
-                let mut text = String::new();
-                for part in parts {
-                    match part.get("text").and_then(Value::as_str) {
-                        Some(t) if part.get("type").and_then(Value::as_str).is_none_or(|ty| ty == "text") => {
-                            text.push_str(t)
-                        }
-                        _ => {
-                            return Err(rejection(
-                                line,
-                                &at(content_key),
-                                "only text content parts are supported",
-                            ))
-                        }
-                    }
-                }
-                text
-            }
-            other => {
-                return Err(rejection(
-                    line,
-                    &at(content_key),
-                    format!("expected a string, found {}", kind_of(other)),
-                ))
-            }
-        };
-        messages.push(Message { role, content });
+        messages.push(one_message(line, &format!("{field}[{i}]"), item, item_ordered, fields)?);
     }
     Ok(messages)
 }
 
-fn parse_role(name: &str) -> Option<Role> {
-    match name.trim().to_ascii_lowercase().as_str() {
-        "system" => Some(Role::System),
-        "user" | "human" => Some(Role::User),
-        "assistant" | "gpt" | "model" | "bot" | "chatgpt" => Some(Role::Assistant),
-        _ => None,
+/// One `{role, content}` (OpenAI, with optional `tool_calls` / `tool_call_id`) or ShareGPT
+/// `{from, value}` message; `at` names it in rejections (`messages[2]`).
+/// `ordered` is the same message as written (keys in order), when the record kept it.
+fn one_message(
+    line: usize,
+    at: &str,
+    item: &Value,
+    ordered: Option<&OrderedJson>,
+    fields: &FieldMap,
+) -> std::result::Result<Message, Rejection> {
+    let sub = |name: &str| format!("{at}.{name}");
+    let Value::Object(m) = item else {
+        return Err(rejection(
+            line,
+            at,
+            format!("expected a message object, found {}", kind_of(item)),
+        ));
+    };
+    let (role_key, role_value) = [fields.role.as_str(), "from"]
+        .into_iter()
+        .find_map(|k| m.get(k).filter(|v| !v.is_null()).map(|v| (k, v)))
+        .ok_or_else(|| missing(line, &sub(&fields.role)))?;
+    let role_name = role_value.as_str().ok_or_else(|| {
+        rejection(
+            line,
+            &sub(role_key),
+            format!("expected a string, found {}", kind_of(role_value)),
+        )
+    })?;
+    let role = parse_role(role_name).ok_or_else(|| {
+        rejection(
+            line,
+            &sub(role_key),
+            format!(
+                "unsupported role `{role_name}` (expected system, user/human, assistant/gpt, \
+                 tool/observation or function_call)"
+            ),
+        )
+    })?;
+    let content_entry = [fields.content.as_str(), "value"]
+        .into_iter()
+        .find_map(|k| m.get(k).filter(|v| !v.is_null()).map(|v| (k, v)));
+    if role == ParsedRole::FunctionCall {
+        // ShareGPT (LLaMA-Factory): the value is the call, `{"name", "arguments"}` as JSON text
+        // (or a list of them for parallel calls).
+        let (key, value) = content_entry.ok_or_else(|| missing(line, &sub(&fields.content)))?;
+        let calls = function_calls(line, &sub(key), value, None)?;
+        return Ok(Message::tool_calls("", calls));
+    }
+    let tool_calls = match m.get("tool_calls").filter(|v| !v.is_null()) {
+        None => vec![],
+        Some(_) if role != ParsedRole::Plain(Role::Assistant) => {
+            return Err(rejection(
+                line,
+                &sub("tool_calls"),
+                format!("only assistant messages call tools, this one is `{role_name}`"),
+            ))
+        }
+        Some(value) => function_calls(
+            line,
+            &sub("tool_calls"),
+            value,
+            ordered.and_then(|o| o.get("tool_calls")),
+        )?,
+    };
+    let role = match role {
+        ParsedRole::Plain(role) => role,
+        ParsedRole::FunctionCall => Role::Assistant,
+    };
+    let content = match content_entry {
+        // An assistant message that only calls tools has no content (`null` in OpenAI's format).
+        None if !tool_calls.is_empty() => String::new(),
+        None => return Err(missing(line, &sub(&fields.content))),
+        Some((content_key, content_value)) => text_content(line, &sub(content_key), content_value)?,
+    };
+    let tool_call_id = match m.get("tool_call_id").filter(|v| !v.is_null()) {
+        None => None,
+        Some(Value::String(id)) if role == Role::Tool => Some(id.clone()),
+        Some(Value::String(_)) => {
+            return Err(rejection(
+                line,
+                &sub("tool_call_id"),
+                "only tool messages answer a tool call",
+            ))
+        }
+        Some(other) => {
+            return Err(rejection(
+                line,
+                &sub("tool_call_id"),
+                format!("expected a string, found {}", kind_of(other)),
+            ))
+        }
+    };
+    Ok(Message {
+        role,
+        content,
+        tool_calls,
+        tool_call_id,
+    })
+}
+
+/// A message's content: a string, or OpenAI's list of text parts (`{"type": "text", "text": …}`,
+/// or `"value"` in place of `"text"`), joined in order.
+fn text_content(line: usize, at: &str, value: &Value) -> std::result::Result<String, Rejection> {
+    match value {
+        Value::String(s) => Ok(s.clone()),
+        Value::Array(parts) => {
+            let mut text = String::new();
+            for part in parts {
+                let part_text = part.get("text").or_else(|| part.get("value")).and_then(Value::as_str);
+                match part_text {
+                    Some(t) if part.get("type").and_then(Value::as_str).is_none_or(|ty| ty == "text") => {
+                        text.push_str(t)
+                    }
+                    _ => return Err(rejection(line, at, "only text content parts are supported")),
+                }
+            }
+            Ok(text)
+        }
+        other => Err(rejection(
+            line,
+            at,
+            format!("expected a string, found {}", kind_of(other)),
+        )),
     }
 }
 
-/// Optional system message first, then user and assistant alternating, ending with the
-/// assistant; no empty user or assistant turn. `first_index` is the index of the first message
-/// in the field named by `field` (for prompt/completion the completion starts later).
+/// Tool calls: a list (or JSON text of a list, or one call) of OpenAI
+/// `{"id"?, "type": "function", "function": {"name", "arguments"}}` or flat `{"name", "arguments"}`
+/// objects. Arguments are an object or JSON text of one.
+/// `ordered` is the same value as written (keys in order), when the record kept it; JSON text is
+/// parsed in order here.
+fn function_calls(
+    line: usize,
+    at: &str,
+    value: &Value,
+    ordered: Option<&OrderedJson>,
+) -> std::result::Result<Vec<ToolCall>, Rejection> {
+    let parsed;
+    // Arguments keep their key order (serde_json's Value sorts keys).
+    let mut ordered = ordered.cloned();
+    let value = match value {
+        Value::String(text) => {
+            parsed = serde_json::from_str::<Value>(text)
+                .map_err(|e| rejection(line, at, format!("expected a tool call as JSON text: {e}")))?;
+            ordered = OrderedJson::parse(text).ok();
+            &parsed
+        }
+        other => other,
+    };
+    let items: Vec<&Value> = match value {
+        Value::Array(items) if items.is_empty() => return Err(rejection(line, at, "empty list of tool calls")),
+        Value::Array(items) => items.iter().collect(),
+        object @ Value::Object(_) => vec![object],
+        other => {
+            return Err(rejection(
+                line,
+                at,
+                format!(
+                    "expected a tool call object or a list of them, found {}",
+                    kind_of(other)
+                ),
+            ))
+        }
+    };
+    let list = matches!(value, Value::Array(_));
+    let mut calls = Vec::with_capacity(items.len());
+    for (i, item) in items.into_iter().enumerate() {
+        let at = if list { format!("{at}[{i}]") } else { at.to_string() };
+        let Value::Object(call) = item else {
+            return Err(rejection(
+                line,
+                &at,
+                format!("expected a tool call object, found {}", kind_of(item)),
+            ));
+        };
+        if let Some(kind) = call.get("type").filter(|v| !v.is_null()) {
+            if kind.as_str() != Some("function") {
+                return Err(rejection(
+                    line,
+                    &format!("{at}.type"),
+                    format!("unsupported tool call type {kind} (expected \"function\")"),
+                ));
+            }
+        }
+        let (function, at_fn) = match call.get("function").filter(|v| !v.is_null()) {
+            Some(Value::Object(function)) => (function, format!("{at}.function")),
+            Some(other) => {
+                return Err(rejection(
+                    line,
+                    &format!("{at}.function"),
+                    format!("expected an object, found {}", kind_of(other)),
+                ))
+            }
+            None => (call, at.clone()),
+        };
+        let name = match function.get("name") {
+            Some(Value::String(name)) if !name.trim().is_empty() => name.clone(),
+            Some(Value::String(_)) => return Err(rejection(line, &format!("{at_fn}.name"), "empty function name")),
+            Some(other) if !other.is_null() => {
+                return Err(rejection(
+                    line,
+                    &format!("{at_fn}.name"),
+                    format!("expected a string, found {}", kind_of(other)),
+                ))
+            }
+            _ => return Err(missing(line, &format!("{at_fn}.name"))),
+        };
+        let arguments_at = format!("{at_fn}.arguments");
+        let ordered_arguments = || {
+            let item = match (&ordered, list) {
+                (Some(OrderedJson::Array(items)), true) => items.get(i)?,
+                (Some(single), false) => single,
+                _ => return None,
+            };
+            let function = item.get("function").unwrap_or(item);
+            function
+                .get("arguments")
+                .or_else(|| function.get("parameters"))
+                .map(OrderedJson::to_compact)
+        };
+        let arguments = match function.get("arguments").or_else(|| function.get("parameters")) {
+            None | Some(Value::Null) => "{}".to_string(),
+            Some(object @ Value::Object(_)) => ordered_arguments().unwrap_or_else(|| object.to_string()),
+            Some(Value::String(text)) => match serde_json::from_str::<Value>(text) {
+                Ok(Value::Object(_)) => text.trim().to_string(),
+                Ok(other) => {
+                    return Err(rejection(
+                        line,
+                        &arguments_at,
+                        format!("expected JSON text of an object, found {}", kind_of(&other)),
+                    ))
+                }
+                Err(e) => return Err(rejection(line, &arguments_at, format!("not valid JSON: {e}"))),
+            },
+            Some(other) => {
+                return Err(rejection(
+                    line,
+                    &arguments_at,
+                    format!("expected an object, found {}", kind_of(other)),
+                ))
+            }
+        };
+        let id = match call.get("id") {
+            Some(Value::String(id)) => Some(id.clone()),
+            _ => None,
+        };
+        calls.push(ToolCall { id, name, arguments });
+    }
+    Ok(calls)
+}
+
+/// The `tools` column: a list of tool definitions, or JSON text of one. An empty list (or empty
+/// text) means no tools.
+fn tool_definitions(
+    line: usize,
+    field: &str,
+    value: Option<&Value>,
+    ordered: Option<&OrderedJson>,
+) -> std::result::Result<Option<String>, Rejection> {
+    let value = match value {
+        None => return Ok(None),
+        Some(Value::String(text)) if text.trim().is_empty() => return Ok(None),
+        Some(v) => v,
+    };
+    let (list, text) = match value {
+        Value::String(text) => match serde_json::from_str::<Value>(text) {
+            Ok(list) => (list, text.trim().to_string()),
+            Err(e) => {
+                return Err(rejection(
+                    line,
+                    field,
+                    format!("expected a list of tools (JSON text): {e}"),
+                ))
+            }
+        },
+        other => (
+            other.clone(),
+            ordered.map_or_else(|| other.to_string(), OrderedJson::to_compact),
+        ),
+    };
+    match &list {
+        Value::Array(items) if items.is_empty() => Ok(None),
+        Value::Array(items) => match items.iter().position(|t| !t.is_object()) {
+            Some(i) => Err(rejection(
+                line,
+                &format!("{field}[{i}]"),
+                format!("expected a tool definition object, found {}", kind_of(&items[i])),
+            )),
+            None => Ok(Some(text)),
+        },
+        other => Err(rejection(
+            line,
+            field,
+            format!("expected a list of tools, found {}", kind_of(other)),
+        )),
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ParsedRole {
+    Plain(Role),
+    /// ShareGPT `function_call`: an assistant message whose value is the call.
+    FunctionCall,
+}
+
+fn parse_role(name: &str) -> Option<ParsedRole> {
+    let role = match name.trim().to_ascii_lowercase().as_str() {
+        "system" => Role::System,
+        "user" | "human" => Role::User,
+        "assistant" | "gpt" | "model" | "bot" | "chatgpt" => Role::Assistant,
+        "tool" | "observation" | "ipython" => Role::Tool,
+        "function_call" => return Some(ParsedRole::FunctionCall),
+        _ => return None,
+    };
+    Some(ParsedRole::Plain(role))
+}
+
+/// Optional system message first, then turns starting with the user: a user message is answered
+/// by the assistant; an assistant message that calls tools is answered by one or more tool
+/// messages, after which the assistant speaks again. The conversation ends with the assistant;
+/// no user or assistant turn is empty (an assistant turn that calls tools may have no text).
+/// `first_index` is the index of the first message in the field named by `field` (for
+/// prompt/completion the completion starts later).
 fn validate_conversation(
     line: usize,
     field: &str,
@@ -672,7 +1066,7 @@ fn validate_conversation(
             format!("message {}", i + 1)
         }
     };
-    let mut expected = Role::User;
+    let mut previous: Option<&Message> = None;
     for (i, m) in messages.iter().enumerate() {
         if m.role == Role::System {
             if i == 0 {
@@ -684,29 +1078,41 @@ fn validate_conversation(
                 "system message after the start (only the first message may be a system message)",
             ));
         }
-        if m.role != expected {
+        let expected: &[Role] = match previous {
+            None => &[Role::User],
+            Some(p) if p.role == Role::User => &[Role::Assistant],
+            Some(p) if p.role == Role::Assistant && !p.tool_calls.is_empty() => &[Role::Tool],
+            Some(p) if p.role == Role::Assistant => &[Role::User],
+            Some(_) => &[Role::Tool, Role::Assistant],
+        };
+        if !expected.contains(&m.role) {
+            let names: Vec<String> = expected.iter().map(|r| format!("`{}`", r.as_str())).collect();
+            let why = match m.role {
+                Role::Tool => "a tool message answers the assistant's tool call",
+                _ if previous.is_some_and(|p| !p.tool_calls.is_empty()) => {
+                    "a tool call is answered by a tool message before the conversation goes on"
+                }
+                _ => "turns alternate user/assistant, starting with user",
+            };
             return Err(rejection(
                 line,
                 &format!("{}.role", name(i)),
                 format!(
-                    "roles out of order: `{}` where `{}` was expected (turns alternate user/assistant, starting with user)",
+                    "roles out of order: `{}` where {} was expected ({why})",
                     m.role.as_str(),
-                    expected.as_str()
+                    names.join(" or ")
                 ),
             ));
         }
-        if m.content.trim().is_empty() {
+        let may_be_empty = m.role == Role::Tool || !m.tool_calls.is_empty();
+        if !may_be_empty && m.content.trim().is_empty() {
             return Err(rejection(
                 line,
                 &format!("{}.content", name(i)),
                 format!("empty {} turn", m.role.as_str()),
             ));
         }
-        expected = if expected == Role::User {
-            Role::Assistant
-        } else {
-            Role::User
-        };
+        previous = Some(m);
     }
     match messages.last() {
         Some(m) if m.role == Role::Assistant => Ok(()),

@@ -18,16 +18,28 @@ use serde::{Deserialize, Serialize};
 
 // Messages are what chat templates render; they live with the templates (data uses
 // template, never the other way round) and are re-exported here where the examples use them.
-pub use crate::template::{Message, Role};
+pub use crate::template::{Message, Role, ToolCall};
 
 /// One training example, independent of the file format it came from.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "lowercase")]
 pub enum Example {
-    /// A conversation rendered with the chat template.
-    Chat { messages: Vec<Message> },
+    /// A conversation rendered with the chat template, with the tool definitions the template
+    /// receives as `tools` (JSON text of a list) when the row has them.
+    Chat {
+        messages: Vec<Message>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        tools: Option<String>,
+    },
     /// Raw text (continued pre-training style); loss on every token.
     Text { text: String },
+}
+
+impl Example {
+    /// A conversation without tool definitions.
+    pub fn chat(messages: Vec<Message>) -> Self {
+        Example::Chat { messages, tools: None }
+    }
 }
 
 /// Which tokens carry loss.

@@ -44,7 +44,7 @@ pub fn read_parquet(bytes: &[u8], max_record_bytes: usize) -> Records {
                         format!("record is {size} bytes, longer than the limit of {max_record_bytes} bytes"),
                     ));
                 } else {
-                    out.records.push(RawRecord { line, value });
+                    out.records.push(RawRecord::new(line, value));
                 }
             }
             Err(err) => {
@@ -110,7 +110,8 @@ mod tests {
                 messages: vec![
                     Message::new(Role::User, "Count"),
                     Message::new(Role::Assistant, "1 2 3")
-                ]
+                ],
+                tools: None,
             }
         );
         assert_eq!(report.rows[1].line, 3);

@@ -23,12 +23,19 @@ pub fn normalized_text(ex: &Example) -> String {
     let mut raw = String::new();
     match ex {
         Example::Text { text } => raw.push_str(text),
-        Example::Chat { messages } => {
+        Example::Chat { messages, .. } => {
             for m in messages {
                 raw.push_str(m.role.as_str());
                 raw.push(' ');
                 raw.push_str(&m.content);
                 raw.push(' ');
+                // Two rows that call different tools, or with other arguments, differ.
+                for call in &m.tool_calls {
+                    raw.push_str(&call.name);
+                    raw.push(' ');
+                    raw.push_str(&call.arguments);
+                    raw.push(' ');
+                }
             }
         }
     }
@@ -197,7 +204,7 @@ pub fn within_length(lengths: &[usize], min: Option<usize>, max: Option<usize>) 
 pub fn response_chars(ex: &Example) -> usize {
     match ex {
         Example::Text { text } => text.chars().count(),
-        Example::Chat { messages } => messages
+        Example::Chat { messages, .. } => messages
             .iter()
             .filter(|m| m.role == crate::data::Role::Assistant)
             .map(|m| m.content.chars().count())
@@ -302,6 +309,7 @@ mod tests {
     fn qa(q: &str, a: &str) -> Example {
         Example::Chat {
             messages: vec![Message::new(Role::User, q), Message::new(Role::Assistant, a)],
+            tools: None,
         }
     }
 

@@ -10,6 +10,8 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+use crate::template::OrderedJson;
+
 /// Container file types.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -18,19 +20,14 @@ pub enum FileKind {
     Json,
     Csv,
     Parquet,
+    /// Plain text (`.txt`, `.md`): the whole file is one document of the `text` format.
+    Text,
 }
 
 impl FileKind {
-    /// From the file extension (`.jsonl`/`.ndjson`, `.json`, `.csv`, `.parquet`).
+    /// From the file extension (`.jsonl`/`.ndjson`, `.json`, `.csv`, `.parquet`, `.txt`/`.md`).
     pub fn from_path(path: &Path) -> Option<Self> {
-        let ext = path.extension()?.to_str()?.to_ascii_lowercase();
-        match ext.as_str() {
-            "jsonl" | "ndjson" => Some(FileKind::Jsonl),
-            "json" => Some(FileKind::Json),
-            "csv" => Some(FileKind::Csv),
-            "parquet" => Some(FileKind::Parquet),
-            _ => None,
-        }
+        FileKind::from_name(path.extension()?.to_str()?)
     }
 
     pub fn name(self) -> &'static str {
@@ -39,6 +36,7 @@ impl FileKind {
             FileKind::Json => "json",
             FileKind::Csv => "csv",
             FileKind::Parquet => "parquet",
+            FileKind::Text => "text",
         }
     }
 
@@ -48,6 +46,7 @@ impl FileKind {
             "json" => Some(FileKind::Json),
             "csv" => Some(FileKind::Csv),
             "parquet" => Some(FileKind::Parquet),
+            "text" | "txt" | "md" | "markdown" => Some(FileKind::Text),
             _ => None,
         }
     }
@@ -69,6 +68,29 @@ pub struct RawRecord {
     /// 1-based line (JSONL, JSON, CSV) or row (Parquet) number where the record starts.
     pub line: usize,
     pub value: Value,
+    /// The record with its keys in written order, kept (JSON and JSONL) when it holds tool
+    /// definitions or calls: templates print those with their keys in the file's order.
+    pub ordered: Option<OrderedJson>,
+}
+
+impl RawRecord {
+    pub fn new(line: usize, value: Value) -> Self {
+        RawRecord {
+            line,
+            value,
+            ordered: None,
+        }
+    }
+
+    /// With the written key order, when `text` mentions tools.
+    fn from_text(line: usize, value: Value, text: &str) -> Self {
+        let ordered = if text.contains("\"tool") {
+            OrderedJson::parse(text).ok()
+        } else {
+            None
+        };
+        RawRecord { line, value, ordered }
+    }
 }
 
 /// What a file held: its records in order, and those that could not be read.
@@ -89,7 +111,31 @@ pub fn read_records(bytes: &[u8], kind: FileKind, max_record_bytes: usize) -> Re
         FileKind::Json => read_json(bytes, max_record_bytes),
         FileKind::Csv => read_csv(bytes, max_record_bytes),
         FileKind::Parquet => read_parquet(bytes, max_record_bytes),
+        FileKind::Text => read_text(bytes, "text"),
     }
+}
+
+/// A plain-text file is one record, `{key: <the whole file>}`, on line 1: a document is chunked
+/// by tokens when it is tokenized, so no size limit per record applies here.
+pub(crate) fn read_text(bytes: &[u8], key: &str) -> Records {
+    let bytes = bytes.strip_prefix(UTF8_BOM).unwrap_or(bytes);
+    let mut out = Records::default();
+    match std::str::from_utf8(bytes) {
+        Ok(text) => {
+            let mut map = Map::new();
+            map.insert(key.to_string(), Value::String(text.to_string()));
+            out.records.push(RawRecord::new(1, Value::Object(map)));
+        }
+        Err(err) => {
+            let line = 1 + bytes[..err.valid_up_to()].iter().filter(|b| **b == b'\n').count();
+            out.rejected.push(reject(
+                line,
+                "",
+                format!("not UTF-8 text (invalid byte at offset {})", err.valid_up_to()),
+            ));
+        }
+    }
+    out
 }
 
 fn reject(line: usize, field: &str, reason: impl Into<String>) -> Rejection {
@@ -149,7 +195,7 @@ fn read_jsonl(bytes: &[u8], max_record_bytes: usize) -> Records {
             continue;
         }
         match serde_json::from_str::<Value>(text) {
-            Ok(value) => out.records.push(RawRecord { line, value }),
+            Ok(value) => out.records.push(RawRecord::from_text(line, value, text)),
             Err(err) => out.rejected.push(json_error(line, &err)),
         }
     }
@@ -180,10 +226,11 @@ fn read_json(bytes: &[u8], max_record_bytes: usize) -> Records {
                 } else {
                     let line = 1 + bytes[..first.unwrap_or(0)].iter().filter(|b| **b == b'\n').count();
                     Records {
-                        records: vec![RawRecord {
+                        records: vec![RawRecord::from_text(
                             line,
-                            value: Value::Object(map),
-                        }],
+                            Value::Object(map),
+                            std::str::from_utf8(bytes).unwrap_or_default(),
+                        )],
                         rejected: vec![],
                     }
                 }
@@ -258,7 +305,7 @@ fn read_json_array(bytes: &[u8], start: usize, max_record_bytes: usize, wrapped:
             match std::str::from_utf8(raw) {
                 Err(err) => out.rejected.push(not_utf8(at_line, err)),
                 Ok(text) => match serde_json::from_str::<Value>(text) {
-                    Ok(value) => out.records.push(RawRecord { line: at_line, value }),
+                    Ok(value) => out.records.push(RawRecord::from_text(at_line, value, text)),
                     Err(err) => out.rejected.push(json_error(at_line, &err)),
                 },
             }
@@ -406,10 +453,7 @@ fn read_csv(bytes: &[u8], max_record_bytes: usize) -> Records {
         }
         match bad {
             Some(rejection) => out.rejected.push(rejection),
-            None => out.records.push(RawRecord {
-                line,
-                value: Value::Object(map),
-            }),
+            None => out.records.push(RawRecord::new(line, Value::Object(map))),
         }
     }
     out

@@ -47,7 +47,7 @@ pub fn encode_example(
     }
     let mut out = match ex {
         Example::Text { text } => encode_text(text, template, tokenizer)?,
-        Example::Chat { messages } => encode_chat(messages, template, tokenizer, loss_on)?,
+        Example::Chat { messages, tools } => encode_chat(messages, tools.as_deref(), template, tokenizer, loss_on)?,
     };
     if out.input_ids.len() > seq_len {
         out.input_ids.truncate(seq_len);
@@ -55,6 +55,61 @@ pub fn encode_example(
         out.truncated = true;
     }
     Ok(out)
+}
+
+/// The training sequences of one example: a conversation is one sequence (cut to `seq_len`, as
+/// [`encode_example`] does); raw text is cut into windows of `seq_len` tokens by
+/// [`chunk_ranges`], each starting `seq_len - text_overlap` tokens after the previous one, so a
+/// document longer than the sequence length is trained on whole. Every token of a text window
+/// carries loss.
+pub fn encode_for_training(
+    ex: &Example,
+    template: &ChatTemplate,
+    tokenizer: &Tokenizer,
+    loss_on: LossOn,
+    seq_len: usize,
+    text_overlap: usize,
+) -> Result<Vec<TokenizedExample>> {
+    match ex {
+        Example::Chat { .. } => Ok(vec![encode_example(ex, template, tokenizer, loss_on, seq_len)?]),
+        Example::Text { text } => {
+            let whole = encode_text(text, template, tokenizer)?;
+            Ok(chunk_ranges(whole.len(), seq_len, text_overlap)?
+                .into_iter()
+                .map(|range| TokenizedExample {
+                    input_ids: whole.input_ids[range.clone()].to_vec(),
+                    loss_mask: whole.loss_mask[range].to_vec(),
+                    truncated: false,
+                })
+                .collect())
+        }
+    }
+}
+
+/// Windows of at most `seq_len` over `len` tokens, starting every `seq_len - overlap` tokens,
+/// the last one ending at `len`: `1 + ceil((len - seq_len) / (seq_len - overlap))` windows when
+/// `len > seq_len`, one otherwise.
+pub fn chunk_ranges(len: usize, seq_len: usize, overlap: usize) -> Result<Vec<Range<usize>>> {
+    if seq_len == 0 {
+        return Err(Error::config("seq_len", "must be at least 1 token"));
+    }
+    if overlap >= seq_len {
+        return Err(Error::config(
+            "text_overlap",
+            format!("{overlap} tokens of overlap must be fewer than seq_len = {seq_len}"),
+        ));
+    }
+    let stride = seq_len - overlap;
+    let mut out = vec![];
+    let mut start = 0;
+    loop {
+        let end = (start + seq_len).min(len);
+        out.push(start..end);
+        if end >= len {
+            return Ok(out);
+        }
+        start += stride;
+    }
 }
 
 /// The character spans (in `rendered`) of the assistant turns that carry loss, and the rendered
@@ -69,10 +124,22 @@ pub struct AssistantSpans {
 /// the last for [`LossOn::LastTurn`]). For [`LossOn::All`] the spans are the same as for
 /// [`LossOn::Assistant`]; the caller trains everything anyway.
 pub fn assistant_spans(messages: &[Message], template: &ChatTemplate, loss_on: LossOn) -> Result<AssistantSpans> {
+    assistant_spans_with_tools(messages, None, template, loss_on)
+}
+
+/// [`assistant_spans`] of a conversation with tool definitions (JSON text of a list). An
+/// assistant turn that calls tools is trained like any other (its calls are what the model must
+/// learn to write); tool results are masked like user turns.
+pub fn assistant_spans_with_tools(
+    messages: &[Message],
+    tools: Option<&str>,
+    template: &ChatTemplate,
+    loss_on: LossOn,
+) -> Result<AssistantSpans> {
     if messages.is_empty() {
         return Err(Error::Data("conversation has no messages".into()));
     }
-    let full = template.render(messages, false)?;
+    let full = template.render_with_tools(messages, tools, false)?;
     let assistant_indices: Vec<usize> = messages
         .iter()
         .enumerate()
@@ -84,11 +151,16 @@ pub fn assistant_spans(messages: &[Message], template: &ChatTemplate, loss_on: L
         LossOn::Assistant | LossOn::All => assistant_indices,
     };
     let marker = template.end_of_turn();
+    let render =
+        |msgs: &[Message], add_generation_prompt: bool| template.render_with_tools(msgs, tools, add_generation_prompt);
     let mut spans = Vec::with_capacity(wanted.len());
     let mut cursor = 0usize;
     for &i in &wanted {
-        let span = match span_by_prefix(messages, i, template, &full, marker.as_deref())? {
+        let span = match span_by_prefix(messages, i, &render, &full, marker.as_deref())? {
             Some(span) if span.start >= cursor => span,
+            _ if !messages[i].tool_calls.is_empty() => {
+                span_by_header(messages, i, &render, &full, cursor, marker.as_deref())?
+            }
             _ => span_by_search(&messages[i], i, &full, cursor, marker.as_deref())?,
         };
         cursor = span.end;
@@ -101,21 +173,26 @@ pub fn assistant_spans(messages: &[Message], template: &ChatTemplate, loss_on: L
     Ok(AssistantSpans { rendered, spans })
 }
 
+/// Whether a rendered turn shows message `m`: its words, and the name of every tool it calls.
+fn shows_message(turn: &str, m: &Message) -> bool {
+    turn.contains(m.content.trim()) && m.tool_calls.iter().all(|c| turn.contains(c.name.as_str()))
+}
+
 /// The turn of message `i` as the difference of two prefix renderings, cut after its
 /// end-of-turn marker. `None` when the template's prefixes are not prefixes of each other.
 fn span_by_prefix(
     messages: &[Message],
     i: usize,
-    template: &ChatTemplate,
+    render: &dyn Fn(&[Message], bool) -> Result<String>,
     full: &str,
     marker: Option<&str>,
 ) -> Result<Option<Range<usize>>> {
     // A template may legitimately refuse a prefix (e.g. one that requires a final assistant
     // turn); that only means this method does not apply.
-    let Ok(prompt) = template.render(&messages[..i], true) else {
+    let Ok(prompt) = render(&messages[..i], true) else {
         return Ok(None);
     };
-    let Ok(with_turn) = template.render(&messages[..=i], false) else {
+    let Ok(with_turn) = render(&messages[..=i], false) else {
         return Ok(None);
     };
     if !with_turn.starts_with(&prompt) || !full.starts_with(&with_turn) {
@@ -124,7 +201,7 @@ fn span_by_prefix(
     let turn = &with_turn[prompt.len()..];
     // The turn must actually contain the words; a template that drops or rewrites them cannot
     // be trained on faithfully, and the fallback will report it.
-    if !turn.contains(messages[i].content.trim()) {
+    if !shows_message(turn, &messages[i]) {
         return Ok(None);
     }
     let end = match marker.and_then(|m| turn.rfind(m).map(|at| at + m.len())) {
@@ -132,6 +209,47 @@ fn span_by_prefix(
         None => turn.len(),
     };
     Ok(Some(prompt.len()..prompt.len() + end))
+}
+
+/// Fallback for a turn that calls tools (and may have no text to search for): the turn starts
+/// after the assistant header the generation prompt writes (found after `cursor`) and ends with
+/// the end-of-turn marker. Templates that render the last assistant turn differently from the
+/// others (Qwen3's empty think block) need this.
+fn span_by_header(
+    messages: &[Message],
+    i: usize,
+    render: &dyn Fn(&[Message], bool) -> Result<String>,
+    full: &str,
+    cursor: usize,
+    marker: Option<&str>,
+) -> Result<Range<usize>> {
+    let not_aligned = |why: &str| {
+        Error::Data(format!(
+            "cannot align the chat template output with message {} (assistant tool call): {why}",
+            i + 1
+        ))
+    };
+    let open = render(&messages[..i], false)?;
+    let prompt = render(&messages[..i], true)?;
+    let header = prompt
+        .strip_prefix(open.as_str())
+        .filter(|h| !h.is_empty())
+        .ok_or_else(|| not_aligned("the generation prompt does not extend the conversation"))?;
+    let start = full[cursor..]
+        .find(header)
+        .map(|at| cursor + at + header.len())
+        .ok_or_else(|| not_aligned("its assistant header does not appear in the rendered text"))?;
+    let end = match marker {
+        Some(m) => full[start..]
+            .find(m)
+            .map(|at| start + at + m.len())
+            .ok_or_else(|| not_aligned(&format!("no end-of-turn marker `{m}` after it")))?,
+        None => full.len(),
+    };
+    if !shows_message(&full[start..end], &messages[i]) {
+        return Err(not_aligned("its tool calls do not appear in its turn"));
+    }
+    Ok(start..end)
 }
 
 /// Fallback: the message's content (as written, or trimmed, as many templates `| trim` it)
@@ -171,11 +289,12 @@ fn span_by_search(
 
 fn encode_chat(
     messages: &[Message],
+    tools: Option<&str>,
     template: &ChatTemplate,
     tokenizer: &Tokenizer,
     loss_on: LossOn,
 ) -> Result<TokenizedExample> {
-    let AssistantSpans { rendered, spans } = assistant_spans(messages, template, loss_on)?;
+    let AssistantSpans { rendered, spans } = assistant_spans_with_tools(messages, tools, template, loss_on)?;
     if loss_on != LossOn::All && spans.is_empty() {
         return Err(Error::Data(
             "conversation has no assistant message, so no token would carry loss".into(),

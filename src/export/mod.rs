@@ -420,7 +420,8 @@ impl OllamaTemplate {
         for m in messages {
             let (pre, post) = match m.role {
                 Role::System => &self.system,
-                Role::User => &self.user,
+                // Modelfile templates have no tool turns; a tool result reads as user input.
+                Role::User | Role::Tool => &self.user,
                 Role::Assistant => &self.assistant,
             };
             out.push_str(pre);

@@ -537,6 +537,7 @@ fn eval_loss_matches_the_logits_and_exact_match_counts_rows() {
     let answer = chat(&m.model, &m.format, &question, &greedy_opts(6), &no, &mut |_| {}).unwrap();
     let ex = |reply: &str| crate::data::Example::Chat {
         messages: vec![question[0].clone(), Message::new(Role::Assistant, reply)],
+        tools: None,
     };
     let examples = [ex(&answer.text), ex("something else entirely")];
     let metrics = [eval::Metric::Loss, eval::Metric::Exact, eval::Metric::RougeL];

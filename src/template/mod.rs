@@ -12,8 +12,10 @@
 //! cannot loop forever) and writes into a buffer that refuses to grow past a size limit.
 
 mod message;
-pub use message::{Message, Role};
+pub use message::{Message, Role, ToolCall};
+pub use ordered_json::OrderedJson;
 
+pub mod ordered_json;
 mod pyjson;
 mod pyrepr;
 pub(crate) mod strftime;
@@ -294,23 +296,80 @@ impl ChatTemplate {
     /// Renders a conversation. `add_generation_prompt` appends the header that starts an
     /// assistant turn, as Hugging Face's `apply_chat_template` does.
     pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
+        self.render_with_tools(messages, None, add_generation_prompt)
+    }
+
+    /// Whether the template reads the tool definitions (`tools`) and an assistant's
+    /// `tool_calls`. A template that never mentions them would render a tool-calling
+    /// conversation without its calls, so such conversations are refused instead.
+    pub fn supports_tools(&self) -> bool {
+        self.source.contains("tool_calls") && self.source.contains("tools")
+    }
+
+    /// [`render`](Self::render) with tool definitions (JSON text of a list, as
+    /// `apply_chat_template(messages, tools=tools)` receives it) and the messages' tool calls,
+    /// passed the way transformers passes them: `tools` (`none` without definitions), and per
+    /// assistant message `tool_calls: [{"id"?, "type": "function", "function": {"name",
+    /// "arguments": {…}}}]`. Fails when the conversation uses tools and the template cannot show
+    /// them ([`supports_tools`](Self::supports_tools)).
+    pub fn render_with_tools(
+        &self,
+        messages: &[Message],
+        tools: Option<&str>,
+        add_generation_prompt: bool,
+    ) -> Result<String> {
         let template = self
             .env
             .get_template(TEMPLATE_NAME)
             .map_err(|e| Error::Data(describe_error("chat template", &e)))?;
-        let content_bytes: usize = messages.iter().map(|m| m.content.len()).sum();
-        let limit_bytes = OUTPUT_SLACK_BYTES.saturating_add(content_bytes.saturating_mul(OUTPUT_CONTENT_FACTOR));
-        let message_values: Vec<Value> = messages
+        let uses_tools = tools.is_some() || messages.iter().any(|m| !m.tool_calls.is_empty());
+        if uses_tools && !self.supports_tools() {
+            return Err(Error::Data(
+                "the chat template does not support tool calls (it never reads `tools` and `tool_calls`), \
+                 so the calls would be lost; use a model whose template does (Qwen2.5, Qwen3, Llama 3.1)"
+                    .into(),
+            ));
+        }
+        let tools_value = match tools {
+            Some(text) => json_value("tools", text)?,
+            None => Value::from(()),
+        };
+        let content_bytes: usize = messages
             .iter()
-            .map(|m| {
-                Value::from_pairs([
-                    ("role", Value::from(m.role.as_str())),
-                    ("content", Value::from(&m.content)),
-                ])
-            })
-            .collect();
+            .map(|m| m.content.len() + m.tool_calls.iter().map(|c| c.arguments.len()).sum::<usize>())
+            .sum::<usize>()
+            + tools.map_or(0, str::len);
+        let limit_bytes = OUTPUT_SLACK_BYTES.saturating_add(content_bytes.saturating_mul(OUTPUT_CONTENT_FACTOR));
+        let mut message_values: Vec<Value> = Vec::with_capacity(messages.len());
+        for (i, m) in messages.iter().enumerate() {
+            let mut pairs = vec![
+                ("role", Value::from(m.role.as_str())),
+                ("content", Value::from(&m.content)),
+            ];
+            if !m.tool_calls.is_empty() {
+                let mut calls = Vec::with_capacity(m.tool_calls.len());
+                for call in &m.tool_calls {
+                    let arguments = json_value(&format!("message {} tool call arguments", i + 1), &call.arguments)?;
+                    let function = Value::from_pairs([("name", Value::from(&call.name)), ("arguments", arguments)]);
+                    let mut call_pairs = vec![];
+                    if let Some(id) = &call.id {
+                        call_pairs.push(("id", Value::from(id)));
+                    }
+                    call_pairs.push(("type", Value::from("function")));
+                    call_pairs.push(("function", function));
+                    calls.push(Value::from_pairs(call_pairs));
+                }
+                pairs.push(("tool_calls", Value::from(calls)));
+            }
+            if let Some(id) = &m.tool_call_id {
+                pairs.push(("tool_call_id", Value::from(id)));
+            }
+            message_values.push(Value::from_pairs(pairs));
+        }
         let mut ctx: Vec<(&str, Value)> = vec![
             ("messages", Value::from(message_values)),
+            ("tools", tools_value),
+            ("documents", Value::from(())),
             ("add_generation_prompt", Value::from(add_generation_prompt)),
         ];
         if let Some(bos) = &self.bos_token {
@@ -367,6 +426,13 @@ impl ChatTemplate {
         }
         None
     }
+}
+
+/// JSON text (tool definitions, call arguments) as a template value, keys in their written order.
+fn json_value(what: &str, text: &str) -> Result<Value> {
+    OrderedJson::parse(text)
+        .map(|json| json.to_value())
+        .map_err(|e| Error::Data(format!("{what}: not valid JSON: {e}")))
 }
 
 /// `bos_token` and `eos_token` of a model folder's `tokenizer_config.json` (or of that file

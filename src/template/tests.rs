@@ -196,3 +196,52 @@ fn values_print_like_python_jinja2() {
         "None||1.0|2|True|[1, 'a', None]|{'k': 1}|3.5|3|abab|0.30000000000000004|[\"it's\", '\\n']"
     );
 }
+
+#[test]
+fn tools_reach_the_template_as_transformers_passes_them() {
+    // Prints what the template receives, in the order it was written.
+    let source = "{{ tools | tojson }}|{% for m in messages %}{{ m.role }}:{{ m.content }}\
+                  {% if m.tool_calls %}{{ m.tool_calls | tojson }}{% endif %}\
+                  {% if m.tool_call_id is defined %}#{{ m.tool_call_id }}{% endif %};{% endfor %}";
+    let t = ChatTemplate::new(source, None, None).unwrap();
+    let mut tool = Message::new(Role::Tool, "sunny");
+    tool.tool_call_id = Some("c1".into());
+    let msgs = vec![
+        Message::new(Role::User, "Weather?"),
+        Message::tool_calls(
+            "",
+            vec![ToolCall {
+                id: Some("c1".into()),
+                name: "get_weather".into(),
+                arguments: r#"{"z": 1, "a": [true, null, 2.5]}"#.into(),
+            }],
+        ),
+        tool,
+    ];
+    let tools = r#"[{"type": "function", "function": {"name": "get_weather"}}]"#;
+    assert_eq!(
+        t.render_with_tools(&msgs, Some(tools), false).unwrap(),
+        "[{\"type\": \"function\", \"function\": {\"name\": \"get_weather\"}}]|user:Weather?;\
+         assistant:[{\"id\": \"c1\", \"type\": \"function\", \"function\": {\"name\": \"get_weather\", \
+         \"arguments\": {\"z\": 1, \"a\": [true, null, 2.5]}}}];tool:sunny#c1;"
+    );
+    // Without tools, `tools` is none (transformers passes tools=None), not undefined.
+    assert_eq!(
+        t.render_with_tools(&msgs[..1], None, false).unwrap(),
+        "null|user:Weather?;"
+    );
+    // A template that never reads tools refuses a conversation that has them.
+    let chatml = ChatTemplate::builtin(BuiltinTemplate::ChatMl);
+    assert!(!chatml.supports_tools());
+    let err = chatml.render_with_tools(&msgs, None, false).unwrap_err().to_string();
+    assert!(err.contains("does not support tool calls"), "{err}");
+    let err = chatml
+        .render_with_tools(&msgs[..1], Some(tools), false)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("does not support tool calls"), "{err}");
+    // Broken JSON in the arguments is an error, not a silent empty object.
+    let mut broken = msgs.clone();
+    broken[1].tool_calls[0].arguments = "{oops".into();
+    assert!(t.render_with_tools(&broken, Some(tools), false).is_err());
+}

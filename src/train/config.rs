@@ -121,6 +121,10 @@ pub struct TrainConfig {
     /// Longest probe answer, in tokens.
     #[serde(default = "default_probe_max_tokens")]
     pub probe_max_tokens: usize,
+    /// Raw-text documents are cut into `seq_len`-token windows that share this many tokens with
+    /// the previous window (0: back to back). Must be below `seq_len`.
+    #[serde(default)]
+    pub text_overlap: usize,
 }
 
 /// How many probe prompts a run may carry: each one costs a generation at every evaluation.
@@ -160,6 +164,7 @@ impl Default for TrainConfig {
             device: DeviceChoice::Auto,
             probe_prompts: Vec::new(),
             probe_max_tokens: default_probe_max_tokens(),
+            text_overlap: 0,
         }
     }
 }
@@ -178,6 +183,15 @@ impl TrainConfig {
         positive("grad_accum", self.grad_accum)?;
         if self.seq_len < 2 {
             return Err(Error::config("seq_len", "must be at least 2 tokens"));
+        }
+        if self.text_overlap >= self.seq_len {
+            return Err(Error::config(
+                "text_overlap",
+                format!(
+                    "{} tokens of overlap must be fewer than seq_len = {}",
+                    self.text_overlap, self.seq_len
+                ),
+            ));
         }
         match self.duration {
             Duration::Steps(0) => return Err(Error::config("steps", "must be at least 1")),

@@ -131,7 +131,7 @@ pub fn evaluate(
         };
         let (mut exact, mut rouge) = (0usize, 0f64);
         for (i, (ex, row)) in examples.iter().zip(rows.iter_mut()).enumerate() {
-            let Example::Chat { messages } = ex else {
+            let Example::Chat { messages, .. } = ex else {
                 return Err(Error::Data(format!(
                     "row {}: generation metrics need a conversation with an assistant answer",
                     i + 1

@@ -5,7 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::data::load::{describe_rejection, load_file, LoadOptions};
+use crate::data::load::{describe_rejection, load_file, LoadOptions, Row};
 use crate::data::split::{apply_split, train_validation_split};
 use crate::data::{Example, TokenizedExample};
 use crate::error::{Error, Result};
@@ -16,6 +16,11 @@ use crate::train::{checkpoint, TrainConfig, TrainData, Trainer};
 
 /// Loads a dataset file (any format `finch data inspect` reads), reporting rejected rows.
 pub fn load_examples(path: &Path, note: &mut dyn FnMut(String)) -> Result<Vec<Example>> {
+    Ok(load_rows(path, note)?.into_iter().map(|r| r.example).collect())
+}
+
+/// [`load_examples`] keeping each row's line number.
+pub fn load_rows(path: &Path, note: &mut dyn FnMut(String)) -> Result<Vec<Row>> {
     let report = load_file(path, &LoadOptions::default())?;
     if !report.rejected.is_empty() {
         note(format!("{}: {}", path.display(), report.summary()));
@@ -29,7 +34,7 @@ pub fn load_examples(path: &Path, note: &mut dyn FnMut(String)) -> Result<Vec<Ex
             ));
         }
     }
-    Ok(report.rows.into_iter().map(|r| r.example).collect())
+    Ok(report.rows)
 }
 
 /// Opens the model named in `cfg` and loads its template.
@@ -45,23 +50,44 @@ pub fn open_model(spec: &str) -> Result<(ModelFiles, crate::template::ChatTempla
     Ok((files, template))
 }
 
+/// Tokenized training sequences, how many rows were skipped for having no trained token, and
+/// how many windows the raw-text rows were cut into. A row the template cannot render (e.g. tool
+/// calls under a template without tool support) fails the run with its line.
 fn tokenize_all(
-    examples: &[Example],
+    rows: &[Row],
+    source: &str,
     files: &ModelFiles,
     template: &crate::template::ChatTemplate,
     cfg: &TrainConfig,
-) -> Result<(Vec<TokenizedExample>, usize)> {
-    let mut out = Vec::with_capacity(examples.len());
+) -> Result<(Vec<TokenizedExample>, usize, usize)> {
+    let mut out = Vec::with_capacity(rows.len());
     let mut dropped = 0;
-    for ex in examples {
-        let t = crate::data::tokenize::encode_example(ex, template, &files.tokenizer, cfg.loss_on, cfg.seq_len)?;
-        if t.trained_tokens() == 0 {
-            dropped += 1;
-        } else {
-            out.push(t);
+    let mut text_windows = 0;
+    for row in rows {
+        let sequences = crate::data::tokenize::encode_for_training(
+            &row.example,
+            template,
+            &files.tokenizer,
+            cfg.loss_on,
+            cfg.seq_len,
+            cfg.text_overlap,
+        )
+        .map_err(|e| match e {
+            Error::Data(reason) => Error::Data(format!("{source}: line {}: {reason}", row.line)),
+            other => other,
+        })?;
+        if matches!(row.example, Example::Text { .. }) {
+            text_windows += sequences.len();
+        }
+        for t in sequences {
+            if t.trained_tokens() == 0 {
+                dropped += 1;
+            } else {
+                out.push(t);
+            }
         }
     }
-    Ok((out, dropped))
+    Ok((out, dropped, text_windows))
 }
 
 /// Builds a ready-to-run trainer. With `resume`, the newest checkpoint in `cfg.out` is restored.
@@ -103,9 +129,9 @@ pub fn build(cfg: &TrainConfig, run_dir: Option<PathBuf>, note: &mut dyn FnMut(S
     cfg.validate()?;
     let device = cfg.device.open()?;
     let (files, template) = open_model(&cfg.model)?;
-    let examples = load_examples(Path::new(&cfg.data), note)?;
+    let examples = load_rows(Path::new(&cfg.data), note)?;
     let (mut train_ex, eval_ex) = match &cfg.eval_data {
-        Some(p) => (examples, load_examples(Path::new(p), note)?),
+        Some(p) => (examples, load_rows(Path::new(p), note)?),
         None => {
             let split = train_validation_split(examples.len(), cfg.eval_split as f32, cfg.seed)?;
             apply_split(&examples, &split)
@@ -114,8 +140,19 @@ pub fn build(cfg: &TrainConfig, run_dir: Option<PathBuf>, note: &mut dyn FnMut(S
     if train_ex.is_empty() {
         return Err(Error::Data(format!("{}: no training examples", cfg.data)));
     }
-    let (train, dropped) = tokenize_all(&train_ex, &files, &template, cfg)?;
-    let (eval, _) = tokenize_all(&eval_ex, &files, &template, cfg)?;
+    let (train, dropped, text_windows) = tokenize_all(&train_ex, &cfg.data, &files, &template, cfg)?;
+    let eval_source = cfg.eval_data.as_deref().unwrap_or(&cfg.data);
+    let (eval, _, _) = tokenize_all(&eval_ex, eval_source, &files, &template, cfg)?;
+    let text_rows = train_ex
+        .iter()
+        .filter(|r| matches!(r.example, Example::Text { .. }))
+        .count();
+    if text_windows > text_rows {
+        note(format!(
+            "{text_rows} raw-text rows were cut into {text_windows} windows of up to {} tokens ({} tokens of overlap)",
+            cfg.seq_len, cfg.text_overlap
+        ));
+    }
     train_ex.clear();
     let truncated = train.iter().filter(|t| t.truncated).count();
     if truncated > 0 {

@@ -143,7 +143,7 @@ pub fn pick_path(
                 .pick_file(),
             PickPurpose::DataOpen => dialog
                 .set_title("Open a dataset")
-                .add_filter("Datasets", &["jsonl", "ndjson", "json", "csv", "parquet"])
+                .add_filter("Datasets", &["jsonl", "ndjson", "json", "csv", "parquet", "txt", "md"])
                 .pick_file(),
             PickPurpose::DataSaveAs => dialog
                 .set_title("Save the dataset as JSONL")

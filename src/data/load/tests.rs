@@ -4,6 +4,7 @@ use crate::data::export::write_examples;
 fn chat(turns: &[(Role, &str)]) -> Example {
     Example::Chat {
         messages: turns.iter().map(|(r, c)| Message::new(*r, *c)).collect(),
+        tools: None,
     }
 }
 
@@ -89,7 +90,7 @@ fn every_kind_of_bad_row_is_reported_with_line_field_and_reason() {
         r#"{"messages": [{"role": "user", "content": "q"}]}"#,
         r#"{"messages": "not a list"}"#,
         r#"{"messages": [{"role": "user", "content": 5}, {"role": "assistant", "content": "x"}]}"#,
-        r#"{"messages": [{"role": "tool", "content": "q"}]}"#,
+        r#"{"messages": [{"role": "narrator", "content": "q"}]}"#,
         r#"{"messages": [{"content": "q"}]}"#,
         r#"{"other": 1}"#,
         r#"[1, 2]"#,
@@ -113,7 +114,7 @@ fn every_kind_of_bad_row_is_reported_with_line_field_and_reason() {
         (4, "messages", "does not end with an assistant turn"),
         (5, "messages", "expected a list of messages"),
         (6, "messages[0].content", "expected a string, found a number"),
-        (7, "messages[0].role", "unsupported role `tool`"),
+        (7, "messages[0].role", "unsupported role `narrator`"),
         (8, "messages[0].role", "missing field"),
         (9, "messages", "missing field"),
         (10, "", "expected an object with fields, found a list"),
@@ -240,10 +241,26 @@ fn load_file_names_the_path_and_picks_the_kind_by_extension() {
     let report = load_file(&path, &LoadOptions::default()).unwrap();
     assert_eq!((report.file_kind, report.format), (FileKind::Csv, Format::Text));
     assert_eq!(report.rows[0].line, 2);
-    let bad = dir.path().join("d.txt");
+    // .txt and .md are raw text now; other extensions are still unknown.
+    let text = dir.path().join("d.txt");
+    std::fs::write(&text, "x").unwrap();
+    let report = load_file(&text, &LoadOptions::default()).unwrap();
+    assert_eq!((report.file_kind, report.format), (FileKind::Text, Format::Text));
+    let bad = dir.path().join("d.docx");
     std::fs::write(&bad, "x").unwrap();
     let err = load_file(&bad, &LoadOptions::default()).unwrap_err().to_string();
-    assert!(err.contains("d.txt") && err.contains("unknown file type"), "{err}");
+    assert!(err.contains("d.docx") && err.contains("unknown file type"), "{err}");
+    // A text file cannot be read as another format.
+    let err = load_file(
+        &text,
+        &LoadOptions {
+            format: Some(Format::Messages),
+            ..LoadOptions::default()
+        },
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("d.txt") && err.contains("can only be `text`"), "{err}");
     let empty = dir.path().join("e.jsonl");
     std::fs::write(&empty, "").unwrap();
     let err = load_file(&empty, &LoadOptions::default()).unwrap_err().to_string();

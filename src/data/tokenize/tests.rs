@@ -27,6 +27,7 @@ fn real() -> Option<(Tokenizer, ChatTemplate)> {
 fn chat(turns: &[(Role, &str)]) -> Example {
     Example::Chat {
         messages: turns.iter().map(|(r, c)| Message::new(*r, *c)).collect(),
+        tools: None,
     }
 }
 
@@ -68,7 +69,7 @@ fn check_single_turn(tok: &Tokenizer, template: &ChatTemplate, eot: &str) {
         (Role::User, "What is the capital of France?"),
         (Role::Assistant, answer),
     ]);
-    let Example::Chat { messages } = &ex else {
+    let Example::Chat { messages, .. } = &ex else {
         unreachable!()
     };
     let out = encode_example(&ex, template, tok, LossOn::Assistant, 4096).unwrap();
@@ -121,7 +122,7 @@ fn check_multi_turn(tok: &Tokenizer, template: &ChatTemplate) {
     let everything = encode_example(&ex, template, tok, LossOn::All, 4096).unwrap();
     assert!(everything.loss_mask.iter().all(|m| *m));
     // `All` keeps the template's trailing newline; the assistant modes cut after the last marker.
-    let Example::Chat { messages } = &ex else {
+    let Example::Chat { messages, .. } = &ex else {
         unreachable!()
     };
     let full = template.render(messages, false).unwrap();
@@ -279,11 +280,27 @@ fn trimmed_offsets_of_space_tokens_stay_on_the_right_side_of_the_span() {
     let ex = chat(&[(Role::User, "q  q"), (Role::Assistant, " x  y ")]);
     let out = encode_example(&ex, &t, &tok, LossOn::Assistant, 4096).unwrap();
     assert_eq!(trained_text(&tok, &out), " x  y <|im_end|>");
-    let Example::Chat { messages } = &ex else {
+    let Example::Chat { messages, .. } = &ex else {
         unreachable!()
     };
     let prompt = t.render(&messages[..1], true).unwrap();
     assert!(prompt.ends_with("assistant: "), "{prompt:?}");
     let prompt_tokens = tok.encode(prompt.as_str(), false).unwrap().get_ids().len();
     assert_eq!(out.loss_mask.iter().filter(|m| !**m).count(), prompt_tokens);
+}
+
+#[test]
+fn chunk_ranges_cover_the_text_with_the_asked_overlap() {
+    use super::chunk_ranges;
+    assert_eq!(chunk_ranges(5, 8, 2).unwrap(), vec![0..5]);
+    assert_eq!(chunk_ranges(8, 8, 2).unwrap(), vec![0..8]);
+    assert_eq!(chunk_ranges(9, 8, 2).unwrap(), [0..8, 6..9]);
+    assert_eq!(chunk_ranges(20, 8, 0).unwrap(), [0..8, 8..16, 16..20]);
+    // 1 + ceil((100 - 10) / 7) = 14 windows, the last one ending at the end.
+    let w = chunk_ranges(100, 10, 3).unwrap();
+    assert_eq!(w.len(), 14);
+    assert_eq!(w.last(), Some(&(91..100)));
+    assert!(w.windows(2).all(|p| p[0].end - p[1].start == 3));
+    assert!(chunk_ranges(10, 4, 4).is_err());
+    assert!(chunk_ranges(10, 0, 0).is_err());
 }

@@ -378,6 +378,25 @@ impl ChatPage {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn tool_calls_in_answers_are_found() {
+        use super::view::tool_call_segments;
+        let qwen = "Let me check.\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Oslo\"}}\n</tool_call>";
+        assert_eq!(
+            tool_call_segments(qwen),
+            [
+                (false, "Let me check.\n"),
+                (true, "{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Oslo\"}}")
+            ]
+        );
+        let llama = "{\"name\": \"get_weather\", \"parameters\": {\"city\": \"Oslo\"}}";
+        assert_eq!(tool_call_segments(llama), [(true, llama)]);
+        assert_eq!(tool_call_segments("<tool_call>\n{\"na"), [(true, "{\"na")]);
+        assert_eq!(tool_call_segments("Just {words}."), [(false, "Just {words}.")]);
+        assert_eq!(tool_call_segments("{\"a\": 1}"), [(false, "{\"a\": 1}")]);
+    }
+
     use super::*;
 
     #[test]

@@ -386,7 +386,22 @@ fn answer_ui(ui: &mut egui::Ui, answer: &Answer, title: &str) {
     if answer.text.is_empty() && answer.is_streaming() {
         ui.spinner();
     } else {
-        ui.add(egui::Label::new(&answer.text).selectable(true).wrap());
+        for (is_call, text) in tool_call_segments(&answer.text) {
+            if is_call {
+                // A tool call the model wrote (Qwen's `<tool_call>` block, or a whole answer that
+                // is a Llama 3.1 `{"name", "parameters"}` call) is shown as a call, not as prose.
+                egui::Frame::group(ui.style()).show(ui, |ui| {
+                    ui.label(egui::RichText::new("Tool call").small().strong());
+                    ui.add(
+                        egui::Label::new(egui::RichText::new(text).monospace())
+                            .selectable(true)
+                            .wrap(),
+                    );
+                });
+            } else if !text.trim().is_empty() {
+                ui.add(egui::Label::new(text).selectable(true).wrap());
+            }
+        }
     }
     let status = answer.status_text();
     if answer.error.is_some() {
@@ -394,4 +409,39 @@ fn answer_ui(ui: &mut egui::Ui, answer: &Answer, title: &str) {
     } else {
         ui.label(egui::RichText::new(status).small().weak());
     }
+}
+
+/// Cuts an answer into prose and tool calls (`true`): the bodies of `<tool_call>…</tool_call>`
+/// blocks (an unclosed block, still streaming, runs to the end), or the whole answer when it is
+/// one JSON object with a `name` and `parameters` or `arguments`.
+pub(super) fn tool_call_segments(text: &str) -> Vec<(bool, &str)> {
+    const OPEN: &str = "<tool_call>";
+    const CLOSE: &str = "</tool_call>";
+    let trimmed = text.trim();
+    if trimmed.starts_with('{') {
+        if let Ok(serde_json::Value::Object(map)) = serde_json::from_str::<serde_json::Value>(trimmed) {
+            if map.contains_key("name") && (map.contains_key("parameters") || map.contains_key("arguments")) {
+                return vec![(true, trimmed)];
+            }
+        }
+    }
+    let mut out = vec![];
+    let mut rest = text;
+    while let Some(at) = rest.find(OPEN) {
+        out.push((false, &rest[..at]));
+        let body = &rest[at + OPEN.len()..];
+        match body.find(CLOSE) {
+            Some(end) => {
+                out.push((true, body[..end].trim()));
+                rest = &body[end + CLOSE.len()..];
+            }
+            None => {
+                out.push((true, body.trim()));
+                rest = "";
+            }
+        }
+    }
+    out.push((false, rest));
+    out.retain(|(is_call, t)| *is_call || !t.is_empty());
+    out
 }

@@ -455,7 +455,7 @@ fn one_line(text: &str, max: usize) -> String {
 fn preview(ex: &Example) -> (String, String) {
     match ex {
         Example::Text { text } => (one_line(text, PREVIEW_CHARS), String::new()),
-        Example::Chat { messages } => {
+        Example::Chat { messages, .. } => {
             let first = |role: Role| {
                 messages
                     .iter()
@@ -464,7 +464,18 @@ fn preview(ex: &Example) -> (String, String) {
                     .unwrap_or_default()
             };
             let turns = messages.iter().filter(|m| m.role == Role::Assistant).count();
-            let mut answer = first(Role::Assistant);
+            // A first answer that only calls tools is previewed as its calls.
+            let mut answer = match messages.iter().find(|m| m.role == Role::Assistant) {
+                Some(m) if m.content.trim().is_empty() && !m.tool_calls.is_empty() => {
+                    let calls: Vec<String> = m
+                        .tool_calls
+                        .iter()
+                        .map(|c| format!("{}({})", c.name, c.arguments))
+                        .collect();
+                    one_line(&format!("[tool call] {}", calls.join(", ")), PREVIEW_CHARS)
+                }
+                _ => first(Role::Assistant),
+            };
             if turns > 1 {
                 answer = format!("({turns} turns) {answer}");
             }
@@ -578,6 +589,7 @@ mod tests {
                 Message::new(Role::User, "line one\nline two"),
                 Message::new(Role::Assistant, "x".repeat(500)),
             ],
+            tools: None,
         };
         let (prompt, answer) = preview(&ex);
         assert_eq!(prompt, "line one ¶ line two");

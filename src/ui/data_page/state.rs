@@ -177,6 +177,7 @@ impl DataPage {
                 } else {
                     Example::Chat {
                         messages: vec![Message::new(Role::User, ""), Message::new(Role::Assistant, "")],
+                        tools: None,
                     }
                 };
                 let index = d.editor.add(example);

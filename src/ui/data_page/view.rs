@@ -339,13 +339,14 @@ impl DataPage {
                     )
                     .labelled_by(label.id);
                 }
-                Example::Chat { messages } => {
+                Example::Chat { messages, .. } => {
                     let mut remove = None;
                     for (m, message) in messages.iter_mut().enumerate() {
                         let role = match message.role {
                             Role::System => "System",
                             Role::User => "User",
                             Role::Assistant => "Assistant",
+                            Role::Tool => "Tool result",
                         };
                         let label_id = ui
                             .horizontal(|ui| {
@@ -366,6 +367,13 @@ impl DataPage {
                                 .desired_width(f32::INFINITY),
                         )
                         .labelled_by(label_id);
+                        // Tool calls are shown, not edited here (they are JSON the template prints).
+                        for call in &message.tool_calls {
+                            ui.label(
+                                egui::RichText::new(format!("Tool call: {}({})", call.name, call.arguments))
+                                    .monospace(),
+                            );
+                        }
                     }
                     if let Some(m) = remove {
                         messages.remove(m);
