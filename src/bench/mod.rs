@@ -121,7 +121,10 @@ pub fn bench_train(opts: &BenchTrainOptions) -> Result<BenchTrainResult> {
         KernelPath::Composite
     };
     let (model, name): (Transformer, String) = match &opts.model {
-        Some(m) => (crate::hub::open_model(m)?.load(dtype, &device)?, m.clone()),
+        Some(m) => (
+            crate::hub::open_model(m)?.load_with_base(dtype, opts.precision.quantized_base(), &device)?,
+            m.clone(),
+        ),
         None => {
             let spec = TinySpec::smollm2_135m();
             let cfg = crate::model::ModelConfig::from_json(&spec.config_json(), "random-smollm2-135m".as_ref())?;
@@ -130,7 +133,7 @@ pub fn bench_train(opts: &BenchTrainOptions) -> Result<BenchTrainResult> {
                 origin: "random-smollm2-135m".into(),
             };
             (
-                Transformer::load(&cfg, &src, dtype, &device)?,
+                Transformer::load_with_base(&cfg, &src, dtype, opts.precision.quantized_base(), &device)?,
                 "random-smollm2-135m".into(),
             )
         }

@@ -14,7 +14,10 @@
 
 use crate::kernels::cpu::{self, Family};
 use crate::kernels::ops::{cpu_f32, slice, tensor_vec};
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Storage, Tensor};
+use std::sync::Arc;
+
+use crate::kernels::quant::QMatrix;
 
 /// A read-only matrix view: element `(i, j)` is `data[i * rs + j * cs]`.
 #[derive(Clone, Copy)]
@@ -34,6 +37,17 @@ impl<'a> Mat<'a> {
             cols,
             rs: cols,
             cs: 1,
+        }
+    }
+
+    /// Element `(i, j)` at `data[i * rs + j * cs]` (a block of a larger matrix).
+    pub(crate) fn strided(data: &'a [f32], rows: usize, cols: usize, rs: usize, cs: usize) -> Self {
+        Mat {
+            data,
+            rows,
+            cols,
+            rs,
+            cs,
         }
     }
 
@@ -305,10 +319,104 @@ impl CustomOp2 for FrozenMatmul {
     }
 }
 
+// ---------------------------------------------------------------- quantized frozen linear
+
+struct QuantizedMatmul {
+    w: Arc<QMatrix>,
+}
+
+/// `x: [.., in]` times a frozen GGUF-block weight `w: [out, in]` (Q8_0/Q4_1) → `[.., out]`, in
+/// f32 from panels of dequantized rows ([`crate::kernels::quant::matmul_f32`]); the backward
+/// pass gives `∂x = ∂y·W` the same way. The f32 weight never exists whole: this is what lets a
+/// quantized base train in a fraction of the f32 base's memory. CPU f32 inputs only.
+pub fn quantized_linear(x: &Tensor, w: &Arc<QMatrix>) -> candle_core::Result<Tensor> {
+    if !cpu_f32(x) {
+        candle_core::bail!(
+            "a quantized base weight needs f32 inputs on the CPU (--precision q8_0/q4_1 trains on the CPU only)"
+        )
+    }
+    x.contiguous()?.apply_op1(QuantizedMatmul { w: w.clone() })
+}
+
+fn qerr(e: crate::kernels::quant::QError) -> candle_core::Error {
+    candle_core::Error::Msg(format!("quantized linear: {e}"))
+}
+
+impl CustomOp1 for QuantizedMatmul {
+    fn name(&self) -> &'static str {
+        "quantized-frozen-linear"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = slice(s, l, "input")?;
+        let (m, mut shape) = input_rows(l.shape(), self.w.cols())?;
+        let mut y = vec![0f32; m * self.w.rows()];
+        crate::kernels::quant::matmul_f32(&self.w, x, m, &mut y).map_err(qerr)?;
+        shape.push(self.w.rows());
+        Ok((CpuStorage::F32(y), Shape::from(shape)))
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let m = grad.elem_count() / self.w.rows().max(1);
+        let mut dx = vec![0f32; m * self.w.cols()];
+        with_slice(grad, |g| {
+            crate::kernels::quant::matmul_f32_backward(&self.w, g, m, &mut dx).map_err(qerr)
+        })?;
+        Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
+    }
+}
+
 // ---------------------------------------------------------------- fused LoRA linear
 
+/// The frozen weight of a fused LoRA linear: f32 values, or GGUF blocks read through panels of
+/// dequantized rows.
+enum Base {
+    Dense(Tensor),
+    Quantized(Arc<QMatrix>),
+}
+
+impl Base {
+    /// `(out, in)`.
+    fn dims(&self) -> candle_core::Result<(usize, usize)> {
+        match self {
+            Base::Dense(w) => w.dims2(),
+            Base::Quantized(q) => Ok((q.rows(), q.cols())),
+        }
+    }
+
+    fn shape(&self) -> Vec<usize> {
+        self.dims().map(|(o, i)| vec![o, i]).unwrap_or_default()
+    }
+
+    /// `x·Wᵀ` for `x: [m, in]`.
+    fn times_t(&self, x: &[f32], m: usize) -> candle_core::Result<Vec<f32>> {
+        let (out, k) = self.dims()?;
+        match self {
+            Base::Dense(w) => with_slice(w, |w| matmul(Mat::row_major(x, m, k), Mat::row_major(w, out, k).t())),
+            Base::Quantized(q) => {
+                let mut y = vec![0f32; m * out];
+                crate::kernels::quant::matmul_f32(q, x, m, &mut y).map_err(qerr)?;
+                Ok(y)
+            }
+        }
+    }
+
+    /// `g·W` for `g: [m, out]`.
+    fn times(&self, g: &[f32], m: usize) -> candle_core::Result<Vec<f32>> {
+        let (out, k) = self.dims()?;
+        match self {
+            Base::Dense(w) => with_slice(w, |w| matmul(Mat::row_major(g, m, out), Mat::row_major(w, out, k))),
+            Base::Quantized(q) => {
+                let mut dx = vec![0f32; m * k];
+                crate::kernels::quant::matmul_f32_backward(q, g, m, &mut dx).map_err(qerr)?;
+                Ok(dx)
+            }
+        }
+    }
+}
+
 struct LoraMatmul {
-    w: Tensor,
+    w: Base,
     scale: f32,
 }
 
@@ -316,7 +424,23 @@ struct LoraMatmul {
 /// Gradients flow to `x`, `A` and `B`. CPU f32 only; callers fall back to composite ops.
 pub fn lora_linear(x: &Tensor, w: &Tensor, a: &Tensor, b: &Tensor, scale: f64) -> candle_core::Result<Tensor> {
     let op = LoraMatmul {
-        w: w.contiguous()?,
+        w: Base::Dense(w.contiguous()?),
+        scale: scale as f32,
+    };
+    x.contiguous()?.apply_op3(&a.contiguous()?, &b.contiguous()?, op)
+}
+
+/// [`lora_linear`] over a quantized frozen weight (see [`quantized_linear`]); CPU f32 `x`, `A`
+/// and `B` only ([`lora_linear_supported`] with any f32 CPU tensor as the weight).
+pub fn lora_linear_quantized(
+    x: &Tensor,
+    w: &Arc<QMatrix>,
+    a: &Tensor,
+    b: &Tensor,
+    scale: f64,
+) -> candle_core::Result<Tensor> {
+    let op = LoraMatmul {
+        w: Base::Quantized(w.clone()),
         scale: scale as f32,
     };
     x.contiguous()?.apply_op3(&a.contiguous()?, &b.contiguous()?, op)
@@ -344,7 +468,7 @@ impl CustomOp3 for LoraMatmul {
         let x = slice(s1, l1, "input")?;
         let a = slice(s2, l2, "lora_A")?;
         let b = slice(s3, l3, "lora_B")?;
-        let (out, k) = self.w.dims2()?;
+        let (out, k) = self.w.dims()?;
         let (r, ka) = l2.shape().dims2()?;
         let (ob, rb) = l3.shape().dims2()?;
         if ka != k || ob != out || rb != r {
@@ -357,7 +481,7 @@ impl CustomOp3 for LoraMatmul {
         }
         let (m, mut shape) = input_rows(l1.shape(), k)?;
         let xm = Mat::row_major(x, m, k);
-        let mut y = with_slice(&self.w, |w| matmul(xm, Mat::row_major(w, out, k).t()))?;
+        let mut y = self.w.times_t(x, m)?;
         // The rank-r products of a few tokens (decoding) are far too small to share between
         // threads: dispatching them cost more than computing them (25 vs 38 tokens/s decode).
         let threads = if m * r * (k + out) < 1 << 20 { 1 } else { cpu::threads() };
@@ -383,7 +507,7 @@ impl CustomOp3 for LoraMatmul {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (out, k) = self.w.dims2()?;
+        let (out, k) = self.w.dims()?;
         let (r, _) = a.dims2()?;
         let m = grad.elem_count() / out.max(1);
         let (av, bv) = (tensor_vec(a)?, tensor_vec(b)?);
@@ -400,7 +524,7 @@ impl CustomOp3 for LoraMatmul {
                 let db = matmul(gm.t(), Mat::row_major(&h, m, r))?;
                 let dhm = Mat::row_major(&dh, m, r);
                 let da = matmul(dhm.t(), xm)?;
-                let mut dx = with_slice(&self.w, |w| matmul(gm, Mat::row_major(w, out, k)))?;
+                let mut dx = self.w.times(g, m)?;
                 gemm_into(&mut dx, true, dhm, am)?;
                 Ok((dx, da, db))
             })

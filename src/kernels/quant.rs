@@ -556,6 +556,54 @@ pub fn matmul_f32(w: &QMatrix, x: &[f32], tokens: usize, out: &mut [f32]) -> Res
     Ok(())
 }
 
+/// Weight rows dequantized at a time by [`matmul_f32_backward`]: the panel's gemm is split over
+/// all threads, and its dequantization (single-threaded) costs ~1/tokens of it.
+const BACKWARD_PANEL_ROWS: usize = 256;
+
+/// The input gradient of `y = x·Wᵀ`: `dx[t, c] = Σ_r g[t, r]·w[r, c]` for row-major
+/// `g: [tokens, rows]`, written to `dx: [tokens, cols]`. Panels of [`BACKWARD_PANEL_ROWS`]
+/// dequantized rows are multiplied in turn (accumulating), so the f32 weights never exist whole.
+pub fn matmul_f32_backward(w: &QMatrix, g: &[f32], tokens: usize, dx: &mut [f32]) -> Result<(), QError> {
+    if g.len() != tokens * w.rows {
+        return Err(QError::Length {
+            what: "output gradient",
+            expected: tokens * w.rows,
+            found: g.len(),
+        });
+    }
+    if dx.len() != tokens * w.cols {
+        return Err(QError::Length {
+            what: "input gradient",
+            expected: tokens * w.cols,
+            found: dx.len(),
+        });
+    }
+    dx.fill(0.0);
+    if w.rows == 0 || tokens == 0 {
+        return Ok(());
+    }
+    use crate::kernels::gemm::{gemm_into_on, Mat};
+    let cols = w.cols;
+    let mut panel = vec![0f32; BACKWARD_PANEL_ROWS.min(w.rows) * cols];
+    for r0 in (0..w.rows).step_by(BACKWARD_PANEL_ROWS) {
+        let n = BACKWARD_PANEL_ROWS.min(w.rows - r0);
+        for (r, row) in (r0..r0 + n).zip(panel.chunks_exact_mut(cols)) {
+            w.dequantize_row(r, row)?;
+        }
+        // g[:, r0..r0+n] is the block of `g` starting at column r0, rows `w.rows` apart.
+        let lhs = Mat::strided(&g[r0..], tokens, n, w.rows, 1);
+        gemm_into_on(
+            dx,
+            true,
+            lhs,
+            Mat::row_major(&panel[..n * cols], n, cols),
+            crate::kernels::cpu::threads(),
+        )
+        .map_err(|e| QError::Gemm(e.to_string()))?;
+    }
+    Ok(())
+}
+
 /// Row `r` of `w` times every token of `x`, [`TOKEN_TILE`] tokens per pass over the row.
 fn rows_times_tokens(kernel: Kernel, w: &QMatrix, r: usize, x: &QActivations, out: &mut [f32]) {
     fn tile<const N: usize>(kernel: Kernel, qtype: QType, row: &[u8], x: &QActivations, t: usize, out: &mut [f32]) {

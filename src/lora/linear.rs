@@ -3,7 +3,12 @@
 
 use candle_core::{Tensor, Var};
 
-use crate::kernels::gemm::{frozen_linear, lora_linear, lora_linear_supported};
+use std::sync::Arc;
+
+use crate::kernels::gemm::{
+    frozen_linear, lora_linear, lora_linear_quantized, lora_linear_supported, quantized_linear,
+};
+use crate::kernels::quant::QMatrix;
 use crate::rng::Rng;
 
 /// Trainable low-rank update of one linear layer. `a: [r, in]`, `b: [out, r]`.
@@ -27,10 +32,20 @@ impl ForwardCtx<'_> {
     }
 }
 
+/// The frozen base weight `[out, in]` of a linear layer.
+#[derive(Debug, Clone)]
+pub enum FrozenWeight {
+    /// A tensor in the model's dtype, on its device.
+    Dense(Tensor),
+    /// GGUF blocks (Q8_0/Q4_1) kept as they are in memory, multiplied through dequantized
+    /// panels ([`crate::kernels::gemm::quantized_linear`]): CPU, f32 activations.
+    Quantized(Arc<QMatrix>),
+}
+
 /// A linear layer with frozen base weights and an optional LoRA adapter.
 #[derive(Debug, Clone)]
 pub struct LoraLinear {
-    pub weight: Tensor,
+    pub weight: FrozenWeight,
     pub bias: Option<Tensor>,
     pub lora: Option<LoraWeights>,
 }
@@ -38,39 +53,59 @@ pub struct LoraLinear {
 impl LoraLinear {
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
         LoraLinear {
-            weight,
+            weight: FrozenWeight::Dense(weight),
             bias,
             lora: None,
         }
     }
 
     pub fn in_features(&self) -> usize {
-        self.weight.dims()[1]
+        match &self.weight {
+            FrozenWeight::Dense(w) => w.dims()[1],
+            FrozenWeight::Quantized(q) => q.cols(),
+        }
     }
 
     pub fn out_features(&self) -> usize {
-        self.weight.dims()[0]
+        match &self.weight {
+            FrozenWeight::Dense(w) => w.dims()[0],
+            FrozenWeight::Quantized(q) => q.rows(),
+        }
+    }
+
+    /// `x·Wᵀ` with the frozen weight alone (no gradient to it).
+    fn base(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match &self.weight {
+            FrozenWeight::Dense(w) => frozen_linear(x, w),
+            FrozenWeight::Quantized(q) => quantized_linear(x, q),
+        }
     }
 
     pub fn forward(&self, x: &Tensor, ctx: &mut ForwardCtx) -> candle_core::Result<Tensor> {
         let mut y = match &self.lora {
-            None => frozen_linear(x, &self.weight)?,
+            None => self.base(x)?,
             Some(l) => {
                 let dropout_on = l.dropout > 0.0 && ctx.dropout_rng.is_some();
-                if !dropout_on && lora_linear_supported(x, &self.weight, l.a.as_tensor()) {
-                    lora_linear(x, &self.weight, l.a.as_tensor(), l.b.as_tensor(), l.scale)?
-                } else {
-                    let xd = match &mut ctx.dropout_rng {
-                        Some(rng) if dropout_on => dropout(x, l.dropout, rng)?,
-                        _ => x.clone(),
-                    };
-                    // Mixed precision: the adapter (and its optimizer) stay f32 over a bf16/f16
-                    // base; its input is cast up and its update cast down to the base's dtype.
-                    let xd = xd.to_dtype(l.a.dtype())?;
-                    // Scale the [tokens, r] product, not the [tokens, out] one.
-                    let h = (xd.broadcast_matmul(&l.a.as_tensor().t()?)? * l.scale)?;
-                    let update = h.broadcast_matmul(&l.b.as_tensor().t()?)?.to_dtype(x.dtype())?;
-                    (frozen_linear(x, &self.weight)? + update)?
+                match &self.weight {
+                    FrozenWeight::Dense(w) if !dropout_on && lora_linear_supported(x, w, l.a.as_tensor()) => {
+                        lora_linear(x, w, l.a.as_tensor(), l.b.as_tensor(), l.scale)?
+                    }
+                    FrozenWeight::Quantized(q) if !dropout_on && lora_linear_supported(x, x, l.a.as_tensor()) => {
+                        lora_linear_quantized(x, q, l.a.as_tensor(), l.b.as_tensor(), l.scale)?
+                    }
+                    _ => {
+                        let xd = match &mut ctx.dropout_rng {
+                            Some(rng) if dropout_on => dropout(x, l.dropout, rng)?,
+                            _ => x.clone(),
+                        };
+                        // Mixed precision: the adapter (and its optimizer) stay f32 over a bf16/f16
+                        // base; its input is cast up and its update cast down to the base's dtype.
+                        let xd = xd.to_dtype(l.a.dtype())?;
+                        // Scale the [tokens, r] product, not the [tokens, out] one.
+                        let h = (xd.broadcast_matmul(&l.a.as_tensor().t()?)? * l.scale)?;
+                        let update = h.broadcast_matmul(&l.b.as_tensor().t()?)?.to_dtype(x.dtype())?;
+                        (self.base(x)? + update)?
+                    }
                 }
             }
         };
@@ -80,14 +115,25 @@ impl LoraLinear {
         Ok(y)
     }
 
+    /// The frozen weight as a dense tensor (a quantized one dequantized, in f32 on the CPU).
+    pub fn dense_weight(&self) -> candle_core::Result<Tensor> {
+        match &self.weight {
+            FrozenWeight::Dense(w) => Ok(w.clone()),
+            FrozenWeight::Quantized(q) => {
+                Tensor::from_vec(q.dequantize(), (q.rows(), q.cols()), &candle_core::Device::Cpu)
+            }
+        }
+    }
+
     /// The dense weight with the adapter folded in: `W + scale · B·A`, a plain tensor (no
     /// backprop graph back to the adapter's variables).
     pub fn merged_weight(&self) -> candle_core::Result<Tensor> {
+        let w = self.dense_weight()?;
         match &self.lora {
-            None => Ok(self.weight.clone()),
+            None => Ok(w),
             Some(l) => {
                 let delta = (l.b.as_tensor().matmul(l.a.as_tensor())? * l.scale)?;
-                Ok(self.weight.add(&delta.to_dtype(self.weight.dtype())?)?.detach())
+                Ok(w.add(&delta.to_dtype(w.dtype())?)?.detach())
             }
         }
     }
@@ -103,4 +149,82 @@ pub fn dropout(x: &Tensor, p: f32, rng: &mut Rng) -> candle_core::Result<Tensor>
         .collect();
     let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
     x * mask
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::quant::QType;
+    use candle_core::{Device, Var};
+
+    /// A quantized frozen base trains exactly as the dense base holding the same (dequantized)
+    /// weights: outputs and the gradients of x, A and B agree to float precision, for both
+    /// block types, with and without a bias; the frozen weight gets no gradient either way.
+    #[test]
+    fn quantized_base_gives_the_dense_base_gradients() {
+        let dev = Device::Cpu;
+        let (out, inp, r) = (48, 96, 4);
+        for qtype in [QType::Q8_0, QType::Q4_1] {
+            for bias in [false, true] {
+                let w = Tensor::randn(0f32, 0.5, (out, inp), &dev).unwrap();
+                let q =
+                    QMatrix::quantize(qtype, out, inp, &w.flatten_all().unwrap().to_vec1::<f32>().unwrap()).unwrap();
+                let wd = Tensor::from_vec(q.dequantize(), (out, inp), &dev).unwrap();
+                let b = bias.then(|| Tensor::randn(0f32, 1.0, out, &dev).unwrap());
+                let lora = LoraWeights {
+                    a: Var::randn(0f32, 0.3, (r, inp), &dev).unwrap(),
+                    b: Var::randn(0f32, 0.3, (out, r), &dev).unwrap(),
+                    scale: 2.0,
+                    dropout: 0.0,
+                };
+                let dense = LoraLinear {
+                    weight: FrozenWeight::Dense(wd.clone()),
+                    bias: b.clone(),
+                    lora: Some(lora.clone()),
+                };
+                let quant = LoraLinear {
+                    weight: FrozenWeight::Quantized(Arc::new(q)),
+                    bias: b,
+                    lora: Some(lora.clone()),
+                };
+                assert_eq!((quant.in_features(), quant.out_features()), (inp, out));
+                let x = Var::randn(0f32, 1.0, (2, 7, inp), &dev).unwrap();
+                let c = Tensor::randn(0f32, 1.0, (2, 7, out), &dev).unwrap();
+                let run = |lin: &LoraLinear| {
+                    let y = lin.forward(x.as_tensor(), &mut ForwardCtx::eval()).unwrap();
+                    let g = (&y * &c).unwrap().sum_all().unwrap().backward().unwrap();
+                    let grads: Vec<Tensor> = [x.as_tensor(), lora.a.as_tensor(), lora.b.as_tensor()]
+                        .map(|v| g.get(v).unwrap().clone())
+                        .to_vec();
+                    assert!(g.get(&wd).is_none(), "the frozen weight must get no gradient");
+                    (y, grads)
+                };
+                let (yd, gd) = run(&dense);
+                let (yq, gq) = run(&quant);
+                let tol = |t: &Tensor| 1e-5 * (1.0 + t.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap());
+                assert!(crate::testing::max_abs_diff(&yd, &yq) < tol(&yd), "{qtype:?} output");
+                for (name, (a, b)) in ["x", "A", "B"].iter().zip(gd.iter().zip(&gq)) {
+                    let d = crate::testing::max_abs_diff(a, b);
+                    assert!(d < tol(a), "{qtype:?} bias {bias}: gradient of {name} differs by {d}");
+                }
+                // The merged weight of the quantized layer is the dequantized base plus B·A.
+                let m = quant.merged_weight().unwrap();
+                assert!(crate::testing::max_abs_diff(&m, &dense.merged_weight().unwrap()) < 1e-6);
+            }
+        }
+    }
+
+    /// A quantized base refuses what it cannot run instead of computing something else.
+    #[test]
+    fn quantized_base_needs_f32_inputs() {
+        let q = QMatrix::quantize(QType::Q8_0, 2, 32, &[0.25; 64]).unwrap();
+        let lin = LoraLinear {
+            weight: FrozenWeight::Quantized(Arc::new(q)),
+            bias: None,
+            lora: None,
+        };
+        let x = Tensor::zeros((1, 32), candle_core::DType::BF16, &Device::Cpu).unwrap();
+        let e = lin.forward(&x, &mut ForwardCtx::eval()).unwrap_err().to_string();
+        assert!(e.contains("f32"), "{e}");
+    }
 }

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::rng::Rng;
-pub use linear::{ForwardCtx, LoraLinear, LoraWeights};
+pub use linear::{ForwardCtx, FrozenWeight, LoraLinear, LoraWeights};
 
 /// A projection that can carry an adapter. Short names are what users type (`q,k,v`); PEFT
 /// names are what files store (`q_proj`).

@@ -153,6 +153,16 @@ impl ModelFiles {
     pub fn load(&self, dtype: DType, device: &Device) -> Result<Transformer> {
         Transformer::load(&self.config, self.weights.as_ref(), dtype, device)
     }
+
+    /// [`ModelFiles::load`] with the projections kept in `base` blocks (a quantized frozen base).
+    pub fn load_with_base(
+        &self,
+        dtype: DType,
+        base: Option<crate::kernels::quant::QType>,
+        device: &Device,
+    ) -> Result<Transformer> {
+        Transformer::load_with_base(&self.config, self.weights.as_ref(), dtype, base, device)
+    }
 }
 
 fn has_gguf(dir: &Path) -> bool {

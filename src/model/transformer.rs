@@ -7,7 +7,8 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::error::{Error, Result};
 use crate::kernels::ops;
-use crate::lora::{ForwardCtx, LoraConfig, LoraLinear, LoraWeights, Target};
+use crate::kernels::quant::{QMatrix, QType};
+use crate::lora::{ForwardCtx, FrozenWeight, LoraConfig, LoraLinear, LoraWeights, Target};
 use crate::model::attention::{causal_attention, Heads};
 use crate::model::config::{Activation, LayerType, ModelConfig};
 use crate::model::weights::WeightSource;
@@ -239,6 +240,7 @@ pub struct Transformer {
     device: Device,
 }
 
+#[allow(clippy::too_many_arguments)]
 fn linear(
     src: &dyn WeightSource,
     name: &str,
@@ -246,6 +248,7 @@ fn linear(
     inp: usize,
     bias: bool,
     dt: DType,
+    base: Option<QType>,
     dev: &Device,
 ) -> Result<LoraLinear> {
     let w = src.get(&format!("{name}.weight"), &[out, inp], dt, dev)?;
@@ -254,7 +257,14 @@ fn linear(
     } else {
         None
     };
-    Ok(LoraLinear::new(w, b))
+    let mut lin = LoraLinear::new(w, b);
+    if let Some(qtype) = base {
+        let values = lin.dense_weight()?.flatten_all()?.to_vec1::<f32>()?;
+        let q = QMatrix::quantize(qtype, out, inp, &values)
+            .map_err(|e| Error::config("precision", format!("`{name}` cannot be kept as {qtype:?}: {e}")))?;
+        lin.weight = FrozenWeight::Quantized(std::sync::Arc::new(q));
+    }
+    Ok(lin)
 }
 
 /// Default rotary inverse frequencies `1 / theta^(2i/d)`, `i < d/2`.
@@ -299,7 +309,26 @@ pub fn rope_inv_freq(cfg: &ModelConfig) -> Vec<f32> {
 impl Transformer {
     /// Builds the model from `src`, checking every tensor's shape.
     pub fn load(cfg: &ModelConfig, src: &dyn WeightSource, dtype: DType, device: &Device) -> Result<Self> {
+        Self::load_with_base(cfg, src, dtype, None, device)
+    }
+
+    /// [`Transformer::load`], with the seven projections of every layer kept in `base` blocks
+    /// (Q8_0/Q4_1, quantized one tensor at a time as it is read) instead of `dtype`: a LoRA run
+    /// over a quantized frozen base. Embeddings, norms and the output head stay in `dtype`.
+    pub fn load_with_base(
+        cfg: &ModelConfig,
+        src: &dyn WeightSource,
+        dtype: DType,
+        base: Option<QType>,
+        device: &Device,
+    ) -> Result<Self> {
         crate::device::check_precision(device, dtype)?;
+        if base.is_some() && (!device.is_cpu() || dtype != DType::F32) {
+            return Err(Error::config(
+                "precision",
+                "a q8_0/q4_1 base trains on the CPU in f32 (choose --device cpu, or f32/bf16 on a GPU)",
+            ));
+        }
         let h = cfg.hidden_size;
         let q_dim = cfg.num_attention_heads * cfg.head_dim;
         let kv_dim = cfg.num_key_value_heads * cfg.head_dim;
@@ -326,10 +355,28 @@ impl Transformer {
                 mlp_norm,
                 mlp_out_norm,
                 attn: Attention {
-                    q: linear(src, &format!("{a}.q_proj"), q_dim, h, cfg.qkv_bias, dtype, device)?,
-                    k: linear(src, &format!("{a}.k_proj"), kv_dim, h, cfg.qkv_bias, dtype, device)?,
-                    v: linear(src, &format!("{a}.v_proj"), kv_dim, h, cfg.qkv_bias, dtype, device)?,
-                    o: linear(src, &format!("{a}.o_proj"), h, q_dim, cfg.o_bias, dtype, device)?,
+                    q: linear(src, &format!("{a}.q_proj"), q_dim, h, cfg.qkv_bias, dtype, base, device)?,
+                    k: linear(
+                        src,
+                        &format!("{a}.k_proj"),
+                        kv_dim,
+                        h,
+                        cfg.qkv_bias,
+                        dtype,
+                        base,
+                        device,
+                    )?,
+                    v: linear(
+                        src,
+                        &format!("{a}.v_proj"),
+                        kv_dim,
+                        h,
+                        cfg.qkv_bias,
+                        dtype,
+                        base,
+                        device,
+                    )?,
+                    o: linear(src, &format!("{a}.o_proj"), h, q_dim, cfg.o_bias, dtype, base, device)?,
                     q_norm: if cfg.qk_norm {
                         Some(norm("self_attn.q_norm", cfg.head_dim)?)
                     } else {
@@ -342,9 +389,9 @@ impl Transformer {
                     },
                 },
                 mlp: Mlp {
-                    gate: linear(src, &format!("{m}.gate_proj"), i, h, cfg.mlp_bias, dtype, device)?,
-                    up: linear(src, &format!("{m}.up_proj"), i, h, cfg.mlp_bias, dtype, device)?,
-                    down: linear(src, &format!("{m}.down_proj"), h, i, cfg.mlp_bias, dtype, device)?,
+                    gate: linear(src, &format!("{m}.gate_proj"), i, h, cfg.mlp_bias, dtype, base, device)?,
+                    up: linear(src, &format!("{m}.up_proj"), i, h, cfg.mlp_bias, dtype, base, device)?,
+                    down: linear(src, &format!("{m}.down_proj"), h, i, cfg.mlp_bias, dtype, base, device)?,
                 },
             });
         }

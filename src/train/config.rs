@@ -40,6 +40,12 @@ pub enum Precision {
     F32,
     Bf16,
     F16,
+    /// The seven projections kept in Q8_0 blocks (8.5 bits a weight), trained through in f32.
+    #[serde(rename = "q8_0")]
+    Q8_0,
+    /// The seven projections kept in Q4_1 blocks (5 bits a weight), trained through in f32.
+    #[serde(rename = "q4_1")]
+    Q4_1,
 }
 
 impl Precision {
@@ -48,9 +54,11 @@ impl Precision {
             "f32" => Ok(Precision::F32),
             "bf16" => Ok(Precision::Bf16),
             "f16" => Ok(Precision::F16),
+            "q8_0" => Ok(Precision::Q8_0),
+            "q4_1" => Ok(Precision::Q4_1),
             other => Err(Error::config(
                 "precision",
-                format!("`{other}` is not one of f32, bf16, f16"),
+                format!("`{other}` is not one of f32, bf16, f16, q8_0, q4_1"),
             )),
         }
     }
@@ -60,6 +68,27 @@ impl Precision {
             Precision::F32 => candle_core::DType::F32,
             Precision::Bf16 => candle_core::DType::BF16,
             Precision::F16 => candle_core::DType::F16,
+            Precision::Q8_0 | Precision::Q4_1 => candle_core::DType::F32,
+        }
+    }
+
+    /// The block type the frozen projections are kept in, for a quantized base.
+    pub fn quantized_base(self) -> Option<crate::kernels::quant::QType> {
+        use crate::kernels::quant::QType;
+        match self {
+            Precision::Q8_0 => Some(QType::Q8_0),
+            Precision::Q4_1 => Some(QType::Q4_1),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::F32 => "f32",
+            Precision::Bf16 => "bf16",
+            Precision::F16 => "f16",
+            Precision::Q8_0 => "q8_0",
+            Precision::Q4_1 => "q4_1",
         }
     }
 }

@@ -31,7 +31,7 @@ use crate::model::Transformer;
 use crate::rng::Rng;
 use batch::{make_batch, next_indices, Batch, DataCursor};
 use checkpoint::TrainerState;
-pub use config::{Duration, Schedule, TrainConfig, MAX_PROBE_PROMPTS};
+pub use config::{Duration, Precision, Schedule, TrainConfig, MAX_PROBE_PROMPTS};
 use optim::{AdamW, AdamWParams};
 pub use preflight::{preflight, preflight_with, PreflightProgress, PreflightReport};
 pub use probe::ProbeAnswer;

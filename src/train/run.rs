@@ -167,7 +167,7 @@ pub fn build(cfg: &TrainConfig, run_dir: Option<PathBuf>, note: &mut dyn FnMut(S
         ));
     }
     let pad_id = files.config.eos_token_ids.first().copied().unwrap_or(0);
-    let mut model = files.load(cfg.precision.dtype(), &device)?;
+    let mut model = files.load_with_base(cfg.precision.dtype(), cfg.precision.quantized_base(), &device)?;
     model.add_lora(&cfg.lora, &mut Rng::derive(cfg.seed, "lora-init"))?;
     let mut trainer = Trainer::new(cfg.clone(), model, TrainData { train, eval, pad_id }, run_dir)?;
     if !cfg.probe_prompts.is_empty() {
