@@ -24,8 +24,10 @@ use crate::train::{Duration, TrainConfig, TrainData, TrainEvent, Trainer};
 
 #[derive(Debug, Clone)]
 pub struct BenchTrainOptions {
-    /// A model to load; `None` builds random weights with SmolLM2-135M's shapes.
+    /// A model to load; `None` builds random weights with [`BenchTrainOptions::preset`]'s shapes.
     pub model: Option<String>,
+    /// The shapes of the random model ([`TinySpec::preset`]): `smollm2-135m` by default.
+    pub preset: Option<String>,
     pub batch_size: usize,
     pub seq_len: usize,
     pub warmup_steps: usize,
@@ -40,6 +42,7 @@ impl Default for BenchTrainOptions {
     fn default() -> Self {
         BenchTrainOptions {
             model: None,
+            preset: None,
             batch_size: 4,
             seq_len: 256,
             warmup_steps: 3,
@@ -126,16 +129,27 @@ pub fn bench_train(opts: &BenchTrainOptions) -> Result<BenchTrainResult> {
             m.clone(),
         ),
         None => {
-            let spec = TinySpec::smollm2_135m();
-            let cfg = crate::model::ModelConfig::from_json(&spec.config_json(), "random-smollm2-135m".as_ref())?;
-            let src = TensorMap {
-                tensors: spec.weights()?,
-                origin: "random-smollm2-135m".into(),
+            let preset = opts.preset.as_deref().unwrap_or("smollm2-135m");
+            let spec = TinySpec::preset(preset)?;
+            let name = format!("random-{preset}");
+            let cfg = crate::model::ModelConfig::from_json(&spec.config_json(), name.as_ref())?;
+            let model = if preset == "smollm2-135m" {
+                // The weights every earlier figure was measured with.
+                let src = TensorMap {
+                    tensors: spec.weights()?,
+                    origin: name.clone().into(),
+                };
+                Transformer::load_with_base(&cfg, &src, dtype, opts.precision.quantized_base(), &device)?
+            } else {
+                Transformer::load_with_base(
+                    &cfg,
+                    &spec.lazy_weights(),
+                    dtype,
+                    opts.precision.quantized_base(),
+                    &device,
+                )?
             };
-            (
-                Transformer::load_with_base(&cfg, &src, dtype, opts.precision.quantized_base(), &device)?,
-                "random-smollm2-135m".into(),
-            )
+            (model, name)
         }
     };
     let vocab = model.cfg.vocab_size;

@@ -21,8 +21,12 @@ pub enum BenchCommand {
     /// LoRA training throughput (r=16, alpha 32, all targets, batch 4 × 256, f32, AdamW).
     Train {
         /// Model folder or GGUF file; default: random weights with SmolLM2-135M's shapes.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "preset")]
         model: Option<String>,
+        /// Random weights with a released model's shapes: smollm2-135m, qwen2.5-0.5b,
+        /// qwen2.5-1.5b, llama3.2-3b.
+        #[arg(long)]
+        preset: Option<String>,
         #[arg(long, default_value_t = 4)]
         batch: usize,
         #[arg(long, default_value_t = 256)]
@@ -68,6 +72,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<i32> {
     match args.what {
         BenchCommand::Train {
             model,
+            preset,
             batch,
             seq_len,
             warmup,
@@ -79,6 +84,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<i32> {
         } => {
             let mut opts = BenchTrainOptions {
                 model,
+                preset,
                 batch_size: batch,
                 seq_len,
                 warmup_steps: warmup,

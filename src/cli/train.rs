@@ -105,8 +105,9 @@ pub struct TrainArgs {
     /// Continue from the newest checkpoint in --out.
     #[arg(long)]
     pub resume: bool,
-    /// Base-weight precision: f32, bf16, f16.
-    #[arg(long)]
+    /// Base-weight precision: f32, bf16, f16, or q8_0 / q4_1 (the projections kept in GGUF
+    /// blocks on the CPU: LoRA over a quantized frozen base).
+    #[arg(long, alias = "base-precision")]
     pub precision: Option<String>,
     /// auto, cpu, cuda[:N], metal (auto: the GPU when there is one).
     #[arg(long)]

@@ -61,6 +61,44 @@ impl TinySpec {
         }
     }
 
+    /// The shapes of a released model, by name, for `finch bench train --preset` (random
+    /// weights, so sizes are measured without a download): `smollm2-135m`, `qwen2.5-0.5b`,
+    /// `qwen2.5-1.5b`, `llama3.2-3b`.
+    pub fn preset(name: &str) -> Result<Self> {
+        let shapes = |family, vocab_size, hidden_size, intermediate_size, num_hidden_layers, heads, kv| TinySpec {
+            family,
+            vocab_size,
+            hidden_size,
+            intermediate_size,
+            num_hidden_layers,
+            num_attention_heads: heads,
+            num_key_value_heads: kv,
+            tie_word_embeddings: true,
+            max_position_embeddings: 32768,
+            embedding_std: 0.02,
+            seed: 42,
+        };
+        Ok(match name {
+            "smollm2-135m" => Self::smollm2_135m(),
+            "qwen2.5-0.5b" => shapes(Family::Qwen2, 151936, 896, 4864, 24, 14, 2),
+            "qwen2.5-1.5b" => shapes(Family::Qwen2, 151936, 1536, 8960, 28, 12, 2),
+            "llama3.2-3b" => shapes(Family::Llama, 128256, 3072, 8192, 28, 24, 8),
+            other => {
+                return Err(Error::config(
+                    "preset",
+                    format!("`{other}` is not one of smollm2-135m, qwen2.5-0.5b, qwen2.5-1.5b, llama3.2-3b"),
+                ))
+            }
+        })
+    }
+
+    /// The weights as a [`crate::model::weights::WeightSource`] that draws each tensor when it
+    /// is asked for (seeded by its name), so a multi-billion-parameter random model never exists
+    /// twice in memory (a quantized base keeps only its blocks).
+    pub fn lazy_weights(&self) -> LazyRandomWeights {
+        LazyRandomWeights { spec: self.clone() }
+    }
+
     /// SmolLM2-135M's exact shapes (used by `finch bench train` without `--model`).
     pub fn smollm2_135m() -> Self {
         TinySpec {
@@ -292,6 +330,40 @@ pub fn tiny_tokenizer_json() -> serde_json::Value {
                   "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
                   "vocab": vocab, "merges": []}
     })
+}
+
+/// Random weights drawn on request: see [`TinySpec::lazy_weights`].
+pub struct LazyRandomWeights {
+    spec: TinySpec,
+}
+
+impl crate::model::weights::WeightSource for LazyRandomWeights {
+    fn get(&self, name: &str, shape: &[usize], dtype: candle_core::DType, device: &Device) -> Result<Tensor> {
+        // FNV-1a of the name: each tensor its own stream, the same on every run.
+        let seed = name.bytes().fold(0xcbf2_9ce4_8422_2325u64 ^ self.spec.seed, |h, b| {
+            (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+        });
+        let mut rng = Rng::new(seed);
+        let n: usize = shape.iter().product();
+        let data: Vec<f32> = if name.ends_with("norm.weight") {
+            (0..n).map(|_| 1.0 + 0.1 * normal(&mut rng)).collect()
+        } else if name == "model.embed_tokens.weight" {
+            (0..n).map(|_| normal(&mut rng) * self.spec.embedding_std).collect()
+        } else {
+            (0..n).map(|_| normal(&mut rng) * 0.02).collect()
+        };
+        Ok(Tensor::from_vec(data, shape, &Device::Cpu)?
+            .to_dtype(dtype)?
+            .to_device(device)?)
+    }
+
+    fn contains(&self, name: &str) -> bool {
+        !(name == "lm_head.weight" && self.spec.tie_word_embeddings)
+    }
+
+    fn origin(&self) -> &Path {
+        Path::new("random weights")
+    }
 }
 
 #[cfg(test)]
