@@ -470,3 +470,41 @@ fn export_peft_and_merged_from_the_export_page() {
         "the earlier export is kept"
     );
 }
+
+#[test]
+fn chat_device_choice_reloads_the_model_there_and_names_what_is_not_offered() {
+    let fx = fixture(1);
+    let (mut harness, _run) = chat_ready(&fx, |s| s.chat.max_new_tokens = 4);
+    // Auto on a machine without a usable GPU: the CPU.
+    harness.get_by_label("loaded on cpu");
+    // The picker lists the CPU and says why the GPU kinds are not offered in this build.
+    harness.get_by_role(egui::accesskit::Role::ComboBox).click();
+    harness.step();
+    harness.step();
+    let cpu = finch::device::offered()
+        .into_iter()
+        .find(|o| o.choice == finch::device::DeviceChoice::Cpu)
+        .unwrap();
+    for offer in finch::device::offered().iter().filter(|o| !o.is_usable()) {
+        harness.get_by_label_contains(&format!("{}: ", offer.label));
+    }
+    harness.get_by_label(&cpu.label).click();
+    harness.step();
+    assert_eq!(harness.state().settings().chat.device, finch::device::DeviceChoice::Cpu);
+    step_until(
+        &mut harness,
+        "the model reloaded on the CPU",
+        Duration::from_secs(60),
+        |app| app.chat_model_ready(),
+    );
+    harness.get_by_label("loaded on cpu");
+    // Answers still come.
+    type_message(&mut harness, "Hi");
+    press_enter(&mut harness);
+    step_until(&mut harness, "an answer", Duration::from_secs(60), |app| {
+        !app.is_generating()
+    });
+    let answer = &harness.state().chat_turns()[0].answer;
+    assert!(answer.error.is_none() && answer.tokens >= 1, "{:?}", answer.error);
+    assert!(harness.state().errors().is_empty(), "{:?}", harness.state().errors());
+}

@@ -29,6 +29,8 @@ pub struct ExportPage {
     pub adapter_text: String,
     pub format: ExportFormat,
     pub out_text: String,
+    /// Where a merged or GGUF export folds the adapter into the base (`auto`: the first usable GPU).
+    pub device: crate::device::DeviceChoice,
     /// The output folder was filled in by the page (and follows the adapter and format).
     out_auto: bool,
     job: Option<Stream<ExportMsg>>,
@@ -46,6 +48,7 @@ impl Default for ExportPage {
             adapter_text: String::new(),
             format: ExportFormat::Peft,
             out_text: String::new(),
+            device: crate::device::DeviceChoice::Auto,
             out_auto: true,
             job: None,
             cancelling: false,
@@ -127,8 +130,7 @@ impl ExportPage {
             adapter,
             model: model.map(|m| m.display().to_string()),
             out,
-            // The studio has no device choice yet: the CPU, as every page uses.
-            device: crate::device::DeviceChoice::Cpu,
+            device: self.device,
         };
         let stream = Stream::spawn("finch-export", ctx, move |send, cancel| {
             let result = crate::export::run(&request, cancel, &mut |event| send(ExportMsg::Event(event)));
@@ -263,6 +265,14 @@ impl ExportPage {
                         }
                     });
                     ui.end_row();
+
+                    if self.format.needs_model() {
+                        ui.label("Device").on_hover_text(
+                            "Where the adapter is folded into the base model; auto picks the first usable GPU, else the CPU.",
+                        );
+                        crate::ui::widgets::device_combo(ui, "export-device", &mut self.device);
+                        ui.end_row();
+                    }
 
                     let label = ui
                         .label("Output folder")

@@ -53,6 +53,34 @@ pub fn knob_row(ui: &mut egui::Ui, label: &str, tooltip: &str, add: impl FnOnce(
     ui.end_row();
 }
 
+/// What this build and machine offer, asked once per process (probing a GPU driver is not a
+/// per-frame job).
+pub fn offered_devices() -> &'static [crate::device::DeviceOffer] {
+    static OFFERS: std::sync::OnceLock<Vec<crate::device::DeviceOffer>> = std::sync::OnceLock::new();
+    OFFERS.get_or_init(crate::device::offered)
+}
+
+/// The device picker every page uses: `auto` and each device kind; those this build or machine
+/// cannot use are listed greyed with the reason ("built without CUDA", "no NVIDIA driver found").
+pub fn device_combo(ui: &mut egui::Ui, id: &str, choice: &mut crate::device::DeviceChoice) -> egui::Response {
+    egui::ComboBox::from_id_salt(id)
+        .selected_text(choice.to_string())
+        .show_ui(ui, |ui| {
+            ui.selectable_value(choice, crate::device::DeviceChoice::Auto, "auto");
+            for offer in offered_devices() {
+                match &offer.unavailable {
+                    None => {
+                        ui.selectable_value(choice, offer.choice, offer.label.as_str());
+                    }
+                    Some(why) => {
+                        ui.weak(format!("{}: {why}", offer.label));
+                    }
+                }
+            }
+        })
+        .response
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -52,6 +52,9 @@ pub struct ChatSettings {
     /// Answer from the GGUF's own Q4_1/Q8_0 blocks (integer kernels: ~3x faster decoding, the
     /// same answers); only for such GGUF models.
     pub quantized: bool,
+    /// Where the f32 model answers (`auto`: the first usable GPU, else the CPU); the quantized
+    /// path always runs on the CPU.
+    pub device: crate::device::DeviceChoice,
 }
 
 impl Default for ChatSettings {
@@ -69,6 +72,7 @@ impl Default for ChatSettings {
             stop: String::new(),
             blind: false,
             quantized: false,
+            device: crate::device::DeviceChoice::Auto,
         }
     }
 }
@@ -304,8 +308,13 @@ pub struct ChatModel {
 /// The base model as loaded for generation, and which model path it came from.
 struct LoadedBase {
     path: PathBuf,
+    /// The device choice it was loaded for: another choice reloads it.
+    device: crate::device::DeviceChoice,
     model: Arc<ChatModel>,
 }
+
+/// A model load in flight: for which path, on which device choice.
+type Loading = (PathBuf, crate::device::DeviceChoice, Job<Result<ChatModel, String>>);
 
 type AdapterCache = Arc<Mutex<HashMap<PathBuf, Arc<Transformer>>>>;
 
@@ -321,9 +330,9 @@ pub struct ChatPage {
     /// An adapter folder typed or browsed, before it is added to the list.
     pub adapter_text: String,
     base: Option<LoadedBase>,
-    loading: Option<(PathBuf, Job<Result<ChatModel, String>>)>,
+    loading: Option<Loading>,
     /// A model path whose load failed: not retried until another model is opened.
-    failed_path: Option<PathBuf>,
+    failed_path: Option<(PathBuf, crate::device::DeviceChoice)>,
     cache: AdapterCache,
     pub turns: Vec<ChatTurn>,
     pub rounds: Vec<CompareRound>,
@@ -371,8 +380,13 @@ impl ChatPage {
     }
 
     /// The loaded base model for `path`, if it is loaded.
-    pub(crate) fn base_for(&self, path: &Path) -> Option<Arc<ChatModel>> {
-        self.base.as_ref().filter(|b| b.path == path).map(|b| b.model.clone())
+    /// The loaded model for `path` on the device `device` asks for (after a device change the
+    /// previous one no longer answers: the model is reloaded there first).
+    pub(crate) fn base_for(&self, path: &Path, device: crate::device::DeviceChoice) -> Option<Arc<ChatModel>> {
+        self.base
+            .as_ref()
+            .filter(|b| b.path == path && b.device == device)
+            .map(|b| b.model.clone())
     }
 }
 

@@ -31,7 +31,10 @@ impl ChatPage {
 
     /// True once the model open on the Models page is loaded for generation.
     pub fn model_ready(&self, shared: &Shared) -> bool {
-        shared.model.as_ref().is_some_and(|c| self.base_for(&c.path).is_some())
+        shared
+            .model
+            .as_ref()
+            .is_some_and(|c| self.base_for(&c.path, shared.settings.chat.device).is_some())
     }
 
     /// (votes in the file, the file) after the last saved vote.
@@ -66,13 +69,23 @@ impl ChatPage {
         if shared.settings.page == Page::Chat {
             if let Some(card) = &shared.model {
                 let path = card.path.clone();
-                let loaded = self.base.as_ref().is_some_and(|b| b.path == path);
-                let loading = self.loading.as_ref().is_some_and(|(p, _)| *p == path);
-                if !loaded && !loading && self.failed_path.as_ref() != Some(&path) {
+                let device = shared.settings.chat.device;
+                let loaded = self.base.as_ref().is_some_and(|b| b.path == path && b.device == device);
+                let loading = self
+                    .loading
+                    .as_ref()
+                    .is_some_and(|(p, d, _)| *p == path && *d == device);
+                let failed = self
+                    .failed_path
+                    .as_ref()
+                    .is_some_and(|(p, d)| *p == path && *d == device);
+                if !loaded && !loading && !failed && !self.is_generating() {
                     let spec = path.display().to_string();
                     let job = Job::spawn("finch-chat-load", ctx, move || {
-                        LoadedModel::open(&spec)
+                        let on = device.open().map_err(|e| format!("{e:#}"))?;
+                        LoadedModel::open_on(&spec, &on)
                             .map(|m| {
+                                // Finch's integer kernels run on the CPU whatever the f32 model's device.
                                 let quantized =
                                     QuantizedModel::open(&m.files.path, &m.files.config).map_err(|e| format!("{e:#}"));
                                 ChatModel {
@@ -84,20 +97,21 @@ impl ChatPage {
                             .map_err(|e| format!("{e:#}"))
                     });
                     match job {
-                        Ok(job) => self.loading = Some((path, job)),
+                        Ok(job) => self.loading = Some((path, device, job)),
                         Err(e) => shared.report("Cannot load the model for chat", e, "Restart Finch."),
                     }
                 }
             }
         }
-        if let Some((path, job)) = &mut self.loading {
+        if let Some((path, device, job)) = &mut self.loading {
             if let Some(result) = job.poll() {
-                let path = path.clone();
+                let (path, device) = (path.clone(), *device);
                 self.loading = None;
                 match result {
                     Ok(model) => {
                         self.base = Some(LoadedBase {
                             path,
+                            device,
                             model: Arc::new(model),
                         });
                         // Adapters built on the previous base must not be mixed with this one.
@@ -106,11 +120,11 @@ impl ChatPage {
                         }
                     }
                     Err(e) => {
-                        self.failed_path = Some(path);
+                        self.failed_path = Some((path, device));
                         shared.report(
                             "Cannot load the model for chat",
                             e,
-                            "Chat needs a model with a chat template; open another model on the Models page.",
+                            "Chat needs a model with a chat template on a usable device: pick another device or open another model on the Models page.",
                         );
                     }
                 }
@@ -171,7 +185,7 @@ impl ChatPage {
             );
             return;
         };
-        let Some(base) = self.base_for(&card.path) else {
+        let Some(base) = self.base_for(&card.path, shared.settings.chat.device) else {
             shared.report(
                 "The model is still loading",
                 "The message was not sent.",

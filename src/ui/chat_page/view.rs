@@ -40,7 +40,7 @@ impl ChatPage {
                     }
                     Some(card) => {
                         ui.label(format!("{} ({})", card.name, card.family));
-                        if self.base_for(&card.path).is_some() {
+                        if self.base_for(&card.path, shared.settings.chat.device).is_some() {
                             ui.label(egui::RichText::new("ready").weak());
                         } else if self.loading.is_some() {
                             ui.spinner();
@@ -146,6 +146,16 @@ impl ChatPage {
                 });
             if s.quantized && !available {
                 ui.weak("(this model runs in f32)");
+            }
+            ui.separator();
+            let generating = self.is_generating();
+            ui.add_enabled_ui(!generating, |ui| {
+                ui.label("Device")
+                    .on_hover_text("Where the f32 model answers; changing it reloads the model there. The quantized path runs on the CPU.");
+                crate::ui::widgets::device_combo(ui, "chat-device", &mut s.device);
+            });
+            if let Some(b) = &self.base {
+                ui.weak(format!("loaded on {}", crate::device::name(b.model.model.device())));
             }
         });
         let label = ui

@@ -8,7 +8,7 @@ use egui_plot::{Legend, Line, Plot, PlotPoints, PlotUi, Points, VLine};
 
 use crate::data::LossOn;
 use crate::lora::Target;
-use crate::train::config::{DeviceChoice, Precision};
+use crate::train::config::Precision;
 use crate::train::presets::Preset;
 use crate::train::{Duration, Schedule, TrainConfig};
 
@@ -738,13 +738,6 @@ fn evaluation_ui(ui: &mut egui::Ui, cfg: &mut TrainConfig) {
 }
 
 /// Precision of the base weights and, when this build has a GPU backend, the device.
-/// What this build and machine offer, asked once per process (probing a GPU driver is not a
-/// per-frame job).
-fn offered_devices() -> &'static [crate::device::DeviceOffer] {
-    static OFFERS: std::sync::OnceLock<Vec<crate::device::DeviceOffer>> = std::sync::OnceLock::new();
-    OFFERS.get_or_init(crate::device::offered)
-}
-
 fn hardware_ui(ui: &mut egui::Ui, cfg: &mut TrainConfig) {
     knob_row(
         ui,
@@ -768,27 +761,10 @@ fn hardware_ui(ui: &mut egui::Ui, cfg: &mut TrainConfig) {
         ui,
         "Device",
         "Where training runs; auto picks the first usable GPU, else the CPU.",
-        |ui| {
-            egui::ComboBox::from_id_salt("device")
-                .selected_text(cfg.device.to_string())
-                .show_ui(ui, |ui| {
-                    ui.selectable_value(&mut cfg.device, DeviceChoice::Auto, "auto");
-                    for offer in offered_devices() {
-                        match &offer.unavailable {
-                            None => {
-                                ui.selectable_value(&mut cfg.device, offer.choice, offer.label.as_str());
-                            }
-                            Some(why) => {
-                                ui.weak(format!("{}: {why}", offer.label));
-                            }
-                        }
-                    }
-                })
-                .response
-        },
+        |ui| crate::ui::widgets::device_combo(ui, "device", &mut cfg.device),
     );
     // One grid row per device that cannot be used, saying why.
-    for offer in offered_devices() {
+    for offer in crate::ui::widgets::offered_devices() {
         if let Some(why) = &offer.unavailable {
             ui.label("");
             ui.weak(format!("{}: {why}", offer.label));
