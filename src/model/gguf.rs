@@ -198,8 +198,16 @@ impl GgufModel {
                     "long_factor": read("rope_factors_long.weight")?,
                     "short_factor": read("rope_factors_short.weight")?,
                 });
+                // Stored as f32: when it is the factor transformers derives from the two
+                // context lengths, leave it out so that the exact value is derived again.
+                let context = config["max_position_embeddings"].as_f64().unwrap_or(0.0);
+                let derived = original.map(|o| o as f64).filter(|&o| context > o && o > 1.0).map_or(1.0, |o| {
+                    (1.0 + (context / o).ln() / o.ln()).sqrt()
+                });
                 if let Some(a) = meta.f64("phi3.rope.scaling.attn_factor")? {
-                    scaling["attention_factor"] = json!(a);
+                    if (a - derived).abs() > 1e-6 {
+                        scaling["attention_factor"] = json!(a);
+                    }
                 }
                 config["rope_scaling"] = scaling;
                 Ok(())
@@ -1201,6 +1209,7 @@ mod tests {
             Family::Qwen3,
             Family::Gemma3,
             Family::SmolLM3,
+            Family::Phi3,
         ] {
             for tie in [true, false] {
                 let dir = tempfile::tempdir().unwrap();
