@@ -173,6 +173,9 @@ fn phi3_config_fields(cfg: &ModelConfig, v: &mut serde_json::Value) {
         v["partial_rotary_factor"] = json!(cfg.rotary_dims() as f64 / cfg.head_dim as f64);
     }
     v["sliding_window"] = json!(cfg.sliding_window);
+    // Phi3Config's default pad id (32000) lies outside smaller vocabularies; the released models
+    // pad with their end-of-text token (Phi-3.5: 32000, Phi-4-mini: 199999), their first eos.
+    v["pad_token_id"] = json!(cfg.eos_token_ids.first());
     match &cfg.longrope {
         None => {
             v["original_max_position_embeddings"] = json!(cfg.max_position_embeddings);
