@@ -419,7 +419,18 @@ impl ChatTemplate {
         for probe in &probes {
             let Ok(text) = self.render(probe, false) else { continue };
             let Some(at) = text.rfind(ANSWER) else { continue };
-            let after = text[at + ANSWER.len()..].trim_end();
+            let mut after = text[at + ANSWER.len()..].trim_end();
+            // Phi-3's templates close every conversation with `eos_token` whatever its last
+            // turn: that token ends the text, not the assistant's turn (`<|end|>` does), so it is
+            // not part of the marker when a conversation ending with a user turn gets it too.
+            if let Some(eos) = self.eos_token().filter(|e| !e.is_empty()) {
+                let user_only = self.render(&probe[..probe.len() - 1], false).unwrap_or_default();
+                if let Some(rest) = after.strip_suffix(eos) {
+                    if !rest.trim_end().is_empty() && user_only.trim_end().ends_with(eos) {
+                        after = rest.trim_end();
+                    }
+                }
+            }
             // A marker is what closes the turn, not the start of something else the template
             // appends (no real template appends text after the last assistant turn).
             return (!after.is_empty()).then(|| after.to_string());
