@@ -52,7 +52,9 @@ fn reference_logits(family: Family, dir: &std::path::Path) -> Tensor {
             }
         }
         Family::Qwen3 | Family::Gemma3 | Family::SmolLM3 | Family::Phi3 => {
-            unreachable!("Qwen3, Gemma 3, SmolLM3 and Phi-3 are checked against transformers in tests/transformers_parity.rs")
+            unreachable!(
+                "Qwen3, Gemma 3, SmolLM3 and Phi-3 are checked against transformers in tests/transformers_parity.rs"
+            )
         }
     }
     Tensor::stack(&rows, 0).unwrap()
@@ -175,10 +177,8 @@ fn phi3_adapters_cover_the_fused_matrices_and_merge_back() {
             q + 2 * kv
         } else if name.ends_with("gate_up_proj") {
             2 * i
-        } else if name.ends_with("o_proj") {
-            h
         } else {
-            h
+            h // o_proj, down_proj
         };
         assert_eq!(w.b.dims(), [out, 4], "{name}");
     }
@@ -204,9 +204,14 @@ fn phi3_adapters_cover_the_fused_matrices_and_merge_back() {
     let tuned_logits = tuned.logits(&ids).unwrap();
     assert!(max_abs_diff(&tuned_logits, &base.logits(&ids).unwrap()) > 1e-3);
     let merged: std::collections::HashMap<String, Tensor> = tuned.merged_weights().unwrap().into_iter().collect();
-    assert_eq!(merged["model.layers.1.self_attn.qkv_proj.weight"].dims(), [q + 2 * kv, h]);
+    assert_eq!(
+        merged["model.layers.1.self_attn.qkv_proj.weight"].dims(),
+        [q + 2 * kv, h]
+    );
     assert_eq!(merged["model.layers.1.mlp.gate_up_proj.weight"].dims(), [2 * i, h]);
-    assert!(!merged.keys().any(|k| k.contains("q_proj.") || k.contains("up_proj.") && !k.contains("gate_up")));
+    assert!(!merged
+        .keys()
+        .any(|k| k.contains("q_proj.") || k.contains("up_proj.") && !k.contains("gate_up")));
     let src = finch::model::weights::TensorMap {
         tensors: merged,
         origin: "merged".into(),
@@ -239,10 +244,11 @@ fn lora_gradients_match_finite_differences_for(family: Family) {
     let weights = model.lora_weights();
     let mut checked = 0;
     // Probe A and B of an attention and an MLP adapter in both layers, a few coordinates each.
-    for (name, w) in weights
-        .iter()
-        .filter(|(n, _)| ["q_proj", "qkv_proj", "gate_up_proj", "down_proj"].iter().any(|m| n.ends_with(m)))
-    {
+    for (name, w) in weights.iter().filter(|(n, _)| {
+        ["q_proj", "qkv_proj", "gate_up_proj", "down_proj"]
+            .iter()
+            .any(|m| n.ends_with(m))
+    }) {
         for var in [&w.a, &w.b] {
             let g = grads
                 .get(var.as_tensor())

@@ -62,7 +62,13 @@ fn phi3_adapters_load_in_peft_and_back() {
         std::fs::copy(fixture.join(f), base_dir.join(f)).unwrap();
     }
     let cfg = ModelConfig::from_file(&fixture.join("config.json")).unwrap();
-    let base = Transformer::load(&cfg, &SafetensorsWeights::open(&fixture).unwrap(), DType::F32, &Device::Cpu).unwrap();
+    let base = Transformer::load(
+        &cfg,
+        &SafetensorsWeights::open(&fixture).unwrap(),
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
     let mut tuned = base.clone();
     let lora = finch::lora::LoraConfig {
         r: 4,
@@ -74,7 +80,8 @@ fn phi3_adapters_load_in_peft_and_back() {
     for (_, w) in tuned.lora_weights() {
         let n = w.b.as_tensor().elem_count();
         let vals: Vec<f32> = (0..n).map(|_| rng.next_f32() - 0.5).collect();
-        w.b.set(&Tensor::from_vec(vals, w.b.shape(), &Device::Cpu).unwrap()).unwrap();
+        w.b.set(&Tensor::from_vec(vals, w.b.shape(), &Device::Cpu).unwrap())
+            .unwrap();
     }
     let mut resolved = lora.clone();
     resolved.targets = tuned.resolve_targets(&lora.targets).unwrap();
@@ -100,7 +107,12 @@ fn phi3_adapters_load_in_peft_and_back() {
     )
     .unwrap();
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/check_with_transformers.py");
-    let out = Command::new(python).arg(script).arg("--phi3").arg(work.path()).output().unwrap();
+    let out = Command::new(python)
+        .arg(script)
+        .arg("--phi3")
+        .arg(work.path())
+        .output()
+        .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     eprintln!("{stdout}");
     assert!(

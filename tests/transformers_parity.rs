@@ -403,7 +403,11 @@ fn max_rows_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
 /// Greedy decoding of `exp["greedy_input_ids"]` through Finch's KV cache against transformers'
 /// `generate`: the same tokens, and per step the largest logit difference from transformers'
 /// and (for steps whose sequence is at most `recompute_up_to` long) from a full recomputation.
-fn cached_greedy_against_transformers(model: &Transformer, exp: &serde_json::Value, recompute_up_to: usize) -> (f32, f32) {
+fn cached_greedy_against_transformers(
+    model: &Transformer,
+    exp: &serde_json::Value,
+    recompute_up_to: usize,
+) -> (f32, f32) {
     let want_tokens = ids_of(&exp["greedy_tokens"]);
     let want_logits = rows_of(&exp["greedy_logits"]);
     let mut seq = ids_of(&exp["greedy_input_ids"]);
@@ -471,7 +475,11 @@ fn phi4_mini_partial_rotary_and_longrope_match_transformers() {
     assert!(cfg.tie_word_embeddings && cfg.sliding_window.is_none());
     let r = cfg.longrope.as_ref().unwrap();
     assert_eq!(r.original_max_position_embeddings, 8);
-    assert!((r.attention_factor - 2f64.sqrt()).abs() < 1e-12, "{}", r.attention_factor);
+    assert!(
+        (r.attention_factor - 2f64.sqrt()).abs() < 1e-12,
+        "{}",
+        r.attention_factor
+    );
     let exp = expected("phi4_mini");
     let model = load_fixture("phi4_mini", |_| {});
     let long = max_rows_diff(&logits_of(&model, &ids_of(&exp["input_ids"])), &rows_of(&exp["logits"]));
@@ -484,16 +492,32 @@ fn phi4_mini_partial_rotary_and_longrope_match_transformers() {
     // Each setting is read: changing it moves the logits far beyond the tolerance.
     type Edit = fn(&mut serde_json::Value);
     let edits: [(&str, Edit, bool); 4] = [
-        ("long_factor", |v| v["rope_parameters"]["long_factor"] = v["rope_parameters"]["short_factor"].clone(), true),
-        ("short_factor", |v| v["rope_parameters"]["short_factor"] = v["rope_parameters"]["long_factor"].clone(), false),
-        ("attention_factor", |v| v["rope_parameters"]["attention_factor"] = 1.0.into(), true),
-        ("partial_rotary_factor", |v| {
-            v["partial_rotary_factor"] = 1.0.into();
-            v["rope_parameters"]["partial_rotary_factor"] = 1.0.into();
-            let f = serde_json::json!([1.0, 1.1, 1.3, 1.7, 2.0, 2.5, 3.0, 3.5]);
-            v["rope_parameters"]["short_factor"] = f.clone();
-            v["rope_parameters"]["long_factor"] = f;
-        }, false),
+        (
+            "long_factor",
+            |v| v["rope_parameters"]["long_factor"] = v["rope_parameters"]["short_factor"].clone(),
+            true,
+        ),
+        (
+            "short_factor",
+            |v| v["rope_parameters"]["short_factor"] = v["rope_parameters"]["long_factor"].clone(),
+            false,
+        ),
+        (
+            "attention_factor",
+            |v| v["rope_parameters"]["attention_factor"] = 1.0.into(),
+            true,
+        ),
+        (
+            "partial_rotary_factor",
+            |v| {
+                v["partial_rotary_factor"] = 1.0.into();
+                v["rope_parameters"]["partial_rotary_factor"] = 1.0.into();
+                let f = serde_json::json!([1.0, 1.1, 1.3, 1.7, 2.0, 2.5, 3.0, 3.5]);
+                v["rope_parameters"]["short_factor"] = f.clone();
+                v["rope_parameters"]["long_factor"] = f;
+            },
+            false,
+        ),
     ];
     for (field, edit, on_long) in edits {
         let m = load_fixture("phi4_mini", edit);
@@ -538,8 +562,12 @@ fn phi3_config_layouts_and_refusals() {
         "type": "longrope", "long_factor": params["long_factor"], "short_factor": params["short_factor"]});
     assert_eq!(ModelConfig::from_json(&v, &path).unwrap(), want);
     let cases: [Case; 5] = [
-        ("rope_parameters.rope_type", |v| v["rope_parameters"]["rope_type"] = "dynamic".into()),
-        ("rope_parameters.long_factor", |v| v["rope_parameters"]["long_factor"] = serde_json::json!([1.0, 2.0])),
+        ("rope_parameters.rope_type", |v| {
+            v["rope_parameters"]["rope_type"] = "dynamic".into()
+        }),
+        ("rope_parameters.long_factor", |v| {
+            v["rope_parameters"]["long_factor"] = serde_json::json!([1.0, 2.0])
+        }),
         ("rope_parameters.short_factor", |v| {
             v["rope_parameters"].as_object_mut().unwrap().remove("short_factor");
         }),

@@ -614,7 +614,10 @@ fn quantized_path_matches_the_dequantized_model() {
         // Prompt in one step, then token by token; logits of the last position each time, from
         // both paths (each position's logits depend on the sequence length under LongRoPE).
         let mut f32_cache = KvCache::new();
-        let mut want = vec![f32_model.model.forward_last_with_cache(&ids[..prompt_len], &mut f32_cache).unwrap()];
+        let mut want = vec![f32_model
+            .model
+            .forward_last_with_cache(&ids[..prompt_len], &mut f32_cache)
+            .unwrap()];
         q.reset().unwrap();
         let mut got = vec![q.step(&ids[..prompt_len]).unwrap()];
         for &t in &ids[prompt_len..] {

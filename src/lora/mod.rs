@@ -76,7 +76,7 @@ impl Target {
                 (Target::Qkv, false) => out.extend([Target::Q, Target::K, Target::V]),
                 (Target::GateUp, false) => out.extend([Target::Gate, Target::Up]),
                 (Target::Q | Target::K | Target::V, true) => {
-                    if !(has(Target::Q) && has(Target::K) && has(Target::V)) && !has(Target::Qkv) {
+                    if !(has(Target::Qkv) || has(Target::Q) && has(Target::K) && has(Target::V)) {
                         return Err(Error::config(
                             "targets",
                             "this model (Phi-3) holds q, k and v in one matrix, qkv_proj: choose q, k and v together (or qkv), or none of them",
@@ -85,7 +85,7 @@ impl Target {
                     out.push(Target::Qkv);
                 }
                 (Target::Gate | Target::Up, true) => {
-                    if !(has(Target::Gate) && has(Target::Up)) && !has(Target::GateUp) {
+                    if !(has(Target::GateUp) || has(Target::Gate) && has(Target::Up)) {
                         return Err(Error::config(
                             "targets",
                             "this model (Phi-3) holds gate and up in one matrix, gate_up_proj: choose gate and up together (or gate_up), or neither",

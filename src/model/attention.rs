@@ -61,7 +61,10 @@ pub fn causal_attention(
     }
     let rot_half = cos.dim(1)?;
     if 2 * rot_half > hd {
-        candle_core::bail!("attention: rotary tables rotate {} dimensions of heads of {hd}", 2 * rot_half)
+        candle_core::bail!(
+            "attention: rotary tables rotate {} dimensions of heads of {hd}",
+            2 * rot_half
+        )
     }
     if [q, k, v, cos, sin].iter().all(|x| cpu_f32(x)) {
         let op = FusedAttention {

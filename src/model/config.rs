@@ -348,9 +348,7 @@ impl ModelConfig {
         let phi3 = family == Family::Phi3;
         refuse_unimplemented(&raw, path, gemma, phi3)?;
         let num_hidden_layers = need("num_hidden_layers", raw.num_hidden_layers)?;
-        let max_position_embeddings = raw
-            .max_position_embeddings
-            .unwrap_or(if phi3 { 4096 } else { 2048 });
+        let max_position_embeddings = raw.max_position_embeddings.unwrap_or(if phi3 { 4096 } else { 2048 });
         let mut phi3_rope = None;
         let (rope_theta, rope_scaling, gemma_rope) = if gemma {
             let g = parse_gemma3_rope(&raw, path)?;
@@ -385,7 +383,10 @@ impl ModelConfig {
             Family::Phi3 => {
                 // transformers' Phi-3 has no biases whatever the config says; a checkpoint that
                 // sets these flags was made for other modeling code.
-                for (field, on) in [("attention_bias", attention_bias), ("mlp_bias", raw.mlp_bias == Some(true))] {
+                for (field, on) in [
+                    ("attention_bias", attention_bias),
+                    ("mlp_bias", raw.mlp_bias == Some(true)),
+                ] {
                     if on {
                         return Err(Error::invalid(
                             path,

@@ -192,7 +192,8 @@ impl GgufModel {
         match (has("rope_factors_long.weight"), has("rope_factors_short.weight")) {
             (false, false) => Ok(()),
             (true, true) => {
-                let read = |name: &str| -> Result<Vec<f32>> { Ok(self.read_f32_cpu(name)?.flatten_all()?.to_vec1::<f32>()?) };
+                let read =
+                    |name: &str| -> Result<Vec<f32>> { Ok(self.read_f32_cpu(name)?.flatten_all()?.to_vec1::<f32>()?) };
                 let mut scaling = json!({
                     "type": "longrope",
                     "long_factor": read("rope_factors_long.weight")?,
@@ -201,9 +202,10 @@ impl GgufModel {
                 // Stored as f32: when it is the factor transformers derives from the two
                 // context lengths, leave it out so that the exact value is derived again.
                 let context = config["max_position_embeddings"].as_f64().unwrap_or(0.0);
-                let derived = original.map(|o| o as f64).filter(|&o| context > o && o > 1.0).map_or(1.0, |o| {
-                    (1.0 + (context / o).ln() / o.ln()).sqrt()
-                });
+                let derived = original
+                    .map(|o| o as f64)
+                    .filter(|&o| context > o && o > 1.0)
+                    .map_or(1.0, |o| (1.0 + (context / o).ln() / o.ln()).sqrt());
                 if let Some(a) = meta.f64("phi3.rope.scaling.attn_factor")? {
                     if (a - derived).abs() > 1e-6 {
                         scaling["attention_factor"] = json!(a);
@@ -216,7 +218,11 @@ impl GgufModel {
                 &self.path,
                 format!(
                     "tensor `{}`",
-                    if long { "rope_factors_short.weight" } else { "rope_factors_long.weight" }
+                    if long {
+                        "rope_factors_short.weight"
+                    } else {
+                        "rope_factors_long.weight"
+                    }
                 ),
                 "is missing (LongRoPE needs both the long and the short factors)",
             )),

@@ -133,7 +133,11 @@ fn fused_parts(cfg: &ModelConfig, t: Target) -> Vec<(Target, usize, usize)> {
     );
     let i = cfg.intermediate_size;
     match t {
-        Target::Qkv => vec![(Target::Q, 0, q_dim), (Target::K, q_dim, kv_dim), (Target::V, q_dim + kv_dim, kv_dim)],
+        Target::Qkv => vec![
+            (Target::Q, 0, q_dim),
+            (Target::K, q_dim, kv_dim),
+            (Target::V, q_dim + kv_dim, kv_dim),
+        ],
         Target::GateUp => vec![(Target::Gate, 0, i), (Target::Up, i, i)],
         other => vec![(other, 0, 0)],
     }
@@ -210,7 +214,9 @@ impl QuantizedModel {
                 let qkv = reader.matrix(&qkv_name, q_dim + 2 * kv_dim, h)?;
                 let up_name = name("ffn_up.weight");
                 let gate_up = reader.matrix(&up_name, 2 * i, h)?;
-                let part = |m: &QMatrix, at: usize, n: usize, what: &str| m.row_range(at, n).map_err(|e| reader.invalid(what, e));
+                let part = |m: &QMatrix, at: usize, n: usize, what: &str| {
+                    m.row_range(at, n).map_err(|e| reader.invalid(what, e))
+                };
                 (
                     part(&qkv, 0, q_dim, &qkv_name)?,
                     part(&qkv, q_dim, kv_dim, &qkv_name)?,
@@ -346,7 +352,13 @@ impl QuantizedModel {
             .w
             .layers
             .iter()
-            .map(|l| Target::ALL.iter().filter_map(|&t| l.matrix(t)).map(|m| m.data().len()).sum::<usize>())
+            .map(|l| {
+                Target::ALL
+                    .iter()
+                    .filter_map(|&t| l.matrix(t))
+                    .map(|m| m.data().len())
+                    .sum::<usize>()
+            })
             .sum();
         layers + head.data().len()
     }
@@ -377,7 +389,9 @@ impl QuantizedModel {
                     continue;
                 };
                 let parts = fused_parts(model_cfg, t);
-                let first = layer.matrix(parts[0].0).ok_or_else(|| Error::invalid(dir, format!("module `{module}`"), "has no matrix in this model"))?;
+                let first = layer
+                    .matrix(parts[0].0)
+                    .ok_or_else(|| Error::invalid(dir, format!("module `{module}`"), "has no matrix in this model"))?;
                 let (cols, rows) = match t {
                     Target::Qkv | Target::GateUp => (first.cols(), parts.iter().map(|p| p.2).sum()),
                     _ => (first.cols(), first.rows()),

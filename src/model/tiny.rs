@@ -230,7 +230,11 @@ impl TinySpec {
                 put(format!("{p}.post_feedforward_layernorm.weight"), &[h], Init::Norm)?;
             }
             if self.family.fused_projections() {
-                put(format!("{p}.self_attn.qkv_proj.weight"), &[q + 2 * kv, h], Init::Normal(0.02))?;
+                put(
+                    format!("{p}.self_attn.qkv_proj.weight"),
+                    &[q + 2 * kv, h],
+                    Init::Normal(0.02),
+                )?;
             } else {
                 put(format!("{p}.self_attn.q_proj.weight"), &[q, h], Init::Normal(0.02))?;
                 put(format!("{p}.self_attn.k_proj.weight"), &[kv, h], Init::Normal(0.02))?;

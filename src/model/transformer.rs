@@ -18,8 +18,16 @@ use crate::rng::Rng;
 /// are q, then k, then v (kept fused so an adapter on it has PEFT's shapes).
 #[derive(Debug, Clone)]
 enum QkvProj {
-    Split { q: LoraLinear, k: LoraLinear, v: LoraLinear },
-    Fused { qkv: LoraLinear, q_dim: usize, kv_dim: usize },
+    Split {
+        q: LoraLinear,
+        k: LoraLinear,
+        v: LoraLinear,
+    },
+    Fused {
+        qkv: LoraLinear,
+        q_dim: usize,
+        kv_dim: usize,
+    },
 }
 
 impl QkvProj {
@@ -223,7 +231,9 @@ impl RopeFreqs {
     fn new(cfg: &ModelConfig) -> Self {
         RopeFreqs {
             global: rope_inv_freq(cfg),
-            local: cfg.rope_local_theta.map(|theta| default_inv_freq(cfg.rotary_dims(), theta)),
+            local: cfg
+                .rope_local_theta
+                .map(|theta| default_inv_freq(cfg.rotary_dims(), theta)),
             long: cfg.longrope.as_ref().map(|_| rope_inv_freq_for_len(cfg, usize::MAX)),
             long_after: cfg
                 .longrope
@@ -440,15 +450,42 @@ impl Transformer {
                 attn: Attention {
                     qkv: if cfg.family.fused_projections() {
                         QkvProj::Fused {
-                            qkv: linear(src, &format!("{a}.qkv_proj"), q_dim + 2 * kv_dim, h, false, dtype, base, device)?,
+                            qkv: linear(
+                                src,
+                                &format!("{a}.qkv_proj"),
+                                q_dim + 2 * kv_dim,
+                                h,
+                                false,
+                                dtype,
+                                base,
+                                device,
+                            )?,
                             q_dim,
                             kv_dim,
                         }
                     } else {
                         QkvProj::Split {
                             q: linear(src, &format!("{a}.q_proj"), q_dim, h, cfg.qkv_bias, dtype, base, device)?,
-                            k: linear(src, &format!("{a}.k_proj"), kv_dim, h, cfg.qkv_bias, dtype, base, device)?,
-                            v: linear(src, &format!("{a}.v_proj"), kv_dim, h, cfg.qkv_bias, dtype, base, device)?,
+                            k: linear(
+                                src,
+                                &format!("{a}.k_proj"),
+                                kv_dim,
+                                h,
+                                cfg.qkv_bias,
+                                dtype,
+                                base,
+                                device,
+                            )?,
+                            v: linear(
+                                src,
+                                &format!("{a}.v_proj"),
+                                kv_dim,
+                                h,
+                                cfg.qkv_bias,
+                                dtype,
+                                base,
+                                device,
+                            )?,
                         }
                     },
                     o: linear(src, &format!("{a}.o_proj"), h, q_dim, cfg.o_bias, dtype, base, device)?,
