@@ -32,10 +32,15 @@ fn fixture_templates() -> Vec<Fixture> {
         .map(|t| {
             let source = std::fs::read_to_string(fixtures().join(t["file"].as_str().unwrap())).unwrap();
             let token = |k: &str| t[k].as_str().map(String::from);
+            let mut template = ChatTemplate::new(&source, token("bos_token"), token("eos_token"))
+                .unwrap_or_else(|e| panic!("{}: {e}", t["name"]));
+            // apply_chat_template keyword arguments (enable_thinking, date_string).
+            for (name, value) in t["variables"].as_object().into_iter().flatten() {
+                template = template.with_variable(name, value.clone()).unwrap();
+            }
             Fixture {
                 name: t["name"].as_str().unwrap().to_string(),
-                template: ChatTemplate::new(&source, token("bos_token"), token("eos_token"))
-                    .unwrap_or_else(|e| panic!("{}: {e}", t["name"])),
+                template,
                 end_of_turn: t["end_of_turn"].as_str().unwrap().to_string(),
             }
         })
@@ -147,7 +152,7 @@ fn tool_template_parity_with_transformers() {
             }
         }
     }
-    assert_eq!(checked, 3 * 4 * 2, "tool cases missing from expected.json");
+    assert_eq!(checked, 4 * 4 * 2, "tool cases missing from expected.json");
     assert!(
         failures.is_empty(),
         "{} mismatches:\n{}",

@@ -581,3 +581,25 @@ fn phi3_config_layouts_and_refusals() {
         assert!(err.contains(field), "{field}: {err}");
     }
 }
+
+/// Llama 3.2 1B / 3B Instruct configs as published (written from memory; see the fixture's
+/// README): Llama 3 rope scaling ×32 from 8192 positions, rope base 5·10⁵, tied embeddings,
+/// head_dim 64 / 128, and the parameter counts transformers gives for them (1,235,814,400 and
+/// 3,212,749,824, the tied head counted once).
+#[test]
+fn llama32_1b_and_3b_config_layouts_read_as_transformers_reads_them() {
+    for (file, head_dim, params) in [("1b.json", 64, 1_235_814_400usize), ("3b.json", 128, 3_212_749_824)] {
+        let cfg = ModelConfig::from_file(&fixture("llama3.2_configs").join(file)).unwrap();
+        assert_eq!(cfg.family, finch::model::Family::Llama);
+        assert!(cfg.tie_word_embeddings, "{file}");
+        assert_eq!(cfg.head_dim, head_dim, "{file}");
+        assert_eq!(cfg.rope_theta, 500_000.0);
+        let s = cfg.rope_scaling.as_ref().unwrap();
+        assert_eq!(
+            (s.factor, s.low_freq_factor, s.high_freq_factor, s.original_max_position_embeddings),
+            (32.0, 1.0, 4.0, 8192)
+        );
+        assert_eq!(cfg.eos_token_ids, [128001, 128008, 128009]);
+        assert_eq!(cfg.num_parameters(), params, "{file}");
+    }
+}

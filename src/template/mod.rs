@@ -152,6 +152,9 @@ pub struct ChatTemplate {
     eos_token: Option<String>,
     end_of_turn: Option<String>,
     builtin: Option<BuiltinTemplate>,
+    /// Extra variables the template reads, as `apply_chat_template(..., **kwargs)` passes them
+    /// (Qwen3's `enable_thinking`, Llama 3.2's `date_string`).
+    variables: Vec<(String, serde_json::Value)>,
 }
 
 impl std::fmt::Debug for ChatTemplate {
@@ -177,9 +180,41 @@ impl ChatTemplate {
             eos_token,
             end_of_turn: None,
             builtin: None,
+            variables: Vec::new(),
         };
         template.end_of_turn = template.detect_end_of_turn();
         Ok(template)
+    }
+
+    /// The same template rendered with variable `name` set to `value`, as transformers'
+    /// `apply_chat_template(messages, name=value)` passes extra keyword arguments: Qwen3's
+    /// `enable_thinking=False`, or Llama 3.2's `date_string` (which otherwise is today's date).
+    /// Setting a name again replaces its value; the names the renderer itself passes
+    /// (`messages`, `tools`, `add_generation_prompt`, `bos_token`, `eos_token`) are refused.
+    pub fn with_variable(mut self, name: &str, value: serde_json::Value) -> Result<Self> {
+        const RESERVED: [&str; 6] = [
+            "messages",
+            "tools",
+            "documents",
+            "add_generation_prompt",
+            "bos_token",
+            "eos_token",
+        ];
+        if RESERVED.contains(&name) || name.is_empty() {
+            return Err(Error::config(
+                "template variable",
+                format!("`{name}` cannot be set: the renderer passes it itself"),
+            ));
+        }
+        self.variables.retain(|(n, _)| n != name);
+        self.variables.push((name.to_string(), value));
+        self.end_of_turn = self.detect_end_of_turn();
+        Ok(self)
+    }
+
+    /// The extra variables set with [`ChatTemplate::with_variable`].
+    pub fn variables(&self) -> &[(String, serde_json::Value)] {
+        &self.variables
     }
 
     /// One of the built-in templates with its default special tokens.
@@ -377,6 +412,9 @@ impl ChatTemplate {
         }
         if let Some(eos) = &self.eos_token {
             ctx.push(("eos_token", Value::from(eos)));
+        }
+        for (name, value) in &self.variables {
+            ctx.push((name.as_str(), json_value("template variable", &value.to_string())?));
         }
         let mut out = LimitedBuffer {
             bytes: Vec::new(),
