@@ -371,7 +371,11 @@ impl ChatTemplate {
         };
         let content_bytes: usize = messages
             .iter()
-            .map(|m| m.content.len() + m.tool_calls.iter().map(|c| c.arguments.len()).sum::<usize>())
+            .map(|m| {
+                m.content.len()
+                    + m.reasoning_content.as_ref().map_or(0, String::len)
+                    + m.tool_calls.iter().map(|c| c.arguments.len()).sum::<usize>()
+            })
             .sum::<usize>()
             + tools.map_or(0, str::len);
         let limit_bytes = OUTPUT_SLACK_BYTES.saturating_add(content_bytes.saturating_mul(OUTPUT_CONTENT_FACTOR));
@@ -398,6 +402,9 @@ impl ChatTemplate {
             }
             if let Some(id) = &m.tool_call_id {
                 pairs.push(("tool_call_id", Value::from(id)));
+            }
+            if let Some(r) = &m.reasoning_content {
+                pairs.push(("reasoning_content", Value::from(r)));
             }
             message_values.push(Value::from_pairs(pairs));
         }
