@@ -596,7 +596,12 @@ fn llama32_1b_and_3b_config_layouts_read_as_transformers_reads_them() {
         assert_eq!(cfg.rope_theta, 500_000.0);
         let s = cfg.rope_scaling.as_ref().unwrap();
         assert_eq!(
-            (s.factor, s.low_freq_factor, s.high_freq_factor, s.original_max_position_embeddings),
+            (
+                s.factor,
+                s.low_freq_factor,
+                s.high_freq_factor,
+                s.original_max_position_embeddings
+            ),
             (32.0, 1.0, 4.0, 8192)
         );
         assert_eq!(cfg.eos_token_ids, [128001, 128008, 128009]);
