@@ -32,10 +32,15 @@ fn fixture_templates() -> Vec<Fixture> {
         .map(|t| {
             let source = std::fs::read_to_string(fixtures().join(t["file"].as_str().unwrap())).unwrap();
             let token = |k: &str| t[k].as_str().map(String::from);
+            let mut template = ChatTemplate::new(&source, token("bos_token"), token("eos_token"))
+                .unwrap_or_else(|e| panic!("{}: {e}", t["name"]));
+            // apply_chat_template keyword arguments (enable_thinking, date_string).
+            for (name, value) in t["variables"].as_object().into_iter().flatten() {
+                template = template.with_variable(name, value.clone()).unwrap();
+            }
             Fixture {
                 name: t["name"].as_str().unwrap().to_string(),
-                template: ChatTemplate::new(&source, token("bos_token"), token("eos_token"))
-                    .unwrap_or_else(|e| panic!("{}: {e}", t["name"])),
+                template,
                 end_of_turn: t["end_of_turn"].as_str().unwrap().to_string(),
             }
         })
@@ -52,7 +57,9 @@ fn messages_of(v: &Value) -> Vec<Message> {
                 "user" => Role::User,
                 _ => Role::Assistant,
             };
-            Message::new(role, m["content"].as_str().unwrap())
+            let mut message = Message::new(role, m["content"].as_str().unwrap());
+            message.reasoning_content = m["reasoning_content"].as_str().map(String::from);
+            message
         })
         .collect()
 }
@@ -147,7 +154,7 @@ fn tool_template_parity_with_transformers() {
             }
         }
     }
-    assert_eq!(checked, 3 * 4 * 2, "tool cases missing from expected.json");
+    assert_eq!(checked, 4 * 4 * 2, "tool cases missing from expected.json");
     assert!(
         failures.is_empty(),
         "{} mismatches:\n{}",
@@ -1066,4 +1073,43 @@ fn tool_rows_survive_a_save_and_reload() {
         let again: Vec<Example> = again.examples().cloned().collect();
         assert_eq!(again, examples, "{file} as {}", format.name());
     }
+}
+
+/// Qwen3 with `reasoning_content`: the template drops the reasoning of turns before the last
+/// user query and shows the last turn's in a `<think>` block; the loss mask follows the rendered
+/// text, so the last answer's thinking is trained and the earlier (unrendered) one is not.
+#[test]
+fn qwen3_reasoning_content_is_trained_only_where_the_template_keeps_it() {
+    let (tok, _dir) = tiny_tokenizer();
+    let qwen3 = fixture_templates().into_iter().find(|f| f.name == "qwen3").unwrap();
+    let mut first = Message::new(Role::Assistant, "42");
+    first.reasoning_content = Some("six sevens".into());
+    let mut last = Message::new(Role::Assistant, "48");
+    last.reasoning_content = Some("six eights".into());
+    let ex = Example::Chat {
+        messages: vec![
+            Message::new(Role::User, "What is 6*7?"),
+            first,
+            Message::new(Role::User, "And 6*8?"),
+            last,
+        ],
+        tools: None,
+    };
+    let out = encode_example(&ex, &qwen3.template, &tok, LossOn::Assistant, 4096).unwrap();
+    let mut runs: Vec<String> = vec![];
+    let mut current = vec![];
+    for (id, m) in out.input_ids.iter().zip(&out.loss_mask) {
+        if *m {
+            current.push(*id);
+        } else if !current.is_empty() {
+            runs.push(tok.decode(&current, false).unwrap());
+            current.clear();
+        }
+    }
+    if !current.is_empty() {
+        runs.push(tok.decode(&current, false).unwrap());
+    }
+    assert_eq!(runs, ["42<|im_end|>", "<think>\nsix eights\n</think>\n\n48<|im_end|>"]);
+    let text = tok.decode(&out.input_ids, false).unwrap();
+    assert!(!text.contains("six sevens"), "{text}");
 }

@@ -51,8 +51,10 @@ fn reference_logits(family: Family, dir: &std::path::Path) -> Tensor {
                 rows.push(model.forward(&x, pos).unwrap().flatten_all().unwrap());
             }
         }
-        Family::Qwen3 | Family::Gemma3 | Family::SmolLM3 => {
-            unreachable!("Qwen3, Gemma 3 and SmolLM3 are checked against transformers in tests/transformers_parity.rs")
+        Family::Qwen3 | Family::Gemma3 | Family::SmolLM3 | Family::Phi3 => {
+            unreachable!(
+                "Qwen3, Gemma 3, SmolLM3 and Phi-3 are checked against transformers in tests/transformers_parity.rs"
+            )
         }
     }
     Tensor::stack(&rows, 0).unwrap()
@@ -133,6 +135,92 @@ fn gemma3_lora_gradients_match_finite_differences() {
     lora_gradients_match_finite_differences_for(Family::Gemma3);
 }
 
+/// Phi-3: one adapter on each fused matrix (`qkv_proj`, `gate_up_proj`, PEFT's shapes), gradients
+/// through the split of their outputs and the partial rotary (12 of 16 dimensions, LongRoPE's
+/// scaled tables).
+#[test]
+fn phi3_lora_gradients_match_finite_differences() {
+    lora_gradients_match_finite_differences_for(Family::Phi3);
+}
+
+/// Phi-3: the adapters sit on the fused matrices with PEFT's shapes (A `[r, hidden]`, B over the
+/// whole fused output); q, k, v chosen together become `qkv_proj`, one alone is refused; merging
+/// writes the fused weights back.
+#[test]
+fn phi3_adapters_cover_the_fused_matrices_and_merge_back() {
+    let (_dir, base) = tiny(Family::Phi3);
+    let cfg = &base.cfg;
+    let (h, q, kv, i) = (
+        cfg.hidden_size,
+        cfg.num_attention_heads * cfg.head_dim,
+        cfg.num_key_value_heads * cfg.head_dim,
+        cfg.intermediate_size,
+    );
+    let mut tuned = base.clone();
+    let lora = LoraConfig {
+        r: 4,
+        ..LoraConfig::default()
+    };
+    tuned.add_lora(&lora, &mut Rng::new(1)).unwrap();
+    let names: Vec<String> = tuned.lora_weights().iter().map(|(n, _)| n.clone()).collect();
+    assert_eq!(
+        &names[..4],
+        [
+            "model.layers.0.self_attn.qkv_proj",
+            "model.layers.0.self_attn.o_proj",
+            "model.layers.0.mlp.gate_up_proj",
+            "model.layers.0.mlp.down_proj"
+        ]
+    );
+    for (name, w) in tuned.lora_weights() {
+        let out = if name.ends_with("qkv_proj") {
+            q + 2 * kv
+        } else if name.ends_with("gate_up_proj") {
+            2 * i
+        } else {
+            h // o_proj, down_proj
+        };
+        assert_eq!(w.b.dims(), [out, 4], "{name}");
+    }
+    let err = tuned
+        .add_lora(
+            &LoraConfig {
+                targets: vec![finch::lora::Target::Q],
+                ..lora.clone()
+            },
+            &mut Rng::new(1),
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("qkv_proj"), "{err}");
+    let mut rng = Rng::new(5);
+    for (_, w) in tuned.lora_weights() {
+        let n = w.b.as_tensor().elem_count();
+        let vals: Vec<f32> = (0..n).map(|_| rng.next_f32() * 0.2 - 0.1).collect();
+        w.b.set(&Tensor::from_vec(vals, w.b.shape(), &Device::Cpu).unwrap())
+            .unwrap();
+    }
+    let ids = Tensor::new(&[IDS], &Device::Cpu).unwrap();
+    let tuned_logits = tuned.logits(&ids).unwrap();
+    assert!(max_abs_diff(&tuned_logits, &base.logits(&ids).unwrap()) > 1e-3);
+    let merged: std::collections::HashMap<String, Tensor> = tuned.merged_weights().unwrap().into_iter().collect();
+    assert_eq!(
+        merged["model.layers.1.self_attn.qkv_proj.weight"].dims(),
+        [q + 2 * kv, h]
+    );
+    assert_eq!(merged["model.layers.1.mlp.gate_up_proj.weight"].dims(), [2 * i, h]);
+    assert!(!merged
+        .keys()
+        .any(|k| k.contains("q_proj.") || k.contains("up_proj.") && !k.contains("gate_up")));
+    let src = finch::model::weights::TensorMap {
+        tensors: merged,
+        origin: "merged".into(),
+    };
+    let merged_model = Transformer::load(&tuned.cfg, &src, DType::F32, &Device::Cpu).unwrap();
+    let d = max_abs_diff(&merged_model.logits(&ids).unwrap(), &tuned_logits);
+    assert!(d < 1e-4, "merged vs unmerged logits differ by {d}");
+}
+
 fn lora_gradients_match_finite_differences_for(family: Family) {
     let (_dir, mut model) = tiny(family);
     let cfg = LoraConfig {
@@ -156,10 +244,11 @@ fn lora_gradients_match_finite_differences_for(family: Family) {
     let weights = model.lora_weights();
     let mut checked = 0;
     // Probe A and B of an attention and an MLP adapter in both layers, a few coordinates each.
-    for (name, w) in weights
-        .iter()
-        .filter(|(n, _)| n.ends_with("q_proj") || n.ends_with("down_proj"))
-    {
+    for (name, w) in weights.iter().filter(|(n, _)| {
+        ["q_proj", "qkv_proj", "gate_up_proj", "down_proj"]
+            .iter()
+            .any(|m| n.ends_with(m))
+    }) {
         for var in [&w.a, &w.b] {
             let g = grads
                 .get(var.as_tensor())
@@ -188,7 +277,8 @@ fn lora_gradients_match_finite_differences_for(family: Family) {
             }
         }
     }
-    assert_eq!(checked, model.cfg.num_hidden_layers * 2 * 2 * 3);
+    let modules = if family == Family::Phi3 { 3 } else { 2 };
+    assert_eq!(checked, model.cfg.num_hidden_layers * modules * 2 * 3);
 }
 
 #[test]

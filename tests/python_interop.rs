@@ -36,3 +36,103 @@ fn exports_load_in_transformers_and_peft_with_the_same_answers() {
     let matched = stdout.lines().filter(|l| l.contains("\"same_text\": true")).count();
     assert_eq!(matched, 24, "{stdout}");
 }
+
+/// Phi-3 adapters move between Finch and PEFT: Finch's adapter on the fused `qkv_proj` /
+/// `gate_up_proj` (Phi-4-mini's layout: partial rotary, LongRoPE, tied head; the 12 ids take the
+/// long factors) loads in PEFT onto transformers' `Phi3ForCausalLM` with Finch's logits, the
+/// merged folder (fused weights written back, Finch's config.json) loads in transformers with
+/// them, and an adapter made by Python PEFT on those four modules loads in Finch with PEFT's.
+/// Needs `FINCH_PYTHON` (torch, transformers, peft); skipped with a printed reason otherwise.
+#[test]
+fn phi3_adapters_load_in_peft_and_back() {
+    use candle_core::{DType, Device, Tensor};
+    use finch::model::config::ModelConfig;
+    use finch::model::safetensors::SafetensorsWeights;
+    use finch::model::Transformer;
+
+    let Ok(python) = std::env::var("FINCH_PYTHON") else {
+        eprintln!("skipped: needs FINCH_PYTHON (a Python with torch, transformers, peft)");
+        return;
+    };
+    let fixture = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/transformers/phi4_mini");
+    let work = tempfile::tempdir().unwrap();
+    let base_dir = work.path().join("base");
+    std::fs::create_dir_all(&base_dir).unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(fixture.join(f), base_dir.join(f)).unwrap();
+    }
+    let cfg = ModelConfig::from_file(&fixture.join("config.json")).unwrap();
+    let base = Transformer::load(
+        &cfg,
+        &SafetensorsWeights::open(&fixture).unwrap(),
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let mut tuned = base.clone();
+    let lora = finch::lora::LoraConfig {
+        r: 4,
+        alpha: 8.0,
+        ..Default::default()
+    };
+    tuned.add_lora(&lora, &mut finch::rng::Rng::new(3)).unwrap();
+    let mut rng = finch::rng::Rng::new(7);
+    for (_, w) in tuned.lora_weights() {
+        let n = w.b.as_tensor().elem_count();
+        let vals: Vec<f32> = (0..n).map(|_| rng.next_f32() - 0.5).collect();
+        w.b.set(&Tensor::from_vec(vals, w.b.shape(), &Device::Cpu).unwrap())
+            .unwrap();
+    }
+    let mut resolved = lora.clone();
+    resolved.targets = tuned.resolve_targets(&lora.targets).unwrap();
+    let peft = finch::lora::PeftConfig::from_lora(&resolved, None);
+    finch::lora::save_adapter(&work.path().join("adapter"), &peft, &tuned.lora_weights()).unwrap();
+    let merged_dir = work.path().join("merged");
+    std::fs::create_dir_all(&merged_dir).unwrap();
+    std::fs::write(
+        merged_dir.join("config.json"),
+        serde_json::to_string_pretty(&finch::export::hf_config_json(&tuned.cfg)).unwrap(),
+    )
+    .unwrap();
+    let merged: std::collections::HashMap<String, Tensor> = tuned.merged_weights().unwrap().into_iter().collect();
+    candle_core::safetensors::save(&merged, merged_dir.join("model.safetensors")).unwrap();
+    let ids: Vec<u32> = vec![1, 5, 17, 33, 2, 60, 61, 62, 8, 95, 40, 3];
+    let logits = |m: &Transformer| -> Vec<Vec<f32>> {
+        let input = Tensor::new(ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+        m.logits(&input).unwrap().squeeze(0).unwrap().to_vec2().unwrap()
+    };
+    std::fs::write(
+        work.path().join("finch_logits.json"),
+        serde_json::json!({"input_ids": ids, "adapter_logits": logits(&tuned)}).to_string(),
+    )
+    .unwrap();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/check_with_transformers.py");
+    let out = Command::new(python)
+        .arg(script)
+        .arg("--phi3")
+        .arg(work.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    eprintln!("{stdout}");
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(stdout.matches("\"ok\": true").count(), 2, "{stdout}");
+    // Python PEFT's adapter in Finch.
+    let adapter = finch::lora::load_adapter(&work.path().join("python_peft"), &Device::Cpu).unwrap();
+    let mut theirs = base.clone();
+    theirs.set_adapter(&adapter, &work.path().join("python_peft")).unwrap();
+    let want: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(work.path().join("python_logits.json")).unwrap()).unwrap();
+    let mut worst = 0f32;
+    for (row, want_row) in logits(&theirs).iter().zip(want["logits"].as_array().unwrap()) {
+        for (a, b) in row.iter().zip(want_row.as_array().unwrap()) {
+            worst = worst.max((a - b.as_f64().unwrap() as f32).abs());
+        }
+    }
+    println!("Python PEFT's Phi-3 adapter in Finch: max |logit diff| {worst:e}");
+    assert!(worst < 1e-4, "{worst}");
+}

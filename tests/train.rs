@@ -197,6 +197,12 @@ fn gemma3_tiny_model_learns() {
     assert_tiny_family_learns(Family::Gemma3);
 }
 
+/// Phi-3 (fused qkv/gate_up adapters, partial rotary, LongRoPE): the tiny model learns the pairs.
+#[test]
+fn phi3_tiny_model_learns() {
+    assert_tiny_family_learns(Family::Phi3);
+}
+
 /// SmolLM3 (no rotary on every fourth layer): the tiny model learns the pairs.
 #[test]
 fn smollm3_tiny_model_learns() {

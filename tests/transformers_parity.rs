@@ -388,3 +388,223 @@ fn smollm3_cached_greedy_decoding_matches_transformers() {
     println!("smollm3 decoding: max |logit diff| vs transformers {worst:e}");
     assert!(worst < 1e-4, "cached logits differ from transformers' by {worst}");
 }
+
+/// Logits of `model` for `ids`, every position.
+fn logits_of(model: &Transformer, ids: &[u32]) -> Vec<Vec<f32>> {
+    let input = Tensor::new(ids, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    model.logits(&input).unwrap().squeeze(0).unwrap().to_vec2().unwrap()
+}
+
+fn max_rows_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).map(|(x, y)| max_diff(x, y)).fold(0.0, f32::max)
+}
+
+/// Greedy decoding of `exp["greedy_input_ids"]` through Finch's KV cache against transformers'
+/// `generate`: the same tokens, and per step the largest logit difference from transformers'
+/// and (for steps whose sequence is at most `recompute_up_to` long) from a full recomputation.
+fn cached_greedy_against_transformers(
+    model: &Transformer,
+    exp: &serde_json::Value,
+    recompute_up_to: usize,
+) -> (f32, f32) {
+    let want_tokens = ids_of(&exp["greedy_tokens"]);
+    let want_logits = rows_of(&exp["greedy_logits"]);
+    let mut seq = ids_of(&exp["greedy_input_ids"]);
+    let mut cache = finch::model::transformer::KvCache::new();
+    let mut logits: Vec<f32> = model
+        .forward_last_with_cache(&seq, &mut cache)
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let (mut worst_tf, mut worst_full) = (0f32, 0f32);
+    for (step, (&want_tok, want_row)) in want_tokens.iter().zip(&want_logits).enumerate() {
+        worst_tf = worst_tf.max(max_diff(&logits, want_row));
+        if seq.len() <= recompute_up_to {
+            let full = logits_of(model, &seq);
+            worst_full = worst_full.max(max_diff(&logits, &full[seq.len() - 1]));
+        }
+        let tok = argmax(&logits);
+        assert_eq!(tok, want_tok, "step {step}: Finch chose {tok}, transformers {want_tok}");
+        seq.push(tok);
+        logits = model
+            .forward_last_with_cache(&[tok], &mut cache)
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+    }
+    (worst_tf, worst_full)
+}
+
+/// Phi-3 (Phi-3-mini-4k's layout): fused `qkv_proj` / `gate_up_proj` kept fused, a sliding
+/// window of 5 over 12 ids on every layer, separate output head.
+#[test]
+fn phi3_matches_transformers() {
+    let cfg = ModelConfig::from_file(&fixture("phi3").join("config.json")).unwrap();
+    assert_eq!(cfg.family, finch::model::Family::Phi3);
+    assert_eq!((cfg.window(0), cfg.window(1)), (Some(5), Some(5)));
+    assert!(cfg.longrope.is_none() && cfg.rotary_dim.is_none() && !cfg.tie_word_embeddings);
+    let d = max_logit_diff("phi3");
+    println!("phi3: max |logit diff| vs transformers {d:e}");
+    assert!(d < 1e-4, "max |logit diff| {d}");
+    // The test can fail: without the window the logits move far beyond the tolerance.
+    let want = rows_of(&expected("phi3")["logits"]);
+    let model = load_fixture("phi3", |v| v["sliding_window"] = serde_json::Value::Null);
+    let d = max_rows_diff(&logits_of(&model, &ids_of(&expected("phi3")["input_ids"])), &want);
+    assert!(d > 1e-2, "dropping the window moved the logits by only {d}");
+}
+
+/// Phi-3 greedy decoding through the KV cache (window 5 past 20 positions) equals transformers'
+/// `generate` step by step, and a full recomputation.
+#[test]
+fn phi3_cached_greedy_decoding_matches_transformers_and_full_recompute() {
+    let model = load_fixture("phi3", |_| {});
+    let (tf, full) = cached_greedy_against_transformers(&model, &expected("phi3"), usize::MAX);
+    println!("phi3 decoding: max |logit diff| vs transformers {tf:e}, vs full recompute {full:e}");
+    assert!(tf < 1e-4, "cached logits differ from transformers' by {tf}");
+    assert!(full < 1e-4, "cached logits differ from a full recomputation by {full}");
+}
+
+/// Phi-4-mini's layout: partial rotary (12 of 16 dimensions), LongRoPE with an 8-token
+/// pretraining context (the 12 ids take the long factors, their first 6 the short ones), the
+/// attention factor √2 on cos and sin, tied embeddings.
+#[test]
+fn phi4_mini_partial_rotary_and_longrope_match_transformers() {
+    let cfg = ModelConfig::from_file(&fixture("phi4_mini").join("config.json")).unwrap();
+    assert_eq!(cfg.rotary_dims(), 12);
+    assert!(cfg.tie_word_embeddings && cfg.sliding_window.is_none());
+    let r = cfg.longrope.as_ref().unwrap();
+    assert_eq!(r.original_max_position_embeddings, 8);
+    assert!(
+        (r.attention_factor - 2f64.sqrt()).abs() < 1e-12,
+        "{}",
+        r.attention_factor
+    );
+    let exp = expected("phi4_mini");
+    let model = load_fixture("phi4_mini", |_| {});
+    let long = max_rows_diff(&logits_of(&model, &ids_of(&exp["input_ids"])), &rows_of(&exp["logits"]));
+    let short = max_rows_diff(
+        &logits_of(&model, &ids_of(&exp["short_input_ids"])),
+        &rows_of(&exp["short_logits"]),
+    );
+    println!("phi4_mini: max |logit diff| vs transformers, long factors {long:e}, short factors {short:e}");
+    assert!(long < 1e-4 && short < 1e-4, "long {long}, short {short}");
+    // Each setting is read: changing it moves the logits far beyond the tolerance.
+    type Edit = fn(&mut serde_json::Value);
+    let edits: [(&str, Edit, bool); 4] = [
+        (
+            "long_factor",
+            |v| v["rope_parameters"]["long_factor"] = v["rope_parameters"]["short_factor"].clone(),
+            true,
+        ),
+        (
+            "short_factor",
+            |v| v["rope_parameters"]["short_factor"] = v["rope_parameters"]["long_factor"].clone(),
+            false,
+        ),
+        (
+            "attention_factor",
+            |v| v["rope_parameters"]["attention_factor"] = 1.0.into(),
+            true,
+        ),
+        (
+            "partial_rotary_factor",
+            |v| {
+                v["partial_rotary_factor"] = 1.0.into();
+                v["rope_parameters"]["partial_rotary_factor"] = 1.0.into();
+                let f = serde_json::json!([1.0, 1.1, 1.3, 1.7, 2.0, 2.5, 3.0, 3.5]);
+                v["rope_parameters"]["short_factor"] = f.clone();
+                v["rope_parameters"]["long_factor"] = f;
+            },
+            false,
+        ),
+    ];
+    for (field, edit, on_long) in edits {
+        let m = load_fixture("phi4_mini", edit);
+        let (ids, want) = if on_long {
+            (ids_of(&exp["input_ids"]), rows_of(&exp["logits"]))
+        } else {
+            (ids_of(&exp["short_input_ids"]), rows_of(&exp["short_logits"]))
+        };
+        let d = max_rows_diff(&logits_of(&m, &ids), &want);
+        assert!(d > 1e-2, "changing {field} moved the logits by only {d}");
+    }
+}
+
+/// Phi-4-mini greedy decoding from 6 ids through the KV cache equals transformers' `generate`
+/// at every step, including past the 8-token pretraining context, where LongRoPE switches to the
+/// long factors and transformers' Phi-3 drops its cache to run every position again (so does
+/// Finch; keeping the short-factor keys would move these logits by 2e-2); the cached logits
+/// equal a full recomputation at every step.
+#[test]
+fn phi4_mini_cached_greedy_decoding_matches_transformers_across_the_longrope_switch() {
+    let model = load_fixture("phi4_mini", |_| {});
+    let exp = expected("phi4_mini");
+    assert!(ids_of(&exp["greedy_input_ids"]).len() + ids_of(&exp["greedy_tokens"]).len() > 8);
+    let (tf, full) = cached_greedy_against_transformers(&model, &exp, usize::MAX);
+    println!("phi4_mini decoding: max |logit diff| vs transformers {tf:e}, vs full recompute {full:e}");
+    assert!(tf < 1e-4, "cached logits differ from transformers' by {tf}");
+    assert!(full < 1e-4, "cached logits differ from a full recomputation by {full}");
+}
+
+/// Phi-3 settings Finch does not implement, or that transformers' Phi-3 would not run, are
+/// refused by name; the 4.x layout of the Hub's configs (rope_scaling with `type`, top-level
+/// rope_theta and partial_rotary_factor) reads to the same settings.
+#[test]
+fn phi3_config_layouts_and_refusals() {
+    let path = fixture("phi4_mini").join("config.json");
+    let base: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let want = ModelConfig::from_json(&base, &path).unwrap();
+    let mut v = base.clone();
+    let params = v.as_object_mut().unwrap().remove("rope_parameters").unwrap();
+    v["rope_theta"] = 10000.0.into();
+    v["rope_scaling"] = serde_json::json!({
+        "type": "longrope", "long_factor": params["long_factor"], "short_factor": params["short_factor"]});
+    assert_eq!(ModelConfig::from_json(&v, &path).unwrap(), want);
+    let cases: [Case; 5] = [
+        ("rope_parameters.rope_type", |v| {
+            v["rope_parameters"]["rope_type"] = "dynamic".into()
+        }),
+        ("rope_parameters.long_factor", |v| {
+            v["rope_parameters"]["long_factor"] = serde_json::json!([1.0, 2.0])
+        }),
+        ("rope_parameters.short_factor", |v| {
+            v["rope_parameters"].as_object_mut().unwrap().remove("short_factor");
+        }),
+        ("attention_bias", |v| v["attention_bias"] = true.into()),
+        ("partial_rotary_factor", |v| v["partial_rotary_factor"] = 0.5.into()),
+    ];
+    for (field, edit) in cases {
+        let mut v = base.clone();
+        edit(&mut v);
+        let err = ModelConfig::from_json(&v, &path).unwrap_err().to_string();
+        assert!(err.contains(field), "{field}: {err}");
+    }
+}
+
+/// Llama 3.2 1B / 3B Instruct configs as published (written from memory; see the fixture's
+/// README): Llama 3 rope scaling ×32 from 8192 positions, rope base 5·10⁵, tied embeddings,
+/// head_dim 64 / 128, and the parameter counts transformers gives for them (1,235,814,400 and
+/// 3,212,749,824, the tied head counted once).
+#[test]
+fn llama32_1b_and_3b_config_layouts_read_as_transformers_reads_them() {
+    for (file, head_dim, params) in [("1b.json", 64, 1_235_814_400usize), ("3b.json", 128, 3_212_749_824)] {
+        let cfg = ModelConfig::from_file(&fixture("llama3.2_configs").join(file)).unwrap();
+        assert_eq!(cfg.family, finch::model::Family::Llama);
+        assert!(cfg.tie_word_embeddings, "{file}");
+        assert_eq!(cfg.head_dim, head_dim, "{file}");
+        assert_eq!(cfg.rope_theta, 500_000.0);
+        let s = cfg.rope_scaling.as_ref().unwrap();
+        assert_eq!(
+            (
+                s.factor,
+                s.low_freq_factor,
+                s.high_freq_factor,
+                s.original_max_position_embeddings
+            ),
+            (32.0, 1.0, 4.0, 8192)
+        );
+        assert_eq!(cfg.eos_token_ids, [128001, 128008, 128009]);
+        assert_eq!(cfg.num_parameters(), params, "{file}");
+    }
+}

@@ -88,6 +88,9 @@ pub struct ChatArgs {
     /// auto, cpu, cuda[:N], metal (auto: the GPU when there is one; --quantized runs on the CPU).
     #[arg(long, default_value = "auto")]
     pub device: crate::device::DeviceChoice,
+    /// The chat template's `enable_thinking` (Qwen3; default: the template's own, thinking on).
+    #[arg(long, value_name = "true|false")]
+    pub enable_thinking: Option<bool>,
     #[command(flatten)]
     pub gen: GenArgs,
 }
@@ -154,6 +157,13 @@ pub fn run(args: ChatArgs) -> anyhow::Result<i32> {
         };
         (loaded.format, Some(model), None, label)
     };
+    let mut format = format;
+    if let Some(on) = args.enable_thinking {
+        format.template = format
+            .template
+            .clone()
+            .with_variable("enable_thinking", serde_json::Value::Bool(on))?;
+    }
     let mut cached = f32_model.as_ref().map(CachedTransformer::new);
     let decoder: &mut (dyn Decoder + Send) = match (&mut cached, &mut quantized) {
         (Some(c), _) => c,

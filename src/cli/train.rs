@@ -86,6 +86,9 @@ pub struct TrainArgs {
     /// Tokens each raw-text window shares with the previous one (below --seq-len; default 0).
     #[arg(long, value_name = "N")]
     pub text_overlap: Option<usize>,
+    /// The chat template's `enable_thinking` (Qwen3; default: the template's own, thinking on).
+    #[arg(long, value_name = "true|false")]
+    pub enable_thinking: Option<bool>,
     /// Peak learning rate.
     #[arg(long)]
     pub lr: Option<f64>,
@@ -195,6 +198,9 @@ impl TrainArgs {
         set!(self.batch, c.batch_size);
         set!(self.seq_len, c.seq_len);
         set!(self.text_overlap, c.text_overlap);
+        if self.enable_thinking.is_some() {
+            c.enable_thinking = self.enable_thinking;
+        }
         set!(self.lr, c.lr);
         if let Some(s) = &self.schedule {
             c.schedule = Schedule::parse(s)?;

@@ -16,6 +16,10 @@ pub fn to_record(ex: &Example, format: Format, fields: &FieldMap) -> Option<Valu
         }
         Example::Chat { messages, tools } => (messages, tools),
     };
+    // Only the messages layout has a place for an assistant's `reasoning_content`.
+    if format != Format::Messages && messages.iter().any(|m| m.reasoning_content.is_some()) {
+        return None;
+    }
     let uses_tools = tools.is_some() || messages.iter().any(|m| m.role == Role::Tool);
     // Tool calls keep their arguments as the JSON text they were read as (key order intact).
     let call_text = |c: &ToolCall| {
@@ -63,6 +67,9 @@ pub fn to_record(ex: &Example, format: Format, fields: &FieldMap) -> Option<Valu
         }
         if let Some(id) = &m.tool_call_id {
             o.insert("tool_call_id".into(), Value::String(id.clone()));
+        }
+        if let Some(r) = &m.reasoning_content {
+            o.insert("reasoning_content".into(), Value::String(r.clone()));
         }
         Value::Object(o)
     };

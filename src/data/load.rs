@@ -822,11 +822,30 @@ fn one_message(
             ))
         }
     };
+    let reasoning_content = match m.get("reasoning_content").filter(|v| !v.is_null()) {
+        None => None,
+        Some(Value::String(r)) if role == Role::Assistant => Some(r.clone()),
+        Some(Value::String(_)) => {
+            return Err(rejection(
+                line,
+                &sub("reasoning_content"),
+                "only assistant messages carry reasoning",
+            ))
+        }
+        Some(other) => {
+            return Err(rejection(
+                line,
+                &sub("reasoning_content"),
+                format!("expected a string, found {}", kind_of(other)),
+            ))
+        }
+    };
     Ok(Message {
         role,
         content,
         tool_calls,
         tool_call_id,
+        reasoning_content,
     })
 }
 

@@ -83,6 +83,9 @@ pub fn hf_config_json(cfg: &ModelConfig) -> serde_json::Value {
     if cfg.family == Family::Gemma3 {
         gemma3_config_fields(cfg, &mut v);
     }
+    if cfg.family == Family::Phi3 {
+        phi3_config_fields(cfg, &mut v);
+    }
     if cfg.family == Family::SmolLM3 {
         v["no_rope_layers"] = json!((0..cfg.num_hidden_layers)
             .map(|l| u8::from(cfg.uses_rope(l)))
@@ -155,6 +158,49 @@ pub fn export_merged(files: &ModelFiles, format: &ChatFormat, model: &Transforme
     }
     gen["eos_token_id"] = json!(format.stop_token_ids);
     write_json(&out.join("generation_config.json"), &gen)
+}
+
+/// Phi-3's own fields, in the layout of the Hub's Phi-3.5 / Phi-4-mini configs (which
+/// transformers 4.x and 5.x both read): `partial_rotary_factor`, `original_max_position_embeddings`,
+/// `rope_scaling` with LongRoPE's factors (and `attention_factor` only when it is not the one
+/// transformers derives), `sliding_window`. Phi-3 has no bias flags.
+fn phi3_config_fields(cfg: &ModelConfig, v: &mut serde_json::Value) {
+    if let Some(obj) = v.as_object_mut() {
+        obj.remove("attention_bias");
+        obj.remove("mlp_bias");
+    }
+    if cfg.rotary_dims() != cfg.head_dim {
+        v["partial_rotary_factor"] = json!(cfg.rotary_dims() as f64 / cfg.head_dim as f64);
+    }
+    v["sliding_window"] = json!(cfg.sliding_window);
+    // Phi3Config's default pad id (32000) lies outside smaller vocabularies; the released models
+    // pad with their end-of-text token (Phi-3.5: 32000, Phi-4-mini: 199999), their first eos.
+    v["pad_token_id"] = json!(cfg.eos_token_ids.first());
+    match &cfg.longrope {
+        None => {
+            v["original_max_position_embeddings"] = json!(cfg.max_position_embeddings);
+            v["rope_scaling"] = serde_json::Value::Null;
+        }
+        Some(r) => {
+            let original = r.original_max_position_embeddings;
+            v["original_max_position_embeddings"] = json!(original);
+            let mut scaling = json!({
+                "type": "longrope",
+                "long_factor": r.long_factor,
+                "short_factor": r.short_factor,
+            });
+            let scale = cfg.max_position_embeddings as f64 / original as f64;
+            let derived = if scale <= 1.0 {
+                1.0
+            } else {
+                (1.0 + scale.ln() / (original as f64).ln()).sqrt()
+            };
+            if (r.attention_factor - derived).abs() > 1e-12 {
+                scaling["attention_factor"] = json!(r.attention_factor);
+            }
+            v["rope_scaling"] = scaling;
+        }
+    }
 }
 
 /// Gemma 3's own fields, in the layout transformers 5 writes (`rope_parameters` per layer type).

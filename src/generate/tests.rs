@@ -59,6 +59,7 @@ fn kv_cache_greedy_equals_full_recomputation() {
         Family::Qwen3,
         Family::Gemma3,
         Family::SmolLM3,
+        Family::Phi3,
     ] {
         let (_dir, m) = tiny(family);
         let prompt = m
@@ -352,7 +353,9 @@ fn tuned(family: Family) -> (tempfile::TempDir, LoadedModel, Transformer) {
         w.b.set(&Tensor::from_vec(vals, (out, r), &Device::Cpu).unwrap())
             .unwrap();
     }
-    let peft = crate::lora::PeftConfig::from_lora(&lora_cfg(), None);
+    let mut lora = lora_cfg();
+    lora.targets = model.resolve_targets(&lora.targets).unwrap();
+    let peft = crate::lora::PeftConfig::from_lora(&lora, None);
     crate::lora::save_adapter(&dir.path().join("run/adapter"), &peft, &model.lora_weights()).unwrap();
     (dir, m, model)
 }
@@ -400,6 +403,7 @@ fn merged_export_reloads_with_the_same_logits() {
         Family::Qwen3,
         Family::Gemma3,
         Family::SmolLM3,
+        Family::Phi3,
     ] {
         let (dir, m, model) = tuned(family);
         let out = dir.path().join("merged");
@@ -424,12 +428,16 @@ fn merged_export_reloads_with_the_same_logits() {
 
 #[test]
 fn peft_export_round_trips() {
-    for family in [Family::Llama, Family::Gemma3] {
+    for family in [Family::Llama, Family::Gemma3, Family::Phi3] {
         let (dir, m, model) = tuned(family);
         let out = dir.path().join("peft");
         export::export_peft(&resolve_adapter_dir(&dir.path().join("run")).unwrap(), &out).unwrap();
         let a = crate::lora::load_adapter(&out, &Device::Cpu).unwrap();
-        assert_eq!(a.weights.len(), m.model.cfg.num_hidden_layers * Target::ALL.len());
+        let fused = family == Family::Phi3;
+        assert_eq!(
+            a.weights.len(),
+            m.model.cfg.num_hidden_layers * Target::all_for(fused).len()
+        );
         // PEFT's module names for these architectures (Gemma3ForCausalLM included):
         // `model.layers.N.self_attn.{q,k,v,o}_proj`, `model.layers.N.mlp.{gate,up,down}_proj`.
         let peft: serde_json::Value =
@@ -441,22 +449,25 @@ fn peft_export_round_trips() {
             .map(|t| t.as_str().unwrap())
             .collect();
         targets.sort_unstable();
-        assert_eq!(
-            targets,
-            [
+        // Phi3ForCausalLM's: `self_attn.{qkv,o}_proj`, `mlp.{gate_up,down}_proj`.
+        let want: &[&str] = if fused {
+            &["down_proj", "gate_up_proj", "o_proj", "qkv_proj"]
+        } else {
+            &[
                 "down_proj",
                 "gate_proj",
                 "k_proj",
                 "o_proj",
                 "q_proj",
                 "up_proj",
-                "v_proj"
-            ],
-            "{family:?}"
-        );
+                "v_proj",
+            ]
+        };
+        assert_eq!(targets, want, "{family:?}");
         let last = m.model.cfg.num_hidden_layers - 1;
+        let first = if fused { "qkv_proj" } else { "q_proj" };
         for module in [
-            "model.layers.0.self_attn.q_proj".to_string(),
+            format!("model.layers.0.self_attn.{first}"),
             format!("model.layers.{last}.mlp.down_proj"),
         ] {
             assert!(a.weights.contains_key(&module), "{family:?}: no adapter for {module}");
@@ -470,7 +481,7 @@ fn peft_export_round_trips() {
 #[test]
 fn gguf_export_reloads_with_the_same_greedy_tokens_and_a_modelfile_that_stops() {
     // Gemma 3: norms stored as 1 + w, its four norm names, sliding layers over the 30 ids.
-    for family in [Family::Llama, Family::Gemma3, Family::SmolLM3] {
+    for family in [Family::Llama, Family::Gemma3, Family::SmolLM3, Family::Phi3] {
         let (dir, m, model) = tuned(family);
         let out = dir.path().join("gguf");
         let paths = export::export_gguf(&m.files, &m.format, &model, &out).unwrap();
@@ -588,6 +599,7 @@ fn quantized_path_matches_the_dequantized_model() {
         Family::Qwen3,
         Family::Gemma3,
         Family::SmolLM3,
+        Family::Phi3,
     ] {
         let (dir, m, model) = tuned(family);
         let out = dir.path().join("gguf");
@@ -595,16 +607,26 @@ fn quantized_path_matches_the_dequantized_model() {
         let q8 = &paths[1];
         let f32_model = LoadedModel::open(q8.to_str().unwrap()).unwrap();
         let mut q = crate::model::quantized::QuantizedModel::open(q8, &f32_model.files.config).unwrap();
-        let ids: Vec<u32> = (0..30).map(|i| (i * 7 % 260) as u32 + 3).collect();
-        let want = all_logits(&f32_model.model, &ids);
-        // Prompt in one step, then token by token; logits of the last position each time.
+        // Phi-3: 80 positions, past its LongRoPE pretraining context (64), where both paths run
+        // the whole sequence again with the long factors.
+        let (n, prompt_len) = if family == Family::Phi3 { (80, 50) } else { (30, 10) };
+        let ids: Vec<u32> = (0..n).map(|i| (i * 7 % 260) as u32 + 3).collect();
+        // Prompt in one step, then token by token; logits of the last position each time, from
+        // both paths (each position's logits depend on the sequence length under LongRoPE).
+        let mut f32_cache = KvCache::new();
+        let mut want = vec![f32_model
+            .model
+            .forward_last_with_cache(&ids[..prompt_len], &mut f32_cache)
+            .unwrap()];
         q.reset().unwrap();
-        let mut got = vec![q.step(&ids[..10]).unwrap()];
-        for &t in &ids[10..] {
+        let mut got = vec![q.step(&ids[..prompt_len]).unwrap()];
+        for &t in &ids[prompt_len..] {
             got.push(q.step(&[t]).unwrap());
+            want.push(f32_model.model.forward_last_with_cache(&[t], &mut f32_cache).unwrap());
         }
         let got = Tensor::stack(&got, 0).unwrap();
-        let want = want.narrow(0, 9, 21).unwrap();
+        let want = Tensor::stack(&want, 0).unwrap();
+        let steps = n - prompt_len + 1;
         let scale = want.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
         // The products see 16-bit activations: the same numbers to float precision.
         let d = max_diff(&got, &want) / scale;
@@ -622,7 +644,10 @@ fn quantized_path_matches_the_dequantized_model() {
             .zip(argmaxes(&want))
             .filter(|(a, b)| **a == *b)
             .count();
-        assert_eq!(same, 21, "{family:?}: greedy choice agrees at {same} of 21 positions");
+        assert_eq!(
+            same, steps,
+            "{family:?}: greedy choice agrees at {same} of {steps} positions"
+        );
         // A generation through the Decoder trait restarts cleanly.
         let no = AtomicBool::new(false);
         let prompt = m.format.encode_prompt(&[Message::new(Role::User, "hello")]).unwrap();
@@ -652,6 +677,7 @@ fn quantized_path_applies_an_adapter_unmerged() {
         Family::Qwen3,
         Family::Gemma3,
         Family::SmolLM3,
+        Family::Phi3,
     ] {
         let (dir, m, _) = tuned(family);
         let paths = export::export_gguf(&m.files, &m.format, &m.model, &dir.path().join("base-gguf")).unwrap();

@@ -9,9 +9,11 @@ use super::api::{encode_component, Client};
 use super::Result;
 use crate::model::Family;
 
-/// Models above this many parameters are not offered by default: LoRA on a desktop CPU is
-/// practical up to roughly the 1.5–1.7B models (SmolLM2-1.7B, Qwen2.5-1.5B).
-pub const MAX_TUNABLE_PARAMETERS: u64 = 2_000_000_000;
+/// Models above this many parameters are not offered by default. LoRA in f32 on a desktop CPU
+/// is practical up to roughly the 1.5–1.7B models (SmolLM2-1.7B, Qwen2.5-1.5B); with a Q4_1/Q8_0
+/// frozen base (`--precision q4_1`) the 3–4B instruction models fit too (Llama 3.2 3B, Qwen2.5
+/// 3B, Phi-3.5-mini and Phi-4-mini at 3.8B), slowly.
+pub const MAX_TUNABLE_PARAMETERS: u64 = 4_000_000_000;
 
 /// The Hub can return up to this many models per page.
 const MAX_PAGE: usize = 100;
@@ -218,6 +220,17 @@ mod tests {
         assert!(s.supported, "{:?}", s.unsupported_reason);
         let gemma_gguf = json!({"id": "a/gemma-3-1b-GGUF", "tags": ["gguf"], "gguf": {"total": 999_885_952u64, "architecture": "gemma3"}});
         assert!(summarize(&gemma_gguf).unwrap().supported);
+
+        // Phi-3.5-mini / Phi-4-mini (3.8B, Phi3ForCausalLM) as safetensors and as llama.cpp GGUF.
+        let phi = json!({
+            "id": "microsoft/Phi-4-mini-instruct", "tags": ["transformers", "safetensors", "phi3"],
+            "config": {"architectures": ["Phi3ForCausalLM"], "model_type": "phi3"},
+            "safetensors": {"total": 3_836_021_760u64}
+        });
+        let s = summarize(&phi).unwrap();
+        assert!(s.supported, "{:?}", s.unsupported_reason);
+        let phi_gguf = json!({"id": "a/Phi-3.5-mini-instruct-GGUF", "tags": ["gguf"], "gguf": {"total": 3_821_079_552u64, "architecture": "phi3"}});
+        assert!(summarize(&phi_gguf).unwrap().supported);
 
         let pickle = json!({"id": "a/p", "tags": ["pytorch", "llama"], "config": {"model_type": "llama"}});
         assert!(summarize(&pickle)

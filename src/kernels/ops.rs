@@ -153,40 +153,61 @@ impl CustomOp2 for RmsNorm {
 
 // ---------------------------------------------------------------- rotary embedding
 
-/// Hugging Face rotate-half rope on `x: [b, h, t, d]` with tables `cos`, `sin`: `[t, d/2]`
-/// (row = position). Gradients flow to `x`.
+/// Hugging Face rotate-half rope on `x: [b, h, t, d]` with tables `cos`, `sin`: `[t, r/2]`
+/// (row = position). The first `r` dimensions of each head are rotated (pairs `i`, `i + r/2`)
+/// and the rest pass through: `r = d` is the usual full rotary, `r < d` Phi-3's partial rotary
+/// (`partial_rotary_factor`). Gradients flow to `x`.
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
+    let half = cos.dim(D::Minus1)?;
+    let d = x.dim(D::Minus1)?;
+    if 2 * half > d {
+        candle_core::bail!("rope: tables rotate {} dimensions of heads of {d}", 2 * half)
+    }
     if cpu_f32(x) && cpu_f32(cos) {
         let op = Rope {
             cos: tensor_vec(cos)?,
             sin: tensor_vec(sin)?,
+            half,
             sign: 1.0,
         };
         return x.contiguous()?.apply_op1(op);
     }
+    let rot = 2 * half;
+    let (xr, pass) = if rot < d {
+        (x.narrow(D::Minus1, 0, rot)?, Some(x.narrow(D::Minus1, rot, d - rot)?))
+    } else {
+        (x.clone(), None)
+    };
     let cos = Tensor::cat(&[cos, cos], D::Minus1)?;
     let sin = Tensor::cat(&[sin, sin], D::Minus1)?;
-    let d = x.dim(D::Minus1)?;
-    let x1 = x.narrow(D::Minus1, 0, d / 2)?;
-    let x2 = x.narrow(D::Minus1, d / 2, d / 2)?;
+    let x1 = xr.narrow(D::Minus1, 0, half)?;
+    let x2 = xr.narrow(D::Minus1, half, half)?;
     let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
-    x.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?
+    let out = (xr.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?)?;
+    match pass {
+        Some(p) => Tensor::cat(&[&out, &p], D::Minus1),
+        None => Ok(out),
+    }
 }
 
-/// Rotates one head row (`sign` +1) or rotates it back (`sign` −1), rotate-half convention.
+/// Rotates one head row (`sign` +1) or rotates it back (`sign` −1), rotate-half convention over
+/// the first `2 · cos.len()` dimensions; the others are copied (partial rotary).
 pub(crate) fn rope_row(src: &[f32], dst: &mut [f32], cos: &[f32], sin: &[f32], sign: f32) {
-    let half = dst.len() / 2;
+    let half = cos.len();
     for i in 0..half {
         let (a, b) = (src[i], src[i + half]);
         let s = sign * sin[i];
         dst[i] = a * cos[i] - b * s;
         dst[i + half] = b * cos[i] + a * s;
     }
+    dst[2 * half..].copy_from_slice(&src[2 * half..]);
 }
 
 struct Rope {
     cos: Vec<f32>,
     sin: Vec<f32>,
+    /// Entries per table row: half the rotated dimensions.
+    half: usize,
     /// +1 rotates by the position angle, −1 rotates back (the backward pass).
     sign: f32,
 }
@@ -196,7 +217,7 @@ impl Rope {
         let [_, _, t, d] = dims else {
             candle_core::bail!("rope: expected [b, h, t, d], got {dims:?}")
         };
-        let (t, half) = (*t, d / 2);
+        let (t, d, half) = (*t, *d, self.half);
         if self.cos.len() < t * half {
             candle_core::bail!(
                 "rope: tables cover {} positions, need {t}",
@@ -229,6 +250,7 @@ impl CustomOp1 for Rope {
         let back = Rope {
             cos: self.cos.clone(),
             sin: self.sin.clone(),
+            half: self.half,
             sign: -self.sign,
         };
         let gv = tensor_vec(g)?;
@@ -417,6 +439,26 @@ mod tests {
             |t| candle_nn::rotary_emb::rope_slow(&t[0], &cos, &sin).unwrap(),
             &gq,
         );
+
+        // Partial rotary (Phi-3): 4 of 8 dimensions rotated, the rest passed through.
+        let (cos2, sin2) = (cos.narrow(1, 0, 2).unwrap(), sin.narrow(1, 0, 2).unwrap());
+        check(
+            std::slice::from_ref(&q),
+            |t| rope(&t[0], &cos2, &sin2).unwrap(),
+            |t| {
+                let r = candle_nn::rotary_emb::rope_slow(&t[0].narrow(3, 0, 4).unwrap(), &cos2, &sin2).unwrap();
+                Tensor::cat(&[&r, &t[0].narrow(3, 4, 4).unwrap()], 3).unwrap()
+            },
+            &gq,
+        );
+        let composite = {
+            let q = q.as_tensor().to_dtype(candle_core::DType::F64).unwrap();
+            let c = cos2.to_dtype(candle_core::DType::F64).unwrap();
+            let s = sin2.to_dtype(candle_core::DType::F64).unwrap();
+            rope(&q, &c, &s).unwrap().to_dtype(candle_core::DType::F32).unwrap()
+        };
+        let fused = rope(q.as_tensor(), &cos2, &sin2).unwrap();
+        assert!(crate::testing::max_abs_diff(&fused, &composite) < 1e-5);
 
         let s = Var::randn(0f32, 2.0, (2, 3, 5, 5), &dev).unwrap();
         let gs = Tensor::randn(0f32, 1.0, (2, 3, 5, 5), &dev).unwrap();

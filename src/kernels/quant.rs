@@ -223,6 +223,24 @@ impl QMatrix {
 
     /// A copy whose row `i` is this matrix's row `from[i]` (whole rows of blocks move, so the
     /// weights are unchanged bit for bit).
+    /// Rows `start..start + count` as a matrix of their own (blocks copied, nothing
+    /// requantized): how Phi-3's fused `attn_qkv` and `ffn_up` are split into q/k/v and gate/up.
+    pub fn row_range(&self, start: usize, count: usize) -> Result<QMatrix, QError> {
+        if start + count > self.rows {
+            return Err(QError::Length {
+                what: "row range",
+                expected: self.rows,
+                found: start + count,
+            });
+        }
+        let n = self.row_bytes();
+        Ok(QMatrix {
+            data: self.data[start * n..(start + count) * n].to_vec(),
+            rows: count,
+            ..self.clone()
+        })
+    }
+
     pub fn permute_rows(&self, from: &[usize]) -> Result<QMatrix, QError> {
         let mut seen = vec![false; self.rows];
         if from.len() != self.rows

@@ -24,17 +24,24 @@ pub enum Target {
     K,
     #[serde(rename = "v_proj")]
     V,
+    /// q, k and v as one matrix (Phi-3's `qkv_proj`): one adapter over the fused output.
+    #[serde(rename = "qkv_proj")]
+    Qkv,
     #[serde(rename = "o_proj")]
     O,
     #[serde(rename = "gate_proj")]
     Gate,
     #[serde(rename = "up_proj")]
     Up,
+    /// gate and up as one matrix (Phi-3's `gate_up_proj`).
+    #[serde(rename = "gate_up_proj")]
+    GateUp,
     #[serde(rename = "down_proj")]
     Down,
 }
 
 impl Target {
+    /// Every projection of a model with separate q/k/v and gate/up matrices (what `all` means).
     pub const ALL: [Target; 7] = [
         Target::Q,
         Target::K,
@@ -45,14 +52,65 @@ impl Target {
         Target::Down,
     ];
 
+    /// Every projection of a model with fused `qkv_proj` and `gate_up_proj` (Phi-3).
+    pub const ALL_FUSED: [Target; 4] = [Target::Qkv, Target::O, Target::GateUp, Target::Down];
+
+    /// The projections of a model with (`fused`) or without fused q/k/v and gate/up matrices.
+    pub fn all_for(fused: bool) -> &'static [Target] {
+        if fused {
+            &Self::ALL_FUSED
+        } else {
+            &Self::ALL
+        }
+    }
+
+    /// `targets` as a model with (`fused`) or without fused matrices has them: on a fused
+    /// model q, k and v together become `qkv` and gate and up together `gate_up` (one of them
+    /// alone cannot be adapted: PEFT's adapter covers the whole matrix); on a split model `qkv`
+    /// becomes q, k, v and `gate_up` gate, up. Sorted, without duplicates.
+    pub fn resolve(targets: &[Target], fused: bool) -> Result<Vec<Target>> {
+        let has = |t: Target| targets.contains(&t);
+        let mut out = vec![];
+        for &t in targets {
+            match (t, fused) {
+                (Target::Qkv, false) => out.extend([Target::Q, Target::K, Target::V]),
+                (Target::GateUp, false) => out.extend([Target::Gate, Target::Up]),
+                (Target::Q | Target::K | Target::V, true) => {
+                    if !(has(Target::Qkv) || has(Target::Q) && has(Target::K) && has(Target::V)) {
+                        return Err(Error::config(
+                            "targets",
+                            "this model (Phi-3) holds q, k and v in one matrix, qkv_proj: choose q, k and v together (or qkv), or none of them",
+                        ));
+                    }
+                    out.push(Target::Qkv);
+                }
+                (Target::Gate | Target::Up, true) => {
+                    if !(has(Target::GateUp) || has(Target::Gate) && has(Target::Up)) {
+                        return Err(Error::config(
+                            "targets",
+                            "this model (Phi-3) holds gate and up in one matrix, gate_up_proj: choose gate and up together (or gate_up), or neither",
+                        ));
+                    }
+                    out.push(Target::GateUp);
+                }
+                (t, _) => out.push(t),
+            }
+        }
+        out.sort();
+        out.dedup();
+        Ok(out)
+    }
+
     pub fn short(self) -> &'static str {
         match self {
             Target::Q => "q",
             Target::K => "k",
             Target::V => "v",
+            Target::Qkv => "qkv",
             Target::O => "o",
             Target::Gate => "gate",
             Target::Up => "up",
+            Target::GateUp => "gate_up",
             Target::Down => "down",
         }
     }
@@ -62,17 +120,22 @@ impl Target {
             Target::Q => "q_proj",
             Target::K => "k_proj",
             Target::V => "v_proj",
+            Target::Qkv => "qkv_proj",
             Target::O => "o_proj",
             Target::Gate => "gate_proj",
             Target::Up => "up_proj",
+            Target::GateUp => "gate_up_proj",
             Target::Down => "down_proj",
         }
     }
 
-    /// Accepts `q` or `q_proj` (case-insensitive).
+    /// Accepts `q` or `q_proj` (case-insensitive), and the fused `qkv` / `gate_up`.
     pub fn parse(s: &str) -> Option<Target> {
         let s = s.trim().to_ascii_lowercase();
-        Target::ALL.into_iter().find(|t| s == t.short() || s == t.peft_name())
+        Target::ALL
+            .into_iter()
+            .chain([Target::Qkv, Target::GateUp])
+            .find(|t| s == t.short() || s == t.peft_name())
     }
 
     /// Parses a comma-separated list such as `q,k,v,o` or `all`.
@@ -85,7 +148,10 @@ impl Target {
             let t = Target::parse(part).ok_or_else(|| {
                 Error::config(
                     "targets",
-                    format!("unknown target `{}` (use q,k,v,o,gate,up,down or all)", part.trim()),
+                    format!(
+                        "unknown target `{}` (use q,k,v,o,gate,up,down, qkv and gate_up for Phi-3, or all)",
+                        part.trim()
+                    ),
                 )
             })?;
             if !out.contains(&t) {
@@ -102,8 +168,8 @@ impl Target {
     /// The Hugging Face module path of this projection in layer `layer`.
     pub fn module_path(self, layer: usize) -> String {
         let group = match self {
-            Target::Q | Target::K | Target::V | Target::O => "self_attn",
-            Target::Gate | Target::Up | Target::Down => "mlp",
+            Target::Q | Target::K | Target::V | Target::Qkv | Target::O => "self_attn",
+            Target::Gate | Target::Up | Target::GateUp | Target::Down => "mlp",
         };
         format!("model.layers.{layer}.{group}.{}", self.peft_name())
     }

@@ -31,8 +31,9 @@ pub struct Heads {
 /// reading key/value head `h / (q_heads / kv_heads)`, and with `heads.window` set, query `i`
 /// seeing only keys `i + 1 - window..=i`.
 ///
-/// `q: [b, t, q_heads·hd]`, `k, v: [b, t, kv_heads·hd]`; `cos, sin: [t, hd/2]` rotary tables
-/// (rotate-half convention). Returns `[b, t, q_heads·hd]`. Gradients flow to q, k and v.
+/// `q: [b, t, q_heads·hd]`, `k, v: [b, t, kv_heads·hd]`; `cos, sin: [t, r/2]` rotary tables
+/// (rotate-half convention over the first `r ≤ hd` dimensions of each head; `r < hd` is partial
+/// rotary). Returns `[b, t, q_heads·hd]`. Gradients flow to q, k and v.
 pub fn causal_attention(
     q: &Tensor,
     k: &Tensor,
@@ -58,17 +59,25 @@ pub fn causal_attention(
             v.dims()
         )
     }
-    if [q, k, v, cos, sin].iter().all(|x| cpu_f32(x)) && hd % 2 == 0 {
+    let rot_half = cos.dim(1)?;
+    if 2 * rot_half > hd {
+        candle_core::bail!(
+            "attention: rotary tables rotate {} dimensions of heads of {hd}",
+            2 * rot_half
+        )
+    }
+    if [q, k, v, cos, sin].iter().all(|x| cpu_f32(x)) {
         let op = FusedAttention {
             b,
             t,
             heads,
+            rot_half,
             scale: scale as f32,
             cos: ops::tensor_vec(cos)?,
             sin: ops::tensor_vec(sin)?,
             saved: Mutex::new(None),
         };
-        if op.cos.len() < t * hd / 2 || op.sin.len() != op.cos.len() {
+        if op.cos.len() < t * rot_half || op.sin.len() != op.cos.len() {
             candle_core::bail!("attention: rotary tables cover fewer than {t} positions")
         }
         return q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op);
@@ -125,6 +134,8 @@ struct FusedAttention {
     b: usize,
     t: usize,
     heads: Heads,
+    /// Entries per rotary table row (half the rotated dimensions of a head).
+    rot_half: usize,
     scale: f32,
     cos: Vec<f32>,
     sin: Vec<f32>,
@@ -151,7 +162,7 @@ fn causal_softmax_rows(p: &mut [f32], t: usize, scale: f32, window: Option<usize
 
 impl FusedAttention {
     fn tables(&self, p: usize) -> (&[f32], &[f32]) {
-        let half = self.heads.head_dim / 2;
+        let half = self.rot_half;
         (&self.cos[p * half..(p + 1) * half], &self.sin[p * half..(p + 1) * half])
     }
 
@@ -360,12 +371,13 @@ mod tests {
     /// and all three gradients, with grouped heads, causal and with a sliding window.
     #[test]
     fn fused_attention_matches_composite_ops() {
-        for window in [None, Some(3)] {
-            fused_attention_matches_composite_ops_with(window);
+        for (window, rot_half) in [(None, 4), (Some(3), 4), (None, 3), (Some(3), 2)] {
+            fused_attention_matches_composite_ops_with(window, rot_half);
         }
     }
 
-    fn fused_attention_matches_composite_ops_with(window: Option<usize>) {
+    /// `rot_half` < head_dim / 2: partial rotary (Phi-3).
+    fn fused_attention_matches_composite_ops_with(window: Option<usize>, rot_half: usize) {
         let dev = Device::Cpu;
         let (b, t, nh, nkv, hd) = (2, 7, 6, 2, 8);
         let heads = Heads {
@@ -377,7 +389,7 @@ mod tests {
         let q = Var::randn(0f32, 1.0, (b, t, nh * hd), &dev).unwrap();
         let k = Var::randn(0f32, 1.0, (b, t, nkv * hd), &dev).unwrap();
         let v = Var::randn(0f32, 1.0, (b, t, nkv * hd), &dev).unwrap();
-        let (cos, sin) = tables(t, hd / 2);
+        let (cos, sin) = tables(t, rot_half);
         let scale = 1.0 / (hd as f64).sqrt();
         let fused = causal_attention(&q, &k, &v, &cos, &sin, heads, scale).unwrap();
 

@@ -20,11 +20,14 @@ pub enum Family {
     Gemma3,
     /// SmolLM3 (`SmolLM3ForCausalLM`): Llama with rotary skipped on the layers `no_rope_layers` marks.
     SmolLM3,
+    /// Phi-3 (`Phi3ForCausalLM`: Phi-3/3.5-mini, Phi-4-mini): fused `qkv_proj` and `gate_up_proj`,
+    /// partial rotary, LongRoPE.
+    Phi3,
 }
 
 impl Family {
     pub const SUPPORTED: &'static str =
-        "llama (SmolLM, SmolLM2, TinyLlama, Llama 3.x), qwen2 (Qwen2, Qwen2.5), qwen3 (Qwen3 dense), gemma3_text (Gemma 3 270M, 1B), smollm3 (SmolLM3)";
+        "llama (SmolLM, SmolLM2, TinyLlama, Llama 3.x), qwen2 (Qwen2, Qwen2.5), qwen3 (Qwen3 dense), gemma3_text (Gemma 3 270M, 1B), smollm3 (SmolLM3), phi3 (Phi-3/3.5-mini, Phi-4-mini)";
 
     /// Maps a `model_type` (or `architectures[0]`) to a family.
     pub fn from_model_type(model_type: &str) -> Option<Family> {
@@ -35,6 +38,7 @@ impl Family {
             // `gemma3` is llama.cpp's GGUF architecture name for the same text model.
             "gemma3_text" | "gemma3" | "Gemma3ForCausalLM" => Some(Family::Gemma3),
             "smollm3" | "SmolLM3ForCausalLM" => Some(Family::SmolLM3),
+            "phi3" | "Phi3ForCausalLM" => Some(Family::Phi3),
             _ => None,
         }
     }
@@ -46,7 +50,14 @@ impl Family {
             Family::Qwen3 => "qwen3",
             Family::Gemma3 => "gemma3_text",
             Family::SmolLM3 => "smollm3",
+            Family::Phi3 => "phi3",
         }
+    }
+
+    /// Whether q/k/v and gate/up are one matrix each (`qkv_proj`, `gate_up_proj`), as LoRA
+    /// targets and in checkpoints.
+    pub fn fused_projections(self) -> bool {
+        self == Family::Phi3
     }
 
     /// llama.cpp's `general.architecture` for this family.
@@ -65,6 +76,7 @@ impl Family {
             Family::Qwen3 => "Qwen3ForCausalLM",
             Family::Gemma3 => "Gemma3ForCausalLM",
             Family::SmolLM3 => "SmolLM3ForCausalLM",
+            Family::Phi3 => "Phi3ForCausalLM",
         }
     }
 }
@@ -76,6 +88,19 @@ pub struct RopeScaling {
     pub low_freq_factor: f64,
     pub high_freq_factor: f64,
     pub original_max_position_embeddings: usize,
+}
+
+/// Phi-3's LongRoPE (`rope_type: "longrope"`, formerly `"su"`): per-frequency divisors, the
+/// short set for sequences up to `original_max_position_embeddings` tokens and the long set
+/// beyond, with cos and sin multiplied by `attention_factor`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LongRope {
+    pub short_factor: Vec<f64>,
+    pub long_factor: Vec<f64>,
+    pub original_max_position_embeddings: usize,
+    /// transformers' `attention_factor`: given, or `sqrt(1 + ln(factor) / ln(original))` with
+    /// `factor = max_position_embeddings / original_max_position_embeddings` (1 when ≤ 1).
+    pub attention_factor: f64,
 }
 
 /// The gate activation of the MLP.
@@ -155,6 +180,12 @@ pub struct ModelConfig {
     /// empty means every layer does.
     #[serde(default)]
     pub rope_layers: Vec<bool>,
+    /// Rotated dimensions per head when fewer than `head_dim` (Phi-3 `partial_rotary_factor`).
+    #[serde(default)]
+    pub rotary_dim: Option<usize>,
+    /// Phi-3 LongRoPE scaling.
+    #[serde(default)]
+    pub longrope: Option<LongRope>,
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
 }
@@ -203,6 +234,8 @@ struct HfConfig {
     no_rope_layers: Option<Vec<serde_json::Value>>,
     /// SmolLM3 without `no_rope_layers`: every `no_rope_layer_interval`-th layer is NoPE.
     no_rope_layer_interval: Option<usize>,
+    /// Phi-3: the pretraining context, which LongRoPE's short/long switch and attention factor use.
+    original_max_position_embeddings: Option<usize>,
     /// Multimodal configs (Gemma 3 4B and up) nest the text model here.
     text_config: Option<serde_json::Value>,
 }
@@ -312,17 +345,28 @@ impl ModelConfig {
             }
         }
         let gemma = family == Family::Gemma3;
-        refuse_unimplemented(&raw, path, gemma)?;
+        let phi3 = family == Family::Phi3;
+        refuse_unimplemented(&raw, path, gemma, phi3)?;
         let num_hidden_layers = need("num_hidden_layers", raw.num_hidden_layers)?;
+        let max_position_embeddings = raw.max_position_embeddings.unwrap_or(if phi3 { 4096 } else { 2048 });
+        let mut phi3_rope = None;
         let (rope_theta, rope_scaling, gemma_rope) = if gemma {
             let g = parse_gemma3_rope(&raw, path)?;
             (g.global_theta, None, Some(g))
+        } else if phi3 {
+            let p = parse_phi3_rope(&raw, head_dim, max_position_embeddings, path)?;
+            let theta = p.theta;
+            phi3_rope = Some(p);
+            (theta, None, None)
         } else {
             let (t, s) = parse_rope(&raw, path)?;
             (t, s, None)
         };
         let layer_types = if gemma {
             gemma3_layer_types(&raw, num_hidden_layers, path)?
+        } else if phi3 && raw.sliding_window.is_some() {
+            // transformers' Phi-3 masks every layer to the window when `sliding_window` is set.
+            vec![LayerType::SlidingAttention; num_hidden_layers]
         } else {
             vec![]
         };
@@ -336,6 +380,23 @@ impl ModelConfig {
             Family::Llama => (attention_bias, attention_bias),
             Family::Qwen2 => (true, false),
             Family::Qwen3 | Family::Gemma3 | Family::SmolLM3 => (attention_bias, attention_bias),
+            Family::Phi3 => {
+                // transformers' Phi-3 has no biases whatever the config says; a checkpoint that
+                // sets these flags was made for other modeling code.
+                for (field, on) in [
+                    ("attention_bias", attention_bias),
+                    ("mlp_bias", raw.mlp_bias == Some(true)),
+                ] {
+                    if on {
+                        return Err(Error::invalid(
+                            path,
+                            format!("field `{field}`"),
+                            "Phi-3 projections have no biases (transformers' Phi3ForCausalLM ignores it); set it to false",
+                        ));
+                    }
+                }
+                (false, false)
+            }
         };
         Ok(ModelConfig {
             family,
@@ -346,7 +407,7 @@ impl ModelConfig {
             num_attention_heads,
             num_key_value_heads,
             head_dim,
-            max_position_embeddings: raw.max_position_embeddings.unwrap_or(2048),
+            max_position_embeddings,
             rms_norm_eps: raw.rms_norm_eps.unwrap_or(1e-6),
             rope_theta,
             rope_scaling,
@@ -373,6 +434,8 @@ impl ModelConfig {
             } else {
                 vec![]
             },
+            rotary_dim: phi3_rope.as_ref().and_then(|p| p.rotary_dim),
+            longrope: phi3_rope.and_then(|p| p.longrope),
             bos_token_id: token_ids(&raw.bos_token_id).first().copied(),
             eos_token_ids: token_ids(&raw.eos_token_id),
         })
@@ -421,6 +484,11 @@ impl ModelConfig {
     /// Whether layer `l` applies rotary embeddings (false on SmolLM3's NoPE layers).
     pub fn uses_rope(&self, l: usize) -> bool {
         self.rope_layers.get(l).copied().unwrap_or(true)
+    }
+
+    /// Rotated dimensions per head (`head_dim` unless Phi-3's partial rotary says fewer).
+    pub fn rotary_dims(&self) -> usize {
+        self.rotary_dim.unwrap_or(self.head_dim)
     }
 
     /// The scale of the attention scores (`q·k · scale`).
@@ -585,8 +653,9 @@ fn smollm3_rope_layers(raw: &HfConfig, layers: usize, path: &Path) -> Result<Vec
 }
 
 /// Refuses config fields that change the forward pass in ways Finch does not implement.
-/// `gemma`: Gemma 3's sliding-window layers are implemented (read by `gemma3_layer_types`).
-fn refuse_unimplemented(raw: &HfConfig, path: &Path, gemma: bool) -> Result<()> {
+/// `gemma`: Gemma 3's sliding-window layers are implemented (read by `gemma3_layer_types`);
+/// `phi3`: Phi-3's partial rotary is (read by `parse_phi3_rope`).
+fn refuse_unimplemented(raw: &HfConfig, path: &Path, gemma: bool, phi3: bool) -> Result<()> {
     if raw.use_bidirectional_attention == Some(true) {
         return Err(Error::invalid(
             path,
@@ -613,7 +682,12 @@ fn refuse_unimplemented(raw: &HfConfig, path: &Path, gemma: bool) -> Result<()> 
             format!("layer type `{kind}` is not supported (only full_attention)"),
         ));
     }
-    if let Some(f) = raw.partial_rotary_factor {
+    let nested_factor = raw
+        .rope_parameters
+        .as_ref()
+        .and_then(|p| p.get("partial_rotary_factor"))
+        .and_then(|f| f.as_f64());
+    if let Some(f) = raw.partial_rotary_factor.or(nested_factor).filter(|_| !phi3) {
         if f != 1.0 {
             return Err(Error::invalid(
                 path,
@@ -717,4 +791,132 @@ fn parse_rope_scaling(v: Option<&serde_json::Value>, field: &str, path: &Path) -
             format!("rope type `{other}` is not supported (supported: default, llama3)"),
         )),
     }
+}
+
+/// Phi-3's rotary settings.
+struct Phi3Rope {
+    theta: f64,
+    /// `None`: every dimension of a head rotates.
+    rotary_dim: Option<usize>,
+    longrope: Option<LongRope>,
+}
+
+/// Phi-3's rotary settings from either layout (4.x: top-level `rope_theta`,
+/// `partial_rotary_factor`, `original_max_position_embeddings` and `rope_scaling`; 5.x: the same
+/// inside `rope_parameters`), read the way transformers' `Phi3Config` and
+/// `_compute_longrope_parameters` read them: the top-level `original_max_position_embeddings`
+/// wins, `su` and `yarn` are old names of `longrope`, and a missing `factor` is
+/// `max_position_embeddings / original_max_position_embeddings`.
+fn parse_phi3_rope(raw: &HfConfig, head_dim: usize, max_positions: usize, path: &Path) -> Result<Phi3Rope> {
+    let params = raw
+        .rope_parameters
+        .as_ref()
+        .filter(|v| !v.is_null())
+        .or(raw.rope_scaling.as_ref().filter(|v| !v.is_null()));
+    let field = if raw.rope_parameters.as_ref().is_some_and(|v| !v.is_null()) {
+        "rope_parameters"
+    } else {
+        "rope_scaling"
+    };
+    if let Some(p) = params {
+        if !p.is_object() {
+            return Err(Error::invalid(path, format!("field `{field}`"), "must be an object"));
+        }
+    }
+    let get = |k: &str| params.and_then(|p| p.get(k)).filter(|v| !v.is_null());
+    let number = |k: &str| -> Result<Option<f64>> {
+        match get(k) {
+            None => Ok(None),
+            Some(v) => v
+                .as_f64()
+                .map(Some)
+                .ok_or_else(|| Error::invalid(path, format!("field `{field}.{k}`"), "must be a number")),
+        }
+    };
+    let theta = match (number("rope_theta")?, raw.rope_theta) {
+        (Some(a), Some(b)) if a != b => {
+            return Err(Error::invalid(
+                path,
+                "field `rope_theta`",
+                format!("{b} disagrees with `{field}.rope_theta` = {a}"),
+            ))
+        }
+        (a, b) => a.or(b).unwrap_or(10_000.0),
+    };
+    let factor = match (number("partial_rotary_factor")?, raw.partial_rotary_factor) {
+        (Some(a), Some(b)) if a != b => {
+            return Err(Error::invalid(
+                path,
+                "field `partial_rotary_factor`",
+                format!("{b} disagrees with `{field}.partial_rotary_factor` = {a}"),
+            ))
+        }
+        (a, b) => a.or(b).unwrap_or(1.0),
+    };
+    // transformers: `dim = int(head_dim * partial_rotary_factor)`.
+    let dim = (head_dim as f64 * factor) as usize;
+    if !(factor > 0.0 && factor <= 1.0) || dim == 0 || dim % 2 != 0 {
+        return Err(Error::invalid(
+            path,
+            "field `partial_rotary_factor`",
+            format!("{factor} gives {dim} rotary dimensions of a {head_dim}-dimension head; it must give an even number from 2 to head_dim"),
+        ));
+    }
+    let rotary_dim = (dim < head_dim).then_some(dim);
+    let kind = get("rope_type")
+        .or_else(|| get("type"))
+        .and_then(|t| t.as_str())
+        .unwrap_or("default");
+    let longrope = match kind {
+        "default" => None,
+        "longrope" | "su" | "yarn" => {
+            let factors = |k: &str| -> Result<Vec<f64>> {
+                let v = get(k).ok_or_else(|| Error::invalid(path, format!("field `{field}.{k}`"), "is missing"))?;
+                let list: Option<Vec<f64>> = v.as_array().and_then(|a| a.iter().map(|x| x.as_f64()).collect());
+                match list {
+                    Some(l) if l.len() == dim / 2 && l.iter().all(|f| f.is_finite() && *f > 0.0) => Ok(l),
+                    _ => Err(Error::invalid(
+                        path,
+                        format!("field `{field}.{k}`"),
+                        format!("must list {} positive numbers (one per rotary frequency)", dim / 2),
+                    )),
+                }
+            };
+            let original = raw
+                .original_max_position_embeddings
+                .or(number("original_max_position_embeddings")?.map(|x| x as usize))
+                .unwrap_or(max_positions);
+            if original == 0 {
+                return Err(Error::invalid(
+                    path,
+                    "field `original_max_position_embeddings`",
+                    "must be greater than 0",
+                ));
+            }
+            let scale = number("factor")?.unwrap_or(max_positions as f64 / original as f64);
+            let attention_factor = match number("attention_factor")? {
+                Some(a) => a,
+                None if scale <= 1.0 => 1.0,
+                None => (1.0 + scale.ln() / (original as f64).ln()).sqrt(),
+            };
+            Some(LongRope {
+                short_factor: factors("short_factor")?,
+                long_factor: factors("long_factor")?,
+                original_max_position_embeddings: original,
+                attention_factor,
+            })
+        }
+        other => {
+            return Err(Error::invalid(
+                path,
+                format!("field `{field}.rope_type`"),
+                format!("rope type `{other}` is not supported for Phi-3 (supported: default, longrope)"),
+            ))
+        }
+    };
+    Ok(Phi3Rope {
+        theta,
+        rotary_dim,
+        longrope,
+    })
 }

@@ -94,9 +94,15 @@ impl GgufModel {
         let num_key_value_heads = meta
             .usize(&key("attention.head_count_kv"))?
             .unwrap_or(num_attention_heads);
+        // llama.cpp's Phi-3 `rope.dimension_count` is the rotated part of a head only.
+        let rope_dims = if arch == "phi3" {
+            None
+        } else {
+            meta.usize(&key("rope.dimension_count"))?
+        };
         let head_dim = match meta.usize(&key("attention.key_length"))? {
             Some(h) => h,
-            None => match meta.usize(&key("rope.dimension_count"))? {
+            None => match rope_dims {
                 Some(h) => h,
                 None => hidden_size / num_attention_heads.max(1),
             },
@@ -158,7 +164,69 @@ impl GgufModel {
                 }
             }
         }
+        if arch == "phi3" {
+            self.phi3_config(&mut config, head_dim)?;
+        }
         Ok(config)
+    }
+
+    /// Phi-3's rotary and window settings as `convert_hf_to_gguf.py` stores them: the rotated
+    /// dimensions (`rope.dimension_count`), LongRoPE's factors as `rope_factors_long/short`
+    /// tensors with `rope.scaling.attn_factor` and `rope.scaling.original_context_length`, and
+    /// `attention.sliding_window` (0: none).
+    fn phi3_config(&self, config: &mut serde_json::Value, head_dim: usize) -> Result<()> {
+        let meta = self.meta();
+        if let Some(dims) = meta.usize("phi3.rope.dimension_count")? {
+            if dims != head_dim {
+                config["partial_rotary_factor"] = json!(dims as f64 / head_dim as f64);
+            }
+        }
+        if let Some(w) = meta.usize("phi3.attention.sliding_window")?.filter(|w| *w > 0) {
+            config["sliding_window"] = json!(w);
+        }
+        let original = meta.usize("phi3.rope.scaling.original_context_length")?;
+        if let Some(n) = original {
+            config["original_max_position_embeddings"] = json!(n);
+        }
+        let has = |name: &str| self.content.tensor_infos.contains_key(name);
+        match (has("rope_factors_long.weight"), has("rope_factors_short.weight")) {
+            (false, false) => Ok(()),
+            (true, true) => {
+                let read =
+                    |name: &str| -> Result<Vec<f32>> { Ok(self.read_f32_cpu(name)?.flatten_all()?.to_vec1::<f32>()?) };
+                let mut scaling = json!({
+                    "type": "longrope",
+                    "long_factor": read("rope_factors_long.weight")?,
+                    "short_factor": read("rope_factors_short.weight")?,
+                });
+                // Stored as f32: when it is the factor transformers derives from the two
+                // context lengths, leave it out so that the exact value is derived again.
+                let context = config["max_position_embeddings"].as_f64().unwrap_or(0.0);
+                let derived = original
+                    .map(|o| o as f64)
+                    .filter(|&o| context > o && o > 1.0)
+                    .map_or(1.0, |o| (1.0 + (context / o).ln() / o.ln()).sqrt());
+                if let Some(a) = meta.f64("phi3.rope.scaling.attn_factor")? {
+                    if (a - derived).abs() > 1e-6 {
+                        scaling["attention_factor"] = json!(a);
+                    }
+                }
+                config["rope_scaling"] = scaling;
+                Ok(())
+            }
+            (long, _) => Err(Error::invalid(
+                &self.path,
+                format!(
+                    "tensor `{}`",
+                    if long {
+                        "rope_factors_short.weight"
+                    } else {
+                        "rope_factors_long.weight"
+                    }
+                ),
+                "is missing (LongRoPE needs both the long and the short factors)",
+            )),
+        }
     }
 
     /// `rope_scaling` for `config.json`. llama.cpp stores Llama 3 scaling not as metadata but as
@@ -610,10 +678,15 @@ fn layer_names(family: Family) -> impl Iterator<Item = &'static (&'static str, &
         // Gemma's `post_attention_layernorm` norms the attention output; its pre-MLP norm is
         // `pre_feedforward_layernorm` (llama.cpp: `ffn_norm` for both families' pre-MLP norm).
         Family::Gemma3 => (&GEMMA_LAYER_NAMES, "post_attention_layernorm"),
+        // Phi-3's fused matrices keep their layout; llama.cpp's `ffn_up` holds gate and up.
+        Family::Phi3 => (&PHI3_LAYER_NAMES, "mlp.up_proj"),
         _ => (&[], ""),
     };
     extra.iter().chain(LAYER_NAMES.iter().filter(move |(h, _)| *h != skip))
 }
+
+/// Phi-3's fused projections, as `convert_hf_to_gguf.py` names them.
+const PHI3_LAYER_NAMES: [(&str, &str); 2] = [("self_attn.qkv_proj", "attn_qkv"), ("mlp.gate_up_proj", "ffn_up")];
 
 /// Gemma's extra norms, as llama.cpp's `gguf-py` tensor map names them.
 const GEMMA_LAYER_NAMES: [(&str, &str); 3] = [
@@ -806,7 +879,7 @@ pub fn write_gguf(
         ),
         (k("attention.key_length"), Value::U32(config.head_dim as u32)),
         (k("attention.value_length"), Value::U32(config.head_dim as u32)),
-        (k("rope.dimension_count"), Value::U32(config.head_dim as u32)),
+        (k("rope.dimension_count"), Value::U32(config.rotary_dims() as u32)),
         (k("rope.freq_base"), Value::F32(config.rope_theta as f32)),
         (
             k("attention.layer_norm_rms_epsilon"),
@@ -816,6 +889,22 @@ pub fn write_gguf(
     ];
     if config.family == Family::Gemma3 {
         meta.extend(gemma3_metadata(path, config)?);
+    }
+    if config.family == Family::Phi3 {
+        // As convert_hf_to_gguf.py's Phi3MiniModel writes them (llama.cpp reads the window but
+        // runs Phi-3 without it; the original context decides its long/short factor choice).
+        let original = config
+            .longrope
+            .as_ref()
+            .map_or(config.max_position_embeddings, |r| r.original_max_position_embeddings);
+        meta.push((k("rope.scaling.original_context_length"), Value::U32(original as u32)));
+        meta.push((
+            k("attention.sliding_window"),
+            Value::U32(config.sliding_window.unwrap_or(0) as u32),
+        ));
+        if let Some(r) = &config.longrope {
+            meta.push((k("rope.scaling.attn_factor"), Value::F32(r.attention_factor as f32)));
+        }
     }
     if config.family == Family::SmolLM3
         && (0..config.num_hidden_layers).any(|l| config.uses_rope(l) == ((l + 1) % 4 == 0))
@@ -835,7 +924,7 @@ pub fn write_gguf(
             Error::invalid(
                 path,
                 format!("tensor `{hf_name}`"),
-                "has no GGUF name (not a Llama/Qwen2/Qwen3/Gemma 3 tensor)",
+                "has no GGUF name (not a Llama/Qwen2/Qwen3/Gemma 3/SmolLM3/Phi-3 tensor)",
             )
         })?;
         let mut t = tensor.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
@@ -857,6 +946,17 @@ pub fn write_gguf(
             GgmlDType::F32
         };
         order.push((gguf_name, QTensor::quantize(&t, dtype)?));
+    }
+    if let Some(r) = &config.longrope {
+        for (name, factors) in [
+            ("rope_factors_long.weight", &r.long_factor),
+            ("rope_factors_short.weight", &r.short_factor),
+        ] {
+            let v: Vec<f32> = factors.iter().map(|f| *f as f32).collect();
+            let n = v.len();
+            let t = Tensor::from_vec(v, n, &Device::Cpu)?;
+            order.push((name.into(), QTensor::quantize(&t, GgmlDType::F32)?));
+        }
     }
     if let Some(s) = &config.rope_scaling {
         let factors: Vec<f32> = llama3_rope_factors(s, config.head_dim, config.rope_theta)
@@ -937,7 +1037,7 @@ fn tensor_sort_key(name: &str) -> (usize, usize, String) {
     }
     match name {
         "token_embd.weight" => (0, 0, name.into()),
-        "rope_freqs.weight" => (0, 1, name.into()),
+        "rope_freqs.weight" | "rope_factors_long.weight" | "rope_factors_short.weight" => (0, 1, name.into()),
         _ => (2, 0, name.into()),
     }
 }
@@ -1115,6 +1215,7 @@ mod tests {
             Family::Qwen3,
             Family::Gemma3,
             Family::SmolLM3,
+            Family::Phi3,
         ] {
             for tie in [true, false] {
                 let dir = tempfile::tempdir().unwrap();

@@ -100,20 +100,46 @@ struct Layer {
     down: QMatrix,
 }
 
-/// An adapter's update per projection of one layer, in [`Target::ALL`] order.
+/// An adapter's update per projection of one layer, in [`Target::ALL`] order (a fused
+/// adapter, Phi-3's `qkv_proj` or `gate_up_proj`, is held as the updates of its parts).
 type LayerLora = [Option<LowRank>; 7];
 
+/// The place of split projection `t` in [`LayerLora`].
+fn slot(t: Target) -> Option<usize> {
+    Target::ALL.iter().position(|&x| x == t)
+}
+
 impl Layer {
-    fn matrix(&self, t: Target) -> &QMatrix {
+    /// Split projection `t` (q, k, v, o, gate, up or down).
+    fn matrix(&self, t: Target) -> Option<&QMatrix> {
         match t {
-            Target::Q => &self.q,
-            Target::K => &self.k,
-            Target::V => &self.v,
-            Target::O => &self.o,
-            Target::Gate => &self.gate,
-            Target::Up => &self.up,
-            Target::Down => &self.down,
+            Target::Q => Some(&self.q),
+            Target::K => Some(&self.k),
+            Target::V => Some(&self.v),
+            Target::O => Some(&self.o),
+            Target::Gate => Some(&self.gate),
+            Target::Up => Some(&self.up),
+            Target::Down => Some(&self.down),
+            Target::Qkv | Target::GateUp => None,
         }
+    }
+}
+
+/// A fused projection's parts, as `(split target, first row, rows)` of its output.
+fn fused_parts(cfg: &ModelConfig, t: Target) -> Vec<(Target, usize, usize)> {
+    let (q_dim, kv_dim) = (
+        cfg.num_attention_heads * cfg.head_dim,
+        cfg.num_key_value_heads * cfg.head_dim,
+    );
+    let i = cfg.intermediate_size;
+    match t {
+        Target::Qkv => vec![
+            (Target::Q, 0, q_dim),
+            (Target::K, q_dim, kv_dim),
+            (Target::V, q_dim + kv_dim, kv_dim),
+        ],
+        Target::GateUp => vec![(Target::Gate, 0, i), (Target::Up, i, i)],
+        other => vec![(other, 0, 0)],
     }
 }
 
@@ -133,6 +159,8 @@ struct Weights {
     norm: Vec<f32>,
     layers: Vec<Layer>,
     inv_freq: Vec<f32>,
+    /// Phi-3 LongRoPE: the frequencies of forwards past `original_max_position_embeddings`.
+    long_inv_freq: Option<Vec<f32>>,
     /// Gemma 3's sliding layers' rotary frequencies.
     local_inv_freq: Option<Vec<f32>>,
 }
@@ -145,6 +173,9 @@ pub struct QuantizedModel {
     lora: Arc<Vec<LayerLora>>,
     cache: Vec<LayerCache>,
     position: usize,
+    /// The token ids behind the cached positions (LongRoPE recomputes them once, when a
+    /// sequence first passes the pretraining context, as the f32 model does).
+    ids: Vec<u32>,
     context_len: usize,
     kernel: Kernel,
     /// Diagnostic mode ([`QuantizedModel::set_exact_activations`]): every matrix dequantized
@@ -171,11 +202,37 @@ impl QuantizedModel {
         let hd = cfg.head_dim;
         let (q_dim, kv_dim) = (cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd);
         let permuted = matches!(gguf.architecture()?.as_str(), "llama" | "smollm3");
+        let fused = cfg.family.fused_projections();
+        let i = cfg.intermediate_size;
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for l in 0..cfg.num_hidden_layers {
             let name = |m: &str| format!("blk.{l}.{m}");
-            let mut q = reader.matrix(&name("attn_q.weight"), q_dim, h)?;
-            let mut k = reader.matrix(&name("attn_k.weight"), kv_dim, h)?;
+            // Phi-3 (llama.cpp `phi3`): q, k, v in one `attn_qkv` and gate, up in one `ffn_up`
+            // (gate rows first), split here by whole rows of blocks.
+            let (mut q, mut k, v, gate, up) = if fused {
+                let qkv_name = name("attn_qkv.weight");
+                let qkv = reader.matrix(&qkv_name, q_dim + 2 * kv_dim, h)?;
+                let up_name = name("ffn_up.weight");
+                let gate_up = reader.matrix(&up_name, 2 * i, h)?;
+                let part = |m: &QMatrix, at: usize, n: usize, what: &str| {
+                    m.row_range(at, n).map_err(|e| reader.invalid(what, e))
+                };
+                (
+                    part(&qkv, 0, q_dim, &qkv_name)?,
+                    part(&qkv, q_dim, kv_dim, &qkv_name)?,
+                    part(&qkv, q_dim + kv_dim, kv_dim, &qkv_name)?,
+                    part(&gate_up, 0, i, &up_name)?,
+                    part(&gate_up, i, i, &up_name)?,
+                )
+            } else {
+                (
+                    reader.matrix(&name("attn_q.weight"), q_dim, h)?,
+                    reader.matrix(&name("attn_k.weight"), kv_dim, h)?,
+                    reader.matrix(&name("attn_v.weight"), kv_dim, h)?,
+                    reader.matrix(&name("ffn_gate.weight"), i, h)?,
+                    reader.matrix(&name("ffn_up.weight"), i, h)?,
+                )
+            };
             let mut qkv_bias = if cfg.qkv_bias {
                 Some([
                     reader.vector(&name("attn_q.bias"), q_dim)?,
@@ -203,7 +260,7 @@ impl QuantizedModel {
                 attn_norm: reader.vector(&name("attn_norm.weight"), h)?,
                 q,
                 k,
-                v: reader.matrix(&name("attn_v.weight"), kv_dim, h)?,
+                v,
                 qkv_bias,
                 qk_norm: if cfg.qk_norm {
                     Some([
@@ -228,9 +285,9 @@ impl QuantizedModel {
                 local_rope: cfg.layer_type(l) == LayerType::SlidingAttention && cfg.rope_local_theta.is_some(),
                 rope: cfg.uses_rope(l),
                 ffn_norm: reader.vector(&name("ffn_norm.weight"), h)?,
-                gate: reader.matrix(&name("ffn_gate.weight"), cfg.intermediate_size, h)?,
-                up: reader.matrix(&name("ffn_up.weight"), cfg.intermediate_size, h)?,
-                down: reader.matrix(&name("ffn_down.weight"), h, cfg.intermediate_size)?,
+                gate,
+                up,
+                down: reader.matrix(&name("ffn_down.weight"), h, i)?,
             });
         }
         if cfg.o_bias || cfg.mlp_bias {
@@ -255,13 +312,18 @@ impl QuantizedModel {
                 norm,
                 layers,
                 inv_freq: crate::model::transformer::rope_inv_freq(cfg),
+                long_inv_freq: cfg
+                    .longrope
+                    .as_ref()
+                    .map(|_| crate::model::transformer::rope_inv_freq_for_len(cfg, usize::MAX)),
                 local_inv_freq: cfg
                     .rope_local_theta
-                    .map(|theta| crate::model::transformer::default_inv_freq(hd, theta)),
+                    .map(|theta| crate::model::transformer::default_inv_freq(cfg.rotary_dims(), theta)),
             }),
             lora: Arc::new(Vec::new()),
             cache: vec![],
             position: 0,
+            ids: vec![],
             context_len: cfg.max_position_embeddings,
             kernel: Kernel::detect(),
             exact: None,
@@ -275,6 +337,7 @@ impl QuantizedModel {
             lora: self.lora.clone(),
             cache: vec![],
             position: 0,
+            ids: vec![],
             context_len: self.context_len,
             kernel: self.kernel,
             exact: self.exact.clone(),
@@ -289,7 +352,13 @@ impl QuantizedModel {
             .w
             .layers
             .iter()
-            .map(|l| Target::ALL.iter().map(|&t| l.matrix(t).data().len()).sum::<usize>())
+            .map(|l| {
+                Target::ALL
+                    .iter()
+                    .filter_map(|&t| l.matrix(t))
+                    .map(|m| m.data().len())
+                    .sum::<usize>()
+            })
             .sum();
         layers + head.data().len()
     }
@@ -312,28 +381,42 @@ impl QuantizedModel {
         let cfg = &adapter.config;
         let mut lora: Vec<LayerLora> = (0..self.w.layers.len()).map(|_| Default::default()).collect();
         let mut used = 0;
+        let model_cfg = &self.w.cfg;
         for (l, layer) in self.w.layers.iter().enumerate() {
-            for t in Target::ALL {
+            for &t in Target::all_for(model_cfg.family.fused_projections()) {
                 let module = t.module_path(l);
                 let Some((a, b)) = adapter.weights.get(&module) else {
                     continue;
                 };
-                let m = layer.matrix(t);
-                if a.dims() != [cfg.r, m.cols()] || b.dims() != [m.rows(), cfg.r] {
+                let parts = fused_parts(model_cfg, t);
+                let first = layer
+                    .matrix(parts[0].0)
+                    .ok_or_else(|| Error::invalid(dir, format!("module `{module}`"), "has no matrix in this model"))?;
+                let (cols, rows) = match t {
+                    Target::Qkv | Target::GateUp => (first.cols(), parts.iter().map(|p| p.2).sum()),
+                    _ => (first.cols(), first.rows()),
+                };
+                if a.dims() != [cfg.r, cols] || b.dims() != [rows, cfg.r] {
                     return Err(Error::ShapeMismatch {
                         path: dir.to_path_buf(),
                         tensor: format!("{module}.lora_A/lora_B"),
-                        expected: vec![cfg.r, m.cols(), m.rows(), cfg.r],
+                        expected: vec![cfg.r, cols, rows, cfg.r],
                         found: [a.dims(), b.dims()].concat(),
                     });
                 }
                 let values = |t: &Tensor| t.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>();
-                lora[l][t as usize] = Some(LowRank {
-                    a: values(a)?,
-                    b: values(b)?,
-                    r: cfg.r,
-                    scale: cfg.scale() as f32,
-                });
+                let (a, b) = (values(a)?, values(b)?);
+                // A fused adapter `B·A` over stacked outputs is, part by part, `B[rows]·A`.
+                for (part, start, n) in parts {
+                    let (start, n) = if n == 0 { (0, rows) } else { (start, n) };
+                    let Some(s) = slot(part) else { continue };
+                    lora[l][s] = Some(LowRank {
+                        a: a.clone(),
+                        b: b[start * cfg.r..(start + n) * cfg.r].to_vec(),
+                        r: cfg.r,
+                        scale: cfg.scale() as f32,
+                    });
+                }
                 used += 1;
             }
         }
@@ -385,6 +468,18 @@ impl QuantizedModel {
     fn forward_here(&mut self, ids: &[u32], all: bool) -> Result<Vec<f32>> {
         let w = self.w.clone();
         let cfg = &w.cfg;
+        if let Some(r) = &cfg.longrope {
+            let (past, switch) = (self.position, r.original_max_position_embeddings);
+            if past > 0 && past <= switch && past + ids.len() > switch && self.ids.len() == past {
+                // Every position again with the long factors (transformers' Phi-3 `generate`).
+                let mut every = std::mem::take(&mut self.ids);
+                every.extend_from_slice(ids);
+                self.reset_cache();
+                let logits = self.forward_here(&every, all)?;
+                let vocab = logits.len() / if all { every.len() } else { 1 };
+                return Ok(if all { logits[past * vocab..].to_vec() } else { logits });
+            }
+        }
         let (h, hd) = (cfg.hidden_size, cfg.head_dim);
         let (q_dim, kv_dim) = (cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd);
         let t = ids.len();
@@ -406,8 +501,15 @@ impl QuantizedModel {
             let scale = (h as f64).sqrt() as f32;
             x.iter_mut().for_each(|v| *v *= scale);
         }
-        let (cos, sin) = rope_tables(&w.inv_freq, past, t);
-        let local = w.local_inv_freq.as_ref().map(|f| rope_tables(f, past, t));
+        // LongRoPE's factor set follows the forward's last position, as in the f32 model.
+        let global = match (&w.long_inv_freq, &cfg.longrope) {
+            (Some(long), Some(r)) if past + t > r.original_max_position_embeddings => long,
+            _ => &w.inv_freq,
+        };
+        let table_scale = crate::model::transformer::rope_table_scale(cfg);
+        let (cos, sin) = rope_tables(global, past, t, table_scale);
+        let local = w.local_inv_freq.as_ref().map(|f| rope_tables(f, past, t, table_scale));
+        let rot_half = cfg.rotary_dims() / 2;
         let mut mm = Products {
             kernel: self.kernel,
             exact: self.exact.as_deref(),
@@ -443,8 +545,8 @@ impl QuantizedModel {
                 _ => (&cos, &sin),
             };
             if layer.rope {
-                rope(&mut q, hd, c, s);
-                rope(&mut k, hd, c, s);
+                rope(&mut q, hd, rot_half, c, s);
+                rope(&mut k, hd, rot_half, c, s);
             }
             cache.k.extend_from_slice(&k);
             cache.v.extend_from_slice(&v);
@@ -474,6 +576,7 @@ impl QuantizedModel {
             x.iter_mut().zip(&proj).for_each(|(a, b)| *a += b);
         }
         self.position += t;
+        self.ids.extend_from_slice(ids);
         let rows = if all { t } else { 1 };
         let last = &x[(t - rows) * h..];
         let mut normed = vec![0f32; rows * h];
@@ -486,13 +589,20 @@ impl QuantizedModel {
     }
 }
 
-impl Decoder for QuantizedModel {
-    fn reset(&mut self) -> Result<()> {
+impl QuantizedModel {
+    fn reset_cache(&mut self) {
         self.position = 0;
+        self.ids.clear();
         self.cache.iter_mut().for_each(|c| {
             c.k.clear();
             c.v.clear();
         });
+    }
+}
+
+impl Decoder for QuantizedModel {
+    fn reset(&mut self) -> Result<()> {
+        self.reset_cache();
         Ok(())
     }
 
@@ -545,8 +655,11 @@ impl Products<'_> {
     /// Projection `target` of `layer` (with its adapter update, if any) on `x`, the input last
     /// given to `set_input`.
     fn run(&self, layer: &Layer, lora: Option<&LayerLora>, target: Target, x: &[f32], out: &mut [f32]) -> Result<()> {
-        self.product(layer.matrix(target), x, out)?;
-        match lora.and_then(|l| l[target as usize].as_ref()) {
+        let w = layer
+            .matrix(target)
+            .ok_or_else(|| Error::config("targets", format!("`{}` is not a split projection", target.peft_name())))?;
+        self.product(w, x, out)?;
+        match lora.and_then(|l| l[slot(target)?].as_ref()) {
             Some(l) => l.add_to(x, out),
             None => Ok(()),
         }
@@ -693,30 +806,31 @@ fn add_rows(x: &mut [f32], b: &[f32]) {
     }
 }
 
-/// cos/sin of `position · inv_freq`, `[t, head_dim/2]`, for positions `start..start + t`.
-fn rope_tables(inv_freq: &[f32], start: usize, t: usize) -> (Vec<f32>, Vec<f32>) {
+/// cos/sin of `position · inv_freq` times `scale`, `[t, rotary_dim/2]`, for positions
+/// `start..start + t`.
+fn rope_tables(inv_freq: &[f32], start: usize, t: usize, scale: f32) -> (Vec<f32>, Vec<f32>) {
     let mut cos = Vec::with_capacity(t * inv_freq.len());
     let mut sin = Vec::with_capacity(t * inv_freq.len());
     for p in start..start + t {
         for f in inv_freq {
             // The same f32 arithmetic as the f32 model's tables.
             let a = p as f32 * f;
-            cos.push(a.cos());
-            sin.push(a.sin());
+            cos.push(a.cos() * scale);
+            sin.push(a.sin() * scale);
         }
     }
     (cos, sin)
 }
 
-/// Hugging Face rotate-half rope on rows `[t, heads * head_dim]`, in place.
-fn rope(x: &mut [f32], head_dim: usize, cos: &[f32], sin: &[f32]) {
-    let half = head_dim / 2;
+/// Hugging Face rotate-half rope on rows `[t, heads * head_dim]`, in place, over the first
+/// `2 · half` dimensions of each head (the rest, under Phi-3's partial rotary, unchanged).
+fn rope(x: &mut [f32], head_dim: usize, half: usize, cos: &[f32], sin: &[f32]) {
     let t = cos.len() / half.max(1);
     let width = x.len() / t.max(1);
     for (p, row) in x.chunks_exact_mut(width).enumerate() {
         let (c, s) = (&cos[p * half..(p + 1) * half], &sin[p * half..(p + 1) * half]);
         for head in row.chunks_exact_mut(head_dim) {
-            let (a, b) = head.split_at_mut(half);
+            let (a, b) = head[..2 * half].split_at_mut(half);
             for (((x1, x2), c), s) in a.iter_mut().zip(b.iter_mut()).zip(c).zip(s) {
                 let (u, v) = (*x1, *x2);
                 *x1 = u * c - v * s;

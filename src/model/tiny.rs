@@ -145,6 +145,18 @@ impl TinySpec {
             v["final_logit_softcapping"] = serde_json::Value::Null;
             v["attn_logit_softcapping"] = serde_json::Value::Null;
         }
+        if self.family == Family::Phi3 {
+            // Phi-4-mini's layout: rotary on 3/4 of each head, LongRoPE with a short pretraining
+            // context (64) so that prompts past it take the long factors.
+            let half = (self.hidden_size / self.num_attention_heads) * 3 / 8;
+            v["partial_rotary_factor"] = json!(0.75);
+            v["original_max_position_embeddings"] = json!(64);
+            v["rope_scaling"] = json!({
+                "type": "longrope",
+                "short_factor": (0..half).map(|i| 1.0 + 0.25 * i as f64).collect::<Vec<_>>(),
+                "long_factor": (0..half).map(|i| 1.5 + 2.0 * i as f64).collect::<Vec<_>>(),
+            });
+        }
         if self.family == Family::Qwen2 {
             // Fields Qwen2's config.json always carries (candle-transformers requires them).
             v["sliding_window"] = json!(self.max_position_embeddings);
@@ -161,6 +173,7 @@ impl TinySpec {
             Family::Qwen3 => ("qwen3", "Qwen3ForCausalLM"),
             Family::Gemma3 => ("gemma3_text", "Gemma3ForCausalLM"),
             Family::SmolLM3 => ("smollm3", "SmolLM3ForCausalLM"),
+            Family::Phi3 => ("phi3", "Phi3ForCausalLM"),
         };
         json!({
             "architectures": [arch],
@@ -216,9 +229,17 @@ impl TinySpec {
                 put(format!("{p}.pre_feedforward_layernorm.weight"), &[h], Init::Norm)?;
                 put(format!("{p}.post_feedforward_layernorm.weight"), &[h], Init::Norm)?;
             }
-            put(format!("{p}.self_attn.q_proj.weight"), &[q, h], Init::Normal(0.02))?;
-            put(format!("{p}.self_attn.k_proj.weight"), &[kv, h], Init::Normal(0.02))?;
-            put(format!("{p}.self_attn.v_proj.weight"), &[kv, h], Init::Normal(0.02))?;
+            if self.family.fused_projections() {
+                put(
+                    format!("{p}.self_attn.qkv_proj.weight"),
+                    &[q + 2 * kv, h],
+                    Init::Normal(0.02),
+                )?;
+            } else {
+                put(format!("{p}.self_attn.q_proj.weight"), &[q, h], Init::Normal(0.02))?;
+                put(format!("{p}.self_attn.k_proj.weight"), &[kv, h], Init::Normal(0.02))?;
+                put(format!("{p}.self_attn.v_proj.weight"), &[kv, h], Init::Normal(0.02))?;
+            }
             put(format!("{p}.self_attn.o_proj.weight"), &[h, q], Init::Normal(0.02))?;
             if matches!(self.family, Family::Qwen3 | Family::Gemma3) {
                 put(format!("{p}.self_attn.q_norm.weight"), &[hd], Init::Norm)?;
@@ -229,8 +250,12 @@ impl TinySpec {
                 put(format!("{p}.self_attn.k_proj.bias"), &[kv], Init::Normal(0.02))?;
                 put(format!("{p}.self_attn.v_proj.bias"), &[kv], Init::Normal(0.02))?;
             }
-            put(format!("{p}.mlp.gate_proj.weight"), &[i, h], Init::Normal(0.02))?;
-            put(format!("{p}.mlp.up_proj.weight"), &[i, h], Init::Normal(0.02))?;
+            if self.family.fused_projections() {
+                put(format!("{p}.mlp.gate_up_proj.weight"), &[2 * i, h], Init::Normal(0.02))?;
+            } else {
+                put(format!("{p}.mlp.gate_proj.weight"), &[i, h], Init::Normal(0.02))?;
+                put(format!("{p}.mlp.up_proj.weight"), &[i, h], Init::Normal(0.02))?;
+            }
             put(format!("{p}.mlp.down_proj.weight"), &[h, i], Init::Normal(0.02))?;
         }
         put("model.norm.weight".into(), &[h], Init::Norm)?;

@@ -14,11 +14,49 @@ use crate::model::config::{Activation, LayerType, ModelConfig};
 use crate::model::weights::WeightSource;
 use crate::rng::Rng;
 
+/// The q, k and v projections: three matrices, or Phi-3's one `qkv_proj` whose output rows
+/// are q, then k, then v (kept fused so an adapter on it has PEFT's shapes).
+#[derive(Debug, Clone)]
+enum QkvProj {
+    Split {
+        q: LoraLinear,
+        k: LoraLinear,
+        v: LoraLinear,
+    },
+    Fused {
+        qkv: LoraLinear,
+        q_dim: usize,
+        kv_dim: usize,
+    },
+}
+
+impl QkvProj {
+    fn forward(&self, x: &Tensor, ctx: &mut ForwardCtx) -> Result<(Tensor, Tensor, Tensor)> {
+        match self {
+            QkvProj::Split { q, k, v } => Ok((q.forward(x, ctx)?, k.forward(x, ctx)?, v.forward(x, ctx)?)),
+            QkvProj::Fused { qkv, q_dim, kv_dim } => {
+                let y = qkv.forward(x, ctx)?;
+                let last = y.rank() - 1;
+                Ok((
+                    y.narrow(last, 0, *q_dim)?,
+                    y.narrow(last, *q_dim, *kv_dim)?,
+                    y.narrow(last, q_dim + kv_dim, *kv_dim)?,
+                ))
+            }
+        }
+    }
+}
+
+/// The gate and up projections: two matrices, or Phi-3's one `gate_up_proj` (gate rows first).
+#[derive(Debug, Clone)]
+enum GateUpProj {
+    Split { gate: LoraLinear, up: LoraLinear },
+    Fused { gate_up: LoraLinear, inner: usize },
+}
+
 #[derive(Debug, Clone)]
 struct Attention {
-    q: LoraLinear,
-    k: LoraLinear,
-    v: LoraLinear,
+    qkv: QkvProj,
     o: LoraLinear,
     /// Per-head RMS norms `[head_dim]` for q and k (Qwen3, Gemma 3), applied before rotary.
     q_norm: Option<Norm>,
@@ -73,15 +111,23 @@ impl Attention {
 
 #[derive(Debug, Clone)]
 struct Mlp {
-    gate: LoraLinear,
-    up: LoraLinear,
+    gate_up: GateUpProj,
     down: LoraLinear,
 }
 
 impl Mlp {
     fn forward(&self, x: &Tensor, act: Activation, ctx: &mut ForwardCtx) -> Result<Tensor> {
-        let g = self.gate.forward(x, ctx)?;
-        let u = self.up.forward(x, ctx)?;
+        let (g, u) = match &self.gate_up {
+            GateUpProj::Split { gate, up } => (gate.forward(x, ctx)?, up.forward(x, ctx)?),
+            GateUpProj::Fused { gate_up, inner } => {
+                let y = gate_up.forward(x, ctx)?;
+                let last = y.rank() - 1;
+                (
+                    y.narrow(last, 0, *inner)?.contiguous()?,
+                    y.narrow(last, *inner, *inner)?.contiguous()?,
+                )
+            }
+        };
         let h = match act {
             Activation::Silu => ops::swiglu(&g, &u)?,
             // candle's `gelu` is the tanh approximation (`gelu_pytorch_tanh`), with a backward.
@@ -169,18 +215,39 @@ impl RopeTables {
 }
 
 /// Rotary inverse frequencies of the full-attention layers and, when they differ (Gemma 3), of
-/// the sliding-window layers.
+/// the sliding-window layers; Phi-3's LongRoPE adds the long set and the table scale.
 #[derive(Debug, Clone)]
 struct RopeFreqs {
     global: Vec<f32>,
     local: Option<Vec<f32>>,
+    /// LongRoPE: the frequencies of sequences longer than `long_after` positions.
+    long: Option<Vec<f32>>,
+    long_after: usize,
+    /// cos and sin are multiplied by this (LongRoPE's attention factor; 1 otherwise).
+    table_scale: f32,
 }
 
 impl RopeFreqs {
     fn new(cfg: &ModelConfig) -> Self {
         RopeFreqs {
             global: rope_inv_freq(cfg),
-            local: cfg.rope_local_theta.map(|theta| default_inv_freq(cfg.head_dim, theta)),
+            local: cfg
+                .rope_local_theta
+                .map(|theta| default_inv_freq(cfg.rotary_dims(), theta)),
+            long: cfg.longrope.as_ref().map(|_| rope_inv_freq_for_len(cfg, usize::MAX)),
+            long_after: cfg
+                .longrope
+                .as_ref()
+                .map_or(usize::MAX, |r| r.original_max_position_embeddings),
+            table_scale: rope_table_scale(cfg),
+        }
+    }
+
+    /// The full-attention frequencies of a forward whose last position is `end - 1`.
+    fn global_for(&self, end: usize) -> &[f32] {
+        match &self.long {
+            Some(long) if end > self.long_after => long,
+            _ => &self.global,
         }
     }
 }
@@ -191,6 +258,9 @@ impl RopeFreqs {
 pub struct KvCache {
     layers: Vec<Option<(Tensor, Tensor)>>,
     len: usize,
+    /// The token ids behind the cached positions (LongRoPE recomputes them when a sequence
+    /// first passes the pretraining context).
+    ids: Vec<u32>,
 }
 
 impl KvCache {
@@ -210,6 +280,7 @@ impl KvCache {
     pub fn clear(&mut self) {
         self.layers.clear();
         self.len = 0;
+        self.ids.clear();
     }
 
     /// Keeps the first `len` positions (to reuse a shared prompt prefix).
@@ -222,6 +293,7 @@ impl KvCache {
             *v = v.narrow(2, 0, len)?;
         }
         self.len = len;
+        self.ids.truncate(len);
         Ok(())
     }
 }
@@ -267,20 +339,35 @@ fn linear(
     Ok(lin)
 }
 
-/// Default rotary inverse frequencies `1 / theta^(2i/d)`, `i < d/2`.
-pub fn default_inv_freq(head_dim: usize, theta: f64) -> Vec<f32> {
-    (0..head_dim / 2)
-        .map(|i| (1.0 / theta.powf((2 * i) as f64 / head_dim as f64)) as f32)
+/// Default rotary inverse frequencies `1 / theta^(2i/d)`, `i < d/2` (`d`: rotated dimensions).
+pub fn default_inv_freq(rot_dim: usize, theta: f64) -> Vec<f32> {
+    (0..rot_dim / 2)
+        .map(|i| (1.0 / theta.powf((2 * i) as f64 / rot_dim as f64)) as f32)
         .collect()
 }
 
-/// Rotary inverse frequencies of the full-attention layers, with Llama 3 rope scaling or linear
-/// scaling (Gemma 3) when configured.
+/// Rotary inverse frequencies of the full-attention layers, with Llama 3 rope scaling, linear
+/// scaling (Gemma 3) or LongRoPE's short factors (Phi-3) when configured.
 pub fn rope_inv_freq(cfg: &ModelConfig) -> Vec<f32> {
-    let d = cfg.head_dim;
+    rope_inv_freq_for_len(cfg, 0)
+}
+
+/// [`rope_inv_freq`] for a forward pass whose positions end at `seq_len` (exclusive): Phi-3's
+/// LongRoPE takes its long factors when `seq_len` exceeds `original_max_position_embeddings`, as
+/// transformers does per forward pass (`longrope_frequency_update`: `max(position_ids) + 1`).
+pub fn rope_inv_freq_for_len(cfg: &ModelConfig, seq_len: usize) -> Vec<f32> {
+    let d = cfg.rotary_dims();
     let base: Vec<f64> = (0..d / 2)
         .map(|i| 1.0 / cfg.rope_theta.powf((2 * i) as f64 / d as f64))
         .collect();
+    if let Some(r) = &cfg.longrope {
+        let ext = if seq_len > r.original_max_position_embeddings {
+            &r.long_factor
+        } else {
+            &r.short_factor
+        };
+        return base.iter().zip(ext).map(|(f, e)| (f / e) as f32).collect();
+    }
     if let Some(factor) = cfg.rope_linear_factor {
         return base.into_iter().map(|f| (f / factor) as f32).collect();
     }
@@ -304,6 +391,12 @@ pub fn rope_inv_freq(cfg: &ModelConfig) -> Vec<f32> {
             f as f32
         })
         .collect()
+}
+
+/// The factor cos and sin tables are multiplied by: LongRoPE's attention factor (transformers'
+/// `attention_scaling`, applied whichever factor set is in use), else 1.
+pub fn rope_table_scale(cfg: &ModelConfig) -> f32 {
+    cfg.longrope.as_ref().map_or(1.0, |r| r.attention_factor as f32)
 }
 
 impl Transformer {
@@ -355,27 +448,46 @@ impl Transformer {
                 mlp_norm,
                 mlp_out_norm,
                 attn: Attention {
-                    q: linear(src, &format!("{a}.q_proj"), q_dim, h, cfg.qkv_bias, dtype, base, device)?,
-                    k: linear(
-                        src,
-                        &format!("{a}.k_proj"),
-                        kv_dim,
-                        h,
-                        cfg.qkv_bias,
-                        dtype,
-                        base,
-                        device,
-                    )?,
-                    v: linear(
-                        src,
-                        &format!("{a}.v_proj"),
-                        kv_dim,
-                        h,
-                        cfg.qkv_bias,
-                        dtype,
-                        base,
-                        device,
-                    )?,
+                    qkv: if cfg.family.fused_projections() {
+                        QkvProj::Fused {
+                            qkv: linear(
+                                src,
+                                &format!("{a}.qkv_proj"),
+                                q_dim + 2 * kv_dim,
+                                h,
+                                false,
+                                dtype,
+                                base,
+                                device,
+                            )?,
+                            q_dim,
+                            kv_dim,
+                        }
+                    } else {
+                        QkvProj::Split {
+                            q: linear(src, &format!("{a}.q_proj"), q_dim, h, cfg.qkv_bias, dtype, base, device)?,
+                            k: linear(
+                                src,
+                                &format!("{a}.k_proj"),
+                                kv_dim,
+                                h,
+                                cfg.qkv_bias,
+                                dtype,
+                                base,
+                                device,
+                            )?,
+                            v: linear(
+                                src,
+                                &format!("{a}.v_proj"),
+                                kv_dim,
+                                h,
+                                cfg.qkv_bias,
+                                dtype,
+                                base,
+                                device,
+                            )?,
+                        }
+                    },
                     o: linear(src, &format!("{a}.o_proj"), h, q_dim, cfg.o_bias, dtype, base, device)?,
                     q_norm: if cfg.qk_norm {
                         Some(norm("self_attn.q_norm", cfg.head_dim)?)
@@ -389,8 +501,17 @@ impl Transformer {
                     },
                 },
                 mlp: Mlp {
-                    gate: linear(src, &format!("{m}.gate_proj"), i, h, cfg.mlp_bias, dtype, base, device)?,
-                    up: linear(src, &format!("{m}.up_proj"), i, h, cfg.mlp_bias, dtype, base, device)?,
+                    gate_up: if cfg.family.fused_projections() {
+                        GateUpProj::Fused {
+                            gate_up: linear(src, &format!("{m}.gate_up_proj"), 2 * i, h, false, dtype, base, device)?,
+                            inner: i,
+                        }
+                    } else {
+                        GateUpProj::Split {
+                            gate: linear(src, &format!("{m}.gate_proj"), i, h, cfg.mlp_bias, dtype, base, device)?,
+                            up: linear(src, &format!("{m}.up_proj"), i, h, cfg.mlp_bias, dtype, base, device)?,
+                        }
+                    },
                     down: linear(src, &format!("{m}.down_proj"), h, i, cfg.mlp_bias, dtype, base, device)?,
                 },
             });
@@ -427,30 +548,48 @@ impl Transformer {
         self.dtype
     }
 
-    fn linear_mut(&mut self, layer: usize, t: Target) -> &mut LoraLinear {
+    /// The projections this model has, as LoRA targets (Phi-3: the fused ones).
+    pub fn projections(&self) -> &'static [Target] {
+        Target::all_for(self.cfg.family.fused_projections())
+    }
+
+    /// Projection `t` of layer `layer`; `None` when the model has no such matrix (`q` of a
+    /// fused model, `qkv` of a split one).
+    fn linear_mut(&mut self, layer: usize, t: Target) -> Option<&mut LoraLinear> {
         let b = &mut self.layers[layer];
-        match t {
-            Target::Q => &mut b.attn.q,
-            Target::K => &mut b.attn.k,
-            Target::V => &mut b.attn.v,
-            Target::O => &mut b.attn.o,
-            Target::Gate => &mut b.mlp.gate,
-            Target::Up => &mut b.mlp.up,
-            Target::Down => &mut b.mlp.down,
+        match (t, &mut b.attn.qkv, &mut b.mlp.gate_up) {
+            (Target::Q, QkvProj::Split { q, .. }, _) => Some(q),
+            (Target::K, QkvProj::Split { k, .. }, _) => Some(k),
+            (Target::V, QkvProj::Split { v, .. }, _) => Some(v),
+            (Target::Qkv, QkvProj::Fused { qkv, .. }, _) => Some(qkv),
+            (Target::O, _, _) => Some(&mut b.attn.o),
+            (Target::Gate, _, GateUpProj::Split { gate, .. }) => Some(gate),
+            (Target::Up, _, GateUpProj::Split { up, .. }) => Some(up),
+            (Target::GateUp, _, GateUpProj::Fused { gate_up, .. }) => Some(gate_up),
+            (Target::Down, _, _) => Some(&mut b.mlp.down),
+            _ => None,
         }
     }
 
-    fn linear_ref(&self, layer: usize, t: Target) -> &LoraLinear {
+    fn linear_ref(&self, layer: usize, t: Target) -> Option<&LoraLinear> {
         let b = &self.layers[layer];
-        match t {
-            Target::Q => &b.attn.q,
-            Target::K => &b.attn.k,
-            Target::V => &b.attn.v,
-            Target::O => &b.attn.o,
-            Target::Gate => &b.mlp.gate,
-            Target::Up => &b.mlp.up,
-            Target::Down => &b.mlp.down,
+        match (t, &b.attn.qkv, &b.mlp.gate_up) {
+            (Target::Q, QkvProj::Split { q, .. }, _) => Some(q),
+            (Target::K, QkvProj::Split { k, .. }, _) => Some(k),
+            (Target::V, QkvProj::Split { v, .. }, _) => Some(v),
+            (Target::Qkv, QkvProj::Fused { qkv, .. }, _) => Some(qkv),
+            (Target::O, _, _) => Some(&b.attn.o),
+            (Target::Gate, _, GateUpProj::Split { gate, .. }) => Some(gate),
+            (Target::Up, _, GateUpProj::Split { up, .. }) => Some(up),
+            (Target::GateUp, _, GateUpProj::Fused { gate_up, .. }) => Some(gate_up),
+            (Target::Down, _, _) => Some(&b.mlp.down),
+            _ => None,
         }
+    }
+
+    /// `targets` as this model has them ([`Target::resolve`]: q, k, v become qkv on Phi-3).
+    pub fn resolve_targets(&self, targets: &[Target]) -> Result<Vec<Target>> {
+        Target::resolve(targets, self.cfg.family.fused_projections())
     }
 
     /// Attaches fresh adapters (A random, B zero) to every target of every layer, replacing any
@@ -460,9 +599,12 @@ impl Transformer {
         let device = self.device.clone();
         // Mixed precision: adapters (and so the optimizer's moments) are f32 over a bf16/f16 base.
         let dtype = crate::kernels::compute_dtype(self.dtype);
+        let targets = self.resolve_targets(&cfg.targets)?;
         for l in 0..self.layers.len() {
-            for &t in &cfg.targets {
-                let lin = self.linear_mut(l, t);
+            for &t in &targets {
+                let lin = self
+                    .linear_mut(l, t)
+                    .ok_or_else(|| Error::config("targets", format!("this model has no `{}`", t.peft_name())))?;
                 let w = cfg.init_weights(lin.in_features(), lin.out_features(), rng, dtype, &device)?;
                 lin.lora = Some(w);
             }
@@ -484,7 +626,18 @@ impl Transformer {
                 let Some((a, b)) = adapter.weights.get(&module) else {
                     continue;
                 };
-                let lin = self.linear_mut(l, t);
+                let Some(lin) = self.linear_mut(l, t) else {
+                    return Err(Error::invalid(
+                        origin,
+                        "field `target_modules`",
+                        format!(
+                            "`{}` does not exist in this {} model (it has {}); was the adapter trained for another base model?",
+                            t.peft_name(),
+                            self.cfg.family.name(),
+                            self.projections().iter().map(|t| t.peft_name()).collect::<Vec<_>>().join(", ")
+                        ),
+                    ));
+                };
                 let (inp, out) = (lin.in_features(), lin.out_features());
                 if a.dims() != [cfg.r, inp] || b.dims() != [out, cfg.r] {
                     return Err(Error::ShapeMismatch {
@@ -519,8 +672,10 @@ impl Transformer {
 
     pub fn remove_lora(&mut self) {
         for l in 0..self.layers.len() {
-            for t in Target::ALL {
-                self.linear_mut(l, t).lora = None;
+            for &t in self.projections() {
+                if let Some(lin) = self.linear_mut(l, t) {
+                    lin.lora = None;
+                }
             }
         }
     }
@@ -529,8 +684,8 @@ impl Transformer {
     pub fn lora_weights(&self) -> Vec<(String, &LoraWeights)> {
         let mut out = vec![];
         for l in 0..self.layers.len() {
-            for t in Target::ALL {
-                if let Some(w) = &self.linear_ref(l, t).lora {
+            for &t in self.projections() {
+                if let Some(w) = self.linear_ref(l, t).and_then(|lin| lin.lora.as_ref()) {
                     out.push((t.module_path(l), w));
                 }
             }
@@ -551,8 +706,8 @@ impl Transformer {
         let mut out = vec![("model.embed_tokens.weight".to_string(), self.embed.clone())];
         for (l, b) in self.layers.iter().enumerate() {
             out.extend(b.norms(l).into_iter().map(|(name, n)| (name, n.weight.clone())));
-            for t in Target::ALL {
-                let lin = self.linear_ref(l, t);
+            for &t in self.projections() {
+                let Some(lin) = self.linear_ref(l, t) else { continue };
                 let module = t.module_path(l);
                 out.push((format!("{module}.weight"), lin.merged_weight()?));
                 if let Some(bias) = &lin.bias {
@@ -595,9 +750,7 @@ impl Transformer {
             };
             let (cos, sin) = tables.for_layer(cfg, l);
             let hs = block.input_norm.forward(&x, cfg.rms_norm_eps)?;
-            let q = block.attn.q.forward(&hs, ctx)?;
-            let k = block.attn.k.forward(&hs, ctx)?;
-            let v = block.attn.v.forward(&hs, ctx)?;
+            let (q, k, v) = block.attn.qkv.forward(&hs, ctx)?;
             let (q, k) = block.attn.norm_qk(q, k, cfg.head_dim, cfg.rms_norm_eps)?;
             let y = causal_attention(&q, &k, &v, cos, sin, heads, scale)?;
             let y = block.attn.o.forward(&y, ctx)?;
@@ -622,7 +775,7 @@ impl Transformer {
     /// Rotary tables for positions `start..start + t`, rows as `ops::rope` expects them, for
     /// each rotary setting the model has.
     fn rope_tables_from(&self, start: usize, t: usize) -> candle_core::Result<RopeTables> {
-        let global = self.rope_table(&self.rope.global, start, t)?;
+        let global = self.rope_table(self.rope.global_for(start + t), start, t)?;
         let local = match &self.rope.local {
             Some(f) => Some(self.rope_table(f, start, t)?),
             None => None,
@@ -647,11 +800,12 @@ impl Transformer {
         let half = inv_freq.len();
         let mut cos = Vec::with_capacity(t * half);
         let mut sin = Vec::with_capacity(t * half);
+        let scale = self.rope.table_scale;
         for p in start..start + t {
             for f in inv_freq {
                 let a = p as f32 * f;
-                cos.push(a.cos());
-                sin.push(a.sin());
+                cos.push(a.cos() * scale);
+                sin.push(a.sin() * scale);
             }
         }
         let cos = Tensor::from_vec(cos, (t, half), &self.device)?.to_dtype(self.dtype)?;
@@ -680,6 +834,19 @@ impl Transformer {
         }
         let past = cache.len();
         let cfg = &self.cfg;
+        if let Some(r) = &cfg.longrope {
+            let switch = r.original_max_position_embeddings;
+            if past > 0 && past <= switch && past + t > switch && cache.ids.len() == past {
+                // The sequence passes the pretraining context: every position is run again with
+                // the long factors, as transformers' Phi-3 `generate` drops its cache here
+                // (`prepare_inputs_for_generation`), so cached decoding equals recomputation.
+                let mut all = std::mem::take(&mut cache.ids);
+                all.extend_from_slice(ids);
+                cache.clear();
+                let logits = self.cached_forward(&all, cache, last_only)?;
+                return Ok(if last_only { logits } else { logits.narrow(0, past, t)? });
+            }
+        }
         if past + t > cfg.max_position_embeddings {
             return Err(Error::config(
                 "context",
@@ -726,9 +893,7 @@ impl Transformer {
         for (l, (block, slot)) in self.layers.iter().zip(cache.layers.iter_mut()).enumerate() {
             let (cos, sin) = tables.for_layer(cfg, l);
             let hs = block.input_norm.forward(&x, cfg.rms_norm_eps)?;
-            let q = block.attn.q.forward(&hs, ctx)?;
-            let k = block.attn.k.forward(&hs, ctx)?;
-            let v = block.attn.v.forward(&hs, ctx)?;
+            let (q, k, v) = block.attn.qkv.forward(&hs, ctx)?;
             let (q, k) = block.attn.norm_qk(q, k, hd, cfg.rms_norm_eps)?;
             let q = q.reshape((1, t, nh, hd))?.transpose(1, 2)?.contiguous()?;
             let k = k.reshape((1, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
@@ -769,6 +934,7 @@ impl Transformer {
             x = block.mlp_residual(x, cfg, ctx)?.detach();
         }
         cache.len = total;
+        cache.ids.extend_from_slice(ids);
         let x = if last_only { x.narrow(1, t - 1, 1)? } else { x };
         let h = self.norm.forward(&x, cfg.rms_norm_eps)?;
         Ok(self.lm_head(&h)?.squeeze(0)?)

@@ -49,6 +49,11 @@ pub struct Message {
     /// Which call a tool message answers (OpenAI `tool_call_id`), when the data says.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tool_call_id: Option<String>,
+    /// An assistant's reasoning apart from its answer (`reasoning_content`, as Qwen3's template
+    /// reads it: shown in a `<think>` block of the turns after the last user query, dropped from
+    /// earlier ones).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reasoning_content: Option<String>,
 }
 
 impl Message {
@@ -58,6 +63,7 @@ impl Message {
             content: content.into(),
             tool_calls: Vec::new(),
             tool_call_id: None,
+            reasoning_content: None,
         }
     }
 

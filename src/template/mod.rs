@@ -152,6 +152,9 @@ pub struct ChatTemplate {
     eos_token: Option<String>,
     end_of_turn: Option<String>,
     builtin: Option<BuiltinTemplate>,
+    /// Extra variables the template reads, as `apply_chat_template(..., **kwargs)` passes them
+    /// (Qwen3's `enable_thinking`, Llama 3.2's `date_string`).
+    variables: Vec<(String, serde_json::Value)>,
 }
 
 impl std::fmt::Debug for ChatTemplate {
@@ -177,9 +180,41 @@ impl ChatTemplate {
             eos_token,
             end_of_turn: None,
             builtin: None,
+            variables: Vec::new(),
         };
         template.end_of_turn = template.detect_end_of_turn();
         Ok(template)
+    }
+
+    /// The same template rendered with variable `name` set to `value`, as transformers'
+    /// `apply_chat_template(messages, name=value)` passes extra keyword arguments: Qwen3's
+    /// `enable_thinking=False`, or Llama 3.2's `date_string` (which otherwise is today's date).
+    /// Setting a name again replaces its value; the names the renderer itself passes
+    /// (`messages`, `tools`, `add_generation_prompt`, `bos_token`, `eos_token`) are refused.
+    pub fn with_variable(mut self, name: &str, value: serde_json::Value) -> Result<Self> {
+        const RESERVED: [&str; 6] = [
+            "messages",
+            "tools",
+            "documents",
+            "add_generation_prompt",
+            "bos_token",
+            "eos_token",
+        ];
+        if RESERVED.contains(&name) || name.is_empty() {
+            return Err(Error::config(
+                "template variable",
+                format!("`{name}` cannot be set: the renderer passes it itself"),
+            ));
+        }
+        self.variables.retain(|(n, _)| n != name);
+        self.variables.push((name.to_string(), value));
+        self.end_of_turn = self.detect_end_of_turn();
+        Ok(self)
+    }
+
+    /// The extra variables set with [`ChatTemplate::with_variable`].
+    pub fn variables(&self) -> &[(String, serde_json::Value)] {
+        &self.variables
     }
 
     /// One of the built-in templates with its default special tokens.
@@ -336,7 +371,11 @@ impl ChatTemplate {
         };
         let content_bytes: usize = messages
             .iter()
-            .map(|m| m.content.len() + m.tool_calls.iter().map(|c| c.arguments.len()).sum::<usize>())
+            .map(|m| {
+                m.content.len()
+                    + m.reasoning_content.as_ref().map_or(0, String::len)
+                    + m.tool_calls.iter().map(|c| c.arguments.len()).sum::<usize>()
+            })
             .sum::<usize>()
             + tools.map_or(0, str::len);
         let limit_bytes = OUTPUT_SLACK_BYTES.saturating_add(content_bytes.saturating_mul(OUTPUT_CONTENT_FACTOR));
@@ -364,6 +403,9 @@ impl ChatTemplate {
             if let Some(id) = &m.tool_call_id {
                 pairs.push(("tool_call_id", Value::from(id)));
             }
+            if let Some(r) = &m.reasoning_content {
+                pairs.push(("reasoning_content", Value::from(r)));
+            }
             message_values.push(Value::from_pairs(pairs));
         }
         let mut ctx: Vec<(&str, Value)> = vec![
@@ -377,6 +419,9 @@ impl ChatTemplate {
         }
         if let Some(eos) = &self.eos_token {
             ctx.push(("eos_token", Value::from(eos)));
+        }
+        for (name, value) in &self.variables {
+            ctx.push((name.as_str(), json_value("template variable", &value.to_string())?));
         }
         let mut out = LimitedBuffer {
             bytes: Vec::new(),
@@ -419,7 +464,18 @@ impl ChatTemplate {
         for probe in &probes {
             let Ok(text) = self.render(probe, false) else { continue };
             let Some(at) = text.rfind(ANSWER) else { continue };
-            let after = text[at + ANSWER.len()..].trim_end();
+            let mut after = text[at + ANSWER.len()..].trim_end();
+            // Phi-3's templates close every conversation with `eos_token` whatever its last
+            // turn: that token ends the text, not the assistant's turn (`<|end|>` does), so it is
+            // not part of the marker when a conversation ending with a user turn gets it too.
+            if let Some(eos) = self.eos_token().filter(|e| !e.is_empty()) {
+                let user_only = self.render(&probe[..probe.len() - 1], false).unwrap_or_default();
+                if let Some(rest) = after.strip_suffix(eos) {
+                    if !rest.trim_end().is_empty() && user_only.trim_end().ends_with(eos) {
+                        after = rest.trim_end();
+                    }
+                }
+            }
             // A marker is what closes the turn, not the start of something else the template
             // appends (no real template appends text after the last assistant turn).
             return (!after.is_empty()).then(|| after.to_string());

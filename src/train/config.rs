@@ -154,6 +154,11 @@ pub struct TrainConfig {
     /// the previous window (0: back to back). Must be below `seq_len`.
     #[serde(default)]
     pub text_overlap: usize,
+    /// The chat template's `enable_thinking` (Qwen3: `false` renders every answer with an empty
+    /// think block, as `apply_chat_template(..., enable_thinking=False)`); `None`: the template's
+    /// default.
+    #[serde(default)]
+    pub enable_thinking: Option<bool>,
 }
 
 /// How many probe prompts a run may carry: each one costs a generation at every evaluation.
@@ -194,6 +199,7 @@ impl Default for TrainConfig {
             probe_prompts: Vec::new(),
             probe_max_tokens: default_probe_max_tokens(),
             text_overlap: 0,
+            enable_thinking: None,
         }
     }
 }

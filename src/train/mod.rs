@@ -151,8 +151,11 @@ fn grad_norm(grads: &[Tensor]) -> Result<f32> {
 
 impl Trainer {
     /// A fresh run: `model` must already carry its adapters (`Transformer::add_lora`).
-    pub fn new(cfg: TrainConfig, model: Transformer, data: TrainData, run_dir: Option<PathBuf>) -> Result<Self> {
+    pub fn new(mut cfg: TrainConfig, model: Transformer, data: TrainData, run_dir: Option<PathBuf>) -> Result<Self> {
         cfg.validate()?;
+        // The targets as the model has them (Phi-3: q, k, v are its one `qkv_proj`), which is
+        // what the adapter's `target_modules` and a resumed run's check need.
+        cfg.lora.targets = model.resolve_targets(&cfg.lora.targets)?;
         if data.train.is_empty() {
             return Err(Error::Data("no training examples left after tokenization".into()));
         }

@@ -129,6 +129,10 @@ pub fn build(cfg: &TrainConfig, run_dir: Option<PathBuf>, note: &mut dyn FnMut(S
     cfg.validate()?;
     let device = cfg.device.open()?;
     let (files, template) = open_model(&cfg.model)?;
+    let template = match cfg.enable_thinking {
+        Some(on) => template.with_variable("enable_thinking", serde_json::Value::Bool(on))?,
+        None => template,
+    };
     let examples = load_rows(Path::new(&cfg.data), note)?;
     let (mut train_ex, eval_ex) = match &cfg.eval_data {
         Some(p) => (examples, load_rows(Path::new(p), note)?),

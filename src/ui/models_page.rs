@@ -362,7 +362,7 @@ impl ModelsPage {
                 self.start_search(&ctx, shared);
             }
             ui.checkbox(&mut self.include_unsupported, "Show models Finch cannot tune")
-                .on_hover_text("Also list other architectures and models over 2B parameters, greyed out.");
+                .on_hover_text("Also list other architectures and models over 4B parameters, greyed out.");
             if searching {
                 ui.spinner();
             }

@@ -394,6 +394,18 @@ impl ChatPage {
 mod tests {
 
     #[test]
+    fn thinking_blocks_are_split_from_the_reply() {
+        use super::view::thinking_split;
+        assert_eq!(
+            thinking_split("<think>\n6*8 = 48\n</think>\n\n48"),
+            (Some("6*8 = 48"), "48")
+        );
+        assert_eq!(thinking_split("<think>\nstill going"), (Some("still going"), ""));
+        assert_eq!(thinking_split("<think>\n\n</think>\n\nHi"), (Some(""), "Hi"));
+        assert_eq!(thinking_split("No <think> here"), (None, "No <think> here"));
+    }
+
+    #[test]
     fn tool_calls_in_answers_are_found() {
         use super::view::tool_call_segments;
         let qwen = "Let me check.\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Oslo\"}}\n</tool_call>";

@@ -396,7 +396,21 @@ fn answer_ui(ui: &mut egui::Ui, answer: &Answer, title: &str) {
     if answer.text.is_empty() && answer.is_streaming() {
         ui.spinner();
     } else {
-        for (is_call, text) in tool_call_segments(&answer.text) {
+        let (thinking, reply) = thinking_split(&answer.text);
+        if let Some(thinking) = thinking.filter(|t| !t.trim().is_empty()) {
+            // A thinking model's `<think>` block (Qwen3), folded away: the answer is what follows.
+            egui::CollapsingHeader::new(egui::RichText::new("Thinking").small().weak())
+                .id_salt(("thinking", title))
+                .default_open(false)
+                .show(ui, |ui| {
+                    ui.add(
+                        egui::Label::new(egui::RichText::new(thinking).weak())
+                            .selectable(true)
+                            .wrap(),
+                    );
+                });
+        }
+        for (is_call, text) in tool_call_segments(reply) {
             if is_call {
                 // A tool call the model wrote (Qwen's `<tool_call>` block, or a whole answer that
                 // is a Llama 3.1 `{"name", "parameters"}` call) is shown as a call, not as prose.
@@ -418,6 +432,20 @@ fn answer_ui(ui: &mut egui::Ui, answer: &Answer, title: &str) {
         ui.label(egui::RichText::new(status).small().color(ui.visuals().error_fg_color));
     } else {
         ui.label(egui::RichText::new(status).small().weak());
+    }
+}
+
+/// Splits an answer that opens with a `<think>…</think>` block (Qwen3 with thinking on) into the
+/// thinking and the reply after it; while the block is still streaming, all of it is thinking.
+pub(super) fn thinking_split(text: &str) -> (Option<&str>, &str) {
+    const OPEN: &str = "<think>";
+    const CLOSE: &str = "</think>";
+    let Some(body) = text.trim_start().strip_prefix(OPEN) else {
+        return (None, text);
+    };
+    match body.find(CLOSE) {
+        Some(end) => (Some(body[..end].trim()), body[end + CLOSE.len()..].trim_start()),
+        None => (Some(body.trim()), ""),
     }
 }
 
