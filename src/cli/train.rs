@@ -119,6 +119,19 @@ pub struct TrainArgs {
     /// Longest probe answer in tokens.
     #[arg(long)]
     pub probe_max_tokens: Option<usize>,
+    /// Objective: sft (supervised), dpo or orpo (preference pairs: rows with `chosen` and
+    /// `rejected` answers, e.g. the studio's votes.jsonl).
+    #[arg(long)]
+    pub method: Option<String>,
+    /// DPO β: how far the adapter may move from the base model (default 0.1).
+    #[arg(long)]
+    pub beta: Option<f64>,
+    /// DPO label smoothing (share of preferences assumed flipped, in [0, 0.5); default 0).
+    #[arg(long)]
+    pub label_smoothing: Option<f64>,
+    /// ORPO λ: weight of the odds-ratio term (TRL's ORPO `beta`, default 0.1).
+    #[arg(long)]
+    pub orpo_lambda: Option<f64>,
     /// Run N steps (default 5) of this run, print seconds/step, tokens/s, peak memory and the
     /// estimated total time as one JSON line, and exit without training or writing anything.
     #[arg(long, value_name = "N", num_args = 0..=1, default_missing_value = "5")]
@@ -196,6 +209,12 @@ impl TrainArgs {
         set!(self.seq_len, c.seq_len);
         set!(self.text_overlap, c.text_overlap);
         set!(self.lr, c.lr);
+        if let Some(m) = &self.method {
+            c.method = crate::train::Method::parse(m)?;
+        }
+        set!(self.beta, c.beta);
+        set!(self.label_smoothing, c.label_smoothing);
+        set!(self.orpo_lambda, c.orpo_lambda);
         if let Some(s) = &self.schedule {
             c.schedule = Schedule::parse(s)?;
         }

@@ -640,6 +640,10 @@ pub fn convert(record: &RawRecord, format: Format, fields: &FieldMap) -> Convert
     }
 }
 
+/// Why a preference row whose two answers are the same is rejected (the votes of a blind
+/// comparison where both models answered alike).
+pub const TIE_REASON: &str = "a tie is not a preference";
+
 /// One preference pair; see [`Format::Preference`] for the layouts.
 fn preference_pair(record: &RawRecord, map: &serde_json::Map<String, Value>, fields: &FieldMap) -> Converted {
     let line = record.line;
@@ -719,7 +723,7 @@ fn preference_pair(record: &RawRecord, map: &serde_json::Map<String, Value>, fie
         return Err(rejection(
             line,
             &fields.rejected,
-            format!("the same answer as `{}`: a tie is not a preference", fields.chosen),
+            format!("the same answer as `{}`: {TIE_REASON}", fields.chosen),
         ));
     }
     let tools = tool_definitions(line, &fields.tools, get(&fields.tools), ordered(&fields.tools))?;
