@@ -347,28 +347,20 @@ impl Trainer {
 
     /// Evaluates, logs and emits an `Eval` event; `None` without an evaluation set.
     fn evaluate_and_report(&self, on_event: &mut dyn FnMut(&TrainEvent)) -> Result<Option<f32>> {
-        let ev = if self.pairs.is_some() {
+        let (loss, perplexity, preference) = if self.pairs.is_some() {
             let Some(e) = self.evaluate_pairs()? else {
                 return Ok(None);
             };
-            TrainEvent::Eval {
-                step: self.state.step,
-                loss: e.loss,
-                perplexity: e.chosen_perplexity,
-                preference: Some(e.metrics),
-            }
+            (e.loss, e.chosen_perplexity, Some(e.metrics))
         } else {
             let Some(loss) = self.evaluate()? else { return Ok(None) };
-            TrainEvent::Eval {
-                step: self.state.step,
-                loss,
-                perplexity: loss.exp(),
-                preference: None,
-            }
+            (loss, loss.exp(), None)
         };
-        let loss = match &ev {
-            TrainEvent::Eval { loss, .. } => *loss,
-            _ => return Ok(None),
+        let ev = TrainEvent::Eval {
+            step: self.state.step,
+            loss,
+            perplexity,
+            preference,
         };
         self.log(&ev);
         on_event(&ev);
