@@ -300,6 +300,30 @@ mod tests {
     }
 
     #[test]
+    fn method_flags_set_the_objective() {
+        let cfg = config(&[
+            "--method",
+            "dpo",
+            "--beta",
+            "0.2",
+            "--label-smoothing",
+            "0.1",
+            "--out",
+            "r",
+        ])
+        .unwrap();
+        assert_eq!(
+            (cfg.method, cfg.beta, cfg.label_smoothing),
+            (crate::train::Method::Dpo, 0.2, 0.1)
+        );
+        let cfg = config(&["--method", "orpo", "--orpo-lambda", "0.3", "--out", "r"]).unwrap();
+        assert_eq!((cfg.method, cfg.orpo_lambda), (crate::train::Method::Orpo, 0.3));
+        assert_eq!(config(&["--out", "r"]).unwrap().method, crate::train::Method::Sft);
+        let err = config(&["--method", "ppo", "--out", "r"]).unwrap_err().to_string();
+        assert!(err.contains("sft, dpo, orpo"), "{err}");
+    }
+
+    #[test]
     fn a_preset_sets_the_studio_values_and_flags_override_it() {
         let cfg = config(&["--preset", "balanced", "--out", "runs/x"]).unwrap();
         let want = Preset::Balanced.config();

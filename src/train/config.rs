@@ -419,9 +419,8 @@ mod tests {
             .unwrap()
             .lines()
             .filter(|l| {
-                !["method", "beta", "label_smoothing", "orpo_lambda"]
-                    .iter()
-                    .any(|k| l.starts_with(k))
+                let key = l.split('=').next().unwrap_or_default().trim();
+                !["method", "beta", "label_smoothing", "orpo_lambda"].contains(&key)
             })
             .collect::<Vec<_>>()
             .join("\n");
