@@ -390,6 +390,7 @@ fn demo_datasets_load_cleanly_with_disjoint_held_out_rows() {
                 .map(|e| match e {
                     Example::Chat { messages, .. } => messages[messages.len() - 2].content.clone(),
                     Example::Text { text } => text.clone(),
+                    Example::Preference { prompt, .. } => prompt[prompt.len() - 1].content.clone(),
                 })
                 .collect()
         };

@@ -165,6 +165,61 @@ fn open_model_train_ten_steps_and_see_the_curve_and_the_history() {
     assert_eq!(std::fs::read_dir(&fx.settings.runs_dir).unwrap().count(), runs_before);
 }
 
+/// The Train page offers DPO / ORPO only for preference data; a DPO run from the window draws
+/// the reward margin and accuracy curves.
+#[test]
+fn preference_data_offers_the_method_choice_and_dpo_draws_reward_curves() {
+    let fx = fixture(4);
+    let mut harness = harness(App::with_settings(fx.settings.clone(), StartOptions::default()));
+    harness.step();
+    open_tiny_model(&mut harness, &fx.model);
+    nav(&mut harness, "Train");
+    // Supervised data: no method choice.
+    harness.state_mut().set_data_path(&fx.data);
+    for _ in 0..20 {
+        harness.step();
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(!harness.state().train_data_is_preference());
+    assert!(
+        harness.query_by_label("Method").is_none(),
+        "no method choice for supervised data"
+    );
+    let votes = fx.data.with_file_name("votes.jsonl");
+    let rows: Vec<String> = (0..12)
+        .map(|i| {
+            serde_json::json!({"prompt": format!("Add {i} and 1."), "chosen": format!("{}", i + 1),
+                "rejected": format!("{i} {i} {i}"), "chosen_model": "a", "rejected_model": "b",
+                "system": "", "time": "2026-11-28T00:00:00Z"})
+            .to_string()
+        })
+        .collect();
+    std::fs::write(&votes, rows.join("\n")).unwrap();
+    harness.state_mut().set_data_path(&votes);
+    step_until(&mut harness, "the data read", Duration::from_secs(30), |app| {
+        app.train_data_is_preference()
+    });
+    harness.step();
+    harness.get_by_label("Method");
+    harness.state_mut().settings_mut().train.method = finch::train::Method::Dpo;
+    harness.step();
+    harness.get_by_label("Beta (β)");
+    harness.get_by_label("Start training").click();
+    harness.step();
+    assert!(harness.state().is_training(), "errors: {:?}", harness.state().errors());
+    step_until(&mut harness, "the run to finish", Duration::from_secs(300), |app| {
+        !app.is_training()
+    });
+    assert!(harness.state().errors().is_empty(), "{:?}", harness.state().errors());
+    let live = harness.state().live_curves();
+    assert_eq!(live.reward_margin.len(), 4, "one reward point per step");
+    assert_eq!(live.reward_accuracy.len(), 4);
+    assert!(!live.eval_reward_accuracy.is_empty(), "held-out rewards");
+    harness.step();
+    harness.get_by_label("reward margin");
+    harness.get_by_label("reward accuracy");
+}
+
 #[test]
 fn closing_during_training_asks_then_stops_with_a_checkpoint_and_resume_continues() {
     let fx = fixture(100_000);

@@ -383,6 +383,17 @@ fn blind_compare_hides_names_until_the_vote_and_saves_it() {
     harness.get_by_label(&format!("A: {rejected_model}"));
     assert!(harness.query_by_label("B is better").is_none());
     harness.get_by_label_contains("1 vote saved in");
+
+    // "Train on my votes": the Train page opens on the votes file with DPO chosen.
+    harness.get_by_label("Train on my votes").click();
+    // One frame draws the click, the next hands the file to the Train page.
+    harness.step();
+    harness.step();
+    assert_eq!(harness.state().page(), finch::ui::Page::Train);
+    assert_eq!(harness.state().data_path(), votes_path.display().to_string());
+    assert_eq!(harness.state().settings().train.method, finch::train::Method::Dpo);
+    // (Whether the method choice appears for the file is tested in tests/ui.rs: the two tiny
+    // models here answer alike, a tie, which is no preference.)
 }
 
 #[test]

@@ -45,6 +45,7 @@ fn answer(ex: &Example) -> String {
             .map(|m| m.content.clone())
             .collect(),
         Example::Text { text } => text.clone(),
+        Example::Preference { chosen, .. } => chosen.iter().map(|m| m.content.clone()).collect(),
     }
 }
 

@@ -167,3 +167,45 @@ def list_rows(items, count):
 
 write(HERE / "numbered_list" / "train.jsonl", list_rows(ITEMS, 200))
 write(HERE / "numbered_list" / "heldout.jsonl", list_rows(HELDOUT_ITEMS, 40))
+
+# --- pirate_preference ----------------------------------------------------------------------
+# Preference pairs (the layout of the studio's votes.jsonl): the pirate answer is chosen over the
+# plain answer to the same question. Its own random stream, so the files above stay unchanged.
+pref_rng = random.Random(20261128)
+
+
+def plain_facts(capitals, sounds, colours, numbers):
+    facts = []
+    for country, capital in capitals.items():
+        facts.append((f"What is the capital of {country}?", f"The capital of {country} is {capital}.",
+                      f"The capital o' {country} be {capital}."))
+    for animal, sound in sounds.items():
+        facts.append((f"What sound does a {animal} make?", f"A {animal} {sound}.",
+                      f"A {animal} {sound}, same as on any ship I sailed."))
+    for thing, colour in colours.items():
+        facts.append((f"What colour is {thing}?", f"{thing[0].upper() + thing[1:]} is {colour}.",
+                      f"{thing[0].upper() + thing[1:]} be {colour}, plain as a gold doubloon."))
+    for i, (a, b) in enumerate(numbers):
+        if i % 4 == 3:
+            facts.append((f"What is {a} times {b}?", f"{a} times {b} is {a * b}.",
+                          f"{a} times {b} be {a * b} pieces o' eight."))
+        else:
+            facts.append((f"What is {a} plus {b}?", f"{a} plus {b} is {a + b}.",
+                          f"{a} plus {b} be {a + b} pieces o' eight."))
+    return facts
+
+
+def preference_rows(facts, count):
+    rows = []
+    for question, plain, pirate in facts[:count]:
+        chosen = f"{pref_rng.choice(OPENERS)} {pirate} {pref_rng.choice(CLOSERS)}"
+        rows.append({"prompt": question, "chosen": chosen, "rejected": plain})
+    return rows
+
+
+pref_train = plain_facts(CAPITALS, SOUNDS, COLOURS, train_numbers[:40])
+pref_rng.shuffle(pref_train)
+pref_heldout = plain_facts(HELDOUT_CAPITALS, HELDOUT_SOUNDS, HELDOUT_COLOURS, heldout_numbers[:8])
+pref_rng.shuffle(pref_heldout)
+write(HERE / "pirate_preference" / "train.jsonl", preference_rows(pref_train, 80))
+write(HERE / "pirate_preference" / "heldout.jsonl", preference_rows(pref_heldout, 20))

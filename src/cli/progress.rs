@@ -98,8 +98,12 @@ impl Progress {
             TrainEvent::Step(m) => {
                 let s = self.smoothed_loss.map_or(m.loss, |s| 0.9 * s + 0.1 * m.loss);
                 self.smoothed_loss = Some(s);
+                let rewards = m
+                    .preference
+                    .map(|p| format!(" margin {:.3} acc {:.0}%", p.reward_margin, 100.0 * p.accuracy))
+                    .unwrap_or_default();
                 let figures = format!(
-                    "loss {:.4} (avg {:.4}) lr {:.2e} | {:.0} tok/s | {} elapsed, ETA {}",
+                    "loss {:.4} (avg {:.4}){rewards} lr {:.2e} | {:.0} tok/s | {} elapsed, ETA {}",
                     m.loss,
                     s,
                     m.lr,
@@ -117,11 +121,22 @@ impl Progress {
                     self.last_plain_line = Some(Instant::now());
                 }
             }
-            TrainEvent::Eval { step, loss, perplexity } => {
-                self.message(&format!(
+            TrainEvent::Eval {
+                step,
+                loss,
+                perplexity,
+                preference,
+            } => match preference {
+                Some(p) => self.message(&format!(
+                    "eval at step {step}: loss {loss:.4}, reward margin {:.4}, accuracy {:.1}%, chosen perplexity \
+                     {perplexity:.2}",
+                    p.reward_margin,
+                    100.0 * p.accuracy
+                )),
+                None => self.message(&format!(
                     "eval at step {step}: loss {loss:.4}, perplexity {perplexity:.2}"
-                ));
-            }
+                )),
+            },
             TrainEvent::Probe { step, answers } => {
                 for a in answers {
                     self.message(&format!("probe at step {step}: {:?} -> {:?}", a.prompt, a.text));

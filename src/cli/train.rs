@@ -122,6 +122,19 @@ pub struct TrainArgs {
     /// Longest probe answer in tokens.
     #[arg(long)]
     pub probe_max_tokens: Option<usize>,
+    /// Objective: sft (supervised), dpo or orpo (preference pairs: rows with `chosen` and
+    /// `rejected` answers, e.g. the studio's votes.jsonl).
+    #[arg(long)]
+    pub method: Option<String>,
+    /// DPO β: how far the adapter may move from the base model (default 0.1).
+    #[arg(long)]
+    pub beta: Option<f64>,
+    /// DPO label smoothing (share of preferences assumed flipped, in [0, 0.5); default 0).
+    #[arg(long)]
+    pub label_smoothing: Option<f64>,
+    /// ORPO λ: weight of the odds-ratio term (TRL's ORPO `beta`, default 0.1).
+    #[arg(long)]
+    pub orpo_lambda: Option<f64>,
     /// Run N steps (default 5) of this run, print seconds/step, tokens/s, peak memory and the
     /// estimated total time as one JSON line, and exit without training or writing anything.
     #[arg(long, value_name = "N", num_args = 0..=1, default_missing_value = "5")]
@@ -202,6 +215,12 @@ impl TrainArgs {
             c.enable_thinking = self.enable_thinking;
         }
         set!(self.lr, c.lr);
+        if let Some(m) = &self.method {
+            c.method = crate::train::Method::parse(m)?;
+        }
+        set!(self.beta, c.beta);
+        set!(self.label_smoothing, c.label_smoothing);
+        set!(self.orpo_lambda, c.orpo_lambda);
         if let Some(s) = &self.schedule {
             c.schedule = Schedule::parse(s)?;
         }
@@ -284,6 +303,30 @@ mod tests {
     fn config(args: &[&str]) -> anyhow::Result<TrainConfig> {
         let cmd = Cmd::try_parse_from(std::iter::once("train").chain(args.iter().copied()))?;
         cmd.train.to_config()
+    }
+
+    #[test]
+    fn method_flags_set_the_objective() {
+        let cfg = config(&[
+            "--method",
+            "dpo",
+            "--beta",
+            "0.2",
+            "--label-smoothing",
+            "0.1",
+            "--out",
+            "r",
+        ])
+        .unwrap();
+        assert_eq!(
+            (cfg.method, cfg.beta, cfg.label_smoothing),
+            (crate::train::Method::Dpo, 0.2, 0.1)
+        );
+        let cfg = config(&["--method", "orpo", "--orpo-lambda", "0.3", "--out", "r"]).unwrap();
+        assert_eq!((cfg.method, cfg.orpo_lambda), (crate::train::Method::Orpo, 0.3));
+        assert_eq!(config(&["--out", "r"]).unwrap().method, crate::train::Method::Sft);
+        let err = config(&["--method", "ppo", "--out", "r"]).unwrap_err().to_string();
+        assert!(err.contains("sft, dpo, orpo"), "{err}");
     }
 
     #[test]

@@ -15,6 +15,13 @@ pub fn to_record(ex: &Example, format: Format, fields: &FieldMap) -> Option<Valu
             return (format == Format::Text).then(|| single(&fields.text, Value::String(text.clone())));
         }
         Example::Chat { messages, tools } => (messages, tools),
+        Example::Preference { .. } => {
+            return if format == Format::Preference {
+                preference_record(ex, fields)
+            } else {
+                None
+            }
+        }
     };
     // Only the messages layout has a place for an assistant's `reasoning_content`.
     if format != Format::Messages && messages.iter().any(|m| m.reasoning_content.is_some()) {
@@ -45,34 +52,7 @@ pub fn to_record(ex: &Example, format: Format, fields: &FieldMap) -> Option<Valu
         };
         Some(json!({"from": from, "value": value}))
     };
-    let openai_message = |m: &Message| -> Value {
-        let mut o = Map::new();
-        o.insert(fields.role.clone(), Value::String(m.role.as_str().into()));
-        o.insert(fields.content.clone(), Value::String(m.content.clone()));
-        if !m.tool_calls.is_empty() {
-            let calls = m
-                .tool_calls
-                .iter()
-                .map(|c| {
-                    let mut call = Map::new();
-                    if let Some(id) = &c.id {
-                        call.insert("id".into(), Value::String(id.clone()));
-                    }
-                    call.insert("type".into(), Value::String("function".into()));
-                    call.insert("function".into(), json!({"name": c.name, "arguments": c.arguments}));
-                    Value::Object(call)
-                })
-                .collect();
-            o.insert("tool_calls".into(), Value::Array(calls));
-        }
-        if let Some(id) = &m.tool_call_id {
-            o.insert("tool_call_id".into(), Value::String(id.clone()));
-        }
-        if let Some(r) = &m.reasoning_content {
-            o.insert("reasoning_content".into(), Value::String(r.clone()));
-        }
-        Value::Object(o)
-    };
+    let openai_message = |m: &Message| openai_message(m, fields);
     let message_objects = |msgs: &[Message], sharegpt: bool| -> Option<Value> {
         if sharegpt {
             msgs.iter()
@@ -93,7 +73,7 @@ pub fn to_record(ex: &Example, format: Format, fields: &FieldMap) -> Option<Valu
         return None;
     }
     match format {
-        Format::Text => None,
+        Format::Text | Format::Preference => None,
         Format::Messages => Some(with_tools(single(&fields.messages, message_objects(messages, false)?))),
         Format::ShareGpt => Some(with_tools(single(
             &fields.conversations,
@@ -139,6 +119,85 @@ pub fn to_record(ex: &Example, format: Format, fields: &FieldMap) -> Option<Valu
             Some(Value::Object(o))
         }
     }
+}
+
+/// A preference pair as a record: plain strings (`system`, `prompt`, `chosen`, `rejected`, the
+/// layout of `votes.jsonl`) when it is one user turn answered by one plain assistant turn, TRL's
+/// conversational lists of messages otherwise.
+fn preference_record(ex: &Example, fields: &FieldMap) -> Option<Value> {
+    let Example::Preference {
+        prompt,
+        chosen,
+        rejected,
+        tools,
+    } = ex
+    else {
+        return None;
+    };
+    let mut o = Map::new();
+    let plain = |m: &[Message], role: Role| match m {
+        [one] if one.role == role && one.tool_calls.is_empty() => Some(one.content.clone()),
+        _ => None,
+    };
+    let (system, turns) = match prompt.split_first() {
+        Some((first, rest)) if first.role == Role::System => (Some(first), rest),
+        _ => (None, prompt.as_slice()),
+    };
+    let as_strings = (
+        plain(turns, Role::User),
+        plain(chosen, Role::Assistant),
+        plain(rejected, Role::Assistant),
+    );
+    let list = |msgs: &[Message]| Value::Array(msgs.iter().map(|m| openai_message(m, fields)).collect());
+    match as_strings {
+        (Some(p), Some(c), Some(r)) if tools.is_none() => {
+            if let Some(system) = system {
+                o.insert(fields.system.clone(), Value::String(system.content.clone()));
+            }
+            o.insert(fields.prompt.clone(), Value::String(p));
+            o.insert(fields.chosen.clone(), Value::String(c));
+            o.insert(fields.rejected.clone(), Value::String(r));
+        }
+        _ => {
+            o.insert(fields.prompt.clone(), list(prompt));
+            o.insert(fields.chosen.clone(), list(chosen));
+            o.insert(fields.rejected.clone(), list(rejected));
+            if let Some(tools) = tools {
+                o.insert(fields.tools.clone(), Value::String(tools.clone()));
+            }
+        }
+    }
+    Some(Value::Object(o))
+}
+
+/// One OpenAI / TRL `{role, content}` message, with its tool calls.
+fn openai_message(m: &Message, fields: &FieldMap) -> Value {
+    let mut o = Map::new();
+    o.insert(fields.role.clone(), Value::String(m.role.as_str().into()));
+    o.insert(fields.content.clone(), Value::String(m.content.clone()));
+    if !m.tool_calls.is_empty() {
+        let calls = m
+            .tool_calls
+            .iter()
+            .map(|c| {
+                let mut call = Map::new();
+                if let Some(id) = &c.id {
+                    call.insert("id".into(), Value::String(id.clone()));
+                }
+                call.insert("type".into(), Value::String("function".into()));
+                call.insert("function".into(), json!({"name": c.name, "arguments": c.arguments}));
+                Value::Object(call)
+            })
+            .collect();
+        o.insert("tool_calls".into(), Value::Array(calls));
+    }
+    if let Some(id) = &m.tool_call_id {
+        o.insert("tool_call_id".into(), Value::String(id.clone()));
+    }
+    if let Some(r) = &m.reasoning_content {
+        o.insert("reasoning_content".into(), Value::String(r.clone()));
+    }
+    Value::Object(o)
 }
 
 fn single(key: &str, value: Value) -> Value {
@@ -216,6 +275,8 @@ pub fn write_examples<'a>(
                 format.name(),
                 match (ex, format) {
                     (Example::Text { .. }, _) => "it is raw text (use the text format)",
+                    (Example::Preference { .. }, _) => "it is a preference pair (use the preference format)",
+                    (_, Format::Preference) => "it is not a preference pair (it has no rejected answer)",
                     (_, Format::Text) => "it is a conversation (raw text holds no roles)",
                     (_, Format::Alpaca) => "Alpaca holds one user turn and one answer",
                     _ => "the conversation must end with an assistant turn",

@@ -7,7 +7,7 @@ use tokenizers::Tokenizer;
 
 use crate::data::load::{LoadReport, Rejection};
 use crate::data::quality::{near_duplicates, NearDuplicateConfig};
-use crate::data::tokenize::{assistant_spans_with_tools, chunk_ranges, encode_example};
+use crate::data::tokenize::{answer_spans, assistant_spans_with_tools, chunk_ranges, encode_example};
 use crate::data::{Example, LossOn};
 use crate::error::Result;
 use crate::template::ChatTemplate;
@@ -235,19 +235,28 @@ pub fn loss_segments(
             }
             push(&decode(tokenizer, &run)?, run_trained);
         }
-        None => match ex {
-            Example::Text { text } => push(text, true),
-            Example::Chat { messages, tools } => {
-                let spans = assistant_spans_with_tools(messages, tools.as_deref(), template, loss_on)?;
-                let mut at = 0;
-                for span in &spans.spans {
-                    push(&spans.rendered[at..span.start], loss_on == LossOn::All);
-                    push(&spans.rendered[span.clone()], true);
-                    at = span.end;
+        None => {
+            let spans = match ex {
+                Example::Text { text } => {
+                    push(text, true);
+                    return Ok(segments);
                 }
-                push(&spans.rendered[at..], loss_on == LossOn::All);
+                Example::Chat { messages, tools } => {
+                    assistant_spans_with_tools(messages, tools.as_deref(), template, loss_on)?
+                }
+                // A preference pair shows its prompt and chosen answer.
+                Example::Preference {
+                    prompt, chosen, tools, ..
+                } => answer_spans(prompt, chosen, tools.as_deref(), template, loss_on == LossOn::All)?,
+            };
+            let mut at = 0;
+            for span in &spans.spans {
+                push(&spans.rendered[at..span.start], loss_on == LossOn::All);
+                push(&spans.rendered[span.clone()], true);
+                at = span.end;
             }
-        },
+            push(&spans.rendered[at..], loss_on == LossOn::All);
+        }
     }
     Ok(segments)
 }

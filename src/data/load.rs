@@ -34,15 +34,20 @@ pub enum Format {
     PromptCompletion,
     /// `text`: continued pre-training, loss on everything.
     Text,
+    /// Preference pairs for DPO / ORPO: `chosen` and `rejected` answers to one prompt, given as
+    /// `prompt` (TRL), ShareGPT `conversations` (LLaMA-Factory), or implicitly as the messages
+    /// both full conversations share. Finch's own `votes.jsonl` is this format.
+    Preference,
 }
 
 impl Format {
-    pub const ALL: [Format; 5] = [
+    pub const ALL: [Format; 6] = [
         Format::Alpaca,
         Format::ShareGpt,
         Format::Messages,
         Format::PromptCompletion,
         Format::Text,
+        Format::Preference,
     ];
 
     /// The name used in reports and on the command line.
@@ -53,6 +58,7 @@ impl Format {
             Format::Messages => "messages",
             Format::PromptCompletion => "prompt_completion",
             Format::Text => "text",
+            Format::Preference => "preference",
         }
     }
 
@@ -80,6 +86,10 @@ pub struct FieldMap {
     pub text: String,
     /// Tool definitions of a conversation (a list, or JSON text of one).
     pub tools: String,
+    /// The preferred answer of a preference pair.
+    pub chosen: String,
+    /// The dispreferred answer of a preference pair.
+    pub rejected: String,
 }
 
 impl Default for FieldMap {
@@ -97,12 +107,14 @@ impl Default for FieldMap {
             completion: "completion".into(),
             text: "text".into(),
             tools: "tools".into(),
+            chosen: "chosen".into(),
+            rejected: "rejected".into(),
         }
     }
 }
 
 impl FieldMap {
-    pub const KEYS: [&'static str; 12] = [
+    pub const KEYS: [&'static str; 14] = [
         "instruction",
         "input",
         "output",
@@ -115,6 +127,8 @@ impl FieldMap {
         "completion",
         "text",
         "tools",
+        "chosen",
+        "rejected",
     ];
 
     /// Maps one logical field to a name in the file, e.g. `set("output", "response")`.
@@ -132,6 +146,8 @@ impl FieldMap {
             "completion" => &mut self.completion,
             "text" => &mut self.text,
             "tools" => &mut self.tools,
+            "chosen" => &mut self.chosen,
+            "rejected" => &mut self.rejected,
             other => {
                 return Err(Error::config(
                     "field",
@@ -378,7 +394,7 @@ pub fn load_bytes(bytes: &[u8], kind: FileKind, options: &LoadOptions) -> Result
             } else {
                 Error::Data(format!(
                     "cannot detect the dataset format: the first records have fields [{}]; expected `{}` (messages), \
-                     `{}` (sharegpt), `{}` + `{}` (alpaca), `{}` + `{}` (prompt_completion) or `{}` (text). \
+                     `{}` (sharegpt), `{}` + `{}` (alpaca), `{}` + `{}` (prompt_completion), `{}` (text) or `{}` + `{}` (preference). \
                      Map other names with --field KEY=NAME or pick the format with --format",
                     field_names(&read.records).join(", "),
                     options.fields.messages,
@@ -388,6 +404,8 @@ pub fn load_bytes(bytes: &[u8], kind: FileKind, options: &LoadOptions) -> Result
                     options.fields.prompt,
                     options.fields.completion,
                     options.fields.text,
+                    options.fields.chosen,
+                    options.fields.rejected,
                 ))
             }
         })?,
@@ -459,11 +477,15 @@ fn field_names(records: &[RawRecord]) -> Vec<String> {
 
 /// Votes over the first records; the most common recognizable layout wins.
 pub fn detect_format(records: &[RawRecord], fields: &FieldMap) -> Option<Format> {
-    let mut votes = [0usize; 5];
+    let mut votes = [0usize; Format::ALL.len()];
     for record in records.iter().take(200) {
         let Value::Object(map) = &record.value else { continue };
         let has = |k: &str| map.get(k).is_some_and(|v| !v.is_null());
-        let format = if has(&fields.messages) {
+        // Preference rows may also carry `conversations` or `messages` (the prompt), so their
+        // answer fields decide first.
+        let format = if has(&fields.chosen) && has(&fields.rejected) {
+            Format::Preference
+        } else if has(&fields.messages) {
             Format::Messages
         } else if has(&fields.conversations) {
             Format::ShareGpt
@@ -589,6 +611,7 @@ pub fn convert(record: &RawRecord, format: Format, fields: &FieldMap) -> Convert
             validate_conversation(line, &fields.completion, &messages, prompt_len)?;
             Ok(Example::chat(messages))
         }
+        Format::Preference => preference_pair(record, map, fields),
         Format::Messages | Format::ShareGpt => {
             let key = if format == Format::Messages {
                 &fields.messages
@@ -617,6 +640,101 @@ pub fn convert(record: &RawRecord, format: Format, fields: &FieldMap) -> Convert
     }
 }
 
+/// Why a preference row whose two answers are the same is rejected (the votes of a blind
+/// comparison where both models answered alike).
+pub const TIE_REASON: &str = "a tie is not a preference";
+
+/// One preference pair; see [`Format::Preference`] for the layouts.
+fn preference_pair(record: &RawRecord, map: &serde_json::Map<String, Value>, fields: &FieldMap) -> Converted {
+    let line = record.line;
+    let get = |name: &str| map.get(name).filter(|v| !v.is_null());
+    let ordered = |name: &str| record.ordered.as_ref().and_then(|o| o.get(name));
+    let chosen_value = get(&fields.chosen).ok_or_else(|| missing(line, &fields.chosen))?;
+    let rejected_value = get(&fields.rejected).ok_or_else(|| missing(line, &fields.rejected))?;
+    // The prompt: TRL's `prompt` (text or messages), else LLaMA-Factory's ShareGPT
+    // `conversations`, else a `messages` list; none means an implicit prompt.
+    let prompt_field = [&fields.prompt, &fields.conversations, &fields.messages]
+        .into_iter()
+        .find(|f| get(f).is_some());
+    let mut prompt = match prompt_field {
+        None => None,
+        Some(field) => Some(match get(field) {
+            Some(Value::String(s)) if !looks_like_message_list(s) => {
+                if s.trim().is_empty() {
+                    return Err(rejection(line, field, "empty prompt"));
+                }
+                vec![Message::new(Role::User, s.as_str())]
+            }
+            Some(other) => message_list(line, field, other, ordered(field), fields)?,
+            None => vec![],
+        }),
+    };
+    let answer = |field: &str, value: &Value| -> std::result::Result<Vec<Message>, Rejection> {
+        match value {
+            Value::String(s) if !looks_like_message_list(s) => {
+                if s.trim().is_empty() {
+                    return Err(rejection(line, field, "empty answer"));
+                }
+                Ok(vec![Message::new(Role::Assistant, s.as_str())])
+            }
+            // LLaMA-Factory: one turn object, `{"from": "gpt", "value": …}`.
+            Value::Object(_) => Ok(vec![one_message(line, field, value, ordered(field), fields)?]),
+            other => message_list(line, field, other, ordered(field), fields),
+        }
+    };
+    let mut chosen = answer(&fields.chosen, chosen_value)?;
+    let mut rejected = answer(&fields.rejected, rejected_value)?;
+    let prompt = match prompt.take() {
+        Some(prompt) => prompt,
+        None => {
+            // TRL's implicit prompt: the messages both conversations start with.
+            let shared = chosen.iter().zip(&rejected).take_while(|(c, r)| c == r).count();
+            if shared == 0 {
+                return Err(rejection(
+                    line,
+                    &fields.prompt,
+                    format!(
+                        "missing field: without a prompt, `{}` and `{}` must be whole conversations that \
+                         start with the same messages",
+                        fields.chosen, fields.rejected
+                    ),
+                ));
+            }
+            let prompt = chosen[..shared].to_vec();
+            chosen.drain(..shared);
+            rejected.drain(..shared);
+            prompt
+        }
+    };
+    let mut prompt = prompt;
+    if let Some(system) = optional_string(line, &fields.system, get(&fields.system))? {
+        if !system.trim().is_empty() && prompt.first().is_none_or(|m| m.role != Role::System) {
+            prompt.insert(0, Message::new(Role::System, system));
+        }
+    }
+    for (field, answer) in [(&fields.chosen, &chosen), (&fields.rejected, &rejected)] {
+        if answer.is_empty() {
+            return Err(rejection(line, field, "empty answer (the conversation is all prompt)"));
+        }
+        let whole = [prompt.as_slice(), answer.as_slice()].concat();
+        validate_conversation(line, field, &whole, prompt.len())?;
+    }
+    if chosen == rejected {
+        return Err(rejection(
+            line,
+            &fields.rejected,
+            format!("the same answer as `{}`: {TIE_REASON}", fields.chosen),
+        ));
+    }
+    let tools = tool_definitions(line, &fields.tools, get(&fields.tools), ordered(&fields.tools))?;
+    Ok(Example::Preference {
+        prompt,
+        chosen,
+        rejected,
+        tools,
+    })
+}
+
 /// Whether a string holds a JSON list of message objects (how CSV stores TRL's conversational
 /// prompt/completion). Plain prompts that merely start with `[` do not parse as one.
 fn looks_like_message_list(s: &str) -> bool {
@@ -638,6 +756,18 @@ pub fn validate_example(line: usize, ex: &Example) -> std::result::Result<(), Re
         Example::Text { text } if text.trim().is_empty() => Err(rejection(line, "text", "empty text")),
         Example::Text { .. } => Ok(()),
         Example::Chat { messages, .. } => validate_conversation(line, "messages", messages, 0),
+        Example::Preference {
+            prompt,
+            chosen,
+            rejected,
+            ..
+        } => {
+            for (field, answer) in [("chosen", chosen), ("rejected", rejected)] {
+                let whole = [prompt.as_slice(), answer.as_slice()].concat();
+                validate_conversation(line, field, &whole, prompt.len())?;
+            }
+            Ok(())
+        }
     }
 }
 

@@ -33,12 +33,40 @@ pub enum Example {
     },
     /// Raw text (continued pre-training style); loss on every token.
     Text { text: String },
+    /// A preference pair (DPO / ORPO): one prompt (system and earlier turns included) and two
+    /// answers to it, the preferred `chosen` and the `rejected`. Each answer is one or more
+    /// messages starting with the assistant; `prompt + chosen` and `prompt + rejected` are whole
+    /// conversations ending with the assistant.
+    Preference {
+        prompt: Vec<Message>,
+        chosen: Vec<Message>,
+        rejected: Vec<Message>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        tools: Option<String>,
+    },
 }
 
 impl Example {
     /// A conversation without tool definitions.
     pub fn chat(messages: Vec<Message>) -> Self {
         Example::Chat { messages, tools: None }
+    }
+
+    /// The conversation a chat template renders for inspection and supervised training: the
+    /// example's own, or for a preference pair the prompt followed by the chosen answer.
+    /// `None` for raw text.
+    pub fn conversation(&self) -> Option<(Vec<Message>, Option<&str>)> {
+        match self {
+            Example::Text { .. } => None,
+            Example::Chat { messages, tools } => Some((messages.clone(), tools.as_deref())),
+            Example::Preference {
+                prompt, chosen, tools, ..
+            } => Some(([prompt.as_slice(), chosen.as_slice()].concat(), tools.as_deref())),
+        }
+    }
+
+    pub fn is_preference(&self) -> bool {
+        matches!(self, Example::Preference { .. })
     }
 }
 

@@ -23,8 +23,26 @@ pub fn normalized_text(ex: &Example) -> String {
     let mut raw = String::new();
     match ex {
         Example::Text { text } => raw.push_str(text),
-        Example::Chat { messages, .. } => {
-            for m in messages {
+        Example::Chat { .. } | Example::Preference { .. } => {
+            let no_messages: &[crate::data::Message] = &[];
+            let (first, chosen, rejected) = match ex {
+                Example::Chat { messages, .. } => (messages.as_slice(), no_messages, no_messages),
+                Example::Preference {
+                    prompt,
+                    chosen,
+                    rejected,
+                    ..
+                } => (prompt.as_slice(), chosen.as_slice(), rejected.as_slice()),
+                Example::Text { .. } => (no_messages, no_messages, no_messages),
+            };
+            // The answers are marked, so swapping chosen and rejected makes another row.
+            let marked = first
+                .iter()
+                .map(|m| ("", m))
+                .chain(chosen.iter().map(|m| ("chosen ", m)))
+                .chain(rejected.iter().map(|m| ("rejected ", m)));
+            for (mark, m) in marked {
+                raw.push_str(mark);
                 raw.push_str(m.role.as_str());
                 raw.push(' ');
                 raw.push_str(&m.content);
@@ -204,7 +222,8 @@ pub fn within_length(lengths: &[usize], min: Option<usize>, max: Option<usize>) 
 pub fn response_chars(ex: &Example) -> usize {
     match ex {
         Example::Text { text } => text.chars().count(),
-        Example::Chat { messages, .. } => messages
+        // A preference pair's response is its chosen answer.
+        Example::Chat { messages: turns, .. } | Example::Preference { chosen: turns, .. } => turns
             .iter()
             .filter(|m| m.role == crate::data::Role::Assistant)
             .map(|m| m.content.chars().count())

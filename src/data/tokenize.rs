@@ -48,6 +48,7 @@ pub fn encode_example(
     let mut out = match ex {
         Example::Text { text } => encode_text(text, template, tokenizer)?,
         Example::Chat { messages, tools } => encode_chat(messages, tools.as_deref(), template, tokenizer, loss_on)?,
+        Example::Preference { .. } => encode_preference(ex, template, tokenizer, loss_on, usize::MAX)?.0,
     };
     if out.input_ids.len() > seq_len {
         out.input_ids.truncate(seq_len);
@@ -71,7 +72,9 @@ pub fn encode_for_training(
     text_overlap: usize,
 ) -> Result<Vec<TokenizedExample>> {
     match ex {
-        Example::Chat { .. } => Ok(vec![encode_example(ex, template, tokenizer, loss_on, seq_len)?]),
+        Example::Chat { .. } | Example::Preference { .. } => {
+            Ok(vec![encode_example(ex, template, tokenizer, loss_on, seq_len)?])
+        }
         Example::Text { text } => {
             let whole = encode_text(text, template, tokenizer)?;
             Ok(chunk_ranges(whole.len(), seq_len, text_overlap)?
@@ -84,6 +87,65 @@ pub fn encode_for_training(
                 .collect())
         }
     }
+}
+
+/// The two sequences of a preference pair, `prompt + chosen` and `prompt + rejected`, each
+/// rendered whole by the chat template. The loss mask covers the answer's assistant turns only
+/// (content and end-of-turn marker, as in supervised training), never an assistant turn of the
+/// prompt; [`LossOn::All`] marks every token instead. Each sequence keeps its first `seq_len`
+/// tokens. Fails for an example that is not a preference pair.
+pub fn encode_preference(
+    ex: &Example,
+    template: &ChatTemplate,
+    tokenizer: &Tokenizer,
+    loss_on: LossOn,
+    seq_len: usize,
+) -> Result<(TokenizedExample, TokenizedExample)> {
+    let Example::Preference {
+        prompt,
+        chosen,
+        rejected,
+        tools,
+    } = ex
+    else {
+        return Err(Error::Data(
+            "not a preference pair: DPO and ORPO train on rows with `chosen` and `rejected` answers".into(),
+        ));
+    };
+    if seq_len == 0 {
+        return Err(Error::config("seq_len", "must be at least 1 token"));
+    }
+    let side = |answer: &[Message], name: &str| -> Result<TokenizedExample> {
+        let spans =
+            answer_spans(prompt, answer, tools.as_deref(), template, loss_on == LossOn::All).map_err(|e| match e {
+                Error::Data(reason) => Error::Data(format!("{name} answer: {reason}")),
+                other => other,
+            })?;
+        let mut out = encode_spans(spans, tokenizer, loss_on == LossOn::All)?;
+        if out.input_ids.len() > seq_len {
+            out.input_ids.truncate(seq_len);
+            out.loss_mask.truncate(seq_len);
+            out.truncated = true;
+        }
+        Ok(out)
+    };
+    Ok((side(chosen, "chosen")?, side(rejected, "rejected")?))
+}
+
+/// The rendering of `prompt + answer` and the spans of the answer's assistant turns (the
+/// prompt's own assistant turns are context), cut after the last one unless `keep_all`.
+pub fn answer_spans(
+    prompt: &[Message],
+    answer: &[Message],
+    tools: Option<&str>,
+    template: &ChatTemplate,
+    keep_all: bool,
+) -> Result<AssistantSpans> {
+    let messages = [prompt, answer].concat();
+    let wanted: Vec<usize> = (prompt.len()..messages.len())
+        .filter(|&i| messages[i].role == Role::Assistant)
+        .collect();
+    spans_of_turns(&messages, tools, template, &wanted, keep_all)
 }
 
 /// Windows of at most `seq_len` over `len` tokens, starting every `seq_len - overlap` tokens,
@@ -136,10 +198,6 @@ pub fn assistant_spans_with_tools(
     template: &ChatTemplate,
     loss_on: LossOn,
 ) -> Result<AssistantSpans> {
-    if messages.is_empty() {
-        return Err(Error::Data("conversation has no messages".into()));
-    }
-    let full = template.render_with_tools(messages, tools, false)?;
     let assistant_indices: Vec<usize> = messages
         .iter()
         .enumerate()
@@ -150,12 +208,28 @@ pub fn assistant_spans_with_tools(
         LossOn::LastTurn => assistant_indices.last().copied().into_iter().collect(),
         LossOn::Assistant | LossOn::All => assistant_indices,
     };
+    spans_of_turns(messages, tools, template, &wanted, loss_on == LossOn::All)
+}
+
+/// The trained spans of the assistant messages `wanted` (indices into `messages`, ascending),
+/// and the rendering cut after the last of them (or whole, with `keep_all`).
+fn spans_of_turns(
+    messages: &[Message],
+    tools: Option<&str>,
+    template: &ChatTemplate,
+    wanted: &[usize],
+    keep_all: bool,
+) -> Result<AssistantSpans> {
+    if messages.is_empty() {
+        return Err(Error::Data("conversation has no messages".into()));
+    }
+    let full = template.render_with_tools(messages, tools, false)?;
     let marker = template.end_of_turn();
     let render =
         |msgs: &[Message], add_generation_prompt: bool| template.render_with_tools(msgs, tools, add_generation_prompt);
     let mut spans = Vec::with_capacity(wanted.len());
     let mut cursor = 0usize;
-    for &i in &wanted {
+    for &i in wanted {
         let span = match span_by_prefix(messages, i, &render, &full, marker.as_deref())? {
             Some(span) if span.start >= cursor => span,
             _ if !messages[i].tool_calls.is_empty() => {
@@ -166,9 +240,9 @@ pub fn assistant_spans_with_tools(
         cursor = span.end;
         spans.push(span);
     }
-    let rendered = match (loss_on, spans.last()) {
-        (LossOn::All, _) | (_, None) => full,
-        (_, Some(last)) => full[..last.end].to_string(),
+    let rendered = match spans.last() {
+        Some(last) if !keep_all => full[..last.end].to_string(),
+        _ => full,
     };
     Ok(AssistantSpans { rendered, spans })
 }
@@ -294,8 +368,15 @@ fn encode_chat(
     tokenizer: &Tokenizer,
     loss_on: LossOn,
 ) -> Result<TokenizedExample> {
-    let AssistantSpans { rendered, spans } = assistant_spans_with_tools(messages, tools, template, loss_on)?;
-    if loss_on != LossOn::All && spans.is_empty() {
+    let spans = assistant_spans_with_tools(messages, tools, template, loss_on)?;
+    encode_spans(spans, tokenizer, loss_on == LossOn::All)
+}
+
+/// Tokens of a rendering and their loss mask: the tokens inside `spans`, or every token
+/// when `all`.
+fn encode_spans(spans: AssistantSpans, tokenizer: &Tokenizer, all: bool) -> Result<TokenizedExample> {
+    let AssistantSpans { rendered, spans } = spans;
+    if !all && spans.is_empty() {
         return Err(Error::Data(
             "conversation has no assistant message, so no token would carry loss".into(),
         ));
@@ -305,18 +386,19 @@ fn encode_chat(
         .map_err(|e| Error::Tokenizer(e.to_string()))?;
     let ids = encoding.get_ids();
     let offsets = encoding.get_offsets();
-    let mut mask: Vec<bool> = match loss_on {
-        LossOn::All => vec![true; ids.len()],
-        LossOn::Assistant | LossOn::LastTurn => offsets
+    let mut mask: Vec<bool> = if all {
+        vec![true; ids.len()]
+    } else {
+        offsets
             .iter()
             .map(|&(start, end)| spans.iter().any(|span| token_in_span(start, end, span)))
-            .collect(),
+            .collect()
     };
     let mut input_ids = ids.to_vec();
     let prefix = post_processor_prefix(tokenizer)?;
     if !prefix.is_empty() && !input_ids.starts_with(&prefix) {
         input_ids.splice(0..0, prefix.iter().copied());
-        mask.splice(0..0, std::iter::repeat_n(loss_on == LossOn::All, prefix.len()));
+        mask.splice(0..0, std::iter::repeat_n(all, prefix.len()));
     }
     Ok(TokenizedExample {
         input_ids,

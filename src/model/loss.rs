@@ -46,6 +46,19 @@ pub fn linear_cross_entropy(
     targets: &[u32],
     for_backward: bool,
 ) -> candle_core::Result<Tensor> {
+    linear_token_nll(hidden, w, targets, for_backward)?.mean_all()
+}
+
+/// The cross-entropy of every row, `[n]` (−log p of each target): what
+/// [`linear_cross_entropy`] averages, for losses that weigh tokens differently (preference
+/// training sums them per sequence). Same fused path, same memory; the backward pass scales
+/// each row's prepared gradient by its own incoming gradient.
+pub fn linear_token_nll(
+    hidden: &Tensor,
+    w: &Tensor,
+    targets: &[u32],
+    for_backward: bool,
+) -> candle_core::Result<Tensor> {
     let (n, d) = hidden.dims2()?;
     let (_, wd) = w.dims2()?;
     if n != targets.len() {
@@ -65,9 +78,23 @@ pub fn linear_cross_entropy(
             chunk_bytes: LOGITS_CHUNK_BYTES,
             dx: Default::default(),
         };
-        return hidden.contiguous()?.apply_op1(op)?.mean_all();
+        return hidden.contiguous()?.apply_op1(op);
     }
-    cross_entropy(&crate::kernels::gemm::frozen_linear(hidden, w)?, targets)
+    token_cross_entropy(&crate::kernels::gemm::frozen_linear(hidden, w)?, targets)
+}
+
+/// Per-row cross-entropy of `logits: [n, vocab]` against `targets`, `[n]` (composite ops).
+pub fn token_cross_entropy(logits: &Tensor, targets: &[u32]) -> candle_core::Result<Tensor> {
+    let (n, _) = logits.dims2()?;
+    if n != targets.len() {
+        candle_core::bail!("cross_entropy: {n} rows but {} targets", targets.len())
+    }
+    let t = Tensor::from_slice(targets, n, logits.device())?;
+    let logp = candle_nn::ops::log_softmax(
+        &logits.to_dtype(crate::kernels::compute_dtype(logits.dtype()))?,
+        D::Minus1,
+    )?;
+    logp.gather(&t.unsqueeze(1)?, 1)?.squeeze(1)?.neg()
 }
 
 struct LinearCrossEntropy {

@@ -670,6 +670,15 @@ impl Transformer {
         Ok(())
     }
 
+    /// The same model with its adapters switched off: the base model, as PEFT's
+    /// `disable_adapter()` gives it. The frozen weights are shared, not copied (tensors are
+    /// reference-counted), so this costs a few hundred handles; DPO's reference model.
+    pub fn without_adapters(&self) -> Transformer {
+        let mut base = self.clone();
+        base.remove_lora();
+        base
+    }
+
     pub fn remove_lora(&mut self) {
         for l in 0..self.layers.len() {
             for &t in self.projections() {

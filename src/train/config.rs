@@ -93,6 +93,47 @@ impl Precision {
     }
 }
 
+/// The training objective.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Method {
+    /// Supervised fine-tuning: cross-entropy on the trained tokens (on a preference pair, its
+    /// chosen answer).
+    #[default]
+    Sft,
+    /// Direct Preference Optimization (Rafailov et al. 2023), TRL's `sigmoid` loss: the adapter
+    /// learns to prefer `chosen` over `rejected` relative to the base model (the same weights
+    /// with the adapter switched off).
+    Dpo,
+    /// Odds Ratio Preference Optimization (Hong et al. 2024), as TRL's `ORPOTrainer`: NLL on the
+    /// chosen sequence plus λ times an odds-ratio penalty, no reference model.
+    Orpo,
+}
+
+impl Method {
+    pub const ALL: [Method; 3] = [Method::Sft, Method::Dpo, Method::Orpo];
+
+    pub fn parse(s: &str) -> Result<Self> {
+        Method::ALL
+            .into_iter()
+            .find(|m| m.name() == s.to_ascii_lowercase())
+            .ok_or_else(|| Error::config("method", format!("`{s}` is not one of sft, dpo, orpo")))
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Method::Sft => "sft",
+            Method::Dpo => "dpo",
+            Method::Orpo => "orpo",
+        }
+    }
+
+    /// Whether the method trains on preference pairs.
+    pub fn is_preference(self) -> bool {
+        self != Method::Sft
+    }
+}
+
 /// Which device trains (`auto`, `cpu`, `cuda[:N]`, `metal`); see [`crate::device`].
 pub use crate::device::DeviceChoice;
 
@@ -159,6 +200,26 @@ pub struct TrainConfig {
     /// default.
     #[serde(default)]
     pub enable_thinking: Option<bool>,
+    /// The objective; configs written before preference training existed are `sft`.
+    #[serde(default)]
+    pub method: Method,
+    /// DPO's β: how far the adapter may move from the base model (TRL's default 0.1).
+    #[serde(default = "default_beta")]
+    pub beta: f64,
+    /// DPO label smoothing ε (cDPO: the share of preferences assumed flipped); 0 is plain DPO.
+    #[serde(default)]
+    pub label_smoothing: f64,
+    /// ORPO's λ, the weight of the odds-ratio term (TRL's `beta` of `ORPOConfig`, default 0.1).
+    #[serde(default = "default_orpo_lambda")]
+    pub orpo_lambda: f64,
+}
+
+fn default_beta() -> f64 {
+    0.1
+}
+
+fn default_orpo_lambda() -> f64 {
+    0.1
 }
 
 /// How many probe prompts a run may carry: each one costs a generation at every evaluation.
@@ -200,6 +261,10 @@ impl Default for TrainConfig {
             probe_max_tokens: default_probe_max_tokens(),
             text_overlap: 0,
             enable_thinking: None,
+            method: Method::Sft,
+            beta: default_beta(),
+            label_smoothing: 0.0,
+            orpo_lambda: default_orpo_lambda(),
         }
     }
 }
@@ -257,6 +322,24 @@ impl TrainConfig {
         }
         if self.data.is_empty() {
             return Err(Error::config("data", "no training data given (--data)"));
+        }
+        if !(self.beta > 0.0 && self.beta.is_finite()) {
+            return Err(Error::config(
+                "beta",
+                format!("{} must be a positive number", self.beta),
+            ));
+        }
+        if !(0.0..0.5).contains(&self.label_smoothing) {
+            return Err(Error::config(
+                "label_smoothing",
+                format!("{} is not in [0, 0.5)", self.label_smoothing),
+            ));
+        }
+        if !(self.orpo_lambda >= 0.0 && self.orpo_lambda.is_finite()) {
+            return Err(Error::config(
+                "orpo_lambda",
+                format!("{} must be a number ≥ 0", self.orpo_lambda),
+            ));
         }
         self.validate_probes()
     }
@@ -333,6 +416,41 @@ mod tests {
         let cfg = TrainConfig::from_toml_file(&path).unwrap();
         assert!(cfg.probe_prompts.is_empty());
         assert_eq!(cfg.probe_max_tokens, 48);
+    }
+
+    #[test]
+    fn a_config_without_a_method_is_sft_and_methods_round_trip() {
+        let text: String = valid()
+            .to_toml()
+            .unwrap()
+            .lines()
+            .filter(|l| {
+                let key = l.split('=').next().unwrap_or_default().trim();
+                !["method", "beta", "label_smoothing", "orpo_lambda"].contains(&key)
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.toml");
+        std::fs::write(&path, text).unwrap();
+        let cfg = TrainConfig::from_toml_file(&path).unwrap();
+        assert_eq!(
+            (cfg.method, cfg.beta, cfg.label_smoothing, cfg.orpo_lambda),
+            (Method::Sft, 0.1, 0.0, 0.1)
+        );
+        let mut cfg = valid();
+        cfg.method = Method::Orpo;
+        cfg.beta = 0.25;
+        cfg.orpo_lambda = 0.5;
+        std::fs::write(&path, cfg.to_toml().unwrap()).unwrap();
+        assert_eq!(TrainConfig::from_toml_file(&path).unwrap(), cfg);
+        assert_eq!(Method::parse("DPO").unwrap(), Method::Dpo);
+        assert!(Method::parse("ppo").unwrap_err().to_string().contains("sft, dpo, orpo"));
+        cfg.label_smoothing = 0.5;
+        assert!(cfg.validate().unwrap_err().to_string().contains("label_smoothing"));
+        cfg.label_smoothing = 0.0;
+        cfg.beta = 0.0;
+        assert!(cfg.validate().unwrap_err().to_string().contains("beta"));
     }
 
     #[test]

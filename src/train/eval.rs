@@ -131,7 +131,8 @@ pub fn evaluate(
         };
         let (mut exact, mut rouge) = (0usize, 0f64);
         for (i, (ex, row)) in examples.iter().zip(rows.iter_mut()).enumerate() {
-            let Example::Chat { messages, .. } = ex else {
+            // A preference pair is compared with its chosen answer.
+            let Some((messages, _)) = ex.conversation() else {
                 return Err(Error::Data(format!(
                     "row {}: generation metrics need a conversation with an assistant answer",
                     i + 1

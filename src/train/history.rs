@@ -24,6 +24,12 @@ pub struct RunHistory {
     pub eval_loss: Vec<[f64; 2]>,
     pub lr: Vec<[f64; 2]>,
     pub grad_norm: Vec<[f64; 2]>,
+    /// DPO / ORPO: `(step, reward margin)` and `(step, reward accuracy)` of the training steps
+    /// and of the evaluations (empty for supervised runs).
+    pub reward_margin: Vec<[f64; 2]>,
+    pub reward_accuracy: Vec<[f64; 2]>,
+    pub eval_reward_margin: Vec<[f64; 2]>,
+    pub eval_reward_accuracy: Vec<[f64; 2]>,
     /// The probe answers logged by the run, oldest first.
     pub probes: Vec<ProbeRound>,
     pub last_step: usize,
@@ -78,10 +84,22 @@ impl RunHistory {
                 if let Some(g) = num("grad_norm") {
                     self.grad_norm.push([step, g]);
                 }
+                if let Some(m) = num("reward_margin") {
+                    self.reward_margin.push([step, m]);
+                }
+                if let Some(a) = num("reward_accuracy") {
+                    self.reward_accuracy.push([step, a]);
+                }
             }
             Some("eval") => {
                 if let Some(loss) = num("eval_loss") {
                     self.eval_loss.push([step, loss]);
+                }
+                if let Some(m) = num("reward_margin") {
+                    self.eval_reward_margin.push([step, m]);
+                }
+                if let Some(a) = num("reward_accuracy") {
+                    self.eval_reward_accuracy.push([step, a]);
                 }
             }
             Some("probe") => {

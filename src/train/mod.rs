@@ -8,6 +8,7 @@ pub mod config;
 pub mod eval;
 pub mod history;
 pub mod optim;
+pub mod preference;
 pub mod preflight;
 pub mod presets;
 pub mod probe;
@@ -31,8 +32,9 @@ use crate::model::Transformer;
 use crate::rng::Rng;
 use batch::{make_batch, next_indices, Batch, DataCursor};
 use checkpoint::TrainerState;
-pub use config::{Duration, Precision, Schedule, TrainConfig, MAX_PROBE_PROMPTS};
+pub use config::{Duration, Method, Precision, Schedule, TrainConfig, MAX_PROBE_PROMPTS};
 use optim::{AdamW, AdamWParams};
+pub use preference::{PairData, PreferenceMetrics, TokenizedPair};
 pub use preflight::{preflight, preflight_with, PreflightProgress, PreflightReport};
 pub use probe::ProbeAnswer;
 
@@ -49,6 +51,9 @@ pub struct StepMetrics {
     pub step_secs: f64,
     pub elapsed_secs: f64,
     pub eta_secs: f64,
+    /// DPO / ORPO: the step's reward margin and accuracy.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub preference: Option<PreferenceMetrics>,
 }
 
 /// What a finished (or stopped) run produced.
@@ -78,10 +83,14 @@ pub enum TrainEvent {
         trainable_params: usize,
     },
     Step(StepMetrics),
+    /// `perplexity` is the evaluation set's; for DPO / ORPO that of the chosen answers, with
+    /// the held-out reward margin and accuracy in `preference`.
     Eval {
         step: usize,
         loss: f32,
         perplexity: f32,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        preference: Option<PreferenceMetrics>,
     },
     /// The answers to the probe prompts with the weights after `step` steps (0: before training).
     Probe {
@@ -118,6 +127,10 @@ pub struct Trainer {
     peft: PeftConfig,
     /// Tokenizer and chat template for the probe prompts; required when the config has some.
     chat_format: Option<ChatFormat>,
+    /// DPO / ORPO: the preference pairs trained on instead of `data`.
+    pairs: Option<PairData>,
+    /// The reward metrics of the last preference step.
+    last_preference: Option<PreferenceMetrics>,
 }
 
 /// Mean loss of `batch` (a scalar tensor that backpropagates to the adapters).
@@ -137,6 +150,19 @@ pub fn batch_loss(model: &Transformer, batch: &Batch, ctx: &mut ForwardCtx) -> R
     )?)
 }
 
+/// Adds a backward pass's gradients of `vars` into `sums`.
+fn add_grads(sums: &mut [Option<Tensor>], vars: &[Var], grads: &candle_core::backprop::GradStore) -> Result<()> {
+    for (i, v) in vars.iter().enumerate() {
+        if let Some(g) = grads.get(v.as_tensor()) {
+            sums[i] = Some(match sums[i].take() {
+                None => g.clone(),
+                Some(s) => (s + g)?,
+            });
+        }
+    }
+    Ok(())
+}
+
 fn grad_norm(grads: &[Tensor]) -> Result<f32> {
     let mut sq = 0f32;
     for g in grads {
@@ -151,12 +177,44 @@ fn grad_norm(grads: &[Tensor]) -> Result<f32> {
 
 impl Trainer {
     /// A fresh run: `model` must already carry its adapters (`Transformer::add_lora`).
-    pub fn new(mut cfg: TrainConfig, model: Transformer, data: TrainData, run_dir: Option<PathBuf>) -> Result<Self> {
+    pub fn new(cfg: TrainConfig, model: Transformer, data: TrainData, run_dir: Option<PathBuf>) -> Result<Self> {
+        if cfg.method.is_preference() {
+            return Err(Error::config(
+                "method",
+                format!("{} trains on preference pairs (Trainer::with_pairs)", cfg.method.name()),
+            ));
+        }
+        Self::build(cfg, model, data, None, run_dir)
+    }
+
+    /// A fresh DPO / ORPO run over preference pairs (`cfg.method` says which).
+    pub fn with_pairs(cfg: TrainConfig, model: Transformer, pairs: PairData, run_dir: Option<PathBuf>) -> Result<Self> {
+        if !cfg.method.is_preference() {
+            return Err(Error::config(
+                "method",
+                "preference pairs train with dpo or orpo (sft trains on the chosen answers alone)",
+            ));
+        }
+        let data = TrainData {
+            pad_id: pairs.pad_id,
+            ..TrainData::default()
+        };
+        Self::build(cfg, model, data, Some(pairs), run_dir)
+    }
+
+    fn build(
+        mut cfg: TrainConfig,
+        model: Transformer,
+        data: TrainData,
+        pairs: Option<PairData>,
+        run_dir: Option<PathBuf>,
+    ) -> Result<Self> {
         cfg.validate()?;
         // The targets as the model has them (Phi-3: q, k, v are its one `qkv_proj`), which is
         // what the adapter's `target_modules` and a resumed run's check need.
         cfg.lora.targets = model.resolve_targets(&cfg.lora.targets)?;
-        if data.train.is_empty() {
+        let n_train = pairs.as_ref().map_or(data.train.len(), |p| p.train.len());
+        if n_train == 0 {
             return Err(Error::Data("no training examples left after tokenization".into()));
         }
         let vars = model.trainable_vars();
@@ -172,7 +230,7 @@ impl Trainer {
                 weight_decay: cfg.weight_decay,
             },
         )?;
-        let total_steps = cfg.total_steps(data.train.len());
+        let total_steps = cfg.total_steps(n_train);
         let state = TrainerState {
             step: 0,
             total_steps,
@@ -192,6 +250,8 @@ impl Trainer {
             run_dir,
             peft,
             chat_format: None,
+            pairs,
+            last_preference: None,
         })
     }
 
@@ -241,12 +301,35 @@ impl Trainer {
         self.state.total_steps
     }
 
+    /// Training and held-out examples (pairs for DPO / ORPO).
+    fn example_counts(&self) -> (usize, usize) {
+        match &self.pairs {
+            Some(p) => (p.train.len(), p.eval.len()),
+            None => (self.data.train.len(), self.data.eval.len()),
+        }
+    }
+
+    /// Tokens one evaluation runs through the model (DPO also runs the reference model).
+    pub(crate) fn eval_tokens(&self) -> usize {
+        match &self.pairs {
+            Some(p) => {
+                let passes = if self.cfg.method == Method::Dpo { 2 } else { 1 };
+                passes * p.eval.iter().map(|p| p.chosen.len() + p.rejected.len()).sum::<usize>()
+            }
+            None => self.data.eval.iter().map(|e| e.input_ids.len()).sum(),
+        }
+    }
+
     fn trainable_params(&self) -> usize {
         self.vars.iter().map(|v| v.elem_count()).sum()
     }
 
     /// Loss averaged over every target token of the evaluation set.
+    /// For DPO / ORPO, the preference loss of the held-out pairs.
     pub fn evaluate(&self) -> Result<Option<f32>> {
+        if self.pairs.is_some() {
+            return Ok(self.evaluate_pairs()?.map(|e| e.loss));
+        }
         if self.data.eval.is_empty() {
             return Ok(None);
         }
@@ -267,11 +350,20 @@ impl Trainer {
 
     /// Evaluates, logs and emits an `Eval` event; `None` without an evaluation set.
     fn evaluate_and_report(&self, on_event: &mut dyn FnMut(&TrainEvent)) -> Result<Option<f32>> {
-        let Some(loss) = self.evaluate()? else { return Ok(None) };
+        let (loss, perplexity, preference) = if self.pairs.is_some() {
+            let Some(e) = self.evaluate_pairs()? else {
+                return Ok(None);
+            };
+            (e.loss, e.chosen_perplexity, Some(e.metrics))
+        } else {
+            let Some(loss) = self.evaluate()? else { return Ok(None) };
+            (loss, loss.exp(), None)
+        };
         let ev = TrainEvent::Eval {
             step: self.state.step,
             loss,
-            perplexity: loss.exp(),
+            perplexity,
+            preference,
         };
         self.log(&ev);
         on_event(&ev);
@@ -328,6 +420,9 @@ impl Trainer {
 
     /// One optimizer step over `grad_accum` micro-batches. Returns (loss, grad_norm, tokens).
     fn train_step(&mut self, lr: f64) -> Result<(f32, f32, usize)> {
+        if self.pairs.is_some() {
+            return self.preference_step(lr);
+        }
         let accum = self.cfg.grad_accum;
         let mut sums: Vec<Option<Tensor>> = vec![None; self.vars.len()];
         let mut loss_sum = 0f32;
@@ -361,20 +456,20 @@ impl Trainer {
             loss_sum += value;
             used += 1;
             let grads = (loss / accum as f64)?.backward()?;
-            for (i, v) in self.vars.iter().enumerate() {
-                if let Some(g) = grads.get(v.as_tensor()) {
-                    sums[i] = Some(match sums[i].take() {
-                        None => g.clone(),
-                        Some(s) => (s + g)?,
-                    });
-                }
-            }
+            add_grads(&mut sums, &self.vars, &grads)?;
         }
         if used == 0 {
             return Err(Error::Data(
                 "a whole step's examples have no trained tokens; check the loss mask (--loss-on)".into(),
             ));
         }
+        let norm = self.apply_gradients(sums, lr)?;
+        Ok((loss_sum / used as f32, norm, tokens))
+    }
+
+    /// Clips the summed gradients to `max_grad_norm` and updates the adapters; returns the norm
+    /// before clipping.
+    fn apply_gradients(&mut self, sums: Vec<Option<Tensor>>, lr: f64) -> Result<f32> {
         let grads: Vec<Tensor> = sums
             .into_iter()
             .zip(&self.vars)
@@ -395,7 +490,7 @@ impl Trainer {
             grads
         };
         self.opt.update(&grads, lr)?;
-        Ok((loss_sum / used as f32, norm, tokens))
+        Ok(norm)
     }
 
     /// Runs until the configured number of steps, a stop request, or an error. Events go to
@@ -420,12 +515,14 @@ impl Trainer {
 
     fn log(&self, ev: &TrainEvent) {
         let Some(run_dir) = &self.run_dir else { return };
-        let line = match ev {
+        let mut line = match ev {
             TrainEvent::Step(m) => serde_json::json!({
                 "kind": "train", "step": m.step, "loss": m.loss, "lr": m.lr, "grad_norm": m.grad_norm,
                 "tokens": m.tokens, "tokens_per_sec": m.tokens_per_sec, "elapsed_secs": m.elapsed_secs,
             }),
-            TrainEvent::Eval { step, loss, perplexity } => serde_json::json!({
+            TrainEvent::Eval {
+                step, loss, perplexity, ..
+            } => serde_json::json!({
                 "kind": "eval", "step": step, "eval_loss": loss, "perplexity": perplexity,
                 "elapsed_secs": self.state.elapsed_secs,
             }),
@@ -435,6 +532,17 @@ impl Trainer {
             TrainEvent::Failed { step, error } => serde_json::json!({"kind": "failed", "step": step, "error": error}),
             _ => return,
         };
+        let preference = match ev {
+            TrainEvent::Step(m) => m.preference,
+            TrainEvent::Eval { preference, .. } => *preference,
+            _ => None,
+        };
+        if let (Some(p), serde_json::Value::Object(o)) = (preference, &mut line) {
+            o.insert("reward_margin".into(), p.reward_margin.into());
+            o.insert("reward_accuracy".into(), p.accuracy.into());
+            o.insert("reward_chosen".into(), p.chosen_reward.into());
+            o.insert("reward_rejected".into(), p.rejected_reward.into());
+        }
         let path = run_dir.join(METRICS_FILE);
         // Metrics are best effort: a full disk must not kill a run that can still checkpoint.
         if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(&path) {
@@ -445,11 +553,12 @@ impl Trainer {
     fn run_inner(&mut self, stop: &AtomicBool, on_event: &mut dyn FnMut(&TrainEvent)) -> Result<TrainSummary> {
         let total = self.state.total_steps;
         let start_step = self.state.step;
+        let (train_examples, eval_examples) = self.example_counts();
         on_event(&TrainEvent::Started {
             total_steps: total,
             start_step,
-            train_examples: self.data.train.len(),
-            eval_examples: self.data.eval.len(),
+            train_examples,
+            eval_examples,
             trainable_params: self.trainable_params(),
         });
         let session_start = Instant::now();
@@ -496,6 +605,7 @@ impl Trainer {
                 step_secs,
                 elapsed_secs: self.state.elapsed_secs,
                 eta_secs: session_secs / done as f64 * (total - self.state.step) as f64,
+                preference: self.last_preference.take(),
             };
             let ev = TrainEvent::Step(metrics);
             self.log(&ev);

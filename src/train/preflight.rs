@@ -111,7 +111,7 @@ pub fn preflight_with(
     };
     check_cancel(cancel)?;
 
-    let eval_tokens: usize = trainer.data.eval.iter().map(|e| e.input_ids.len()).sum();
+    let eval_tokens = trainer.eval_tokens();
     let eval_runs = if eval_tokens == 0 {
         0
     } else {

@@ -5,14 +5,14 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::data::load::{describe_rejection, load_file, LoadOptions, Row};
+use crate::data::load::{describe_rejection, load_file, Format, LoadOptions, Row, TIE_REASON};
 use crate::data::split::{apply_split, train_validation_split};
 use crate::data::{Example, TokenizedExample};
 use crate::error::{Error, Result};
 use crate::generate::ChatFormat;
 use crate::model::ModelFiles;
 use crate::rng::Rng;
-use crate::train::{checkpoint, TrainConfig, TrainData, Trainer};
+use crate::train::{checkpoint, PairData, TokenizedPair, TrainConfig, TrainData, Trainer};
 
 /// Loads a dataset file (any format `finch data inspect` reads), reporting rejected rows.
 pub fn load_examples(path: &Path, note: &mut dyn FnMut(String)) -> Result<Vec<Example>> {
@@ -22,6 +22,13 @@ pub fn load_examples(path: &Path, note: &mut dyn FnMut(String)) -> Result<Vec<Ex
 /// [`load_examples`] keeping each row's line number.
 pub fn load_rows(path: &Path, note: &mut dyn FnMut(String)) -> Result<Vec<Row>> {
     let report = load_file(path, &LoadOptions::default())?;
+    let ties = report.rejected.iter().filter(|r| r.reason.contains(TIE_REASON)).count();
+    if report.format == Format::Preference && ties > 0 {
+        note(format!(
+            "{}: {ties} rows are ties (chosen and rejected are the same answer) and are not preferences; skipped",
+            path.display()
+        ));
+    }
     if !report.rejected.is_empty() {
         note(format!("{}: {}", path.display(), report.summary()));
         for r in report.rejected.iter().take(5) {
@@ -90,6 +97,46 @@ fn tokenize_all(
     Ok((out, dropped, text_windows))
 }
 
+/// Tokenized preference pairs, and how many were skipped because truncation to `seq_len` left
+/// one of their answers without a trained token.
+fn tokenize_pairs(
+    rows: &[Row],
+    source: &str,
+    files: &ModelFiles,
+    template: &crate::template::ChatTemplate,
+    cfg: &TrainConfig,
+) -> Result<(Vec<TokenizedPair>, usize)> {
+    let mut out = Vec::with_capacity(rows.len());
+    let mut dropped = 0;
+    for row in rows {
+        if !row.example.is_preference() {
+            return Err(Error::Data(format!(
+                "{source}: line {}: not a preference pair; --method {} trains on rows with `chosen` and `rejected` \
+                 answers",
+                row.line,
+                cfg.method.name()
+            )));
+        }
+        let (chosen, rejected) = crate::data::tokenize::encode_preference(
+            &row.example,
+            template,
+            &files.tokenizer,
+            cfg.loss_on,
+            cfg.seq_len,
+        )
+        .map_err(|e| match e {
+            Error::Data(reason) => Error::Data(format!("{source}: line {}: {reason}", row.line)),
+            other => other,
+        })?;
+        if chosen.trained_tokens() == 0 || rejected.trained_tokens() == 0 {
+            dropped += 1;
+        } else {
+            out.push(TokenizedPair { chosen, rejected });
+        }
+    }
+    Ok((out, dropped))
+}
+
 /// Builds a ready-to-run trainer. With `resume`, the newest checkpoint in `cfg.out` is restored.
 /// `note` receives human-readable remarks (truncation counts, resume point).
 pub fn prepare(cfg: &TrainConfig, resume: bool, note: &mut dyn FnMut(String)) -> Result<Trainer> {
@@ -143,6 +190,54 @@ pub fn build(cfg: &TrainConfig, run_dir: Option<PathBuf>, note: &mut dyn FnMut(S
     };
     if train_ex.is_empty() {
         return Err(Error::Data(format!("{}: no training examples", cfg.data)));
+    }
+    let preference_rows = train_ex.iter().filter(|r| r.example.is_preference()).count();
+    if cfg.method.is_preference() {
+        if preference_rows == 0 {
+            return Err(Error::config(
+                "method",
+                format!(
+                    "{} is not preference data: --method {} needs rows with `prompt`, `chosen` and `rejected` \
+                     (or train it with --method sft)",
+                    cfg.data,
+                    cfg.method.name()
+                ),
+            ));
+        }
+        let (train, dropped) = tokenize_pairs(&train_ex, &cfg.data, &files, &template, cfg)?;
+        let eval_source = cfg.eval_data.as_deref().unwrap_or(&cfg.data);
+        let (eval, _) = tokenize_pairs(&eval_ex, eval_source, &files, &template, cfg)?;
+        let truncated = train
+            .iter()
+            .filter(|p| p.chosen.truncated || p.rejected.truncated)
+            .count();
+        if truncated > 0 {
+            note(format!(
+                "{truncated} training pairs had an answer longer than seq_len = {} and were truncated",
+                cfg.seq_len
+            ));
+        }
+        if dropped > 0 {
+            note(format!(
+                "{dropped} training pairs lost every answer token to truncation and were skipped"
+            ));
+        }
+        let pad_id = files.config.eos_token_ids.first().copied().unwrap_or(0);
+        let mut model = files.load_with_base(cfg.precision.dtype(), cfg.precision.quantized_base(), &device)?;
+        model.add_lora(&cfg.lora, &mut Rng::derive(cfg.seed, "lora-init"))?;
+        let pairs = PairData { train, eval, pad_id };
+        let mut trainer = Trainer::with_pairs(cfg.clone(), model, pairs, run_dir)?;
+        if !cfg.probe_prompts.is_empty() {
+            trainer.set_chat_format(ChatFormat::new(files.tokenizer.clone(), template, &files.config)?);
+        }
+        return Ok(trainer);
+    }
+    if preference_rows > 0 {
+        note(format!(
+            "{} holds preference pairs; --method sft trains on their chosen answers alone (dpo or orpo also learn \
+             from the rejected ones)",
+            cfg.data
+        ));
     }
     let (train, dropped, text_windows) = tokenize_all(&train_ex, &cfg.data, &files, &template, cfg)?;
     let eval_source = cfg.eval_data.as_deref().unwrap_or(&cfg.data);

@@ -123,6 +123,16 @@ impl App {
         &self.train.data_path
     }
 
+    /// The live curves of the run on the Train page (loss, rewards, …).
+    pub fn live_curves(&self) -> &crate::ui::train_page::LiveCurves {
+        &self.train.live
+    }
+
+    /// Whether the Train page found preference pairs in its data file (and so offers DPO / ORPO).
+    pub fn train_data_is_preference(&self) -> bool {
+        self.train.data_is_preference()
+    }
+
     /// Starts a new run with the current settings, or resumes the run in `resume_dir`.
     pub fn start_training(&mut self, ctx: &egui::Context, resume_dir: Option<&Path>) {
         self.train.start_training(ctx, &mut self.shared, resume_dir);

@@ -115,6 +115,8 @@ pub struct Requests {
     pub rescan_runs: bool,
     /// "Train on this data file": the Train page makes it its data file.
     pub train_on: Option<PathBuf>,
+    /// The objective to preselect with `train_on` ("Train on my votes" asks for DPO).
+    pub train_method: Option<crate::train::Method>,
     /// A file dialog to open, with the folder it starts in; its answer goes back to the page
     /// that asked (the shell routes it by purpose).
     pub pick: Option<(PickPurpose, Option<PathBuf>)>,

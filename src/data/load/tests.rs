@@ -40,6 +40,103 @@ fn examples_for(format: Format) -> Vec<Example> {
             all.push(multi);
             all
         }
+        Format::Preference => vec![
+            // Plain strings (the votes.jsonl layout) with a system prompt.
+            pair(
+                &[(Role::System, "Be kind."), (Role::User, "Say \"hi\", then stop.")],
+                "hi,\nthere é😀",
+                "no",
+            ),
+            pair(&[(Role::User, "2+2?")], "4", "5"),
+            // A multi-turn prompt: written as TRL's conversational lists.
+            pair(
+                &[(Role::User, "a"), (Role::Assistant, "b"), (Role::User, "c")],
+                "d",
+                "e",
+            ),
+        ],
+    }
+}
+
+fn pair(prompt: &[(Role, &str)], chosen: &str, rejected: &str) -> Example {
+    Example::Preference {
+        prompt: prompt.iter().map(|(r, c)| Message::new(*r, *c)).collect(),
+        chosen: vec![Message::new(Role::Assistant, chosen)],
+        rejected: vec![Message::new(Role::Assistant, rejected)],
+        tools: None,
+    }
+}
+
+#[test]
+fn preference_rows_load_in_trl_llama_factory_and_votes_layouts() {
+    let text = [
+        // TRL, standard strings.
+        r#"{"prompt": "2+2?", "chosen": "4", "rejected": "5"}"#,
+        // TRL, conversational with an explicit prompt.
+        r#"{"prompt": [{"role": "user", "content": "2+3?"}], "chosen": [{"role": "assistant", "content": "5"}], "rejected": [{"role": "assistant", "content": "6"}]}"#,
+        // TRL, implicit prompt: two whole conversations sharing their first messages.
+        r#"{"chosen": [{"role": "system", "content": "S"}, {"role": "user", "content": "2+4?"}, {"role": "assistant", "content": "6"}], "rejected": [{"role": "system", "content": "S"}, {"role": "user", "content": "2+4?"}, {"role": "assistant", "content": "7"}]}"#,
+        // LLaMA-Factory: ShareGPT conversations and turn objects.
+        r#"{"conversations": [{"from": "human", "value": "2+5?"}], "chosen": {"from": "gpt", "value": "7"}, "rejected": {"from": "gpt", "value": "8"}}"#,
+        // Finch's votes.jsonl.
+        r#"{"prompt": "2+6?", "chosen": "8", "rejected": "9", "chosen_model": "tuned", "rejected_model": "base", "system": "Be exact.", "time": "2026-11-21T17:37:04Z"}"#,
+    ]
+    .join("\n");
+    let report = load_bytes(text.as_bytes(), FileKind::Jsonl, &LoadOptions::default()).unwrap();
+    assert_eq!(report.format, Format::Preference);
+    assert!(report.rejected.is_empty(), "{:?}", report.rejected);
+    let got: Vec<Example> = report.examples().cloned().collect();
+    assert_eq!(
+        got,
+        vec![
+            pair(&[(Role::User, "2+2?")], "4", "5"),
+            pair(&[(Role::User, "2+3?")], "5", "6"),
+            pair(&[(Role::System, "S"), (Role::User, "2+4?")], "6", "7"),
+            pair(&[(Role::User, "2+5?")], "7", "8"),
+            pair(&[(Role::System, "Be exact."), (Role::User, "2+6?")], "8", "9"),
+        ]
+    );
+}
+
+#[test]
+fn bad_preference_rows_are_reported_with_line_and_field() {
+    let text = [
+        r#"{"prompt": "ok?", "chosen": "yes", "rejected": "no"}"#,
+        r#"{"prompt": "q", "chosen": "same", "rejected": "same"}"#,
+        r#"{"prompt": "q", "chosen": "", "rejected": "no"}"#,
+        r#"{"prompt": "q", "chosen": 3, "rejected": "no"}"#,
+        r#"{"chosen": "yes", "rejected": "no"}"#,
+        r#"{"chosen": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], "rejected": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "c"}]}"#,
+        r#"{"prompt": [{"role": "user", "content": "q"}], "chosen": [{"role": "user", "content": "yes"}], "rejected": "no"}"#,
+        r#"{"prompt": "q", "chosen": "yes"}"#,
+        r#"{"prompt": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "chosen": "yes", "rejected": "no"}"#,
+    ]
+    .join("\n");
+    let options = LoadOptions {
+        format: Some(Format::Preference),
+        ..LoadOptions::default()
+    };
+    let report = load_bytes(text.as_bytes(), FileKind::Jsonl, &options).unwrap();
+    assert_eq!(report.rows.len(), 1);
+    let got: Vec<(usize, &str, &str)> = report
+        .rejected
+        .iter()
+        .map(|r| (r.line, r.field.as_str(), r.reason.as_str()))
+        .collect();
+    let expect: &[(usize, &str, &str)] = &[
+        (2, "rejected", "a tie is not a preference"),
+        (3, "chosen", "empty answer"),
+        (4, "chosen", "expected a list of messages, found a number"),
+        (5, "prompt", "missing field"),
+        (6, "prompt", "missing field"),
+        (7, "chosen[0].role", "roles out of order"),
+        (8, "rejected", "missing field"),
+        (9, "chosen[0].role", "roles out of order"),
+    ];
+    assert_eq!(got.len(), expect.len(), "{got:?}");
+    for ((line, field, reason), (el, ef, er)) in got.iter().zip(expect) {
+        assert_eq!((line, field), (el, ef), "{reason}");
+        assert!(reason.contains(er), "line {line}: {reason}");
     }
 }
 

@@ -304,3 +304,57 @@ fn chunk_ranges_cover_the_text_with_the_asked_overlap() {
     assert!(chunk_ranges(10, 4, 4).is_err());
     assert!(chunk_ranges(10, 0, 0).is_err());
 }
+
+/// A preference pair renders `prompt + chosen` and `prompt + rejected` whole; only the answer
+/// (content and end-of-turn marker) is trained, not the assistant turn inside the prompt; both
+/// sequences share the prompt's tokens; the chosen side is what inspection shows.
+fn check_preference(tok: &Tokenizer, template: &ChatTemplate) {
+    let msg = |r: Role, c: &str| Message::new(r, c);
+    let pair = Example::Preference {
+        prompt: vec![
+            msg(Role::User, "first question"),
+            msg(Role::Assistant, "first answer"),
+            msg(Role::User, "second question"),
+        ],
+        chosen: vec![msg(Role::Assistant, "good answer")],
+        rejected: vec![msg(Role::Assistant, "bad reply here")],
+        tools: None,
+    };
+    let (chosen, rejected) = encode_preference(&pair, template, tok, LossOn::Assistant, 4096).unwrap();
+    let marker = template.end_of_turn().unwrap();
+    assert_eq!(trained_runs(tok, &chosen), [format!("good answer{marker}")]);
+    assert_eq!(trained_runs(tok, &rejected), [format!("bad reply here{marker}")]);
+    let prompt_len = chosen.loss_mask.iter().position(|m| *m).unwrap();
+    assert_eq!(prompt_len, rejected.loss_mask.iter().position(|m| *m).unwrap());
+    assert_eq!(chosen.input_ids[..prompt_len], rejected.input_ids[..prompt_len]);
+    assert_eq!(
+        encode_example(&pair, template, tok, LossOn::Assistant, 4096).unwrap(),
+        chosen
+    );
+    // Truncation cuts each side to seq_len.
+    let (c, r) = encode_preference(&pair, template, tok, LossOn::Assistant, prompt_len + 1).unwrap();
+    assert!(c.truncated && r.truncated && c.len() == prompt_len + 1);
+    // A supervised row is not a pair.
+    let err = encode_preference(
+        &chat(&[(Role::User, "q"), (Role::Assistant, "a")]),
+        template,
+        tok,
+        LossOn::Assistant,
+        64,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("not a preference pair"), "{err}");
+}
+
+#[test]
+fn preference_pairs_train_only_their_answers_tiny() {
+    let (tok, template, _dir) = tiny();
+    check_preference(&tok, &template);
+}
+
+#[test]
+fn preference_pairs_train_only_their_answers_real() {
+    let Some((tok, template)) = real() else { return };
+    check_preference(&tok, &template);
+}

@@ -274,6 +274,14 @@ impl ChatPage {
         self.input.clear();
     }
 
+    /// "Train on my votes": the votes file becomes the Train page's data, with DPO preselected,
+    /// and the Train page opens.
+    pub fn train_on_votes(&mut self, shared: &mut Shared, votes_path: &Path) {
+        shared.requests.train_on = Some(votes_path.to_path_buf());
+        shared.requests.train_method = Some(crate::train::Method::Dpo);
+        shared.settings.page = crate::ui::shared::Page::Train;
+    }
+
     /// Records a blind vote for `answers[chosen]` of the last round: one JSONL line per
     /// (chosen, rejected) pair, then the names are shown.
     pub fn vote(&mut self, ctx: &egui::Context, shared: &mut Shared, round: usize, chosen: usize) {

@@ -232,9 +232,21 @@ impl ChatPage {
         if let Some((round, chosen)) = vote {
             self.vote(&ctx, shared, round, chosen);
         }
-        if let (Some(n), Some(path)) = (self.votes_saved, &self.votes_path) {
+        if let (Some(n), Some(path)) = (self.votes_saved, self.votes_path.clone()) {
             let votes = if n == 1 { "vote" } else { "votes" };
-            ui.label(format!("{n} {votes} saved in {}", path.display()));
+            ui.horizontal(|ui| {
+                ui.label(format!("{n} {votes} saved in {}", path.display()));
+                if ui
+                    .button("Train on my votes")
+                    .on_hover_text(
+                        "Opens the Train page with the votes file as the data and DPO as the method: the adapter \
+                         learns to prefer the answers you chose. Ties are skipped.",
+                    )
+                    .clicked()
+                {
+                    self.train_on_votes(shared, &path);
+                }
+            });
         } else if saving {
             ui.label("Saving the vote…");
         }

@@ -481,6 +481,30 @@ fn preview(ex: &Example) -> (String, String) {
             }
             (first(Role::User), answer)
         }
+        Example::Preference {
+            prompt,
+            chosen,
+            rejected,
+            ..
+        } => {
+            let text = |msgs: &[crate::data::Message], role: Role| {
+                msgs.iter()
+                    .rev()
+                    .find(|m| m.role == role)
+                    .map(|m| m.content.as_str())
+                    .unwrap_or_default()
+                    .to_string()
+            };
+            let answer = format!(
+                "chosen: {} | rejected: {}",
+                text(chosen, Role::Assistant),
+                text(rejected, Role::Assistant)
+            );
+            (
+                one_line(&text(prompt, Role::User), PREVIEW_CHARS),
+                one_line(&answer, PREVIEW_CHARS),
+            )
+        }
     }
 }
 

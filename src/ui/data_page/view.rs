@@ -395,6 +395,33 @@ impl DataPage {
                         }
                     });
                 }
+                Example::Preference {
+                    prompt,
+                    chosen,
+                    rejected,
+                    ..
+                } => {
+                    // The texts are edited in place; the shape of a pair (which turns it has) is
+                    // the file's.
+                    let parts = [("Prompt", prompt), ("Chosen", chosen), ("Rejected", rejected)];
+                    for (part, messages) in parts {
+                        for message in messages.iter_mut() {
+                            let role = match message.role {
+                                Role::System => "system",
+                                Role::User => "user",
+                                Role::Assistant => "assistant",
+                                Role::Tool => "tool result",
+                            };
+                            let label = ui.label(egui::RichText::new(format!("{part} ({role})")).strong());
+                            ui.add(
+                                egui::TextEdit::multiline(&mut message.content)
+                                    .desired_rows(2)
+                                    .desired_width(f32::INFINITY),
+                            )
+                            .labelled_by(label.id);
+                        }
+                    }
+                }
             });
         ui.horizontal(|ui| {
             if ui

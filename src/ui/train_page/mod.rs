@@ -54,6 +54,11 @@ pub struct LiveCurves {
     pub eval_loss: Vec<[f64; 2]>,
     pub lr: Vec<[f64; 2]>,
     pub grad_norm: Vec<[f64; 2]>,
+    /// DPO / ORPO: reward margin and accuracy of the training steps and of the evaluations.
+    pub reward_margin: Vec<[f64; 2]>,
+    pub reward_accuracy: Vec<[f64; 2]>,
+    pub eval_reward_margin: Vec<[f64; 2]>,
+    pub eval_reward_accuracy: Vec<[f64; 2]>,
     /// The probe answers, oldest first.
     pub probes: Vec<ProbeRound>,
     pub step: usize,
@@ -86,6 +91,10 @@ impl LiveCurves {
         live.eval_loss = run.eval_loss.clone();
         live.lr = run.lr.clone();
         live.grad_norm = run.grad_norm.clone();
+        live.reward_margin = run.reward_margin.clone();
+        live.reward_accuracy = run.reward_accuracy.clone();
+        live.eval_reward_margin = run.eval_reward_margin.clone();
+        live.eval_reward_accuracy = run.eval_reward_accuracy.clone();
         live.probes = run.probes.clone();
         live.step = run.last_step;
         live.total_steps = run.planned_steps.unwrap_or(run.last_step);
@@ -146,6 +155,10 @@ pub struct TrainPage {
     pub highlighted_step: Option<usize>,
     /// The three probe prompt fields as typed (empty ones are left out of the settings).
     probe_inputs: [String; MAX_PROBE_PROMPTS],
+    /// Whether the data file holds preference pairs, as last read: (path, answer). The method
+    /// choice is offered only for preference data.
+    data_kind: Option<(String, bool)>,
+    data_kind_job: Option<(String, Job<bool>)>,
 }
 
 impl TrainPage {
@@ -180,6 +193,13 @@ impl TrainPage {
     /// The status line under the buttons.
     pub fn status(&self) -> &str {
         &self.status
+    }
+
+    /// Whether the data file is known to hold preference pairs (DPO / ORPO data).
+    pub fn data_is_preference(&self) -> bool {
+        self.data_kind
+            .as_ref()
+            .is_some_and(|(path, preference)| *preference && path == self.data_path.trim())
     }
 
     pub fn is_preflighting(&self) -> bool {

@@ -57,6 +57,10 @@ impl TrainPage {
             return None;
         }
         let mut cfg = shared.settings.train.clone();
+        if !self.data_is_preference() {
+            // The method choice is only offered for preference data.
+            cfg.method = crate::train::Method::Sft;
+        }
         cfg.model = card.path.display().to_string();
         cfg.data = data.clone();
         cfg.eval_data = None;
@@ -222,6 +226,10 @@ impl TrainPage {
         if let Some(path) = shared.requests.train_on.take() {
             self.set_data_path(shared, &path);
         }
+        if let Some(method) = shared.requests.train_method.take() {
+            shared.settings.train.method = method;
+        }
+        self.poll_data_kind(ctx, shared);
         self.poll_preflight(shared);
         let mut failures = Vec::new();
         let mut ended = false;
@@ -248,6 +256,10 @@ impl TrainPage {
                     }
                     TrainMsg::Event(TrainEvent::Step(m)) => {
                         live.push_loss(m.step as f64, m.loss as f64);
+                        if let Some(p) = m.preference {
+                            live.reward_margin.push([m.step as f64, p.reward_margin as f64]);
+                            live.reward_accuracy.push([m.step as f64, p.accuracy as f64]);
+                        }
                         live.lr.push([m.step as f64, m.lr]);
                         live.grad_norm.push([m.step as f64, m.grad_norm as f64]);
                         live.step = m.step;
@@ -256,8 +268,14 @@ impl TrainPage {
                         live.eta_secs = m.eta_secs;
                         live.elapsed_secs = m.elapsed_secs;
                     }
-                    TrainMsg::Event(TrainEvent::Eval { step, loss, .. }) => {
+                    TrainMsg::Event(TrainEvent::Eval {
+                        step, loss, preference, ..
+                    }) => {
                         live.eval_loss.push([step as f64, loss as f64]);
+                        if let Some(p) = preference {
+                            live.eval_reward_margin.push([step as f64, p.reward_margin as f64]);
+                            live.eval_reward_accuracy.push([step as f64, p.accuracy as f64]);
+                        }
                     }
                     TrainMsg::Event(TrainEvent::Probe { step, answers }) => {
                         live.probes.push(ProbeRound { step, answers });
@@ -346,6 +364,33 @@ impl TrainPage {
                     ),
                 }
             }
+        }
+    }
+
+    /// Reads (on a thread) whether a new data file holds preference pairs, so the settings can
+    /// offer DPO / ORPO for it and only for it.
+    fn poll_data_kind(&mut self, ctx: &egui::Context, shared: &mut Shared) {
+        if let Some((path, job)) = &mut self.data_kind_job {
+            if let Some(preference) = job.poll() {
+                self.data_kind = Some((path.clone(), preference));
+                self.data_kind_job = None;
+            }
+        }
+        let path = self.data_path.trim().to_string();
+        let known = self.data_kind.as_ref().is_some_and(|(p, _)| *p == path)
+            || self.data_kind_job.as_ref().is_some_and(|(p, _)| *p == path);
+        if known || path.is_empty() || self.is_running() {
+            return;
+        }
+        let file = PathBuf::from(&path);
+        // A file that does not load is not preference data; the run reports why it fails.
+        let job = Job::spawn("finch-data-kind", ctx, move || {
+            crate::data::load::load_file(&file, &crate::data::load::LoadOptions::default())
+                .is_ok_and(|r| r.format == crate::data::load::Format::Preference)
+        });
+        match job {
+            Ok(job) => self.data_kind_job = Some((path, job)),
+            Err(e) => shared.report("Cannot read the data file", e, "Restart Finch."),
         }
     }
 

@@ -10,7 +10,7 @@ use crate::data::LossOn;
 use crate::lora::Target;
 use crate::train::config::Precision;
 use crate::train::presets::Preset;
-use crate::train::{Duration, Schedule, TrainConfig};
+use crate::train::{Duration, Method, Schedule, TrainConfig};
 
 use super::{
     downsample, probe_prompts_of, suggested_run_name, ProbeRound, TrainPage, LOSS_PLOT_HEIGHT, MAX_DRAWN_POINTS,
@@ -178,6 +178,13 @@ impl TrainPage {
     fn settings_ui(&mut self, ui: &mut egui::Ui, shared: &mut Shared) {
         presets_ui(ui, &mut shared.settings.train);
         ui.add_space(4.0);
+        if self.data_is_preference() {
+            egui::Grid::new("train-method")
+                .num_columns(2)
+                .spacing([12.0, 6.0])
+                .show(ui, |ui| method_ui(ui, &mut shared.settings.train));
+            ui.add_space(4.0);
+        }
         let cfg = &mut shared.settings.train;
         ui.columns(2, |cols| {
             egui::Grid::new("train-knobs-a")
@@ -340,6 +347,48 @@ impl TrainPage {
                         "gradient norm",
                         PlotPoints::new(downsample(&live.grad_norm, MAX_DRAWN_POINTS)),
                     ));
+                });
+        });
+        Self::reward_plots_ui(ui, live);
+    }
+
+    /// DPO / ORPO runs: the reward margin and the reward accuracy, training steps and
+    /// evaluations.
+    fn reward_plots_ui(ui: &mut egui::Ui, live: &super::LiveCurves) {
+        if live.reward_margin.is_empty() && live.eval_reward_margin.is_empty() {
+            return;
+        }
+        let series = |plot: &mut PlotUi, name: &str, train: &[[f64; 2]], eval: &[[f64; 2]]| {
+            plot.line(Line::new(name.to_string(), PlotPoints::new(downsample(train, MAX_DRAWN_POINTS))).width(1.0));
+            if !eval.is_empty() {
+                let label = format!("eval {name}");
+                plot.line(Line::new(label.clone(), PlotPoints::new(eval.to_vec())).width(2.0));
+                plot.points(Points::new(label, PlotPoints::new(eval.to_vec())).radius(4.0));
+            }
+        };
+        ui.columns(2, |cols| {
+            Plot::new("reward-margin-plot")
+                .height(140.0)
+                .legend(Legend::default())
+                .x_axis_label("step")
+                .y_axis_label("reward margin")
+                .show(&mut cols[0], |plot| {
+                    series(plot, "reward margin", &live.reward_margin, &live.eval_reward_margin)
+                });
+            Plot::new("reward-accuracy-plot")
+                .height(140.0)
+                .legend(Legend::default())
+                .x_axis_label("step")
+                .y_axis_label("reward accuracy")
+                .include_y(0.0)
+                .include_y(1.0)
+                .show(&mut cols[1], |plot| {
+                    series(
+                        plot,
+                        "reward accuracy",
+                        &live.reward_accuracy,
+                        &live.eval_reward_accuracy,
+                    )
                 });
         });
     }
@@ -597,6 +646,60 @@ fn lora_ui(ui: &mut egui::Ui, cfg: &mut TrainConfig) {
             r.response
         },
     );
+}
+
+/// The objective of a run on preference data: DPO, ORPO, or supervised training on the chosen
+/// answers, with each method's strength.
+fn method_ui(ui: &mut egui::Ui, cfg: &mut TrainConfig) {
+    let label = |m: Method| match m {
+        Method::Sft => "SFT (chosen answers only)",
+        Method::Dpo => "DPO",
+        Method::Orpo => "ORPO",
+    };
+    knob_row(
+        ui,
+        "Method",
+        "This data holds preference pairs (a chosen and a rejected answer). DPO teaches the adapter to prefer \
+         the chosen answer over the rejected one relative to the base model; ORPO does it without the base model, \
+         adding a supervised loss on the chosen answers; SFT trains on the chosen answers alone.",
+        |ui| {
+            egui::ComboBox::from_id_salt("method")
+                .selected_text(label(cfg.method))
+                .show_ui(ui, |ui| {
+                    for m in Method::ALL {
+                        ui.selectable_value(&mut cfg.method, m, label(m));
+                    }
+                })
+                .response
+        },
+    );
+    match cfg.method {
+        Method::Dpo => {
+            knob_row(
+                ui,
+                "Beta (β)",
+                "How far the adapter may move away from the base model; smaller values allow bigger changes. \
+                 0.1 is the usual choice.",
+                |ui| ui.add(egui::DragValue::new(&mut cfg.beta).range(0.001..=10.0).speed(0.01)),
+            );
+            knob_row(
+                ui,
+                "Label smoothing",
+                "The share of votes you expect to be wrong; above 0 the training trusts each vote less. 0 is plain DPO.",
+                |ui| ui.add(egui::DragValue::new(&mut cfg.label_smoothing).range(0.0..=0.49).speed(0.01)),
+            );
+        }
+        Method::Orpo => {
+            knob_row(
+                ui,
+                "Lambda (λ)",
+                "Weight of the preference term next to the supervised loss on the chosen answers; 0.1 is the usual \
+                 choice, higher pushes harder away from the rejected answers.",
+                |ui| ui.add(egui::DragValue::new(&mut cfg.orpo_lambda).range(0.0..=10.0).speed(0.01)),
+            );
+        }
+        Method::Sft => {}
+    }
 }
 
 /// Which tokens are trained, and the seed.
