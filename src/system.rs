@@ -30,3 +30,12 @@ pub fn minor_page_faults() -> Option<u64> {
         None
     }
 }
+
+/// Memory the system could give a new allocation without swapping, in MiB (Linux
+/// `MemAvailable`); `None` where the OS does not report it.
+pub fn available_memory_mb() -> Option<f64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}

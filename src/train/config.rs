@@ -154,6 +154,14 @@ pub struct TrainConfig {
     /// the previous window (0: back to back). Must be below `seq_len`.
     #[serde(default)]
     pub text_overlap: usize,
+    /// Activation (gradient) checkpointing: keep only each decoder block's input during the
+    /// forward pass and recompute the block in the backward pass (less memory, ~1/3 more compute).
+    #[serde(default)]
+    pub checkpoint_activations: bool,
+    /// Start even when the memory estimate ([`crate::train::memory`]) exceeds the memory the
+    /// machine has free (`--ignore-memory-check`). Not saved: it is a decision for one start.
+    #[serde(skip)]
+    pub ignore_memory_check: bool,
 }
 
 /// How many probe prompts a run may carry: each one costs a generation at every evaluation.
@@ -194,6 +202,8 @@ impl Default for TrainConfig {
             probe_prompts: Vec::new(),
             probe_max_tokens: default_probe_max_tokens(),
             text_overlap: 0,
+            checkpoint_activations: false,
+            ignore_memory_check: false,
         }
     }
 }

@@ -4,9 +4,11 @@
 
 pub mod batch;
 pub mod checkpoint;
+pub mod checkpointing;
 pub mod config;
 pub mod eval;
 pub mod history;
+pub mod memory;
 pub mod optim;
 pub mod preflight;
 pub mod presets;
@@ -127,6 +129,12 @@ pub struct Trainer {
 pub fn batch_loss(model: &Transformer, batch: &Batch, ctx: &mut ForwardCtx) -> Result<Tensor> {
     let for_backward = ctx.dropout_rng.is_some();
     let h = model.hidden_states(&batch.input_ids, ctx)?;
+    head_loss(model, &h, batch, for_backward)
+}
+
+/// Mean loss of the final-normed hidden states `h: [b, t, hidden]` at `batch`'s target rows
+/// (the output head fused with the cross-entropy).
+pub(crate) fn head_loss(model: &Transformer, h: &Tensor, batch: &Batch, for_backward: bool) -> Result<Tensor> {
     let (b, t, d) = h.dims3()?;
     let h = h.reshape((b * t, d))?.index_select(&batch.target_rows, 0)?;
     Ok(crate::model::loss::linear_cross_entropy(
@@ -255,7 +263,7 @@ impl Trainer {
             if batch.targets.is_empty() {
                 continue;
             }
-            let loss = batch_loss(&self.model, &batch, &mut ForwardCtx::eval())?;
+            let loss = checkpointing::eval_loss(&self.model, &batch)?;
             sum += loss.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()? as f64 * batch.targets.len() as f64;
             count += batch.targets.len();
         }
@@ -346,8 +354,8 @@ impl Trainer {
             let mut ctx = ForwardCtx {
                 dropout_rng: Some(&mut self.state.dropout_rng),
             };
-            let loss = batch_loss(&self.model, &batch, &mut ctx)?;
-            let value = loss.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()?;
+            let pass = checkpointing::forward(&self.model, &batch, &mut ctx, self.cfg.checkpoint_activations)?;
+            let value = pass.loss_value()?;
             if !value.is_finite() {
                 return Err(Error::NonFiniteLoss {
                     step: self.state.step + 1,
@@ -357,11 +365,11 @@ impl Trainer {
             }
             loss_sum += value;
             used += 1;
-            let grads = (loss / accum as f64)?.backward()?;
-            for (i, v) in self.vars.iter().enumerate() {
-                if let Some(g) = grads.get(v.as_tensor()) {
-                    sums[i] = Some(match sums[i].take() {
-                        None => g.clone(),
+            let grads = pass.backward(&self.model, 1.0 / accum as f64, &self.vars)?;
+            for (sum, g) in sums.iter_mut().zip(grads) {
+                if let Some(g) = g {
+                    *sum = Some(match sum.take() {
+                        None => g,
                         Some(s) => (s + g)?,
                     });
                 }

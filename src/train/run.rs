@@ -129,6 +129,9 @@ pub fn build(cfg: &TrainConfig, run_dir: Option<PathBuf>, note: &mut dyn FnMut(S
     cfg.validate()?;
     let device = cfg.device.open()?;
     let (files, template) = open_model(&cfg.model)?;
+    if !cfg.ignore_memory_check {
+        crate::train::memory::check_machine_fits(&files.config, cfg)?;
+    }
     let examples = load_rows(Path::new(&cfg.data), note)?;
     let (mut train_ex, eval_ex) = match &cfg.eval_data {
         Some(p) => (examples, load_rows(Path::new(p), note)?),
