@@ -344,6 +344,7 @@ mod tests {
         let mut cfg = valid();
         cfg.probe_prompts = vec!["What is 2+2?".into(), "Say \"hi\"\nin French.".into()];
         cfg.probe_max_tokens = 20;
+        cfg.checkpoint_activations = true;
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("config.toml");
         std::fs::write(&path, cfg.to_toml().unwrap()).unwrap();

@@ -173,10 +173,19 @@ pub fn estimate_with(
     }
 }
 
-/// Memory the system could give this process now (Linux `MemAvailable`), in MiB; `None` where
-/// it is not reported.
+/// Environment variable that caps the memory a run may count on, in MiB (a budget on a shared
+/// machine; below what the system reports free, it wins).
+pub const BUDGET_ENV: &str = "FINCH_MEMORY_BUDGET_MB";
+
+/// Memory a run can count on now, in MiB: what the system could give this process (Linux
+/// `MemAvailable`, and the cgroup's limit minus its usage inside a container), capped by
+/// [`BUDGET_ENV`]; `None` where none of them is known.
 pub fn available_mb() -> Option<f64> {
-    crate::system::available_memory_mb()
+    let budget = std::env::var(BUDGET_ENV).ok().and_then(|v| v.trim().parse::<f64>().ok());
+    [crate::system::available_memory_mb(), crate::system::cgroup_free_memory_mb(), budget]
+        .into_iter()
+        .flatten()
+        .reduce(f64::min)
 }
 
 /// Refuses `cfg` when its estimate for `model` exceeds the memory free now (no check where the
@@ -225,4 +234,68 @@ pub fn check_fits(estimate: &MemoryEstimate, available_mb: f64, cfg: &TrainConfi
 /// `9.1 GB` (GiB, one decimal).
 pub fn gb(mb: f64) -> String {
     format!("{:.1} GB", mb / 1024.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::tiny::TinySpec;
+
+    fn qwen_1_5b() -> ModelConfig {
+        let spec = TinySpec::preset("qwen2.5-1.5b").unwrap();
+        ModelConfig::from_json(&spec.config_json(), std::path::Path::new("qwen")).unwrap()
+    }
+
+    fn cfg() -> TrainConfig {
+        TrainConfig {
+            model: "m".into(),
+            data: "d".into(),
+            batch_size: 4,
+            seq_len: 256,
+            ..TrainConfig::default()
+        }
+    }
+
+    #[test]
+    fn estimate_grows_with_tokens_and_drops_with_a_smaller_base_or_checkpointing() {
+        let m = qwen_1_5b();
+        let base = estimate(&m, &cfg());
+        let total = |c: TrainConfig| estimate(&m, &c).total_mb;
+        assert!(total(TrainConfig { batch_size: 8, ..cfg() }) > base.total_mb);
+        assert!(total(TrainConfig { seq_len: 512, ..cfg() }) > base.total_mb);
+        assert!(total(TrainConfig { lora: LoraConfig { dropout: 0.1, ..cfg().lora }, ..cfg() }) > base.total_mb);
+        let q8 = total(TrainConfig { precision: Precision::Q8_0, ..cfg() });
+        let q4 = total(TrainConfig { precision: Precision::Q4_1, ..cfg() });
+        assert!(q4 < q8 && q8 < base.total_mb, "{q4} < {q8} < {}", base.total_mb);
+        let ckpt = estimate(&m, &TrainConfig { checkpoint_activations: true, ..cfg() });
+        assert!(ckpt.activations_mb < base.activations_mb / 4.0, "{ckpt:?} vs {base:?}");
+        assert_eq!(ckpt.base_mb, base.base_mb);
+        // The parts add up, and the f32 base of 1.5B parameters alone is ~5.8 GB.
+        let sum = base.base_mb + base.adapters_mb + base.activations_mb + base.head_mb + base.overhead_mb;
+        assert!((sum - base.total_mb).abs() < 1e-6);
+        assert!((5500.0..6200.0).contains(&base.base_mb), "{}", base.base_mb);
+    }
+
+    #[test]
+    fn a_run_that_cannot_fit_is_refused_with_the_numbers() {
+        let m = qwen_1_5b();
+        let c = cfg();
+        let e = estimate(&m, &c);
+        check_fits(&e, e.total_mb + 1.0, &c).unwrap();
+        let err = check_fits(&e, 6348.8, &c).unwrap_err().to_string();
+        assert!(!err.contains('\n'), "one line: {err}");
+        assert!(err.contains(&format!("needs ~{}", gb(e.total_mb))), "{err}");
+        assert!(err.contains("6.2 GB are free"), "{err}");
+        assert!(err.contains("--precision q4_1") && err.contains("--checkpoint-activations"), "{err}");
+        assert!(err.contains("--batch (now 4)") && err.contains("--ignore-memory-check"), "{err}");
+        // What is already chosen is not suggested again.
+        let c = TrainConfig {
+            precision: Precision::Q4_1,
+            checkpoint_activations: true,
+            batch_size: 1,
+            ..cfg()
+        };
+        let err = check_fits(&estimate(&m, &c), 10.0, &c).unwrap_err().to_string();
+        assert!(!err.contains("--precision") && !err.contains("--checkpoint"), "{err}");
+    }
 }
