@@ -485,9 +485,15 @@ fn a_run_that_cannot_fit_is_refused_unless_the_check_is_ignored() {
     let o = args(&out).output().unwrap();
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success(), "refused: {stderr}");
-    let line = stderr.lines().find(|l| l.contains("needs ~")).unwrap_or_else(|| panic!("{stderr}"));
+    let line = stderr
+        .lines()
+        .find(|l| l.contains("needs ~"))
+        .unwrap_or_else(|| panic!("{stderr}"));
     assert!(line.contains("0.0 GB are free"), "{line}");
-    assert!(line.contains("--checkpoint-activations") && line.contains("--ignore-memory-check"), "{line}");
+    assert!(
+        line.contains("--checkpoint-activations") && line.contains("--ignore-memory-check"),
+        "{line}"
+    );
     assert!(!out.exists(), "nothing written");
 
     let o = args(&out)
@@ -498,5 +504,8 @@ fn a_run_that_cannot_fit_is_refused_unless_the_check_is_ignored() {
     assert_eq!(summary(&o.stdout)["steps"], 2);
     let config = std::fs::read_to_string(out.join("config.toml")).unwrap();
     assert!(config.contains("checkpoint_activations = true"), "{config}");
-    assert!(!config.contains("ignore_memory_check"), "a decision for one start is not saved");
+    assert!(
+        !config.contains("ignore_memory_check"),
+        "a decision for one start is not saved"
+    );
 }

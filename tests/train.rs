@@ -656,15 +656,24 @@ fn checkpointed_step_gives_the_whole_graph_gradients() {
                 let (loss, grads, rng) = run(false);
                 let (loss_c, grads_c, rng_c) = run(true);
                 let what = format!("{family:?} {precision:?} dropout {dropout}");
-                assert!((loss - loss_c).abs() <= 1e-6 * loss.abs(), "{what}: loss {loss} vs {loss_c}");
-                assert_eq!(rng, rng_c, "{what}: the dropout stream must advance as without checkpointing");
+                assert!(
+                    (loss - loss_c).abs() <= 1e-6 * loss.abs(),
+                    "{what}: loss {loss} vs {loss_c}"
+                );
+                assert_eq!(
+                    rng, rng_c,
+                    "{what}: the dropout stream must advance as without checkpointing"
+                );
                 assert_eq!(grads.len(), vars.len());
                 for (i, (g, gc)) in grads.iter().zip(&grads_c).enumerate() {
                     let (g, gc) = (g.as_ref().unwrap(), gc.as_ref().unwrap());
                     let scale = g.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
                     assert!(scale > 0.0, "{what}: variable {i} got a zero gradient");
                     let diff = finch::testing::max_abs_diff(g, gc);
-                    assert!(diff <= 1e-5 * scale, "{what}: gradient of variable {i} differs by {diff} (max {scale})");
+                    assert!(
+                        diff <= 1e-5 * scale,
+                        "{what}: gradient of variable {i} differs by {diff} (max {scale})"
+                    );
                 }
             }
         }
@@ -693,7 +702,10 @@ fn checkpointed_run_follows_the_same_curve() {
     }
     assert_eq!(curves[0].len(), 8);
     for ((s, a), (_, b)) in curves[0].iter().zip(&curves[1]) {
-        assert!((a - b).abs() <= 1e-5 * a.abs(), "step {s}: loss {a} vs {b} with checkpointing");
+        assert!(
+            (a - b).abs() <= 1e-5 * a.abs(),
+            "step {s}: loss {a} vs {b} with checkpointing"
+        );
     }
     for (name, (a, b)) in &adapters[0] {
         let (ca, cb) = &adapters[1][name];

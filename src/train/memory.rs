@@ -78,7 +78,11 @@ pub fn estimate_with(
     checkpoint_activations: bool,
 ) -> MemoryEstimate {
     let m = model;
-    let (h, i, layers) = (m.hidden_size as f64, m.intermediate_size as f64, m.num_hidden_layers as f64);
+    let (h, i, layers) = (
+        m.hidden_size as f64,
+        m.intermediate_size as f64,
+        m.num_hidden_layers as f64,
+    );
     let q_dim = (m.num_attention_heads * m.head_dim) as f64;
     let kv_dim = (m.num_key_value_heads * m.head_dim) as f64;
     let heads = m.num_attention_heads as f64;
@@ -181,11 +185,17 @@ pub const BUDGET_ENV: &str = "FINCH_MEMORY_BUDGET_MB";
 /// `MemAvailable`, and the cgroup's limit minus its usage inside a container), capped by
 /// [`BUDGET_ENV`]; `None` where none of them is known.
 pub fn available_mb() -> Option<f64> {
-    let budget = std::env::var(BUDGET_ENV).ok().and_then(|v| v.trim().parse::<f64>().ok());
-    [crate::system::available_memory_mb(), crate::system::cgroup_free_memory_mb(), budget]
-        .into_iter()
-        .flatten()
-        .reduce(f64::min)
+    let budget = std::env::var(BUDGET_ENV)
+        .ok()
+        .and_then(|v| v.trim().parse::<f64>().ok());
+    [
+        crate::system::available_memory_mb(),
+        crate::system::cgroup_free_memory_mb(),
+        budget,
+    ]
+    .into_iter()
+    .flatten()
+    .reduce(f64::min)
 }
 
 /// Refuses `cfg` when its estimate for `model` exceeds the memory free now (no check where the
@@ -263,11 +273,31 @@ mod tests {
         let total = |c: TrainConfig| estimate(&m, &c).total_mb;
         assert!(total(TrainConfig { batch_size: 8, ..cfg() }) > base.total_mb);
         assert!(total(TrainConfig { seq_len: 512, ..cfg() }) > base.total_mb);
-        assert!(total(TrainConfig { lora: LoraConfig { dropout: 0.1, ..cfg().lora }, ..cfg() }) > base.total_mb);
-        let q8 = total(TrainConfig { precision: Precision::Q8_0, ..cfg() });
-        let q4 = total(TrainConfig { precision: Precision::Q4_1, ..cfg() });
+        assert!(
+            total(TrainConfig {
+                lora: LoraConfig {
+                    dropout: 0.1,
+                    ..cfg().lora
+                },
+                ..cfg()
+            }) > base.total_mb
+        );
+        let q8 = total(TrainConfig {
+            precision: Precision::Q8_0,
+            ..cfg()
+        });
+        let q4 = total(TrainConfig {
+            precision: Precision::Q4_1,
+            ..cfg()
+        });
         assert!(q4 < q8 && q8 < base.total_mb, "{q4} < {q8} < {}", base.total_mb);
-        let ckpt = estimate(&m, &TrainConfig { checkpoint_activations: true, ..cfg() });
+        let ckpt = estimate(
+            &m,
+            &TrainConfig {
+                checkpoint_activations: true,
+                ..cfg()
+            },
+        );
         assert!(ckpt.activations_mb < base.activations_mb / 4.0, "{ckpt:?} vs {base:?}");
         assert_eq!(ckpt.base_mb, base.base_mb);
         // The parts add up, and the f32 base of 1.5B parameters alone is ~5.8 GB.
@@ -286,8 +316,14 @@ mod tests {
         assert!(!err.contains('\n'), "one line: {err}");
         assert!(err.contains(&format!("needs ~{}", gb(e.total_mb))), "{err}");
         assert!(err.contains("6.2 GB are free"), "{err}");
-        assert!(err.contains("--precision q4_1") && err.contains("--checkpoint-activations"), "{err}");
-        assert!(err.contains("--batch (now 4)") && err.contains("--ignore-memory-check"), "{err}");
+        assert!(
+            err.contains("--precision q4_1") && err.contains("--checkpoint-activations"),
+            "{err}"
+        );
+        assert!(
+            err.contains("--batch (now 4)") && err.contains("--ignore-memory-check"),
+            "{err}"
+        );
         // What is already chosen is not suggested again.
         let c = TrainConfig {
             precision: Precision::Q4_1,

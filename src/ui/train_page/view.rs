@@ -768,7 +768,14 @@ fn hardware_ui(ui: &mut egui::Ui, cfg: &mut TrainConfig, model: Option<&crate::m
         Some(m) => format!(
             "{}  ~{}",
             p.name(),
-            gb(estimate(m, &TrainConfig { precision: p, ..cfg.clone() }).total_mb)
+            gb(estimate(
+                m,
+                &TrainConfig {
+                    precision: p,
+                    ..cfg.clone()
+                }
+            )
+            .total_mb)
         ),
         None => p.name().to_string(),
     };
@@ -783,7 +790,13 @@ fn hardware_ui(ui: &mut egui::Ui, cfg: &mut TrainConfig, model: Option<&crate::m
             egui::ComboBox::from_id_salt("precision")
                 .selected_text(label(&snapshot, cfg.precision))
                 .show_ui(ui, |ui| {
-                    for p in [Precision::F32, Precision::Bf16, Precision::F16, Precision::Q8_0, Precision::Q4_1] {
+                    for p in [
+                        Precision::F32,
+                        Precision::Bf16,
+                        Precision::F16,
+                        Precision::Q8_0,
+                        Precision::Q4_1,
+                    ] {
                         ui.selectable_value(&mut cfg.precision, p, label(&snapshot, p));
                     }
                 })
