@@ -30,3 +30,21 @@ pub fn minor_page_faults() -> Option<u64> {
         None
     }
 }
+
+/// Memory the system could give a new allocation without swapping, in MiB (Linux
+/// `MemAvailable`); `None` where the OS does not report it.
+pub fn available_memory_mb() -> Option<f64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+/// Memory left under this process's cgroup (v2) limit, in MiB: `memory.max − memory.current`;
+/// `None` without a limit (or outside a cgroup v2). Containers see the host's `MemAvailable`.
+pub fn cgroup_free_memory_mb() -> Option<f64> {
+    let read = |name: &str| std::fs::read_to_string(format!("/sys/fs/cgroup/{name}")).ok();
+    let max: f64 = read("memory.max")?.trim().parse().ok()?;
+    let current: f64 = read("memory.current")?.trim().parse().ok()?;
+    Some((max - current).max(0.0) / (1024.0 * 1024.0))
+}

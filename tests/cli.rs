@@ -465,3 +465,47 @@ fn a_truncated_gguf_is_one_clean_error_line_even_with_rust_backtrace_set() {
         );
     }
 }
+
+/// A run whose estimated peak memory exceeds what the machine can give (here a budget of 1 MB
+/// set with `FINCH_MEMORY_BUDGET_MB`) is refused before anything loads, in one line naming both
+/// numbers and what to try; `--ignore-memory-check` starts it anyway, and
+/// `--checkpoint-activations` trains and is written to the run's config.toml.
+#[test]
+fn a_run_that_cannot_fit_is_refused_unless_the_check_is_ignored() {
+    let (dir, model, data) = setup();
+    let out = dir.path().join("runs/small");
+    let args = |out: &Path| {
+        let mut c = finch();
+        c.env("FINCH_MEMORY_BUDGET_MB", "1")
+            .args(["train", "--model", &model, "--data", &data, "--out"])
+            .arg(out)
+            .args(["--steps", "2", "--rank", "2", "--batch", "2", "--seq-len", "48"]);
+        c
+    };
+    let o = args(&out).output().unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "refused: {stderr}");
+    let line = stderr
+        .lines()
+        .find(|l| l.contains("needs ~"))
+        .unwrap_or_else(|| panic!("{stderr}"));
+    assert!(line.contains("0.0 GB are free"), "{line}");
+    assert!(
+        line.contains("--checkpoint-activations") && line.contains("--ignore-memory-check"),
+        "{line}"
+    );
+    assert!(!out.exists(), "nothing written");
+
+    let o = args(&out)
+        .args(["--ignore-memory-check", "--checkpoint-activations"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(summary(&o.stdout)["steps"], 2);
+    let config = std::fs::read_to_string(out.join("config.toml")).unwrap();
+    assert!(config.contains("checkpoint_activations = true"), "{config}");
+    assert!(
+        !config.contains("ignore_memory_check"),
+        "a decision for one start is not saved"
+    );
+}

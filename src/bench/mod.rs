@@ -36,6 +36,8 @@ pub struct BenchTrainOptions {
     pub device: DeviceChoice,
     /// Base weights' precision (the adapter and optimizer are f32).
     pub precision: Precision,
+    /// Activation checkpointing ([`crate::train::checkpointing`]).
+    pub checkpoint_activations: bool,
 }
 
 impl Default for BenchTrainOptions {
@@ -54,6 +56,7 @@ impl Default for BenchTrainOptions {
             },
             device: DeviceChoice::Auto,
             precision: Precision::F32,
+            checkpoint_activations: false,
         }
     }
 }
@@ -100,6 +103,8 @@ pub struct BenchTrainResult {
     pub tokens_per_sec: f64,
     pub secs_per_step: f64,
     pub peak_rss_mb: Option<f64>,
+    /// What [`crate::train::memory::estimate`] predicts for this run's peak, in MiB.
+    pub estimated_peak_mb: f64,
     /// Minor page faults per timed step (fresh pages the kernel mapped and zeroed); near zero
     /// when steps reuse their buffers.
     pub minor_page_faults_per_step: Option<f64>,
@@ -111,6 +116,7 @@ pub struct BenchTrainResult {
     /// `cpu`, `cuda`, `cuda:1`, `metal`.
     pub device: String,
     pub precision: Precision,
+    pub checkpoint_activations: bool,
     /// `fused` (Finch's CPU kernels) or `composite` (candle ops: GPUs, `FINCH_FUSED=0`, bf16/f16).
     pub path: &'static str,
 }
@@ -174,8 +180,10 @@ pub fn bench_train(opts: &BenchTrainOptions) -> Result<BenchTrainResult> {
         eval_split: 0.0,
         device: opts.device,
         precision: opts.precision,
+        checkpoint_activations: opts.checkpoint_activations,
         ..TrainConfig::default()
     };
+    let estimated_peak_mb = crate::train::memory::estimate(&model.cfg, &cfg).total_mb;
     let mut model = model;
     model.add_lora(&cfg.lora, &mut Rng::derive(cfg.seed, "lora-init"))?;
     let mut trainer = Trainer::new(
@@ -231,6 +239,7 @@ pub fn bench_train(opts: &BenchTrainOptions) -> Result<BenchTrainResult> {
         tokens_per_sec: timed_tokens as f64 / secs.max(1e-9),
         secs_per_step: secs / opts.timed_steps.max(1) as f64,
         peak_rss_mb: crate::system::peak_rss_mb(),
+        estimated_peak_mb,
         minor_page_faults_per_step: faults,
         machine: Machine::now(),
         loss_first: losses.first().copied().unwrap_or(f32::NAN),
@@ -238,6 +247,7 @@ pub fn bench_train(opts: &BenchTrainOptions) -> Result<BenchTrainResult> {
         trainable_params: trainable,
         device: crate::device::name(&device),
         precision: opts.precision,
+        checkpoint_activations: opts.checkpoint_activations,
         path: path.as_str(),
     })
 }

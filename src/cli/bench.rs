@@ -42,9 +42,13 @@ pub enum BenchCommand {
         /// auto, cpu, cuda[:N], metal (auto: the GPU when there is one).
         #[arg(long, default_value = "auto")]
         device: DeviceChoice,
-        /// Base-weight precision: f32, bf16, f16 (the adapter and optimizer stay f32).
-        #[arg(long, default_value = "f32")]
+        /// Base-weight precision: f32, bf16, f16, or q8_0 / q4_1 (the projections kept in GGUF
+        /// blocks; the adapter and optimizer stay f32).
+        #[arg(long, alias = "base-precision", default_value = "f32")]
         precision: String,
+        /// Activation (gradient) checkpointing, as `finch train --checkpoint-activations`.
+        #[arg(long)]
+        checkpoint_activations: bool,
     },
     /// Inference speed: prefill and decode tokens/s for a 128-token greedy answer, batch 1.
     Generate {
@@ -81,6 +85,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<i32> {
             targets,
             device,
             precision,
+            checkpoint_activations,
         } => {
             let mut opts = BenchTrainOptions {
                 model,
@@ -91,6 +96,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<i32> {
                 timed_steps: steps,
                 device,
                 precision: Precision::parse(&precision)?,
+                checkpoint_activations,
                 ..BenchTrainOptions::default()
             };
             opts.lora.r = rank;

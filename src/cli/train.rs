@@ -115,6 +115,13 @@ pub struct TrainArgs {
     /// auto, cpu, cuda[:N], metal (auto: the GPU when there is one).
     #[arg(long)]
     pub device: Option<String>,
+    /// Activation (gradient) checkpointing: keep only each block's input in the forward pass and
+    /// recompute the block in the backward pass (much less memory, ~1/3 more compute).
+    #[arg(long)]
+    pub checkpoint_activations: bool,
+    /// Start even when the estimated peak memory exceeds the memory the machine has free.
+    #[arg(long)]
+    pub ignore_memory_check: bool,
     /// A prompt the model answers before training, at every evaluation and at the end (up to 3;
     /// repeat the flag). Replaces the probes of --config.
     #[arg(long = "probe", value_name = "PROMPT")]
@@ -234,6 +241,10 @@ impl TrainArgs {
         if let Some(d) = &self.device {
             c.device = DeviceChoice::parse(d)?;
         }
+        if self.checkpoint_activations {
+            c.checkpoint_activations = true;
+        }
+        c.ignore_memory_check = self.ignore_memory_check;
         if !self.probes.is_empty() {
             c.probe_prompts = self.probes.clone();
         }

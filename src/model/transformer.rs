@@ -196,7 +196,7 @@ impl Block {
 
 /// cos/sin tables `[t, head_dim/2]` of the full-attention layers and, for Gemma 3, the
 /// sliding-window ones.
-struct RopeTables {
+pub struct RopeTables {
     global: (Tensor, Tensor),
     local: Option<(Tensor, Tensor)>,
     /// cos = 1, sin = 0: the rotation by nothing of SmolLM3's NoPE layers (exact in floats).
@@ -734,6 +734,24 @@ impl Transformer {
     /// Final-normed hidden states `[b, t, hidden]` for token ids `[b, t]` at positions 0..t.
     /// Right padding is safe: with a causal mask, real tokens never attend to later pads.
     pub fn hidden_states(&self, input_ids: &Tensor, ctx: &mut ForwardCtx) -> Result<Tensor> {
+        let (mut x, tables) = self.embed_for_training(input_ids)?;
+        for l in 0..self.layers.len() {
+            x = self.block_forward(l, &x, &tables, ctx)?;
+        }
+        self.final_norm(&x)
+    }
+
+    /// Decoder blocks.
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// The first block's input `[b, t, hidden]` for token ids `[b, t]` (no gradient: the
+    /// embedding is frozen) and the rotary tables of positions `0..t` that
+    /// [`Transformer::block_forward`] needs. With [`Transformer::block_forward`] and
+    /// [`Transformer::final_norm`], the pieces of [`Transformer::hidden_states`], for a loop that
+    /// runs (and reruns) the blocks one at a time: activation checkpointing.
+    pub fn embed_for_training(&self, input_ids: &Tensor) -> Result<(Tensor, RopeTables)> {
         let (b, t) = input_ids.dims2()?;
         if t > self.cfg.max_position_embeddings {
             return Err(Error::config(
@@ -744,29 +762,39 @@ impl Transformer {
                 ),
             ));
         }
-        let cfg = &self.cfg;
         let tables = self.rope_tables_from(0, t)?;
-        let scale = cfg.attention_scale();
-        let mut x = self
+        let x = self
             .embed_tokens(&input_ids.flatten_all()?)?
-            .reshape((b, t, cfg.hidden_size))?;
-        for (l, block) in self.layers.iter().enumerate() {
-            let heads = Heads {
-                q_heads: cfg.num_attention_heads,
-                kv_heads: cfg.num_key_value_heads,
-                head_dim: cfg.head_dim,
-                window: cfg.window(l),
-            };
-            let (cos, sin) = tables.for_layer(cfg, l);
-            let hs = block.input_norm.forward(&x, cfg.rms_norm_eps)?;
-            let (q, k, v) = block.attn.qkv.forward(&hs, ctx)?;
-            let (q, k) = block.attn.norm_qk(q, k, cfg.head_dim, cfg.rms_norm_eps)?;
-            let y = causal_attention(&q, &k, &v, cos, sin, heads, scale)?;
-            let y = block.attn.o.forward(&y, ctx)?;
-            x = block.add_attention(x, y, cfg.rms_norm_eps)?;
-            x = block.mlp_residual(x, cfg, ctx)?;
-        }
-        self.norm.forward(&x, cfg.rms_norm_eps)
+            .reshape((b, t, self.cfg.hidden_size))?;
+        Ok((x, tables))
+    }
+
+    /// Decoder block `l` on `x: [b, t, hidden]` at positions 0..t (causal, no cache).
+    pub fn block_forward(&self, l: usize, x: &Tensor, tables: &RopeTables, ctx: &mut ForwardCtx) -> Result<Tensor> {
+        let cfg = &self.cfg;
+        let block = self
+            .layers
+            .get(l)
+            .ok_or_else(|| Error::config("layer", format!("the model has no block {l}")))?;
+        let heads = Heads {
+            q_heads: cfg.num_attention_heads,
+            kv_heads: cfg.num_key_value_heads,
+            head_dim: cfg.head_dim,
+            window: cfg.window(l),
+        };
+        let (cos, sin) = tables.for_layer(cfg, l);
+        let hs = block.input_norm.forward(x, cfg.rms_norm_eps)?;
+        let (q, k, v) = block.attn.qkv.forward(&hs, ctx)?;
+        let (q, k) = block.attn.norm_qk(q, k, cfg.head_dim, cfg.rms_norm_eps)?;
+        let y = causal_attention(&q, &k, &v, cos, sin, heads, cfg.attention_scale())?;
+        let y = block.attn.o.forward(&y, ctx)?;
+        let x = block.add_attention(x.clone(), y, cfg.rms_norm_eps)?;
+        block.mlp_residual(x, cfg, ctx)
+    }
+
+    /// The final norm applied to the last block's output.
+    pub fn final_norm(&self, x: &Tensor) -> Result<Tensor> {
+        self.norm.forward(x, self.cfg.rms_norm_eps)
     }
 
     /// Token embeddings of `ids` `[n]` → `[n, hidden]`, scaled by √hidden for Gemma (the scale

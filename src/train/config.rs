@@ -212,6 +212,14 @@ pub struct TrainConfig {
     /// ORPO's λ, the weight of the odds-ratio term (TRL's `beta` of `ORPOConfig`, default 0.1).
     #[serde(default = "default_orpo_lambda")]
     pub orpo_lambda: f64,
+    /// Activation (gradient) checkpointing: keep only each decoder block's input during the
+    /// forward pass and recompute the block in the backward pass (less memory, ~1/3 more compute).
+    #[serde(default)]
+    pub checkpoint_activations: bool,
+    /// Start even when the memory estimate ([`crate::train::memory`]) exceeds the memory the
+    /// machine has free (`--ignore-memory-check`). Not saved: it is a decision for one start.
+    #[serde(skip)]
+    pub ignore_memory_check: bool,
 }
 
 fn default_beta() -> f64 {
@@ -265,6 +273,8 @@ impl Default for TrainConfig {
             beta: default_beta(),
             label_smoothing: 0.0,
             orpo_lambda: default_orpo_lambda(),
+            checkpoint_activations: false,
+            ignore_memory_check: false,
         }
     }
 }
@@ -290,6 +300,15 @@ impl TrainConfig {
                 format!(
                     "{} tokens of overlap must be fewer than seq_len = {}",
                     self.text_overlap, self.seq_len
+                ),
+            ));
+        }
+        if self.checkpoint_activations && self.method != Method::Sft {
+            return Err(Error::config(
+                "checkpoint_activations",
+                format!(
+                    "is implemented for sft only, not for {} (turn it off, or use --method sft)",
+                    self.method.name()
                 ),
             ));
         }
@@ -451,6 +470,10 @@ mod tests {
         cfg.label_smoothing = 0.0;
         cfg.beta = 0.0;
         assert!(cfg.validate().unwrap_err().to_string().contains("beta"));
+        cfg.beta = 0.1;
+        cfg.checkpoint_activations = true;
+        let err = cfg.validate().unwrap_err().to_string();
+        assert!(err.contains("checkpoint_activations") && err.contains("orpo"), "{err}");
     }
 
     #[test]
@@ -458,6 +481,7 @@ mod tests {
         let mut cfg = valid();
         cfg.probe_prompts = vec!["What is 2+2?".into(), "Say \"hi\"\nin French.".into()];
         cfg.probe_max_tokens = 20;
+        cfg.checkpoint_activations = true;
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("config.toml");
         std::fs::write(&path, cfg.to_toml().unwrap()).unwrap();

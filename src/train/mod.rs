@@ -4,9 +4,11 @@
 
 pub mod batch;
 pub mod checkpoint;
+pub mod checkpointing;
 pub mod config;
 pub mod eval;
 pub mod history;
+pub mod memory;
 pub mod optim;
 pub mod preference;
 pub mod preflight;
@@ -140,6 +142,12 @@ pub struct Trainer {
 pub fn batch_loss(model: &Transformer, batch: &Batch, ctx: &mut ForwardCtx) -> Result<Tensor> {
     let for_backward = ctx.dropout_rng.is_some();
     let h = model.hidden_states(&batch.input_ids, ctx)?;
+    head_loss(model, &h, batch, for_backward)
+}
+
+/// Mean loss of the final-normed hidden states `h: [b, t, hidden]` at `batch`'s target rows
+/// (the output head fused with the cross-entropy).
+pub(crate) fn head_loss(model: &Transformer, h: &Tensor, batch: &Batch, for_backward: bool) -> Result<Tensor> {
     let (b, t, d) = h.dims3()?;
     let h = h.reshape((b * t, d))?.index_select(&batch.target_rows, 0)?;
     Ok(crate::model::loss::linear_cross_entropy(
@@ -341,7 +349,7 @@ impl Trainer {
             if batch.targets.is_empty() {
                 continue;
             }
-            let loss = batch_loss(&self.model, &batch, &mut ForwardCtx::eval())?;
+            let loss = checkpointing::eval_loss(&self.model, &batch)?;
             sum += loss.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()? as f64 * batch.targets.len() as f64;
             count += batch.targets.len();
         }
@@ -444,8 +452,8 @@ impl Trainer {
             let mut ctx = ForwardCtx {
                 dropout_rng: Some(&mut self.state.dropout_rng),
             };
-            let loss = batch_loss(&self.model, &batch, &mut ctx)?;
-            let value = loss.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()?;
+            let pass = checkpointing::forward(&self.model, &batch, &mut ctx, self.cfg.checkpoint_activations)?;
+            let value = pass.loss_value()?;
             if !value.is_finite() {
                 return Err(Error::NonFiniteLoss {
                     step: self.state.step + 1,
@@ -455,8 +463,15 @@ impl Trainer {
             }
             loss_sum += value;
             used += 1;
-            let grads = (loss / accum as f64)?.backward()?;
-            add_grads(&mut sums, &self.vars, &grads)?;
+            let grads = pass.backward(&self.model, 1.0 / accum as f64, &self.vars)?;
+            for (sum, g) in sums.iter_mut().zip(grads) {
+                if let Some(g) = g {
+                    *sum = Some(match sum.take() {
+                        None => g,
+                        Some(s) => (s + g)?,
+                    });
+                }
+            }
         }
         if used == 0 {
             return Err(Error::Data(

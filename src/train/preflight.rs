@@ -34,6 +34,8 @@ pub struct PreflightReport {
     pub tokens_per_sec: f64,
     /// Peak resident memory of this process so far, in MiB (`None` where the OS does not say).
     pub peak_rss_mb: Option<f64>,
+    /// The run's estimated peak memory ([`crate::train::memory::estimate`]), in MiB.
+    pub estimated_peak_mb: f64,
     /// Steps the configured run will take.
     pub total_steps: usize,
     /// Evaluations the run will do (every `eval_every` steps and at the end; 0 without held-out data).
@@ -130,6 +132,7 @@ pub fn preflight_with(
         secs_per_step,
         tokens_per_sec,
         peak_rss_mb: crate::system::peak_rss_mb(),
+        estimated_peak_mb: crate::train::memory::estimate(&trainer.model.cfg, cfg).total_mb,
         total_steps,
         eval_runs,
         eval_secs_each,

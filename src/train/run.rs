@@ -180,6 +180,9 @@ pub fn build(cfg: &TrainConfig, run_dir: Option<PathBuf>, note: &mut dyn FnMut(S
         Some(on) => template.with_variable("enable_thinking", serde_json::Value::Bool(on))?,
         None => template,
     };
+    if !cfg.ignore_memory_check {
+        crate::train::memory::check_machine_fits(&files.config, cfg)?;
+    }
     let examples = load_rows(Path::new(&cfg.data), note)?;
     let (mut train_ex, eval_ex) = match &cfg.eval_data {
         Some(p) => (examples, load_rows(Path::new(p), note)?),

@@ -29,6 +29,8 @@ pub struct ModelCard {
     pub chat_template: Result<bool, String>,
     /// "safetensors" or "GGUF".
     pub format: &'static str,
+    /// The whole configuration (shapes for the training memory estimate).
+    pub config: crate::model::ModelConfig,
 }
 
 impl ModelCard {
@@ -60,7 +62,29 @@ impl ModelCard {
             vocab_size: files.config.vocab_size,
             chat_template,
             format,
+            config: files.config.clone(),
         })
+    }
+}
+
+/// "~9.1 GB with the Train page's settings; ~2.6 GB with q4_1 and checkpointing".
+fn training_memory_text(model: &crate::model::ModelConfig, train: &crate::train::TrainConfig) -> String {
+    use crate::train::memory::{estimate, gb};
+    let now = estimate(model, train);
+    let small = crate::train::TrainConfig {
+        precision: crate::train::Precision::Q4_1,
+        checkpoint_activations: true,
+        ..train.clone()
+    };
+    let small = estimate(model, &small);
+    if (small.total_mb - now.total_mb).abs() < 1.0 {
+        format!("~{} with the Train page's settings", gb(now.total_mb))
+    } else {
+        format!(
+            "~{} with the Train page's settings; ~{} with q4_1 and checkpointing",
+            gb(now.total_mb),
+            gb(small.total_mb)
+        )
     }
 }
 
@@ -453,6 +477,12 @@ impl ModelsPage {
                     ui.end_row();
                     ui.label("Weights");
                     ui.label(card.format);
+                    ui.end_row();
+                    ui.label("Training memory").on_hover_text(
+                        "Estimated peak memory of a LoRA run with the Train page's settings (batch, sequence \
+                         length, rank, precision), and with the smallest base and activation checkpointing.",
+                    );
+                    ui.label(training_memory_text(&card.config, &shared.settings.train));
                     ui.end_row();
                     ui.label("Chat template");
                     match &card.chat_template {

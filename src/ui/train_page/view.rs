@@ -203,7 +203,7 @@ impl TrainPage {
                     batch_ui(ui, cfg);
                     regularization_ui(ui, cfg);
                     evaluation_ui(ui, cfg);
-                    hardware_ui(ui, cfg);
+                    hardware_ui(ui, cfg, shared.model.as_ref().map(|c| &c.config));
                 });
         });
         ui.add_space(6.0);
@@ -841,23 +841,95 @@ fn evaluation_ui(ui: &mut egui::Ui, cfg: &mut TrainConfig) {
 }
 
 /// Precision of the base weights and, when this build has a GPU backend, the device.
-fn hardware_ui(ui: &mut egui::Ui, cfg: &mut TrainConfig) {
+/// Memory the machine has free, read at most every two seconds (the page redraws often).
+fn free_memory_mb() -> Option<f64> {
+    use std::sync::Mutex;
+    use std::time::{Duration, Instant};
+    static CACHE: Mutex<Option<(Instant, Option<f64>)>> = Mutex::new(None);
+    let mut cache = CACHE.lock().ok()?;
+    match *cache {
+        Some((at, value)) if at.elapsed() < Duration::from_secs(2) => value,
+        _ => {
+            let value = crate::train::memory::available_mb();
+            *cache = Some((Instant::now(), value));
+            value
+        }
+    }
+}
+
+fn hardware_ui(ui: &mut egui::Ui, cfg: &mut TrainConfig, model: Option<&crate::model::ModelConfig>) {
+    use crate::train::memory::{estimate, gb};
+    // The estimated peak memory of this run with each base precision, next to its name.
+    let label = |cfg: &TrainConfig, p: Precision| match model {
+        Some(m) => format!(
+            "{}  ~{}",
+            p.name(),
+            gb(estimate(
+                m,
+                &TrainConfig {
+                    precision: p,
+                    ..cfg.clone()
+                }
+            )
+            .total_mb)
+        ),
+        None => p.name().to_string(),
+    };
     knob_row(
         ui,
         "Precision",
-        "Number format of the frozen base weights; f32 is safest on a CPU, bf16 and f16 halve the memory; \
-         q8_0 and q4_1 keep the layers' projections in GGUF blocks (CPU only: about a quarter and a sixth of their f32 memory).",
+        "Number format of the frozen base weights, with the estimated peak memory of this run for each; f32 is \
+         safest on a CPU, bf16 and f16 halve the memory; q8_0 and q4_1 keep the layers' projections in GGUF blocks \
+         (CPU only: about a quarter and a sixth of their f32 memory).",
         |ui| {
+            let snapshot = cfg.clone();
             egui::ComboBox::from_id_salt("precision")
-                .selected_text(cfg.precision.name())
+                .selected_text(label(&snapshot, cfg.precision))
                 .show_ui(ui, |ui| {
-                    for p in [Precision::F32, Precision::Bf16, Precision::F16, Precision::Q8_0, Precision::Q4_1] {
-                        ui.selectable_value(&mut cfg.precision, p, p.name());
+                    for p in [
+                        Precision::F32,
+                        Precision::Bf16,
+                        Precision::F16,
+                        Precision::Q8_0,
+                        Precision::Q4_1,
+                    ] {
+                        ui.selectable_value(&mut cfg.precision, p, label(&snapshot, p));
                     }
                 })
                 .response
         },
     );
+    knob_row(
+        ui,
+        "Activation checkpointing",
+        "Keeps only each layer's input and recomputes the layer when training goes backward: far less memory \
+         for about a third more time per step.",
+        |ui| {
+            // Checkpointing covers the SFT loss only; DPO / ORPO refuse it in validation.
+            let sft = !cfg.method.is_preference();
+            if !sft {
+                cfg.checkpoint_activations = false;
+            }
+            ui.add_enabled(
+                sft,
+                egui::Checkbox::new(&mut cfg.checkpoint_activations, "recompute layers"),
+            )
+            .on_disabled_hover_text("available for SFT only")
+        },
+    );
+    if let Some(m) = model {
+        let need = estimate(m, cfg).total_mb;
+        ui.label("Memory");
+        match free_memory_mb() {
+            Some(free) if need > free => ui.colored_label(
+                ui.visuals().warn_fg_color,
+                format!("needs ~{}, {} free: more than this machine has", gb(need), gb(free)),
+            ),
+            Some(free) => ui.label(format!("needs ~{}, {} free", gb(need), gb(free))),
+            None => ui.label(format!("needs ~{}", gb(need))),
+        };
+        ui.end_row();
+    }
     // Every device kind is listed; those this build or machine cannot use are shown greyed
     // with the reason ("built without CUDA", "no NVIDIA driver found").
     knob_row(
