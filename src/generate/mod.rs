@@ -233,25 +233,15 @@ impl LoadedModel {
     }
 }
 
-/// Runs `f` (a one-token decode step) on Finch's decode pool: [`crate::kernels::cpu::threads`]
-/// threads, kept warm between tokens. The step's matrix-vector products (Finch's own gemv,
-/// `kernels::gemv`) split their rows over the pool; its ~900 small ops stay on the calling
-/// thread. Measured on a 2-core AMD EPYC (SmolLM2-135M f32, `bench generate`): 27.8 decode
-/// tokens/s on one thread, 46.5 on two. (With gemm's generic matrix×vector path one thread had
-/// been faster: that path paid a cross-thread handoff per op without reaching the bandwidth.)
+/// Runs `f` (a one-token decode step) with its matrix-vector products (Finch's own gemv,
+/// `kernels::gemv`) split over [`crate::kernels::spin`]'s pool, whose workers spin between a
+/// token's ~200 products instead of sleeping; the step's ~900 small ops stay on one thread (a
+/// one-thread rayon pool, so no rayon worker wakes to compete for the cores). Measured on a
+/// 2-core AMD EPYC (SmolLM2-135M f32, `bench generate`): 27.8 decode tokens/s on one thread, 46.5
+/// on two with a rayon pool; on a 2-core Intel Xeon VM, where a sleeping rayon worker takes ~90 µs
+/// to wake, the rayon pool gave 18–24 tokens/s on two threads (20.5 on one).
 pub fn on_decode_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
-    static POOL: std::sync::OnceLock<Option<rayon::ThreadPool>> = std::sync::OnceLock::new();
-    let pool = POOL.get_or_init(|| {
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(crate::kernels::cpu::threads())
-            .thread_name(|i| format!("finch-decode-{i}"))
-            .build()
-            .ok()
-    });
-    match pool {
-        Some(p) => p.install(f),
-        None => f(),
-    }
+    crate::kernels::spin::without_rayon(f)
 }
 
 /// Generates an answer to `prompt` (token ids) with the f32 model. `on_text` receives the answer as it grows, in

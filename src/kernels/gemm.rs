@@ -122,7 +122,41 @@ fn gemm_into_with(
             threads,
         );
     }
-    let parallelism = if threads > 1 {
+    // Tall products (prefill, training: hundreds of token rows) are split by rows over the spin
+    // pool, each block one single-threaded gemm: gemm's own rayon split wakes a sleeping worker
+    // for each of its parallel regions (~90 µs each on a 2-core Intel Xeon VM), and its workers
+    // and the spin pool's would compete for the cores.
+    let pool_threads = crate::kernels::spin::pool().map_or(1, |p| p.threads());
+    if threads > 1 && pool_threads > 1 && m >= 2 * SPLIT_ROWS && !crate::kernels::spin::in_task() {
+        let parts = threads.min(pool_threads).min(m / SPLIT_ROWS);
+        let block = m.div_ceil(parts);
+        crate::kernels::spin::for_each_chunk_mut(dst, block * n, |i, d| {
+            let r0 = i * block;
+            let rows = d.len() / n;
+            let part = Mat {
+                data: &lhs.data[r0 * lhs.rs..],
+                rows,
+                ..lhs
+            };
+            // SAFETY: `d` holds `rows·n` values; `part` is rows r0.. of `lhs`, in bounds
+            // because `lhs` is (checked above).
+            unsafe {
+                gemm_f32(
+                    rows,
+                    n,
+                    k,
+                    d.as_mut_ptr(),
+                    accumulate,
+                    part,
+                    rhs,
+                    gemm::Parallelism::None,
+                    family,
+                );
+            }
+        });
+        return Ok(());
+    }
+    let parallelism = if threads > 1 && !crate::kernels::spin::in_task() {
         gemm::Parallelism::Rayon(threads)
     } else {
         gemm::Parallelism::None
@@ -134,6 +168,9 @@ fn gemm_into_with(
     }
     Ok(())
 }
+
+/// Fewest rows of a block when a product is split by rows over the spin pool.
+const SPLIT_ROWS: usize = 64;
 
 /// `dst (+)= lhs·rhs` through the gemm crate, with the kernel family [`cpu::family`] chose.
 ///

@@ -15,8 +15,6 @@
 // whose bounds are checked once per call.
 #![allow(unsafe_code)]
 
-use rayon::prelude::*;
-
 use crate::kernels::cpu::Family;
 
 /// Below this many weight bytes a product runs on the calling thread: handing it to another
@@ -45,7 +43,7 @@ pub(crate) fn gemv(
             w.len()
         )
     }
-    let threads = threads.min(rayon::current_num_threads());
+    let threads = threads.min(crate::kernels::spin::pool().map_or(1, |p| p.threads()));
     if threads <= 1 || n * k * 4 < PARALLEL_BYTES || n < 8 {
         rows(y, accumulate, x, w, rs, family);
         return Ok(());
@@ -53,7 +51,7 @@ pub(crate) fn gemv(
     // Two chunks per thread (multiples of 4 rows): enough for a thread slowed by other work on
     // the machine to be helped, few enough that each task streams a long stretch of weights.
     let chunk = n.div_ceil(threads * 2).next_multiple_of(4);
-    y.par_chunks_mut(chunk).enumerate().for_each(|(i, yc)| {
+    crate::kernels::spin::for_each_chunk_mut(y, chunk, |i, yc| {
         let w0 = i * chunk * rs;
         rows(yc, accumulate, x, &w[w0..], rs, family);
     });

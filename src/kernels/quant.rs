@@ -478,7 +478,13 @@ pub fn matmul(w: &QMatrix, x: &QActivations, out: &mut [f32], kernel: Kernel) ->
     if w.rows == 0 || x.tokens == 0 {
         return Ok(());
     }
-    let threads = rayon::current_num_threads().max(1);
+    // One token: the spin pool's threads (its workers do not sleep between a token's products);
+    // several: the current rayon pool's.
+    let threads = if x.tokens == 1 {
+        crate::kernels::spin::pool().map_or(1, |p| p.threads())
+    } else {
+        rayon::current_num_threads().max(1)
+    };
     // A few chunks per thread so that a thread slowed by other work on the machine is helped.
     let chunk_rows = w.rows.div_ceil(threads * 4).max(16);
     if x.tokens == 1 {
@@ -489,7 +495,7 @@ pub fn matmul(w: &QMatrix, x: &QActivations, out: &mut [f32], kernel: Kernel) ->
             }
         };
         if threads > 1 && w.rows > chunk_rows {
-            out.par_chunks_mut(chunk_rows).enumerate().for_each(work);
+            crate::kernels::spin::for_each_chunk_mut(out, chunk_rows, |i, dst| work((i, dst)));
         } else {
             out.chunks_mut(chunk_rows).enumerate().for_each(work);
         }

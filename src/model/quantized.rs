@@ -459,6 +459,10 @@ impl QuantizedModel {
     /// Runs `ids` after the cached positions; returns the logits of the last position
     /// (`all = false`, `[vocab]`) or of every new position (`[ids.len() * vocab]`).
     pub fn forward(&mut self, ids: &[u32], all: bool) -> Result<Vec<f32>> {
+        if ids.len() == 1 {
+            // One token: its products split over the spin pool (see `kernels::spin`).
+            return crate::kernels::spin::without_rayon(|| self.forward_here(ids, all));
+        }
         match quant::pool() {
             Some(pool) => pool.install(|| self.forward_here(ids, all)),
             None => self.forward_here(ids, all),
