@@ -27,7 +27,7 @@ use std::path::{Path, PathBuf};
 use serde_json::json;
 
 use crate::data::tokenize::{assistant_spans, encode_example};
-use crate::data::{Example, LossOn, Message, Role};
+use crate::data::{Example, LossOn, Message, Role, TokenizedExample};
 use crate::error::{Error, Result};
 use crate::export::OllamaTemplate;
 use crate::template::ChatTemplate;
@@ -262,6 +262,9 @@ pub struct PreparedRun {
     /// The conversations Finch trained on, the default system prompt written out.
     pub train: Vec<Vec<Message>>,
     pub eval: Vec<Vec<Message>>,
+    /// Finch's token ids and loss mask of each training row (written as `finch_tokens.jsonl`, the
+    /// reference the tools' tokenization is checked against).
+    pub train_tokens: Vec<TokenizedExample>,
     /// The base model as the tool loads it.
     pub base_model: String,
     /// The end-of-sequence / end-of-turn tokens the tools should stop on.
@@ -294,6 +297,18 @@ pub fn prepare(run: &Path, base_model: Option<&str>) -> Result<PreparedRun> {
         });
     }
     let cfg = TrainConfig::from_toml_file(&cfg_path)?;
+    for (field, path) in [("data", Some(&cfg.data)), ("eval_data", cfg.eval_data.as_ref())] {
+        if let Some(path) = path.filter(|p| !Path::new(p.as_str()).exists()) {
+            return Err(Error::invalid(
+                &cfg_path,
+                format!("field `{field}`"),
+                format!(
+                    "{path} does not exist here (a relative path is relative to the folder `finch train` ran in: run \
+                     export-run from there)"
+                ),
+            ));
+        }
+    }
     if cfg.method != Method::Sft {
         return Err(Error::config(
             "method",
@@ -351,6 +366,7 @@ pub fn prepare(run: &Path, base_model: Option<&str>) -> Result<PreparedRun> {
         turns,
         train: vec![],
         eval: vec![],
+        train_tokens: vec![],
         base_model: base,
         stop_words,
         not_carried: vec![],
@@ -365,10 +381,11 @@ pub fn prepare(run: &Path, base_model: Option<&str>) -> Result<PreparedRun> {
         ));
     }
     let source = cfg.data.clone();
-    let (train, skipped, truncated) = check_rows(&train_rows, &source, &template, &files.tokenizer, &p.turns, &cfg)?;
+    let (train, train_tokens, skipped, truncated) = check_rows(&train_rows, &source, &template, &files.tokenizer, &p.turns, &cfg)?;
     let eval_source = cfg.eval_data.clone().unwrap_or(source);
-    let (eval, _, _) = check_rows(&eval_rows, &eval_source, &template, &files.tokenizer, &p.turns, &cfg)?;
+    let (eval, _, _, _) = check_rows(&eval_rows, &eval_source, &template, &files.tokenizer, &p.turns, &cfg)?;
     p.train = train;
+    p.train_tokens = train_tokens;
     p.eval = eval;
     if p.train.is_empty() {
         return Err(Error::Data(format!("{}: no training rows to hand off", cfg.data)));
@@ -402,8 +419,9 @@ fn check_rows(
     tokenizer: &tokenizers::Tokenizer,
     turns: &TurnText,
     cfg: &TrainConfig,
-) -> Result<(Vec<Vec<Message>>, usize, usize)> {
+) -> Result<(Vec<Vec<Message>>, Vec<TokenizedExample>, usize, usize)> {
     let mut out = vec![];
+    let mut tokens = vec![];
     let (mut skipped, mut truncated) = (0, 0);
     for row in rows {
         let at = |why: String| Error::Data(format!("{source}: line {}: {why}; this run cannot be handed off", row.line));
@@ -459,8 +477,9 @@ fn check_rows(
             )));
         }
         out.push(explicit);
+        tokens.push(tokenized);
     }
-    Ok((out, skipped, truncated))
+    Ok((out, tokens, skipped, truncated))
 }
 
 /// Notes every target shares.
@@ -477,7 +496,7 @@ fn common_notes(p: &mut PreparedRun) {
     if cfg.warmup_steps > 0 {
         p.warn(format!(
             "warm-up: Finch's step s (from 0) uses lr × (s+1)/{w}, Hugging Face's schedulers lr × s/{w} (their first \
-             step has lr 0), so the first {w} learning rates are one step behind Finch's",
+             step has lr 0), so the warm-up learning rates run one step behind Finch's",
             w = cfg.warmup_steps
         ));
     }
@@ -616,6 +635,12 @@ pub fn export_run(request: &HandoffRequest) -> Result<Handoff> {
     let mut files = written.files;
     let ds = serde_json::to_string_pretty(&deepspeed_zero2()).unwrap_or_default();
     files.push(("ds_z2_config.json".into(), ds.into_bytes()));
+    let mut reference = String::new();
+    for t in &p.train_tokens {
+        let mask: Vec<u8> = t.loss_mask.iter().map(|&m| u8::from(m)).collect();
+        reference += &format!("{}\n", json!({"input_ids": t.input_ids, "loss_mask": mask}));
+    }
+    files.push(("finch_tokens.jsonl".into(), reference.into_bytes()));
     files.push(("README.md".into(), readme(&p, request.target, &written.launch).into_bytes()));
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, "cannot create hand-off folder", e))?;
     let mut names = vec![];
@@ -658,6 +683,8 @@ fn readme(p: &PreparedRun, target: Target, launch: &str) -> String {
          The batch above is per device: on N GPUs each step sees N times as many rows. To keep Finch's effective \
          batch of {eff} rows, divide the gradient accumulation by N (or the per-device batch) where it divides.\n\n\
          DeepSpeed ZeRO-2: `ds_z2_config.json` (already named in the config; remove that line to run without DeepSpeed).\n\n\
+         `finch_tokens.jsonl` holds Finch's token ids and loss mask (1: trained) of each training row, in order: \
+         the reference `scripts/check_handoff.py` compares the tool's own tokenization with.\n\n\
          ## Not carried over\n\n",
         run = p.run.display(),
         title = target.title(),
