@@ -109,7 +109,7 @@ def stub_modules(names):
     sys.meta_path.insert(0, Finder())
 
 
-def check_trl(out, hf_model):
+def check_trl(out, hf_model, train_steps=0):
     try:
         from datasets import load_dataset
         from peft import LoraConfig
@@ -121,6 +121,8 @@ def check_trl(out, hf_model):
     sft["output_dir"] = str(out / "output")
     sft["chat_template_path"] = str(out / sft["chat_template_path"])
     sft["use_cpu"] = True
+    if train_steps > 0:
+        sft.update(max_steps=train_steps, logging_steps=1, save_strategy="no", eval_strategy="no")
     args = SFTConfig(**sft)
     lora = LoraConfig(**cfg["lora"])
     report("trl SFTConfig + LoraConfig parse", True, max_steps=args.max_steps, lr=args.learning_rate,
@@ -280,17 +282,14 @@ def main():
         if not export(a.finch, a.run, target, out, a.hf_model):
             continue
         if target == "trl":
-            trainer = check_trl(out, a.hf_model)
+            trainer = check_trl(out, a.hf_model, a.train_steps)
+            if a.train_steps > 0 and trainer is not None:
+                # Before LLaMA-Factory's checks, which reset accelerate's state.
+                round_trip(a.finch, trainer, work, a.hf_model, ["What is 7 plus 5?", "Name a colour."])
         elif target == "llamafactory":
             check_llamafactory(out, a.hf_model)
         else:
             check_axolotl(out, a.hf_model)
-    if a.train_steps > 0 and trainer is not None:
-        trainer.args.max_steps = a.train_steps
-        trainer.args.logging_steps = 1
-        trainer.args.save_strategy = "no"
-        trainer.args.eval_strategy = "no"
-        round_trip(a.finch, trainer, work, a.hf_model, ["What is 7 plus 5?", "Name a colour."])
     print(json.dumps({"summary": {"checks": len(RESULTS), "failed": RESULTS.count(False)}}))
     return 1 if False in RESULTS else 0
 

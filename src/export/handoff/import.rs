@@ -111,7 +111,13 @@ pub fn check_peft_config(path: &Path, v: &Value) -> Result<()> {
                 format!("`{s}` is a pattern; Finch needs the list of module names (e.g. [\"q_proj\", \"v_proj\"])"),
             ))
         }
-        _ => return Err(field_error(path, "target_modules", "missing: the adapted modules must be listed")),
+        _ => {
+            return Err(field_error(
+                path,
+                "target_modules",
+                "missing: the adapted modules must be listed",
+            ))
+        }
     }
     match v.get("r").and_then(Value::as_u64) {
         Some(r) if r > 0 => Ok(()),
@@ -185,7 +191,13 @@ fn run_name(dir: &Path) -> String {
         .unwrap_or_else(|| "imported".into());
     let name: String = raw
         .chars()
-        .map(|c| if c.is_alphanumeric() || "-_.".contains(c) { c } else { '-' })
+        .map(|c| {
+            if c.is_alphanumeric() || "-_.".contains(c) {
+                c
+            } else {
+                '-'
+            }
+        })
         .collect();
     format!("imported-{}", name.trim_matches('-'))
 }
@@ -223,7 +235,10 @@ pub fn import_adapter(request: &ImportRequest) -> Result<Imported> {
             ));
         }
     }
-    let named = raw.get("base_model_name_or_path").and_then(Value::as_str).map(str::to_string);
+    let named = raw
+        .get("base_model_name_or_path")
+        .and_then(Value::as_str)
+        .map(str::to_string);
     let spec = match (&request.model, &named) {
         (Some(m), _) => m.clone(),
         (None, Some(n)) if !n.is_empty() => n.clone(),
@@ -236,7 +251,11 @@ pub fn import_adapter(request: &ImportRequest) -> Result<Imported> {
         }
     };
     let files = crate::hub::open_model(&spec).map_err(|e| {
-        let which = if request.model.is_some() { "--model" } else { "base_model_name_or_path" };
+        let which = if request.model.is_some() {
+            "--model"
+        } else {
+            "base_model_name_or_path"
+        };
         field_error(
             &cfg_path,
             "base_model_name_or_path",

@@ -124,7 +124,13 @@ pub fn write(p: &mut PreparedRun) -> Result<Written> {
         ("lora_dropout", json!(cfg.lora.dropout)),
         (
             "lora_target",
-            json!(cfg.lora.targets.iter().map(|t| t.peft_name()).collect::<Vec<_>>().join(",")),
+            json!(cfg
+                .lora
+                .targets
+                .iter()
+                .map(|t| t.peft_name())
+                .collect::<Vec<_>>()
+                .join(",")),
         ),
         ("use_rslora", json!(cfg.lora.use_rslora)),
         ("# dataset", json!(null)),
@@ -147,7 +153,10 @@ pub fn write(p: &mut PreparedRun) -> Result<Written> {
         ("per_device_train_batch_size", json!(cfg.batch_size)),
         ("gradient_accumulation_steps", json!(cfg.grad_accum)),
         ("learning_rate", json!(cfg.lr)),
-        ("lr_scheduler_type", json!(scheduler_name(cfg.schedule, cfg.warmup_steps))),
+        (
+            "lr_scheduler_type",
+            json!(scheduler_name(cfg.schedule, cfg.warmup_steps)),
+        ),
         ("warmup_steps", json!(cfg.warmup_steps)),
         ("weight_decay", json!(cfg.weight_decay)),
         ("adam_beta1", json!(cfg.beta1)),
@@ -215,7 +224,10 @@ pub fn write(p: &mut PreparedRun) -> Result<Written> {
     );
     p.note("NEFTune, packing and LLaMA-Factory's other extras are off, as in Finch (which has none of them)");
     let mut files = vec![
-        ("dataset_info.json".to_string(), serde_json::to_string_pretty(&info).unwrap_or_default().into_bytes()),
+        (
+            "dataset_info.json".to_string(),
+            serde_json::to_string_pretty(&info).unwrap_or_default().into_bytes(),
+        ),
         ("train.json".to_string(), rows_json(&p.train)?),
         ("llamafactory.yaml".to_string(), yaml.into_bytes()),
         ("train_lf.py".to_string(), script.into_bytes()),

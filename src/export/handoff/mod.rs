@@ -381,7 +381,8 @@ pub fn prepare(run: &Path, base_model: Option<&str>) -> Result<PreparedRun> {
         ));
     }
     let source = cfg.data.clone();
-    let (train, train_tokens, skipped, truncated) = check_rows(&train_rows, &source, &template, &files.tokenizer, &p.turns, &cfg)?;
+    let (train, train_tokens, skipped, truncated) =
+        check_rows(&train_rows, &source, &template, &files.tokenizer, &p.turns, &cfg)?;
     let eval_source = cfg.eval_data.clone().unwrap_or(source);
     let (eval, _, _, _) = check_rows(&eval_rows, &eval_source, &template, &files.tokenizer, &p.turns, &cfg)?;
     p.train = train;
@@ -424,7 +425,12 @@ fn check_rows(
     let mut tokens = vec![];
     let (mut skipped, mut truncated) = (0, 0);
     for row in rows {
-        let at = |why: String| Error::Data(format!("{source}: line {}: {why}; this run cannot be handed off", row.line));
+        let at = |why: String| {
+            Error::Data(format!(
+                "{source}: line {}: {why}; this run cannot be handed off",
+                row.line
+            ))
+        };
         let (messages, tools) = match &row.example {
             Example::Text { .. } => {
                 return Err(at("raw-text rows (continued pre-training) are not handed off".into()));
@@ -445,10 +451,11 @@ fn check_rows(
             };
             return Err(at(format!("messages with {what} are not handed off yet")));
         }
-        let tokenized = encode_example(&row.example, template, tokenizer, cfg.loss_on, cfg.seq_len).map_err(|e| match e {
-            Error::Data(reason) => at(reason),
-            other => other,
-        })?;
+        let tokenized =
+            encode_example(&row.example, template, tokenizer, cfg.loss_on, cfg.seq_len).map_err(|e| match e {
+                Error::Data(reason) => at(reason),
+                other => other,
+            })?;
         if tokenized.trained_tokens() == 0 {
             skipped += 1;
             continue;
@@ -509,7 +516,9 @@ fn common_notes(p: &mut PreparedRun) {
     if cfg.lora.dropout > 0.0 {
         p.note("LoRA dropout is random: the dropped units differ from Finch's (same rate)");
     }
-    p.note("data order and the LoRA A initialisation come from the tool's own random streams (same seed, other numbers)");
+    p.note(
+        "data order and the LoRA A initialisation come from the tool's own random streams (same seed, other numbers)",
+    );
     p.note(format!(
         "evaluation: the held-out rows Finch used are exported as the eval set ({} rows); Finch's probe prompts ({}) \
          are not (they only watch the run)",
@@ -550,10 +559,7 @@ pub fn scheduler_name(s: Schedule, warmup: usize) -> &'static str {
 /// writes these few flat configs itself rather than pulling in a YAML crate for them.
 pub fn yaml_value(v: &serde_json::Value) -> String {
     match v {
-        serde_json::Value::Array(items) => format!(
-            "[{}]",
-            items.iter().map(yaml_value).collect::<Vec<_>>().join(", ")
-        ),
+        serde_json::Value::Array(items) => format!("[{}]", items.iter().map(yaml_value).collect::<Vec<_>>().join(", ")),
         other => other.to_string(),
     }
 }
@@ -623,7 +629,10 @@ pub fn export_run(request: &HandoffRequest) -> Result<Handoff> {
     {
         return Err(Error::config(
             "out",
-            format!("{} is not empty; write the hand-off into a new or empty folder", out.display()),
+            format!(
+                "{} is not empty; write the hand-off into a new or empty folder",
+                out.display()
+            ),
         ));
     }
     let mut p = prepare(&request.run, request.base_model.as_deref())?;
@@ -641,7 +650,10 @@ pub fn export_run(request: &HandoffRequest) -> Result<Handoff> {
         reference += &format!("{}\n", json!({"input_ids": t.input_ids, "loss_mask": mask}));
     }
     files.push(("finch_tokens.jsonl".into(), reference.into_bytes()));
-    files.push(("README.md".into(), readme(&p, request.target, &written.launch).into_bytes()));
+    files.push((
+        "README.md".into(),
+        readme(&p, request.target, &written.launch).into_bytes(),
+    ));
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, "cannot create hand-off folder", e))?;
     let mut names = vec![];
     for (name, bytes) in &files {

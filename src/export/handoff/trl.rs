@@ -143,7 +143,10 @@ pub fn write(p: &mut PreparedRun) -> Result<Written> {
             serde_json::to_string_pretty(&config).unwrap_or_default().into_bytes(),
         ),
         ("train_trl.py".to_string(), SCRIPT.as_bytes().to_vec()),
-        ("accelerate_zero2.yaml".to_string(), ACCELERATE_ZERO2.as_bytes().to_vec()),
+        (
+            "accelerate_zero2.yaml".to_string(),
+            ACCELERATE_ZERO2.as_bytes().to_vec(),
+        ),
         ("accelerate_fsdp.yaml".to_string(), ACCELERATE_FSDP.as_bytes().to_vec()),
     ];
     if !p.eval.is_empty() {
