@@ -410,6 +410,9 @@ pub fn prepare(run: &Path, base_model: Option<&str>) -> Result<PreparedRun> {
     Ok(p)
 }
 
+/// Conversations, Finch's tokenization of each, rows skipped, rows truncated.
+type CheckedRows = (Vec<Vec<Message>>, Vec<TokenizedExample>, usize, usize);
+
 /// The rows of `rows` Finch trained on (as conversations with the default system prompt written
 /// out), how many it skipped for having no trained token left, and how many it truncated. Each
 /// row's rendering through `turns` must equal Finch's, trained spans included.
@@ -420,7 +423,7 @@ fn check_rows(
     tokenizer: &tokenizers::Tokenizer,
     turns: &TurnText,
     cfg: &TrainConfig,
-) -> Result<(Vec<Vec<Message>>, Vec<TokenizedExample>, usize, usize)> {
+) -> Result<CheckedRows> {
     let mut out = vec![];
     let mut tokens = vec![];
     let (mut skipped, mut truncated) = (0, 0);
