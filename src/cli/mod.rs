@@ -9,6 +9,7 @@ pub mod compare;
 pub mod data;
 pub mod eval;
 pub mod export;
+pub mod handoff;
 pub mod hub;
 pub mod progress;
 pub mod train;
@@ -42,6 +43,10 @@ pub enum Command {
     Eval(Box<eval::EvalArgs>),
     /// Export an adapter: PEFT folder, merged Hugging Face folder, or GGUF + Ollama Modelfile.
     Export(Box<export::ExportArgs>),
+    /// Hand a run to LLaMA-Factory, axolotl or TRL: its data, template, mask and settings for N GPUs.
+    ExportRun(Box<handoff::ExportRunArgs>),
+    /// Turn a PEFT adapter folder (from LLaMA-Factory, axolotl, TRL, ...) into a Finch run.
+    ImportAdapter(Box<handoff::ImportAdapterArgs>),
 }
 
 /// Runs a parsed command line; returns the process exit code.
@@ -62,6 +67,8 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
             Command::Compare(args) => compare::run(*args),
             Command::Eval(args) => eval::run(*args),
             Command::Export(args) => export::run(*args),
+            Command::ExportRun(args) => handoff::run_export(*args),
+            Command::ImportAdapter(args) => handoff::run_import(*args),
         },
     }
 }

@@ -7,6 +7,7 @@
 //! `stop` parameter for each end marker and a TEMPLATE derived by rendering the model's own
 //! chat template (so it writes the same text for a conversation).
 
+pub mod handoff;
 pub mod run;
 
 pub use run::{run, ExportError, ExportEvent, ExportFormat, ExportRequest, Exported};

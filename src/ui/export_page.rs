@@ -9,6 +9,7 @@ use std::sync::atomic::Ordering;
 
 use eframe::egui;
 
+use crate::export::handoff::{Handoff, HandoffRequest, Target as HandoffTarget};
 pub use crate::export::ExportFormat;
 use crate::export::{ExportError, ExportEvent, ExportRequest, Exported};
 
@@ -40,6 +41,10 @@ pub struct ExportPage {
     pub result: Option<Exported>,
     /// The last export's end when it did not succeed ("Cancelled", or the error).
     pub status: String,
+    /// Hand-off to a multi-GPU trainer (`finch export-run`): the tool, the running job, the result.
+    pub handoff_target: HandoffTarget,
+    handoff_job: Option<Stream<Result<Handoff, String>>>,
+    pub handoff_result: Option<Handoff>,
 }
 
 impl Default for ExportPage {
@@ -55,6 +60,9 @@ impl Default for ExportPage {
             stage: None,
             result: None,
             status: String::new(),
+            handoff_target: HandoffTarget::Trl,
+            handoff_job: None,
+            handoff_result: None,
         }
     }
 }
@@ -195,6 +203,105 @@ impl ExportPage {
         ui.add_space(8.0);
         self.start_ui(ui, shared);
         self.progress_ui(ui);
+        ui.add_space(12.0);
+        self.handoff_ui(ui, shared);
+    }
+
+    /// Writes the selected run's data, template, mask and settings for LLaMA-Factory, axolotl
+    /// or TRL into `<run>/handoff-<tool>` (the engine `finch export-run` calls).
+    fn start_handoff(&mut self, ctx: &egui::Context, shared: &mut Shared) {
+        let run = PathBuf::from(self.adapter_text.trim());
+        if !run.join("config.toml").is_file() {
+            shared.report(
+                "Not a run folder",
+                format!("{} holds no config.toml.", run.display()),
+                "Pick a run above: a hand-off needs the run's data and settings, not only its adapter.",
+            );
+            return;
+        }
+        let request = HandoffRequest {
+            out: run.join(self.handoff_target.folder_name()),
+            run,
+            target: self.handoff_target,
+            base_model: None,
+        };
+        match Stream::spawn("finch-handoff", ctx, move |send, _cancel| {
+            send(crate::export::handoff::export_run(&request).map_err(|e| format!("{e:#}")));
+        }) {
+            Ok(stream) => {
+                self.handoff_job = Some(stream);
+                self.handoff_result = None;
+            }
+            Err(e) => shared.report("Cannot start the hand-off", e, "Restart Finch."),
+        }
+    }
+
+    /// The hand-off section: tool choice, Write button, and the command, warnings and
+    /// not-carried-over list of the last hand-off.
+    fn handoff_ui(&mut self, ui: &mut egui::Ui, shared: &mut Shared) {
+        if let Some(job) = &mut self.handoff_job {
+            let results = job.drain();
+            let finished = job.is_finished();
+            for r in results {
+                match r {
+                    Ok(h) => self.handoff_result = Some(h),
+                    Err(e) => shared.report(
+                        "Hand-off failed",
+                        e,
+                        "Check that the run folder's data file still exists and that the output folder is new or empty.",
+                    ),
+                }
+            }
+            if finished {
+                self.handoff_job = None;
+            }
+        }
+        let ctx = ui.ctx().clone();
+        ui.group(|ui| {
+            ui.label(egui::RichText::new("Hand off to a multi-GPU trainer").strong()).on_hover_text(
+                "Writes the selected run's data (same rows, template and loss mask), settings and launch command for \
+                 another trainer, into <run>/handoff-<tool>.",
+            );
+            ui.horizontal(|ui| {
+                for t in HandoffTarget::ALL {
+                    ui.radio_value(&mut self.handoff_target, t, t.title());
+                }
+                let running = self.handoff_job.is_some();
+                let ready = !self.adapter_text.trim().is_empty() && !running;
+                if ui
+                    .add_enabled(ready, egui::Button::new("Write hand-off"))
+                    .on_hover_text("Same as `finch export-run RUN --to <tool>`.")
+                    .clicked()
+                {
+                    self.start_handoff(&ctx, shared);
+                }
+                if running {
+                    ui.spinner();
+                }
+            });
+            if let Some(h) = &self.handoff_result {
+                ui.label(format!(
+                    "Wrote {} training and {} held-out rows for {} into {}",
+                    h.train_rows,
+                    h.eval_rows,
+                    h.target.title(),
+                    h.out.display()
+                ));
+                ui.horizontal(|ui| {
+                    ui.add(egui::Label::new(egui::RichText::new(&h.command).monospace()).selectable(true));
+                    if ui.button("Copy").clicked() {
+                        ui.ctx().copy_text(h.command.clone());
+                    }
+                });
+                for w in &h.warnings {
+                    ui.colored_label(egui::Color32::from_rgb(220, 120, 40), format!("⚠ {w}"));
+                }
+                ui.label(format!(
+                    "{} items not carried over are listed in README.md there.",
+                    h.not_carried.len()
+                ));
+            }
+        });
     }
 
     /// The base model, the run or adapter folder, the format and the output folder.
