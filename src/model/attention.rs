@@ -80,6 +80,18 @@ impl Segments {
         p - self.start(bi, p)
     }
 
+    /// The examples of row `bi` (and its padding) as `(start, len)`, in order.
+    fn spans(&self, bi: usize) -> Vec<(usize, usize)> {
+        let mut out: Vec<(usize, usize)> = vec![];
+        for p in 0..self.t {
+            match out.last_mut() {
+                Some((_, len)) if self.start(bi, p) != p => *len += 1,
+                _ => out.push((p, 1)),
+            }
+        }
+        out
+    }
+
     /// The longest example (one more than the largest rotary position).
     pub fn longest(&self) -> usize {
         (0..self.b)
@@ -309,6 +321,13 @@ fn causal_softmax_rows(p: &mut [f32], t: usize, scale: f32, window: Option<usize
 }
 
 impl FusedAttention {
+    /// The diagonal blocks of row `bi`'s scores that can be non-zero, as `(start, len)`: one
+    /// per packed example, or the whole `t×t` tile. Packed rows compute only these blocks, so
+    /// attention costs the sum of the squared example lengths instead of `t²`.
+    fn spans(&self, bi: usize) -> Vec<(usize, usize)> {
+        self.segments.as_ref().map_or_else(|| vec![(0, self.t)], |s| s.spans(bi))
+    }
+
     /// The rotary table rows of position `p` of batch row `bi`.
     fn tables(&self, bi: usize, p: usize) -> (&[f32], &[f32]) {
         let p = self.segments.as_ref().map_or(p, |s| s.position(bi, p));
@@ -411,12 +430,29 @@ impl CustomOp3 for FusedAttention {
                 let (bi, h) = (i / nh, i % nh);
                 let kv = bi * nkv + h / n_rep;
                 self.gather(q, nh, bi, h, qt, true);
-                let kt = Mat::row_major(&kr[kv * tile..][..tile], t, hd);
-                let vt = Mat::row_major(&vr[kv * tile..][..tile], t, hd);
-                gemm_into_on(pt, false, Mat::row_major(qt, t, hd), kt.t(), 1)?;
+                let spans = self.spans(bi);
+                let mut block = vec![];
+                for &(s, n) in &spans {
+                    let qb = Mat::row_major(&qt[s * hd..(s + n) * hd], n, hd);
+                    let kb = Mat::row_major(&kr[kv * tile + s * hd..][..n * hd], n, hd);
+                    if n == t {
+                        gemm_into_on(pt, false, qb, kb.t(), 1)?;
+                    } else {
+                        block.resize(n * n, 0.0);
+                        gemm_into_on(&mut block, false, qb, kb.t(), 1)?;
+                        for (i, row) in block.chunks_exact(n).enumerate() {
+                            pt[(s + i) * t + s..][..n].copy_from_slice(row);
+                        }
+                    }
+                }
                 let starts = self.segments.as_ref().map(|s| &s.starts[bi * t..(bi + 1) * t]);
                 causal_softmax_rows(pt, t, self.scale, self.heads.window, starts);
-                gemm_into_on(ot, false, Mat::row_major(pt, t, t), vt, 1)
+                for &(s, n) in &spans {
+                    let pb = Mat::strided(&pt[s * t + s..], n, n, t, 1);
+                    let vb = Mat::row_major(&vr[kv * tile + s * hd..][..n * hd], n, hd);
+                    gemm_into_on(&mut ot[s * hd..(s + n) * hd], false, pb, vb, 1)?;
+                }
+                Ok::<(), candle_core::Error>(())
             })?;
         let out = self.scatter(&o, nh);
         if let Ok(mut saved) = self.saved.lock() {
@@ -457,8 +493,7 @@ impl CustomOp3 for FusedAttention {
                 .enumerate()
                 .try_for_each(|(kv, (dqs, (dkt, dvt)))| {
                     let bi = kv / nkv;
-                    let kt = Mat::row_major(&saved.k[kv * tile..][..tile], t, hd);
-                    let vt = Mat::row_major(&saved.v[kv * tile..][..tile], t, hd);
+                    let spans = self.spans(bi);
                     let mut go = vec![0f32; tile];
                     let mut dp = vec![0f32; t * t];
                     for (r, dqt) in dqs.chunks_exact_mut(tile).enumerate() {
@@ -466,25 +501,34 @@ impl CustomOp3 for FusedAttention {
                         let qh = bi * nh + h;
                         self.gather(g, nh, bi, h, &mut go, false);
                         let pt = &saved.p[qh * t * t..][..t * t];
-                        let pm = Mat::row_major(pt, t, t);
-                        let gom = Mat::row_major(&go, t, hd);
-                        // dV += Pᵀ·dO; dP = dO·Vᵀ.
-                        gemm_into_on(dvt, r > 0, pm.t(), gom, 1)?;
-                        gemm_into_on(&mut dp, false, gom, vt.t(), 1)?;
-                        // dS = scale · P ⊙ (dP − rowsum(P ⊙ dP)), causal rows only.
-                        for i in 0..t {
-                            let (pr, dr) = (&pt[i * t..i * t + i + 1], &mut dp[i * t..(i + 1) * t]);
-                            let dot: f32 = pr.iter().zip(dr.iter()).map(|(a, b)| a * b).sum();
-                            for (d, &pv) in dr.iter_mut().zip(pr) {
-                                *d = self.scale * pv * (*d - dot);
+                        // One diagonal block at a time (the whole tile when not packed): every
+                        // row belongs to one block, so each block writes its own rows.
+                        for &(s, n) in &spans {
+                            let rows = s * hd..(s + n) * hd;
+                            let pm = Mat::strided(&pt[s * t + s..], n, n, t, 1);
+                            let gom = Mat::row_major(&go[rows.clone()], n, hd);
+                            let kt = Mat::row_major(&saved.k[kv * tile..][rows.clone()], n, hd);
+                            let vt = Mat::row_major(&saved.v[kv * tile..][rows.clone()], n, hd);
+                            let dp = &mut dp[..n * n];
+                            // dV += Pᵀ·dO; dP = dO·Vᵀ.
+                            gemm_into_on(&mut dvt[rows.clone()], r > 0, pm.t(), gom, 1)?;
+                            gemm_into_on(dp, false, gom, vt.t(), 1)?;
+                            // dS = scale · P ⊙ (dP − rowsum(P ⊙ dP)), causal rows only.
+                            for i in 0..n {
+                                let pr = &pt[(s + i) * t + s..][..i + 1];
+                                let dr = &mut dp[i * n..(i + 1) * n];
+                                let dot: f32 = pr.iter().zip(dr.iter()).map(|(a, b)| a * b).sum();
+                                for (d, &pv) in dr.iter_mut().zip(pr) {
+                                    *d = self.scale * pv * (*d - dot);
+                                }
+                                dr[i + 1..].fill(0.0);
                             }
-                            dr[i + 1..].fill(0.0);
+                            let dsm = Mat::row_major(dp, n, n);
+                            // dQ = dS·K; dK += dSᵀ·Q (both in rotated space).
+                            gemm_into_on(&mut dqt[rows.clone()], false, dsm, kt, 1)?;
+                            let qm = Mat::row_major(&saved.q[qh * tile..][rows.clone()], n, hd);
+                            gemm_into_on(&mut dkt[rows], r > 0, dsm.t(), qm, 1)?;
                         }
-                        let dsm = Mat::row_major(&dp, t, t);
-                        // dQ = dS·K; dK += dSᵀ·Q (both in rotated space).
-                        gemm_into_on(dqt, false, dsm, kt, 1)?;
-                        let qm = Mat::row_major(&saved.q[qh * tile..][..tile], t, hd);
-                        gemm_into_on(dkt, r > 0, dsm.t(), qm, 1)?;
                     }
                     Ok::<(), candle_core::Error>(())
                 })
