@@ -50,7 +50,9 @@ impl Segments {
         for (r, lengths) in rows.iter().enumerate() {
             let used: usize = lengths.iter().sum();
             if used > t {
-                return Err(format!("packed row {r} holds {used} tokens, more than its {t} positions"));
+                return Err(format!(
+                    "packed row {r} holds {used} tokens, more than its {t} positions"
+                ));
             }
             let mut at = 0usize;
             for &len in lengths.iter().chain(std::iter::once(&(t - used))) {
@@ -159,7 +161,11 @@ pub fn attention(
     }
     if let Some(seg) = segments {
         if seg.dims() != (b, t) {
-            candle_core::bail!("attention: segments of {:?} rows for a batch of {:?}", seg.dims(), (b, t))
+            candle_core::bail!(
+                "attention: segments of {:?} rows for a batch of {:?}",
+                seg.dims(),
+                (b, t)
+            )
         }
         if seg.longest() > cos.dim(0)? {
             candle_core::bail!("attention: rotary tables cover fewer than {} positions", seg.longest())
@@ -325,7 +331,9 @@ impl FusedAttention {
     /// per packed example, or the whole `t×t` tile. Packed rows compute only these blocks, so
     /// attention costs the sum of the squared example lengths instead of `t²`.
     fn spans(&self, bi: usize) -> Vec<(usize, usize)> {
-        self.segments.as_ref().map_or_else(|| vec![(0, self.t)], |s| s.spans(bi))
+        self.segments
+            .as_ref()
+            .map_or_else(|| vec![(0, self.t)], |s| s.spans(bi))
     }
 
     /// The rotary table rows of position `p` of batch row `bi`.
@@ -675,7 +683,10 @@ mod packed_tests {
             let reference = g_alone.get(var.as_tensor()).unwrap();
             for (path, g) in [("fused", &g_packed), ("composite", &g_composite)] {
                 let d = crate::testing::max_abs_diff(g.get(var.as_tensor()).unwrap(), reference);
-                assert!(d < 1e-5, "{path} ({window:?}, {rot_half}): gradient of {name} differs by {d}");
+                assert!(
+                    d < 1e-5,
+                    "{path} ({window:?}, {rot_half}): gradient of {name} differs by {d}"
+                );
             }
         }
     }

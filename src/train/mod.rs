@@ -26,13 +26,13 @@ use std::time::Instant;
 use candle_core::{Tensor, Var};
 use serde::Serialize;
 
+use crate::data::pack::{pack, PackedSequence};
 use crate::data::TokenizedExample;
 use crate::error::{Error, Result};
 use crate::generate::ChatFormat;
 use crate::lora::{ForwardCtx, PeftConfig};
 use crate::model::Transformer;
 use crate::rng::Rng;
-use crate::data::pack::{pack, PackedSequence};
 use batch::{make_batch, make_packed_batch, next_indices, Batch, DataCursor};
 use checkpoint::TrainerState;
 pub use config::{Duration, Method, Precision, Schedule, TrainConfig, MAX_PROBE_PROMPTS};
