@@ -59,10 +59,6 @@ fn open_model_train_ten_steps_and_see_the_curve_and_the_history() {
     harness.get_by_label("Probe prompt 1").type_text(probe);
     harness.step();
     assert_eq!(harness.state().settings().train.probe_prompts, [probe]);
-    // The packing checkbox beside the sequence length: this run trains on packed rows.
-    harness.get_by_label("pack short examples").click();
-    harness.step();
-    assert!(harness.state().settings().train.pack);
     harness.get_by_label("Start training").click();
     harness.step();
     assert!(harness.state().is_training(), "errors: {:?}", harness.state().errors());
