@@ -119,6 +119,10 @@ pub struct TrainArgs {
     /// recompute the block in the backward pass (much less memory, ~1/3 more compute).
     #[arg(long)]
     pub checkpoint_activations: bool,
+    /// Pack several short examples into each --seq-len row (sft), each attending only to itself
+    /// with positions restarting at 0: no compute on padding, the same loss.
+    #[arg(long)]
+    pub pack: bool,
     /// Start even when the estimated peak memory exceeds the memory the machine has free.
     #[arg(long)]
     pub ignore_memory_check: bool,
@@ -243,6 +247,9 @@ impl TrainArgs {
         }
         if self.checkpoint_activations {
             c.checkpoint_activations = true;
+        }
+        if self.pack {
+            c.pack = true;
         }
         c.ignore_memory_check = self.ignore_memory_check;
         if !self.probes.is_empty() {

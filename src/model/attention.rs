@@ -8,6 +8,11 @@
 //! small contiguous tiles, keeps the rotated q/k and the probabilities for the backward pass,
 //! and writes the output in the layout the o projection reads. Grouped heads share their key
 //! and value tiles instead of copying them. Other devices and dtypes use the composite ops.
+//!
+//! Packed rows ([`Segments`]: several training examples in one row) keep attention inside each
+//! example: query `i` sees keys from the start of its own example to `i`, and rotary positions
+//! restart at every example. Both paths implement it; rows without segments take the plain
+//! causal path unchanged.
 
 use std::sync::Mutex;
 
@@ -27,6 +32,78 @@ pub struct Heads {
     pub window: Option<usize>,
 }
 
+/// Where the examples of packed batch rows begin: for every (row, position) of a `[b, t]` batch,
+/// the first position of the example that token belongs to. Examples are contiguous, so a
+/// token's rotary position is its distance from that start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Segments {
+    b: usize,
+    t: usize,
+    starts: Vec<u32>,
+}
+
+impl Segments {
+    /// Segments of `[b, t]` rows from each row's example lengths, in order; positions after a
+    /// row's last example (padding) form one more segment, which no real token attends to.
+    pub fn from_lengths(t: usize, rows: &[Vec<usize>]) -> std::result::Result<Self, String> {
+        let mut starts = Vec::with_capacity(rows.len() * t);
+        for (r, lengths) in rows.iter().enumerate() {
+            let used: usize = lengths.iter().sum();
+            if used > t {
+                return Err(format!(
+                    "packed row {r} holds {used} tokens, more than its {t} positions"
+                ));
+            }
+            let mut at = 0usize;
+            for &len in lengths.iter().chain(std::iter::once(&(t - used))) {
+                starts.extend(std::iter::repeat_n(at as u32, len));
+                at += len;
+            }
+        }
+        Ok(Segments {
+            b: rows.len(),
+            t,
+            starts,
+        })
+    }
+
+    /// The batch shape `(b, t)` these segments describe.
+    pub fn dims(&self) -> (usize, usize) {
+        (self.b, self.t)
+    }
+
+    /// The first position of the example that position `p` of row `bi` belongs to.
+    fn start(&self, bi: usize, p: usize) -> usize {
+        self.starts[bi * self.t + p] as usize
+    }
+
+    /// Rotary position of position `p` of row `bi`: its place in its own example.
+    pub fn position(&self, bi: usize, p: usize) -> usize {
+        p - self.start(bi, p)
+    }
+
+    /// The examples of row `bi` (and its padding) as `(start, len)`, in order.
+    fn spans(&self, bi: usize) -> Vec<(usize, usize)> {
+        let mut out: Vec<(usize, usize)> = vec![];
+        for p in 0..self.t {
+            match out.last_mut() {
+                Some((_, len)) if self.start(bi, p) != p => *len += 1,
+                _ => out.push((p, 1)),
+            }
+        }
+        out
+    }
+
+    /// The longest example (one more than the largest rotary position).
+    pub fn longest(&self) -> usize {
+        (0..self.b)
+            .flat_map(|bi| (0..self.t).map(move |p| (bi, p)))
+            .map(|(bi, p)| self.position(bi, p) + 1)
+            .max()
+            .unwrap_or(0)
+    }
+}
+
 /// `softmax(scale · rope(q)·rope(k)ᵀ + causal mask) · v`, per head, with query head `h`
 /// reading key/value head `h / (q_heads / kv_heads)`, and with `heads.window` set, query `i`
 /// seeing only keys `i + 1 - window..=i`.
@@ -42,6 +119,22 @@ pub fn causal_attention(
     sin: &Tensor,
     heads: Heads,
     scale: f64,
+) -> candle_core::Result<Tensor> {
+    attention(q, k, v, cos, sin, heads, scale, None)
+}
+
+/// [`causal_attention`], and with `segments` over packed rows: query `i` of row `r` sees only
+/// keys of its own example (and of the window), rotated by their positions within it.
+#[allow(clippy::too_many_arguments)]
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    heads: Heads,
+    scale: f64,
+    segments: Option<&Segments>,
 ) -> candle_core::Result<Tensor> {
     let Heads {
         q_heads: nh,
@@ -66,8 +159,21 @@ pub fn causal_attention(
             2 * rot_half
         )
     }
+    if let Some(seg) = segments {
+        if seg.dims() != (b, t) {
+            candle_core::bail!(
+                "attention: segments of {:?} rows for a batch of {:?}",
+                seg.dims(),
+                (b, t)
+            )
+        }
+        if seg.longest() > cos.dim(0)? {
+            candle_core::bail!("attention: rotary tables cover fewer than {} positions", seg.longest())
+        }
+    }
     if [q, k, v, cos, sin].iter().all(|x| cpu_f32(x)) {
         let op = FusedAttention {
+            segments: segments.cloned(),
             b,
             t,
             heads,
@@ -82,10 +188,55 @@ pub fn causal_attention(
         }
         return q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op);
     }
-    composite(q, k, v, cos, sin, heads, scale)
+    match segments {
+        None => composite(q, k, v, cos, sin, heads, scale, None),
+        Some(seg) => composite_packed(q, k, v, cos, sin, heads, scale, seg),
+    }
 }
 
-/// The same attention from candle ops: runs on every device and dtype.
+/// The composite path over packed rows, one row at a time: the row's rotary table rows are
+/// gathered by position, and an additive mask keeps each query inside its example.
+#[allow(clippy::too_many_arguments)]
+fn composite_packed(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    heads: Heads,
+    scale: f64,
+    seg: &Segments,
+) -> candle_core::Result<Tensor> {
+    let (b, t) = seg.dims();
+    let w = heads.window.unwrap_or(t).max(1);
+    let dev = q.device();
+    let mut rows = Vec::with_capacity(b);
+    for bi in 0..b {
+        let pos: Vec<u32> = (0..t).map(|p| seg.position(bi, p) as u32).collect();
+        let pos = Tensor::from_vec(pos, t, dev)?;
+        let (c, s) = (cos.index_select(&pos, 0)?, sin.index_select(&pos, 0)?);
+        let mask: Vec<f32> = (0..t)
+            .flat_map(|i| {
+                let lo = seg.start(bi, i);
+                (0..t).map(move |j| {
+                    if j <= i && j >= lo && i - j < w {
+                        0.0
+                    } else {
+                        f32::NEG_INFINITY
+                    }
+                })
+            })
+            .collect();
+        let mask = Tensor::from_vec(mask, (t, t), dev)?;
+        let (qr, kr, vr) = (q.narrow(0, bi, 1)?, k.narrow(0, bi, 1)?, v.narrow(0, bi, 1)?);
+        rows.push(composite(&qr, &kr, &vr, &c, &s, heads, scale, Some(&mask))?);
+    }
+    Tensor::cat(&rows, 0)
+}
+
+/// The same attention from candle ops: runs on every device and dtype. `mask`: an additive
+/// f32 `[t, t]` mask used instead of the causal (and window) one.
+#[allow(clippy::too_many_arguments)]
 fn composite(
     q: &Tensor,
     k: &Tensor,
@@ -94,6 +245,7 @@ fn composite(
     sin: &Tensor,
     heads: Heads,
     scale: f64,
+    mask: Option<&Tensor>,
 ) -> candle_core::Result<Tensor> {
     let (nh, nkv, hd) = (heads.q_heads, heads.kv_heads, heads.head_dim);
     let (b, t, _) = q.dims3()?;
@@ -103,7 +255,17 @@ fn composite(
     let q = ops::rope(&q, cos, sin)?;
     let k = repeat_kv(ops::rope(&k, cos, sin)?, nh / nkv)?.contiguous()?;
     let v = repeat_kv(v, nh / nkv)?.contiguous()?;
-    let att = ops::causal_softmax(&q.matmul(&k.t()?)?, scale, heads.window)?;
+    let scores = q.matmul(&k.t()?)?;
+    let att = match mask {
+        None => ops::causal_softmax(&scores, scale, heads.window)?,
+        Some(mask) => {
+            // In f32, as `causal_softmax` does for half-precision scores.
+            let dt = scores.dtype();
+            let ct = crate::kernels::compute_dtype(dt);
+            let scores = (scores.to_dtype(ct)? * scale)?.broadcast_add(&mask.to_dtype(ct)?)?;
+            candle_nn::ops::softmax(&scores, candle_core::D::Minus1)?.to_dtype(dt)?
+        }
+    };
     att.matmul(&v)?.transpose(1, 2)?.reshape((b, t, nh * hd))
 }
 
@@ -131,6 +293,8 @@ struct Saved {
 }
 
 struct FusedAttention {
+    /// Packed rows: where each token's example starts (`None`: one sequence per row).
+    segments: Option<Segments>,
     b: usize,
     t: usize,
     heads: Heads,
@@ -143,10 +307,12 @@ struct FusedAttention {
 }
 
 /// In-place causal softmax of the `t×t` scores of one head: row `i` keeps columns `0..=i`, or
-/// only the last `window` of them. Masked columns become 0, which the backward relies on.
-fn causal_softmax_rows(p: &mut [f32], t: usize, scale: f32, window: Option<usize>) {
+/// only the last `window` of them, and with `starts` (packed rows) none before `starts[i]`.
+/// Masked columns become 0, which the backward relies on.
+fn causal_softmax_rows(p: &mut [f32], t: usize, scale: f32, window: Option<usize>, starts: Option<&[u32]>) {
     for (i, row) in p.chunks_exact_mut(t).enumerate() {
         let lo = (i + 1).saturating_sub(window.unwrap_or(t).max(1));
+        let lo = starts.map_or(lo, |s| lo.max(s[i] as usize));
         let (before, row) = row.split_at_mut(lo);
         before.fill(0.0);
         let (seen, masked) = row.split_at_mut(i + 1 - lo);
@@ -161,7 +327,18 @@ fn causal_softmax_rows(p: &mut [f32], t: usize, scale: f32, window: Option<usize
 }
 
 impl FusedAttention {
-    fn tables(&self, p: usize) -> (&[f32], &[f32]) {
+    /// The diagonal blocks of row `bi`'s scores that can be non-zero, as `(start, len)`: one
+    /// per packed example, or the whole `t×t` tile. Packed rows compute only these blocks, so
+    /// attention costs the sum of the squared example lengths instead of `t²`.
+    fn spans(&self, bi: usize) -> Vec<(usize, usize)> {
+        self.segments
+            .as_ref()
+            .map_or_else(|| vec![(0, self.t)], |s| s.spans(bi))
+    }
+
+    /// The rotary table rows of position `p` of batch row `bi`.
+    fn tables(&self, bi: usize, p: usize) -> (&[f32], &[f32]) {
+        let p = self.segments.as_ref().map_or(p, |s| s.position(bi, p));
         let half = self.rot_half;
         (&self.cos[p * half..(p + 1) * half], &self.sin[p * half..(p + 1) * half])
     }
@@ -174,7 +351,7 @@ impl FusedAttention {
             let src = &x[(bi * t + p) * heads * hd + h * hd..][..hd];
             let row = &mut dst[p * hd..(p + 1) * hd];
             if rotate {
-                let (c, s) = self.tables(p);
+                let (c, s) = self.tables(bi, p);
                 rope_row(src, row, c, s, 1.0);
             } else {
                 row.copy_from_slice(src);
@@ -197,13 +374,14 @@ impl FusedAttention {
         out
     }
 
-    /// Rotates every row of head-major tiles back by its position's angle, in place.
-    fn unrotate(&self, tiles: &mut [f32]) {
+    /// Rotates every row of head-major tiles `[b, heads, t, hd]` back by its position's angle,
+    /// in place.
+    fn unrotate(&self, tiles: &mut [f32], heads: usize) {
         let (t, hd) = (self.t, self.heads.head_dim);
-        tiles.par_chunks_mut(t * hd).for_each(|tile| {
+        tiles.par_chunks_mut(t * hd).enumerate().for_each(|(i, tile)| {
             let mut row = vec![0f32; hd];
             for p in 0..t {
-                let (c, s) = self.tables(p);
+                let (c, s) = self.tables(i / heads, p);
                 let r = &mut tile[p * hd..(p + 1) * hd];
                 rope_row(r, &mut row, c, s, -1.0);
                 r.copy_from_slice(&row);
@@ -260,11 +438,29 @@ impl CustomOp3 for FusedAttention {
                 let (bi, h) = (i / nh, i % nh);
                 let kv = bi * nkv + h / n_rep;
                 self.gather(q, nh, bi, h, qt, true);
-                let kt = Mat::row_major(&kr[kv * tile..][..tile], t, hd);
-                let vt = Mat::row_major(&vr[kv * tile..][..tile], t, hd);
-                gemm_into_on(pt, false, Mat::row_major(qt, t, hd), kt.t(), 1)?;
-                causal_softmax_rows(pt, t, self.scale, self.heads.window);
-                gemm_into_on(ot, false, Mat::row_major(pt, t, t), vt, 1)
+                let spans = self.spans(bi);
+                let mut block = vec![];
+                for &(s, n) in &spans {
+                    let qb = Mat::row_major(&qt[s * hd..(s + n) * hd], n, hd);
+                    let kb = Mat::row_major(&kr[kv * tile + s * hd..][..n * hd], n, hd);
+                    if n == t {
+                        gemm_into_on(pt, false, qb, kb.t(), 1)?;
+                    } else {
+                        block.resize(n * n, 0.0);
+                        gemm_into_on(&mut block, false, qb, kb.t(), 1)?;
+                        for (i, row) in block.chunks_exact(n).enumerate() {
+                            pt[(s + i) * t + s..][..n].copy_from_slice(row);
+                        }
+                    }
+                }
+                let starts = self.segments.as_ref().map(|s| &s.starts[bi * t..(bi + 1) * t]);
+                causal_softmax_rows(pt, t, self.scale, self.heads.window, starts);
+                for &(s, n) in &spans {
+                    let pb = Mat::strided(&pt[s * t + s..], n, n, t, 1);
+                    let vb = Mat::row_major(&vr[kv * tile + s * hd..][..n * hd], n, hd);
+                    gemm_into_on(&mut ot[s * hd..(s + n) * hd], false, pb, vb, 1)?;
+                }
+                Ok::<(), candle_core::Error>(())
             })?;
         let out = self.scatter(&o, nh);
         if let Ok(mut saved) = self.saved.lock() {
@@ -305,8 +501,7 @@ impl CustomOp3 for FusedAttention {
                 .enumerate()
                 .try_for_each(|(kv, (dqs, (dkt, dvt)))| {
                     let bi = kv / nkv;
-                    let kt = Mat::row_major(&saved.k[kv * tile..][..tile], t, hd);
-                    let vt = Mat::row_major(&saved.v[kv * tile..][..tile], t, hd);
+                    let spans = self.spans(bi);
                     let mut go = vec![0f32; tile];
                     let mut dp = vec![0f32; t * t];
                     for (r, dqt) in dqs.chunks_exact_mut(tile).enumerate() {
@@ -314,31 +509,40 @@ impl CustomOp3 for FusedAttention {
                         let qh = bi * nh + h;
                         self.gather(g, nh, bi, h, &mut go, false);
                         let pt = &saved.p[qh * t * t..][..t * t];
-                        let pm = Mat::row_major(pt, t, t);
-                        let gom = Mat::row_major(&go, t, hd);
-                        // dV += Pᵀ·dO; dP = dO·Vᵀ.
-                        gemm_into_on(dvt, r > 0, pm.t(), gom, 1)?;
-                        gemm_into_on(&mut dp, false, gom, vt.t(), 1)?;
-                        // dS = scale · P ⊙ (dP − rowsum(P ⊙ dP)), causal rows only.
-                        for i in 0..t {
-                            let (pr, dr) = (&pt[i * t..i * t + i + 1], &mut dp[i * t..(i + 1) * t]);
-                            let dot: f32 = pr.iter().zip(dr.iter()).map(|(a, b)| a * b).sum();
-                            for (d, &pv) in dr.iter_mut().zip(pr) {
-                                *d = self.scale * pv * (*d - dot);
+                        // One diagonal block at a time (the whole tile when not packed): every
+                        // row belongs to one block, so each block writes its own rows.
+                        for &(s, n) in &spans {
+                            let rows = s * hd..(s + n) * hd;
+                            let pm = Mat::strided(&pt[s * t + s..], n, n, t, 1);
+                            let gom = Mat::row_major(&go[rows.clone()], n, hd);
+                            let kt = Mat::row_major(&saved.k[kv * tile..][rows.clone()], n, hd);
+                            let vt = Mat::row_major(&saved.v[kv * tile..][rows.clone()], n, hd);
+                            let dp = &mut dp[..n * n];
+                            // dV += Pᵀ·dO; dP = dO·Vᵀ.
+                            gemm_into_on(&mut dvt[rows.clone()], r > 0, pm.t(), gom, 1)?;
+                            gemm_into_on(dp, false, gom, vt.t(), 1)?;
+                            // dS = scale · P ⊙ (dP − rowsum(P ⊙ dP)), causal rows only.
+                            for i in 0..n {
+                                let pr = &pt[(s + i) * t + s..][..i + 1];
+                                let dr = &mut dp[i * n..(i + 1) * n];
+                                let dot: f32 = pr.iter().zip(dr.iter()).map(|(a, b)| a * b).sum();
+                                for (d, &pv) in dr.iter_mut().zip(pr) {
+                                    *d = self.scale * pv * (*d - dot);
+                                }
+                                dr[i + 1..].fill(0.0);
                             }
-                            dr[i + 1..].fill(0.0);
+                            let dsm = Mat::row_major(dp, n, n);
+                            // dQ = dS·K; dK += dSᵀ·Q (both in rotated space).
+                            gemm_into_on(&mut dqt[rows.clone()], false, dsm, kt, 1)?;
+                            let qm = Mat::row_major(&saved.q[qh * tile..][rows.clone()], n, hd);
+                            gemm_into_on(&mut dkt[rows], r > 0, dsm.t(), qm, 1)?;
                         }
-                        let dsm = Mat::row_major(&dp, t, t);
-                        // dQ = dS·K; dK += dSᵀ·Q (both in rotated space).
-                        gemm_into_on(dqt, false, dsm, kt, 1)?;
-                        let qm = Mat::row_major(&saved.q[qh * tile..][..tile], t, hd);
-                        gemm_into_on(dkt, r > 0, dsm.t(), qm, 1)?;
                     }
                     Ok::<(), candle_core::Error>(())
                 })
         })?;
-        self.unrotate(&mut dq);
-        self.unrotate(&mut dk);
+        self.unrotate(&mut dq, nh);
+        self.unrotate(&mut dk, nkv);
         let dq = Tensor::from_vec(self.scatter(&dq, nh), q.shape(), q.device())?;
         let dk = Tensor::from_vec(self.scatter(&dk, nkv), k.shape(), k.device())?;
         let dv = Tensor::from_vec(self.scatter(&dv, nkv), v.shape(), v.device())?;
@@ -351,7 +555,7 @@ mod tests {
     use super::*;
     use candle_core::{Device, Var};
 
-    fn tables(t: usize, half: usize) -> (Tensor, Tensor) {
+    pub(super) fn tables(t: usize, half: usize) -> (Tensor, Tensor) {
         let (mut c, mut s) = (vec![], vec![]);
         for p in 0..t {
             for i in 0..half {
@@ -393,7 +597,7 @@ mod tests {
         let scale = 1.0 / (hd as f64).sqrt();
         let fused = causal_attention(&q, &k, &v, &cos, &sin, heads, scale).unwrap();
 
-        let reference = composite(&q, &k, &v, &cos, &sin, heads, scale).unwrap();
+        let reference = composite(&q, &k, &v, &cos, &sin, heads, scale, None).unwrap();
         let d = crate::testing::max_abs_diff(&fused, &reference);
         assert!(d < 1e-5, "forward differs by {d}");
 
@@ -403,6 +607,87 @@ mod tests {
         for (name, var) in [("q", &q), ("k", &k), ("v", &v)] {
             let d = crate::testing::max_abs_diff(g.get(var.as_tensor()).unwrap(), g_ref.get(var.as_tensor()).unwrap());
             assert!(d < 1e-5, "gradient of {name} differs by {d}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod packed_tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    /// Packed rows: the fused op (and the composite path) on a row holding several examples
+    /// gives each example's output and q/k/v gradients exactly as running that example alone,
+    /// with grouped heads, sliding windows and partial rotary.
+    #[test]
+    fn packed_rows_equal_each_example_run_alone() {
+        for (window, rot_half) in [(None, 4), (Some(3), 4), (None, 3), (Some(2), 2)] {
+            packed_rows_equal_each_example_run_alone_with(window, rot_half);
+        }
+    }
+
+    fn packed_rows_equal_each_example_run_alone_with(window: Option<usize>, rot_half: usize) {
+        let dev = Device::Cpu;
+        let (t, nh, nkv, hd) = (12, 6, 2, 8);
+        // Row 1 ends in 3 padding positions.
+        let rows = vec![vec![5, 4, 3], vec![7, 2]];
+        let b = rows.len();
+        let seg = Segments::from_lengths(t, &rows).unwrap();
+        assert_eq!(seg.longest(), 7);
+        assert_eq!((seg.position(0, 9), seg.position(1, 8), seg.position(1, 11)), (0, 1, 2));
+        let heads = Heads {
+            q_heads: nh,
+            kv_heads: nkv,
+            head_dim: hd,
+            window,
+        };
+        let q = Var::randn(0f32, 1.0, (b, t, nh * hd), &dev).unwrap();
+        let k = Var::randn(0f32, 1.0, (b, t, nkv * hd), &dev).unwrap();
+        let v = Var::randn(0f32, 1.0, (b, t, nkv * hd), &dev).unwrap();
+        let (cos, sin) = super::tests::tables(t, rot_half);
+        let scale = 1.0 / (hd as f64).sqrt();
+        // Weights of the outputs, zero at the padding positions (not part of any example).
+        let mut w = Tensor::randn(0f32, 1.0, (b, t, nh * hd), &dev).unwrap();
+        let keep: Vec<f32> = rows
+            .iter()
+            .flat_map(|r| {
+                let used: usize = r.iter().sum();
+                (0..t).map(move |p| if p < used { 1.0 } else { 0.0 })
+            })
+            .collect();
+        let keep = Tensor::from_vec(keep, (b, t, 1), &dev).unwrap();
+        w = w.broadcast_mul(&keep).unwrap();
+
+        let packed = attention(&q, &k, &v, &cos, &sin, heads, scale, Some(&seg)).unwrap();
+        let composite = composite_packed(&q, &k, &v, &cos, &sin, heads, scale, &seg).unwrap();
+        let g_packed = (&packed * &w).unwrap().sum_all().unwrap().backward().unwrap();
+        let g_composite = (&composite * &w).unwrap().sum_all().unwrap().backward().unwrap();
+
+        let mut alone_loss = Tensor::zeros((), candle_core::DType::F32, &dev).unwrap();
+        for (bi, lengths) in rows.iter().enumerate() {
+            let mut at = 0;
+            for &len in lengths {
+                let part = |x: &Tensor| x.narrow(0, bi, 1).unwrap().narrow(1, at, len).unwrap();
+                let (c, s) = (cos.narrow(0, 0, len).unwrap(), sin.narrow(0, 0, len).unwrap());
+                let alone = causal_attention(&part(&q), &part(&k), &part(&v), &c, &s, heads, scale).unwrap();
+                for (name, y) in [("fused", &packed), ("composite", &composite)] {
+                    let d = crate::testing::max_abs_diff(&part(y), &alone);
+                    assert!(d < 1e-5, "{name}: row {bi} example at {at}: output differs by {d}");
+                }
+                alone_loss = (alone_loss + (alone * part(&w)).unwrap().sum_all().unwrap()).unwrap();
+                at += len;
+            }
+        }
+        let g_alone = alone_loss.backward().unwrap();
+        for (name, var) in [("q", &q), ("k", &k), ("v", &v)] {
+            let reference = g_alone.get(var.as_tensor()).unwrap();
+            for (path, g) in [("fused", &g_packed), ("composite", &g_composite)] {
+                let d = crate::testing::max_abs_diff(g.get(var.as_tensor()).unwrap(), reference);
+                assert!(
+                    d < 1e-5,
+                    "{path} ({window:?}, {rot_half}): gradient of {name} differs by {d}"
+                );
+            }
         }
     }
 }

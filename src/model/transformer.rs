@@ -9,7 +9,7 @@ use crate::error::{Error, Result};
 use crate::kernels::ops;
 use crate::kernels::quant::{QMatrix, QType};
 use crate::lora::{ForwardCtx, FrozenWeight, LoraConfig, LoraLinear, LoraWeights, Target};
-use crate::model::attention::{causal_attention, Heads};
+use crate::model::attention::{attention, Heads, Segments};
 use crate::model::config::{Activation, LayerType, ModelConfig};
 use crate::model::weights::WeightSource;
 use crate::rng::Rng;
@@ -195,8 +195,10 @@ impl Block {
 }
 
 /// cos/sin tables `[t, head_dim/2]` of the full-attention layers and, for Gemma 3, the
-/// sliding-window ones.
+/// sliding-window ones; for packed rows, where each example starts (rotary positions restart
+/// there and attention stays inside each example).
 pub struct RopeTables {
+    segments: Option<Segments>,
     global: (Tensor, Tensor),
     local: Option<(Tensor, Tensor)>,
     /// cos = 1, sin = 0: the rotation by nothing of SmolLM3's NoPE layers (exact in floats).
@@ -734,7 +736,18 @@ impl Transformer {
     /// Final-normed hidden states `[b, t, hidden]` for token ids `[b, t]` at positions 0..t.
     /// Right padding is safe: with a causal mask, real tokens never attend to later pads.
     pub fn hidden_states(&self, input_ids: &Tensor, ctx: &mut ForwardCtx) -> Result<Tensor> {
-        let (mut x, tables) = self.embed_for_training(input_ids)?;
+        self.hidden_states_packed(input_ids, None, ctx)
+    }
+
+    /// [`Transformer::hidden_states`] of packed rows: with `segments`, each row holds several
+    /// examples, every one attending only to itself at positions restarting from 0.
+    pub fn hidden_states_packed(
+        &self,
+        input_ids: &Tensor,
+        segments: Option<&Segments>,
+        ctx: &mut ForwardCtx,
+    ) -> Result<Tensor> {
+        let (mut x, tables) = self.embed_for_training(input_ids, segments)?;
         for l in 0..self.layers.len() {
             x = self.block_forward(l, &x, &tables, ctx)?;
         }
@@ -750,8 +763,9 @@ impl Transformer {
     /// embedding is frozen) and the rotary tables of positions `0..t` that
     /// [`Transformer::block_forward`] needs. With [`Transformer::block_forward`] and
     /// [`Transformer::final_norm`], the pieces of [`Transformer::hidden_states`], for a loop that
-    /// runs (and reruns) the blocks one at a time: activation checkpointing.
-    pub fn embed_for_training(&self, input_ids: &Tensor) -> Result<(Tensor, RopeTables)> {
+    /// runs (and reruns) the blocks one at a time: activation checkpointing. With `segments`
+    /// (packed rows) the tables carry them to every block.
+    pub fn embed_for_training(&self, input_ids: &Tensor, segments: Option<&Segments>) -> Result<(Tensor, RopeTables)> {
         let (b, t) = input_ids.dims2()?;
         if t > self.cfg.max_position_embeddings {
             return Err(Error::config(
@@ -762,7 +776,21 @@ impl Transformer {
                 ),
             ));
         }
-        let tables = self.rope_tables_from(0, t)?;
+        let mut tables = match segments {
+            None => self.rope_tables_from(0, t)?,
+            Some(seg) => {
+                if seg.dims() != (b, t) {
+                    return Err(Error::Data(format!(
+                        "packed segments describe {:?} rows, the batch is {:?}",
+                        seg.dims(),
+                        (b, t)
+                    )));
+                }
+                // LongRoPE picks its factors by the longest position, as for each example alone.
+                self.rope_tables(0, t, seg.longest())?
+            }
+        };
+        tables.segments = segments.cloned();
         let x = self
             .embed_tokens(&input_ids.flatten_all()?)?
             .reshape((b, t, self.cfg.hidden_size))?;
@@ -786,7 +814,16 @@ impl Transformer {
         let hs = block.input_norm.forward(x, cfg.rms_norm_eps)?;
         let (q, k, v) = block.attn.qkv.forward(&hs, ctx)?;
         let (q, k) = block.attn.norm_qk(q, k, cfg.head_dim, cfg.rms_norm_eps)?;
-        let y = causal_attention(&q, &k, &v, cos, sin, heads, cfg.attention_scale())?;
+        let y = attention(
+            &q,
+            &k,
+            &v,
+            cos,
+            sin,
+            heads,
+            cfg.attention_scale(),
+            tables.segments.as_ref(),
+        )?;
         let y = block.attn.o.forward(&y, ctx)?;
         let x = block.add_attention(x.clone(), y, cfg.rms_norm_eps)?;
         block.mlp_residual(x, cfg, ctx)
@@ -812,7 +849,13 @@ impl Transformer {
     /// Rotary tables for positions `start..start + t`, rows as `ops::rope` expects them, for
     /// each rotary setting the model has.
     fn rope_tables_from(&self, start: usize, t: usize) -> candle_core::Result<RopeTables> {
-        let global = self.rope_table(self.rope.global_for(start + t), start, t)?;
+        self.rope_tables(start, t, start + t)
+    }
+
+    /// [`Transformer::rope_tables_from`] with the full-attention frequencies of a forward whose
+    /// positions end at `end` (LongRoPE's choice of factors).
+    fn rope_tables(&self, start: usize, t: usize, end: usize) -> candle_core::Result<RopeTables> {
+        let global = self.rope_table(self.rope.global_for(end), start, t)?;
         let local = match &self.rope.local {
             Some(f) => Some(self.rope_table(f, start, t)?),
             None => None,
@@ -827,6 +870,7 @@ impl Transformer {
             None
         };
         Ok(RopeTables {
+            segments: None,
             global,
             local,
             identity,

@@ -4,7 +4,9 @@
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
+use crate::data::pack::PackedSequence;
 use crate::data::TokenizedExample;
+use crate::model::attention::Segments;
 use crate::rng::Rng;
 
 /// Where the trainer is in the data.
@@ -22,6 +24,8 @@ pub struct Batch {
     pub targets: Vec<u32>,
     /// Non-padding tokens in the batch.
     pub tokens: usize,
+    /// Packed rows ([`make_packed_batch`]): where each row's examples start.
+    pub segments: Option<Segments>,
 }
 
 /// The permutation of `n` examples used in `epoch`.
@@ -72,7 +76,44 @@ pub fn make_batch(examples: &[&TokenizedExample], pad_id: u32, device: &Device) 
         target_rows: Tensor::from_vec(rows, n, device)?,
         targets,
         tokens,
+        segments: None,
     })
+}
+
+/// A batch of packed rows (several examples each, [`crate::data::pack`]), padded on the right
+/// to the longest row. Its targets are those [`make_batch`] gives the same examples, in
+/// another order: a segment's first token is never a target, so no example predicts from
+/// another, and the mean loss over them is the unpacked batch's.
+pub fn make_packed_batch(rows: &[&PackedSequence], pad_id: u32, device: &Device) -> crate::error::Result<Batch> {
+    let t = rows.iter().map(|r| r.len()).max().unwrap_or(0).max(2);
+    let examples: Vec<TokenizedExample> = rows
+        .iter()
+        .map(|r| TokenizedExample {
+            input_ids: r.input_ids.clone(),
+            loss_mask: r.loss_mask.clone(),
+            truncated: false,
+        })
+        .collect();
+    let refs: Vec<&TokenizedExample> = examples.iter().collect();
+    let mut batch = make_batch(&refs, pad_id, device)?;
+    let lengths: Vec<Vec<usize>> = rows.iter().map(|r| segment_lengths(&r.segment_ids)).collect();
+    batch.segments = Some(Segments::from_lengths(t, &lengths).map_err(crate::error::Error::Data)?);
+    Ok(batch)
+}
+
+/// Lengths of the runs of equal ids in `segment_ids`.
+fn segment_lengths(segment_ids: &[u32]) -> Vec<usize> {
+    let mut out: Vec<usize> = vec![];
+    for (i, id) in segment_ids.iter().enumerate() {
+        if i > 0 && segment_ids[i - 1] == *id {
+            if let Some(last) = out.last_mut() {
+                *last += 1;
+            }
+        } else {
+            out.push(1);
+        }
+    }
+    out
 }
 
 #[cfg(test)]

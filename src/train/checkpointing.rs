@@ -52,7 +52,7 @@ pub fn forward(model: &Transformer, batch: &Batch, ctx: &mut ForwardCtx, checkpo
     if !checkpoint {
         return Ok(TrainingPass::Whole(super::batch_loss(model, batch, ctx)?));
     }
-    let (x0, tables) = model.embed_for_training(&batch.input_ids)?;
+    let (x0, tables) = model.embed_for_training(&batch.input_ids, batch.segments.as_ref())?;
     let layers = model.num_layers();
     let mut inputs = Vec::with_capacity(layers);
     let mut rng_states = Vec::with_capacity(layers);
@@ -152,7 +152,7 @@ impl Checkpointed {
 /// checkpointed training step.
 pub fn eval_loss(model: &Transformer, batch: &Batch) -> Result<Tensor> {
     let ctx = &mut ForwardCtx::eval();
-    let (mut x, tables) = model.embed_for_training(&batch.input_ids)?;
+    let (mut x, tables) = model.embed_for_training(&batch.input_ids, batch.segments.as_ref())?;
     for l in 0..model.num_layers() {
         x = model.block_forward(l, &x, &tables, ctx)?.detach();
     }

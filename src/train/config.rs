@@ -216,6 +216,10 @@ pub struct TrainConfig {
     /// forward pass and recompute the block in the backward pass (less memory, ~1/3 more compute).
     #[serde(default)]
     pub checkpoint_activations: bool,
+    /// Sequence packing (sft): several short examples per row of up to `seq_len` tokens, each
+    /// attending only to itself with positions restarting at 0, so no compute goes to padding.
+    #[serde(default)]
+    pub pack: bool,
     /// Start even when the memory estimate ([`crate::train::memory`]) exceeds the memory the
     /// machine has free (`--ignore-memory-check`). Not saved: it is a decision for one start.
     #[serde(skip)]
@@ -274,6 +278,7 @@ impl Default for TrainConfig {
             label_smoothing: 0.0,
             orpo_lambda: default_orpo_lambda(),
             checkpoint_activations: false,
+            pack: false,
             ignore_memory_check: false,
         }
     }
@@ -308,6 +313,15 @@ impl TrainConfig {
                 "checkpoint_activations",
                 format!(
                     "is implemented for sft only, not for {} (turn it off, or use --method sft)",
+                    self.method.name()
+                ),
+            ));
+        }
+        if self.pack && self.method != Method::Sft {
+            return Err(Error::config(
+                "pack",
+                format!(
+                    "packing is implemented for sft only, not for {} (turn it off, or use --method sft)",
                     self.method.name()
                 ),
             ));

@@ -26,13 +26,14 @@ use std::time::Instant;
 use candle_core::{Tensor, Var};
 use serde::Serialize;
 
+use crate::data::pack::{pack, PackedSequence};
 use crate::data::TokenizedExample;
 use crate::error::{Error, Result};
 use crate::generate::ChatFormat;
 use crate::lora::{ForwardCtx, PeftConfig};
 use crate::model::Transformer;
 use crate::rng::Rng;
-use batch::{make_batch, next_indices, Batch, DataCursor};
+use batch::{make_batch, make_packed_batch, next_indices, Batch, DataCursor};
 use checkpoint::TrainerState;
 pub use config::{Duration, Method, Precision, Schedule, TrainConfig, MAX_PROBE_PROMPTS};
 use optim::{AdamW, AdamWParams};
@@ -133,6 +134,9 @@ pub struct Trainer {
     pairs: Option<PairData>,
     /// The reward metrics of the last preference step.
     last_preference: Option<PreferenceMetrics>,
+    /// `pack`: the training examples packed into rows of up to `seq_len` tokens, which the
+    /// steps draw from instead of `data.train` (evaluation stays unpacked).
+    packed: Option<Vec<PackedSequence>>,
 }
 
 /// Mean loss of `batch` (a scalar tensor that backpropagates to the adapters).
@@ -141,7 +145,7 @@ pub struct Trainer {
 /// the forward pass; an evaluation context skips that work, and a backward pass still works.
 pub fn batch_loss(model: &Transformer, batch: &Batch, ctx: &mut ForwardCtx) -> Result<Tensor> {
     let for_backward = ctx.dropout_rng.is_some();
-    let h = model.hidden_states(&batch.input_ids, ctx)?;
+    let h = model.hidden_states_packed(&batch.input_ids, batch.segments.as_ref(), ctx)?;
     head_loss(model, &h, batch, for_backward)
 }
 
@@ -221,10 +225,20 @@ impl Trainer {
         // The targets as the model has them (Phi-3: q, k, v are its one `qkv_proj`), which is
         // what the adapter's `target_modules` and a resumed run's check need.
         cfg.lora.targets = model.resolve_targets(&cfg.lora.targets)?;
-        let n_train = pairs.as_ref().map_or(data.train.len(), |p| p.train.len());
-        if n_train == 0 {
+        if pairs.as_ref().map_or(data.train.len(), |p| p.train.len()) == 0 {
             return Err(Error::Data("no training examples left after tokenization".into()));
         }
+        // Deterministic (first-fit decreasing), so a resumed run packs the same rows and its
+        // data cursor, which counts packed rows, points where it stopped.
+        let packed = match (cfg.pack, &pairs) {
+            (true, None) => Some(pack(&data.train, cfg.seq_len)?),
+            _ => None,
+        };
+        let n_train = match (&packed, &pairs) {
+            (Some(rows), _) => rows.len(),
+            (None, Some(p)) => p.train.len(),
+            (None, None) => data.train.len(),
+        };
         let vars = model.trainable_vars();
         if vars.is_empty() {
             return Err(Error::config("lora", "the model has no adapters to train"));
@@ -260,7 +274,13 @@ impl Trainer {
             chat_format: None,
             pairs,
             last_preference: None,
+            packed,
         })
+    }
+
+    /// With `pack`: how many rows the training examples were packed into.
+    pub fn packed_rows(&self) -> Option<usize> {
+        self.packed.as_ref().map(Vec::len)
     }
 
     /// Gives the trainer the model's text side, which answering probe prompts needs.
@@ -437,14 +457,18 @@ impl Trainer {
         let mut used = 0usize;
         let mut tokens = 0usize;
         for _ in 0..accum {
-            let idx = next_indices(
-                &mut self.state.cursor,
-                self.data.train.len(),
-                self.cfg.batch_size,
-                self.cfg.seed,
-            );
-            let refs: Vec<&TokenizedExample> = idx.iter().map(|&i| &self.data.train[i]).collect();
-            let batch = make_batch(&refs, self.data.pad_id, self.model.device())?;
+            let n = self.packed.as_ref().map_or(self.data.train.len(), Vec::len);
+            let idx = next_indices(&mut self.state.cursor, n, self.cfg.batch_size, self.cfg.seed);
+            let batch = match &self.packed {
+                Some(rows) => {
+                    let refs: Vec<&PackedSequence> = idx.iter().map(|&i| &rows[i]).collect();
+                    make_packed_batch(&refs, self.data.pad_id, self.model.device())?
+                }
+                None => {
+                    let refs: Vec<&TokenizedExample> = idx.iter().map(|&i| &self.data.train[i]).collect();
+                    make_batch(&refs, self.data.pad_id, self.model.device())?
+                }
+            };
             tokens += batch.tokens;
             if batch.targets.is_empty() {
                 continue;

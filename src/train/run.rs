@@ -271,7 +271,16 @@ pub fn build(cfg: &TrainConfig, run_dir: Option<PathBuf>, note: &mut dyn FnMut(S
     let pad_id = files.config.eos_token_ids.first().copied().unwrap_or(0);
     let mut model = files.load_with_base(cfg.precision.dtype(), cfg.precision.quantized_base(), &device)?;
     model.add_lora(&cfg.lora, &mut Rng::derive(cfg.seed, "lora-init"))?;
+    let examples = train.len();
+    let tokens: usize = train.iter().map(|t| t.len()).sum();
     let mut trainer = Trainer::new(cfg.clone(), model, TrainData { train, eval, pad_id }, run_dir)?;
+    if let Some(rows) = trainer.packed_rows() {
+        note(format!(
+            "packed {examples} training examples into {rows} rows of up to {} tokens ({:.0}% of positions used)",
+            cfg.seq_len,
+            100.0 * tokens as f64 / (rows * cfg.seq_len).max(1) as f64
+        ));
+    }
     if !cfg.probe_prompts.is_empty() {
         trainer.set_chat_format(ChatFormat::new(files.tokenizer.clone(), template, &files.config)?);
     }
