@@ -571,7 +571,9 @@ impl<'r, 'a> Session<'r, 'a> {
             .unwrap_or(rows_to_make.saturating_mul(20).max(20))
     }
 
-    pub fn finish(self, gave_up: bool) -> GenSummary {
+    /// Reports the final progress and sums the run up.
+    pub fn finish(mut self, gave_up: bool) -> GenSummary {
+        self.progress();
         GenSummary {
             method: self.method,
             out: self.run.out.to_path_buf(),
