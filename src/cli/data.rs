@@ -127,9 +127,23 @@ pub struct ScoreArgs {
     /// Where to write the kept rows (JSONL).
     #[arg(long)]
     pub out: Option<PathBuf>,
-    /// One JSON line per row with its line number and loss.
+    /// One JSON line per row with its line number and loss (and IFD with --ifd).
     #[arg(long)]
     pub details: Option<PathBuf>,
+    /// Also compute IFD (instruction-following difficulty, Li et al. 2023): the answer's loss
+    /// given the instruction ÷ its loss alone. IFD >= 1 means the instruction does not help.
+    #[arg(long)]
+    pub ifd: bool,
+    /// What --keep ranks by: the answer loss, or IFD (implies --ifd; rows with IFD >= 1 are
+    /// never kept).
+    #[arg(long, value_enum, default_value_t = ScoreBy::Loss)]
+    pub by: ScoreBy,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ScoreBy {
+    Loss,
+    Ifd,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -492,10 +506,35 @@ fn run_score(args: ScoreArgs) -> anyhow::Result<i32> {
         );
     }
     eprintln!();
+    let want_ifd = args.ifd || args.by == ScoreBy::Ifd;
+    let ifd = if want_ifd {
+        let mut pairs = Vec::with_capacity(report.rows.len());
+        for row in &report.rows {
+            pairs.push(
+                crate::train::score::ifd_pair(&row.example, &template, &files.tokenizer, args.seq_len)
+                    .with_context(|| format!("line {}", row.line))?,
+            );
+        }
+        let n = pairs.len();
+        let scores = crate::train::score::ifd_rows(&mut scorer, &pairs, &mut |done| {
+            eprint!("\rIFD {done} / {n} rows");
+        })?;
+        eprintln!();
+        Some(scores)
+    } else {
+        None
+    };
     if let Some(path) = &args.details {
         let mut text = String::new();
-        for (row, loss) in report.rows.iter().zip(&losses) {
-            text.push_str(&json!({"line": row.line, "loss": loss}).to_string());
+        for (i, (row, loss)) in report.rows.iter().zip(&losses).enumerate() {
+            let mut line = json!({"line": row.line, "loss": loss});
+            if let Some(s) = &ifd {
+                line["ifd"] = json!(s.ifd[i]);
+                line["answer_loss_given_instruction"] = json!(s.conditioned[i]);
+                line["answer_loss_alone"] = json!(s.alone[i]);
+                line["instruction_does_not_help"] = json!(s.ifd[i] >= 1.0);
+            }
+            text.push_str(&line.to_string());
             text.push('\n');
         }
         crate::fsutil::write_atomic(path, text.as_bytes())?;
@@ -511,15 +550,47 @@ fn run_score(args: ScoreArgs) -> anyhow::Result<i32> {
         "min_loss": finite.iter().copied().fold(f32::INFINITY, f32::min),
         "max_loss": finite.iter().copied().fold(f32::NEG_INFINITY, f32::max),
     });
+    if let Some(s) = &ifd {
+        let finite: Vec<f32> = s.ifd.iter().copied().filter(|v| v.is_finite()).collect();
+        out["ifd"] = json!({
+            "scored": finite.len(),
+            "mean": finite.iter().sum::<f32>() / finite.len().max(1) as f32,
+            "min": finite.iter().copied().fold(f32::INFINITY, f32::min),
+            "max": finite.iter().copied().fold(f32::NEG_INFINITY, f32::max),
+            "at_least_1": finite.iter().filter(|v| **v >= 1.0).count(),
+        });
+        let flagged: Vec<usize> = s
+            .ifd
+            .iter()
+            .zip(&report.rows)
+            .filter(|(v, _)| **v >= 1.0)
+            .map(|(_, r)| r.line)
+            .collect();
+        if !flagged.is_empty() {
+            eprintln!(
+                "{} rows have IFD >= 1 (the instruction does not help predict the answer), lines {:?}{}",
+                flagged.len(),
+                &flagged[..flagged.len().min(10)],
+                if flagged.len() > 10 { " ..." } else { "" }
+            );
+        }
+        out["ifd"]["lines_at_least_1"] = json!(flagged.iter().take(50).collect::<Vec<_>>());
+    }
     if let (Some(keep), Some(path)) = (args.keep, &args.out) {
         let keep = match keep {
             KeepArg::Top => Keep::Top,
             KeepArg::Bottom => Keep::Bottom,
         };
-        let chosen = select_by_score(&losses, args.fraction, keep)?;
+        let ranked: Vec<f32> = match (&ifd, args.by) {
+            // IFD >= 1: the instruction does not help; never selected (as in Cherry LLM).
+            (Some(s), ScoreBy::Ifd) => s.ifd.iter().map(|&v| if v < 1.0 { v } else { f32::NAN }).collect(),
+            _ => losses.clone(),
+        };
+        let chosen = select_by_score(&ranked, args.fraction, keep)?;
         let kept: Vec<_> = chosen.iter().map(|&i| report.rows[i].example.clone()).collect();
         DatasetEditor::new(kept).save_jsonl(path)?;
         out["kept"] = json!(chosen.len());
+        out["by"] = json!(if args.by == ScoreBy::Ifd { "ifd" } else { "loss" });
         out["out"] = json!(path.display().to_string());
     }
     println!("{}", serde_json::to_string(&out)?);
