@@ -77,3 +77,76 @@ fn self_instruct_runs_on_a_tiny_model_and_resumes() {
     assert_eq!(second["rows_before"].as_u64().unwrap() as usize, written.len());
     assert!(std::fs::read_to_string(&out).unwrap().starts_with(&before));
 }
+
+#[test]
+fn bad_documents_stop_back_translation_before_anything_is_written() {
+    let (dir, model, seeds) = setup();
+    let docs = dir.path().join("docs");
+    std::fs::create_dir_all(&docs).unwrap();
+    std::fs::write(docs.join("a.txt"), "A fine paragraph of text about rivers and stones.").unwrap();
+    std::fs::write(docs.join("b.txt"), b"\x00\x01binary").unwrap();
+    let out = dir.path().join("bt.jsonl");
+    let o = finch()
+        .args(["data", "generate", "--method", "back-translation", "--documents", &p(&docs)])
+        .args(["--model", &model, "--out", &p(&out)])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(err.contains("b.txt") && err.contains("binary"), "{err}");
+    assert!(!out.exists());
+    // The input flag must match the method.
+    let o = finch()
+        .args(["data", "generate", "--method", "evol-instruct", "--seed-data", &seeds])
+        .args(["--model", &model, "--out", &p(&out)])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("--seed-data is for --method self-instruct"), "{err}");
+}
+
+/// The one real-model check (FINCH_REAL_MODEL=/path/to/SmolLM2-135M-Instruct): an answer
+/// unrelated to its question gets IFD >= 1 (the question does not help), a matching one < 1.
+#[test]
+fn ifd_separates_matched_from_unrelated_answers_on_a_real_model() {
+    let Ok(model) = std::env::var("FINCH_REAL_MODEL") else {
+        eprintln!("skipped: set FINCH_REAL_MODEL to a chat model folder (e.g. SmolLM2-135M-Instruct)");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("ifd.jsonl");
+    let rows = [
+        ("What is the capital of France?", "The capital of France is Paris."),
+        (
+            "What is the capital of France?",
+            "Photosynthesis converts sunlight, water and carbon dioxide into glucose and oxygen.",
+        ),
+        ("Translate 'good morning' into Spanish.", "Buenos días."),
+        ("Translate 'good morning' into Spanish.", "The Pacific Ocean is the largest ocean on Earth."),
+    ];
+    let text: String = rows
+        .iter()
+        .map(|(i, o)| format!("{}\n", serde_json::json!({"instruction": i, "output": o})))
+        .collect();
+    std::fs::write(&data, text).unwrap();
+    let details = dir.path().join("details.jsonl");
+    let kept = dir.path().join("kept.jsonl");
+    let summary = stdout_json(
+        &finch()
+            .args(["data", "score", &p(&data), "--model", &model, "--by", "ifd", "--keep", "top"])
+            .args(["--fraction", "1", "--out", &p(&kept), "--details", &p(&details)])
+            .output()
+            .unwrap(),
+    );
+    let scores: Vec<f64> = std::fs::read_to_string(&details)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["ifd"].as_f64().unwrap())
+        .collect();
+    eprintln!("IFD matched / unrelated: {scores:?}");
+    assert!(scores[0] < 1.0 && scores[2] < 1.0, "{scores:?}");
+    assert!(scores[1] >= 1.0 && scores[3] >= 1.0, "{scores:?}");
+    assert_eq!(summary["ifd"]["at_least_1"], 2);
+    // Keeping by IFD never keeps a row whose instruction does not help.
+    assert_eq!(summary["kept"], 2);
+}

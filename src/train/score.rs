@@ -127,3 +127,52 @@ pub struct IfdScores {
     pub alone: Vec<f32>,
     pub ifd: Vec<f32>,
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::data::{Example, Message, Role};
+    use crate::model::tiny::{tiny_tokenizer_json, CHATML_TEMPLATE};
+
+    /// Loss = mean of the trained token ids (so the two forms of a row differ only by context).
+    struct Scripted(Vec<f32>);
+    impl ResponseScorer for Scripted {
+        fn response_losses(&mut self, rows: &[TokenizedExample]) -> Result<Vec<f32>> {
+            Ok(rows.iter().map(|_| self.0.remove(0)).collect())
+        }
+    }
+
+    #[test]
+    fn ifd_pairs_score_the_same_answer_tokens_with_and_without_the_instruction() {
+        let tok = tokenizers::Tokenizer::from_bytes(tiny_tokenizer_json().to_string()).unwrap();
+        let template = crate::template::ChatTemplate::new(CHATML_TEMPLATE, None, None).unwrap();
+        let row = Example::chat(vec![
+            Message::new(Role::System, "Be brief."),
+            Message::new(Role::User, "Name a fruit."),
+            Message::new(Role::Assistant, "A pear."),
+        ]);
+        let (with, alone) = ifd_pair(&row, &template, &tok, 256).unwrap().unwrap();
+        let answer = |t: &TokenizedExample| -> Vec<u32> {
+            t.input_ids.iter().zip(&t.loss_mask).filter(|(_, m)| **m).map(|(i, _)| *i).collect()
+        };
+        assert_eq!(answer(&with), answer(&alone));
+        assert_eq!(tok.decode(&answer(&with), false).unwrap(), "A pear.");
+        let text = |t: &TokenizedExample| tok.decode(&t.input_ids, false).unwrap();
+        assert!(text(&with).contains("Name a fruit.") && text(&with).contains("Be brief."));
+        assert!(!text(&alone).contains("Name a fruit.") && text(&alone).contains("Be brief."));
+        // No instruction to compare with, or no room for the answer: not scored.
+        assert!(ifd_pair(&Example::Text { text: "x".into() }, &template, &tok, 256).unwrap().is_none());
+        assert!(ifd_pair(&row, &template, &tok, 8).unwrap().is_none());
+
+        let pairs = vec![Some((with.clone(), alone.clone())), None, Some((with, alone))];
+        let mut scorer = Scripted(vec![1.0, 4.0, 3.0, 2.0]);
+        let mut seen = vec![];
+        let s = ifd_rows(&mut scorer, &pairs, &mut |n| seen.push(n)).unwrap();
+        assert_eq!(seen, vec![1, 2, 3]);
+        assert_eq!(s.ifd[0], 0.25);
+        assert!(s.ifd[1].is_nan());
+        assert_eq!(s.ifd[2], 1.5);
+        assert_eq!((s.conditioned[2], s.alone[2]), (3.0, 2.0));
+    }
+}
