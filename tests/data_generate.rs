@@ -19,7 +19,11 @@ fn p(path: &Path) -> String {
 
 fn stdout_json(o: &Output) -> serde_json::Value {
     let (out, err) = (String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
-    assert!(o.status.success(), "exit {:?}\nstdout: {out}\nstderr: {err}", o.status.code());
+    assert!(
+        o.status.success(),
+        "exit {:?}\nstdout: {out}\nstderr: {err}",
+        o.status.code()
+    );
     serde_json::from_str(out.lines().last().unwrap()).unwrap()
 }
 
@@ -37,11 +41,18 @@ fn setup() -> (tempfile::TempDir, String, String) {
     TinySpec::new(Family::Llama).write(&model).unwrap();
     let seeds = dir.path().join("seeds.jsonl");
     let mut text = String::new();
-    for (i, s) in ["Write a haiku about the sea.", "List three uses of copper.", "Explain how rain forms."]
-        .iter()
-        .enumerate()
+    for (i, s) in [
+        "Write a haiku about the sea.",
+        "List three uses of copper.",
+        "Explain how rain forms.",
+    ]
+    .iter()
+    .enumerate()
     {
-        text.push_str(&format!("{}\n", serde_json::json!({"instruction": s, "output": format!("Answer {i}.")})));
+        text.push_str(&format!(
+            "{}\n",
+            serde_json::json!({"instruction": s, "output": format!("Answer {i}.")})
+        ));
     }
     std::fs::write(&seeds, text).unwrap();
     (dir, p(&model), p(&seeds))
@@ -55,7 +66,16 @@ fn self_instruct_runs_on_a_tiny_model_and_resumes() {
         finch()
             .args(["data", "generate", "--method", "self-instruct", "--seed-data", &seeds])
             .args(["--model", &model, "--out", &p(&out), "--count", count])
-            .args(["--temperature", "1.0", "--seed", "3", "--max-new-tokens", "24", "--max-attempts", "12"])
+            .args([
+                "--temperature",
+                "1.0",
+                "--seed",
+                "3",
+                "--max-new-tokens",
+                "24",
+                "--max-attempts",
+                "12",
+            ])
             .output()
             .unwrap()
     };
@@ -87,7 +107,14 @@ fn bad_documents_stop_back_translation_before_anything_is_written() {
     std::fs::write(docs.join("b.txt"), b"\x00\x01binary").unwrap();
     let out = dir.path().join("bt.jsonl");
     let o = finch()
-        .args(["data", "generate", "--method", "back-translation", "--documents", &p(&docs)])
+        .args([
+            "data",
+            "generate",
+            "--method",
+            "back-translation",
+            "--documents",
+            &p(&docs),
+        ])
         .args(["--model", &model, "--out", &p(&out)])
         .output()
         .unwrap();
@@ -102,7 +129,10 @@ fn bad_documents_stop_back_translation_before_anything_is_written() {
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success() && err.contains("--seed-data is for --method self-instruct"), "{err}");
+    assert!(
+        !o.status.success() && err.contains("--seed-data is for --method self-instruct"),
+        "{err}"
+    );
 }
 
 /// The one real-model check (FINCH_REAL_MODEL=/path/to/SmolLM2-135M-Instruct): an answer
@@ -122,7 +152,10 @@ fn ifd_separates_matched_from_unrelated_answers_on_a_real_model() {
             "Photosynthesis converts sunlight, water and carbon dioxide into glucose and oxygen.",
         ),
         ("Translate 'good morning' into Spanish.", "Buenos días."),
-        ("Translate 'good morning' into Spanish.", "The Pacific Ocean is the largest ocean on Earth."),
+        (
+            "Translate 'good morning' into Spanish.",
+            "The Pacific Ocean is the largest ocean on Earth.",
+        ),
     ];
     let text: String = rows
         .iter()
@@ -133,7 +166,17 @@ fn ifd_separates_matched_from_unrelated_answers_on_a_real_model() {
     let kept = dir.path().join("kept.jsonl");
     let summary = stdout_json(
         &finch()
-            .args(["data", "score", &p(&data), "--model", &model, "--by", "ifd", "--keep", "top"])
+            .args([
+                "data",
+                "score",
+                &p(&data),
+                "--model",
+                &model,
+                "--by",
+                "ifd",
+                "--keep",
+                "top",
+            ])
             .args(["--fraction", "1", "--out", &p(&kept), "--details", &p(&details)])
             .output()
             .unwrap(),
@@ -141,7 +184,11 @@ fn ifd_separates_matched_from_unrelated_answers_on_a_real_model() {
     let scores: Vec<f64> = std::fs::read_to_string(&details)
         .unwrap()
         .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["ifd"].as_f64().unwrap())
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["ifd"]
+                .as_f64()
+                .unwrap()
+        })
         .collect();
     eprintln!("IFD matched / unrelated: {scores:?}");
     assert!(scores[0] < 1.0 && scores[2] < 1.0, "{scores:?}");

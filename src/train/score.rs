@@ -154,7 +154,12 @@ mod tests {
         ]);
         let (with, alone) = ifd_pair(&row, &template, &tok, 256).unwrap().unwrap();
         let answer = |t: &TokenizedExample| -> Vec<u32> {
-            t.input_ids.iter().zip(&t.loss_mask).filter(|(_, m)| **m).map(|(i, _)| *i).collect()
+            t.input_ids
+                .iter()
+                .zip(&t.loss_mask)
+                .filter(|(_, m)| **m)
+                .map(|(i, _)| *i)
+                .collect()
         };
         assert_eq!(answer(&with), answer(&alone));
         assert_eq!(tok.decode(&answer(&with), false).unwrap(), "A pear.");
@@ -162,7 +167,9 @@ mod tests {
         assert!(text(&with).contains("Name a fruit.") && text(&with).contains("Be brief."));
         assert!(!text(&alone).contains("Name a fruit.") && text(&alone).contains("Be brief."));
         // No instruction to compare with, or no room for the answer: not scored.
-        assert!(ifd_pair(&Example::Text { text: "x".into() }, &template, &tok, 256).unwrap().is_none());
+        assert!(ifd_pair(&Example::Text { text: "x".into() }, &template, &tok, 256)
+            .unwrap()
+            .is_none());
         assert!(ifd_pair(&row, &template, &tok, 8).unwrap().is_none());
 
         let pairs = vec![Some((with.clone(), alone.clone())), None, Some((with, alone))];

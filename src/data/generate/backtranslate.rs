@@ -32,7 +32,11 @@ pub fn read_documents(path: &Path) -> Result<Vec<Document>> {
     if path.is_dir() {
         collect(path, &mut files)?;
         if files.is_empty() {
-            return Err(Error::invalid(path, "documents", "the folder has no .txt, .md or .jsonl file"));
+            return Err(Error::invalid(
+                path,
+                "documents",
+                "the folder has no .txt, .md or .jsonl file",
+            ));
         }
     } else if path.exists() {
         files.push(path.to_path_buf());
@@ -50,7 +54,11 @@ fn collect(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
     let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
         .map_err(|e| Error::io(dir, "cannot list the folder", e))?
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| !p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with('.')))
+        .filter(|p| {
+            !p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with('.'))
+        })
         .collect();
     entries.sort();
     for p in entries {
@@ -92,10 +100,19 @@ fn read_document(path: &Path) -> Result<Vec<Document>> {
     }
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, "cannot read the document", e))?;
     if bytes.contains(&0) {
-        return Err(Error::invalid(path, "document", "is binary (it holds NUL bytes), not text"));
+        return Err(Error::invalid(
+            path,
+            "document",
+            "is binary (it holds NUL bytes), not text",
+        ));
     }
-    let text = String::from_utf8(bytes)
-        .map_err(|e| Error::invalid(path, "document", format!("is not UTF-8 text (byte {})", e.utf8_error().valid_up_to())))?;
+    let text = String::from_utf8(bytes).map_err(|e| {
+        Error::invalid(
+            path,
+            "document",
+            format!("is not UTF-8 text (byte {})", e.utf8_error().valid_up_to()),
+        )
+    })?;
     if text.trim().is_empty() {
         return Err(Error::invalid(path, "document", "is empty"));
     }
@@ -110,9 +127,10 @@ fn read_document(path: &Path) -> Result<Vec<Document>> {
         }
         let value: serde_json::Value = serde_json::from_str(line)
             .map_err(|e| Error::invalid(path, format!("line {}", i + 1), format!("is not JSON ({e})")))?;
-        let text = value.get("text").and_then(|t| t.as_str()).ok_or_else(|| {
-            Error::invalid(path, format!("line {}", i + 1), "has no string field `text`")
-        })?;
+        let text = value
+            .get("text")
+            .and_then(|t| t.as_str())
+            .ok_or_else(|| Error::invalid(path, format!("line {}", i + 1), "has no string field `text`"))?;
         if !text.trim().is_empty() {
             docs.push(Document {
                 name: format!("{name}:{}", i + 1),
@@ -227,7 +245,11 @@ pub fn clean_instruction(reply: &str) -> String {
     let text = reply.trim();
     let text = ["instruction:", "request:", "**instruction:**", "user:"]
         .iter()
-        .find_map(|p| text.get(..p.len()).filter(|h| h.eq_ignore_ascii_case(p)).map(|_| &text[p.len()..]))
+        .find_map(|p| {
+            text.get(..p.len())
+                .filter(|h| h.eq_ignore_ascii_case(p))
+                .map(|_| &text[p.len()..])
+        })
         .unwrap_or(text);
     text.trim().trim_matches('"').trim().to_string()
 }
@@ -266,11 +288,17 @@ pub fn run(docs: &[Document], run: &mut Run) -> Result<GenSummary> {
         }
         let instruction = clean_instruction(&reply.text);
         let problem = if reply.truncated {
-            Some((RejectReason::BadInstruction, "the instruction hit the token limit".to_string()))
+            Some((
+                RejectReason::BadInstruction,
+                "the instruction hit the token limit".to_string(),
+            ))
         } else {
             instruction_problem(&instruction).or_else(|| {
                 too_similar(&instruction, &known, threshold).map(|(r, other)| {
-                    (RejectReason::Duplicate, format!("ROUGE-L {r:.2} with `{}`", snippet(other)))
+                    (
+                        RejectReason::Duplicate,
+                        format!("ROUGE-L {r:.2} with `{}`", snippet(other)),
+                    )
                 })
             })
         };
@@ -281,7 +309,10 @@ pub fn run(docs: &[Document], run: &mut Run) -> Result<GenSummary> {
         }
         let rate_seed = s.run.settings.call_seed(attempt, 1);
         let rating = s.ask(
-            &fill(BACKTRANSLATE_RATE, &[("instruction", &instruction), ("answer", segment)]),
+            &fill(
+                BACKTRANSLATE_RATE,
+                &[("instruction", &instruction), ("answer", segment)],
+            ),
             rate_seed,
         )?;
         if rating.cancelled {
@@ -293,9 +324,11 @@ pub fn run(docs: &[Document], run: &mut Run) -> Result<GenSummary> {
                 format!("no 1-5 score in `{}`", snippet(&rating.text)),
                 &instruction,
             ),
-            Some(score) if score < min_score => {
-                s.reject(RejectReason::LowScore, format!("score {score} < {min_score}"), &instruction)
-            }
+            Some(score) if score < min_score => s.reject(
+                RejectReason::LowScore,
+                format!("score {score} < {min_score}"),
+                &instruction,
+            ),
             Some(score) => {
                 let mut provenance = s.provenance(attempt, call);
                 provenance.document = Some(doc.name.clone());

@@ -108,11 +108,17 @@ pub fn evolved_problem(
     if gain >= threshold {
         return Some((
             RejectReason::NoGain,
-            format!("ROUGE-L {gain:.2} with the original `{}`", snippet(&original.instruction)),
+            format!(
+                "ROUGE-L {gain:.2} with the original `{}`",
+                snippet(&original.instruction)
+            ),
         ));
     }
     if let Some((r, other)) = too_similar(evolved, known, threshold) {
-        return Some((RejectReason::Duplicate, format!("ROUGE-L {r:.2} with `{}`", snippet(other))));
+        return Some((
+            RejectReason::Duplicate,
+            format!("ROUGE-L {r:.2} with `{}`", snippet(other)),
+        ));
     }
     None
 }

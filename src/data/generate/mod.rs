@@ -197,7 +197,10 @@ impl GenSettings {
             return Err(Error::config("rouge-threshold", "must be in [0, 1]"));
         }
         if !(1..=5).contains(&self.min_score) {
-            return Err(Error::config("min-score", format!("must be 1 to 5, got {}", self.min_score)));
+            return Err(Error::config(
+                "min-score",
+                format!("must be 1 to 5, got {}", self.min_score),
+            ));
         }
         if self.segment_tokens < 16 {
             return Err(Error::config("segment-tokens", "must be at least 16"));
@@ -659,7 +662,10 @@ pub fn instruction_problem(instruction: &str) -> Option<(RejectReason, String)> 
     }
     let words = text.split_whitespace().count();
     if !(3..=150).contains(&words) {
-        return Some((RejectReason::BadInstruction, format!("{words} words (3 to 150 expected)")));
+        return Some((
+            RejectReason::BadInstruction,
+            format!("{words} words (3 to 150 expected)"),
+        ));
     }
     let first = text.chars().next().unwrap_or(' ');
     if first.is_ascii_punctuation() || !first.is_ascii() {
@@ -744,7 +750,10 @@ fn repetition(text: &str) -> Option<String> {
         let grams: std::collections::HashSet<&[char]> = chars.windows(4).collect();
         let ratio = grams.len() as f64 / (chars.len() - 3) as f64;
         if ratio < 0.2 {
-            return Some(format!("only {:.0}% of its character 4-grams are distinct", ratio * 100.0));
+            return Some(format!(
+                "only {:.0}% of its character 4-grams are distinct",
+                ratio * 100.0
+            ));
         }
     }
     None

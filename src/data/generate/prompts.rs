@@ -17,8 +17,24 @@ pub const SELF_INSTRUCT_ANSWER: &str = "{instruction}";
 /// Self-Instruct's filter of instructions a language model cannot act on (the paper's keyword
 /// list: tasks about images, files, audio and the like).
 pub const SELF_INSTRUCT_BLOCKED_WORDS: &[&str] = &[
-    "image", "images", "graph", "graphs", "picture", "pictures", "file", "files", "map", "maps", "draw",
-    "plot", "go to", "video", "audio", "music", "flowchart", "diagram",
+    "image",
+    "images",
+    "graph",
+    "graphs",
+    "picture",
+    "pictures",
+    "file",
+    "files",
+    "map",
+    "maps",
+    "draw",
+    "plot",
+    "go to",
+    "video",
+    "audio",
+    "music",
+    "flowchart",
+    "diagram",
 ];
 
 /// WizardLM (Xu et al. 2023, "WizardLM: Empowering Large Language Models to Follow Complex
@@ -40,13 +56,19 @@ allowed to appear in #Rewritten Prompt#\n\
 
 /// The four in-depth methods of Evol-Instruct, with the names Finch records in provenance.
 pub const EVOL_DEPTH_METHODS: &[(&str, &str)] = &[
-    ("add-constraints", "Please add one more constraints/requirements into #The Given Prompt#."),
+    (
+        "add-constraints",
+        "Please add one more constraints/requirements into #The Given Prompt#.",
+    ),
     (
         "deepen",
         "If #The Given Prompt# contains inquiries about certain issues, the depth and breadth of the \
          inquiry can be increased.",
     ),
-    ("concretize", "Please replace general concepts with more specific concepts."),
+    (
+        "concretize",
+        "Please replace general concepts with more specific concepts.",
+    ),
     (
         "increase-reasoning",
         "If #The Given Prompt# can be solved with just a few simple thinking processes, you can \

@@ -21,7 +21,10 @@ pub fn run(seeds: &[SourceRow], run: &mut Run) -> Result<GenSummary> {
     if seeds.len() < 3 {
         return Err(Error::config(
             "seed-data",
-            format!("has {} rows with an instruction; Self-Instruct needs at least 3", seeds.len()),
+            format!(
+                "has {} rows with an instruction; Self-Instruct needs at least 3",
+                seeds.len()
+            ),
         ));
     }
     let count = run
@@ -56,7 +59,11 @@ pub fn run(seeds: &[SourceRow], run: &mut Run) -> Result<GenSummary> {
         }
         let tasks = parse_tasks(&reply.text);
         if tasks.is_empty() {
-            s.reject(RejectReason::NoInstruction, "no task in the reply", &snippet(&reply.text));
+            s.reject(
+                RejectReason::NoInstruction,
+                "no task in the reply",
+                &snippet(&reply.text),
+            );
         }
         for (k, task) in tasks.into_iter().take(batch).enumerate() {
             if s.cancelled() || s.target_reached() {

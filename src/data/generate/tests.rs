@@ -39,10 +39,10 @@ fn fake<F: FnMut(&str, u64) -> String>(f: F) -> Fake<F> {
 }
 
 const WORDS: &[&str] = &[
-    "apple", "river", "stone", "cloud", "tiger", "lemon", "piano", "rocket", "garden", "silver", "winter",
-    "candle", "forest", "bridge", "engine", "pepper", "castle", "violet", "anchor", "desert", "mirror", "planet",
-    "feather", "harbor", "jungle", "kettle", "ladder", "meadow", "needle", "orange", "pillow", "quartz", "saddle",
-    "thunder", "velvet", "walnut", "yogurt", "zipper", "basket", "copper",
+    "apple", "river", "stone", "cloud", "tiger", "lemon", "piano", "rocket", "garden", "silver", "winter", "candle",
+    "forest", "bridge", "engine", "pepper", "castle", "violet", "anchor", "desert", "mirror", "planet", "feather",
+    "harbor", "jungle", "kettle", "ladder", "meadow", "needle", "orange", "pillow", "quartz", "saddle", "thunder",
+    "velvet", "walnut", "yogurt", "zipper", "basket", "copper",
 ];
 
 /// Seven words picked by `seed`: unrelated instructions for different seeds.
@@ -53,14 +53,18 @@ fn salad(seed: u64) -> String {
 }
 
 fn seeds() -> Vec<SourceRow> {
-    ["Write a haiku about the sea.", "List three uses of copper wire.", "Explain how a rainbow forms in the sky."]
-        .iter()
-        .map(|i| SourceRow {
-            instruction: i.to_string(),
-            input: String::new(),
-            output: "An answer.".into(),
-        })
-        .collect()
+    [
+        "Write a haiku about the sea.",
+        "List three uses of copper wire.",
+        "Explain how a rainbow forms in the sky.",
+    ]
+    .iter()
+    .map(|i| SourceRow {
+        instruction: i.to_string(),
+        input: String::new(),
+        output: "An answer.".into(),
+    })
+    .collect()
 }
 
 /// A Self-Instruct fake: every task prompt yields a fresh instruction, plus a copy of a seed
@@ -69,11 +73,12 @@ fn self_instruct_model() -> Fake<impl FnMut(&str, u64) -> String> {
     fake(|prompt, seed| {
         if prompt.starts_with("Come up with a series of tasks") {
             let fresh = salad(seed);
-            format!(
-                "Task 4: {fresh}\nTask 5: Write a haiku about the sea!\nTask 6: {fresh} please\nInput: none"
-            )
+            format!("Task 4: {fresh}\nTask 5: Write a haiku about the sea!\nTask 6: {fresh} please\nInput: none")
         } else {
-            format!("Here is what you asked for, in a few words: {}.", salad(seed ^ 7).to_lowercase())
+            format!(
+                "Here is what you asked for, in a few words: {}.",
+                salad(seed ^ 7).to_lowercase()
+            )
         }
     })
 }
@@ -121,7 +126,9 @@ fn self_instruct_keeps_no_two_instructions_over_the_rouge_bound_and_records_prov
     let mut model = self_instruct_model();
     let cancel = AtomicBool::new(false);
     let seeds = seeds();
-    let (summary, events) = collect(&mut model, &settings(6), &out, &cancel, |r| self_instruct::run(&seeds, r));
+    let (summary, events) = collect(&mut model, &settings(6), &out, &cancel, |r| {
+        self_instruct::run(&seeds, r)
+    });
     let summary = summary.unwrap();
     assert_eq!(summary.rows, 6);
     assert!(summary.rejected["duplicate"] >= 6, "{:?}", summary.rejected);
@@ -143,11 +150,22 @@ fn self_instruct_keeps_no_two_instructions_over_the_rouge_bound_and_records_prov
     }
     let kept_events = events.iter().filter(|e| matches!(e, GenEvent::Row { .. })).count();
     assert_eq!(kept_events, 6);
-    assert!(events.iter().any(|e| matches!(e, GenEvent::Progress { kept: 6, target: Some(6), .. })));
+    assert!(events.iter().any(|e| matches!(
+        e,
+        GenEvent::Progress {
+            kept: 6,
+            target: Some(6),
+            ..
+        }
+    )));
     // Same seed, same rows.
     let out2 = dir.path().join("again.jsonl");
     let mut model = self_instruct_model();
-    collect(&mut model, &settings(6), &out2, &cancel, |r| self_instruct::run(&seeds, r)).0.unwrap();
+    collect(&mut model, &settings(6), &out2, &cancel, |r| {
+        self_instruct::run(&seeds, r)
+    })
+    .0
+    .unwrap();
     assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&out2).unwrap());
 }
 
@@ -158,11 +176,15 @@ fn self_instruct_needs_three_seeds_and_a_count() {
     let cancel = AtomicBool::new(false);
     let mut model = self_instruct_model();
     let two = &seeds()[..2];
-    let err = collect(&mut model, &settings(3), &out, &cancel, |r| self_instruct::run(two, r)).0.unwrap_err();
+    let err = collect(&mut model, &settings(3), &out, &cancel, |r| self_instruct::run(two, r))
+        .0
+        .unwrap_err();
     assert!(err.to_string().contains("at least 3"), "{err}");
     let no_count = GenSettings::default();
     let s = seeds();
-    let err = collect(&mut model, &no_count, &out, &cancel, |r| self_instruct::run(&s, r)).0.unwrap_err();
+    let err = collect(&mut model, &no_count, &out, &cancel, |r| self_instruct::run(&s, r))
+        .0
+        .unwrap_err();
     assert!(err.to_string().contains("count"), "{err}");
 }
 
@@ -173,11 +195,17 @@ fn resume_appends_to_the_count_and_keeps_the_first_rows() {
     let cancel = AtomicBool::new(false);
     let seeds = seeds();
     let mut model = self_instruct_model();
-    collect(&mut model, &settings(3), &out, &cancel, |r| self_instruct::run(&seeds, r)).0.unwrap();
+    collect(&mut model, &settings(3), &out, &cancel, |r| {
+        self_instruct::run(&seeds, r)
+    })
+    .0
+    .unwrap();
     let first = std::fs::read_to_string(&out).unwrap();
     assert_eq!(first.lines().count(), 3);
     let mut model = self_instruct_model();
-    let (summary, _) = collect(&mut model, &settings(5), &out, &cancel, |r| self_instruct::run(&seeds, r));
+    let (summary, _) = collect(&mut model, &settings(5), &out, &cancel, |r| {
+        self_instruct::run(&seeds, r)
+    });
     let summary = summary.unwrap();
     assert_eq!((summary.rows_before, summary.kept, summary.rows), (3, 2, 5));
     let second = std::fs::read_to_string(&out).unwrap();
@@ -192,7 +220,9 @@ fn resume_appends_to_the_count_and_keeps_the_first_rows() {
     assert!(rows[3].provenance.attempt > rows[2].provenance.attempt);
     // A run already at its count makes nothing.
     let mut model = self_instruct_model();
-    let (summary, _) = collect(&mut model, &settings(5), &out, &cancel, |r| self_instruct::run(&seeds, r));
+    let (summary, _) = collect(&mut model, &settings(5), &out, &cancel, |r| {
+        self_instruct::run(&seeds, r)
+    });
     assert_eq!(summary.unwrap().kept, 0);
     assert_eq!(model.calls, 0);
 }
@@ -204,11 +234,17 @@ fn a_partial_last_line_is_reported_and_cut_off_and_a_bad_line_is_an_error() {
     let cancel = AtomicBool::new(false);
     let seeds = seeds();
     let mut model = self_instruct_model();
-    collect(&mut model, &settings(2), &out, &cancel, |r| self_instruct::run(&seeds, r)).0.unwrap();
+    collect(&mut model, &settings(2), &out, &cancel, |r| {
+        self_instruct::run(&seeds, r)
+    })
+    .0
+    .unwrap();
     let good = std::fs::read_to_string(&out).unwrap();
     std::fs::write(&out, format!("{good}{{\"instruction\": \"half a ro")).unwrap();
     let mut model = self_instruct_model();
-    let (summary, events) = collect(&mut model, &settings(3), &out, &cancel, |r| self_instruct::run(&seeds, r));
+    let (summary, events) = collect(&mut model, &settings(3), &out, &cancel, |r| {
+        self_instruct::run(&seeds, r)
+    });
     assert_eq!(summary.unwrap().rows, 3);
     let warning = events
         .iter()
@@ -223,13 +259,21 @@ fn a_partial_last_line_is_reported_and_cut_off_and_a_bad_line_is_an_error() {
     assert!(std::fs::read_to_string(&out).unwrap().starts_with(&good));
 
     std::fs::write(&out, format!("{good}not json\n")).unwrap();
-    let err = collect(&mut model, &settings(5), &out, &cancel, |r| self_instruct::run(&seeds, r)).0.unwrap_err();
+    let err = collect(&mut model, &settings(5), &out, &cancel, |r| {
+        self_instruct::run(&seeds, r)
+    })
+    .0
+    .unwrap_err();
     assert!(err.to_string().contains("line 3"), "{err}");
     // Another method's file is not continued.
-    let err = collect(&mut model, &settings(5), &out, &cancel, |r| evol::run(&seeds, r)).0.unwrap_err();
+    let err = collect(&mut model, &settings(5), &out, &cancel, |r| evol::run(&seeds, r))
+        .0
+        .unwrap_err();
     assert!(err.to_string().contains("line"), "{err}");
     std::fs::write(&out, &good).unwrap();
-    let err = collect(&mut model, &settings(5), &out, &cancel, |r| evol::run(&seeds, r)).0.unwrap_err();
+    let err = collect(&mut model, &settings(5), &out, &cancel, |r| evol::run(&seeds, r))
+        .0
+        .unwrap_err();
     assert!(err.to_string().contains("self-instruct"), "{err}");
 }
 
@@ -265,7 +309,10 @@ fn cancel_stops_between_calls_and_keeps_what_was_written() {
 fn parse_tasks_reads_labelled_lists_inputs_and_bare_replies() {
     let t = parse_tasks("Task 4: Sort these numbers.\nInput: 3, 1, 2\nOutput: 1, 2, 3\n\n**Task 5:** Name a colour.\n");
     assert_eq!(t.len(), 2);
-    assert_eq!((t[0].instruction.as_str(), t[0].input.as_str()), ("Sort these numbers.", "3, 1, 2"));
+    assert_eq!(
+        (t[0].instruction.as_str(), t[0].input.as_str()),
+        ("Sort these numbers.", "3, 1, 2")
+    );
     assert_eq!(t[1].instruction, "Name a colour.");
     let t = parse_tasks("1. First thing to do\n2) Second thing to do");
     assert_eq!(t.len(), 2);
@@ -285,18 +332,33 @@ fn answer_and_instruction_rules() {
     let reason = |text: &str, truncated| answer_problem(&r(text, truncated), "Name three fruits please").map(|p| p.0);
     assert_eq!(reason("  ", false), Some(RejectReason::EmptyAnswer));
     assert_eq!(reason("...", false), Some(RejectReason::EmptyAnswer));
-    assert_eq!(reason("Apples, pears and plums", true), Some(RejectReason::OverlongAnswer));
-    assert_eq!(reason(&"the cat sat ".repeat(10), false), Some(RejectReason::RepetitiveAnswer));
+    assert_eq!(
+        reason("Apples, pears and plums", true),
+        Some(RejectReason::OverlongAnswer)
+    );
+    assert_eq!(
+        reason(&"the cat sat ".repeat(10), false),
+        Some(RejectReason::RepetitiveAnswer)
+    );
     assert_eq!(reason(&"abab".repeat(20), false), Some(RejectReason::RepetitiveAnswer));
-    assert_eq!(reason("Name three fruits please.", false), Some(RejectReason::CopiedAnswer));
-    assert_eq!(reason("Sorry, I cannot help with that.", false), Some(RejectReason::UnusableAnswer));
+    assert_eq!(
+        reason("Name three fruits please.", false),
+        Some(RejectReason::CopiedAnswer)
+    );
+    assert_eq!(
+        reason("Sorry, I cannot help with that.", false),
+        Some(RejectReason::UnusableAnswer)
+    );
     assert_eq!(reason("Apples, pears and plums.", false), None);
     let reason = |text: &str| instruction_problem(text).map(|p| p.0);
     assert_eq!(reason(""), Some(RejectReason::NoInstruction));
     assert_eq!(reason("Hi there"), Some(RejectReason::BadInstruction));
     assert_eq!(reason("- List three things"), Some(RejectReason::BadInstruction));
     assert_eq!(reason("Draw a picture of a cat"), Some(RejectReason::UnsupportedTask));
-    assert_eq!(reason("Summarize this audio clip for me"), Some(RejectReason::UnsupportedTask));
+    assert_eq!(
+        reason("Summarize this audio clip for me"),
+        Some(RejectReason::UnsupportedTask)
+    );
     assert_eq!(reason("List three kinds of profiles"), None);
 }
 
@@ -341,7 +403,13 @@ fn evol_applies_the_elimination_rules_and_records_the_original() {
     assert_eq!(summary.rejected["prompt-copied"], 1);
     assert_eq!(summary.rejected["no-gain"], 1);
     assert_eq!(summary.rejected["unusable-answer"], 1);
-    assert!(events.iter().any(|e| matches!(e, GenEvent::Rejected { reason: RejectReason::NoGain, .. })));
+    assert!(events.iter().any(|e| matches!(
+        e,
+        GenEvent::Rejected {
+            reason: RejectReason::NoGain,
+            ..
+        }
+    )));
     for row in read_rows(&out) {
         let p = &row.provenance;
         assert_eq!(p.method, Method::EvolInstruct);
@@ -378,7 +446,14 @@ fn segments_keep_paragraphs_within_the_budget() {
     let words = |t: &str| Ok(t.split_whitespace().count());
     let text = "one two three\nfour\n\nfive six\n\n\nseven eight nine ten eleven twelve thirteen";
     let s = segments(text, 6, &words).unwrap();
-    assert_eq!(s, vec!["one two three\nfour\n\nfive six", "seven eight nine ten eleven twelve", "thirteen"]);
+    assert_eq!(
+        s,
+        vec![
+            "one two three\nfour\n\nfive six",
+            "seven eight nine ten eleven twelve",
+            "thirteen"
+        ]
+    );
     for seg in &s {
         assert!(seg.split_whitespace().count() <= 6);
     }
