@@ -217,7 +217,7 @@ pub fn parse_score(reply: &str) -> Option<u8> {
     let mut from = 0;
     while let Some(at) = lower[from..].find("score") {
         let start = from + at + "score".len();
-        let rest = lower[start..].trim_start_matches(|c: char| c == ':' || c == '*' || c == ' ' || c == '=');
+        let rest = lower[start..].trim_start_matches([':', '*', ' ', '=']);
         let mut chars = rest.chars();
         if let Some(d) = chars.next().and_then(|c| c.to_digit(10)) {
             let next = chars.next();

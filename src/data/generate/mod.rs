@@ -80,7 +80,7 @@ pub struct LocalModel {
 }
 
 enum Backend {
-    F32(Transformer),
+    F32(Box<Transformer>),
     Quantized(Box<QuantizedModel>),
 }
 
@@ -101,8 +101,8 @@ impl LocalModel {
         } else {
             let base = files.load(candle_core::DType::F32, &candle_core::Device::Cpu)?;
             match adapter {
-                Some(a) => Backend::F32(crate::generate::with_adapter(&base, a)?),
-                None => Backend::F32(base),
+                Some(a) => Backend::F32(Box::new(crate::generate::with_adapter(&base, a)?)),
+                None => Backend::F32(Box::new(base)),
             }
         };
         if let Some(a) = adapter {
@@ -116,7 +116,7 @@ impl TextModel for LocalModel {
     fn reply(&mut self, messages: &[Message], opts: &GenerateOptions, cancel: &AtomicBool) -> Result<Reply> {
         let g = match &mut self.backend {
             Backend::F32(m) => chat_with(
-                &mut CachedTransformer::new(m),
+                &mut CachedTransformer::new(m.as_ref()),
                 &self.format,
                 messages,
                 opts,
