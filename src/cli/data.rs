@@ -39,6 +39,73 @@ pub enum DataCommand {
     Split(SplitArgs),
     /// Score every row by the model's loss on its answer; optionally keep the hardest or easiest share.
     Score(ScoreArgs),
+    /// Make instruction rows with the local model: Self-Instruct, Evol-Instruct or back-translation.
+    Generate(GenerateArgs),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum MethodArg {
+    SelfInstruct,
+    EvolInstruct,
+    BackTranslation,
+}
+
+#[derive(Debug, Args)]
+pub struct GenerateArgs {
+    #[arg(long, value_enum)]
+    pub method: MethodArg,
+    /// Self-Instruct: rows (at least 3, any dataset format) whose instructions seed the prompts.
+    #[arg(long)]
+    pub seed_data: Option<PathBuf>,
+    /// Evol-Instruct: rows whose instructions are evolved.
+    #[arg(long)]
+    pub input: Option<PathBuf>,
+    /// Back-translation: a .txt/.md/.jsonl (`text` field) document, or a folder of them.
+    #[arg(long)]
+    pub documents: Option<PathBuf>,
+    /// Rows the output should hold at the end (Self-Instruct: required; Evol-Instruct: default
+    /// one per input row; back-translation: default every segment).
+    #[arg(long)]
+    pub count: Option<usize>,
+    /// Output JSONL; an existing file from an earlier run of the same method is continued.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Model folder, GGUF file or Hub id that generates.
+    #[arg(long)]
+    pub model: String,
+    /// A `finch train` run folder or a PEFT adapter folder, applied unmerged.
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+    /// Run a Q4_1/Q8_0 GGUF model without dequantizing.
+    #[arg(long)]
+    pub quantized: bool,
+    #[arg(long, default_value_t = 0.7)]
+    pub temperature: f32,
+    #[arg(long, default_value_t = 0.95)]
+    pub top_p: f32,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Most tokens in one model reply.
+    #[arg(long, default_value_t = 256)]
+    pub max_new_tokens: usize,
+    /// Self-Instruct: new instructions taken from one prompt.
+    #[arg(long, default_value_t = 4)]
+    pub batch_size: usize,
+    /// New instructions need a ROUGE-L below this against every kept and seed instruction.
+    #[arg(long, default_value_t = 0.7)]
+    pub rouge_threshold: f64,
+    /// Back-translation: lowest self-curation score (1-5) kept.
+    #[arg(long, default_value_t = 4)]
+    pub min_score: u8,
+    /// Back-translation: most tokens in one document segment.
+    #[arg(long, default_value_t = 384)]
+    pub segment_tokens: usize,
+    /// Stop after this many prompts (default: 20 per row still to make).
+    #[arg(long)]
+    pub max_attempts: Option<usize>,
+    /// Print every kept and rejected row on stderr as one JSON line (default: a short line each).
+    #[arg(long)]
+    pub events: bool,
 }
 
 #[derive(Debug, Args)]
@@ -60,9 +127,23 @@ pub struct ScoreArgs {
     /// Where to write the kept rows (JSONL).
     #[arg(long)]
     pub out: Option<PathBuf>,
-    /// One JSON line per row with its line number and loss.
+    /// One JSON line per row with its line number and loss (and IFD with --ifd).
     #[arg(long)]
     pub details: Option<PathBuf>,
+    /// Also compute IFD (instruction-following difficulty, Li et al. 2023): the answer's loss
+    /// given the instruction ÷ its loss alone. IFD >= 1 means the instruction does not help.
+    #[arg(long)]
+    pub ifd: bool,
+    /// What --keep ranks by: the answer loss, or IFD (implies --ifd; rows with IFD >= 1 are
+    /// never kept).
+    #[arg(long, value_enum, default_value_t = ScoreBy::Loss)]
+    pub by: ScoreBy,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ScoreBy {
+    Loss,
+    Ifd,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -183,6 +264,7 @@ pub fn run(args: DataArgs) -> anyhow::Result<i32> {
         DataCommand::Filter(args) => run_filter(args),
         DataCommand::Split(args) => run_split(args),
         DataCommand::Score(args) => run_score(args),
+        DataCommand::Generate(args) => run_generate(args),
     }
 }
 
@@ -424,10 +506,35 @@ fn run_score(args: ScoreArgs) -> anyhow::Result<i32> {
         );
     }
     eprintln!();
+    let want_ifd = args.ifd || args.by == ScoreBy::Ifd;
+    let ifd = if want_ifd {
+        let mut pairs = Vec::with_capacity(report.rows.len());
+        for row in &report.rows {
+            pairs.push(
+                crate::train::score::ifd_pair(&row.example, &template, &files.tokenizer, args.seq_len)
+                    .with_context(|| format!("line {}", row.line))?,
+            );
+        }
+        let n = pairs.len();
+        let scores = crate::train::score::ifd_rows(&mut scorer, &pairs, &mut |done| {
+            eprint!("\rIFD {done} / {n} rows");
+        })?;
+        eprintln!();
+        Some(scores)
+    } else {
+        None
+    };
     if let Some(path) = &args.details {
         let mut text = String::new();
-        for (row, loss) in report.rows.iter().zip(&losses) {
-            text.push_str(&json!({"line": row.line, "loss": loss}).to_string());
+        for (i, (row, loss)) in report.rows.iter().zip(&losses).enumerate() {
+            let mut line = json!({"line": row.line, "loss": loss});
+            if let Some(s) = &ifd {
+                line["ifd"] = json!(s.ifd[i]);
+                line["answer_loss_given_instruction"] = json!(s.conditioned[i]);
+                line["answer_loss_alone"] = json!(s.alone[i]);
+                line["instruction_does_not_help"] = json!(s.ifd[i] >= 1.0);
+            }
+            text.push_str(&line.to_string());
             text.push('\n');
         }
         crate::fsutil::write_atomic(path, text.as_bytes())?;
@@ -443,17 +550,158 @@ fn run_score(args: ScoreArgs) -> anyhow::Result<i32> {
         "min_loss": finite.iter().copied().fold(f32::INFINITY, f32::min),
         "max_loss": finite.iter().copied().fold(f32::NEG_INFINITY, f32::max),
     });
+    if let Some(s) = &ifd {
+        let finite: Vec<f32> = s.ifd.iter().copied().filter(|v| v.is_finite()).collect();
+        out["ifd"] = json!({
+            "scored": finite.len(),
+            "mean": finite.iter().sum::<f32>() / finite.len().max(1) as f32,
+            "min": finite.iter().copied().fold(f32::INFINITY, f32::min),
+            "max": finite.iter().copied().fold(f32::NEG_INFINITY, f32::max),
+            "at_least_1": finite.iter().filter(|v| **v >= 1.0).count(),
+        });
+        let flagged: Vec<usize> = s
+            .ifd
+            .iter()
+            .zip(&report.rows)
+            .filter(|(v, _)| **v >= 1.0)
+            .map(|(_, r)| r.line)
+            .collect();
+        if !flagged.is_empty() {
+            eprintln!(
+                "{} rows have IFD >= 1 (the instruction does not help predict the answer), lines {:?}{}",
+                flagged.len(),
+                &flagged[..flagged.len().min(10)],
+                if flagged.len() > 10 { " ..." } else { "" }
+            );
+        }
+        out["ifd"]["lines_at_least_1"] = json!(flagged.iter().take(50).collect::<Vec<_>>());
+    }
     if let (Some(keep), Some(path)) = (args.keep, &args.out) {
         let keep = match keep {
             KeepArg::Top => Keep::Top,
             KeepArg::Bottom => Keep::Bottom,
         };
-        let chosen = select_by_score(&losses, args.fraction, keep)?;
+        let ranked: Vec<f32> = match (&ifd, args.by) {
+            // IFD >= 1: the instruction does not help; never selected (as in Cherry LLM).
+            (Some(s), ScoreBy::Ifd) => s.ifd.iter().map(|&v| if v < 1.0 { v } else { f32::NAN }).collect(),
+            _ => losses.clone(),
+        };
+        let chosen = select_by_score(&ranked, args.fraction, keep)?;
         let kept: Vec<_> = chosen.iter().map(|&i| report.rows[i].example.clone()).collect();
         DatasetEditor::new(kept).save_jsonl(path)?;
         out["kept"] = json!(chosen.len());
+        out["by"] = json!(if args.by == ScoreBy::Ifd { "ifd" } else { "loss" });
         out["out"] = json!(path.display().to_string());
     }
     println!("{}", serde_json::to_string(&out)?);
     Ok(0)
+}
+
+fn run_generate(args: GenerateArgs) -> anyhow::Result<i32> {
+    use crate::data::generate::{self as gen, GenEvent, GenSettings, LocalModel, Method};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let method = match args.method {
+        MethodArg::SelfInstruct => Method::SelfInstruct,
+        MethodArg::EvolInstruct => Method::EvolInstruct,
+        MethodArg::BackTranslation => Method::BackTranslation,
+    };
+    let inputs = [
+        ("--seed-data", &args.seed_data, Method::SelfInstruct),
+        ("--input", &args.input, Method::EvolInstruct),
+        ("--documents", &args.documents, Method::BackTranslation),
+    ];
+    let mut input = None;
+    for (flag, value, for_method) in inputs {
+        match (value, for_method == method) {
+            (Some(path), true) => input = Some(path.clone()),
+            (None, true) => anyhow::bail!("--method {} needs {flag}", method.name()),
+            (Some(_), false) => anyhow::bail!("{flag} is for --method {}, not {}", for_method.name(), method.name()),
+            (None, false) => {}
+        }
+    }
+    let input = input.context("no input")?;
+    let settings = GenSettings {
+        count: args.count,
+        batch_size: args.batch_size,
+        temperature: args.temperature,
+        top_p: args.top_p,
+        seed: args.seed,
+        max_new_tokens: args.max_new_tokens,
+        rouge_threshold: args.rouge_threshold,
+        min_score: args.min_score,
+        segment_tokens: args.segment_tokens,
+        max_attempts: args.max_attempts,
+    };
+    settings.validate()?;
+    if method == Method::SelfInstruct && args.count.is_none() {
+        anyhow::bail!("--method self-instruct needs --count (rows the output should hold)");
+    }
+    // Read and check the input before loading the model (and before touching --out).
+    let source = match method {
+        Method::BackTranslation => Source::Documents(gen::backtranslate::read_documents(&input)?),
+        _ => Source::Rows(gen::load_rows(&input)?),
+    };
+    eprintln!("loading {} ...", args.model);
+    let mut model = LocalModel::open(&args.model, args.adapter.as_deref(), args.quantized)
+        .with_context(|| format!("cannot open model `{}`", args.model))?;
+    let cancel = std::sync::Arc::new(AtomicBool::new(false));
+    {
+        let cancel = cancel.clone();
+        ctrlc::set_handler(move || {
+            if cancel.swap(true, Ordering::SeqCst) {
+                std::process::exit(130);
+            }
+            eprintln!("stopping after the current model call (Ctrl-C again to quit now) ...");
+        })
+        .context("cannot install the Ctrl-C handler")?;
+    }
+    let mut on_event = |e: GenEvent| {
+        if args.events {
+            if let Ok(line) = serde_json::to_string(&e) {
+                eprintln!("{line}");
+            }
+            return;
+        }
+        match &e {
+            GenEvent::Warning { message } => eprintln!("warning: {message}"),
+            GenEvent::Row { index, row } => eprintln!("row {}: {}", index + 1, one_line(&row.instruction)),
+            GenEvent::Rejected { reason, detail, .. } => eprintln!("rejected ({}): {detail}", reason.name()),
+            GenEvent::Progress { .. } => {}
+        }
+    };
+    let mut run = gen::Run {
+        model: &mut model,
+        settings: &settings,
+        out: &args.out,
+        cancel: &cancel,
+        on_event: &mut on_event,
+    };
+    let summary = match &source {
+        Source::Rows(rows) if method == Method::SelfInstruct => gen::self_instruct::run(rows, &mut run)?,
+        Source::Rows(rows) => gen::evol::run(rows, &mut run)?,
+        Source::Documents(docs) => gen::backtranslate::run(docs, &mut run)?,
+    };
+    if summary.gave_up {
+        eprintln!(
+            "warning: stopped after {} prompts with {} rows (raise --max-attempts or --temperature)",
+            summary.attempts, summary.rows
+        );
+    }
+    let mut out = serde_json::to_value(&summary)?;
+    out["model"] = json!(args.model);
+    println!("{}", serde_json::to_string(&out)?);
+    Ok(if summary.cancelled { 130 } else { 0 })
+}
+
+enum Source {
+    Rows(Vec<crate::data::generate::SourceRow>),
+    Documents(Vec<crate::data::generate::backtranslate::Document>),
+}
+
+fn one_line(text: &str) -> String {
+    let line = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    match line.char_indices().nth(100) {
+        Some((at, _)) => format!("{}…", &line[..at]),
+        None => line,
+    }
 }

@@ -3,6 +3,7 @@
 
 pub mod edit;
 pub mod export;
+pub mod generate;
 pub mod inspect;
 pub mod load;
 pub mod pack;

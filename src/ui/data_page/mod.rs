@@ -14,6 +14,7 @@
 //! `state.rs` holds the jobs, their polling and the actions; `view.rs` draws the page and turns
 //! clicks into [`Action`]s, applied after drawing.
 
+pub mod generate;
 mod state;
 mod view;
 
@@ -301,6 +302,8 @@ pub struct DataPage {
     status: String,
     /// A dataset to open on the first frame (the last one used, or `FINCH_UI_DATA`).
     open_at_start: Option<PathBuf>,
+    /// The Generate panel (rows made by the local model).
+    pub generate: generate::GeneratePanel,
 }
 
 impl Default for DataPage {
@@ -341,6 +344,7 @@ impl Default for DataPage {
             counts: None,
             status: String::new(),
             open_at_start: None,
+            generate: generate::GeneratePanel::default(),
         }
     }
 }

@@ -375,6 +375,7 @@ impl DataPage {
     }
 
     pub fn poll(&mut self, ctx: &egui::Context, shared: &mut Shared) {
+        self.generate.poll();
         // The last dataset (or FINCH_UI_DATA) opens at start, as the last model does.
         if let Some(path) = self.open_at_start.take().filter(|p| p.is_file()) {
             self.open(ctx, shared, &path);

@@ -60,6 +60,18 @@ impl DataPage {
             self.split_ui(ui, &mut actions);
             ui.add_space(10.0);
             self.filters_ui(ui, &mut actions);
+            ui.add_space(10.0);
+            let model = shared.model.as_ref().map(|m| m.path.clone());
+            let accepted = self.generate.ui(ui, model);
+            if !accepted.is_empty() {
+                if let Some(d) = &mut self.dataset {
+                    // Each accepted row is one editor edit: Undo takes it back.
+                    for ex in accepted {
+                        d.editor.add(ex);
+                    }
+                }
+                self.changed();
+            }
         }
         if !self.status.is_empty() {
             ui.add_space(8.0);

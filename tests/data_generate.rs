@@ -1,0 +1,199 @@
+//! `finch data generate` end to end with a tiny random model: the real pipeline (model loading,
+//! chat template, sampling, filters, the output file) through the CLI. The rules themselves
+//! are tested on scripted replies in src/data/generate/tests.rs.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic on a broken fixture
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use finch::model::tiny::TinySpec;
+use finch::model::Family;
+
+fn finch() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_finch"))
+}
+
+fn p(path: &Path) -> String {
+    path.to_string_lossy().into_owned()
+}
+
+fn stdout_json(o: &Output) -> serde_json::Value {
+    let (out, err) = (String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    assert!(
+        o.status.success(),
+        "exit {:?}\nstdout: {out}\nstderr: {err}",
+        o.status.code()
+    );
+    serde_json::from_str(out.lines().last().unwrap()).unwrap()
+}
+
+fn rows(path: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn setup() -> (tempfile::TempDir, String, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("model");
+    TinySpec::new(Family::Llama).write(&model).unwrap();
+    let seeds = dir.path().join("seeds.jsonl");
+    let mut text = String::new();
+    for (i, s) in [
+        "Write a haiku about the sea.",
+        "List three uses of copper.",
+        "Explain how rain forms.",
+    ]
+    .iter()
+    .enumerate()
+    {
+        text.push_str(&format!(
+            "{}\n",
+            serde_json::json!({"instruction": s, "output": format!("Answer {i}.")})
+        ));
+    }
+    std::fs::write(&seeds, text).unwrap();
+    (dir, p(&model), p(&seeds))
+}
+
+#[test]
+fn self_instruct_runs_on_a_tiny_model_and_resumes() {
+    let (dir, model, seeds) = setup();
+    let out = dir.path().join("gen.jsonl");
+    let run = |count: &str| {
+        finch()
+            .args(["data", "generate", "--method", "self-instruct", "--seed-data", &seeds])
+            .args(["--model", &model, "--out", &p(&out), "--count", count])
+            .args([
+                "--temperature",
+                "1.0",
+                "--seed",
+                "3",
+                "--max-new-tokens",
+                "24",
+                "--max-attempts",
+                "12",
+            ])
+            .output()
+            .unwrap()
+    };
+    let first = stdout_json(&run("2"));
+    eprintln!("{first}");
+    let written = rows(&out);
+    assert_eq!(first["method"], "self-instruct");
+    assert_eq!(first["rows"].as_u64().unwrap() as usize, written.len());
+    assert!(first["attempts"].as_u64().unwrap() >= 1);
+    for row in &written {
+        assert_eq!(row["provenance"]["method"], "self-instruct");
+        assert_eq!(row["provenance"]["model"], model.as_str());
+        assert_eq!(row["provenance"]["settings"]["seed"], 3);
+        assert!(row["instruction"].as_str().unwrap().split_whitespace().count() >= 3);
+    }
+    let before = std::fs::read_to_string(&out).unwrap_or_default();
+    let second = stdout_json(&run("4"));
+    eprintln!("{second}");
+    assert_eq!(second["rows_before"].as_u64().unwrap() as usize, written.len());
+    assert!(std::fs::read_to_string(&out).unwrap().starts_with(&before));
+}
+
+#[test]
+fn bad_documents_stop_back_translation_before_anything_is_written() {
+    let (dir, model, seeds) = setup();
+    let docs = dir.path().join("docs");
+    std::fs::create_dir_all(&docs).unwrap();
+    std::fs::write(docs.join("a.txt"), "A fine paragraph of text about rivers and stones.").unwrap();
+    std::fs::write(docs.join("b.txt"), b"\x00\x01binary").unwrap();
+    let out = dir.path().join("bt.jsonl");
+    let o = finch()
+        .args([
+            "data",
+            "generate",
+            "--method",
+            "back-translation",
+            "--documents",
+            &p(&docs),
+        ])
+        .args(["--model", &model, "--out", &p(&out)])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(err.contains("b.txt") && err.contains("binary"), "{err}");
+    assert!(!out.exists());
+    // The input flag must match the method.
+    let o = finch()
+        .args(["data", "generate", "--method", "evol-instruct", "--seed-data", &seeds])
+        .args(["--model", &model, "--out", &p(&out)])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("--seed-data is for --method self-instruct"),
+        "{err}"
+    );
+}
+
+/// The one real-model check (FINCH_REAL_MODEL=/path/to/SmolLM2-135M-Instruct): an answer
+/// unrelated to its question gets IFD >= 1 (the question does not help), a matching one < 1.
+#[test]
+fn ifd_separates_matched_from_unrelated_answers_on_a_real_model() {
+    let Ok(model) = std::env::var("FINCH_REAL_MODEL") else {
+        eprintln!("skipped: set FINCH_REAL_MODEL to a chat model folder (e.g. SmolLM2-135M-Instruct)");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("ifd.jsonl");
+    let rows = [
+        ("What is the capital of France?", "The capital of France is Paris."),
+        (
+            "What is the capital of France?",
+            "Photosynthesis converts sunlight, water and carbon dioxide into glucose and oxygen.",
+        ),
+        ("Translate 'good morning' into Spanish.", "Buenos días."),
+        (
+            "Translate 'good morning' into Spanish.",
+            "The Pacific Ocean is the largest ocean on Earth.",
+        ),
+    ];
+    let text: String = rows
+        .iter()
+        .map(|(i, o)| format!("{}\n", serde_json::json!({"instruction": i, "output": o})))
+        .collect();
+    std::fs::write(&data, text).unwrap();
+    let details = dir.path().join("details.jsonl");
+    let kept = dir.path().join("kept.jsonl");
+    let summary = stdout_json(
+        &finch()
+            .args([
+                "data",
+                "score",
+                &p(&data),
+                "--model",
+                &model,
+                "--by",
+                "ifd",
+                "--keep",
+                "top",
+            ])
+            .args(["--fraction", "1", "--out", &p(&kept), "--details", &p(&details)])
+            .output()
+            .unwrap(),
+    );
+    let scores: Vec<f64> = std::fs::read_to_string(&details)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["ifd"]
+                .as_f64()
+                .unwrap()
+        })
+        .collect();
+    eprintln!("IFD matched / unrelated: {scores:?}");
+    assert!(scores[0] < 1.0 && scores[2] < 1.0, "{scores:?}");
+    assert!(scores[1] >= 1.0 && scores[3] >= 1.0, "{scores:?}");
+    assert_eq!(summary["ifd"]["at_least_1"], 2);
+    // Keeping by IFD never keeps a row whose instruction does not help.
+    assert_eq!(summary["kept"], 2);
+}
