@@ -14,8 +14,10 @@ three hand-offs with `finch export-run --base-model HF` and checks:
                registered the `finch` template; its `template.encode_multiturn` with the labels its
                supervised processor builds (the source masked, the target trained) gives Finch's
                ids and mask for every row
-  axolotl      axolotl does not install here (GPU stack): the YAML is parsed and its fields
-               checked, and its inline chat template renders Finch's token ids (mask not checked)
+  axolotl      axolotl's own `AxolotlInputConfig` parses axolotl.yml (when importable: `pip install
+               --no-deps axolotl pillow` suffices for its schemas), its fields are checked, and its
+               inline chat template renders Finch's token ids, and its `chat_template` dataset
+               strategy (roles_to_train, train_on_eos) gives Finch's ids and loss mask per row
 
 With --train-steps N (> 0) it then trains N steps of TRL's SFTTrainer on CPU with the TRL
 hand-off, imports the saved adapter with `finch import-adapter`, and compares greedy answers of
@@ -194,18 +196,47 @@ def check_axolotl(out, hf_model):
     expected = {"type": "chat_template", "field_messages": "messages", "ds_type": "json"}
     ok = all(ds.get(k) == v for k, v in expected.items()) and ds.get("train_on_eos") in ("turn", "all", "last")
     ok = ok and cfg["adapter"] == "lora" and cfg["chat_template"] == "jinja" and cfg["sample_packing"] is False
-    report("axolotl yaml fields (structural; axolotl itself not installed)", ok,
+    report("axolotl yaml fields (structural)", ok,
            roles_to_train=ds.get("roles_to_train"), lora_r=cfg["lora_r"], sequence_len=cfg["sequence_len"])
+    # axolotl's own config model (pydantic), when importable: `pip install --no-deps --target DIR
+    # axolotl pillow` is enough for its schemas next to transformers/peft (checked 2026-11-29 with
+    # axolotl 0.19.0: the exported YAML parses).
+    try:
+        from axolotl.utils.schemas.config import AxolotlInputConfig
+    except ImportError as e:
+        skip("axolotl AxolotlInputConfig parses axolotl.yml", f"axolotl not importable: {e}")
+    else:
+        try:
+            parsed = AxolotlInputConfig(**cfg)
+            report("axolotl AxolotlInputConfig parses axolotl.yml", True, lora_r=parsed.lora_r)
+        except Exception as e:  # noqa: BLE001 - the loader's own message is the result
+            report("axolotl AxolotlInputConfig parses axolotl.yml", False, error=str(e)[:400])
     tok = AutoTokenizer.from_pretrained(hf_model)
-    rows = []
     with open(out / "train.jsonl") as f:
-        for line in f:
-            msgs = json.loads(line)["messages"]
-            ids = tok.apply_chat_template(msgs, chat_template=cfg["chat_template_jinja"], tokenize=True,
-                                          return_dict=True)["input_ids"]
-            rows.append((ids, [0] * len(ids)))
+        examples = [json.loads(line) for line in f]
+    rows = []
+    for ex in examples:
+        ids = tok.apply_chat_template(ex["messages"], chat_template=cfg["chat_template_jinja"], tokenize=True,
+                                      return_dict=True)["input_ids"]
+        rows.append((ids, [0] * len(ids)))
     compare("axolotl inline template renders Finch ids (mask not checked)", finch_reference(out), rows,
             check_mask=False)
+    # axolotl's own dataset strategy (`type: chat_template`: roles_to_train, train_on_eos) builds
+    # the labels; with `pip install --no-deps` of axolotl, pillow, datasets, multiprocess, pandas,
+    # python-dateutil, pytz, tzdata, dill, xxhash, pyarrow, colorama, addict it imports on CPU
+    # (2026-11-29, axolotl 0.19.0: all 173 rows of the pirate run equal Finch's ids and mask).
+    try:
+        from axolotl.prompt_strategies.chat_template import load
+        from axolotl.utils.dict import DictDefault
+    except ImportError as e:
+        skip("axolotl ChatTemplateStrategy ids + labels == Finch ids + mask", f"not importable: {e}")
+        return
+    strategy = load(tok, DictDefault(cfg), DictDefault(cfg["datasets"][0]))
+    rows = []
+    for ex in examples:
+        t = strategy.tokenize_prompt(ex)
+        rows.append((t["input_ids"], [int(label != -100) for label in t["labels"]]))
+    compare("axolotl ChatTemplateStrategy ids + labels == Finch ids + mask", finch_reference(out), rows)
 
 
 def export(finch, run, target, out, hf_model):

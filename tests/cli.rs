@@ -264,6 +264,19 @@ fn bad_inputs_are_reported_not_panicked() {
         "64",
     ]);
     assert!(e.contains("text_overlap") && e.contains("fewer than seq_len"), "{e}");
+    // The tiny model's template never reads enable_thinking: setting it would change nothing.
+    let e = run(&[
+        "train",
+        "--model",
+        &model,
+        "--data",
+        &data,
+        "--out",
+        &out_s,
+        "--enable-thinking",
+        "false",
+    ]);
+    assert!(e.contains("enable_thinking") && e.contains("does not read"), "{e}");
     let e = run(&["train", "--resume", "--out", &out_s, "--model", &model, "--data", &data]);
     assert!(e.contains("checkpoint"), "{e}");
 }

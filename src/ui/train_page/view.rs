@@ -725,6 +725,37 @@ fn loss_ui(ui: &mut egui::Ui, cfg: &mut TrainConfig) {
     );
     knob_row(
         ui,
+        "Text overlap",
+        "Plain-text files are cut into sequence-length windows; this many tokens of each window repeat the end \
+         of the previous one, so no sentence is only ever seen cut in two (0: back to back).",
+        |ui| {
+            let most = cfg.seq_len.saturating_sub(1);
+            ui.add(egui::DragValue::new(&mut cfg.text_overlap).range(0..=most))
+        },
+    );
+    knob_row(
+        ui,
+        "Thinking",
+        "The chat template's enable_thinking (Qwen3): off renders every answer with an empty think block, as \
+         transformers' apply_chat_template(..., enable_thinking=False). A model whose template does not read it refuses on or off.",
+        |ui| {
+            let name = |v: Option<bool>| match v {
+                None => "template default",
+                Some(true) => "on",
+                Some(false) => "off",
+            };
+            egui::ComboBox::from_id_salt("enable-thinking")
+                .selected_text(name(cfg.enable_thinking))
+                .show_ui(ui, |ui| {
+                    for v in [None, Some(true), Some(false)] {
+                        ui.selectable_value(&mut cfg.enable_thinking, v, name(v));
+                    }
+                })
+                .response
+        },
+    );
+    knob_row(
+        ui,
         "Seed",
         "Fixes every random choice, so the same settings on the same data give the same run.",
         |ui| ui.add(egui::DragValue::new(&mut cfg.seed)),
