@@ -178,13 +178,15 @@ pub fn build(cfg: &TrainConfig, run_dir: Option<PathBuf>, note: &mut dyn FnMut(S
     let (files, template) = open_model(&cfg.model)?;
     let template = match cfg.enable_thinking {
         // A template that never reads the variable would silently ignore the setting.
-        Some(_) if !template.source().contains("enable_thinking") => return Err(Error::config(
-            "enable_thinking",
-            format!(
+        Some(_) if !template.source().contains("enable_thinking") => {
+            return Err(Error::config(
+                "enable_thinking",
+                format!(
                 "{}'s chat template does not read enable_thinking, so the setting would change nothing: leave it unset",
                 cfg.model
             ),
-        )),
+            ))
+        }
         Some(on) => template.with_variable("enable_thinking", serde_json::Value::Bool(on))?,
         None => template,
     };

@@ -406,6 +406,22 @@ mod tests {
     }
 
     #[test]
+    fn a_thinking_block_is_folded_away_until_opened() {
+        use egui_kittest::kittest::Queryable;
+        let mut answer = super::Answer::new("base".into(), None);
+        answer.text = "<think>\nsix times eight is forty-eight\n</think>\n\nThe answer is 48.".into();
+        answer.finish = Some(crate::generate::FinishReason::Eos);
+        let mut harness = egui_kittest::Harness::new_ui(move |ui| super::view::answer_ui(ui, &answer, "Base"));
+        harness.run();
+        assert!(harness.query_by_label("The answer is 48.").is_some());
+        assert!(harness.query_by_label_contains("forty-eight").is_none());
+        harness.get_by_label("Thinking").click();
+        harness.run();
+        assert!(harness.query_by_label_contains("forty-eight").is_some());
+        assert!(harness.query_by_label_contains("<think>").is_none());
+    }
+
+    #[test]
     fn tool_calls_in_answers_are_found() {
         use super::view::tool_call_segments;
         let qwen = "Let me check.\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Oslo\"}}\n</tool_call>";

@@ -403,7 +403,7 @@ fn sampling_ui(ui: &mut egui::Ui, s: &mut ChatSettings) {
 }
 
 /// An answer with its title and status line.
-fn answer_ui(ui: &mut egui::Ui, answer: &Answer, title: &str) {
+pub(super) fn answer_ui(ui: &mut egui::Ui, answer: &Answer, title: &str) {
     ui.label(egui::RichText::new(title).small().strong());
     if answer.text.is_empty() && answer.is_streaming() {
         ui.spinner();
