@@ -394,6 +394,25 @@ fn blind_compare_hides_names_until_the_vote_and_saves_it() {
     assert_eq!(harness.state().settings().train.method, finch::train::Method::Dpo);
     // (Whether the method choice appears for the file is tested in tests/ui.rs: the two tiny
     // models here answer alike, a tie, which is no preference.)
+
+    // A later session (a new app on the same runs folder) offers the saved votes too.
+    let mut later = ui_harness::harness(App::with_settings(fx.settings.clone(), StartOptions::default()));
+    later.step();
+    nav(&mut later, "Chat");
+    later.get_by_label("Compare models").click();
+    step_until(
+        &mut later,
+        "the earlier votes counted",
+        Duration::from_secs(30),
+        |app| app.votes_saved().is_some(),
+    );
+    later.step();
+    later.get_by_label_contains("1 vote saved in");
+    later.get_by_label("Train on my votes").click();
+    later.step();
+    later.step();
+    assert_eq!(later.state().page(), finch::ui::Page::Train);
+    assert_eq!(later.state().data_path(), votes_path.display().to_string());
 }
 
 #[test]

@@ -337,9 +337,13 @@ pub struct ChatPage {
     pub turns: Vec<ChatTurn>,
     pub rounds: Vec<CompareRound>,
     saving_vote: Option<Job<Result<usize, String>>>,
-    /// Votes in the votes file after the last save.
+    /// Votes in the votes file after the last save (or found there from earlier sessions).
     pub votes_saved: Option<usize>,
     pub votes_path: Option<PathBuf>,
+    /// The votes file of the runs folder being counted on a background thread, and the one
+    /// counted last: votes from earlier sessions offer "Train on my votes" too.
+    counting_votes: Option<Job<Result<usize, String>>>,
+    votes_counted_for: Option<PathBuf>,
 }
 
 impl Default for ChatPage {
@@ -359,6 +363,8 @@ impl Default for ChatPage {
             saving_vote: None,
             votes_saved: None,
             votes_path: None,
+            counting_votes: None,
+            votes_counted_for: None,
         }
     }
 }

@@ -138,6 +138,7 @@ impl ChatPage {
                 a.poll();
             }
         }
+        self.poll_earlier_votes(ctx, shared);
         if let Some(job) = &mut self.saving_vote {
             if let Some(result) = job.poll() {
                 self.saving_vote = None;
@@ -272,6 +273,47 @@ impl ChatPage {
             }
         }
         self.input.clear();
+    }
+
+    /// Counts the votes a runs folder's votes file already holds (earlier sessions), once per
+    /// runs folder, on a named thread; a file with votes offers "Train on my votes".
+    fn poll_earlier_votes(&mut self, ctx: &egui::Context, shared: &mut Shared) {
+        let path = shared.settings.runs_dir.join(votes::VOTES_FILE);
+        if let Some(job) = &mut self.counting_votes {
+            if let Some(result) = job.poll() {
+                self.counting_votes = None;
+                match result {
+                    Ok(n) if n > 0 && self.votes_saved.is_none() => {
+                        self.votes_saved = Some(n);
+                        self.votes_path = self.votes_counted_for.clone();
+                    }
+                    Ok(_) => {}
+                    Err(e) => shared.report(
+                        "Cannot read the votes file",
+                        e,
+                        "Fix or move the file named, then open the Chat page again.",
+                    ),
+                }
+            }
+            return;
+        }
+        if self.votes_counted_for.as_ref() == Some(&path) || self.saving_vote.is_some() {
+            return;
+        }
+        if self.votes_path.as_ref() != Some(&path) {
+            // Another runs folder: its own votes, if any.
+            self.votes_saved = None;
+            self.votes_path = None;
+        }
+        self.votes_counted_for = Some(path.clone());
+        let count = move || match path.try_exists() {
+            Ok(false) => Ok(0),
+            _ => votes::read(&path).map(|v| v.len()).map_err(|e| format!("{e:#}")),
+        };
+        match Job::spawn("finch-count-votes", ctx, count) {
+            Ok(job) => self.counting_votes = Some(job),
+            Err(e) => shared.report("Cannot read the votes file", e, "Restart Finch."),
+        }
     }
 
     /// "Train on my votes": the votes file becomes the Train page's data, with DPO preselected,
