@@ -444,6 +444,29 @@ fn export_peft_and_merged_from_the_export_page() {
     }
     harness.get_by_label("adapter_model.safetensors");
 
+    // The exported PEFT folder comes back as a run (`finch import-adapter`): its config names no
+    // base model, so the model open on the Models page is the base; the run lists gain it.
+    harness.get_by_label("PEFT folder to import").focus();
+    harness.step();
+    harness
+        .get_by_label("PEFT folder to import")
+        .type_text(&peft_out.display().to_string());
+    harness.step();
+    harness.get_by_label("Import as a run").click();
+    step_until(&mut harness, "the import", Duration::from_secs(60), |app| {
+        app.export_state().import_result.is_some() || !app.errors().is_empty()
+    });
+    assert!(harness.state().errors().is_empty(), "{:?}", harness.state().errors());
+    let imported = harness.state().export_state().import_result.clone().unwrap();
+    assert_eq!(imported.run, fx.settings.runs_dir.join("imported-export-peft"));
+    step_until(
+        &mut harness,
+        "the imported run listed",
+        Duration::from_secs(30),
+        |app| app.run_history().iter().any(|r| r.dir == imported.run),
+    );
+    harness.get_by_label_contains("Imported as");
+
     harness.get_by_label("Merged model (Hugging Face folder)").click();
     harness.step();
     let merged_out = run.join("export-merged");

@@ -9,6 +9,7 @@ use std::sync::atomic::Ordering;
 
 use eframe::egui;
 
+use crate::export::handoff::import::{ImportRequest, Imported};
 use crate::export::handoff::{Handoff, HandoffRequest, Target as HandoffTarget};
 pub use crate::export::ExportFormat;
 use crate::export::{ExportError, ExportEvent, ExportRequest, Exported};
@@ -45,6 +46,10 @@ pub struct ExportPage {
     pub handoff_target: HandoffTarget,
     handoff_job: Option<Stream<Result<Handoff, String>>>,
     pub handoff_result: Option<Handoff>,
+    /// Bringing an adapter trained elsewhere back as a run (`finch import-adapter`).
+    pub import_text: String,
+    import_job: Option<Stream<Result<Imported, String>>>,
+    pub import_result: Option<Imported>,
 }
 
 impl Default for ExportPage {
@@ -63,6 +68,9 @@ impl Default for ExportPage {
             handoff_target: HandoffTarget::Trl,
             handoff_job: None,
             handoff_result: None,
+            import_text: String::new(),
+            import_job: None,
+            import_result: None,
         }
     }
 }
@@ -205,6 +213,109 @@ impl ExportPage {
         self.progress_ui(ui);
         ui.add_space(12.0);
         self.handoff_ui(ui, shared);
+        ui.add_space(12.0);
+        self.import_ui(ui, shared);
+    }
+
+    /// Imports a PEFT adapter folder trained elsewhere as a run of the runs folder (the engine
+    /// `finch import-adapter` calls), on a named thread.
+    fn start_import(&mut self, ctx: &egui::Context, shared: &mut Shared) {
+        let mut request = ImportRequest {
+            dir: PathBuf::from(self.import_text.trim()),
+            name: None,
+            runs_dir: shared.settings.runs_dir.clone(),
+            model: None,
+        };
+        // The model open on the Models page is the base when the adapter's own
+        // `base_model_name_or_path` is missing or does not open here (a path on the GPU machine).
+        let open_model = shared.model.as_ref().map(|m| m.path.display().to_string());
+        match Stream::spawn("finch-import-adapter", ctx, move |send, _cancel| {
+            if let Some(open_model) = open_model {
+                let named = std::fs::read_to_string(request.dir.join("adapter_config.json"))
+                    .ok()
+                    .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+                    .and_then(|v| v.get("base_model_name_or_path")?.as_str().map(str::to_string))
+                    .filter(|n| !n.is_empty());
+                if named.is_none_or(|n| crate::hub::open_model(&n).is_err()) {
+                    request.model = Some(open_model);
+                }
+            }
+            send(crate::export::handoff::import::import_adapter(&request).map_err(|e| format!("{e:#}")));
+        }) {
+            Ok(stream) => {
+                self.import_job = Some(stream);
+                self.import_result = None;
+            }
+            Err(e) => shared.report("Cannot start the import", e, "Restart Finch."),
+        }
+    }
+
+    /// The import section: an adapter folder, the Import button, and what the last import made.
+    fn import_ui(&mut self, ui: &mut egui::Ui, shared: &mut Shared) {
+        if let Some(job) = &mut self.import_job {
+            let results = job.drain();
+            let finished = job.is_finished();
+            for r in results {
+                match r {
+                    Ok(imported) => {
+                        self.import_result = Some(imported);
+                        // The new run joins the run lists (Train history, Chat, Compare, Export).
+                        shared.requests.rescan_runs = true;
+                    }
+                    Err(e) => shared.report(
+                        "Import failed",
+                        e,
+                        "Pick a PEFT adapter folder (adapter_config.json + adapter_model.safetensors); when its base \
+                         model is not found here, open that model on the Models page first.",
+                    ),
+                }
+            }
+            if finished {
+                self.import_job = None;
+            }
+        }
+        let ctx = ui.ctx().clone();
+        ui.group(|ui| {
+            ui.label(egui::RichText::new("Bring an adapter back").strong())
+                .on_hover_text(
+                "Imports a PEFT adapter folder trained by LLaMA-Factory, axolotl, TRL or any PEFT trainer as a run, \
+                 with its trainer_state.json loss curve when there is one.",
+            );
+            ui.horizontal(|ui| {
+                let label = ui.label("PEFT folder to import");
+                ui.add(
+                    egui::TextEdit::singleline(&mut self.import_text)
+                        .desired_width(360.0)
+                        .hint_text("…/output/checkpoint-500"),
+                )
+                .labelled_by(label.id);
+                let running = self.import_job.is_some();
+                let ready = !self.import_text.trim().is_empty() && !running;
+                if ui
+                    .add_enabled(ready, egui::Button::new("Import as a run"))
+                    .on_hover_text("Same as `finch import-adapter DIR`.")
+                    .clicked()
+                {
+                    self.start_import(&ctx, shared);
+                }
+                if running {
+                    ui.spinner();
+                }
+            });
+            if let Some(i) = &self.import_result {
+                let steps = if i.logged_steps > 0 {
+                    format!("{} logged steps drawn on the Train page", i.logged_steps)
+                } else {
+                    "no trainer_state.json loss history found".to_string()
+                };
+                ui.label(format!(
+                    "Imported as {} (rank {}, base {}): {steps}",
+                    i.run.display(),
+                    i.rank,
+                    i.model
+                ));
+            }
+        });
     }
 
     /// Writes the selected run's data, template, mask and settings for LLaMA-Factory, axolotl
