@@ -62,7 +62,8 @@ impl DataPage {
             self.filters_ui(ui, &mut actions);
             ui.add_space(10.0);
             let model = shared.model.as_ref().map(|m| m.path.clone());
-            let accepted = self.generate.ui(ui, model);
+            let adapters: Vec<(String, PathBuf)> = shared.adapters().cloned().collect();
+            let accepted = self.generate.ui(ui, model, &adapters);
             if !accepted.is_empty() {
                 if let Some(d) = &mut self.dataset {
                     // Each accepted row is one editor edit: Undo takes it back.
