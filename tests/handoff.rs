@@ -484,6 +484,7 @@ fn an_exported_adapter_imports_as_a_run_with_the_same_answers_and_bad_folders_na
             name: Some("back".into()),
             runs_dir: runs.clone(),
             model: None,
+            fallback_model: None,
         })
         .unwrap()
     });
@@ -514,6 +515,7 @@ fn an_exported_adapter_imports_as_a_run_with_the_same_answers_and_bad_folders_na
                 name: Some(name.into()),
                 runs_dir: runs.clone(),
                 model: None,
+                fallback_model: None,
             })
             .unwrap_err()
             .to_string()

@@ -83,6 +83,7 @@ pub fn run_import(args: ImportAdapterArgs) -> anyhow::Result<i32> {
         name: args.name,
         runs_dir: args.runs_dir,
         model: args.model,
+        fallback_model: None,
     })?;
     match &imported.trainer_state {
         Some(p) => eprintln!("loss history: {} steps from {}", imported.logged_steps, p.display()),

@@ -220,26 +220,16 @@ impl ExportPage {
     /// Imports a PEFT adapter folder trained elsewhere as a run of the runs folder (the engine
     /// `finch import-adapter` calls), on a named thread.
     fn start_import(&mut self, ctx: &egui::Context, shared: &mut Shared) {
-        let mut request = ImportRequest {
+        // The model open on the Models page is the base when the adapter's own
+        // `base_model_name_or_path` is missing or does not open here (a path on the GPU machine).
+        let request = ImportRequest {
             dir: PathBuf::from(self.import_text.trim()),
             name: None,
             runs_dir: shared.settings.runs_dir.clone(),
             model: None,
+            fallback_model: shared.model.as_ref().map(|m| m.path.display().to_string()),
         };
-        // The model open on the Models page is the base when the adapter's own
-        // `base_model_name_or_path` is missing or does not open here (a path on the GPU machine).
-        let open_model = shared.model.as_ref().map(|m| m.path.display().to_string());
         match Stream::spawn("finch-import-adapter", ctx, move |send, _cancel| {
-            if let Some(open_model) = open_model {
-                let named = std::fs::read_to_string(request.dir.join("adapter_config.json"))
-                    .ok()
-                    .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-                    .and_then(|v| v.get("base_model_name_or_path")?.as_str().map(str::to_string))
-                    .filter(|n| !n.is_empty());
-                if named.is_none_or(|n| crate::hub::open_model(&n).is_err()) {
-                    request.model = Some(open_model);
-                }
-            }
             send(crate::export::handoff::import::import_adapter(&request).map_err(|e| format!("{e:#}")));
         }) {
             Ok(stream) => {

@@ -27,6 +27,9 @@ pub struct ImportRequest {
     /// The base model, when `base_model_name_or_path` does not open here (a path on the GPU
     /// machine, a Hub id not downloaded).
     pub model: Option<String>,
+    /// The base model to use only when `model` is unset and `base_model_name_or_path` is missing
+    /// or does not open here (the studio passes the model open on its Models page).
+    pub fallback_model: Option<String>,
 }
 
 /// A finished import.
@@ -239,9 +242,16 @@ pub fn import_adapter(request: &ImportRequest) -> Result<Imported> {
         .get("base_model_name_or_path")
         .and_then(Value::as_str)
         .map(str::to_string);
-    let spec = match (&request.model, &named) {
-        (Some(m), _) => m.clone(),
-        (None, Some(n)) if !n.is_empty() => n.clone(),
+    let named = named.filter(|n| !n.is_empty());
+    let fallback = match (&request.model, &named, &request.fallback_model) {
+        (None, None, Some(f)) => Some(f.clone()),
+        (None, Some(n), Some(f)) if crate::hub::open_model(n).is_err() => Some(f.clone()),
+        _ => None,
+    };
+    let spec = match (&request.model, &named, &fallback) {
+        (Some(m), _, _) => m.clone(),
+        (None, _, Some(f)) => f.clone(),
+        (None, Some(n), None) => n.clone(),
         _ => {
             return Err(field_error(
                 &cfg_path,
@@ -253,6 +263,8 @@ pub fn import_adapter(request: &ImportRequest) -> Result<Imported> {
     let files = crate::hub::open_model(&spec).map_err(|e| {
         let which = if request.model.is_some() {
             "--model"
+        } else if fallback.is_some() {
+            "the model open in the studio"
         } else {
             "base_model_name_or_path"
         };
