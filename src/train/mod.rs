@@ -164,10 +164,15 @@ pub(crate) fn head_loss(model: &Transformer, h: &Tensor, batch: &Batch, for_back
 
 /// Adds a backward pass's gradients of `vars` into `sums`.
 fn add_grads(sums: &mut [Option<Tensor>], vars: &[Var], grads: &candle_core::backprop::GradStore) -> Result<()> {
-    for (i, v) in vars.iter().enumerate() {
-        if let Some(g) = grads.get(v.as_tensor()) {
-            sums[i] = Some(match sums[i].take() {
-                None => g.clone(),
+    add_grad_list(sums, vars.iter().map(|v| grads.get(v.as_tensor()).cloned()))
+}
+
+/// Adds gradients given in the order of the trainable variables (`None`: no gradient) into `sums`.
+fn add_grad_list(sums: &mut [Option<Tensor>], grads: impl IntoIterator<Item = Option<Tensor>>) -> Result<()> {
+    for (sum, g) in sums.iter_mut().zip(grads) {
+        if let Some(g) = g {
+            *sum = Some(match sum.take() {
+                None => g,
                 Some(s) => (s + g)?,
             });
         }
@@ -488,14 +493,7 @@ impl Trainer {
             loss_sum += value;
             used += 1;
             let grads = pass.backward(&self.model, 1.0 / accum as f64, &self.vars)?;
-            for (sum, g) in sums.iter_mut().zip(grads) {
-                if let Some(g) = g {
-                    *sum = Some(match sum.take() {
-                        None => g,
-                        Some(s) => (s + g)?,
-                    });
-                }
-            }
+            add_grad_list(&mut sums, grads)?;
         }
         if used == 0 {
             return Err(Error::Data(
