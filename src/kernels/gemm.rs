@@ -126,7 +126,7 @@ fn gemm_into_with(
     // pool, each block one single-threaded gemm: gemm's own rayon split wakes a sleeping worker
     // for each of its parallel regions (~90 µs each on a 2-core Intel Xeon VM), and its workers
     // and the spin pool's would compete for the cores.
-    let pool_threads = crate::kernels::spin::pool().map_or(1, |p| p.threads());
+    let pool_threads = crate::kernels::spin::threads();
     if threads > 1 && pool_threads > 1 && m >= 2 * SPLIT_ROWS && !crate::kernels::spin::in_task() {
         let parts = threads.min(pool_threads).min(m / SPLIT_ROWS);
         let block = m.div_ceil(parts);

@@ -43,7 +43,7 @@ pub(crate) fn gemv(
             w.len()
         )
     }
-    let threads = threads.min(crate::kernels::spin::pool().map_or(1, |p| p.threads()));
+    let threads = threads.min(crate::kernels::spin::threads());
     if threads <= 1 || n * k * 4 < PARALLEL_BYTES || n < 8 {
         rows(y, accumulate, x, w, rs, family);
         return Ok(());

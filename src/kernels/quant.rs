@@ -481,7 +481,7 @@ pub fn matmul(w: &QMatrix, x: &QActivations, out: &mut [f32], kernel: Kernel) ->
     // One token: the spin pool's threads (its workers do not sleep between a token's products);
     // several: the current rayon pool's.
     let threads = if x.tokens == 1 {
-        crate::kernels::spin::pool().map_or(1, |p| p.threads())
+        crate::kernels::spin::threads()
     } else {
         rayon::current_num_threads().max(1)
     };

@@ -235,6 +235,11 @@ pub fn without_rayon<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     }
 }
 
+/// Threads the process's pool runs tasks on, the caller included (1 when it has none).
+pub fn threads() -> usize {
+    pool().map_or(1, SpinPool::threads)
+}
+
 /// Whether the calling thread is running a task of the pool (a nested call runs inline).
 pub fn in_task() -> bool {
     IN_TASK.with(Cell::get)
