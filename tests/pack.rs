@@ -1,11 +1,13 @@
 //! Sequence packing in training: a batch of packed rows (several examples each) gives the loss
 //! and LoRA gradients of the same examples unpacked, with and without activation checkpointing,
 //! across the attention variants (grouped heads, Gemma 3's sliding windows, Phi-3's partial
-//! rotary); a packed run learns, resumes exactly and keeps its setting in `config.toml`; and
-//! packing with a preference method is an error naming `pack`.
+//! rotary); a packed run learns, resumes exactly and keeps its setting in `config.toml`;
+//! packing with a preference method is an error naming `pack`; and `finch bench train` on
+//! mixed-length examples reports the padding that packing removes.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic on a broken fixture
 
 use std::path::Path;
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use candle_core::{DType, Device, Tensor};
@@ -222,4 +224,133 @@ fn packing_with_a_preference_method_is_an_error_naming_pack() {
         let err = cfg.validate().unwrap_err().to_string();
         assert!(err.contains("pack") && err.contains(method.name()), "{err}");
     }
+}
+
+fn finch() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_finch"))
+}
+
+/// Runs `finch bench train` on the tiny model with `extra` arguments; the JSON line.
+fn bench(model: &Path, extra: &[&str]) -> serde_json::Value {
+    let m = model.to_str().unwrap();
+    let args = [
+        "bench",
+        "train",
+        "--model",
+        m,
+        "--device",
+        "cpu",
+        "--batch",
+        "4",
+        "--seq-len",
+        "64",
+        "--warmup",
+        "0",
+        "--steps",
+        "3",
+        "--rank",
+        "2",
+        "--targets",
+        "q,v",
+    ];
+    let out = finch().args(args).args(extra).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{extra:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// Real tokens per second and positions per second differ by the reported padding share.
+fn assert_padding_consistent(v: &serde_json::Value) {
+    let real = v["tokens_per_sec"].as_f64().unwrap();
+    let all = v["padded_tokens_per_sec"].as_f64().unwrap();
+    let padding = v["padding_fraction"].as_f64().unwrap();
+    assert!(real > 0.0 && all >= real, "{v}");
+    assert!((real / all - (1.0 - padding)).abs() < 1e-9, "{v}");
+}
+
+/// `bench train --example-lengths`: unpacked batches of mixed-length examples carry padding,
+/// packed rows of the same examples almost none; the default (full rows) has none and reports
+/// `pack: false`. `--data` trains on a dataset file's rows.
+#[test]
+fn bench_train_on_mixed_lengths_reports_the_padding_packing_removes() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("model");
+    TinySpec::new(Family::Llama).write(&model).unwrap();
+
+    let full = bench(&model, &[]);
+    assert_eq!(full["pack"], false);
+    assert_eq!(full["padding_fraction"], 0.0);
+    assert!(full["example_lengths"].is_null() && full["data"].is_null() && full["packed_rows"].is_null());
+    assert_padding_consistent(&full);
+
+    let unpacked = bench(&model, &["--example-lengths", "4-40"]);
+    let packed = bench(&model, &["--example-lengths", "4-40", "--pack"]);
+    for v in [&unpacked, &packed] {
+        assert_eq!(v["example_lengths"], serde_json::json!([4, 40]));
+        assert_padding_consistent(v);
+        assert!(v["loss_last"].as_f64().unwrap().is_finite());
+    }
+    assert_eq!((&unpacked["pack"], &packed["pack"]), (&false.into(), &true.into()));
+    assert!(unpacked["packed_rows"].is_null());
+    // The examples hold 8 full rows of tokens: first-fit packs them into a few more rows.
+    let rows = packed["packed_rows"].as_u64().unwrap();
+    assert!((8..=10).contains(&rows), "{rows} packed rows");
+    let (pad_unpacked, pad_packed) = (
+        unpacked["padding_fraction"].as_f64().unwrap(),
+        packed["padding_fraction"].as_f64().unwrap(),
+    );
+    // Batches of 4 padded to their longest (about 40% padding here) against full rows (the
+    // last, part-filled row is the rest).
+    assert!(pad_unpacked > 0.25, "unpacked padding {pad_unpacked}");
+    assert!(
+        pad_packed < 0.1,
+        "packed padding {pad_packed} (unpacked {pad_unpacked})"
+    );
+
+    // A dataset file, tokenized with the model's template as `finch train` does.
+    let data = dir.path().join("pairs.jsonl");
+    let rows: Vec<String> = PAIRS
+        .iter()
+        .map(|(p, a)| serde_json::json!({"instruction": p, "output": a}).to_string())
+        .collect();
+    std::fs::write(&data, rows.join("\n")).unwrap();
+    let d = data.to_str().unwrap();
+    let from_file = bench(&model, &["--data", d]);
+    let from_file_packed = bench(&model, &["--data", d, "--pack"]);
+    assert_eq!(from_file["data"], d);
+    assert!(from_file["padding_fraction"].as_f64().unwrap() > 0.0);
+    assert!(from_file_packed["packed_rows"].as_u64().unwrap() < PAIRS.len() as u64);
+    assert_padding_consistent(&from_file_packed);
+}
+
+/// Bad `--example-lengths` and `--data` without a model are one line naming what to fix.
+#[test]
+fn bench_train_refuses_bad_example_lengths() {
+    for (lengths, expected) in [
+        ("40-4", "MIN is larger than MAX"),
+        ("1-8", "at least 2 tokens"),
+        ("4-300", "--seq-len"),
+        ("short", "MIN-MAX"),
+    ] {
+        let out = finch()
+            .args(["bench", "train", "--seq-len", "64", "--example-lengths", lengths])
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("example_lengths") && err.contains(expected),
+            "{lengths}: {err}"
+        );
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+    }
+    let out = finch()
+        .args(["bench", "train", "--data", "rows.jsonl"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--model"));
 }

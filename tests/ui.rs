@@ -220,6 +220,111 @@ fn preference_data_offers_the_method_choice_and_dpo_draws_reward_curves() {
     harness.get_by_label("reward accuracy");
 }
 
+/// The Train page's Packing checkbox: ticked, the run the page starts packs its examples (its
+/// `config.toml` says `pack = true`, the page shows the engine's note on the packed rows, and an
+/// epoch takes fewer steps than the unpacked batches would); for DPO it is greyed out with the
+/// reason, unticked, and the run is not packed.
+#[test]
+fn packing_checkbox_reaches_the_run_and_is_greyed_out_for_preference_methods() {
+    use egui::accesskit::Toggled;
+    use egui_kittest::kittest::NodeT;
+    let fx = fixture(4);
+    let mut settings = fx.settings.clone();
+    settings.train.seq_len = 256;
+    settings.train.duration = finch::train::Duration::Epochs(1.0);
+    settings.train.eval_split = 0.0;
+    settings.train.eval_every = 0;
+    let mut harness = harness(App::with_settings(settings, StartOptions::default()));
+    harness.step();
+    open_tiny_model(&mut harness, &fx.model);
+    nav(&mut harness, "Train");
+    harness.state_mut().set_data_path(&fx.data);
+    harness.step();
+
+    let checkbox = harness.get_by_role_and_label(Role::CheckBox, "Packing");
+    assert!(!checkbox.accesskit_node().is_disabled());
+    assert_eq!(checkbox.accesskit_node().toggled(), Some(Toggled::False));
+    checkbox.click();
+    harness.step();
+    assert_eq!(
+        harness
+            .get_by_role_and_label(Role::CheckBox, "Packing")
+            .accesskit_node()
+            .toggled(),
+        Some(Toggled::True)
+    );
+    assert!(harness.state().settings().train.pack);
+
+    harness.get_by_label("Start training").click();
+    harness.step();
+    assert!(harness.state().is_training(), "errors: {:?}", harness.state().errors());
+    step_until(
+        &mut harness,
+        "the packed run to finish",
+        Duration::from_secs(300),
+        |app| !app.is_training(),
+    );
+    assert!(harness.state().errors().is_empty(), "{:?}", harness.state().errors());
+    let run_dir = harness.state().settings().last_run.clone().unwrap();
+    let cfg = finch::train::TrainConfig::from_toml_file(&run_dir.join("config.toml")).unwrap();
+    assert!(cfg.pack, "the run's config.toml does not pack");
+    // The engine's note, on the page: 24 examples in a few 256-token rows.
+    let note = harness
+        .get_by_label_contains("packed 24 training examples into")
+        .accesskit_node()
+        .value()
+        .unwrap();
+    let rows: usize = note
+        .split(" into ")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no row count in {note:?}"));
+    assert!(rows < 24 / 2, "{note}");
+    // One epoch of packed rows, 2 per step (unpacked: 24 examples would take 12 steps).
+    let steps = rows.div_ceil(2);
+    harness.get_by_label_contains(&format!("Finished {steps} steps"));
+
+    // Preference data with DPO: the checkbox is greyed out, says why, and unticks itself.
+    let votes = fx.data.with_file_name("votes.jsonl");
+    let pairs: Vec<String> = (0..6)
+        .map(|i| {
+            serde_json::json!({"prompt": format!("Add {i} and 1."), "chosen": format!("{}", i + 1),
+                "rejected": format!("{i} {i}")})
+            .to_string()
+        })
+        .collect();
+    std::fs::write(&votes, pairs.join("\n")).unwrap();
+    harness.state_mut().set_data_path(&votes);
+    step_until(&mut harness, "the data read", Duration::from_secs(30), |app| {
+        app.train_data_is_preference()
+    });
+    harness.state_mut().settings_mut().train.method = finch::train::Method::Dpo;
+    harness.state_mut().settings_mut().train.duration = finch::train::Duration::Steps(1);
+    harness.step();
+    harness.step();
+    let checkbox = harness.get_by_role_and_label(Role::CheckBox, "Packing");
+    assert!(checkbox.accesskit_node().is_disabled(), "packing offered for DPO");
+    assert_eq!(checkbox.accesskit_node().toggled(), Some(Toggled::False));
+    assert!(!harness.state().settings().train.pack);
+    checkbox.hover();
+    for _ in 0..10 {
+        harness.step();
+        std::thread::sleep(Duration::from_millis(60));
+    }
+    harness.get_by_label("available for SFT only");
+    harness.get_by_label("Start training").click();
+    harness.step();
+    step_until(&mut harness, "the DPO run to finish", Duration::from_secs(300), |app| {
+        !app.is_training()
+    });
+    assert!(harness.state().errors().is_empty(), "{:?}", harness.state().errors());
+    let dpo_dir = harness.state().settings().last_run.clone().unwrap();
+    assert_ne!(dpo_dir, run_dir);
+    let cfg = finch::train::TrainConfig::from_toml_file(&dpo_dir.join("config.toml")).unwrap();
+    assert_eq!((cfg.method, cfg.pack), (finch::train::Method::Dpo, false));
+}
+
 #[test]
 fn closing_during_training_asks_then_stops_with_a_checkpoint_and_resume_continues() {
     let fx = fixture(100_000);

@@ -1,9 +1,12 @@
 //! Benchmarks that print one JSON line. `finch bench train` measures LoRA training throughput in
 //! the reference setting (r=16, alpha 32, all 7 targets, batch 4 × 256 tokens, f32, AdamW,
-//! 3 warm-up + 10 timed steps). Every result names the machine it ran on ([`Machine`]).
+//! 3 warm-up + 10 timed steps), or on short examples of mixed lengths (random ones, or a dataset
+//! file's rows), unpacked or packed ([`BenchExamples`]). Every result names the machine it ran on
+//! ([`Machine`]).
 
 pub mod generate;
 
+use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
@@ -12,7 +15,7 @@ use serde::Serialize;
 
 use crate::data::TokenizedExample;
 use crate::device::DeviceChoice;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::kernels::KernelPath;
 use crate::lora::LoraConfig;
 use crate::model::tiny::TinySpec;
@@ -38,6 +41,51 @@ pub struct BenchTrainOptions {
     pub precision: Precision,
     /// Activation checkpointing ([`crate::train::checkpointing`]).
     pub checkpoint_activations: bool,
+    /// What the steps train on.
+    pub examples: BenchExamples,
+    /// Several examples per row, as `finch train --pack` ([`crate::data::pack`]).
+    pub pack: bool,
+}
+
+/// What `bench train` trains on.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum BenchExamples {
+    /// Eight random sequences of exactly `seq_len` tokens, cycled: no padding, the reference
+    /// setting every earlier figure was measured in.
+    #[default]
+    FullRows,
+    /// Random-token examples, loss on every token, with lengths drawn uniformly from
+    /// `min..=max`: as many as hold the full rows' eight × `seq_len` tokens, cycled. Unpacked,
+    /// each batch is padded to its longest example.
+    Lengths { min: usize, max: usize },
+    /// A dataset file's rows, loaded and tokenized with the model's chat template as
+    /// `finch train --data` does (needs a model with a tokenizer).
+    Data(PathBuf),
+}
+
+impl BenchExamples {
+    /// `MIN-MAX` token lengths (`16-200`), checked against `seq_len`.
+    pub fn parse_lengths(text: &str, seq_len: usize) -> Result<BenchExamples> {
+        let bad = |reason: String| Error::config("example_lengths", reason);
+        let (min, max) = text
+            .split_once('-')
+            .and_then(|(a, b)| Some((a.trim().parse::<usize>().ok()?, b.trim().parse::<usize>().ok()?)))
+            .ok_or_else(|| bad(format!("`{text}` is not MIN-MAX token lengths, e.g. 16-200")))?;
+        if min < 2 {
+            return Err(bad(format!(
+                "{min}-{max}: an example needs at least 2 tokens (one to predict from, one to predict)"
+            )));
+        }
+        if min > max {
+            return Err(bad(format!("{min}-{max}: MIN is larger than MAX")));
+        }
+        if max > seq_len {
+            return Err(bad(format!(
+                "{min}-{max}: MAX is longer than the sequence length {seq_len}; raise --seq-len or lower MAX"
+            )));
+        }
+        Ok(BenchExamples::Lengths { min, max })
+    }
 }
 
 impl Default for BenchTrainOptions {
@@ -57,6 +105,8 @@ impl Default for BenchTrainOptions {
             device: DeviceChoice::Auto,
             precision: Precision::F32,
             checkpoint_activations: false,
+            examples: BenchExamples::FullRows,
+            pack: false,
         }
     }
 }
@@ -119,6 +169,18 @@ pub struct BenchTrainResult {
     pub checkpoint_activations: bool,
     /// `fused` (Finch's CPU kernels) or `composite` (candle ops: GPUs, `FINCH_FUSED=0`, bf16/f16).
     pub path: &'static str,
+    /// `--example-lengths`: the random examples' shortest and longest length.
+    pub example_lengths: Option<[usize; 2]>,
+    /// `--data`: the dataset file trained on.
+    pub data: Option<String>,
+    pub pack: bool,
+    /// With `pack`: how many rows the examples were packed into.
+    pub packed_rows: Option<usize>,
+    /// Positions computed per second, padding included (`tokens_per_sec` counts non-padding
+    /// tokens only, so the two differ by the padding).
+    pub padded_tokens_per_sec: f64,
+    /// The timed steps' padding share: 1 − non-padding tokens / positions computed.
+    pub padding_fraction: f64,
 }
 
 pub fn bench_train(opts: &BenchTrainOptions) -> Result<BenchTrainResult> {
@@ -129,48 +191,9 @@ pub fn bench_train(opts: &BenchTrainOptions) -> Result<BenchTrainResult> {
     } else {
         KernelPath::Composite
     };
-    let (model, name): (Transformer, String) = match &opts.model {
-        Some(m) => (
-            crate::hub::open_model(m)?.load_with_base(dtype, opts.precision.quantized_base(), &device)?,
-            m.clone(),
-        ),
-        None => {
-            let preset = opts.preset.as_deref().unwrap_or("smollm2-135m");
-            let spec = TinySpec::preset(preset)?;
-            let name = format!("random-{preset}");
-            let cfg = crate::model::ModelConfig::from_json(&spec.config_json(), name.as_ref())?;
-            let model = if preset == "smollm2-135m" {
-                // The weights every earlier figure was measured with.
-                let src = TensorMap {
-                    tensors: spec.weights()?,
-                    origin: name.clone().into(),
-                };
-                Transformer::load_with_base(&cfg, &src, dtype, opts.precision.quantized_base(), &device)?
-            } else {
-                Transformer::load_with_base(
-                    &cfg,
-                    &spec.lazy_weights(),
-                    dtype,
-                    opts.precision.quantized_base(),
-                    &device,
-                )?
-            };
-            (model, name)
-        }
-    };
-    let vocab = model.cfg.vocab_size;
-    // Eight fixed random sequences, cycled: the loss must fall as the adapter memorises them.
-    let mut rng = Rng::new(7);
-    let train: Vec<TokenizedExample> = (0..8)
-        .map(|_| TokenizedExample {
-            input_ids: (0..opts.seq_len).map(|_| rng.below(vocab) as u32).collect(),
-            loss_mask: vec![true; opts.seq_len],
-            truncated: false,
-        })
-        .collect();
     let total = opts.warmup_steps + opts.timed_steps;
     let cfg = TrainConfig {
-        model: name.clone(),
+        model: opts.model.clone().unwrap_or_default(),
         data: "random".into(),
         lora: opts.lora.clone(),
         duration: Duration::Steps(total),
@@ -181,26 +204,35 @@ pub fn bench_train(opts: &BenchTrainOptions) -> Result<BenchTrainResult> {
         device: opts.device,
         precision: opts.precision,
         checkpoint_activations: opts.checkpoint_activations,
+        pack: opts.pack,
         ..TrainConfig::default()
     };
-    let estimated_peak_mb = crate::train::memory::estimate(&model.cfg, &cfg).total_mb;
-    let mut model = model;
-    model.add_lora(&cfg.lora, &mut Rng::derive(cfg.seed, "lora-init"))?;
-    let mut trainer = Trainer::new(
-        cfg,
-        model,
-        TrainData {
-            train,
-            eval: vec![],
-            pad_id: 0,
-        },
-        None,
-    )?;
+    let (mut trainer, name, estimated_peak_mb) = match &opts.examples {
+        BenchExamples::Data(file) => data_trainer(opts, cfg, file)?,
+        examples => {
+            let (model, name) = bench_model(opts, dtype, &device)?;
+            let train = random_examples(examples, opts.seq_len, model.cfg.vocab_size);
+            let cfg = TrainConfig {
+                model: name.clone(),
+                ..cfg
+            };
+            let estimated_peak_mb = crate::train::memory::estimate(&model.cfg, &cfg).total_mb;
+            let mut model = model;
+            model.add_lora(&cfg.lora, &mut Rng::derive(cfg.seed, "lora-init"))?;
+            let data = TrainData {
+                train,
+                eval: vec![],
+                pad_id: 0,
+            };
+            (Trainer::new(cfg, model, data, None)?, name, estimated_peak_mb)
+        }
+    };
     let stop = AtomicBool::new(false);
     let mut losses = vec![];
     let mut timed_start = None;
     let (mut faults_start, mut faults_end) = (None, None);
     let mut timed_tokens = 0usize;
+    let mut timed_padded_tokens = 0usize;
     let mut trainable = 0;
     trainer.run(&stop, &mut |e| match e {
         TrainEvent::Started { trainable_params, .. } => {
@@ -218,6 +250,7 @@ pub fn bench_train(opts: &BenchTrainOptions) -> Result<BenchTrainResult> {
             }
             if m.step > opts.warmup_steps {
                 timed_tokens += m.tokens;
+                timed_padded_tokens += m.padded_tokens;
             }
             if m.step == total {
                 faults_end = crate::system::minor_page_faults();
@@ -249,5 +282,90 @@ pub fn bench_train(opts: &BenchTrainOptions) -> Result<BenchTrainResult> {
         precision: opts.precision,
         checkpoint_activations: opts.checkpoint_activations,
         path: path.as_str(),
+        example_lengths: match opts.examples {
+            BenchExamples::Lengths { min, max } => Some([min, max]),
+            _ => None,
+        },
+        data: match &opts.examples {
+            BenchExamples::Data(file) => Some(file.display().to_string()),
+            _ => None,
+        },
+        pack: opts.pack,
+        packed_rows: trainer.packed_rows(),
+        padded_tokens_per_sec: timed_padded_tokens as f64 / secs.max(1e-9),
+        padding_fraction: 1.0 - timed_tokens as f64 / timed_padded_tokens.max(1) as f64,
     })
+}
+
+/// The model `bench train` loads (`--model`) or builds with random weights (`--preset`).
+fn bench_model(opts: &BenchTrainOptions, dtype: DType, device: &candle_core::Device) -> Result<(Transformer, String)> {
+    let quantized = opts.precision.quantized_base();
+    if let Some(m) = &opts.model {
+        return Ok((
+            crate::hub::open_model(m)?.load_with_base(dtype, quantized, device)?,
+            m.clone(),
+        ));
+    }
+    let preset = opts.preset.as_deref().unwrap_or("smollm2-135m");
+    let spec = TinySpec::preset(preset)?;
+    let name = format!("random-{preset}");
+    let cfg = crate::model::ModelConfig::from_json(&spec.config_json(), name.as_ref())?;
+    let model = if preset == "smollm2-135m" {
+        // The weights every earlier figure was measured with.
+        let src = TensorMap {
+            tensors: spec.weights()?,
+            origin: name.clone().into(),
+        };
+        Transformer::load_with_base(&cfg, &src, dtype, quantized, device)?
+    } else {
+        Transformer::load_with_base(&cfg, &spec.lazy_weights(), dtype, quantized, device)?
+    };
+    Ok((model, name))
+}
+
+/// Random-token training sequences, loss on every token. Full rows: eight fixed sequences of
+/// `seq_len` tokens, cycled (the loss must fall as the adapter memorises them). Lengths: examples
+/// of lengths drawn uniformly from `min..=max`, as many as hold the same eight × `seq_len` tokens.
+fn random_examples(examples: &BenchExamples, seq_len: usize, vocab: usize) -> Vec<TokenizedExample> {
+    let mut rng = Rng::new(7);
+    let example = |len: usize, rng: &mut Rng| TokenizedExample {
+        input_ids: (0..len).map(|_| rng.below(vocab) as u32).collect(),
+        loss_mask: vec![true; len],
+        truncated: false,
+    };
+    match *examples {
+        BenchExamples::Lengths { min, max } => {
+            let mut lengths = Rng::derive(7, "bench-lengths");
+            let mut out = vec![];
+            let mut tokens = 0;
+            while tokens < 8 * seq_len {
+                let len = min + lengths.below(max - min + 1);
+                tokens += len;
+                out.push(example(len, &mut rng));
+            }
+            out
+        }
+        _ => (0..8).map(|_| example(seq_len, &mut rng)).collect(),
+    }
+}
+
+/// A trainer on a dataset file's rows, built as `finch train` builds one (the model's chat
+/// template, its loss mask, `--seq-len` truncation), without a run folder, evaluation or probes.
+fn data_trainer(opts: &BenchTrainOptions, cfg: TrainConfig, file: &std::path::Path) -> Result<(Trainer, String, f64)> {
+    let Some(model) = &opts.model else {
+        return Err(Error::config(
+            "data",
+            "a dataset is tokenized with a model's tokenizer and chat template: add --model",
+        ));
+    };
+    let cfg = TrainConfig {
+        data: file.display().to_string(),
+        eval_every: 0,
+        ignore_memory_check: true,
+        ..cfg
+    };
+    // Notes (rejected rows, truncation) are for `finch train`; the figure is the point here.
+    let trainer = crate::train::run::build(&cfg, None, &mut |_| {})?;
+    let estimated_peak_mb = crate::train::memory::estimate(&trainer.model().cfg, &cfg).total_mb;
+    Ok((trainer, model.clone(), estimated_peak_mb))
 }

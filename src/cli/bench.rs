@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use clap::{Args, Subcommand};
 
 use crate::bench::generate::BenchGenerateOptions;
-use crate::bench::{bench_train, BenchTrainOptions};
+use crate::bench::{bench_train, BenchExamples, BenchTrainOptions};
 use crate::device::DeviceChoice;
 use crate::lora::Target;
 use crate::train::config::Precision;
@@ -19,6 +19,12 @@ pub struct BenchArgs {
 #[derive(Debug, Subcommand)]
 pub enum BenchCommand {
     /// LoRA training throughput (r=16, alpha 32, all targets, batch 4 × 256, f32, AdamW).
+    ///
+    /// By default every example fills a whole `--seq-len` row. To see what packing gains on short
+    /// examples of mixed lengths, run the same command with and without `--pack` on
+    /// `--example-lengths MIN-MAX` (random examples) or `--data FILE --model M` (your dataset):
+    /// `tokens_per_sec` counts non-padding tokens only, `padded_tokens_per_sec` every position
+    /// computed, and `padding_fraction` is the share of padding in the timed steps.
     Train {
         /// Model folder or GGUF file; default: random weights with SmolLM2-135M's shapes.
         #[arg(long, conflicts_with = "preset")]
@@ -49,6 +55,19 @@ pub enum BenchCommand {
         /// Activation (gradient) checkpointing, as `finch train --checkpoint-activations`.
         #[arg(long)]
         checkpoint_activations: bool,
+        /// Train on random examples of mixed lengths, drawn uniformly from MIN to MAX tokens
+        /// (e.g. 16-200, MAX at most --seq-len), as many as fill 8 full rows; unpacked, each
+        /// batch is padded to its longest example.
+        #[arg(long, value_name = "MIN-MAX", conflicts_with = "data")]
+        example_lengths: Option<String>,
+        /// Train on a dataset file's rows, tokenized with --model's chat template and loss mask
+        /// as `finch train --data` does (rows longer than --seq-len are cut).
+        #[arg(long, value_name = "FILE", requires = "model")]
+        data: Option<PathBuf>,
+        /// Pack several examples into each --seq-len row, as `finch train --pack` (attention kept
+        /// inside each example).
+        #[arg(long)]
+        pack: bool,
     },
     /// Inference speed: prefill and decode tokens/s for a 128-token greedy answer, batch 1.
     Generate {
@@ -86,7 +105,15 @@ pub fn run(args: BenchArgs) -> anyhow::Result<i32> {
             device,
             precision,
             checkpoint_activations,
+            example_lengths,
+            data,
+            pack,
         } => {
+            let examples = match (example_lengths, data) {
+                (Some(lengths), _) => BenchExamples::parse_lengths(&lengths, seq_len)?,
+                (None, Some(file)) => BenchExamples::Data(file),
+                (None, None) => BenchExamples::FullRows,
+            };
             let mut opts = BenchTrainOptions {
                 model,
                 preset,
@@ -97,6 +124,8 @@ pub fn run(args: BenchArgs) -> anyhow::Result<i32> {
                 device,
                 precision: Precision::parse(&precision)?,
                 checkpoint_activations,
+                examples,
+                pack,
                 ..BenchTrainOptions::default()
             };
             opts.lora.r = rank;

@@ -49,7 +49,11 @@ pub struct StepMetrics {
     pub loss: f32,
     pub lr: f64,
     pub grad_norm: f32,
+    /// Non-padding tokens the step trained on (`tokens_per_sec` counts these).
     pub tokens: usize,
+    /// Positions the step computed, padding included (batch × longest row, summed over the
+    /// accumulated batches): `1 - tokens / padded_tokens` is the step's padding share.
+    pub padded_tokens: usize,
     pub tokens_per_sec: f64,
     pub step_secs: f64,
     pub elapsed_secs: f64,
@@ -57,6 +61,14 @@ pub struct StepMetrics {
     /// DPO / ORPO: the step's reward margin and accuracy.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub preference: Option<PreferenceMetrics>,
+}
+
+/// What one optimizer step computed, before it becomes [`StepMetrics`].
+struct StepTotals {
+    loss: f32,
+    grad_norm: f32,
+    tokens: usize,
+    padded_tokens: usize,
 }
 
 /// What a finished (or stopped) run produced.
@@ -451,8 +463,8 @@ impl Trainer {
         Ok(Some(dir))
     }
 
-    /// One optimizer step over `grad_accum` micro-batches. Returns (loss, grad_norm, tokens).
-    fn train_step(&mut self, lr: f64) -> Result<(f32, f32, usize)> {
+    /// One optimizer step over `grad_accum` micro-batches.
+    fn train_step(&mut self, lr: f64) -> Result<StepTotals> {
         if self.pairs.is_some() {
             return self.preference_step(lr);
         }
@@ -461,6 +473,7 @@ impl Trainer {
         let mut loss_sum = 0f32;
         let mut used = 0usize;
         let mut tokens = 0usize;
+        let mut padded_tokens = 0usize;
         for _ in 0..accum {
             let n = self.packed.as_ref().map_or(self.data.train.len(), Vec::len);
             let idx = next_indices(&mut self.state.cursor, n, self.cfg.batch_size, self.cfg.seed);
@@ -475,6 +488,7 @@ impl Trainer {
                 }
             };
             tokens += batch.tokens;
+            padded_tokens += batch.input_ids.elem_count();
             if batch.targets.is_empty() {
                 continue;
             }
@@ -500,8 +514,13 @@ impl Trainer {
                 "a whole step's examples have no trained tokens; check the loss mask (--loss-on)".into(),
             ));
         }
-        let norm = self.apply_gradients(sums, lr)?;
-        Ok((loss_sum / used as f32, norm, tokens))
+        let grad_norm = self.apply_gradients(sums, lr)?;
+        Ok(StepTotals {
+            loss: loss_sum / used as f32,
+            grad_norm,
+            tokens,
+            padded_tokens,
+        })
     }
 
     /// Clips the summed gradients to `max_grad_norm` and updates the adapters; returns the norm
@@ -622,7 +641,12 @@ impl Trainer {
                 self.state.step,
                 total,
             );
-            let (loss, norm, tokens) = self.train_step(lr)?;
+            let StepTotals {
+                loss,
+                grad_norm,
+                tokens,
+                padded_tokens,
+            } = self.train_step(lr)?;
             self.state.step += 1;
             self.state.first_loss.get_or_insert(loss);
             last_loss = Some(loss);
@@ -636,8 +660,9 @@ impl Trainer {
                 total_steps: total,
                 loss,
                 lr,
-                grad_norm: norm,
+                grad_norm,
                 tokens,
+                padded_tokens,
                 tokens_per_sec: tokens as f64 / step_secs.max(1e-9),
                 step_secs,
                 elapsed_secs: self.state.elapsed_secs,

@@ -447,9 +447,9 @@ pub struct PairEval {
 
 impl Trainer {
     /// One optimizer step of DPO / ORPO over `grad_accum` batches of `batch_size` pairs.
-    /// Returns (loss, grad_norm, tokens) like the supervised step, and leaves the step's reward
-    /// metrics in `last_preference`.
-    pub(super) fn preference_step(&mut self, lr: f64) -> Result<(f32, f32, usize)> {
+    /// Returns the step's totals like the supervised step, and leaves the step's reward metrics
+    /// in `last_preference`.
+    pub(super) fn preference_step(&mut self, lr: f64) -> Result<super::StepTotals> {
         let Some(pairs) = &self.pairs else {
             return Err(Error::config("method", "no preference pairs to train on"));
         };
@@ -458,6 +458,7 @@ impl Trainer {
         let mut sums: Vec<Option<Tensor>> = vec![None; self.vars.len()];
         let mut loss_sum = 0f64;
         let mut tokens = 0usize;
+        let mut padded_tokens = 0usize;
         let mut rewards = RewardSums::default();
         for _ in 0..accum {
             let idx = next_indices(
@@ -469,6 +470,7 @@ impl Trainer {
             let refs: Vec<&TokenizedPair> = idx.iter().map(|&i| &pairs.train[i]).collect();
             let pb = pair_batch(&refs, objective.method, pairs.pad_id, self.model.device())?;
             tokens += pb.batch.tokens;
+            padded_tokens += pb.batch.input_ids.elem_count();
             let mut ctx = ForwardCtx {
                 dropout_rng: Some(&mut self.state.dropout_rng),
             };
@@ -486,8 +488,13 @@ impl Trainer {
             super::add_grads(&mut sums, &self.vars, &grads)?;
         }
         self.last_preference = Some(rewards.metrics());
-        let norm = self.apply_gradients(sums, lr)?;
-        Ok(((loss_sum / accum as f64) as f32, norm, tokens))
+        let grad_norm = self.apply_gradients(sums, lr)?;
+        Ok(super::StepTotals {
+            loss: (loss_sum / accum as f64) as f32,
+            grad_norm,
+            tokens,
+            padded_tokens,
+        })
     }
 
     /// The held-out pairs' loss, chosen-answer perplexity and rewards; `None` without any.

@@ -92,7 +92,7 @@ pub fn preflight_with(
         on_progress(PreflightProgress::Step { step: i + 1, of: steps });
         let lr = schedule::lr_at(cfg.schedule, cfg.lr, cfg.warmup_steps, trainer.state.step, total_steps);
         let start = Instant::now();
-        let (_loss, _norm, tokens) = trainer.train_step(lr)?;
+        let tokens = trainer.train_step(lr)?.tokens;
         step_secs.push(start.elapsed().as_secs_f64());
         step_tokens.push(tokens);
         trainer.state.step += 1;
