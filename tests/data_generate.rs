@@ -135,6 +135,116 @@ fn bad_documents_stop_back_translation_before_anything_is_written() {
     );
 }
 
+/// Rows actually kept through the CLI: a tiny model whose weights make it answer every prompt
+/// with one fixed text ([`write_fixed_reply_model`]). Back-translation asks it for each
+/// document's instruction and then for a 1-5 rating; its one reply, "Summarize this text in two
+/// sentences. Score: 5", is a valid instruction and a rating of 5, so the first document's
+/// pair is kept (the document as the answer), and the others, whose instruction is the same,
+/// are dropped as duplicates. The same run with a model that rates 3 keeps nothing (LowScore);
+/// a Self-Instruct run keeps the two tasks of a two-task reply. The kept rows load as a
+/// dataset with their provenance.
+#[test]
+fn rows_are_kept_end_to_end_by_a_model_with_a_known_reply() {
+    use finch::data::load::{load_file, LoadOptions};
+    use finch::model::tiny::write_fixed_reply_model;
+    let (dir, _, seeds) = setup();
+    let docs = dir.path().join("docs");
+    std::fs::create_dir_all(&docs).unwrap();
+    let texts = [
+        "Rivers carve valleys over thousands of years, carrying sand and stones towards the sea.",
+        "Bees visit flowers to collect nectar, and carry pollen from one plant to the next.",
+        "A lighthouse warns ships at night with a bright lamp turning at the top of its tower.",
+    ];
+    for (i, t) in texts.iter().enumerate() {
+        std::fs::write(docs.join(format!("{i}.txt")), t).unwrap();
+    }
+    let rater = |score: u8| {
+        let model = dir.path().join(format!("rates-{score}"));
+        write_fixed_reply_model(
+            &model,
+            &["Summarize this text in two sentences.", &format!(" Score: {score}")],
+        )
+        .unwrap();
+        p(&model)
+    };
+    let back_translate = |model: &str, out: &Path| {
+        finch()
+            .args([
+                "data",
+                "generate",
+                "--method",
+                "back-translation",
+                "--documents",
+                &p(&docs),
+            ])
+            .args(["--model", model, "--out", &p(out), "--min-score", "4", "--seed", "5"])
+            .output()
+            .unwrap()
+    };
+
+    let out = dir.path().join("pairs.jsonl");
+    let summary = stdout_json(&back_translate(&rater(5), &out));
+    assert_eq!(summary["kept"], 1, "{summary}");
+    assert_eq!(summary["attempts"], 3);
+    assert_eq!(summary["rejected"], serde_json::json!({"duplicate": 2}));
+    // Instruction and rating for the first document, the instruction alone for the others.
+    assert_eq!(summary["model_calls"], 4);
+    assert!(summary["generated_tokens"].as_u64().unwrap() >= 8, "{summary}");
+    let written = rows(&out);
+    assert_eq!(written.len(), 1);
+    let row = &written[0];
+    assert_eq!(row["instruction"], "Summarize this text in two sentences. Score: 5");
+    assert_eq!(row["output"], texts[0]);
+    let provenance = &row["provenance"];
+    assert_eq!(provenance["method"], "back-translation");
+    assert_eq!(provenance["score"], 5);
+    assert_eq!(provenance["segment"], 0);
+    assert!(provenance["document"].as_str().unwrap().ends_with("0.txt"));
+    assert_eq!(provenance["settings"]["seed"], 5);
+    // The file is a dataset Finch trains on, and loading keeps each row's provenance.
+    let report = load_file(&out, &LoadOptions::default()).unwrap();
+    assert_eq!(report.rows.len(), 1);
+    let loaded = report.rows[0].meta.provenance.as_ref().unwrap();
+    assert_eq!(loaded.score, Some(5));
+    assert_eq!(loaded.model, rater(5));
+
+    // Rated 3 against a minimum of 4: nothing kept, every pair dropped for its score.
+    let low = dir.path().join("low.jsonl");
+    let summary = stdout_json(&back_translate(&rater(3), &low));
+    assert_eq!(summary["kept"], 0, "{summary}");
+    assert_eq!(summary["rejected"], serde_json::json!({"low-score": 3}));
+    assert!(rows(&low).is_empty());
+
+    // Self-Instruct: a reply listing two new tasks; each is kept with its answer (the same reply).
+    let tasks = dir.path().join("tasks");
+    let pieces = [
+        "Task 4: Describe how bread rises.",
+        "\nTask 5: Name two metals that conduct heat.",
+    ];
+    write_fixed_reply_model(&tasks, &pieces).unwrap();
+    let out = dir.path().join("self.jsonl");
+    let summary = stdout_json(
+        &finch()
+            .args(["data", "generate", "--method", "self-instruct", "--seed-data", &seeds])
+            .args(["--model", &p(&tasks), "--out", &p(&out), "--count", "2"])
+            .output()
+            .unwrap(),
+    );
+    assert_eq!(summary["kept"], 2, "{summary}");
+    assert_eq!(summary["attempts"], 1);
+    let written = rows(&out);
+    let instructions: Vec<&str> = written.iter().map(|r| r["instruction"].as_str().unwrap()).collect();
+    assert_eq!(
+        instructions,
+        ["Describe how bread rises.", "Name two metals that conduct heat."]
+    );
+    for row in &written {
+        assert_eq!(row["output"], pieces.concat().as_str());
+        assert_eq!(row["provenance"]["seed_rows"].as_array().unwrap().len(), 3);
+    }
+    assert_eq!(load_file(&out, &LoadOptions::default()).unwrap().rows.len(), 2);
+}
+
 /// The one real-model check (FINCH_REAL_MODEL=/path/to/SmolLM2-135M-Instruct): an answer
 /// unrelated to its question gets IFD >= 1 (the question does not help), a matching one < 1.
 #[test]

@@ -124,7 +124,8 @@ pub struct ScoreArgs {
     /// Share of rows to keep with --keep (0 to 1).
     #[arg(long, default_value_t = 0.5)]
     pub fraction: f32,
-    /// Where to write the kept rows (JSONL).
+    /// Where to write rows (JSONL), each with its scores (and any provenance it had): the
+    /// kept ones with --keep, else every row.
     #[arg(long)]
     pub out: Option<PathBuf>,
     /// One JSON line per row with its line number and loss (and IFD with --ifd).
@@ -397,11 +398,13 @@ fn run_filter(args: FilterArgs) -> anyhow::Result<i32> {
             removed[i] = Some(format!("answer has {chars} characters, more than the maximum"));
         }
     }
-    let kept: Vec<_> = examples
+    // Kept rows keep their provenance and scores.
+    let kept: Vec<_> = report
+        .rows
         .iter()
         .zip(&removed)
         .filter(|(_, why)| why.is_none())
-        .map(|(ex, _)| ex.clone())
+        .map(|(row, _)| (row.example.clone(), row.meta.clone()))
         .collect();
     let removed_rows: Vec<Rejection> = removed
         .iter()
@@ -418,7 +421,7 @@ fn run_filter(args: FilterArgs) -> anyhow::Result<i32> {
         eprintln!("removed {}", describe_rejection(r));
     }
     let kept_rows = kept.len();
-    DatasetEditor::new(kept).save_jsonl(&args.out)?;
+    DatasetEditor::with_meta(kept).save_jsonl(&args.out)?;
     let out = json!({
         "file": args.load.file.display().to_string(),
         "out": args.out.display().to_string(),
@@ -453,14 +456,18 @@ pub struct SplitArgs {
 
 fn run_split(args: SplitArgs) -> anyhow::Result<i32> {
     let report = args.load.load()?;
-    let examples: Vec<_> = report.examples().cloned().collect();
-    let split = train_validation_split(examples.len(), args.validation_fraction, args.seed)?;
-    let (train, validation) = apply_split(&examples, &split);
+    let rows: Vec<_> = report
+        .rows
+        .iter()
+        .map(|r| (r.example.clone(), r.meta.clone()))
+        .collect();
+    let split = train_validation_split(rows.len(), args.validation_fraction, args.seed)?;
+    let (train, validation) = apply_split(&rows, &split);
     std::fs::create_dir_all(&args.out_dir).with_context(|| format!("cannot create {}", args.out_dir.display()))?;
     let train_path = args.out_dir.join("train.jsonl");
     let validation_path = args.out_dir.join("validation.jsonl");
-    DatasetEditor::new(train).save_jsonl(&train_path)?;
-    DatasetEditor::new(validation).save_jsonl(&validation_path)?;
+    DatasetEditor::with_meta(train).save_jsonl(&train_path)?;
+    DatasetEditor::with_meta(validation).save_jsonl(&validation_path)?;
     let out = json!({
         "file": args.load.file.display().to_string(),
         "seed": args.seed,
@@ -473,62 +480,41 @@ fn run_split(args: SplitArgs) -> anyhow::Result<i32> {
 }
 
 fn run_score(args: ScoreArgs) -> anyhow::Result<i32> {
-    use crate::data::quality::{select_by_score, Keep, ResponseScorer};
+    use crate::data::quality::{select_by, Keep, ScoreKind};
+    use crate::train::score::{DataScorer, ScoreProgress};
     let report = args.load.load()?;
-    let files = crate::hub::open_model(&args.model)?;
-    let choice = choose_template(Some(&files), None);
-    if let Some(note) = &choice.note {
+    let scorer = DataScorer::open(&args.model).with_context(|| format!("cannot open model `{}`", args.model))?;
+    if let Some(note) = &scorer.template_note {
         eprintln!("warning: {note}");
     }
-    let template = choice.template;
-    let model = files.load(candle_core::DType::F32, &candle_core::Device::Cpu)?;
-    let mut tokenized = Vec::with_capacity(report.rows.len());
-    for row in &report.rows {
-        let t = crate::data::tokenize::encode_example(
-            &row.example,
-            &template,
-            &files.tokenizer,
-            LossOn::Assistant,
-            args.seq_len,
-        )
-        .with_context(|| format!("line {}", row.line))?;
-        tokenized.push(t);
-    }
-    let pad_id = files.config.eos_token_ids.first().copied().unwrap_or(0);
-    let mut scorer = crate::train::score::ModelScorer { model: &model, pad_id };
-    let mut losses = Vec::with_capacity(tokenized.len());
-    for (i, chunk) in tokenized.chunks(16).enumerate() {
-        losses.extend(scorer.response_losses(chunk)?);
-        eprint!(
-            "\rscored {} / {} rows",
-            (i * 16 + chunk.len()).min(tokenized.len()),
-            tokenized.len()
-        );
-    }
-    eprintln!();
+    let examples: Vec<_> = report.examples().cloned().collect();
     let want_ifd = args.ifd || args.by == ScoreBy::Ifd;
-    let ifd = if want_ifd {
-        let mut pairs = Vec::with_capacity(report.rows.len());
-        for row in &report.rows {
-            pairs.push(
-                crate::train::score::ifd_pair(&row.example, &template, &files.tokenizer, args.seq_len)
-                    .with_context(|| format!("line {}", row.line))?,
-            );
-        }
-        let n = pairs.len();
-        let scores = crate::train::score::ifd_rows(&mut scorer, &pairs, &mut |done| {
-            eprint!("\rIFD {done} / {n} rows");
-        })?;
-        eprintln!();
-        Some(scores)
-    } else {
-        None
-    };
+    let never = std::sync::atomic::AtomicBool::new(false);
+    let mut last_phase = None;
+    let table = scorer
+        .score(&examples, args.seq_len, want_ifd, &never, &mut |p| {
+            let (what, done, total) = match p {
+                ScoreProgress::Loss { done, total } => ("scored", done, total),
+                ScoreProgress::Ifd { done, total } => ("IFD", done, total),
+            };
+            if last_phase.is_some_and(|w| w != what) {
+                eprintln!();
+            }
+            last_phase = Some(what);
+            eprint!("\r{what} {done} / {total} rows");
+        })?
+        .context("scoring was stopped")?;
+    eprintln!();
+    for (i, why) in &table.unscored {
+        eprintln!("warning: line {} not scored: {why}", report.rows[*i].line);
+    }
+    let losses = &table.loss;
+    let ifd = &table.ifd;
     if let Some(path) = &args.details {
         let mut text = String::new();
-        for (i, (row, loss)) in report.rows.iter().zip(&losses).enumerate() {
+        for (i, (row, loss)) in report.rows.iter().zip(losses).enumerate() {
             let mut line = json!({"line": row.line, "loss": loss});
-            if let Some(s) = &ifd {
+            if let Some(s) = ifd {
                 line["ifd"] = json!(s.ifd[i]);
                 line["answer_loss_given_instruction"] = json!(s.conditioned[i]);
                 line["answer_loss_alone"] = json!(s.alone[i]);
@@ -550,7 +536,7 @@ fn run_score(args: ScoreArgs) -> anyhow::Result<i32> {
         "min_loss": finite.iter().copied().fold(f32::INFINITY, f32::min),
         "max_loss": finite.iter().copied().fold(f32::NEG_INFINITY, f32::max),
     });
-    if let Some(s) = &ifd {
+    if let Some(s) = ifd {
         let finite: Vec<f32> = s.ifd.iter().copied().filter(|v| v.is_finite()).collect();
         out["ifd"] = json!({
             "scored": finite.len(),
@@ -576,21 +562,28 @@ fn run_score(args: ScoreArgs) -> anyhow::Result<i32> {
         }
         out["ifd"]["lines_at_least_1"] = json!(flagged.iter().take(50).collect::<Vec<_>>());
     }
-    if let (Some(keep), Some(path)) = (args.keep, &args.out) {
-        let keep = match keep {
-            KeepArg::Top => Keep::Top,
-            KeepArg::Bottom => Keep::Bottom,
+    if let Some(path) = &args.out {
+        let (kind, ranked) = match (ifd, args.by) {
+            (Some(s), ScoreBy::Ifd) => (ScoreKind::Ifd, &s.ifd),
+            _ => (ScoreKind::Loss, losses),
         };
-        let ranked: Vec<f32> = match (&ifd, args.by) {
-            // IFD >= 1: the instruction does not help; never selected (as in Cherry LLM).
-            (Some(s), ScoreBy::Ifd) => s.ifd.iter().map(|&v| if v < 1.0 { v } else { f32::NAN }).collect(),
-            _ => losses.clone(),
+        let chosen = match args.keep {
+            Some(KeepArg::Top) => select_by(kind, ranked, args.fraction, Keep::Top)?,
+            Some(KeepArg::Bottom) => select_by(kind, ranked, args.fraction, Keep::Bottom)?,
+            None => (0..report.rows.len()).collect(),
         };
-        let chosen = select_by_score(&ranked, args.fraction, keep)?;
-        let kept: Vec<_> = chosen.iter().map(|&i| report.rows[i].example.clone()).collect();
-        DatasetEditor::new(kept).save_jsonl(path)?;
+        // The kept rows carry their scores (and any provenance they had) into the file.
+        let kept = chosen.iter().map(|&i| {
+            let row = &report.rows[i];
+            let mut meta = row.meta.clone();
+            meta.scores = Some(table.row(i));
+            (row.example.clone(), meta)
+        });
+        DatasetEditor::with_meta(kept).save_jsonl(path)?;
         out["kept"] = json!(chosen.len());
-        out["by"] = json!(if args.by == ScoreBy::Ifd { "ifd" } else { "loss" });
+        if args.keep.is_some() {
+            out["by"] = json!(if kind == ScoreKind::Ifd { "ifd" } else { "loss" });
+        }
         out["out"] = json!(path.display().to_string());
     }
     println!("{}", serde_json::to_string(&out)?);
@@ -689,6 +682,7 @@ fn run_generate(args: GenerateArgs) -> anyhow::Result<i32> {
     }
     let mut out = serde_json::to_value(&summary)?;
     out["model"] = json!(args.model);
+    out["generated_tokens_per_sec"] = json!(summary.generated_tokens as f64 / summary.elapsed_secs.max(1e-9));
     println!("{}", serde_json::to_string(&out)?);
     Ok(if summary.cancelled { 130 } else { 0 })
 }

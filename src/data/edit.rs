@@ -2,14 +2,18 @@
 //! edited, deleted and reordered, with undo/redo, saved as JSONL atomically (a temporary file
 //! renamed over the old one), so a crash mid-save leaves the previous file intact.
 //!
+//! Each row carries its [`RowMeta`] (provenance of a generated row, a model's scores) through
+//! every edit, undo included, and into the saved file.
+//!
 //! The editor accepts rows that are not yet valid (a user is halfway through typing an answer);
 //! [`DatasetEditor::problems`] lists what loading would reject, and saving writes every row, so
 //! nothing the user typed is ever dropped.
 
 use std::path::{Path, PathBuf};
 
-use crate::data::export::write_examples;
+use crate::data::export::write_rows;
 use crate::data::load::{validate_example, FieldMap, FileKind, Format, LoadReport, Rejection};
+use crate::data::meta::RowMeta;
 use crate::data::Example;
 use crate::error::{Error, Result};
 use crate::fsutil::write_atomic;
@@ -18,25 +22,46 @@ use crate::fsutil::write_atomic;
 pub const MAX_UNDO_STEPS: usize = 1000;
 
 /// One reversible change.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 enum Edit {
-    Insert { index: usize, example: Example },
-    Delete { index: usize, example: Example },
-    Replace { index: usize, old: Example, new: Example },
-    Move { from: usize, to: usize },
+    Insert {
+        index: usize,
+        example: Example,
+        meta: RowMeta,
+    },
+    Delete {
+        index: usize,
+        example: Example,
+        meta: RowMeta,
+    },
+    Replace {
+        index: usize,
+        old: (Example, RowMeta),
+        new: (Example, RowMeta),
+    },
+    Move {
+        from: usize,
+        to: usize,
+    },
+    /// Every row's metadata at once (the scores of a scoring run).
+    Meta {
+        old: Vec<RowMeta>,
+        new: Vec<RowMeta>,
+    },
 }
 
 impl Edit {
     fn inverse(&self) -> Edit {
         match self.clone() {
-            Edit::Insert { index, example } => Edit::Delete { index, example },
-            Edit::Delete { index, example } => Edit::Insert { index, example },
+            Edit::Insert { index, example, meta } => Edit::Delete { index, example, meta },
+            Edit::Delete { index, example, meta } => Edit::Insert { index, example, meta },
             Edit::Replace { index, old, new } => Edit::Replace {
                 index,
                 old: new,
                 new: old,
             },
             Edit::Move { from, to } => Edit::Move { from: to, to: from },
+            Edit::Meta { old, new } => Edit::Meta { old: new, new: old },
         }
     }
 }
@@ -45,6 +70,8 @@ impl Edit {
 #[derive(Debug, Clone, Default)]
 pub struct DatasetEditor {
     rows: Vec<Example>,
+    /// One per row.
+    meta: Vec<RowMeta>,
     undo: Vec<Edit>,
     redo: Vec<Edit>,
     /// Length of the undo stack when the rows matched the file; `None` once that state can no
@@ -55,8 +82,15 @@ pub struct DatasetEditor {
 
 impl DatasetEditor {
     pub fn new(rows: Vec<Example>) -> Self {
+        Self::with_meta(rows.into_iter().map(|ex| (ex, RowMeta::default())))
+    }
+
+    /// Rows with their provenance and scores.
+    pub fn with_meta(rows: impl IntoIterator<Item = (Example, RowMeta)>) -> Self {
+        let (rows, meta) = rows.into_iter().unzip();
         DatasetEditor {
             rows,
+            meta,
             saved_at: Some(0),
             ..DatasetEditor::default()
         }
@@ -65,15 +99,23 @@ impl DatasetEditor {
     /// Starts from a loaded file (its usable rows; rejected ones stay in the report).
     pub fn from_report(report: &LoadReport) -> Self {
         DatasetEditor {
-            rows: report.examples().cloned().collect(),
             path: report.path.clone(),
-            saved_at: Some(0),
-            ..DatasetEditor::default()
+            ..Self::with_meta(report.rows.iter().map(|r| (r.example.clone(), r.meta.clone())))
         }
     }
 
     pub fn rows(&self) -> &[Example] {
         &self.rows
+    }
+
+    /// Each row's provenance and scores (as many as there are rows).
+    pub fn meta(&self) -> &[RowMeta] {
+        &self.meta
+    }
+
+    /// The rows with their metadata, in order.
+    pub fn rows_with_meta(&self) -> impl Iterator<Item = (&Example, &RowMeta)> {
+        self.rows.iter().zip(&self.meta)
     }
 
     pub fn len(&self) -> usize {
@@ -104,8 +146,13 @@ impl DatasetEditor {
 
     /// Appends a row; returns its index.
     pub fn add(&mut self, example: Example) -> usize {
+        self.add_with_meta(example, RowMeta::default())
+    }
+
+    /// Appends a row with its provenance (a generated row the user accepted); returns its index.
+    pub fn add_with_meta(&mut self, example: Example, meta: RowMeta) -> usize {
         let index = self.rows.len();
-        self.record(Edit::Insert { index, example });
+        self.record(Edit::Insert { index, example, meta });
         index
     }
 
@@ -114,11 +161,16 @@ impl DatasetEditor {
         if index > self.rows.len() {
             return Err(self.out_of_range("insert at", index, self.rows.len() + 1));
         }
-        self.record(Edit::Insert { index, example });
+        self.record(Edit::Insert {
+            index,
+            example,
+            meta: RowMeta::default(),
+        });
         Ok(())
     }
 
-    /// Replaces row `index`. Replacing a row with an identical one records nothing.
+    /// Replaces row `index`. Replacing a row with an identical one records nothing. The row
+    /// keeps its provenance (marked as edited); its scores, made for the old text, are dropped.
     pub fn edit(&mut self, index: usize, example: Example) -> Result<()> {
         let old = self
             .rows
@@ -126,11 +178,29 @@ impl DatasetEditor {
             .cloned()
             .ok_or_else(|| self.out_of_range("edit", index, self.rows.len()))?;
         if old != example {
+            let meta = self.meta[index].clone();
+            let new_meta = meta.after_edit();
             self.record(Edit::Replace {
                 index,
-                old,
-                new: example,
+                old: (old, meta),
+                new: (example, new_meta),
             });
+        }
+        Ok(())
+    }
+
+    /// Replaces every row's metadata in one undoable step (the scores of a scoring run).
+    pub fn set_meta(&mut self, meta: Vec<RowMeta>) -> Result<()> {
+        if meta.len() != self.rows.len() {
+            return Err(Error::Data(format!(
+                "cannot set metadata of {} rows on a dataset of {} rows",
+                meta.len(),
+                self.rows.len()
+            )));
+        }
+        if meta != self.meta {
+            let old = self.meta.clone();
+            self.record(Edit::Meta { old, new: meta });
         }
         Ok(())
     }
@@ -145,6 +215,7 @@ impl DatasetEditor {
         self.record(Edit::Delete {
             index,
             example: example.clone(),
+            meta: self.meta[index].clone(),
         });
         Ok(example)
     }
@@ -189,12 +260,12 @@ impl DatasetEditor {
             .collect()
     }
 
-    /// Writes every row as JSONL, atomically. Conversations are written as OpenAI `messages`
-    /// records and raw text as `text` records; a file holding both cannot be loaded as one format,
+    /// Writes every row as JSONL, atomically, with its provenance and scores. Conversations are
+    /// written as OpenAI `messages` records and raw text as `text` records; a file holding both cannot be loaded as one format,
     /// so that is refused, naming the first row of the minority kind.
     pub fn save_jsonl(&mut self, path: &Path) -> Result<()> {
         let format = self.natural_format()?;
-        let bytes = write_examples(&self.rows, format, FileKind::Jsonl, &FieldMap::default())?;
+        let bytes = write_rows(self.rows_with_meta(), format, FileKind::Jsonl, &FieldMap::default())?;
         write_atomic(path, &bytes)?;
         self.path = Some(path.to_path_buf());
         self.saved_at = Some(self.undo.len());
@@ -240,15 +311,22 @@ impl DatasetEditor {
     /// Applies an edit whose indices were checked when it was recorded.
     fn apply(&mut self, edit: &Edit) {
         match edit.clone() {
-            Edit::Insert { index, example } => self.rows.insert(index, example),
+            Edit::Insert { index, example, meta } => {
+                self.rows.insert(index, example);
+                self.meta.insert(index, meta);
+            }
             Edit::Delete { index, .. } => {
                 self.rows.remove(index);
+                self.meta.remove(index);
             }
-            Edit::Replace { index, new, .. } => self.rows[index] = new,
+            Edit::Replace { index, new, .. } => (self.rows[index], self.meta[index]) = new,
             Edit::Move { from, to } => {
                 let row = self.rows.remove(from);
                 self.rows.insert(to, row);
+                let meta = self.meta.remove(from);
+                self.meta.insert(to, meta);
             }
+            Edit::Meta { new, .. } => self.meta = new,
         }
     }
 
@@ -356,5 +434,78 @@ mod tests {
         assert!(err.contains("row 3 is raw text"), "{err}");
         // The earlier file is untouched by the refused save.
         assert_eq!(load_file(&path, &LoadOptions::default()).unwrap().rows.len(), 2);
+    }
+
+    fn scored(loss: f32) -> RowMeta {
+        RowMeta {
+            provenance: None,
+            scores: Some(crate::data::meta::RowScores {
+                answer_loss: Some(loss),
+                ifd: Some(loss / 2.0),
+                model: "m".into(),
+                seq_len: 64,
+            }),
+        }
+    }
+
+    fn generated() -> RowMeta {
+        let row: crate::data::generate::GeneratedRow = serde_json::from_value(serde_json::json!({
+            "instruction": "Name a tree.", "output": "Oak.",
+            "provenance": {"method": "evol-instruct", "model": "tiny", "attempt": 4,
+                "original": {"instruction": "Name a plant.", "output": "Fern."}, "evolution": "concretize",
+                "settings": {"temperature": 0.7, "top_p": 0.95, "seed": 3, "max_new_tokens": 64, "call_seed": 11}}
+        }))
+        .unwrap();
+        row.meta()
+    }
+
+    #[test]
+    fn provenance_and_scores_follow_their_rows_through_edits_undo_and_save() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("meta.jsonl");
+        let mut ed = DatasetEditor::with_meta(vec![(qa("1", "a"), scored(1.0)), (qa("2", "b"), RowMeta::default())]);
+        let tree = generated();
+        assert_eq!(ed.add_with_meta(qa("Name a tree.", "Oak."), tree.clone()), 2);
+        ed.move_row(2, 0).unwrap();
+        assert_eq!(ed.meta()[0], tree);
+        assert_eq!(ed.meta()[1], scored(1.0));
+        // Deleting and undoing brings the metadata back with the row.
+        ed.delete(1).unwrap();
+        assert_eq!(ed.meta(), &[tree.clone(), RowMeta::default()]);
+        ed.undo();
+        assert_eq!(ed.meta()[1], scored(1.0));
+        // An edit keeps the provenance (marked edited) and drops the stale scores; undo restores both.
+        ed.edit(0, qa("Name a tall tree.", "Oak.")).unwrap();
+        ed.edit(1, qa("1", "A")).unwrap();
+        assert!(ed.meta()[0].provenance.as_ref().unwrap().edited);
+        assert_eq!(ed.meta()[1], RowMeta::default());
+        ed.undo();
+        ed.undo();
+        assert_eq!(ed.meta()[0], tree);
+        assert_eq!(ed.meta()[1], scored(1.0));
+        // Setting every row's scores is one undoable step.
+        let rescored: Vec<RowMeta> = (0..3)
+            .map(|i| RowMeta {
+                provenance: ed.meta()[i].provenance.clone(),
+                ..scored(i as f32)
+            })
+            .collect();
+        assert!(ed.set_meta(rescored[..2].to_vec()).is_err());
+        ed.set_meta(rescored.clone()).unwrap();
+        assert_eq!(ed.meta(), rescored.as_slice());
+        ed.undo();
+        assert_eq!(ed.meta()[1], scored(1.0));
+        ed.redo();
+        // The saved file holds both, and loading it gives them back.
+        ed.save_jsonl(&path).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(
+            text.lines().next().unwrap().contains("\"evolution\":\"concretize\""),
+            "{text}"
+        );
+        let report = load_file(&path, &LoadOptions::default()).unwrap();
+        let loaded = DatasetEditor::from_report(&report);
+        assert_eq!(loaded.rows(), ed.rows());
+        assert_eq!(loaded.meta(), rescored.as_slice());
     }
 }

@@ -4,6 +4,7 @@
 use serde_json::{json, Map, Value};
 
 use crate::data::load::{FieldMap, FileKind, Format};
+use crate::data::meta::RowMeta;
 use crate::data::{Example, Message, Role, ToolCall};
 use crate::error::{Error, Result};
 
@@ -266,9 +267,20 @@ pub fn write_examples<'a>(
     kind: FileKind,
     fields: &FieldMap,
 ) -> Result<Vec<u8>> {
+    let none = RowMeta::default();
+    write_rows(examples.into_iter().map(|ex| (ex, &none)), format, kind, fields)
+}
+
+/// [`write_examples`] with each row's provenance and scores written beside its fields.
+pub fn write_rows<'a>(
+    rows: impl IntoIterator<Item = (&'a Example, &'a RowMeta)>,
+    format: Format,
+    kind: FileKind,
+    fields: &FieldMap,
+) -> Result<Vec<u8>> {
     let mut records = vec![];
-    for (i, ex) in examples.into_iter().enumerate() {
-        let record = to_record(ex, format, fields).ok_or_else(|| {
+    for (i, (ex, meta)) in rows.into_iter().enumerate() {
+        let mut record = to_record(ex, format, fields).ok_or_else(|| {
             Error::Data(format!(
                 "row {} cannot be written as {}: {}",
                 i + 1,
@@ -283,6 +295,7 @@ pub fn write_examples<'a>(
                 }
             ))
         })?;
+        meta.write_into(&mut record);
         records.push(record);
     }
     write_records(&records, kind)

@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::data::meta::RowMeta;
 use crate::data::records::{kind_of, read_records, read_text, RawRecord};
 pub use crate::data::records::{FileKind, Rejection};
 use crate::data::{Example, Message, Role, ToolCall};
@@ -205,15 +206,18 @@ impl Default for LoadOptions {
 }
 
 /// A usable example and where it came from.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Row {
     /// 1-based line (or Parquet row) number.
     pub line: usize,
     pub example: Example,
+    /// The record's provenance and scores, when it has Finch's (see [`crate::data::meta`]).
+    #[serde(default, skip_serializing_if = "RowMeta::is_empty")]
+    pub meta: RowMeta,
 }
 
 /// What loading a file produced.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LoadReport {
     pub path: Option<PathBuf>,
     pub format: Format,
@@ -317,7 +321,11 @@ pub fn load_text_folder(dir: &Path, options: &LoadOptions) -> Result<LoadReport>
         }));
         for record in &read.records {
             match convert(record, Format::Text, &options.fields) {
-                Ok(example) => rows.push(Row { line, example }),
+                Ok(example) => rows.push(Row {
+                    line,
+                    example,
+                    meta: RowMeta::default(),
+                }),
                 Err(_) => rejected.push(rejection(line, &name, "empty file (nothing but whitespace)")),
             }
         }
@@ -417,6 +425,7 @@ pub fn load_bytes(bytes: &[u8], kind: FileKind, options: &LoadOptions) -> Result
             Ok(example) => rows.push(Row {
                 line: record.line,
                 example,
+                meta: RowMeta::from_record(&record.value),
             }),
             Err(rejection) => rejected.push(rejection),
         }

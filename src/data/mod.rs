@@ -6,6 +6,7 @@ pub mod export;
 pub mod generate;
 pub mod inspect;
 pub mod load;
+pub mod meta;
 pub mod pack;
 #[cfg(feature = "parquet")]
 pub mod parquet_file;

@@ -265,6 +265,39 @@ pub fn select_by_score(scores: &[f32], fraction: f32, keep: Keep) -> Result<Vec<
     Ok(chosen)
 }
 
+/// Which per-row score ranks rows for keeping.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ScoreKind {
+    /// The answer's mean loss under the model.
+    Loss,
+    /// Instruction-following difficulty ([`ifd_scores`]).
+    Ifd,
+}
+
+impl ScoreKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            ScoreKind::Loss => "answer loss",
+            ScoreKind::Ifd => "IFD",
+        }
+    }
+}
+
+/// [`select_by_score`] for a score of `kind`. Rows with IFD >= 1 (the instruction does not
+/// help predict the answer) are never kept, whichever end is kept: as in Cherry LLM, they are
+/// not instruction data worth training on. The CLI's `data score --keep` and the Data page's
+/// "Keep" both choose rows with this.
+pub fn select_by(kind: ScoreKind, scores: &[f32], fraction: f32, keep: Keep) -> Result<Vec<usize>> {
+    match kind {
+        ScoreKind::Loss => select_by_score(scores, fraction, keep),
+        ScoreKind::Ifd => {
+            let usable: Vec<f32> = scores.iter().map(|&v| if v < 1.0 { v } else { f32::NAN }).collect();
+            select_by_score(&usable, fraction, keep)
+        }
+    }
+}
+
 /// Instruction-following difficulty (Li et al., "From Quantity to Quality"): the loss of the
 /// response given the instruction divided by its loss alone. Near or above 1 means the
 /// instruction does not help predict the answer.
@@ -406,6 +439,12 @@ mod tests {
         assert!(select_by_score(&scores, 1.5, Keep::Top).is_err());
         assert_eq!(ifd_scores(&[1.0, 2.0], &[2.0, 0.0]).unwrap()[0], 0.5);
         assert!(ifd_scores(&[1.0], &[]).is_err());
+        // By IFD, rows at or above 1 are never kept, from either end.
+        let ifd = [0.2, 1.0, 0.9, f32::NAN, 1.4, 0.5];
+        assert_eq!(select_by(ScoreKind::Ifd, &ifd, 1.0, Keep::Top).unwrap(), vec![0, 2, 5]);
+        assert_eq!(select_by(ScoreKind::Ifd, &ifd, 0.34, Keep::Top).unwrap(), vec![2]);
+        assert_eq!(select_by(ScoreKind::Ifd, &ifd, 0.34, Keep::Bottom).unwrap(), vec![0]);
+        assert_eq!(select_by(ScoreKind::Loss, &ifd, 0.25, Keep::Top).unwrap(), vec![4]);
     }
 
     #[test]

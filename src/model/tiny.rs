@@ -357,6 +357,85 @@ pub fn tiny_tokenizer_json() -> serde_json::Value {
     })
 }
 
+/// Writes a tiny Llama into `dir` that answers every chat prompt with the same text, the
+/// concatenation of `pieces`, under greedy decoding or any temperature. Tests use it to drive
+/// generation pipelines through a real model folder (loading, chat template, decoding) to a
+/// known reply.
+///
+/// How: each piece is one (non-special) added token of the tokenizer, and the weights are a
+/// bigram table. Every layer's output projections are zero, so the last hidden state is the
+/// current token's embedding; the chain's tokens (the `\n` that ends ChatML's
+/// `<|im_start|>assistant\n`, then each piece) have one-hot embeddings, and the untied head
+/// maps each to the next piece with a logit of 32 (the last piece to `<|im_end|>`), every other
+/// logit being 0. The prompt matters only through its last token, which the template fixes.
+pub fn write_fixed_reply_model(dir: &Path, pieces: &[&str]) -> Result<()> {
+    let first_added = (TINY_SPECIAL_TOKENS.len() + 256) as u32;
+    let mut spec = TinySpec::new(Family::Llama);
+    spec.tie_word_embeddings = false;
+    // Room for the generators' longest prompts (Humpback's rating) in a byte-level vocabulary.
+    spec.max_position_embeddings = 4096;
+    spec.vocab_size = spec.vocab_size.max(first_added as usize + pieces.len());
+    let h = spec.hidden_size;
+    if pieces.is_empty() || pieces.len() + 1 > h {
+        return Err(Error::Data(format!(
+            "a fixed-reply model needs 1 to {} pieces, got {}",
+            h - 1,
+            pieces.len()
+        )));
+    }
+    spec.write(dir)?;
+    let mut tokenizer = tiny_tokenizer_json();
+    if let Some(added) = tokenizer["added_tokens"].as_array_mut() {
+        for (k, piece) in pieces.iter().enumerate() {
+            added.push(
+                json!({"id": first_added as usize + k, "content": piece, "single_word": false,
+                              "lstrip": false, "rstrip": false, "normalized": false, "special": false}),
+            );
+        }
+    }
+    let path = dir.join("tokenizer.json");
+    std::fs::write(&path, pretty(&tokenizer)).map_err(|e| Error::io(&path, "cannot write", e))?;
+
+    let dev = Device::Cpu;
+    let mut weights = spec.weights()?;
+    for l in 0..spec.num_hidden_layers {
+        for name in ["self_attn.o_proj", "mlp.down_proj"] {
+            let key = format!("model.layers.{l}.{name}.weight");
+            if let Some(w) = weights.get(&key) {
+                let zero = w.zeros_like()?;
+                weights.insert(key, zero);
+            }
+        }
+    }
+    weights.insert(
+        "model.norm.weight".into(),
+        Tensor::ones(h, candle_core::DType::F32, &dev)?,
+    );
+    let newline = TINY_SPECIAL_TOKENS.len() as u32 + u32::from(b'\n');
+    let eos = 2u32; // <|im_end|>
+    let chain: Vec<u32> = std::iter::once(newline)
+        .chain((0..pieces.len() as u32).map(|k| first_added + k))
+        .collect();
+    let mut embed = vec![0f32; spec.vocab_size * h];
+    let mut head = vec![0f32; spec.vocab_size * h];
+    for (dim, &token) in chain.iter().enumerate() {
+        embed[token as usize * h + dim] = 1.0;
+        let next = chain.get(dim + 1).copied().unwrap_or(eos);
+        // The final norm scales a one-hot vector to sqrt(h) = 8: a logit of 32.
+        head[next as usize * h + dim] = 4.0;
+    }
+    weights.insert(
+        "model.embed_tokens.weight".into(),
+        Tensor::from_vec(embed, (spec.vocab_size, h), &dev)?,
+    );
+    weights.insert(
+        "lm_head.weight".into(),
+        Tensor::from_vec(head, (spec.vocab_size, h), &dev)?,
+    );
+    candle_core::safetensors::save(&weights, dir.join("model.safetensors"))?;
+    Ok(())
+}
+
 /// Random weights drawn on request: see [`TinySpec::lazy_weights`].
 pub struct LazyRandomWeights {
     spec: TinySpec,

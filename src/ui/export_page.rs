@@ -16,7 +16,7 @@ use crate::export::{ExportError, ExportEvent, ExportRequest, Exported};
 
 use super::shared::Shared;
 use super::widgets::format_bytes;
-use super::worker::{PickPurpose, Stream};
+use super::worker::{drain_and_release, PickPurpose, Stream};
 
 /// What the export thread sends.
 #[derive(Debug, Clone)]
@@ -242,26 +242,19 @@ impl ExportPage {
 
     /// The import section: an adapter folder, the Import button, and what the last import made.
     fn import_ui(&mut self, ui: &mut egui::Ui, shared: &mut Shared) {
-        if let Some(job) = &mut self.import_job {
-            let results = job.drain();
-            let finished = job.is_finished();
-            for r in results {
-                match r {
-                    Ok(imported) => {
-                        self.import_result = Some(imported);
-                        // The new run joins the run lists (Train history, Chat, Compare, Export).
-                        shared.requests.rescan_runs = true;
-                    }
-                    Err(e) => shared.report(
-                        "Import failed",
-                        e,
-                        "Pick a PEFT adapter folder (adapter_config.json + adapter_model.safetensors); when its base \
-                         model is not found here, open that model on the Models page first.",
-                    ),
+        for r in drain_and_release(&mut self.import_job) {
+            match r {
+                Ok(imported) => {
+                    self.import_result = Some(imported);
+                    // The new run joins the run lists (Train history, Chat, Compare, Export).
+                    shared.requests.rescan_runs = true;
                 }
-            }
-            if finished {
-                self.import_job = None;
+                Err(e) => shared.report(
+                    "Import failed",
+                    e,
+                    "Pick a PEFT adapter folder (adapter_config.json + adapter_model.safetensors); when its base \
+                     model is not found here, open that model on the Models page first.",
+                ),
             }
         }
         let ctx = ui.ctx().clone();
@@ -340,21 +333,14 @@ impl ExportPage {
     /// The hand-off section: tool choice, Write button, and the command, warnings and
     /// not-carried-over list of the last hand-off.
     fn handoff_ui(&mut self, ui: &mut egui::Ui, shared: &mut Shared) {
-        if let Some(job) = &mut self.handoff_job {
-            let results = job.drain();
-            let finished = job.is_finished();
-            for r in results {
-                match r {
-                    Ok(h) => self.handoff_result = Some(h),
-                    Err(e) => shared.report(
-                        "Hand-off failed",
-                        e,
-                        "Check that the run folder's data file still exists and that the output folder is new or empty.",
-                    ),
-                }
-            }
-            if finished {
-                self.handoff_job = None;
+        for r in drain_and_release(&mut self.handoff_job) {
+            match r {
+                Ok(h) => self.handoff_result = Some(h),
+                Err(e) => shared.report(
+                    "Hand-off failed",
+                    e,
+                    "Check that the run folder's data file still exists and that the output folder is new or empty.",
+                ),
             }
         }
         let ctx = ui.ctx().clone();

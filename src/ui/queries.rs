@@ -7,6 +7,8 @@ use std::path::Path;
 use eframe::egui;
 
 use crate::data::load::Rejection;
+use crate::data::meta::RowMeta;
+use crate::data::quality::ScoreKind;
 use crate::data::Example;
 use crate::hub::{CachedModel, HubOptions};
 use crate::train::history::{ProbeRound, RunHistory};
@@ -14,6 +16,7 @@ use crate::train::PreflightReport;
 
 use super::app::App;
 use super::chat_page::{ChatTurn, CompareRound};
+use super::data_page::generate::GeneratePanel;
 use super::data_page::{FilterCounts, InspectorPiece};
 use super::export_page::ExportPage;
 use super::models_page::ModelCard;
@@ -109,6 +112,21 @@ impl App {
     /// The selected row (0-based).
     pub fn data_selected_row(&self) -> Option<usize> {
         self.data.selected_row()
+    }
+
+    /// Each row's provenance and scores, as they will be saved.
+    pub fn data_meta(&self) -> &[RowMeta] {
+        self.data.meta()
+    }
+
+    /// The `(bin centre, rows)` bars of the Data page's histogram of a score.
+    pub fn data_score_bars(&mut self, kind: ScoreKind) -> Vec<[f64; 2]> {
+        self.data.score_bars(kind)
+    }
+
+    /// The Data page's Generate panel (its candidates, progress and status).
+    pub fn data_generate(&self) -> &GeneratePanel {
+        &self.data.generate
     }
 
     // Train page.

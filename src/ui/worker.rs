@@ -98,6 +98,17 @@ impl<E: Send + 'static> Stream<E> {
     }
 }
 
+/// What a stream in `slot` sent since the last call; the slot is emptied once the thread has
+/// ended and everything it sent was taken (for streams whose only message is their result).
+pub fn drain_and_release<E: Send + 'static>(slot: &mut Option<Stream<E>>) -> Vec<E> {
+    let Some(stream) = slot else { return vec![] };
+    let events = stream.drain();
+    if stream.is_finished() {
+        *slot = None;
+    }
+    events
+}
+
 /// What a file or folder dialog is for, so its answer goes to the right field.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PickPurpose {

@@ -70,6 +70,8 @@ pub struct Reply {
     /// The reply hit `max_new_tokens` or the context length (cut off).
     pub truncated: bool,
     pub cancelled: bool,
+    /// Tokens the model generated for it (speed reporting).
+    pub tokens: usize,
 }
 
 /// The local model Finch loaded: f32 (with an unmerged adapter) or a quantized GGUF.
@@ -127,6 +129,7 @@ impl TextModel for LocalModel {
         };
         use crate::generate::FinishReason;
         Ok(Reply {
+            tokens: g.token_ids.len(),
             text: g.text,
             truncated: g.finish_reason == FinishReason::Length,
             cancelled: g.finish_reason == FinishReason::Cancelled,
@@ -266,6 +269,9 @@ pub struct Provenance {
     /// Back-translation: the self-curation score (1–5).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub score: Option<u8>,
+    /// The row was changed by hand after it was generated (the rest describes the original).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub edited: bool,
     pub settings: ProvenanceSettings,
 }
 
@@ -355,6 +361,14 @@ impl GeneratedRow {
             Message::new(Role::Assistant, self.output.clone()),
         ])
     }
+
+    /// What the dataset keeps about the row besides its content: its provenance.
+    pub fn meta(&self) -> crate::data::meta::RowMeta {
+        crate::data::meta::RowMeta {
+            provenance: Some(self.provenance.clone()),
+            scores: None,
+        }
+    }
 }
 
 /// What a generator reports while it runs.
@@ -437,6 +451,9 @@ pub struct GenSummary {
     /// Stopped by the attempt limit before reaching the count.
     pub gave_up: bool,
     pub elapsed_secs: f64,
+    /// Model calls made and the tokens they generated (kept and rejected rows alike).
+    pub model_calls: usize,
+    pub generated_tokens: usize,
 }
 
 /// What every generator needs: the model, settings, output, event sink and cancel flag.
@@ -461,6 +478,8 @@ pub(crate) struct Session<'r, 'a> {
     pub label: String,
     /// Rows the file should hold at the end (`None`: until the input runs out).
     pub target: Option<usize>,
+    pub model_calls: usize,
+    pub generated_tokens: usize,
 }
 
 impl<'r, 'a> Session<'r, 'a> {
@@ -483,6 +502,8 @@ impl<'r, 'a> Session<'r, 'a> {
             start: Instant::now(),
             label,
             target,
+            model_calls: 0,
+            generated_tokens: 0,
         })
     }
 
@@ -510,7 +531,10 @@ impl<'r, 'a> Session<'r, 'a> {
     pub fn ask(&mut self, prompt: &str, call_seed: u64) -> Result<Reply> {
         let messages = [Message::new(Role::User, prompt)];
         let opts = self.run.settings.options(call_seed);
-        self.run.model.reply(&messages, &opts, self.run.cancel)
+        let reply = self.run.model.reply(&messages, &opts, self.run.cancel)?;
+        self.model_calls += 1;
+        self.generated_tokens += reply.tokens;
+        Ok(reply)
     }
 
     pub fn provenance(&self, attempt: usize, call_seed: u64) -> Provenance {
@@ -524,6 +548,7 @@ impl<'r, 'a> Session<'r, 'a> {
             document: None,
             segment: None,
             score: None,
+            edited: false,
             settings: ProvenanceSettings::new(self.run.settings, call_seed),
         }
     }
@@ -588,6 +613,8 @@ impl<'r, 'a> Session<'r, 'a> {
             cancelled: self.run.cancel.load(Ordering::Relaxed),
             gave_up,
             elapsed_secs: self.start.elapsed().as_secs_f64(),
+            model_calls: self.model_calls,
+            generated_tokens: self.generated_tokens,
         }
     }
 }

@@ -18,8 +18,10 @@ impl<F: FnMut(&str, u64) -> String> TextModel for Fake<F> {
     fn reply(&mut self, messages: &[Message], opts: &GenerateOptions, _cancel: &AtomicBool) -> Result<Reply> {
         self.calls += 1;
         let prompt = &messages.last().unwrap().content;
+        let text = (self.f)(prompt, opts.sampling.seed);
         Ok(Reply {
-            text: (self.f)(prompt, opts.sampling.seed),
+            tokens: text.split_whitespace().count(),
+            text,
             truncated: false,
             cancelled: false,
         })
@@ -328,6 +330,7 @@ fn answer_and_instruction_rules() {
         text: text.into(),
         truncated,
         cancelled: false,
+        tokens: 0,
     };
     let reason = |text: &str, truncated| answer_problem(&r(text, truncated), "Name three fruits please").map(|p| p.0);
     assert_eq!(reason("  ", false), Some(RejectReason::EmptyAnswer));
@@ -528,4 +531,31 @@ fn bad_documents_are_one_line_errors_naming_the_file() {
     assert!(err.contains("big.txt") && err.contains("limit"), "{err}");
     let docs = read_documents(&dir.path().join("blob_txt").join("good.txt")).unwrap();
     assert_eq!(docs.len(), 1);
+}
+
+#[test]
+fn a_fixed_reply_model_answers_every_prompt_with_its_text() {
+    let dir = tempfile::tempdir().unwrap();
+    let pieces = [
+        "Task 4: Describe how bread rises.",
+        "\nTask 5: Name two metals that conduct heat.",
+    ];
+    crate::model::tiny::write_fixed_reply_model(dir.path(), &pieces).unwrap();
+    let mut model = LocalModel::open(&dir.path().display().to_string(), None, false).unwrap();
+    let never = AtomicBool::new(false);
+    for (prompt, temperature) in [
+        ("Come up with a series of tasks:", 0.0),
+        ("Describe how bread rises.", 1.0),
+    ] {
+        let settings = GenSettings {
+            temperature,
+            ..GenSettings::default()
+        };
+        let reply = model
+            .reply(&[Message::new(Role::User, prompt)], &settings.options(7), &never)
+            .unwrap();
+        assert_eq!(reply.text, pieces.concat(), "{prompt}");
+        assert!(!reply.truncated && !reply.cancelled);
+    }
+    assert!(crate::model::tiny::write_fixed_reply_model(dir.path(), &[]).is_err());
 }

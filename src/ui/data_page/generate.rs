@@ -1,7 +1,8 @@
 //! The Data page's Generate panel: runs one of the engine's generators
 //! ([`crate::data::generate`]) with the model open on the Models page, on a named background
 //! thread whose events arrive over a channel; the generated rows are listed live, each with
-//! Accept (adds it to the dataset through the editor, so Undo takes it back) and Reject.
+//! Accept (adds it to the dataset through the editor, with its provenance, so Undo takes it
+//! back) and Reject.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -9,6 +10,7 @@ use std::time::Instant;
 use eframe::egui;
 
 use crate::data::generate::{self as gen, GenEvent, GenSettings, GenSummary, GeneratedRow, LocalModel, Method};
+use crate::data::meta::RowMeta;
 use crate::data::Example;
 use crate::ui::worker::Stream;
 
@@ -172,7 +174,7 @@ impl GeneratePanel {
                 GenMsg::Event(GenEvent::Warning { message }) => self.status = message,
                 GenMsg::Done(Ok(s)) => {
                     self.status = format!(
-                        "{}: {} rows in {} ({} new){}{}",
+                        "{}: {} rows in {} ({} new){}{}; {} tokens generated in {:.0} s ({:.1} tokens/s)",
                         s.method.name(),
                         s.rows,
                         s.out.display(),
@@ -182,7 +184,10 @@ impl GeneratePanel {
                             ", gave up after too many rejections"
                         } else {
                             ""
-                        }
+                        },
+                        s.generated_tokens,
+                        s.elapsed_secs,
+                        s.generated_tokens as f64 / s.elapsed_secs.max(1e-9)
                     );
                 }
                 GenMsg::Done(Err(e)) => self.status = e,
@@ -202,9 +207,14 @@ impl GeneratePanel {
         (new > 0).then(|| elapsed / new as f64 * left as f64)
     }
 
-    /// Draws the panel; returns the rows the user accepted this frame. `adapters` are the
-    /// (name, folder) adapters the runs folder and the Chat page offer.
-    pub fn ui(&mut self, ui: &mut egui::Ui, model: Option<PathBuf>, adapters: &[(String, PathBuf)]) -> Vec<Example> {
+    /// Draws the panel; returns the rows the user accepted this frame, each with its provenance.
+    /// `adapters` are the (name, folder) adapters the runs folder and the Chat page offer.
+    pub fn ui(
+        &mut self,
+        ui: &mut egui::Ui,
+        model: Option<PathBuf>,
+        adapters: &[(String, PathBuf)],
+    ) -> Vec<(Example, RowMeta)> {
         let mut accepted = vec![];
         ui.strong("Generate rows with the local model");
         let running = self.is_running();
@@ -240,20 +250,21 @@ impl GeneratePanel {
                 }
             });
             ui.horizontal(|ui| {
-                ui.label(match self.method {
+                let label = ui.label(match self.method {
                     Method::SelfInstruct => "Seed rows (≥ 3):",
                     Method::EvolInstruct => "Rows to evolve:",
                     Method::BackTranslation => "Documents (file or folder):",
                 });
-                ui.text_edit_singleline(&mut self.input_text);
+                ui.text_edit_singleline(&mut self.input_text).labelled_by(label.id);
             });
             ui.horizontal(|ui| {
-                ui.label("Output JSONL (continued if it exists):");
-                ui.text_edit_singleline(&mut self.out_text);
+                let label = ui.label("Output JSONL (continued if it exists):");
+                ui.text_edit_singleline(&mut self.out_text).labelled_by(label.id);
             });
             ui.horizontal(|ui| {
-                ui.label("Rows:");
-                ui.add(egui::TextEdit::singleline(&mut self.count_text).desired_width(50.0));
+                let label = ui.label("Rows:");
+                ui.add(egui::TextEdit::singleline(&mut self.count_text).desired_width(50.0))
+                    .labelled_by(label.id);
                 ui.label("Temperature:");
                 ui.add(
                     egui::DragValue::new(&mut self.settings.temperature)
@@ -298,7 +309,7 @@ impl GeneratePanel {
                 if undecided > 0 && ui.button("Accept all").clicked() {
                     for c in self.candidates.iter_mut().filter(|c| !c.decided) {
                         c.decided = true;
-                        accepted.push(c.row.example());
+                        accepted.push((c.row.example(), c.row.meta()));
                     }
                 }
             });
@@ -310,13 +321,13 @@ impl GeneratePanel {
                         ui.horizontal(|ui| {
                             if ui.small_button("Accept").clicked() {
                                 c.decided = true;
-                                accepted.push(c.row.example());
+                                accepted.push((c.row.example(), c.row.meta()));
                             }
                             if ui.small_button("Reject").clicked() {
                                 c.decided = true;
                             }
                             ui.label(format!(
-                                "{}. {} → {}",
+                                "{}. {} — {}",
                                 i + 1,
                                 super::one_line(&c.row.instruction, 60),
                                 super::one_line(&c.row.output, 60)

@@ -14,11 +14,12 @@
 //! `state.rs` holds the jobs, their polling and the actions; `view.rs` draws the page and turns
 //! clicks into [`Action`]s, applied after drawing.
 
+pub mod choose;
 pub mod generate;
 mod state;
 mod view;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -29,6 +30,7 @@ use tokenizers::Tokenizer;
 use crate::data::edit::DatasetEditor;
 use crate::data::inspect::LengthStats;
 use crate::data::load::{FileKind, Format, Rejection};
+use crate::data::meta::RowMeta;
 use crate::data::quality::NearDuplicateConfig;
 use crate::data::{Example, LossOn, Role};
 use crate::model::template_choice::choose_template;
@@ -304,6 +306,8 @@ pub struct DataPage {
     open_at_start: Option<PathBuf>,
     /// The Generate panel (rows made by the local model).
     pub generate: generate::GeneratePanel,
+    /// Scores, their histograms and keeping a share by score.
+    pub choose: choose::ScorePanel,
 }
 
 impl Default for DataPage {
@@ -345,6 +349,7 @@ impl Default for DataPage {
             status: String::new(),
             open_at_start: None,
             generate: generate::GeneratePanel::default(),
+            choose: choose::ScorePanel::default(),
         }
     }
 }
@@ -373,6 +378,7 @@ impl DataPage {
             || self.counting.is_some()
             || self.tokenizing.is_some()
             || self.model_job.is_some()
+            || self.choose.is_running()
     }
 
     /// The Data page's status line ("Saved 24 rows to …", "Wrote … and …").
@@ -389,6 +395,17 @@ impl DataPage {
     pub fn histogram_lengths(&self) -> Option<Vec<usize>> {
         self.current_lengths()
             .map(|l| l.per_row.iter().flatten().copied().collect())
+    }
+
+    /// Each row's provenance and scores (empty when no dataset is open).
+    pub fn meta(&self) -> &[RowMeta] {
+        self.dataset.as_ref().map_or(&[], |d| d.editor.meta())
+    }
+
+    /// The `(bin centre, rows)` bars of a score's histogram, from the scores on the rows.
+    pub fn score_bars(&mut self, kind: crate::data::quality::ScoreKind) -> Vec<[f64; 2]> {
+        let Some(d) = &self.dataset else { return vec![] };
+        self.choose.bars(kind, d.editor.meta(), self.revision)
     }
 
     /// The inspector's rendering of the selected row, when a model is open.
@@ -512,16 +529,6 @@ fn preview(ex: &Example) -> (String, String) {
     }
 }
 
-/// Rows without the given indices (ascending or not).
-fn without(rows: &[Example], remove: &[usize]) -> Vec<Example> {
-    let remove: BTreeSet<usize> = remove.iter().copied().collect();
-    rows.iter()
-        .enumerate()
-        .filter(|(i, _)| !remove.contains(i))
-        .map(|(_, ex)| ex.clone())
-        .collect()
-}
-
 /// `<stem>.train.jsonl` and `<stem>.val.jsonl` in `dir`.
 fn split_paths(file: &Path, dir: &Path) -> (PathBuf, PathBuf) {
     let stem = file
@@ -555,6 +562,11 @@ enum Action {
     Count,
     ApplyFilter(FilterKind),
     CancelTokenize,
+    /// Score every row with the Models page's model.
+    Score,
+    StopScoring,
+    /// Keep only these rows (ascending indices), with this status line.
+    KeepRows(Vec<usize>, String),
 }
 
 #[cfg(test)]
@@ -626,10 +638,7 @@ mod tests {
     }
 
     #[test]
-    fn removing_rows_keeps_order_and_split_paths_name_the_stem() {
-        let rows: Vec<Example> = (0..5).map(|i| Example::Text { text: i.to_string() }).collect();
-        let kept = without(&rows, &[3, 1]);
-        assert_eq!(kept, vec![rows[0].clone(), rows[2].clone(), rows[4].clone()]);
+    fn split_paths_name_the_stem() {
         let (train, val) = split_paths(Path::new("/d/sums.jsonl"), Path::new("/out"));
         assert_eq!(train, Path::new("/out/sums.train.jsonl"));
         assert_eq!(val, Path::new("/out/sums.val.jsonl"));

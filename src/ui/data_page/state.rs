@@ -11,14 +11,16 @@ use eframe::egui;
 use crate::data::edit::DatasetEditor;
 use crate::data::inspect::LengthStats;
 use crate::data::load::{load_file, FileKind, LoadOptions, LoadReport, Row};
+use crate::data::meta::RowMeta;
 use crate::data::quality::{exact_duplicates, near_duplicates, within_length, NearDuplicateConfig};
 use crate::data::split::{apply_split, train_validation_split};
 use crate::data::tokenize::encode_example;
 use crate::data::{Example, Message, Role};
 
+use super::choose::ScoreOutcome;
 use super::{
-    histogram, open_data_model, split_paths, without, Action, DataPage, Dataset, FilterCounts, FilterKind, LoadMsg,
-    Saved, SplitDone, TokenLengths, TokenizeMsg, HISTOGRAM_BINS,
+    histogram, open_data_model, split_paths, Action, DataPage, Dataset, FilterCounts, FilterKind, LoadMsg, Saved,
+    SplitDone, TokenLengths, TokenizeMsg, HISTOGRAM_BINS,
 };
 use crate::ui::shared::Shared;
 use crate::ui::worker::{Job, PickPurpose, Stream};
@@ -221,6 +223,12 @@ impl DataPage {
             }
             Action::Count => self.start_counting(ctx, shared),
             Action::ApplyFilter(kind) => self.apply_filter(kind),
+            Action::Score => self.start_scoring(ctx, shared),
+            Action::StopScoring => {
+                self.choose.cancel();
+                self.status = "Stopping the scoring after the current row…".into();
+            }
+            Action::KeepRows(rows, status) => self.replace_rows(&rows, status),
             Action::CancelTokenize => {
                 self.tokenize_stopped = self.tokenizing.as_ref().map(|(key, _)| key.clone());
                 self.cancel_tokenizing();
@@ -250,17 +258,17 @@ impl DataPage {
             PathBuf::from(dir_text)
         };
         let (train_path, validation_path) = split_paths(&d.path, &dir);
-        let rows = d.editor.rows().to_vec();
+        let rows: Vec<_> = d.editor.rows_with_meta().map(|(e, m)| (e.clone(), m.clone())).collect();
         let (fraction, seed) = (self.split_fraction, self.split_seed);
         let job = Job::spawn("finch-data-split", ctx, move || {
             let split = train_validation_split(rows.len(), fraction, seed).map_err(|e| format!("{e:#}"))?;
             let (train, validation) = apply_split(&rows, &split);
             std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
             let (n_train, n_validation) = (train.len(), validation.len());
-            DatasetEditor::new(train)
+            DatasetEditor::with_meta(train)
                 .save_jsonl(&train_path)
                 .map_err(|e| format!("{e:#}"))?;
-            DatasetEditor::new(validation)
+            DatasetEditor::with_meta(validation)
                 .save_jsonl(&validation_path)
                 .map_err(|e| format!("{e:#}"))?;
             Ok(SplitDone {
@@ -333,10 +341,9 @@ impl DataPage {
         }
     }
 
-    /// Replaces the rows by those the filter keeps. [`DatasetEditor`] has no multi-row step, so
-    /// the filtered rows become a new editor and the old one is kept for Undo.
+    /// Replaces the rows by those the filter keeps.
     fn apply_filter(&mut self, kind: FilterKind) {
-        let (Some(d), Some(counts)) = (&mut self.dataset, &self.counts) else {
+        let (Some(d), Some(counts)) = (&self.dataset, &self.counts) else {
             return;
         };
         if counts.revision != self.revision {
@@ -353,16 +360,111 @@ impl DataPage {
         if remove.is_empty() {
             return;
         }
-        let kept = without(d.editor.rows(), remove);
-        let removed = remove.len();
+        let remove: BTreeSet<usize> = remove.iter().copied().collect();
+        let keep: Vec<usize> = (0..d.editor.len()).filter(|i| !remove.contains(i)).collect();
+        let status = format!("Removed {} {what}; Undo brings them back", remove.len());
+        self.replace_rows(&keep, status);
+    }
+
+    /// Starts scoring the rows with the Models page's model, as Score rows does.
+    pub(super) fn start_scoring(&mut self, ctx: &egui::Context, shared: &mut Shared) {
+        let (Some(d), Some(model)) = (&self.dataset, &shared.model) else {
+            return;
+        };
+        let rows = d.editor.rows().to_vec();
+        let seq_len = shared.settings.train.seq_len;
+        match self.choose.start(ctx, model.path.clone(), rows, self.revision, seq_len) {
+            Ok(()) => {
+                self.status = format!(
+                    "Scoring the rows with {} (cut to {seq_len} tokens)…",
+                    model.path.display()
+                )
+            }
+            Err(e) => shared.report("Cannot score the rows", e, "Restart Finch."),
+        }
+    }
+
+    /// Puts a scoring run's scores on the rows (one undoable edit), when the rows are still
+    /// the ones scored.
+    fn apply_scores(&mut self, shared: &mut Shared, outcome: ScoreOutcome) {
+        let (revision, table) = match outcome {
+            ScoreOutcome::Scored { revision, table } => (revision, table),
+            ScoreOutcome::Stopped => {
+                self.status = "Stopped scoring; the rows keep the scores they had".into();
+                return;
+            }
+            ScoreOutcome::Failed(e) => {
+                self.status = "Rows not scored".into();
+                shared.report("Cannot score the rows", e, "Open another model on the Models page.");
+                return;
+            }
+        };
+        let Some(d) = &mut self.dataset else { return };
+        if revision != self.revision {
+            self.status = "The rows changed while they were scored; score them again".into();
+            return;
+        }
+        let meta: Vec<RowMeta> = d
+            .editor
+            .meta()
+            .iter()
+            .enumerate()
+            .map(|(i, m)| RowMeta {
+                scores: Some(table.row(i)),
+                ..m.clone()
+            })
+            .collect();
+        if let Err(e) = d.editor.set_meta(meta) {
+            shared.report(
+                "Cannot save the scores on the rows",
+                format!("{e:#}"),
+                "Score the rows again.",
+            );
+            return;
+        }
+        let finite = |v: &[f32]| -> Vec<f32> { v.iter().copied().filter(|x| x.is_finite()).collect() };
+        let loss = finite(&table.loss);
+        let mean = loss.iter().sum::<f32>() / loss.len().max(1) as f32;
+        let mut status = format!("Scored {} rows: mean answer loss {mean:.3}", loss.len());
+        if let Some(ifd) = &table.ifd {
+            let ifd = finite(&ifd.ifd);
+            let useless = ifd.iter().filter(|v| **v >= 1.0).count();
+            status.push_str(&format!(
+                "; IFD ≥ 1 (the instruction does not help) for {useless} of {}",
+                ifd.len()
+            ));
+        }
+        if !table.unscored.is_empty() {
+            let (i, why) = &table.unscored[0];
+            status.push_str(&format!(
+                "; {} rows not scored (row {}: {why})",
+                table.unscored.len(),
+                i + 1
+            ));
+        }
+        status.push_str("; Undo removes the scores");
+        self.status = status;
+        self.changed();
+    }
+
+    /// Replaces the rows by those at `keep` (ascending indices), each with its provenance and
+    /// scores. [`DatasetEditor`] has no multi-row step, so the kept rows become a new editor and
+    /// the old one is kept for Undo.
+    pub(super) fn replace_rows(&mut self, keep: &[usize], status: String) {
+        let Some(d) = &mut self.dataset else { return };
+        let (rows, meta) = (d.editor.rows(), d.editor.meta());
         let report = LoadReport {
             path: Some(d.path.clone()),
             format: d.format,
             file_kind: d.file_kind,
-            rows: kept
-                .into_iter()
+            rows: keep
+                .iter()
                 .enumerate()
-                .map(|(i, example)| Row { line: i + 1, example })
+                .map(|(line, &i)| Row {
+                    line: line + 1,
+                    example: rows[i].clone(),
+                    meta: meta[i].clone(),
+                })
                 .collect(),
             rejected: vec![],
             duplicates: 0,
@@ -370,12 +472,15 @@ impl DataPage {
         let old = std::mem::replace(&mut d.editor, DatasetEditor::from_report(&report));
         self.before_filter.push((old, d.replaced));
         d.replaced = true;
-        self.status = format!("Removed {removed} {what}; Undo brings them back");
+        self.status = status;
         self.changed();
     }
 
     pub fn poll(&mut self, ctx: &egui::Context, shared: &mut Shared) {
         self.generate.poll();
+        if let Some(outcome) = self.choose.poll() {
+            self.apply_scores(shared, outcome);
+        }
         // The last dataset (or FINCH_UI_DATA) opens at start, as the last model does.
         if let Some(path) = self.open_at_start.take().filter(|p| p.is_file()) {
             self.open(ctx, shared, &path);
