@@ -21,8 +21,10 @@ use crate::fsutil::write_atomic;
 /// Undo history kept; older edits are forgotten.
 pub const MAX_UNDO_STEPS: usize = 1000;
 
-/// One reversible change.
+/// One reversible change. (`Replace` holds two rows; the history is at most
+/// [`MAX_UNDO_STEPS`] of these, so the size difference between variants costs little.)
 #[derive(Debug, Clone, PartialEq)]
+#[allow(clippy::large_enum_variant)]
 enum Edit {
     Insert {
         index: usize,

@@ -50,6 +50,9 @@ pub enum ScoreAction {
     },
 }
 
+/// What a selection was asked for: by which score, which end, the share in tenths of a percent.
+type SelectionKey = (ScoreKind, Keep, u32);
+
 /// Per-row values of the two scores (NaN where a row has none) and their histograms, for one
 /// state of the rows.
 struct ScoreView {
@@ -59,7 +62,7 @@ struct ScoreView {
     loss_bars: (Vec<[f64; 2]>, f64),
     ifd_bars: (Vec<[f64; 2]>, f64),
     /// The last selection asked for: (by, keep, share in tenths of a percent) and its rows.
-    selection: Option<((ScoreKind, Keep, u32), Result<Vec<usize>, String>)>,
+    selection: Option<(SelectionKey, Result<Vec<usize>, String>)>,
 }
 
 pub struct ScorePanel {
