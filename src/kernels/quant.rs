@@ -666,7 +666,9 @@ impl Split {
     /// values each; a unit count that is a multiple of `align` (32 for columns: whole blocks).
     fn new(tokens: usize, width: usize, depth: usize, align: usize, threads: usize) -> Split {
         let chunks = if threads > 1 && tokens >= SPLIT_TOKENS {
-            threads.max(tokens.div_ceil(CHUNK_TOKENS)).min(tokens / (SPLIT_TOKENS / 2))
+            threads
+                .max(tokens.div_ceil(CHUNK_TOKENS))
+                .min(tokens / (SPLIT_TOKENS / 2))
         } else {
             1
         };
@@ -1240,12 +1242,8 @@ mod x86 {
         while b0 < nb {
             let n = (nb - b0).min(G);
             let mask: __mmask16 = if n == G { 0xFFFF } else { (1u16 << n) - 1 };
-            let h = _mm512_mask_i32gather_epi32::<1>(
-                _mm512_setzero_si512(),
-                mask,
-                offsets,
-                wp.add(b0 * BB) as *const i32,
-            );
+            let h =
+                _mm512_mask_i32gather_epi32::<1>(_mm512_setzero_si512(), mask, offsets, wp.add(b0 * BB) as *const i32);
             let dw = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(h));
             let scales = _mm512_mul_ps(dw, _mm512_maskz_loadu_ps(mask, x.d.as_ptr().add(b0)));
             // The minimum terms m_w·(d_x·Σq_x), one lane per block.
@@ -1542,7 +1540,10 @@ mod tests {
             (300, 64, 32, 32, 1),
         ] {
             let s = Split::new(tokens, width, depth, align, threads);
-            assert!(s.chunks * s.chunk >= tokens && (s.chunks - 1) * s.chunk < tokens, "{s:?}");
+            assert!(
+                s.chunks * s.chunk >= tokens && (s.chunks - 1) * s.chunk < tokens,
+                "{s:?}"
+            );
             assert!(s.panels * s.panel >= width && (s.panels - 1) * s.panel < width, "{s:?}");
             assert!(s.panel % align == 0 || s.panel == width, "{s:?}");
             assert!(s.chunk <= CHUNK_TOKENS || s.chunks == 1, "{s:?}");
@@ -1575,14 +1576,24 @@ mod tests {
             matmul_f32_backward(&w, &g, tokens, &mut dx).unwrap();
             for t in 0..tokens {
                 for r in 0..rows {
-                    let want: f64 = (0..cols).map(|c| wf[r * cols + c] as f64 * x[t * cols + c] as f64).sum();
+                    let want: f64 = (0..cols)
+                        .map(|c| wf[r * cols + c] as f64 * x[t * cols + c] as f64)
+                        .sum();
                     let got = y[t * rows + r] as f64;
-                    assert!((got - want).abs() <= 1e-4 * (1.0 + want.abs()), "{qtype:?} {rows}x{cols} y[{t},{r}]");
+                    assert!(
+                        (got - want).abs() <= 1e-4 * (1.0 + want.abs()),
+                        "{qtype:?} {rows}x{cols} y[{t},{r}]"
+                    );
                 }
                 for c in 0..cols {
-                    let want: f64 = (0..rows).map(|r| g[t * rows + r] as f64 * wf[r * cols + c] as f64).sum();
+                    let want: f64 = (0..rows)
+                        .map(|r| g[t * rows + r] as f64 * wf[r * cols + c] as f64)
+                        .sum();
                     let got = dx[t * cols + c] as f64;
-                    assert!((got - want).abs() <= 1e-4 * (1.0 + want.abs()), "{qtype:?} {rows}x{cols} dx[{t},{c}]");
+                    assert!(
+                        (got - want).abs() <= 1e-4 * (1.0 + want.abs()),
+                        "{qtype:?} {rows}x{cols} dx[{t},{c}]"
+                    );
                 }
             }
         }

@@ -1325,7 +1325,9 @@ mod tests {
     fn file_bytes(model: &GgufModel, gguf_name: &str) -> (GgmlDType, Vec<u8>) {
         let info = &model.content().tensor_infos[gguf_name];
         let mut file = File::open(model.path()).unwrap();
-        let t = info.read(&mut file, model.content().tensor_data_offset, &Device::Cpu).unwrap();
+        let t = info
+            .read(&mut file, model.content().tensor_data_offset, &Device::Cpu)
+            .unwrap();
         (t.dtype(), t.data().unwrap().into_owned())
     }
 
@@ -1334,7 +1336,7 @@ mod tests {
     /// moved back to Hugging Face order, dequantizing to what the f32 loader reads); any other
     /// matrix is `base` blocks quantized from the f32 values. Returns how many were the file's.
     fn assert_base_uses_file_blocks(gguf: &GgufModel, model: &crate::model::Transformer, base: QType) -> usize {
-        use crate::lora::{FrozenWeight, Target};
+        use crate::lora::FrozenWeight;
         let family = gguf.family();
         let mut native = 0;
         for l in 0..model.num_layers() {
@@ -1394,7 +1396,11 @@ mod tests {
                         (GgmlDType::Q4_1, QType::Q4_1) | (GgmlDType::Q8_0, QType::Q8_0)
                     );
                     let all = model.num_layers() * model.projections().len();
-                    assert_eq!(native, if matches { all } else { 0 }, "{family:?} {file_type:?} {base:?}");
+                    assert_eq!(
+                        native,
+                        if matches { all } else { 0 },
+                        "{family:?} {file_type:?} {base:?}"
+                    );
                 }
             }
         }
@@ -1406,7 +1412,9 @@ mod tests {
         let Some(dir) = real_model() else { return };
         let files = crate::model::ModelFiles::open(dir.to_str().unwrap()).unwrap();
         let gguf = GgufModel::open(&dir).unwrap();
-        let model = files.load_with_base(DType::F32, Some(QType::Q4_1), &Device::Cpu).unwrap();
+        let model = files
+            .load_with_base(DType::F32, Some(QType::Q4_1), &Device::Cpu)
+            .unwrap();
         let native = assert_base_uses_file_blocks(&gguf, &model, QType::Q4_1);
         assert_eq!(native, model.num_layers() * model.projections().len());
     }

@@ -566,7 +566,12 @@ impl QuantizedModel {
             x.iter_mut().zip(&proj).for_each(|(a, b)| *a += b);
             rms_norm(&x, &layer.ffn_norm, eps, &mut xn);
             mm.set_input(&xn, t, h)?;
-            mm.run_group(layer, lora, &mut [(Target::Gate, &mut gate), (Target::Up, &mut up)], &xn)?;
+            mm.run_group(
+                layer,
+                lora,
+                &mut [(Target::Gate, &mut gate), (Target::Up, &mut up)],
+                &xn,
+            )?;
             match cfg.activation {
                 Activation::Silu => gate
                     .iter_mut()
