@@ -124,6 +124,7 @@ mod tests {
                     qs: &qs,
                     d: &[1.0],
                     s: &[0.0],
+                    paired: &[],
                 };
                 // SAFETY: one block of weights and one block of activations.
                 let neon = unsafe { dots(qtype, &block, [row]) };

@@ -9,6 +9,7 @@
 
 use std::collections::HashMap;
 use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 use candle_core::quantized::gguf_file::{self, Content, Value};
@@ -17,6 +18,7 @@ use candle_core::{DType, Device, Tensor};
 use serde_json::json;
 
 use crate::error::{Error, Result};
+use crate::kernels::quant::{QMatrix, QType, BLOCK};
 use crate::model::config::{Family, LayerType, ModelConfig, RopeScaling};
 use crate::model::gguf_tokenizer::{self, GgufTokenizerMetadata};
 use crate::model::weights::WeightSource;
@@ -458,6 +460,45 @@ impl WeightSource for GgufModel {
         hf_to_gguf_name(name, self.family()).is_some_and(|g| self.content.tensor_infos.contains_key(&g))
     }
 
+    /// The file's Q8_0/Q4_1 blocks, read straight from the file (q/k rows moved back to Hugging
+    /// Face order as whole rows of blocks, as [`GgufModel::get`] moves the dequantized rows).
+    fn blocks(&self, name: &str, shape: &[usize], qtype: QType) -> Result<Option<QMatrix>> {
+        let family = self.family();
+        let Some(gguf_name) = hf_to_gguf_name(name, family) else {
+            return Ok(None);
+        };
+        let Some(info) = self.content.tensor_infos.get(&gguf_name) else {
+            return Ok(None);
+        };
+        let stored = match info.ggml_dtype {
+            GgmlDType::Q4_1 => QType::Q4_1,
+            GgmlDType::Q8_0 => QType::Q8_0,
+            _ => return Ok(None),
+        };
+        let &[rows, cols] = shape else {
+            return Ok(None);
+        };
+        if stored != qtype || info.shape.dims() != shape || shifts_norm(family, name) || cols % BLOCK != 0 {
+            return Ok(None);
+        }
+        let invalid = |e: String| Error::invalid(&self.path, format!("tensor `{gguf_name}`"), e);
+        let mut data = vec![0u8; rows * cols / BLOCK * qtype.block_bytes()];
+        let mut file = File::open(&self.path).map_err(|e| Error::io(&self.path, "cannot open GGUF file", e))?;
+        file.seek(SeekFrom::Start(self.content.tensor_data_offset + info.offset))
+            .and_then(|_| file.read_exact(&mut data))
+            .map_err(|e| invalid(format!("cannot read its {} bytes: {e}", data.len())))?;
+        let mut q = QMatrix::from_blocks(qtype, rows, cols, data).map_err(|e| invalid(e.to_string()))?;
+        if let Some(heads) = self.qk_permutation_heads(name)? {
+            if heads == 0 || rows % heads != 0 {
+                return Err(invalid(format!("{rows} rows do not split into {heads} heads")));
+            }
+            q = q
+                .permute_rows(&hf_rows_from_gguf(heads, rows / heads))
+                .map_err(|e| invalid(e.to_string()))?;
+        }
+        Ok(Some(q))
+    }
+
     fn origin(&self) -> &Path {
         &self.path
     }
@@ -717,6 +758,22 @@ const LAYER_NAMES: [(&str, &str); 11] = [
 /// `n_head` is the number of query heads for q and of key/value heads for k.
 pub fn permute_qk_for_gguf(w: &Tensor, n_head: usize) -> Result<Tensor> {
     swap_head_halves(w, n_head, true)
+}
+
+/// For each Hugging Face row of a q/k projection, the GGUF row holding it: llama.cpp stores
+/// head `h`'s row `j·(hd/2) + i` (half `j`, pair `i`) at `h·hd + 2i + j` (the row map of
+/// [`unpermute_qk_from_gguf`], for moving whole rows of quantized blocks).
+pub(crate) fn hf_rows_from_gguf(heads: usize, head_dim: usize) -> Vec<usize> {
+    let half = head_dim / 2;
+    let mut from = Vec::with_capacity(heads * head_dim);
+    for h in 0..heads {
+        for j in 0..2 {
+            for i in 0..half {
+                from.push(h * head_dim + 2 * i + j);
+            }
+        }
+    }
+    from
 }
 
 /// The inverse of [`permute_qk_for_gguf`]: GGUF rows back to Hugging Face order.
@@ -1262,6 +1319,104 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The raw bytes of GGUF tensor `gguf_name`, as the file stores them.
+    fn file_bytes(model: &GgufModel, gguf_name: &str) -> (GgmlDType, Vec<u8>) {
+        let info = &model.content().tensor_infos[gguf_name];
+        let mut file = File::open(model.path()).unwrap();
+        let t = info
+            .read(&mut file, model.content().tensor_data_offset, &Device::Cpu)
+            .unwrap();
+        (t.dtype(), t.data().unwrap().into_owned())
+    }
+
+    /// Checks every projection of `model` loaded with a `base` training base from `gguf`: a
+    /// matrix the file stores as `base` is the file's blocks byte for byte (q/k: the file's rows
+    /// moved back to Hugging Face order, dequantizing to what the f32 loader reads); any other
+    /// matrix is `base` blocks quantized from the f32 values. Returns how many were the file's.
+    fn assert_base_uses_file_blocks(gguf: &GgufModel, model: &crate::model::Transformer, base: QType) -> usize {
+        use crate::lora::FrozenWeight;
+        let family = gguf.family();
+        let mut native = 0;
+        for l in 0..model.num_layers() {
+            for &t in model.projections() {
+                let Some(FrozenWeight::Quantized(q)) = model.base_weight(l, t) else {
+                    panic!("layer {l} {t:?} is not quantized")
+                };
+                assert_eq!(q.qtype(), base);
+                let hf = format!("{}.weight", t.module_path(l));
+                let gguf_name = hf_to_gguf_name(&hf, family).unwrap();
+                let (stored, bytes) = file_bytes(gguf, &gguf_name);
+                let same_type = matches!(
+                    (stored, base),
+                    (GgmlDType::Q4_1, QType::Q4_1) | (GgmlDType::Q8_0, QType::Q8_0)
+                );
+                let dense = gguf.get(&hf, &[q.rows(), q.cols()], DType::F32, &Device::Cpu).unwrap();
+                let dense = dense.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                if !same_type {
+                    let want = QMatrix::quantize(base, q.rows(), q.cols(), &dense).unwrap();
+                    assert_eq!(q.data(), want.data(), "{hf}: quantized from the f32 values");
+                    continue;
+                }
+                native += 1;
+                let file = QMatrix::from_blocks(base, q.rows(), q.cols(), bytes).unwrap();
+                match gguf.qk_permutation_heads(&hf).unwrap() {
+                    Some(heads) => {
+                        let moved = file.permute_rows(&hf_rows_from_gguf(heads, q.rows() / heads)).unwrap();
+                        assert_eq!(q.data(), moved.data(), "{hf}: the file's rows, reordered");
+                    }
+                    None => assert_eq!(q.data(), file.data(), "{hf}: the file's bytes"),
+                }
+                assert_eq!(q.dequantize(), dense, "{hf}: the f32 loader's values");
+            }
+        }
+        native
+    }
+
+    /// A training base of the type a GGUF stores its matrices in takes the file's blocks as
+    /// they are (no dequantize-then-requantize); a base of another type is quantized from the
+    /// dequantized values. Llama (q/k rows permuted in the file) and Qwen2 (not permuted).
+    #[test]
+    fn quantized_training_base_takes_the_file_blocks() {
+        for family in [Family::Llama, Family::Qwen2] {
+            for file_type in [GgmlDType::Q8_0, GgmlDType::Q4_1] {
+                let dir = tempfile::tempdir().unwrap();
+                let spec = TinySpec::new(family);
+                write_tiny_gguf(dir.path(), &spec, file_type, "default");
+                let gguf = GgufModel::open(dir.path()).unwrap();
+                let cfg = ModelConfig::from_json(&gguf.config_json().unwrap(), gguf.path()).unwrap();
+                for base in [QType::Q8_0, QType::Q4_1] {
+                    let model =
+                        crate::model::Transformer::load_with_base(&cfg, &gguf, DType::F32, Some(base), &Device::Cpu)
+                            .unwrap();
+                    let native = assert_base_uses_file_blocks(&gguf, &model, base);
+                    let matches = matches!(
+                        (file_type, base),
+                        (GgmlDType::Q4_1, QType::Q4_1) | (GgmlDType::Q8_0, QType::Q8_0)
+                    );
+                    let all = model.num_layers() * model.projections().len();
+                    assert_eq!(
+                        native,
+                        if matches { all } else { 0 },
+                        "{family:?} {file_type:?} {base:?}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// The real Q4_1 GGUF as a q4_1 training base: every projection is the file's blocks.
+    #[test]
+    fn real_gguf_q4_1_training_base_is_the_file_blocks() {
+        let Some(dir) = real_model() else { return };
+        let files = crate::model::ModelFiles::open(dir.to_str().unwrap()).unwrap();
+        let gguf = GgufModel::open(&dir).unwrap();
+        let model = files
+            .load_with_base(DType::F32, Some(QType::Q4_1), &Device::Cpu)
+            .unwrap();
+        let native = assert_base_uses_file_blocks(&gguf, &model, QType::Q4_1);
+        assert_eq!(native, model.num_layers() * model.projections().len());
     }
 
     #[test]

@@ -32,7 +32,7 @@ use crate::kernels::quant::{self, Kernel, QActivations, QMatrix, QType};
 use crate::lora::Target;
 use crate::model::config::{Activation, LayerType, ModelConfig};
 use crate::model::decoder::Decoder;
-use crate::model::gguf::GgufModel;
+use crate::model::gguf::{hf_rows_from_gguf, GgufModel};
 
 /// One adapted projection: `y += scale·(x·Aᵀ)·Bᵀ`, `a: [r, in]`, `b: [out, r]`, f32.
 struct LowRank {
@@ -532,9 +532,12 @@ impl QuantizedModel {
             let lora = self.lora.get(l);
             rms_norm(&x, &layer.attn_norm, eps, &mut xn);
             mm.set_input(&xn, t, h)?;
-            mm.run(layer, lora, Target::Q, &xn, &mut q)?;
-            mm.run(layer, lora, Target::K, &xn, &mut k)?;
-            mm.run(layer, lora, Target::V, &xn, &mut v)?;
+            mm.run_group(
+                layer,
+                lora,
+                &mut [(Target::Q, &mut q), (Target::K, &mut k), (Target::V, &mut v)],
+                &xn,
+            )?;
             if let Some([qb, kb, vb]) = &layer.qkv_bias {
                 add_rows(&mut q, qb);
                 add_rows(&mut k, kb);
@@ -563,8 +566,12 @@ impl QuantizedModel {
             x.iter_mut().zip(&proj).for_each(|(a, b)| *a += b);
             rms_norm(&x, &layer.ffn_norm, eps, &mut xn);
             mm.set_input(&xn, t, h)?;
-            mm.run(layer, lora, Target::Gate, &xn, &mut gate)?;
-            mm.run(layer, lora, Target::Up, &xn, &mut up)?;
+            mm.run_group(
+                layer,
+                lora,
+                &mut [(Target::Gate, &mut gate), (Target::Up, &mut up)],
+                &xn,
+            )?;
             match cfg.activation {
                 Activation::Silu => gate
                     .iter_mut()
@@ -669,6 +676,38 @@ impl Products<'_> {
         }
     }
 
+    /// [`Products::run`] for several projections of the same input (q, k, v; gate, up): one
+    /// token's integer products run as one job over the threads ([`quant::matmul_group`]).
+    fn run_group(
+        &self,
+        layer: &Layer,
+        lora: Option<&LayerLora>,
+        outs: &mut [(Target, &mut Vec<f32>)],
+        x: &[f32],
+    ) -> Result<()> {
+        let one_token = x.len() == layer.matrix(outs[0].0).map_or(0, |w| w.cols());
+        if self.exact.is_some() || !one_token {
+            for (target, out) in outs.iter_mut() {
+                self.run(layer, lora, *target, x, out)?;
+            }
+            return Ok(());
+        }
+        let mut products = Vec::with_capacity(outs.len());
+        for (target, out) in outs.iter_mut() {
+            let w = layer.matrix(*target).ok_or_else(|| {
+                Error::config("targets", format!("`{}` is not a split projection", target.peft_name()))
+            })?;
+            products.push((w, &mut out[..]));
+        }
+        quant::matmul_group(&mut products, &self.acts, self.kernel).map_err(kernel_err)?;
+        for (target, out) in outs.iter_mut() {
+            if let Some(l) = lora.and_then(|l| l[slot(*target)?].as_ref()) {
+                l.add_to(x, out)?;
+            }
+        }
+        Ok(())
+    }
+
     /// `out[t, r] = Σ_c w[r, c]·x[t, c]`; `x` is the input last given to `set_input`.
     fn product(&self, w: &QMatrix, x: &[f32], out: &mut [f32]) -> Result<()> {
         match self.exact.and_then(|m| m.get(&matrix_key(w))) {
@@ -768,21 +807,6 @@ impl Reader<'_> {
             .and_then(|v| v.to_vec1::<f32>())
             .map_err(|e| self.invalid(name, e))
     }
-}
-
-/// For each Hugging Face row of a q/k projection, the GGUF row holding it: llama.cpp stores
-/// head `h`'s row `j·(hd/2) + i` (half `j`, pair `i`) at `h·hd + 2i + j`.
-fn hf_rows_from_gguf(heads: usize, head_dim: usize) -> Vec<usize> {
-    let half = head_dim / 2;
-    let mut from = Vec::with_capacity(heads * head_dim);
-    for h in 0..heads {
-        for j in 0..2 {
-            for i in 0..half {
-                from.push(h * head_dim + 2 * i + j);
-            }
-        }
-    }
-    from
 }
 
 fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
@@ -891,8 +915,11 @@ fn attention(cfg: &ModelConfig, q: &[f32], cache: &LayerCache, past: usize, wind
     // Heads in parallel for a prompt, and for one token once the context is long enough that
     // a head's scores outweigh handing it to another thread (on SmolLM2-135M at 1,000 tokens of
     // context, a single-threaded decode attention was a third of the decode time).
-    if t > 1 || heads * (past + 1) * hd >= 1 << 15 {
+    if t > 1 {
         by_head.par_chunks_mut(t * hd).enumerate().for_each(work);
+    } else if heads * (past + 1) * hd >= 1 << 15 {
+        // One token runs outside rayon (see `QuantizedModel::forward`): the spin pool's threads.
+        crate::kernels::spin::for_each_chunk_mut(&mut by_head, hd, |head, dst| work((head, dst)));
     } else {
         by_head.chunks_mut(t * hd).enumerate().for_each(work);
     }

@@ -325,12 +325,22 @@ fn linear(
     base: Option<QType>,
     dev: &Device,
 ) -> Result<LoraLinear> {
-    let w = src.get(&format!("{name}.weight"), &[out, inp], dt, dev)?;
     let b = if bias {
         Some(src.get(&format!("{name}.bias"), &[out], dt, dev)?)
     } else {
         None
     };
+    if let Some(qtype) = base {
+        if let Some(q) = src.blocks(&format!("{name}.weight"), &[out, inp], qtype)? {
+            // The file's own blocks: never dequantized, never rounded a second time.
+            return Ok(LoraLinear {
+                weight: FrozenWeight::Quantized(std::sync::Arc::new(q)),
+                bias: b,
+                lora: None,
+            });
+        }
+    }
+    let w = src.get(&format!("{name}.weight"), &[out, inp], dt, dev)?;
     let mut lin = LoraLinear::new(w, b);
     if let Some(qtype) = base {
         let values = lin.dense_weight()?.flatten_all()?.to_vec1::<f32>()?;
@@ -408,8 +418,10 @@ impl Transformer {
     }
 
     /// [`Transformer::load`], with the seven projections of every layer kept in `base` blocks
-    /// (Q8_0/Q4_1, quantized one tensor at a time as it is read) instead of `dtype`: a LoRA run
-    /// over a quantized frozen base. Embeddings, norms and the output head stay in `dtype`.
+    /// (Q8_0/Q4_1) instead of `dtype`: a LoRA run over a quantized frozen base. A GGUF matrix
+    /// already stored as `base` is used as the file's blocks ([`WeightSource::blocks`]); any
+    /// other is quantized one tensor at a time as it is read. Embeddings, norms and the output
+    /// head stay in `dtype`.
     pub fn load_with_base(
         cfg: &ModelConfig,
         src: &dyn WeightSource,
@@ -587,6 +599,12 @@ impl Transformer {
             (Target::Down, _, _) => Some(&b.mlp.down),
             _ => None,
         }
+    }
+
+    /// The frozen weight of projection `t` in layer `layer` (`None` when the model has no such
+    /// matrix): dense, or the blocks a quantized base keeps.
+    pub fn base_weight(&self, layer: usize, t: Target) -> Option<&FrozenWeight> {
+        self.layers.get(layer).and(self.linear_ref(layer, t)).map(|l| &l.weight)
     }
 
     /// `targets` as this model has them ([`Target::resolve`]: q, k, v become qkv on Phi-3).

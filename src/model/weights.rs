@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 
 use crate::error::Result;
+use crate::kernels::quant::{QMatrix, QType};
 
 pub trait WeightSource {
     /// The tensor named `name` (Hugging Face naming), with shape `shape`. Errors name the file
@@ -17,6 +18,15 @@ pub trait WeightSource {
 
     /// Whether a tensor named `name` exists.
     fn contains(&self, name: &str) -> bool;
+
+    /// The `[rows, cols]` matrix `name` as `qtype` blocks exactly as the source stores them,
+    /// when it stores them so (a GGUF tensor of that type): a quantized training base then
+    /// uses the file's own blocks, with no f32 copy and no second rounding. `None` when the
+    /// tensor has another type (the caller quantizes [`WeightSource::get`]'s values instead).
+    fn blocks(&self, name: &str, shape: &[usize], qtype: QType) -> Result<Option<QMatrix>> {
+        let _ = (name, shape, qtype);
+        Ok(None)
+    }
 
     /// The file (or folder) the weights come from, for error messages.
     fn origin(&self) -> &Path;
