@@ -115,9 +115,28 @@ fn train_writes_a_complete_run_folder_and_repeats_from_its_config() {
     let lines: Vec<serde_json::Value> = metrics.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     let train: Vec<_> = lines.iter().filter(|l| l["kind"] == "train").collect();
     assert_eq!(train.len(), 12);
-    for key in ["step", "loss", "lr", "grad_norm", "tokens_per_sec", "elapsed_secs"] {
+    for key in [
+        "step",
+        "loss",
+        "lr",
+        "grad_norm",
+        "tokens",
+        "padded_tokens",
+        "padding_fraction",
+        "tokens_per_sec",
+        "elapsed_secs",
+    ] {
         assert!(train[0].get(key).is_some(), "metrics line lacks {key}");
     }
+    // The summary's padding share is the logged steps' (rows of two lengths: some padding).
+    let sum = |key: &str| train.iter().map(|l| l[key].as_u64().unwrap()).sum::<u64>() as f64;
+    let share = 1.0 - sum("tokens") / sum("padded_tokens");
+    assert!(share > 0.0, "{s}");
+    assert!(
+        (s["padding_fraction"].as_f64().unwrap() - share).abs() < 1e-9,
+        "{s} vs {share}"
+    );
+    assert!(stderr.contains(&format!("padding {:.0}%", 100.0 * share)), "{stderr}");
     assert_eq!(lines.iter().filter(|l| l["kind"] == "eval").count(), 3);
     let config = std::fs::read_to_string(out.join("config.toml")).unwrap();
     assert!(config.contains("seed = 7") && config.contains("\"q_proj\""), "{config}");

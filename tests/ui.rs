@@ -218,6 +218,9 @@ fn preference_data_offers_the_method_choice_and_dpo_draws_reward_curves() {
     harness.step();
     harness.get_by_label("reward margin");
     harness.get_by_label("reward accuracy");
+    // Packing is not offered for DPO, so the padding share comes without the hint.
+    harness.get_by_label_contains("% of positions");
+    assert!(harness.query_by_label_contains("tick Packing").is_none());
 }
 
 /// The Train page's Packing checkbox: ticked, the run the page starts packs its examples (its
@@ -323,6 +326,92 @@ fn packing_checkbox_reaches_the_run_and_is_greyed_out_for_preference_methods() {
     assert_ne!(dpo_dir, run_dir);
     let cfg = finch::train::TrainConfig::from_toml_file(&dpo_dir.join("config.toml")).unwrap();
     assert_eq!((cfg.method, cfg.pack), (finch::train::Method::Dpo, false));
+}
+
+/// The padding share of `metrics.jsonl`'s training steps (1 − Σ tokens / Σ positions), after
+/// checking that every line's own `padding_fraction` is its step's share.
+fn logged_padding_share(run_dir: &std::path::Path) -> (usize, usize, f64) {
+    let metrics = std::fs::read_to_string(run_dir.join("metrics.jsonl")).unwrap();
+    let (mut tokens, mut padded) = (0usize, 0usize);
+    for line in metrics.lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        if v["kind"] != "train" {
+            continue;
+        }
+        let (t, p) = (v["tokens"].as_u64().unwrap(), v["padded_tokens"].as_u64().unwrap());
+        let step_share = v["padding_fraction"].as_f64().unwrap();
+        assert!((step_share - (1.0 - t as f64 / p as f64)).abs() < 1e-12, "{line}");
+        tokens += t as usize;
+        padded += p as usize;
+    }
+    (tokens, padded, 1.0 - tokens as f64 / padded as f64)
+}
+
+/// Mixed-length rows trained unpacked: the live stats show the padding share of the run (the
+/// number `metrics.jsonl` gives) with a hint to tick Packing; packed, a small share and no hint.
+#[test]
+fn the_padding_share_is_shown_with_a_packing_hint_when_unpacked() {
+    let fx = fixture(6);
+    // Every third answer is long, the others a number: a batch pads its short rows to the long.
+    let rows: Vec<String> = (0..24)
+        .map(|i| {
+            let output = if i % 3 == 0 {
+                format!("The sum of {i} and {} is {}. ", i + 1, 2 * i + 1).repeat(5)
+            } else {
+                format!("{}", 2 * i + 1)
+            };
+            serde_json::json!({"instruction": format!("Add {i} and {}.", i + 1), "output": output}).to_string()
+        })
+        .collect();
+    let data = fx.data.with_file_name("mixed.jsonl");
+    std::fs::write(&data, rows.join("\n")).unwrap();
+    let mut settings = fx.settings.clone();
+    settings.train.seq_len = 256;
+    settings.train.eval_split = 0.0;
+    settings.train.eval_every = 0;
+    let mut harness = harness(App::with_settings(settings, StartOptions::default()));
+    harness.step();
+    open_tiny_model(&mut harness, &fx.model);
+    nav(&mut harness, "Train");
+    harness.state_mut().set_data_path(&data);
+    harness.step();
+
+    let mut shares = vec![];
+    for pack in [false, true] {
+        if pack {
+            harness.get_by_role_and_label(Role::CheckBox, "Packing").click();
+            harness.step();
+        }
+        assert_eq!(harness.state().settings().train.pack, pack);
+        harness.get_by_label("Start training").click();
+        harness.step();
+        assert!(harness.state().is_training(), "errors: {:?}", harness.state().errors());
+        step_until(&mut harness, "the run to finish", Duration::from_secs(300), |app| {
+            !app.is_training()
+        });
+        assert!(harness.state().errors().is_empty(), "{:?}", harness.state().errors());
+        harness.get_by_label_contains("Finished 6 steps");
+        let run_dir = harness.state().settings().last_run.clone().unwrap();
+        let (tokens, padded, share) = logged_padding_share(&run_dir);
+        // The page adds up the numbers the trainer sent, the same the run folder logged.
+        let live = harness.state().live_curves().padding;
+        assert_eq!((live.tokens, live.padded_tokens), (tokens, padded));
+        let plain = format!("padding {:.0}% of positions", 100.0 * share);
+        if pack {
+            assert!(share < finch::train::PACKING_HINT_SHARE, "packed share {share}");
+            harness.get_by_label(&plain);
+        } else {
+            assert!(share >= finch::train::PACKING_HINT_SHARE, "unpacked share {share}");
+            harness.get_by_label(&format!("{plain} — tick Packing to cut it"));
+        }
+        assert_eq!(
+            harness.query_by_label_contains("tick Packing").is_some(),
+            !pack,
+            "the hint shows for the unpacked run only"
+        );
+        shares.push(share);
+    }
+    assert!(shares[1] < shares[0] / 2.0, "packing cuts the padding: {shares:?}");
 }
 
 #[test]

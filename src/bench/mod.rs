@@ -23,7 +23,7 @@ use crate::model::weights::TensorMap;
 use crate::model::Transformer;
 use crate::rng::Rng;
 use crate::train::config::Precision;
-use crate::train::{Duration, TrainConfig, TrainData, TrainEvent, Trainer};
+use crate::train::{Duration, PaddingTally, TrainConfig, TrainData, TrainEvent, Trainer};
 
 #[derive(Debug, Clone)]
 pub struct BenchTrainOptions {
@@ -231,8 +231,7 @@ pub fn bench_train(opts: &BenchTrainOptions) -> Result<BenchTrainResult> {
     let mut losses = vec![];
     let mut timed_start = None;
     let (mut faults_start, mut faults_end) = (None, None);
-    let mut timed_tokens = 0usize;
-    let mut timed_padded_tokens = 0usize;
+    let mut timed = PaddingTally::default();
     let mut trainable = 0;
     trainer.run(&stop, &mut |e| match e {
         TrainEvent::Started { trainable_params, .. } => {
@@ -249,8 +248,7 @@ pub fn bench_train(opts: &BenchTrainOptions) -> Result<BenchTrainResult> {
                 faults_start = crate::system::minor_page_faults();
             }
             if m.step > opts.warmup_steps {
-                timed_tokens += m.tokens;
-                timed_padded_tokens += m.padded_tokens;
+                timed.add(m);
             }
             if m.step == total {
                 faults_end = crate::system::minor_page_faults();
@@ -269,7 +267,7 @@ pub fn bench_train(opts: &BenchTrainOptions) -> Result<BenchTrainResult> {
         batch_size: opts.batch_size,
         seq_len: opts.seq_len,
         timed_steps: opts.timed_steps,
-        tokens_per_sec: timed_tokens as f64 / secs.max(1e-9),
+        tokens_per_sec: timed.tokens as f64 / secs.max(1e-9),
         secs_per_step: secs / opts.timed_steps.max(1) as f64,
         peak_rss_mb: crate::system::peak_rss_mb(),
         estimated_peak_mb,
@@ -292,8 +290,8 @@ pub fn bench_train(opts: &BenchTrainOptions) -> Result<BenchTrainResult> {
         },
         pack: opts.pack,
         packed_rows: trainer.packed_rows(),
-        padded_tokens_per_sec: timed_padded_tokens as f64 / secs.max(1e-9),
-        padding_fraction: 1.0 - timed_tokens as f64 / timed_padded_tokens.max(1) as f64,
+        padded_tokens_per_sec: timed.padded_tokens as f64 / secs.max(1e-9),
+        padding_fraction: timed.share(),
     })
 }
 

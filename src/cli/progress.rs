@@ -1,5 +1,6 @@
 //! Progress on stderr for long commands, drawn with `indicatif`: training (a bar over the steps
-//! with loss, smoothed loss, learning rate, tokens/s, elapsed time and ETA) and downloads (a bar
+//! with loss, smoothed loss, learning rate, tokens/s, the padding share so far, elapsed time and
+//! ETA) and downloads (a bar
 //! over the bytes with size, rate, ETA and the current file).
 //!
 //! On a terminal indicatif redraws one bar and prints other messages above it. When stderr is not
@@ -13,7 +14,7 @@ use std::time::{Duration, Instant};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use crate::hub::DownloadProgress;
-use crate::train::TrainEvent;
+use crate::train::{PaddingTally, TrainEvent};
 
 const TRAIN_TEMPLATE: &str = "[{bar:24}] {pos}/{len} {msg}";
 const DOWNLOAD_TEMPLATE: &str = "[{bar:24}] {msg}";
@@ -39,6 +40,8 @@ pub struct Progress {
     bar: Option<ProgressBar>,
     last_plain_line: Option<Instant>,
     smoothed_loss: Option<f32>,
+    /// The steps seen so far, for their padding share.
+    padding: PaddingTally,
 }
 
 impl Default for Progress {
@@ -67,6 +70,7 @@ impl Progress {
             bar: None,
             last_plain_line: None,
             smoothed_loss: None,
+            padding: PaddingTally::default(),
         }
     }
 
@@ -98,16 +102,18 @@ impl Progress {
             TrainEvent::Step(m) => {
                 let s = self.smoothed_loss.map_or(m.loss, |s| 0.9 * s + 0.1 * m.loss);
                 self.smoothed_loss = Some(s);
+                self.padding.add(m);
                 let rewards = m
                     .preference
                     .map(|p| format!(" margin {:.3} acc {:.0}%", p.reward_margin, 100.0 * p.accuracy))
                     .unwrap_or_default();
                 let figures = format!(
-                    "loss {:.4} (avg {:.4}){rewards} lr {:.2e} | {:.0} tok/s | {} elapsed, ETA {}",
+                    "loss {:.4} (avg {:.4}){rewards} lr {:.2e} | {:.0} tok/s, padding {:.0}% | {} elapsed, ETA {}",
                     m.loss,
                     s,
                     m.lr,
                     m.tokens_per_sec,
+                    100.0 * self.padding.share(),
                     format_secs(m.elapsed_secs),
                     format_secs(m.eta_secs)
                 );

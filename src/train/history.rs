@@ -5,7 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
-use super::{Duration, ProbeAnswer, TrainConfig, METRICS_FILE};
+use super::{Duration, PaddingTally, ProbeAnswer, TrainConfig, METRICS_FILE};
 
 /// The answers to the probe prompts at one step (0: before training).
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -32,6 +32,9 @@ pub struct RunHistory {
     pub eval_reward_accuracy: Vec<[f64; 2]>,
     /// The probe answers logged by the run, oldest first.
     pub probes: Vec<ProbeRound>,
+    /// Non-padding tokens and positions of the logged steps (those that log both: runs before
+    /// padding was logged count none), for the run's padding share.
+    pub padding: PaddingTally,
     pub last_step: usize,
     /// Steps the run was configured for, when its `config.toml` gives a step count.
     pub planned_steps: Option<usize>,
@@ -89,6 +92,10 @@ impl RunHistory {
                 }
                 if let Some(a) = num("reward_accuracy") {
                     self.reward_accuracy.push([step, a]);
+                }
+                if let (Some(t), Some(p)) = (num("tokens"), num("padded_tokens")) {
+                    self.padding.tokens += t as usize;
+                    self.padding.padded_tokens += p as usize;
                 }
             }
             Some("eval") => {
@@ -198,6 +205,29 @@ mod tests {
         assert!(!r.failed);
         assert!(!r.has_checkpoint && !r.resumable(), "no checkpoint, nothing to resume");
         assert!(!r.has_adapter());
+    }
+
+    #[test]
+    fn the_padding_share_counts_the_steps_that_log_padding() {
+        let dir = tempfile::tempdir().unwrap();
+        let run = write_run(
+            dir.path(),
+            "padded",
+            "{\"kind\":\"train\",\"step\":1,\"loss\":3.0,\"tokens\":50}\n\
+             {\"kind\":\"train\",\"step\":2,\"loss\":2.0,\"tokens\":60,\"padded_tokens\":100}\n\
+             {\"kind\":\"train\",\"step\":3,\"loss\":1.0,\"tokens\":90,\"padded_tokens\":100}\n",
+            None,
+        );
+        let r = RunHistory::read(&run).unwrap();
+        // Step 1 (logged before padding was) is left out rather than counted as unpadded.
+        assert_eq!(
+            r.padding,
+            PaddingTally {
+                tokens: 150,
+                padded_tokens: 200
+            }
+        );
+        assert!((r.padding.share() - 0.25).abs() < 1e-12);
     }
 
     #[test]

@@ -63,6 +63,48 @@ pub struct StepMetrics {
     pub preference: Option<PreferenceMetrics>,
 }
 
+impl StepMetrics {
+    /// The step's padding share: 1 − non-padding tokens / positions computed.
+    pub fn padding_share(&self) -> f64 {
+        PaddingTally::of(self).share()
+    }
+}
+
+/// Non-padding tokens and positions computed, summed over steps: the padding share of a run so
+/// far or of any set of steps. The one place the share is computed; the trainer's summary,
+/// `finch train`'s progress line, the Train page and `bench train` all use it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PaddingTally {
+    pub tokens: usize,
+    pub padded_tokens: usize,
+}
+
+impl PaddingTally {
+    pub fn of(m: &StepMetrics) -> Self {
+        PaddingTally {
+            tokens: m.tokens,
+            padded_tokens: m.padded_tokens,
+        }
+    }
+
+    pub fn add(&mut self, m: &StepMetrics) {
+        self.tokens += m.tokens;
+        self.padded_tokens += m.padded_tokens;
+    }
+
+    /// 1 − tokens / positions, in 0..=1; 0 before any step.
+    pub fn share(&self) -> f64 {
+        if self.padded_tokens == 0 {
+            return 0.0;
+        }
+        (1.0 - self.tokens as f64 / self.padded_tokens as f64).clamp(0.0, 1.0)
+    }
+}
+
+/// A padding share at or above this is worth packing away (the Train page then suggests the
+/// Packing checkbox when the run is unpacked SFT).
+pub const PACKING_HINT_SHARE: f64 = 0.15;
+
 /// What one optimizer step computed, before it becomes [`StepMetrics`].
 struct StepTotals {
     loss: f32,
@@ -81,6 +123,8 @@ pub struct TrainSummary {
     pub loss_last: Option<f32>,
     pub eval_loss: Option<f32>,
     pub tokens_per_sec: f64,
+    /// This session's padding share: 1 − non-padding tokens / positions computed.
+    pub padding_fraction: f64,
     pub elapsed_secs: f64,
     pub peak_rss_mb: Option<f64>,
     pub run_dir: Option<PathBuf>,
@@ -574,7 +618,8 @@ impl Trainer {
         let mut line = match ev {
             TrainEvent::Step(m) => serde_json::json!({
                 "kind": "train", "step": m.step, "loss": m.loss, "lr": m.lr, "grad_norm": m.grad_norm,
-                "tokens": m.tokens, "tokens_per_sec": m.tokens_per_sec, "elapsed_secs": m.elapsed_secs,
+                "tokens": m.tokens, "padded_tokens": m.padded_tokens, "padding_fraction": m.padding_share(),
+                "tokens_per_sec": m.tokens_per_sec, "elapsed_secs": m.elapsed_secs,
             }),
             TrainEvent::Eval {
                 step, loss, perplexity, ..
@@ -619,7 +664,7 @@ impl Trainer {
         });
         let session_start = Instant::now();
         let elapsed_before = self.state.elapsed_secs;
-        let mut session_tokens = 0usize;
+        let mut session = PaddingTally::default();
         let mut last_loss = None;
         let mut eval_loss = None;
         let mut last_eval_step = None;
@@ -650,7 +695,6 @@ impl Trainer {
             self.state.step += 1;
             self.state.first_loss.get_or_insert(loss);
             last_loss = Some(loss);
-            session_tokens += tokens;
             let step_secs = step_start.elapsed().as_secs_f64();
             let session_secs = session_start.elapsed().as_secs_f64();
             self.state.elapsed_secs = elapsed_before + session_secs;
@@ -669,6 +713,7 @@ impl Trainer {
                 eta_secs: session_secs / done as f64 * (total - self.state.step) as f64,
                 preference: self.last_preference.take(),
             };
+            session.add(&metrics);
             let ev = TrainEvent::Step(metrics);
             self.log(&ev);
             on_event(&ev);
@@ -717,7 +762,8 @@ impl Trainer {
             loss_first: self.state.first_loss,
             loss_last: last_loss,
             eval_loss,
-            tokens_per_sec: session_tokens as f64 / session_secs.max(1e-9),
+            tokens_per_sec: session.tokens as f64 / session_secs.max(1e-9),
+            padding_fraction: session.share(),
             elapsed_secs: self.state.elapsed_secs,
             peak_rss_mb: crate::system::peak_rss_mb(),
             run_dir: self.run_dir.clone(),

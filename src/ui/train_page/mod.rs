@@ -1,6 +1,7 @@
 //! The Train page: data file, LoRA and trainer settings with presets and one-sentence tooltips,
 //! Start / Stop / Resume of a run on a background thread, live curves (loss raw and smoothed,
-//! eval loss, learning rate, gradient norm) with tokens/s and ETA, the history of past runs with
+//! eval loss, learning rate, gradient norm) with tokens/s, the padding share (and a hint to tick
+//! Packing when an unpacked run wastes much of each step on padding) and ETA, the history of past runs with
 //! their curves overlaid, and saving the chart as PNG or SVG. A preflight times a few steps of
 //! the configured run before committing to it, and up to three probe prompts are answered at
 //! every evaluation, shown on a timeline beside the loss curve (live, and for past runs).
@@ -17,7 +18,9 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 
 pub use crate::train::history::{ProbeRound, RunHistory};
-use crate::train::{PreflightProgress, PreflightReport, TrainEvent, TrainSummary, MAX_PROBE_PROMPTS};
+use crate::train::{
+    PaddingTally, PreflightProgress, PreflightReport, TrainEvent, TrainSummary, MAX_PROBE_PROMPTS, PACKING_HINT_SHARE,
+};
 
 use super::widgets::format_duration;
 use super::worker::{Job, Stream};
@@ -66,6 +69,12 @@ pub struct LiveCurves {
     pub tokens_per_sec: f64,
     pub eta_secs: f64,
     pub elapsed_secs: f64,
+    /// Non-padding tokens and positions computed by the steps shown (a resumed run's logged
+    /// steps included), as the trainer reported them.
+    pub padding: PaddingTally,
+    /// How the run on screen packs, for the padding hint: `Some(pack)` for SFT, `None` where
+    /// packing is not offered (DPO / ORPO) or not known (a past run shown from its folder).
+    pub packing: Option<bool>,
     ema: f64,
     ema_weight: f64,
 }
@@ -96,9 +105,27 @@ impl LiveCurves {
         live.eval_reward_margin = run.eval_reward_margin.clone();
         live.eval_reward_accuracy = run.eval_reward_accuracy.clone();
         live.probes = run.probes.clone();
+        live.padding = run.padding;
         live.step = run.last_step;
         live.total_steps = run.planned_steps.unwrap_or(run.last_step);
         live
+    }
+}
+
+impl LiveCurves {
+    /// "padding 46% of positions — tick Packing to cut it" for an unpacked SFT run with a large
+    /// share, else the plain share; `None` before any step. The bool: whether it is the hint.
+    pub fn padding_text(&self) -> Option<(String, bool)> {
+        if self.padding.padded_tokens == 0 {
+            return None;
+        }
+        let share = self.padding.share();
+        let plain = format!("padding {:.0}% of positions", 100.0 * share);
+        Some(if self.packing == Some(false) && share >= PACKING_HINT_SHARE {
+            (format!("{plain} — tick Packing to cut it"), true)
+        } else {
+            (plain, false)
+        })
     }
 }
 
@@ -315,6 +342,32 @@ mod tests {
         live.push_loss(2.0, 2.0);
         let expected = (0.9 * 0.1 * 4.0 + 0.1 * 2.0) / (1.0 - 0.9f64.powi(2));
         assert!((live.loss_smoothed[1][1] - expected).abs() < 1e-9);
+    }
+
+    #[test]
+    fn the_packing_hint_needs_an_unpacked_sft_run_with_much_padding() {
+        let mut live = LiveCurves::default();
+        assert_eq!(live.padding_text(), None, "no step yet");
+        live.padding = PaddingTally {
+            tokens: 54,
+            padded_tokens: 100,
+        };
+        live.packing = Some(false);
+        assert_eq!(
+            live.padding_text(),
+            Some(("padding 46% of positions — tick Packing to cut it".into(), true))
+        );
+        for packing in [Some(true), None] {
+            live.packing = packing;
+            assert_eq!(live.padding_text(), Some(("padding 46% of positions".into(), false)));
+        }
+        live.packing = Some(false);
+        live.padding.tokens = 90;
+        assert_eq!(
+            live.padding_text(),
+            Some(("padding 10% of positions".into(), false)),
+            "below the threshold"
+        );
     }
 
     #[test]

@@ -183,6 +183,7 @@ impl TrainPage {
             return;
         }
         let thread_dir = run_dir.clone();
+        let packing = (!cfg.method.is_preference()).then_some(cfg.pack);
         let stream = Stream::spawn("finch-train", ctx, move |send, stop| {
             let mut note = |n: String| send(TrainMsg::Note(n));
             let mut trainer = match crate::train::run::prepare(&cfg, resume, &mut note) {
@@ -202,7 +203,10 @@ impl TrainPage {
         });
         match stream {
             Ok(stream) => {
-                self.live = LiveCurves::default();
+                self.live = LiveCurves {
+                    packing,
+                    ..LiveCurves::default()
+                };
                 self.highlighted_step = None;
                 self.summary = None;
                 self.notes.clear();
@@ -239,7 +243,12 @@ impl TrainPage {
                 match msg {
                     TrainMsg::Note(n) => self.notes.push(n),
                     TrainMsg::PrepareFailed(e) => failures.push(e),
-                    TrainMsg::Resumed(history) => *live = LiveCurves::from_history(&history),
+                    TrainMsg::Resumed(history) => {
+                        *live = LiveCurves {
+                            packing: live.packing,
+                            ..LiveCurves::from_history(&history)
+                        }
+                    }
                     TrainMsg::Event(TrainEvent::Started {
                         total_steps,
                         start_step,
@@ -265,6 +274,7 @@ impl TrainPage {
                         live.step = m.step;
                         live.total_steps = m.total_steps;
                         live.tokens_per_sec = m.tokens_per_sec;
+                        live.padding.add(&m);
                         live.eta_secs = m.eta_secs;
                         live.elapsed_secs = m.elapsed_secs;
                     }

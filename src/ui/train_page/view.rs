@@ -281,6 +281,18 @@ impl TrainPage {
             if live.tokens_per_sec > 0.0 {
                 ui.label(format!("{:.0} tokens/s", live.tokens_per_sec));
             }
+            if let Some((text, hint)) = live.padding_text() {
+                let label = if hint {
+                    egui::RichText::new(text).color(ui.visuals().warn_fg_color)
+                } else {
+                    egui::RichText::new(text)
+                };
+                ui.label(label).on_hover_text(
+                    "The share of the positions the steps so far computed that were padding: without packing, \
+                     every row of a batch is padded to its longest. Packing (SFT only) fills rows with several \
+                     short examples instead.",
+                );
+            }
             if running && live.step > 0 {
                 ui.label(format!("ETA {}", format_duration(live.eta_secs)));
             }
