@@ -556,7 +556,9 @@ impl CustomOp3 for LoraMatmul {
         if let (Base::Dense(w), Some(block)) = (&self.w, token_block(m)) {
             let (dx, da, db) = with_slice(x, |xv| {
                 with_slice(grad, |g| {
-                    with_slice(w, |w| lora_backward_split(xv, g, w, &av, &bv, (m, k, out, r), self.scale, block))
+                    with_slice(w, |w| {
+                        lora_backward_split(xv, g, w, &av, &bv, (m, k, out, r), self.scale, block)
+                    })
                 })
             })?;
             return Ok((
