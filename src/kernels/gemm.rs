@@ -517,6 +517,11 @@ impl CustomOp3 for LoraMatmul {
             )
         }
         let (m, mut shape) = input_rows(l1.shape(), k)?;
+        if let (Base::Dense(w), Some(block)) = (&self.w, token_block(m)) {
+            let y = with_slice(w, |w| lora_forward_split(x, w, a, b, (m, k, out, r), self.scale, block))?;
+            shape.push(out);
+            return Ok((CpuStorage::F32(y), Shape::from(shape)));
+        }
         let xm = Mat::row_major(x, m, k);
         let mut y = self.w.times_t(x, m)?;
         // The rank-r products of a few tokens (decoding) are far too small to share between
@@ -548,6 +553,20 @@ impl CustomOp3 for LoraMatmul {
         let (r, _) = a.dims2()?;
         let m = grad.elem_count() / out.max(1);
         let (av, bv) = (tensor_vec(a)?, tensor_vec(b)?);
+        if let (Base::Dense(w), Some(block)) = (&self.w, token_block(m)) {
+            let (dx, da, db) = with_slice(x, |xv| {
+                with_slice(grad, |g| {
+                    with_slice(w, |w| {
+                        lora_backward_split(xv, g, w, &av, &bv, (m, k, out, r), self.scale, block)
+                    })
+                })
+            })?;
+            return Ok((
+                Some(Tensor::from_vec(dx, x.shape(), x.device())?),
+                Some(Tensor::from_vec(da, (r, k), a.device())?),
+                Some(Tensor::from_vec(db, (out, r), b.device())?),
+            ));
+        }
         let (am, bm) = (Mat::row_major(&av, r, k), Mat::row_major(&bv, out, r));
         // x and the incoming gradient are the large operands: read in place, not copied.
         let (dx, da, db) = with_slice(x, |xv| {
@@ -572,6 +591,120 @@ impl CustomOp3 for LoraMatmul {
             Some(Tensor::from_vec(db, (out, r), b.device())?),
         ))
     }
+}
+
+/// Token rows per task when a fused LoRA product over a dense base is split by tokens over the
+/// spin pool (the split [`gemm_into_on`] gives a tall product), or `None` when it is not split.
+fn token_block(m: usize) -> Option<usize> {
+    let (threads, pool) = (cpu::threads(), crate::kernels::spin::threads());
+    if threads > 1 && pool > 1 && m >= 2 * SPLIT_ROWS && !crate::kernels::spin::in_task() {
+        Some(m.div_ceil(threads.min(pool).min(m / SPLIT_ROWS)))
+    } else {
+        None
+    }
+}
+
+/// Runs `f(task, rows r0.., dst)` for each block of `block` token rows of the row-major
+/// `[m, width]` `dst` on the spin pool; the first error is returned.
+fn for_token_blocks(
+    dst: &mut [f32],
+    width: usize,
+    block: usize,
+    f: impl Fn(usize, usize, &mut [f32]) -> candle_core::Result<()> + Sync,
+) -> candle_core::Result<()> {
+    let error = std::sync::Mutex::new(None);
+    crate::kernels::spin::for_each_chunk_mut(dst, block * width, |i, d| {
+        if let Err(e) = f(i, i * block, d) {
+            *error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+        }
+    });
+    match error.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+/// `y = x·Wᵀ + s·(x·Aᵀ)·Bᵀ` with each thread doing all three products for its own block of
+/// tokens: one hand-off to the threads per layer instead of three, and the block's `x` read
+/// from the core's own cache by the low-rank product right after the base product read it.
+/// `dims` is `(m, in, out, rank)`.
+fn lora_forward_split(
+    x: &[f32],
+    w: &[f32],
+    a: &[f32],
+    b: &[f32],
+    (m, k, out, r): (usize, usize, usize, usize),
+    scale: f32,
+    block: usize,
+) -> candle_core::Result<Vec<f32>> {
+    let mut y = vec![0f32; m * out];
+    let (wt, at, bt) = (
+        Mat::row_major(w, out, k).t(),
+        Mat::row_major(a, r, k).t(),
+        Mat::row_major(b, out, r).t(),
+    );
+    for_token_blocks(&mut y, out, block, |_, r0, yd| {
+        let rows = yd.len() / out;
+        let xp = Mat::row_major(&x[r0 * k..(r0 + rows) * k], rows, k);
+        gemm_into_on(yd, false, xp, wt, 1)?;
+        let mut h = vec![0f32; rows * r];
+        gemm_into_on(&mut h, false, xp, at, 1)?;
+        h.iter_mut().for_each(|v| *v *= scale);
+        gemm_into_on(yd, true, Mat::row_major(&h, rows, r), bt, 1)
+    })?;
+    Ok(y)
+}
+
+/// The backward pass of [`lora_forward_split`]: each thread computes, for its block of tokens,
+/// `∂x = g·W + s·(g·B)·A` and its share of `∂A = s·(g·B)ᵀ·x` and `∂B = gᵀ·s·(x·Aᵀ)`; the shares
+/// are summed in block order (the same sums for the same split on every run).
+#[allow(clippy::too_many_arguments)]
+fn lora_backward_split(
+    x: &[f32],
+    g: &[f32],
+    w: &[f32],
+    a: &[f32],
+    b: &[f32],
+    (m, k, out, r): (usize, usize, usize, usize),
+    scale: f32,
+    block: usize,
+) -> candle_core::Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
+    let mut dx = vec![0f32; m * k];
+    let (wm, am, bm) = (
+        Mat::row_major(w, out, k),
+        Mat::row_major(a, r, k),
+        Mat::row_major(b, out, r),
+    );
+    let shares = std::sync::Mutex::new(Vec::new());
+    for_token_blocks(&mut dx, k, block, |i, r0, dxd| {
+        let rows = dxd.len() / k;
+        let xp = Mat::row_major(&x[r0 * k..(r0 + rows) * k], rows, k);
+        let gp = Mat::row_major(&g[r0 * out..(r0 + rows) * out], rows, out);
+        let mut h = vec![0f32; rows * r];
+        gemm_into_on(&mut h, false, xp, am.t(), 1)?;
+        h.iter_mut().for_each(|v| *v *= scale);
+        let mut dh = vec![0f32; rows * r];
+        gemm_into_on(&mut dh, false, gp, bm, 1)?;
+        dh.iter_mut().for_each(|v| *v *= scale);
+        let dhm = Mat::row_major(&dh, rows, r);
+        let mut db = vec![0f32; out * r];
+        gemm_into_on(&mut db, false, gp.t(), Mat::row_major(&h, rows, r), 1)?;
+        let mut da = vec![0f32; r * k];
+        gemm_into_on(&mut da, false, dhm.t(), xp, 1)?;
+        gemm_into_on(dxd, false, gp, wm, 1)?;
+        gemm_into_on(dxd, true, dhm, am, 1)?;
+        shares.lock().unwrap_or_else(|p| p.into_inner()).push((i, da, db));
+        Ok(())
+    })?;
+    let mut shares = shares.into_inner().unwrap_or_else(|p| p.into_inner());
+    shares.sort_by_key(|s| s.0);
+    let mut parts = shares.into_iter();
+    let (_, mut da, mut db) = parts.next().unwrap_or((0, vec![0f32; r * k], vec![0f32; out * r]));
+    for (_, pa, pb) in parts {
+        da.iter_mut().zip(&pa).for_each(|(d, v)| *d += v);
+        db.iter_mut().zip(&pb).for_each(|(d, v)| *d += v);
+    }
+    Ok((dx, da, db))
 }
 
 #[cfg(test)]
@@ -623,6 +756,39 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    /// The fused LoRA product split by token blocks (training's path on several threads) gives
+    /// the output and all three gradients of the composite candle ops, blocks of any size.
+    #[test]
+    fn lora_split_by_token_blocks_matches_composite_ops() {
+        let dev = Device::Cpu;
+        let (m, k, out, r, scale) = (300, 40, 56, 4, 2.0f32);
+        let x = Tensor::randn(0f32, 1.0, (m, k), &dev).unwrap();
+        let w = Tensor::randn(0f32, 1.0, (out, k), &dev).unwrap();
+        let a = Var::randn(0f32, 1.0, (r, k), &dev).unwrap();
+        let b = Var::randn(0f32, 1.0, (out, r), &dev).unwrap();
+        let xv = Var::from_tensor(&x).unwrap();
+        let y_ref = (xv.matmul(&w.t().unwrap()).unwrap()
+            + (xv.matmul(&a.t().unwrap()).unwrap().matmul(&b.t().unwrap()).unwrap() * scale as f64).unwrap())
+        .unwrap();
+        let c = Tensor::randn(0f32, 1.0, (m, out), &dev).unwrap();
+        let grads = (&y_ref * &c).unwrap().sum_all().unwrap().backward().unwrap();
+        let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let (xs, ws, as_, bs, cs) = (flat(&x), flat(&w), flat(a.as_tensor()), flat(b.as_tensor()), flat(&c));
+        let close = |got: &[f32], want: &Tensor, what: &str| {
+            let want = flat(want);
+            let d = got.iter().zip(&want).map(|(p, q)| (p - q).abs()).fold(0f32, f32::max);
+            assert!(d < 1e-3, "{what}: differs by {d}");
+        };
+        for block in [300, 150, 128, 97] {
+            let y = lora_forward_split(&xs, &ws, &as_, &bs, (m, k, out, r), scale, block).unwrap();
+            close(&y, &y_ref, "y");
+            let (dx, da, db) = lora_backward_split(&xs, &cs, &ws, &as_, &bs, (m, k, out, r), scale, block).unwrap();
+            close(&dx, grads.get(xv.as_tensor()).unwrap(), "dx");
+            close(&da, grads.get(a.as_tensor()).unwrap(), "dA");
+            close(&db, grads.get(b.as_tensor()).unwrap(), "dB");
         }
     }
 
