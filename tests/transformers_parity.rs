@@ -608,3 +608,94 @@ fn llama32_1b_and_3b_config_layouts_read_as_transformers_reads_them() {
         assert_eq!(cfg.num_parameters(), params, "{file}");
     }
 }
+
+/// The `config.json` of released checkpoints (copies quoted in public repositories; sources in
+/// `tests/fixtures/transformers/real_configs/README.md`; no weights): every field Finch needs
+/// is read as transformers reads it, nothing in them is refused, and Finch's parameter count
+/// equals transformers' own (`scripts/count_real_config_params.py`, transformers 5.x on the
+/// meta device, tied weights counted once).
+#[test]
+fn real_released_configs_read_and_count_as_transformers() {
+    use finch::model::config::LayerType;
+    use finch::model::Family;
+    let dir = fixture("real_configs");
+    let read = |file: &str| ModelConfig::from_file(&dir.join(file)).unwrap_or_else(|e| panic!("{file}: {e}"));
+
+    // Phi-3.5-mini-instruct: full rotary (head_dim 96), LongRoPE from a 4096-token pretraining
+    // context to 131072, a separate head, and a window that covers the whole context.
+    let phi35 = read("phi3.5-mini-instruct.json");
+    assert_eq!(phi35.family, Family::Phi3);
+    assert_eq!(
+        (phi35.num_attention_heads, phi35.num_key_value_heads, phi35.head_dim),
+        (32, 32, 96)
+    );
+    assert_eq!(phi35.rotary_dims(), 96);
+    assert!(!phi35.tie_word_embeddings);
+    let lr = phi35.longrope.as_ref().expect("Phi-3.5 uses LongRoPE");
+    assert_eq!(lr.original_max_position_embeddings, 4096);
+    assert_eq!((lr.short_factor.len(), lr.long_factor.len()), (48, 48));
+    assert_eq!((lr.short_factor[0], lr.short_factor[47]), (1.0, 2.8399994373321533));
+    assert_eq!(
+        (lr.long_factor[0], lr.long_factor[47]),
+        (1.0800000429153442, 64.83999633789062)
+    );
+    // transformers: sqrt(1 + ln(131072 / 4096) / ln(4096)).
+    let attention_factor = (1.0 + (32f64).ln() / (4096f64).ln()).sqrt();
+    assert!(
+        (lr.attention_factor - attention_factor).abs() < 1e-12,
+        "{}",
+        lr.attention_factor
+    );
+    assert_eq!(phi35.sliding_window, Some(262_144));
+    assert_eq!(phi35.eos_token_ids, [32000]);
+    assert_eq!(phi35.num_parameters(), PHI35_MINI_PARAMS);
+
+    // Phi-4-mini-instruct: rotary on 96 of 128 head dimensions, grouped keys, tied head.
+    let phi4 = read("phi4-mini-instruct.json");
+    assert_eq!(phi4.family, Family::Phi3);
+    assert_eq!(
+        (phi4.num_attention_heads, phi4.num_key_value_heads, phi4.head_dim),
+        (24, 8, 128)
+    );
+    assert_eq!(phi4.rotary_dims(), 96);
+    assert!(phi4.tie_word_embeddings);
+    let lr = phi4.longrope.as_ref().expect("Phi-4-mini uses LongRoPE");
+    assert_eq!(lr.original_max_position_embeddings, 4096);
+    assert_eq!((lr.short_factor.len(), lr.long_factor.len()), (48, 48));
+    assert!(lr.short_factor.iter().all(|&f| f == 1.0));
+    assert_eq!((lr.long_factor[0], lr.long_factor[47]), (1.0, 47.77));
+    assert!(
+        (lr.attention_factor - attention_factor).abs() < 1e-12,
+        "{}",
+        lr.attention_factor
+    );
+    assert_eq!(phi4.vocab_size, 200_064);
+    assert_eq!(phi4.num_parameters(), PHI4_MINI_PARAMS);
+
+    // gemma-3-270m: every sixth layer global, a 512-token window on the others, local rope
+    // base 10⁴, global 10⁶, query_pre_attn_scalar = head_dim = 256, tied head.
+    let gemma = read("gemma-3-270m.json");
+    assert_eq!(gemma.family, Family::Gemma3);
+    assert_eq!(
+        (gemma.num_attention_heads, gemma.num_key_value_heads, gemma.head_dim),
+        (4, 1, 256)
+    );
+    let full: Vec<usize> = (0..gemma.num_hidden_layers)
+        .filter(|&l| gemma.layer_type(l) == LayerType::FullAttention)
+        .collect();
+    assert_eq!(full, [5, 11, 17]);
+    assert_eq!(gemma.window(0), Some(512));
+    assert_eq!(gemma.window(5), None);
+    assert_eq!(
+        (gemma.rope_theta, gemma.rope_local_theta),
+        (1_000_000.0, Some(10_000.0))
+    );
+    assert_eq!(gemma.query_pre_attn_scalar, Some(256.0));
+    assert!(gemma.tie_word_embeddings && gemma.norm_plus_one && gemma.sandwich_norms && gemma.embed_scale);
+    assert_eq!(gemma.num_parameters(), GEMMA3_270M_PARAMS);
+}
+
+/// transformers' parameter counts of the released configs (`scripts/count_real_config_params.py`).
+const PHI35_MINI_PARAMS: usize = 3_821_079_552;
+const PHI4_MINI_PARAMS: usize = 3_836_021_760;
+const GEMMA3_270M_PARAMS: usize = 268_098_176;

@@ -411,7 +411,11 @@ impl ModelConfig {
             rms_norm_eps: raw.rms_norm_eps.unwrap_or(1e-6),
             rope_theta,
             rope_scaling,
-            tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(false),
+            // transformers' default when the field is absent differs by family: Gemma 3 and
+            // SmolLM3 tie (gemma-3-270m's published config.json leaves the field out).
+            tie_word_embeddings: raw
+                .tie_word_embeddings
+                .unwrap_or(matches!(family, Family::Gemma3 | Family::SmolLM3)),
             qkv_bias,
             o_bias,
             mlp_bias: raw.mlp_bias.unwrap_or(false),
