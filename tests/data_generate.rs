@@ -307,3 +307,48 @@ fn ifd_separates_matched_from_unrelated_answers_on_a_real_model() {
     // Keeping by IFD never keeps a row whose instruction does not help.
     assert_eq!(summary["kept"], 2);
 }
+
+/// The real model's Self-Instruct (FINCH_REAL_MODEL=/path/to/SmolLM2-135M-Instruct-Q4_1): a
+/// short run yields rows that load as a dataset, every instruction under the ROUGE-L bound
+/// against every other one and against the seeds. Run on the quantized path (Q4_1 as is), the
+/// quicker one in a debug build; the IFD check above covers the f32 path.
+#[test]
+fn self_instruct_on_a_real_model_keeps_distinct_rows_that_load() {
+    use finch::data::generate::rouge_l;
+    use finch::data::load::{load_file, LoadOptions};
+    let Ok(model) = std::env::var("FINCH_REAL_MODEL") else {
+        eprintln!("skipped: set FINCH_REAL_MODEL to a chat model (e.g. SmolLM2-135M-Instruct)");
+        return;
+    };
+    let (dir, _, seeds) = setup();
+    let out = dir.path().join("real.jsonl");
+    let summary = stdout_json(
+        &finch()
+            .args(["data", "generate", "--method", "self-instruct", "--seed-data", &seeds])
+            .args(["--model", &model, "--out", &p(&out), "--count", "3", "--seed", "1"])
+            .args(["--max-new-tokens", "128", "--max-attempts", "10", "--quantized"])
+            .output()
+            .unwrap(),
+    );
+    eprintln!("{summary}");
+    let report = load_file(&out, &LoadOptions::default()).unwrap();
+    assert!(report.rejected.is_empty(), "{:?}", report.rejected);
+    assert_eq!(report.rows.len() as u64, summary["rows"].as_u64().unwrap());
+    assert!(!report.rows.is_empty(), "{summary}");
+    let written = rows(&out);
+    let instructions: Vec<&str> = written.iter().map(|r| r["instruction"].as_str().unwrap()).collect();
+    let seed_instructions = [
+        "Write a haiku about the sea.",
+        "List three uses of copper.",
+        "Explain how rain forms.",
+    ];
+    for (i, a) in instructions.iter().enumerate() {
+        for b in instructions[i + 1..].iter().chain(&seed_instructions) {
+            assert!(rouge_l(a, b) < 0.7, "`{a}` / `{b}`: {}", rouge_l(a, b));
+        }
+    }
+    for r in &written {
+        assert!(r["provenance"]["seed_rows"].as_array().is_some_and(|s| !s.is_empty()));
+        assert!(!r["output"].as_str().unwrap().trim().is_empty());
+    }
+}

@@ -91,24 +91,16 @@ mod tests {
     use crate::data::generate::{Method, ProvenanceSettings};
 
     fn provenance() -> Provenance {
+        let settings = ProvenanceSettings {
+            temperature: 0.7,
+            top_p: 0.95,
+            seed: 1,
+            max_new_tokens: 64,
+            call_seed: 99,
+        };
         Provenance {
-            method: Method::SelfInstruct,
-            model: "m".into(),
-            attempt: 2,
             seed_rows: vec!["Seed one.".into()],
-            original: None,
-            evolution: None,
-            document: None,
-            segment: None,
-            score: None,
-            edited: false,
-            settings: ProvenanceSettings {
-                temperature: 0.7,
-                top_p: 0.95,
-                seed: 1,
-                max_new_tokens: 64,
-                call_seed: 99,
-            },
+            ..Provenance::new(Method::SelfInstruct, "m".into(), 2, settings)
         }
     }
 

@@ -275,6 +275,26 @@ pub struct Provenance {
     pub settings: ProvenanceSettings,
 }
 
+impl Provenance {
+    /// The fields every method records; the method-specific ones (seed rows, original,
+    /// document, score) start empty for the generator to fill in.
+    pub fn new(method: Method, model: String, attempt: usize, settings: ProvenanceSettings) -> Self {
+        Provenance {
+            method,
+            model,
+            attempt,
+            seed_rows: vec![],
+            original: None,
+            evolution: None,
+            document: None,
+            segment: None,
+            score: None,
+            edited: false,
+            settings,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ProvenanceSettings {
     pub temperature: f32,
@@ -538,19 +558,12 @@ impl<'r, 'a> Session<'r, 'a> {
     }
 
     pub fn provenance(&self, attempt: usize, call_seed: u64) -> Provenance {
-        Provenance {
-            method: self.method,
-            model: self.label.clone(),
+        Provenance::new(
+            self.method,
+            self.label.clone(),
             attempt,
-            seed_rows: vec![],
-            original: None,
-            evolution: None,
-            document: None,
-            segment: None,
-            score: None,
-            edited: false,
-            settings: ProvenanceSettings::new(self.run.settings, call_seed),
-        }
+            ProvenanceSettings::new(self.run.settings, call_seed),
+        )
     }
 
     /// Appends the row as one JSON line, flushed to disk, and reports it.
