@@ -761,6 +761,23 @@ pub fn answer_problem(answer: &Reply, prompt: &str) -> Option<(RejectReason, Str
             format!("ROUGE-L {copied:.2} against the prompt"),
         ));
     }
+    // A short answer copied out of a longer prompt scores a low ROUGE-L against the whole
+    // prompt (seen on SmolLM2-135M: "… The rain is coming. It is a beautiful day." answered
+    // "The rain is coming. It is a beautiful day."): a run of the prompt's words, verbatim.
+    let (answer_words, prompt_words) = (plain_words(text), plain_words(prompt));
+    if answer_words.len() >= 4
+        && prompt_words
+            .windows(answer_words.len())
+            .any(|w| w == answer_words.as_slice())
+    {
+        return Some((
+            RejectReason::CopiedAnswer,
+            format!(
+                "the answer's {} words appear in the prompt verbatim",
+                answer_words.len()
+            ),
+        ));
+    }
     let lower = text.to_lowercase();
     let words = text.split_whitespace().count();
     if words < 80
@@ -771,6 +788,14 @@ pub fn answer_problem(answer: &Reply, prompt: &str) -> Option<(RejectReason, Str
         return Some((RejectReason::UnusableAnswer, "a refusal or apology".into()));
     }
     None
+}
+
+/// `text`'s words in lower case without the punctuation around them.
+fn plain_words(text: &str) -> Vec<String> {
+    text.split_whitespace()
+        .map(|w| w.trim_matches(|c: char| !c.is_alphanumeric()).to_lowercase())
+        .filter(|w| !w.is_empty())
+        .collect()
 }
 
 /// Degenerate decoding: a word 3-gram making up a large share of a long answer, or few distinct

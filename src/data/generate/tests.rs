@@ -353,6 +353,17 @@ fn answer_and_instruction_rules() {
         Some(RejectReason::UnusableAnswer)
     );
     assert_eq!(reason("Apples, pears and plums.", false), None);
+    // A verbatim run of a longer prompt's words is a copy even when ROUGE-L against the whole
+    // prompt is low; a short answer that shares a few words is not.
+    let copied = |text: &str, prompt: &str| answer_problem(&r(text, false), prompt).map(|p| p.0);
+    let prompt = "Rewrite this in the past tense, keeping its meaning and its tone for a young \
+                  reader: The rain is coming. It is a beautiful day.";
+    assert_eq!(
+        copied("The rain is coming. It is a beautiful day.", prompt),
+        Some(RejectReason::CopiedAnswer)
+    );
+    assert_eq!(copied("The rain came. It was a beautiful day.", prompt), None);
+    assert_eq!(copied("The rain is coming.", "Say: the rain"), None);
     let reason = |text: &str| instruction_problem(text).map(|p| p.0);
     assert_eq!(reason(""), Some(RejectReason::NoInstruction));
     assert_eq!(reason("Hi there"), Some(RejectReason::BadInstruction));
