@@ -532,20 +532,7 @@ pub fn pool() -> Option<&'static rayon::ThreadPool> {
 /// row-major `[tokens, rows]`. Rows are split over the current rayon pool (run it inside
 /// [`pool`]'s `install` to use the quantized path's threads).
 pub fn matmul(w: &QMatrix, x: &QActivations, out: &mut [f32], kernel: Kernel) -> Result<(), QError> {
-    if x.cols != w.cols {
-        return Err(QError::Length {
-            what: "activation columns",
-            expected: w.cols,
-            found: x.cols,
-        });
-    }
-    if out.len() != x.tokens * w.rows {
-        return Err(QError::Length {
-            what: "matmul output",
-            expected: x.tokens * w.rows,
-            found: out.len(),
-        });
-    }
+    check_product(w, x, out.len())?;
     if w.rows == 0 || x.tokens == 0 {
         return Ok(());
     }
@@ -578,26 +565,32 @@ pub fn matmul(w: &QMatrix, x: &QActivations, out: &mut [f32], kernel: Kernel) ->
     Ok(())
 }
 
+/// `x` fits `w`'s columns and `out_len` is `[tokens, rows]`.
+fn check_product(w: &QMatrix, x: &QActivations, out_len: usize) -> Result<(), QError> {
+    if x.cols != w.cols {
+        return Err(QError::Length {
+            what: "activation columns",
+            expected: w.cols,
+            found: x.cols,
+        });
+    }
+    if out_len != x.tokens * w.rows {
+        return Err(QError::Length {
+            what: "matmul output",
+            expected: x.tokens * w.rows,
+            found: out_len,
+        });
+    }
+    Ok(())
+}
+
 /// [`matmul`] of several matrices with the same input (q, k and v; gate and up): for one token
 /// (decoding) the rows of all of them are split over the spin pool as one job, so the threads
 /// meet once per group instead of once per matrix (its workers do not sleep between a token's
 /// products); several tokens go through [`matmul`] one matrix at a time.
 pub fn matmul_group(products: &mut [(&QMatrix, &mut [f32])], x: &QActivations, kernel: Kernel) -> Result<(), QError> {
     for (w, out) in products.iter() {
-        if x.cols != w.cols {
-            return Err(QError::Length {
-                what: "activation columns",
-                expected: w.cols,
-                found: x.cols,
-            });
-        }
-        if out.len() != x.tokens * w.rows {
-            return Err(QError::Length {
-                what: "matmul output",
-                expected: x.tokens * w.rows,
-                found: out.len(),
-            });
-        }
+        check_product(w, x, out.len())?;
     }
     if x.tokens != 1 {
         for (w, out) in products.iter_mut() {
