@@ -612,16 +612,9 @@ fn for_token_blocks(
     block: usize,
     f: impl Fn(usize, usize, &mut [f32]) -> candle_core::Result<()> + Sync,
 ) -> candle_core::Result<()> {
-    let error = std::sync::Mutex::new(None);
-    crate::kernels::spin::for_each_chunk_mut(dst, block * width, |i, d| {
-        if let Err(e) = f(i, i * block, d) {
-            *error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
-        }
-    });
-    match error.into_inner().unwrap_or_else(|p| p.into_inner()) {
-        Some(e) => Err(e),
-        None => Ok(()),
-    }
+    let error = crate::kernels::spin::FirstError::new();
+    crate::kernels::spin::for_each_chunk_mut(dst, block * width, |i, d| error.keep(f(i, i * block, d)));
+    error.result()
 }
 
 /// `y = x·Wᵀ + s·(x·Aᵀ)·Bᵀ` with each thread doing all three products for its own block of

@@ -738,16 +738,11 @@ impl Shared {
 /// Runs `task(chunk, panel)` for every pair of `split` on the spin pool (the f32 products'
 /// threads); the first error is returned.
 fn run_split(split: Split, task: impl Fn(usize, usize) -> Result<(), QError> + Sync) -> Result<(), QError> {
-    let error = std::sync::Mutex::new(None);
+    let error = crate::kernels::spin::FirstError::new();
     crate::kernels::spin::run(split.chunks * split.panels, &|i| {
-        if let Err(e) = task(i / split.panels, i % split.panels) {
-            *error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
-        }
+        error.keep(task(i / split.panels, i % split.panels))
     });
-    match error.into_inner().unwrap_or_else(|p| p.into_inner()) {
-        Some(e) => Err(e),
-        None => Ok(()),
-    }
+    error.result()
 }
 
 /// `out[t, r] = Σ_c w[r, c]·x[t, c]` in f32 for row-major `x: [tokens, cols]`: panels of weight

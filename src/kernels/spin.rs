@@ -245,6 +245,36 @@ pub fn in_task() -> bool {
     IN_TASK.with(Cell::get)
 }
 
+/// The first error of a job's tasks: each task hands its result to [`FirstError::keep`], and
+/// the job returns [`FirstError::result`] once every task is done.
+pub struct FirstError<E>(std::sync::Mutex<Option<E>>);
+
+impl<E> FirstError<E> {
+    pub fn new() -> Self {
+        FirstError(std::sync::Mutex::new(None))
+    }
+
+    /// Keeps `r`'s error unless an earlier task's is kept already.
+    pub fn keep(&self, r: Result<(), E>) {
+        if let Err(e) = r {
+            self.0.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e);
+        }
+    }
+
+    pub fn result(self) -> Result<(), E> {
+        match self.0.into_inner().unwrap_or_else(|p| p.into_inner()) {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+}
+
+impl<E> Default for FirstError<E> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 /// Runs `f(i)` for every `i < tasks` on the process's pool (inline when there is none).
 pub fn run(tasks: usize, f: &(dyn Fn(usize) + Sync)) {
     match pool() {
