@@ -129,6 +129,8 @@ def main():
     ap.add_argument("--model", help="folder with a .gguf file and tokenizer files")
     ap.add_argument("--work")
     ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--precision", default="f32",
+                    help="the training run's base precision (f32, q8_0, q4_1): the exports of a run over a quantized base must load the same")
     ap.add_argument("--phi3", help="folder tests/python_interop.rs prepared (see above)")
     args = ap.parse_args()
     if args.phi3:
@@ -153,7 +155,8 @@ def main():
     work.mkdir(parents=True)
     data = Path(__file__).resolve().parent.parent / "assets/datasets/pirate_persona/train.jsonl"
     run_dir = work / "run"
-    run([finch, "train", "--model", str(model_dir), "--data", str(data), "--steps", str(args.steps), "--out", str(run_dir)])
+    run([finch, "train", "--model", str(model_dir), "--data", str(data), "--steps", str(args.steps),
+         "--precision", args.precision, "--out", str(run_dir)])
     for fmt in ["peft", "merged", "gguf"]:
         run([finch, "export", "--model", str(model_dir), "--adapter", str(run_dir), "--format", fmt, "--out", str(work / fmt)])
     gguf_files = sorted((work / "gguf").glob("*.gguf"))

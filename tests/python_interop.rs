@@ -1,7 +1,8 @@
 //! Finch's exports checked with the Python tools people take them to (transformers, PEFT,
 //! llama.cpp's `gguf` reader): `scripts/check_with_transformers.py` trains a short run on the
-//! real model, exports it as PEFT, merged and GGUF, and compares greedy chat answers of Finch
-//! and of transformers on each (plus the base model, also through `--quantized`).
+//! real model (over an f32 base, and over a Q8_0 base), exports it as PEFT, merged and GGUF,
+//! and compares greedy chat answers of Finch and of transformers on each (plus the base model,
+//! also through `--quantized`).
 //!
 //! Needs `FINCH_REAL_MODEL` and `FINCH_PYTHON`, a Python with torch, transformers, peft and
 //! gguf (about 5 GB, so `.ci/run` does not install it); skipped with a printed reason otherwise.
@@ -11,6 +12,19 @@ use std::process::Command;
 
 #[test]
 fn exports_load_in_transformers_and_peft_with_the_same_answers() {
+    check_exports("f32");
+}
+
+/// The same checks on the exports of a run trained over a Q8_0 base (`--precision q8_0`): the
+/// adapter, the merged folder and the GGUF files it gives are ordinary ones (the quantized
+/// base is a training-time choice), so PEFT and transformers answer as Finch does with them.
+#[test]
+fn exports_of_a_quantized_base_run_load_in_transformers_and_peft() {
+    check_exports("q8_0");
+}
+
+/// Runs `scripts/check_with_transformers.py` with the training run's base `precision`.
+fn check_exports(precision: &str) {
     let (Ok(model), Ok(python)) = (std::env::var("FINCH_REAL_MODEL"), std::env::var("FINCH_PYTHON")) else {
         eprintln!("skipped: needs FINCH_REAL_MODEL and FINCH_PYTHON (a Python with torch, transformers, peft, gguf)");
         return;
@@ -19,7 +33,8 @@ fn exports_load_in_transformers_and_peft_with_the_same_answers() {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/check_with_transformers.py");
     let out = Command::new(python)
         .arg(script)
-        .args(["--finch", env!("CARGO_BIN_EXE_finch"), "--model", &model, "--work"])
+        .args(["--finch", env!("CARGO_BIN_EXE_finch"), "--model", &model, "--precision", precision])
+        .arg("--work")
         .arg(work.path().join("check"))
         .output()
         .unwrap();
