@@ -23,13 +23,14 @@ summary line; exits 1 when an answer or a check differs.
   python3 scripts/check_with_transformers.py --finch target/release/finch \
       --model ../shared/models/SmolLM2-135M-Instruct-Q4_1 --work /tmp/finch-py-check
 
-With --phi3 WORK instead, it checks Phi-3 adapters on a tiny model (no real Phi-3 is on these
-machines): WORK holds what tests/python_interop.rs wrote with Finch (the base model folder, an
-adapter on the fused qkv_proj / gate_up_proj in PEFT's layout, the merged folder, and Finch's
-logits for fixed ids). PEFT must load the adapter onto transformers' Phi3ForCausalLM with Finch's
-logits, transformers must load the merged folder with them, and an adapter made by Python PEFT
-(target_modules qkv_proj, o_proj, gate_up_proj, down_proj) is saved with its logits for Finch to
-load and compare.
+With --adapters WORK instead, it checks one family's adapters on a tiny model (no real Qwen3,
+Gemma 3, SmolLM3 or Phi-3 is on these machines): WORK holds what tests/python_interop.rs wrote
+with Finch (the base model folder, an adapter in PEFT's layout on every projection the family
+has, e.g. Phi-3's fused qkv_proj / gate_up_proj, the merged folder, Finch's logits for fixed ids,
+and expect.json naming the family and the adapter's target_modules). PEFT must load the adapter
+onto transformers' model with Finch's logits, transformers must load the merged folder with them,
+and an adapter made by Python PEFT on the same modules is saved with its logits for Finch to load
+and compare.
 """
 
 import argparse
@@ -80,14 +81,16 @@ def hf_answer(model, tok, prompt):
     return {"text": text, "tokens": len(new), "finish_reason": finish, "prompt_tokens": ids.shape[1]}
 
 
-def check_phi3(work):
-    """The --phi3 mode (see the module docstring). Prints one JSON line per check."""
+def check_adapters(work):
+    """The --adapters mode (see the module docstring). Prints one JSON line per check."""
     import torch
     import peft
     from transformers import AutoModelForCausalLM
 
     work = Path(work)
     finch = json.loads((work / "finch_logits.json").read_text())
+    expect = json.loads((work / "expect.json").read_text())
+    family, want_targets = expect["family"], sorted(expect["target_modules"])
     ids = torch.tensor([finch["input_ids"]])
     failures = []
 
@@ -101,24 +104,25 @@ def check_phi3(work):
     base = AutoModelForCausalLM.from_pretrained(work / "base", dtype=torch.float32).eval()
     tuned = peft.PeftModel.from_pretrained(base, work / "adapter").eval()
     targets = sorted(tuned.peft_config["default"].target_modules)
-    print(json.dumps({"check": "phi3 adapter target_modules", "target_modules": targets}), flush=True)
-    if targets != ["down_proj", "gate_up_proj", "o_proj", "qkv_proj"]:
+    print(json.dumps({"check": f"{family} adapter target_modules", "target_modules": targets,
+                      "architecture": type(base).__name__}), flush=True)
+    if targets != want_targets:
         failures.append("target_modules")
     with torch.no_grad():
-        check("phi3 adapter in PEFT", tuned(ids).logits[0], finch["adapter_logits"])
+        check(f"{family} adapter in PEFT", tuned(ids).logits[0], finch["adapter_logits"])
     base = tuned.unload()
     merged = AutoModelForCausalLM.from_pretrained(work / "merged", dtype=torch.float32).eval()
     with torch.no_grad():
-        check("phi3 merged folder in transformers", merged(ids).logits[0], finch["adapter_logits"])
+        check(f"{family} merged folder in transformers", merged(ids).logits[0], finch["adapter_logits"])
     torch.manual_seed(1)
     cfg = peft.LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, task_type="CAUSAL_LM",
-                          target_modules=["qkv_proj", "o_proj", "gate_up_proj", "down_proj"])
+                          target_modules=want_targets)
     py = peft.get_peft_model(base, cfg).eval()
     py.save_pretrained(work / "python_peft")
     with torch.no_grad():
         logits = py(ids).logits[0]
     (work / "python_logits.json").write_text(json.dumps({"logits": logits.tolist()}))
-    print(json.dumps({"summary": "check_with_transformers --phi3", "failures": failures,
+    print(json.dumps({"summary": f"check_with_transformers --adapters ({family})", "failures": failures,
                       "torch": torch.__version__, "peft": peft.__version__}), flush=True)
     sys.exit(1 if failures else 0)
 
@@ -131,13 +135,13 @@ def main():
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--precision", default="f32",
                     help="the training run's base precision (f32, q8_0, q4_1): the exports of a run over a quantized base must load the same")
-    ap.add_argument("--phi3", help="folder tests/python_interop.rs prepared (see above)")
+    ap.add_argument("--adapters", help="folder tests/python_interop.rs prepared (see above)")
     args = ap.parse_args()
-    if args.phi3:
-        check_phi3(args.phi3)
+    if args.adapters:
+        check_adapters(args.adapters)
         return
     if not (args.finch and args.model and args.work):
-        ap.error("--finch, --model and --work are required (or --phi3 WORK)")
+        ap.error("--finch, --model and --work are required (or --adapters WORK)")
 
     import torch
     import transformers

@@ -33,7 +33,14 @@ fn check_exports(precision: &str) {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/check_with_transformers.py");
     let out = Command::new(python)
         .arg(script)
-        .args(["--finch", env!("CARGO_BIN_EXE_finch"), "--model", &model, "--precision", precision])
+        .args([
+            "--finch",
+            env!("CARGO_BIN_EXE_finch"),
+            "--model",
+            &model,
+            "--precision",
+            precision,
+        ])
         .arg("--work")
         .arg(work.path().join("check"))
         .output()
@@ -52,14 +59,13 @@ fn check_exports(precision: &str) {
     assert_eq!(matched, 24, "{stdout}");
 }
 
-/// Phi-3 adapters move between Finch and PEFT: Finch's adapter on the fused `qkv_proj` /
-/// `gate_up_proj` (Phi-4-mini's layout: partial rotary, LongRoPE, tied head; the 12 ids take the
-/// long factors) loads in PEFT onto transformers' `Phi3ForCausalLM` with Finch's logits, the
-/// merged folder (fused weights written back, Finch's config.json) loads in transformers with
-/// them, and an adapter made by Python PEFT on those four modules loads in Finch with PEFT's.
+/// Each family's adapters move between Finch and PEFT (tiny random models saved by
+/// transformers, `tests/fixtures/transformers/`): Finch's adapter on every projection the family
+/// has loads in PEFT onto transformers' own model class with Finch's logits, the merged folder
+/// (Finch's config.json and merged weights) loads in transformers with them, and an adapter made
+/// by Python PEFT on the same modules loads in Finch with PEFT's logits.
 /// Needs `FINCH_PYTHON` (torch, transformers, peft); skipped with a printed reason otherwise.
-#[test]
-fn phi3_adapters_load_in_peft_and_back() {
+fn check_family_adapters(fixture: &str, targets: &[&str]) {
     use candle_core::{DType, Device, Tensor};
     use finch::model::config::ModelConfig;
     use finch::model::safetensors::SafetensorsWeights;
@@ -69,7 +75,9 @@ fn phi3_adapters_load_in_peft_and_back() {
         eprintln!("skipped: needs FINCH_PYTHON (a Python with torch, transformers, peft)");
         return;
     };
-    let fixture = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/transformers/phi4_mini");
+    let fixture = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/transformers")
+        .join(fixture);
     let work = tempfile::tempdir().unwrap();
     let base_dir = work.path().join("base");
     std::fs::create_dir_all(&base_dir).unwrap();
@@ -117,6 +125,12 @@ fn phi3_adapters_load_in_peft_and_back() {
         m.logits(&input).unwrap().squeeze(0).unwrap().to_vec2().unwrap()
     };
     std::fs::write(
+        work.path().join("expect.json"),
+        serde_json::json!({"family": fixture.file_name().unwrap().to_string_lossy(), "target_modules": targets})
+            .to_string(),
+    )
+    .unwrap();
+    std::fs::write(
         work.path().join("finch_logits.json"),
         serde_json::json!({"input_ids": ids, "adapter_logits": logits(&tuned)}).to_string(),
     )
@@ -124,7 +138,7 @@ fn phi3_adapters_load_in_peft_and_back() {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/check_with_transformers.py");
     let out = Command::new(python)
         .arg(script)
-        .arg("--phi3")
+        .arg("--adapters")
         .arg(work.path())
         .output()
         .unwrap();
@@ -148,6 +162,56 @@ fn phi3_adapters_load_in_peft_and_back() {
             worst = worst.max((a - b.as_f64().unwrap() as f32).abs());
         }
     }
-    println!("Python PEFT's Phi-3 adapter in Finch: max |logit diff| {worst:e}");
+    println!(
+        "Python PEFT's adapter in Finch ({}): max |logit diff| {worst:e}",
+        fixture.display()
+    );
     assert!(worst < 1e-4, "{worst}");
+}
+
+const SPLIT: [&str; 7] = [
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+];
+
+/// Phi-4-mini's layout: fused `qkv_proj` / `gate_up_proj`, partial rotary, LongRoPE (the 12 ids
+/// take the long factors), tied head.
+#[test]
+fn phi3_adapters_load_in_peft_and_back() {
+    check_family_adapters("phi4_mini", &["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]);
+}
+
+/// Qwen3: per-head q/k norms, head_dim from the config, tied head.
+#[test]
+fn qwen3_adapters_load_in_peft_and_back() {
+    check_family_adapters("qwen3", &SPLIT);
+}
+
+/// Gemma 3: (1 + w) norms, four per block, GELU-tanh, sliding and global layers, scaled embeddings.
+#[test]
+fn gemma3_adapters_load_in_peft_and_back() {
+    check_family_adapters("gemma3", &SPLIT);
+}
+
+/// SmolLM3: Llama with NoPE layers.
+#[test]
+fn smollm3_adapters_load_in_peft_and_back() {
+    check_family_adapters("smollm3", &SPLIT);
+}
+
+/// Qwen2: q/k/v biases, separate head.
+#[test]
+fn qwen2_adapters_load_in_peft_and_back() {
+    check_family_adapters("qwen2", &SPLIT);
+}
+
+/// Llama 3.2: llama3 rope scaling.
+#[test]
+fn llama3_scaling_adapters_load_in_peft_and_back() {
+    check_family_adapters("llama3_scaling", &SPLIT);
 }

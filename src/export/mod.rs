@@ -95,6 +95,13 @@ pub fn hf_config_json(cfg: &ModelConfig) -> serde_json::Value {
     if let Some(b) = cfg.bos_token_id {
         v["bos_token_id"] = json!(b);
     }
+    match cfg.pad_token_id {
+        Some(p) => v["pad_token_id"] = json!(p),
+        // SmolLM3Config's default pad id (128004) lies outside smaller vocabularies, and
+        // transformers then refuses the folder; Phi-3 pads with its end of text (above).
+        None if cfg.family == Family::SmolLM3 => v["pad_token_id"] = serde_json::Value::Null,
+        None => {}
+    }
     match cfg.eos_token_ids.as_slice() {
         [] => {}
         [one] => v["eos_token_id"] = json!(one),
@@ -176,7 +183,7 @@ fn phi3_config_fields(cfg: &ModelConfig, v: &mut serde_json::Value) {
     v["sliding_window"] = json!(cfg.sliding_window);
     // Phi3Config's default pad id (32000) lies outside smaller vocabularies; the released models
     // pad with their end-of-text token (Phi-3.5: 32000, Phi-4-mini: 199999), their first eos.
-    v["pad_token_id"] = json!(cfg.eos_token_ids.first());
+    v["pad_token_id"] = json!(cfg.pad_token_id.or(cfg.eos_token_ids.first().copied()));
     match &cfg.longrope {
         None => {
             v["original_max_position_embeddings"] = json!(cfg.max_position_embeddings);
@@ -496,5 +503,35 @@ impl OllamaTemplate {
             esc(&self.assistant.1),
             esc(&self.generation_prompt),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::hf_config_json;
+    use crate::model::config::ModelConfig;
+
+    fn fixture(name: &str) -> ModelConfig {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/transformers");
+        ModelConfig::from_file(&dir.join(name).join("config.json")).unwrap()
+    }
+
+    /// The checkpoint's padding id goes into the exported config: transformers' own default
+    /// differs by family (SmolLM3's 128004 lies outside a smaller vocabulary, and transformers
+    /// then refuses the merged folder: found by the PEFT check of every family).
+    #[test]
+    fn exported_configs_keep_the_padding_id() {
+        let mut cfg = fixture("smollm3");
+        assert_eq!(cfg.pad_token_id, Some(0));
+        assert_eq!(hf_config_json(&cfg)["pad_token_id"], 0);
+        cfg.pad_token_id = None;
+        assert!(hf_config_json(&cfg)["pad_token_id"].is_null());
+        let mut phi = fixture("phi4_mini");
+        phi.pad_token_id = None;
+        assert_eq!(
+            hf_config_json(&phi)["pad_token_id"],
+            serde_json::json!(phi.eos_token_ids.first())
+        );
     }
 }

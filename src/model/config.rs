@@ -188,6 +188,10 @@ pub struct ModelConfig {
     pub longrope: Option<LongRope>,
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
+    /// The padding id the checkpoint's config names, carried into exported configs (the
+    /// default transformers fills in differs by family and may lie outside the vocabulary).
+    #[serde(default)]
+    pub pad_token_id: Option<u32>,
 }
 
 /// The raw fields of a `config.json` that Finch reads. Fields that change the math and that
@@ -220,6 +224,7 @@ struct HfConfig {
     mlp_bias: Option<bool>,
     bos_token_id: Option<serde_json::Value>,
     eos_token_id: Option<serde_json::Value>,
+    pad_token_id: Option<serde_json::Value>,
     hidden_act: Option<String>,
     /// Gemma's name for the MLP activation (transformers' Gemma 3 reads only this one).
     hidden_activation: Option<String>,
@@ -442,6 +447,7 @@ impl ModelConfig {
             longrope: phi3_rope.and_then(|p| p.longrope),
             bos_token_id: token_ids(&raw.bos_token_id).first().copied(),
             eos_token_ids: token_ids(&raw.eos_token_id),
+            pad_token_id: token_ids(&raw.pad_token_id).first().copied(),
         })
     }
 
