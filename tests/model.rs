@@ -128,6 +128,15 @@ fn lora_gradients_match_finite_differences() {
     lora_gradients_match_finite_differences_for(Family::Llama);
 }
 
+/// Qwen2 (q/k/v biases), Qwen3 (per-head q/k RMS norms before rotary) and SmolLM3 (NoPE
+/// layers): LoRA gradients through each family's own parts.
+#[test]
+fn qwen2_qwen3_smollm3_lora_gradients_match_finite_differences() {
+    for family in [Family::Qwen2, Family::Qwen3, Family::SmolLM3] {
+        lora_gradients_match_finite_differences_for(family);
+    }
+}
+
 /// Gemma 3: gradients through the (1 + w) norms around attention and MLP, GELU-tanh, the
 /// sliding-window layers (window 4 < the 12 ids) and the √hidden embedding scale.
 #[test]
