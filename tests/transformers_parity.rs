@@ -700,11 +700,19 @@ fn real_released_configs_read_and_count_as_transformers() {
     let gemma1b = read("gemma-3-1b-it.json");
     assert_eq!(gemma1b.family, Family::Gemma3);
     assert_eq!(
-        (gemma1b.hidden_size, gemma1b.num_hidden_layers, gemma1b.intermediate_size),
+        (
+            gemma1b.hidden_size,
+            gemma1b.num_hidden_layers,
+            gemma1b.intermediate_size
+        ),
         (1152, 26, 6912)
     );
     assert_eq!(
-        (gemma1b.num_attention_heads, gemma1b.num_key_value_heads, gemma1b.head_dim),
+        (
+            gemma1b.num_attention_heads,
+            gemma1b.num_key_value_heads,
+            gemma1b.head_dim
+        ),
         (4, 1, 256)
     );
     let full: Vec<usize> = (0..gemma1b.num_hidden_layers)
@@ -726,7 +734,12 @@ fn real_released_configs_read_and_count_as_transformers() {
     let qwen3 = read("qwen3-0.6b.json");
     assert_eq!(qwen3.family, Family::Qwen3);
     assert_eq!(
-        (qwen3.hidden_size, qwen3.num_hidden_layers, qwen3.intermediate_size, qwen3.vocab_size),
+        (
+            qwen3.hidden_size,
+            qwen3.num_hidden_layers,
+            qwen3.intermediate_size,
+            qwen3.vocab_size
+        ),
         (1024, 28, 3072, 151_936)
     );
     assert_eq!(
@@ -745,7 +758,12 @@ fn real_released_configs_read_and_count_as_transformers() {
     let llama = read("llama-3.2-1b.json");
     assert_eq!(llama.family, Family::Llama);
     assert_eq!(
-        (llama.hidden_size, llama.num_hidden_layers, llama.intermediate_size, llama.vocab_size),
+        (
+            llama.hidden_size,
+            llama.num_hidden_layers,
+            llama.intermediate_size,
+            llama.vocab_size
+        ),
         (2048, 16, 8192, 128_256)
     );
     assert_eq!(
