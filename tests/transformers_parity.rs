@@ -693,9 +693,107 @@ fn real_released_configs_read_and_count_as_transformers() {
     assert_eq!(gemma.query_pre_attn_scalar, Some(256.0));
     assert!(gemma.tie_word_embeddings && gemma.norm_plus_one && gemma.sandwich_norms && gemma.embed_scale);
     assert_eq!(gemma.num_parameters(), GEMMA3_270M_PARAMS);
+
+    // gemma-3-1b-it: 26 layers, the global ones every sixth (5, 11, 17, 23) from
+    // `sliding_window_pattern` 6 (no `layer_types` in this config), a 512-token window,
+    // head_dim 256 set apart from hidden 1152 / 4 heads, one key-value head, tied head.
+    let gemma1b = read("gemma-3-1b-it.json");
+    assert_eq!(gemma1b.family, Family::Gemma3);
+    assert_eq!(
+        (
+            gemma1b.hidden_size,
+            gemma1b.num_hidden_layers,
+            gemma1b.intermediate_size
+        ),
+        (1152, 26, 6912)
+    );
+    assert_eq!(
+        (
+            gemma1b.num_attention_heads,
+            gemma1b.num_key_value_heads,
+            gemma1b.head_dim
+        ),
+        (4, 1, 256)
+    );
+    let full: Vec<usize> = (0..gemma1b.num_hidden_layers)
+        .filter(|&l| gemma1b.layer_type(l) == LayerType::FullAttention)
+        .collect();
+    assert_eq!(full, [5, 11, 17, 23]);
+    assert_eq!((gemma1b.window(0), gemma1b.window(23)), (Some(512), None));
+    assert_eq!(
+        (gemma1b.rope_theta, gemma1b.rope_local_theta, gemma1b.rope_linear_factor),
+        (1_000_000.0, Some(10_000.0), None)
+    );
+    assert_eq!(gemma1b.query_pre_attn_scalar, Some(256.0));
+    assert!(gemma1b.tie_word_embeddings && gemma1b.norm_plus_one && gemma1b.sandwich_norms && gemma1b.embed_scale);
+    assert_eq!(gemma1b.eos_token_ids, [1, 106]);
+    assert_eq!(gemma1b.num_parameters(), GEMMA3_1B_IT_PARAMS);
+
+    // Qwen3-0.6B: head_dim 128 written out (16 heads x 128 = 2048 > hidden 1024), grouped keys
+    // (8 heads), per-head q and k RMS norms, no biases, no sliding window, tied head.
+    let qwen3 = read("qwen3-0.6b.json");
+    assert_eq!(qwen3.family, Family::Qwen3);
+    assert_eq!(
+        (
+            qwen3.hidden_size,
+            qwen3.num_hidden_layers,
+            qwen3.intermediate_size,
+            qwen3.vocab_size
+        ),
+        (1024, 28, 3072, 151_936)
+    );
+    assert_eq!(
+        (qwen3.num_attention_heads, qwen3.num_key_value_heads, qwen3.head_dim),
+        (16, 8, 128)
+    );
+    assert!(qwen3.qk_norm && !qwen3.qkv_bias && !qwen3.o_bias && !qwen3.mlp_bias);
+    assert!(qwen3.tie_word_embeddings);
+    assert_eq!((qwen3.rope_theta, qwen3.rope_scaling.as_ref()), (1_000_000.0, None));
+    assert!((0..qwen3.num_hidden_layers).all(|l| qwen3.window(l).is_none() && qwen3.uses_rope(l)));
+    assert_eq!(qwen3.eos_token_ids, [151_645]);
+    assert_eq!(qwen3.num_parameters(), QWEN3_0_6B_PARAMS);
+
+    // Llama-3.2-1B: Llama 3 rope scaling (factor 32 from an 8192-token context, low 1, high 4)
+    // on base 500000, head_dim 64, grouped keys (32 / 8), tied head.
+    let llama = read("llama-3.2-1b.json");
+    assert_eq!(llama.family, Family::Llama);
+    assert_eq!(
+        (
+            llama.hidden_size,
+            llama.num_hidden_layers,
+            llama.intermediate_size,
+            llama.vocab_size
+        ),
+        (2048, 16, 8192, 128_256)
+    );
+    assert_eq!(
+        (llama.num_attention_heads, llama.num_key_value_heads, llama.head_dim),
+        (32, 8, 64)
+    );
+    assert_eq!(llama.rope_theta, 500_000.0);
+    let scaling = llama.rope_scaling.as_ref().expect("Llama 3.2 scales its rope");
+    assert_eq!(
+        (
+            scaling.factor,
+            scaling.low_freq_factor,
+            scaling.high_freq_factor,
+            scaling.original_max_position_embeddings
+        ),
+        (32.0, 1.0, 4.0, 8192)
+    );
+    assert!(llama.tie_word_embeddings && !llama.qk_norm && !llama.mlp_bias);
+    assert_eq!(llama.max_position_embeddings, 131_072);
+    assert_eq!(llama.num_parameters(), LLAMA32_1B_PARAMS);
 }
 
 /// transformers' parameter counts of the released configs (`scripts/count_real_config_params.py`).
 const PHI35_MINI_PARAMS: usize = 3_821_079_552;
 const PHI4_MINI_PARAMS: usize = 3_836_021_760;
 const GEMMA3_270M_PARAMS: usize = 268_098_176;
+/// 999,885,952: the "1B" of the model card.
+const GEMMA3_1B_IT_PARAMS: usize = 999_885_952;
+/// 596,049,920, of which 440,467,456 outside the tied embedding: the card's "0.6B" and
+/// "Number of Parameters (Non-Embedding): 0.44B".
+const QWEN3_0_6B_PARAMS: usize = 596_049_920;
+/// 1,235,814,400: the card's "1.23B".
+const LLAMA32_1B_PARAMS: usize = 1_235_814_400;

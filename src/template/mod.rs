@@ -155,6 +155,9 @@ pub struct ChatTemplate {
     /// Extra variables the template reads, as `apply_chat_template(..., **kwargs)` passes them
     /// (Qwen3's `enable_thinking`, Llama 3.2's `date_string`).
     variables: Vec<(String, serde_json::Value)>,
+    /// The moment `strftime_now` formats (Unix seconds, UTC), when pinned with
+    /// [`ChatTemplate::with_clock`]; `None` is the current time.
+    clock: Option<i64>,
 }
 
 impl std::fmt::Debug for ChatTemplate {
@@ -172,7 +175,7 @@ impl std::fmt::Debug for ChatTemplate {
 impl ChatTemplate {
     /// Compiles `source`. A syntax error names the template line.
     pub fn new(source: &str, bos_token: Option<String>, eos_token: Option<String>) -> Result<Self> {
-        let env = sandboxed_environment(source)?;
+        let env = sandboxed_environment(source, None)?;
         let mut template = ChatTemplate {
             source: source.to_string(),
             env,
@@ -181,6 +184,7 @@ impl ChatTemplate {
             end_of_turn: None,
             builtin: None,
             variables: Vec::new(),
+            clock: None,
         };
         template.end_of_turn = template.detect_end_of_turn();
         Ok(template)
@@ -210,6 +214,23 @@ impl ChatTemplate {
         self.variables.push((name.to_string(), value));
         self.end_of_turn = self.detect_end_of_turn();
         Ok(self)
+    }
+
+    /// The same template with `strftime_now` formatting the moment `unix_secs` (UTC) instead of
+    /// the current time. Templates that print today's date with it and take no `date_string`
+    /// (SmolLM3's "Today Date: ") otherwise render a different prompt every day, so a dataset
+    /// encoded twice would differ; pinning the clock makes the rendering reproducible, as
+    /// passing `strftime_now` to transformers' `apply_chat_template` does.
+    pub fn with_clock(mut self, unix_secs: i64) -> Result<Self> {
+        self.env = sandboxed_environment(&self.source, Some(unix_secs))?;
+        self.clock = Some(unix_secs);
+        self.end_of_turn = self.detect_end_of_turn();
+        Ok(self)
+    }
+
+    /// The moment set with [`ChatTemplate::with_clock`], if any.
+    pub fn clock(&self) -> Option<i64> {
+        self.clock
     }
 
     /// The extra variables set with [`ChatTemplate::with_variable`].
@@ -530,7 +551,8 @@ fn json_kind(v: &serde_json::Value) -> &'static str {
 }
 
 /// A minijinja environment configured like transformers' `ImmutableSandboxedEnvironment`.
-fn sandboxed_environment(source: &str) -> Result<Environment<'static>> {
+/// `clock` pins the moment `strftime_now` formats (Unix seconds); `None` is the current time.
+fn sandboxed_environment(source: &str, clock: Option<i64>) -> Result<Environment<'static>> {
     let mut env = Environment::new();
     let syntax = minijinja::syntax::SyntaxConfig::builder()
         .trim_blocks(true)
@@ -551,8 +573,11 @@ fn sandboxed_environment(source: &str) -> Result<Environment<'static>> {
             ))
         },
     );
-    env.add_function("strftime_now", |format: String| -> String {
-        strftime::strftime_now(&format)
+    env.add_function("strftime_now", move |format: String| -> String {
+        match clock {
+            Some(secs) => strftime::strftime_utc(&format, secs),
+            None => strftime::strftime_now(&format),
+        }
     });
     env.add_filter("tojson", |value: Value, kwargs: Kwargs| pyjson::tojson(&value, &kwargs));
     env.add_template_owned(TEMPLATE_NAME, source.to_string())

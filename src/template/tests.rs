@@ -138,6 +138,32 @@ fn python_style_helpers_work() {
     );
 }
 
+/// `with_clock` pins the moment `strftime_now` formats (SmolLM3's "Today Date: " has no
+/// `date_string` to set), keeps the variables and tokens, and can be set again.
+#[test]
+fn a_pinned_clock_fixes_strftime_now() {
+    let source = "{{ bos_token }}{{ strftime_now('%d %B %Y') }}|{{ strftime_now('%d %b %Y %H:%M') }}|{{ x }}";
+    let t = ChatTemplate::new(source, Some("<s>".into()), None)
+        .unwrap()
+        .with_variable("x", serde_json::json!(7))
+        .unwrap();
+    assert_eq!(t.clock(), None);
+    // 2025-07-08 00:00 UTC, and a second later than 2024-02-29 23:59.
+    let pinned = t.clone().with_clock(1_751_932_800).unwrap();
+    assert_eq!(pinned.clock(), Some(1_751_932_800));
+    assert_eq!(
+        pinned.render(&[], false).unwrap(),
+        "<s>08 July 2025|08 Jul 2025 00:00|7"
+    );
+    let again = pinned.with_clock(1_709_251_140).unwrap();
+    assert_eq!(
+        again.render(&[], false).unwrap(),
+        "<s>29 February 2024|29 Feb 2024 23:59|7"
+    );
+    // Unpinned, the date is today's: not the pinned one (the test runs after 2025-07-08).
+    assert!(!t.render(&[], false).unwrap().contains("08 July 2025"));
+}
+
 #[test]
 fn trim_and_lstrip_blocks_match_jinja2_defaults_of_transformers() {
     // transformers renders with trim_blocks=True, lstrip_blocks=True.
