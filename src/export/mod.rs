@@ -270,6 +270,7 @@ fn gguf_tokenizer(files: &ModelFiles, format: &ChatFormat, cfg: &ModelConfig) ->
             serde_json::from_str(&text).map_err(|e| Error::invalid(&files.path, "tokenizer", e.to_string()))?;
         let mut t = GgufTokenizerMetadata::from_tokenizer_json(&json, pre_tokenizer_name(cfg), &files.path)?;
         t.bos_token_id = cfg.bos_token_id;
+        t.padding_token_id = cfg.pad_token_id;
         t.add_bos_token = !crate::data::tokenize::post_processor_prefix(&format.tokenizer)?.is_empty();
         t
     };

@@ -149,6 +149,9 @@ impl GgufModel {
         if let Some(eos) = meta.usize("tokenizer.ggml.eos_token_id")? {
             config["eos_token_id"] = json!(eos);
         }
+        if let Some(pad) = meta.usize("tokenizer.ggml.padding_token_id")? {
+            config["pad_token_id"] = json!(pad);
+        }
         if arch == "gemma3" {
             // What llama.cpp's Gemma 3 loader assumes rather than reads: every sixth layer global
             // (the config parser's default pattern), local layers' rotary base 10000 (the
