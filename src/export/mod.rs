@@ -95,12 +95,15 @@ pub fn hf_config_json(cfg: &ModelConfig) -> serde_json::Value {
     if let Some(b) = cfg.bos_token_id {
         v["bos_token_id"] = json!(b);
     }
-    match cfg.pad_token_id {
-        Some(p) => v["pad_token_id"] = json!(p),
-        // SmolLM3Config's default pad id (128004) lies outside smaller vocabularies, and
-        // transformers then refuses the folder; Phi-3 pads with its end of text (above).
-        None if cfg.family == Family::SmolLM3 => v["pad_token_id"] = serde_json::Value::Null,
-        None => {}
+    // The checkpoint's padding id; without one, a value where transformers' family default
+    // lies outside smaller vocabularies (and transformers then refuses the folder):
+    // Phi3Config's 32000 (the released Phi models pad with their end of text, Phi-3.5: 32000,
+    // Phi-4-mini: 199999, their first eos), SmolLM3Config's 128004.
+    match (cfg.pad_token_id, cfg.family) {
+        (Some(p), _) => v["pad_token_id"] = json!(p),
+        (None, Family::Phi3) => v["pad_token_id"] = json!(cfg.eos_token_ids.first()),
+        (None, Family::SmolLM3) => v["pad_token_id"] = serde_json::Value::Null,
+        (None, _) => {}
     }
     match cfg.eos_token_ids.as_slice() {
         [] => {}
@@ -181,9 +184,6 @@ fn phi3_config_fields(cfg: &ModelConfig, v: &mut serde_json::Value) {
         v["partial_rotary_factor"] = json!(cfg.rotary_dims() as f64 / cfg.head_dim as f64);
     }
     v["sliding_window"] = json!(cfg.sliding_window);
-    // Phi3Config's default pad id (32000) lies outside smaller vocabularies; the released models
-    // pad with their end-of-text token (Phi-3.5: 32000, Phi-4-mini: 199999), their first eos.
-    v["pad_token_id"] = json!(cfg.pad_token_id.or(cfg.eos_token_ids.first().copied()));
     match &cfg.longrope {
         None => {
             v["original_max_position_embeddings"] = json!(cfg.max_position_embeddings);
