@@ -620,15 +620,14 @@ fn real_released_configs_read_and_count_as_transformers() {
     use finch::model::Family;
     let dir = fixture("real_configs");
     let read = |file: &str| ModelConfig::from_file(&dir.join(file)).unwrap_or_else(|e| panic!("{file}: {e}"));
+    let heads = |c: &ModelConfig| (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
+    let sizes = |c: &ModelConfig| (c.hidden_size, c.num_hidden_layers, c.intermediate_size, c.vocab_size);
 
     // Phi-3.5-mini-instruct: full rotary (head_dim 96), LongRoPE from a 4096-token pretraining
     // context to 131072, a separate head, and a window that covers the whole context.
     let phi35 = read("phi3.5-mini-instruct.json");
     assert_eq!(phi35.family, Family::Phi3);
-    assert_eq!(
-        (phi35.num_attention_heads, phi35.num_key_value_heads, phi35.head_dim),
-        (32, 32, 96)
-    );
+    assert_eq!(heads(&phi35), (32, 32, 96));
     assert_eq!(phi35.rotary_dims(), 96);
     assert!(!phi35.tie_word_embeddings);
     let lr = phi35.longrope.as_ref().expect("Phi-3.5 uses LongRoPE");
@@ -653,10 +652,7 @@ fn real_released_configs_read_and_count_as_transformers() {
     // Phi-4-mini-instruct: rotary on 96 of 128 head dimensions, grouped keys, tied head.
     let phi4 = read("phi4-mini-instruct.json");
     assert_eq!(phi4.family, Family::Phi3);
-    assert_eq!(
-        (phi4.num_attention_heads, phi4.num_key_value_heads, phi4.head_dim),
-        (24, 8, 128)
-    );
+    assert_eq!(heads(&phi4), (24, 8, 128));
     assert_eq!(phi4.rotary_dims(), 96);
     assert!(phi4.tie_word_embeddings);
     let lr = phi4.longrope.as_ref().expect("Phi-4-mini uses LongRoPE");
@@ -676,10 +672,7 @@ fn real_released_configs_read_and_count_as_transformers() {
     // base 10⁴, global 10⁶, query_pre_attn_scalar = head_dim = 256, tied head.
     let gemma = read("gemma-3-270m.json");
     assert_eq!(gemma.family, Family::Gemma3);
-    assert_eq!(
-        (gemma.num_attention_heads, gemma.num_key_value_heads, gemma.head_dim),
-        (4, 1, 256)
-    );
+    assert_eq!(heads(&gemma), (4, 1, 256));
     let full: Vec<usize> = (0..gemma.num_hidden_layers)
         .filter(|&l| gemma.layer_type(l) == LayerType::FullAttention)
         .collect();
@@ -699,22 +692,8 @@ fn real_released_configs_read_and_count_as_transformers() {
     // head_dim 256 set apart from hidden 1152 / 4 heads, one key-value head, tied head.
     let gemma1b = read("gemma-3-1b-it.json");
     assert_eq!(gemma1b.family, Family::Gemma3);
-    assert_eq!(
-        (
-            gemma1b.hidden_size,
-            gemma1b.num_hidden_layers,
-            gemma1b.intermediate_size
-        ),
-        (1152, 26, 6912)
-    );
-    assert_eq!(
-        (
-            gemma1b.num_attention_heads,
-            gemma1b.num_key_value_heads,
-            gemma1b.head_dim
-        ),
-        (4, 1, 256)
-    );
+    assert_eq!(sizes(&gemma1b), (1152, 26, 6912, 262_144));
+    assert_eq!(heads(&gemma1b), (4, 1, 256));
     let full: Vec<usize> = (0..gemma1b.num_hidden_layers)
         .filter(|&l| gemma1b.layer_type(l) == LayerType::FullAttention)
         .collect();
@@ -733,19 +712,8 @@ fn real_released_configs_read_and_count_as_transformers() {
     // (8 heads), per-head q and k RMS norms, no biases, no sliding window, tied head.
     let qwen3 = read("qwen3-0.6b.json");
     assert_eq!(qwen3.family, Family::Qwen3);
-    assert_eq!(
-        (
-            qwen3.hidden_size,
-            qwen3.num_hidden_layers,
-            qwen3.intermediate_size,
-            qwen3.vocab_size
-        ),
-        (1024, 28, 3072, 151_936)
-    );
-    assert_eq!(
-        (qwen3.num_attention_heads, qwen3.num_key_value_heads, qwen3.head_dim),
-        (16, 8, 128)
-    );
+    assert_eq!(sizes(&qwen3), (1024, 28, 3072, 151_936));
+    assert_eq!(heads(&qwen3), (16, 8, 128));
     assert!(qwen3.qk_norm && !qwen3.qkv_bias && !qwen3.o_bias && !qwen3.mlp_bias);
     assert!(qwen3.tie_word_embeddings);
     assert_eq!((qwen3.rope_theta, qwen3.rope_scaling.as_ref()), (1_000_000.0, None));
@@ -757,19 +725,8 @@ fn real_released_configs_read_and_count_as_transformers() {
     // on base 500000, head_dim 64, grouped keys (32 / 8), tied head.
     let llama = read("llama-3.2-1b.json");
     assert_eq!(llama.family, Family::Llama);
-    assert_eq!(
-        (
-            llama.hidden_size,
-            llama.num_hidden_layers,
-            llama.intermediate_size,
-            llama.vocab_size
-        ),
-        (2048, 16, 8192, 128_256)
-    );
-    assert_eq!(
-        (llama.num_attention_heads, llama.num_key_value_heads, llama.head_dim),
-        (32, 8, 64)
-    );
+    assert_eq!(sizes(&llama), (2048, 16, 8192, 128_256));
+    assert_eq!(heads(&llama), (32, 8, 64));
     assert_eq!(llama.rope_theta, 500_000.0);
     let scaling = llama.rope_scaling.as_ref().expect("Llama 3.2 scales its rope");
     assert_eq!(
