@@ -60,9 +60,10 @@ unset FINCH_REAL_MODEL
 # Build artifacts go to target/aarch64-unknown-linux-gnu/ (cargo's layout for --target), beside
 # and separate from the host build.
 
-echo "== aarch64: cargo build --target $TRIPLE --lib"
+# No separate `cargo build --lib` first: a plain build resolves features without the
+# dev-dependencies, so it compiled ~40 crates and the library a second time (~6 min on 2 cores)
+# for nothing the tests use.
 start=$SECONDS
-cargo build --target "$TRIPLE" --lib
 echo "== aarch64: cargo test --target $TRIPLE --no-run (lib unit tests, tests/model.rs)"
 cargo test --target "$TRIPLE" --lib --test model --no-run
 echo "== aarch64: built in $((SECONDS - start)) s"
