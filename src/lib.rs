@@ -2,7 +2,8 @@
 //!
 //! The library holds the whole engine (model loading, trainable transformer, LoRA, trainer,
 //! data, hub); `src/main.rs` only parses the command line. Only `ui` (the desktop studio)
-//! depends on a GUI; the engine never imports it.
+//! depends on a GUI; the engine never imports it. `ui` exists with the `studio` feature (a
+//! default one); without it Finch builds headless, CLI only.
 
 pub mod bench;
 pub mod cli;
@@ -22,6 +23,7 @@ pub mod template;
 #[doc(hidden)]
 pub mod testing;
 pub mod train;
+#[cfg(feature = "studio")]
 pub mod ui;
 
 pub use error::{Error, Result};

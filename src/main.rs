@@ -31,11 +31,7 @@ fn main() {
     }
     let cli = <finch::cli::Cli as clap::Parser>::parse();
     if cli.command.is_none() {
-        // No subcommand: open the studio window.
-        if let Err(err) = finch::ui::run_native(finch::ui::StartOptions::from_env()) {
-            eprintln!("error: {err:#}");
-            std::process::exit(1);
-        }
+        open_studio();
         return;
     }
     match finch::cli::run(cli) {
@@ -45,4 +41,23 @@ fn main() {
             std::process::exit(1);
         }
     }
+}
+
+/// No subcommand: open the studio window.
+#[cfg(feature = "studio")]
+fn open_studio() {
+    if let Err(err) = finch::ui::run_native(finch::ui::StartOptions::from_env()) {
+        eprintln!("error: {err:#}");
+        std::process::exit(1);
+    }
+}
+
+/// No subcommand in a headless build: there is no window to open.
+#[cfg(not(feature = "studio"))]
+fn open_studio() {
+    eprintln!(
+        "error: this build of finch has no studio (built without the `studio` feature); \
+         use the CLI subcommands (`finch --help` lists them)"
+    );
+    std::process::exit(2);
 }

@@ -3,7 +3,6 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic on a broken fixture
 
 use candle_core::{DType, Device, Tensor};
-use candle_nn::VarBuilder;
 use finch::lora::{ForwardCtx, LoraConfig};
 use finch::model::tiny::TinySpec;
 use finch::model::{Family, ModelFiles, Transformer};
@@ -22,7 +21,12 @@ const IDS: [u32; 12] = [1, 87, 104, 97, 116, 32, 105, 115, 2, 200, 3, 17];
 
 /// candle-transformers' models return only the last position, so we feed them one token at a
 /// time through their KV cache and compare the logits at every position.
+///
+/// This and the two tests that call it are off under `--cfg finch_qemu` (CI's aarch64 build,
+/// which leaves candle-transformers out: Cargo.toml); the rest of this file runs there.
+#[cfg(not(finch_qemu))]
 fn reference_logits(family: Family, dir: &std::path::Path) -> Tensor {
+    use candle_nn::VarBuilder;
     let dev = Device::Cpu;
     let st = dir.join("model.safetensors");
     // SAFETY: test file written just above, not modified while mapped.
@@ -60,6 +64,7 @@ fn reference_logits(family: Family, dir: &std::path::Path) -> Tensor {
     Tensor::stack(&rows, 0).unwrap()
 }
 
+#[cfg(not(finch_qemu))]
 fn check_parity(family: Family) {
     let (dir, model) = tiny(family);
     let ids = Tensor::new(&[IDS], &Device::Cpu).unwrap();
@@ -74,11 +79,13 @@ fn check_parity(family: Family) {
     assert!(spread > 1e-3, "degenerate logits");
 }
 
+#[cfg(not(finch_qemu))]
 #[test]
 fn llama_logits_match_candle_transformers_at_every_position() {
     check_parity(Family::Llama);
 }
 
+#[cfg(not(finch_qemu))]
 #[test]
 fn qwen2_logits_match_candle_transformers_at_every_position() {
     check_parity(Family::Qwen2);

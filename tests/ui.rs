@@ -2,6 +2,8 @@
 //! model, pick data, set a probe prompt, train 10 steps, watch the curve, the probe timeline and
 //! the run history, save the chart, preflight the run; close during training; errors in the
 //! window; settings that persist.
+// egui_kittest is a dev-dependency only outside `--cfg finch_qemu` (Cargo.toml).
+#![cfg(not(finch_qemu))]
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic on a broken fixture
 
 #[path = "support/fake_hub.rs"]

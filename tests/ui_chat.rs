@@ -3,6 +3,8 @@
 //! Enter / Shift+Enter / Esc, Compare with answers checked against the engine, blind votes saved
 //! to votes.jsonl, PEFT and merged exports that reload with the adapter's greedy tokens, and
 //! quantized answers from a GGUF (with and without the adapter) equal to the engine's.
+// egui_kittest is a dev-dependency only outside `--cfg finch_qemu` (Cargo.toml).
+#![cfg(not(finch_qemu))]
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic on a broken fixture
 
 use std::path::{Path, PathBuf};

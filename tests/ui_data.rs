@@ -2,6 +2,8 @@
 //! duplicates, see the rejections, filter, edit / delete / undo / save, split; with the tiny
 //! model open, the token-length histogram and the template/mask inspector; and a 100k-row file
 //! whose table lays out only the visible rows.
+// egui_kittest is a dev-dependency only outside `--cfg finch_qemu` (Cargo.toml).
+#![cfg(not(finch_qemu))]
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic on a broken fixture
 
 use std::path::Path;

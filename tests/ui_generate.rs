@@ -4,6 +4,8 @@
 //! Undo takes the accepted row back; rows scored with the tiny model get the engine's numbers,
 //! histograms of both scores, and "keep the top K%" keeps exactly the rows the engine's
 //! selection names, undoably.
+// egui_kittest is a dev-dependency only outside `--cfg finch_qemu` (Cargo.toml).
+#![cfg(not(finch_qemu))]
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic on a broken fixture
 
 use std::path::Path;
