@@ -35,8 +35,8 @@
 # dev-dependencies no test here uses: candle-transformers and egui_kittest (wgpu, naga);
 # Cargo.toml's `[target.'cfg(not(finch_qemu))'.dev-dependencies]`. Measured on the 2-core Xeon
 # from a clean target dir: 285 units, 1149 s of CPU (was 478 units, 2000 s of CPU and 1027 s
-# wall); 1215 s wall while another release build took half the machine, ~590 s on 2 free cores.
-# The tests under qemu: 183 s (lib 137 s, composite.rs 28 s, model.rs 16 s) on the shared machine.
+# wall); 422 s wall on 2 free cores (`.ci/run` on a fresh clone, 2026-11-29). The tests under
+# qemu: 137 s there (lib 103 s, composite.rs 21 s, model.rs 12 s).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
