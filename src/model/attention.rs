@@ -306,9 +306,6 @@ struct FusedAttention {
     saved: Mutex<Option<Saved>>,
 }
 
-/// In-place causal softmax of the `t×t` scores of one head: row `i` keeps columns `0..=i`, or
-/// only the last `window` of them, and with `starts` (packed rows) none before `starts[i]`.
-/// Masked columns become 0, which the backward relies on.
 /// Rows per block of the causal products: a block of rows is multiplied against the keys up to
 /// its own last row only, so a `t`-row tile costs about `(t + ROWS)/2t` of the full square
 /// (62% at 256 positions, 53% at 1024).
@@ -319,6 +316,9 @@ fn row_blocks(n: usize) -> impl Iterator<Item = (usize, usize)> {
     (0..n).step_by(ROWS).map(move |r0| (r0, ROWS.min(n - r0)))
 }
 
+/// In-place causal softmax of the `t×t` scores of one head: row `i` keeps columns `0..=i`, or
+/// only the last `window` of them, and with `starts` (packed rows) none before `starts[i]`.
+/// Masked columns become 0, which the backward relies on.
 fn causal_softmax_rows(p: &mut [f32], t: usize, scale: f32, window: Option<usize>, starts: Option<&[u32]>) {
     for (i, row) in p.chunks_exact_mut(t).enumerate() {
         let lo = (i + 1).saturating_sub(window.unwrap_or(t).max(1));
@@ -651,6 +651,9 @@ mod packed_tests {
     fn packed_rows_equal_each_example_run_alone() {
         // Row 1 ends in 3 padding positions.
         let short = vec![vec![5, 4, 3], vec![7, 2]];
+        let seg = Segments::from_lengths(12, &short).unwrap();
+        assert_eq!(seg.longest(), 7);
+        assert_eq!((seg.position(0, 9), seg.position(1, 8), seg.position(1, 11)), (0, 1, 2));
         for (window, rot_half) in [(None, 4), (Some(3), 4), (None, 3), (Some(2), 2)] {
             packed_rows_equal_each_example_run_alone_with(window, rot_half, 12, &short);
         }
@@ -671,10 +674,6 @@ mod packed_tests {
         let (nh, nkv, hd) = (6, 2, 8);
         let b = rows.len();
         let seg = Segments::from_lengths(t, rows).unwrap();
-        if t == 12 {
-            assert_eq!(seg.longest(), 7);
-            assert_eq!((seg.position(0, 9), seg.position(1, 8), seg.position(1, 11)), (0, 1, 2));
-        }
         let heads = Heads {
             q_heads: nh,
             kv_heads: nkv,
