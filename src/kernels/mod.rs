@@ -9,6 +9,7 @@ pub mod gemm;
 pub mod gemv;
 pub mod ops;
 pub mod quant;
+pub mod simd;
 pub mod spin;
 
 mod path;

@@ -126,14 +126,11 @@ impl LinearCrossEntropy {
                     .zip(losses[r0..r1].par_iter_mut())
                     .zip(targets.par_iter())
                     .for_each(|((row, loss), &t)| {
-                        let lse = log_sum_exp(row);
-                        *loss = lse - row.get(t as usize).copied().unwrap_or(f32::NAN);
-                        if with_grad {
-                            row.iter_mut().for_each(|x| *x = exp_fast(*x - lse));
-                            if let Some(x) = row.get_mut(t as usize) {
-                                *x -= 1.0;
-                            }
-                        }
+                        *loss = crate::kernels::simd::vectorized(RowLoss {
+                            row,
+                            target: t,
+                            with_grad,
+                        })
                     });
                 if let Some(dx) = dx.as_mut() {
                     gemm_into(&mut dx[r0 * d..r1 * d], false, Mat::row_major(buf, r1 - r0, v), wm)?;
@@ -177,6 +174,30 @@ impl CustomOp1 for LinearCrossEntropy {
     }
 }
 
+/// One row of logits: its loss `logsumexp − logit[target]`, and with `with_grad` the row
+/// replaced by its gradient `softmax − onehot(target)`.
+struct RowLoss<'a> {
+    row: &'a mut [f32],
+    target: u32,
+    with_grad: bool,
+}
+
+impl crate::kernels::simd::Kernel for RowLoss<'_> {
+    type Output = f32;
+    #[inline(always)]
+    fn run(self) -> f32 {
+        let lse = log_sum_exp(self.row);
+        let loss = lse - self.row.get(self.target as usize).copied().unwrap_or(f32::NAN);
+        if self.with_grad {
+            self.row.iter_mut().for_each(|x| *x = exp_fast(*x - lse));
+            if let Some(x) = self.row.get_mut(self.target as usize) {
+                *x -= 1.0;
+            }
+        }
+        loss
+    }
+}
+
 fn rows<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
     let data = s.as_slice::<f32>()?;
     let Some((a, b)) = l.contiguous_offsets() else {
@@ -185,6 +206,7 @@ fn rows<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
     Ok(&data[a..b])
 }
 
+#[inline(always)]
 fn log_sum_exp(row: &[f32]) -> f32 {
     let m = max(row);
     // Sixteen lanes so the exponentials and the sum vectorize.
