@@ -410,7 +410,9 @@ struct ActRow<'a> {
     qs: &'a [i16],
     d: &'a [f32],
     s: &'a [f32],
-    /// [`QActivations::paired`]'s row (empty where a kernel does not read it).
+    /// [`QActivations::paired`]'s row (empty where a kernel does not read it). Only the x86-64
+    /// Q4_1 kernels read it.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     paired: &'a [i16],
 }
 
