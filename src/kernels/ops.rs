@@ -506,6 +506,14 @@ impl Kernel for SwiGluBackward<'_> {
 mod tests {
     use super::*;
 
+    #[test]
+    fn dot_matches_a_plain_sum() {
+        let a: Vec<f32> = (0..37).map(|i| i as f32 * 0.5 - 3.0).collect();
+        let b: Vec<f32> = (0..37).map(|i| (i % 5) as f32 - 2.0).collect();
+        let want: f32 = a.iter().zip(&b).map(|(x, y)| x * y).sum();
+        assert!((dot(&a, &b) - want).abs() < 1e-4);
+    }
+
     /// The SwiGLU and RMS-norm loops give the same bits in every kernel family's build.
     #[test]
     fn elementwise_kernels_agree_bitwise_across_families() {
