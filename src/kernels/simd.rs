@@ -4,10 +4,14 @@
 //! SSE. [`vectorized`] runs a [`Kernel`] inside a function compiled with the AVX2 or AVX-512
 //! features of [`cpu::family`] (so `FINCH_CPU` selects it too); the kernel's `#[inline(always)]`
 //! loop is compiled there and vectorizes 8 or 16 wide. (A closure is not enough: the compiler
-//! calls it from the wrapper instead of inlining it, and it stays SSE2.) The SwiGLU, RMS-norm and softmax loops of a training step
-//! ran 2–3× faster this way than in SSE2 (measured on a 2-core Intel Xeon, family 6 model 207).
+//! calls it from the wrapper instead of inlining it, and it stays SSE2.)
+//!
+//! Used by the SwiGLU, RMS-norm and output-head softmax loops. On full-size training tensors
+//! these are mostly memory-bound, so the gain is modest (SwiGLU's forward: 3.7 → 3.3 ms a call
+//! at b4×256 on a 2-core Intel Xeon, family 6 model 207).
+//!
 //! Results do not depend on the family: Rust never fuses `a * b + c` into an FMA by itself, and
-//! the loops that sum keep 16 lanes whatever the vector width.
+//! the loops that sum keep 16 lanes whatever the vector width (tested below and in `ops`).
 
 // The target-feature wrappers are `unsafe` to call; `vectorized` calls one only for a family
 // `Family::available` found on this CPU.
