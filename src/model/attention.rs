@@ -288,8 +288,41 @@ struct Saved {
     k: Vec<f32>,
     /// Values `[b, nkv, t, hd]`.
     v: Vec<f32>,
-    /// Attention probabilities `[b, nh, t, t]` (zero above the diagonal).
-    p: Vec<f32>,
+    /// Attention probabilities, one buffer per (batch row, query head) holding only its causal
+    /// row blocks ([`FusedAttention::blocks`]): about half of a `t×t` square. Separate buffers
+    /// stay under the allocator's large-object size at long sequences, where one
+    /// `[b, nh, t, t]` buffer (36 MiB a layer at 9 heads × 1024 positions) took whole arena
+    /// chunks and faulted in fresh pages every step.
+    p: Vec<Vec<f32>>,
+}
+
+/// One causal row block of a head's scores: rows `s + r0 .. s + r0 + rl` of the diagonal span
+/// starting at `s`, against that span's keys `s .. s + r0 + rl`, kept row-major (`rl × e`,
+/// `e = r0 + rl`) at offset `at` of the head's probability buffer.
+#[derive(Debug, Clone, Copy)]
+struct Block {
+    s: usize,
+    r0: usize,
+    rl: usize,
+    at: usize,
+}
+
+impl Block {
+    /// Columns of the block: the span's keys up to its last row.
+    fn e(&self) -> usize {
+        self.r0 + self.rl
+    }
+
+    fn len(&self) -> usize {
+        self.rl * self.e()
+    }
+}
+
+/// Probabilities the fused op keeps for one head of an unpacked `t`-position row: the causal
+/// row blocks, `Σ rows·(first row + rows)` over blocks of [`ROWS`] rows (`t²/2 + 32·t` for a
+/// multiple of 64; packed rows keep less). The memory estimate counts them with this.
+pub fn saved_probabilities_per_head(t: usize) -> usize {
+    row_blocks(t).map(|(r0, rl)| rl * (r0 + rl)).sum()
 }
 
 struct FusedAttention {
@@ -316,16 +349,19 @@ fn row_blocks(n: usize) -> impl Iterator<Item = (usize, usize)> {
     (0..n).step_by(ROWS).map(move |r0| (r0, ROWS.min(n - r0)))
 }
 
-/// In-place causal softmax of the `t×t` scores of one head: row `i` keeps columns `0..=i`, or
-/// only the last `window` of them, and with `starts` (packed rows) none before `starts[i]`.
-/// Masked columns become 0, which the backward relies on.
-fn causal_softmax_rows(p: &mut [f32], t: usize, scale: f32, window: Option<usize>, starts: Option<&[u32]>) {
-    for (i, row) in p.chunks_exact_mut(t).enumerate() {
-        let lo = (i + 1).saturating_sub(window.unwrap_or(t).max(1));
-        let lo = starts.map_or(lo, |s| lo.max(s[i] as usize));
+/// In-place causal softmax of one row block's scores (`block.rl` rows of `block.e()` columns):
+/// row `a = s + r0 + i` keeps columns up to its own, or only the last `window` of them, and
+/// with `starts` (packed rows) none before `starts[a]` (the span's own start). Masked columns
+/// become 0, which the backward relies on.
+fn causal_softmax_block(p: &mut [f32], block: Block, scale: f32, window: Option<usize>, starts: Option<&[u32]>) {
+    let Block { s, r0, .. } = block;
+    for (i, row) in p.chunks_exact_mut(block.e()).enumerate() {
+        let a = s + r0 + i;
+        let lo = (a + 1).saturating_sub(window.unwrap_or(usize::MAX).max(1)).max(s);
+        let lo = starts.map_or(lo, |st| lo.max(st[a] as usize)) - s;
         let (before, row) = row.split_at_mut(lo);
         before.fill(0.0);
-        let (seen, masked) = row.split_at_mut(i + 1 - lo);
+        let (seen, masked) = row.split_at_mut(r0 + i + 1 - lo);
         let m = seen.iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x)) * scale;
         for x in seen.iter_mut() {
             *x = exp_fast(*x * scale - m);
@@ -344,6 +380,21 @@ impl FusedAttention {
         self.segments
             .as_ref()
             .map_or_else(|| vec![(0, self.t)], |s| s.spans(bi))
+    }
+
+    /// The causal row blocks of row `bi`'s scores, span by span, with their offsets in a
+    /// head's probability buffer (whose length is the last block's end).
+    fn blocks(&self, bi: usize) -> Vec<Block> {
+        let mut at = 0;
+        let mut out = vec![];
+        for (s, n) in self.spans(bi) {
+            for (r0, rl) in row_blocks(n) {
+                let block = Block { s, r0, rl, at };
+                at += block.len();
+                out.push(block);
+            }
+        }
+        out
     }
 
     /// The rotary table rows of position `p` of batch row `bi`.
@@ -438,48 +489,36 @@ impl CustomOp3 for FusedAttention {
                 self.gather(v, nkv, i / nkv, i % nkv, vt, false);
             });
         let mut qr = vec![0f32; b * nh * tile];
-        let mut p = vec![0f32; b * nh * t * t];
         let mut o = vec![0f32; b * nh * tile];
-        qr.par_chunks_mut(tile)
-            .zip(p.par_chunks_mut(t * t))
+        let p = qr
+            .par_chunks_mut(tile)
             .zip(o.par_chunks_mut(tile))
             .enumerate()
-            .try_for_each(|(i, ((qt, pt), ot))| {
+            .map(|(i, (qt, ot))| {
                 let (bi, h) = (i / nh, i % nh);
                 let kv = bi * nkv + h / n_rep;
                 self.gather(q, nh, bi, h, qt, true);
-                let spans = self.spans(bi);
-                let mut block = vec![];
-                // Scores of each block of rows against the keys up to its last row only: the
-                // rest of the row is masked (causal), so it is neither computed nor read.
-                for &(s, n) in &spans {
-                    for (r0, rl) in row_blocks(n) {
-                        let e = r0 + rl;
-                        let qb = Mat::row_major(&qt[(s + r0) * hd..(s + e) * hd], rl, hd);
-                        let kb = Mat::row_major(&kr[kv * tile + s * hd..][..e * hd], e, hd);
-                        if rl == t {
-                            gemm_into_on(pt, false, qb, kb.t(), 1)?;
-                        } else {
-                            block.resize(rl * e, 0.0);
-                            gemm_into_on(&mut block, false, qb, kb.t(), 1)?;
-                            for (i, row) in block.chunks_exact(e).enumerate() {
-                                pt[(s + r0 + i) * t + s..][..e].copy_from_slice(row);
-                            }
-                        }
-                    }
-                }
                 let starts = self.segments.as_ref().map(|s| &s.starts[bi * t..(bi + 1) * t]);
-                causal_softmax_rows(pt, t, self.scale, self.heads.window, starts);
-                for &(s, n) in &spans {
-                    for (r0, rl) in row_blocks(n) {
-                        let e = r0 + rl;
-                        let pb = Mat::strided(&pt[(s + r0) * t + s..], rl, e, t, 1);
-                        let vb = Mat::row_major(&vr[kv * tile + s * hd..][..e * hd], e, hd);
-                        gemm_into_on(&mut ot[(s + r0) * hd..(s + e) * hd], false, pb, vb, 1)?;
-                    }
+                let blocks = self.blocks(bi);
+                let mut pt = vec![0f32; blocks.last().map_or(0, |l| l.at + l.len())];
+                // Each block of rows against the keys up to its last row only (the rest of the
+                // row is masked, so it is neither computed nor kept): scores, softmax, then the
+                // block's output rows while its probabilities are in cache.
+                for &blk in &blocks {
+                    let Block { s, r0, rl, at } = blk;
+                    let e = blk.e();
+                    let pb = &mut pt[at..at + blk.len()];
+                    let qb = Mat::row_major(&qt[(s + r0) * hd..(s + e) * hd], rl, hd);
+                    let kb = Mat::row_major(&kr[kv * tile + s * hd..][..e * hd], e, hd);
+                    gemm_into_on(pb, false, qb, kb.t(), 1)?;
+                    causal_softmax_block(pb, blk, self.scale, self.heads.window, starts);
+                    let vb = Mat::row_major(&vr[kv * tile + s * hd..][..e * hd], e, hd);
+                    let pm = Mat::row_major(pb, rl, e);
+                    gemm_into_on(&mut ot[(s + r0) * hd..(s + e) * hd], false, pm, vb, 1)?;
                 }
-                Ok::<(), candle_core::Error>(())
-            })?;
+                Ok::<Vec<f32>, candle_core::Error>(pt)
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
         let out = self.scatter(&o, nh);
         if let Ok(mut saved) = self.saved.lock() {
             *saved = Some(Saved { q: qr, k: kr, v: vr, p });
@@ -519,47 +558,44 @@ impl CustomOp3 for FusedAttention {
                 .enumerate()
                 .try_for_each(|(kv, (dqs, (dkt, dvt)))| {
                     let bi = kv / nkv;
-                    let spans = self.spans(bi);
+                    let blocks = self.blocks(bi);
                     let mut go = vec![0f32; tile];
-                    let mut dp = vec![0f32; t * t];
+                    let mut dp = vec![0f32; blocks.iter().map(Block::len).max().unwrap_or(0)];
                     for (r, dqt) in dqs.chunks_exact_mut(tile).enumerate() {
                         let h = (kv % nkv) * n_rep + r;
                         let qh = bi * nh + h;
                         self.gather(g, nh, bi, h, &mut go, false);
-                        let pt = &saved.p[qh * t * t..][..t * t];
-                        // One diagonal block at a time (the whole tile when not packed): every
-                        // row belongs to one block, so each block writes its own rows. Within
-                        // it, each block of rows against the keys up to its last row (the
-                        // forward's causal blocks); dK and dV start at zero and add up every
-                        // row block's and head's share.
-                        for &(s, n) in &spans {
-                            for (r0, rl) in row_blocks(n) {
-                                let e = r0 + rl;
-                                let (rows, upto) = ((s + r0) * hd..(s + e) * hd, s * hd..(s + e) * hd);
-                                let pm = Mat::strided(&pt[(s + r0) * t + s..], rl, e, t, 1);
-                                let gom = Mat::row_major(&go[rows.clone()], rl, hd);
-                                let kt = Mat::row_major(&saved.k[kv * tile..][upto.clone()], e, hd);
-                                let vt = Mat::row_major(&saved.v[kv * tile..][upto.clone()], e, hd);
-                                let dp = &mut dp[..rl * e];
-                                // dV += Pᵀ·dO; dP = dO·Vᵀ.
-                                gemm_into_on(&mut dvt[upto.clone()], true, pm.t(), gom, 1)?;
-                                gemm_into_on(dp, false, gom, vt.t(), 1)?;
-                                // dS = scale · P ⊙ (dP − rowsum(P ⊙ dP)), causal rows only.
-                                for i in 0..rl {
-                                    let pr = &pt[(s + r0 + i) * t + s..][..r0 + i + 1];
-                                    let dr = &mut dp[i * e..(i + 1) * e];
-                                    let dot: f32 = pr.iter().zip(dr.iter()).map(|(a, b)| a * b).sum();
-                                    for (d, &pv) in dr.iter_mut().zip(pr) {
-                                        *d = self.scale * pv * (*d - dot);
-                                    }
-                                    dr[r0 + i + 1..].fill(0.0);
+                        let pt = &saved.p[qh];
+                        // One causal row block at a time (the forward's): every row belongs to
+                        // one block, so each block writes its own rows of dQ; dK and dV start
+                        // at zero and add up every row block's and head's share.
+                        for &blk in &blocks {
+                            let Block { s, r0, rl, at } = blk;
+                            let e = blk.e();
+                            let (rows, upto) = ((s + r0) * hd..(s + e) * hd, s * hd..(s + e) * hd);
+                            let pb = &pt[at..at + blk.len()];
+                            let pm = Mat::row_major(pb, rl, e);
+                            let gom = Mat::row_major(&go[rows.clone()], rl, hd);
+                            let kt = Mat::row_major(&saved.k[kv * tile..][upto.clone()], e, hd);
+                            let vt = Mat::row_major(&saved.v[kv * tile..][upto.clone()], e, hd);
+                            let dp = &mut dp[..rl * e];
+                            // dV += Pᵀ·dO; dP = dO·Vᵀ.
+                            gemm_into_on(&mut dvt[upto.clone()], true, pm.t(), gom, 1)?;
+                            gemm_into_on(dp, false, gom, vt.t(), 1)?;
+                            // dS = scale · P ⊙ (dP − rowsum(P ⊙ dP)), causal rows only.
+                            for (i, (pr, dr)) in pb.chunks_exact(e).zip(dp.chunks_exact_mut(e)).enumerate() {
+                                let (pr, (dr, above)) = (&pr[..r0 + i + 1], dr.split_at_mut(r0 + i + 1));
+                                let dot: f32 = pr.iter().zip(dr.iter()).map(|(a, b)| a * b).sum();
+                                for (d, &pv) in dr.iter_mut().zip(pr) {
+                                    *d = self.scale * pv * (*d - dot);
                                 }
-                                let dsm = Mat::row_major(dp, rl, e);
-                                // dQ = dS·K; dK += dSᵀ·Q (both in rotated space).
-                                gemm_into_on(&mut dqt[rows.clone()], false, dsm, kt, 1)?;
-                                let qm = Mat::row_major(&saved.q[qh * tile..][rows], rl, hd);
-                                gemm_into_on(&mut dkt[upto], true, dsm.t(), qm, 1)?;
+                                above.fill(0.0);
                             }
+                            let dsm = Mat::row_major(dp, rl, e);
+                            // dQ = dS·K; dK += dSᵀ·Q (both in rotated space).
+                            gemm_into_on(&mut dqt[rows.clone()], false, dsm, kt, 1)?;
+                            let qm = Mat::row_major(&saved.q[qh * tile..][rows], rl, hd);
+                            gemm_into_on(&mut dkt[upto], true, dsm.t(), qm, 1)?;
                         }
                     }
                     Ok::<(), candle_core::Error>(())
@@ -647,6 +683,51 @@ mod packed_tests {
     /// Packed rows: the fused op (and the composite path) on a row holding several examples
     /// gives each example's output and q/k/v gradients exactly as running that example alone,
     /// with grouped heads, sliding windows and partial rotary.
+    #[test]
+    fn the_kept_probabilities_are_the_causal_row_blocks() {
+        // 256 positions: four blocks of 64 rows against 64, 128, 192 and 256 keys.
+        assert_eq!(saved_probabilities_per_head(256), 64 * (64 + 128 + 192 + 256));
+        assert_eq!(saved_probabilities_per_head(1024), 1024 * 1024 / 2 + 32 * 1024);
+        assert_eq!(saved_probabilities_per_head(7), 49);
+        assert_eq!(saved_probabilities_per_head(ROWS + 1), ROWS * ROWS + ROWS + 1);
+        // Packed rows keep each example's own blocks, laid end to end.
+        let seg = Segments::from_lengths(2 * ROWS + 6, &[vec![ROWS + 9, 40, 11]]).unwrap();
+        let heads = Heads {
+            q_heads: 2,
+            kv_heads: 1,
+            head_dim: 4,
+            window: None,
+        };
+        let op = FusedAttention {
+            segments: Some(seg),
+            b: 1,
+            t: 2 * ROWS + 6,
+            heads,
+            rot_half: 2,
+            scale: 1.0,
+            cos: vec![],
+            sin: vec![],
+            saved: Mutex::new(None),
+        };
+        let blocks = op.blocks(0);
+        let spans: Vec<_> = blocks.iter().map(|b| (b.s, b.r0, b.rl)).collect();
+        // The examples (73 = 64 + 9, 40, 11 positions) and the 10 padding positions.
+        assert_eq!(
+            spans,
+            [
+                (0, 0, ROWS),
+                (0, ROWS, 9),
+                (ROWS + 9, 0, 40),
+                (ROWS + 49, 0, 11),
+                (ROWS + 60, 0, 10)
+            ]
+        );
+        let total = blocks.last().map(|l| l.at + l.len()).unwrap();
+        let expected = saved_probabilities_per_head(ROWS + 9) + 40 * 40 + 11 * 11 + 10 * 10;
+        assert_eq!(total, expected);
+        assert!(blocks.windows(2).all(|w| w[0].at + w[0].len() == w[1].at));
+    }
+
     #[test]
     fn packed_rows_equal_each_example_run_alone() {
         // Row 1 ends in 3 padding positions.
