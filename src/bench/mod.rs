@@ -116,7 +116,7 @@ impl Default for BenchTrainOptions {
 pub struct Machine {
     /// `/proc/cpuinfo`'s model name.
     pub cpu_model: Option<&'static str>,
-    /// The family of Finch's own kernels (gemv, quantized products; `FINCH_CPU` forces one).
+    /// The family of Finch's own f32 kernels (gemv, the elementwise loops; `FINCH_CPU` forces one).
     pub kernel_family: &'static str,
     /// The family of the gemm microkernels behind Finch's matrix products (the same as
     /// `kernel_family`: Finch drives gemm's public per-family kernels when `FINCH_CPU` asks for
@@ -124,6 +124,9 @@ pub struct Machine {
     /// attention scores), keep gemm's choice: `gemm_family_candle`.
     pub gemm_family: &'static str,
     pub gemm_family_candle: &'static str,
+    /// The family of the quantized block kernels (Q8_0/Q4_1 products): `kernel_family`, except
+    /// on Zen 4, where they keep AVX-512 (`kernels::cpu::quantized_family`).
+    pub quantized_kernel_family: &'static str,
     /// Transparent huge pages: `always`, `madvise` or `never`.
     pub thp_mode: Option<&'static str>,
 }
@@ -137,6 +140,7 @@ impl Machine {
             kernel_family: family,
             gemm_family: family,
             gemm_family_candle: cpu::best().name(),
+            quantized_kernel_family: cpu::quantized_family().name(),
             thp_mode: cpu::thp_mode(),
         }
     }

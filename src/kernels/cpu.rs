@@ -98,13 +98,27 @@ pub fn family() -> Family {
 /// kernels measured faster (2-core AMD EPYC, alternating runs, medians of 2): f32 prefill 590
 /// vs 395 tokens/s (gemm's 64-row AVX-512 microkernel on prompt-sized products), f32 decode 47
 /// vs 41, Q4_1 prefill 413 vs 354; training (253/230 vs 245/242) and Q4_1 decode (131/141 vs
-/// 149/121) equal within noise. `FINCH_CPU=avx512` still forces AVX-512.
+/// 149/121) equal within noise. `FINCH_CPU=avx512` still forces AVX-512. The quantized block
+/// kernels, measured since with VNNI, keep AVX-512 there: [`quantized_family`].
 pub fn preferred() -> Family {
     let best = best();
     if best == Family::Avx512 && is_zen4(cpuinfo_field("vendor_id"), cpuinfo_field("cpu family")) {
         return Family::Avx2;
     }
     best
+}
+
+/// The family of the quantized block kernels (`kernels::quant`): `FINCH_CPU`'s when it names
+/// one this CPU runs, otherwise the fastest this CPU runs, Zen 4 included. [`preferred`]'s
+/// exception for Zen 4 was measured on the f32 gemm and gemv; the quantized row kernels gained
+/// AVX-512 VNNI (`vpdpwssd`) later. On a 2-core AMD EPYC (Zen 4), alternating in one sitting,
+/// Q4_1 decode with the AVX-512 block kernels ran at a median 142.6 tokens/s against the AVX2
+/// kernels' 136.6 (5 pairs), and 137.8 against 133.9 as shipped (AVX2 gemm either way; 4
+/// pairs), prefill equal within the noise (docs/performance.md, ninth session). Decided on
+/// the first call.
+pub fn quantized_family() -> Family {
+    static FAMILY: OnceLock<Family> = OnceLock::new();
+    *FAMILY.get_or_init(|| from_env().ok().flatten().unwrap_or_else(best))
 }
 
 /// AMD family 19h (Zen 3 and Zen 4; of those only Zen 4 has AVX-512, which the caller checks).
@@ -195,6 +209,8 @@ mod tests {
         assert!(!is_zen4(Some("GenuineIntel"), Some("6")));
         assert!(!is_zen4(None, None));
         assert!(Family::available().contains(&family()));
+        assert!(Family::available().contains(&quantized_family()));
+        assert!(quantized_family() >= family(), "only Zen 4's f32 kernels step down");
         assert!(threads() >= 1);
     }
 }

@@ -427,10 +427,10 @@ pub enum Kernel {
 }
 
 impl Kernel {
-    /// The fastest kernel of the family [`crate::kernels::cpu::family`] allows (`FINCH_CPU`
-    /// caps it; by default the fastest this CPU runs).
+    /// The fastest kernel of the family [`crate::kernels::cpu::quantized_family`] allows
+    /// (`FINCH_CPU` caps it; by default the fastest this CPU runs).
     pub fn detect() -> Kernel {
-        let cap = crate::kernels::cpu::family();
+        let cap = crate::kernels::cpu::quantized_family();
         Self::available()
             .into_iter()
             .rfind(|k| k.family() <= cap)
