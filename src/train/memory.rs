@@ -17,7 +17,7 @@
 //!
 //! The constants ([`ALLOCATOR_SLACK`], [`PROCESS_MB`], [`BACKWARD_BLOCKS`]) were calibrated
 //! against the peak resident memory `finch bench train --preset …` measured (README table), and
-//! the estimate is within -5%…+15% of it (the measured grid in the tests: −2.6…+9.2%).
+//! the estimate is within −5%…+15% of it (the measured grid in the tests: −2.6%…+9.2%).
 
 use serde::Serialize;
 
@@ -263,9 +263,14 @@ mod tests {
     use super::*;
     use crate::model::tiny::TinySpec;
 
+    /// The config of a `bench train --preset` shape.
+    fn preset(name: &str) -> ModelConfig {
+        let spec = TinySpec::preset(name).unwrap();
+        ModelConfig::from_json(&spec.config_json(), std::path::Path::new(name)).unwrap()
+    }
+
     fn qwen_1_5b() -> ModelConfig {
-        let spec = TinySpec::preset("qwen2.5-1.5b").unwrap();
-        ModelConfig::from_json(&spec.config_json(), std::path::Path::new("qwen")).unwrap()
+        preset("qwen2.5-1.5b")
     }
 
     fn cfg() -> TrainConfig {
@@ -340,15 +345,14 @@ mod tests {
 
     #[test]
     fn the_estimate_is_within_minus_5_and_plus_15_percent_of_the_measured_peaks() {
-        for (preset, batch, seq_len, checkpoint, precision, measured) in MEASURED {
-            let spec = TinySpec::preset(preset).unwrap();
-            let m = ModelConfig::from_json(&spec.config_json(), std::path::Path::new(preset)).unwrap();
+        for (name, batch, seq_len, checkpoint, precision, measured) in MEASURED {
+            let m = preset(name);
             let lora = LoraConfig::default();
             let e = estimate_with(&m, precision, &lora, batch, seq_len, checkpoint).total_mb;
             let off = e / measured - 1.0;
             assert!(
                 (-0.05..=0.15).contains(&off),
-                "{preset} b{batch}×{seq_len} checkpoint {checkpoint} {precision:?}: estimate {e:.0} MiB, measured {measured} ({:+.1}%)",
+                "{name} b{batch}×{seq_len} checkpoint {checkpoint} {precision:?}: estimate {e:.0} MiB, measured {measured} ({:+.1}%)",
                 100.0 * off
             );
         }
@@ -358,8 +362,7 @@ mod tests {
     fn the_attention_term_counts_the_kept_causal_blocks() {
         // From 1024 to 2048 positions at one row, the probabilities kept per layer grow 4×
         // (t²/2 each head), not 2× like the rest: the estimate's growth says which it counts.
-        let spec = TinySpec::preset("smollm2-135m").unwrap();
-        let m = ModelConfig::from_json(&spec.config_json(), std::path::Path::new("s")).unwrap();
+        let m = preset("smollm2-135m");
         let lora = LoraConfig::default();
         let act = |t| estimate_with(&m, Precision::F32, &lora, 1, t, false).activations_mb;
         let probabilities = |t: usize| {
