@@ -314,22 +314,23 @@ impl KvCache {
     fn append(slot: &mut Option<(Tensor, Tensor)>, past: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
         let (b, heads, t, hd) = k.dims4()?;
         let need = past + t;
-        let capacity = slot.as_ref().map_or(Ok(0), |(kb, _)| kb.dim(2))?;
-        if need > capacity {
-            let capacity = need.next_multiple_of(KV_GROW);
-            let grown = |old: Option<&Tensor>, x: &Tensor| -> Result<Tensor> {
-                let buf = Tensor::zeros((b, heads, capacity, hd), x.dtype(), x.device())?;
-                if let (Some(old), true) = (old, past > 0) {
-                    buf.slice_set(&old.narrow(2, 0, past)?.contiguous()?, 2, 0)?;
-                }
-                Ok(buf)
-            };
-            let kb = grown(slot.as_ref().map(|(kb, _)| kb), k)?;
-            let vb = grown(slot.as_ref().map(|(_, vb)| vb), v)?;
-            *slot = Some((kb, vb));
-        }
-        let Some((kb, vb)) = slot.as_ref() else {
-            return Err(Error::config("cache", "a layer's key/value buffers are missing"));
+        // The slot is never left empty: on an error it still holds every kept position.
+        let (kb, vb) = match slot.as_ref() {
+            Some((kb, vb)) if kb.dim(2)? >= need => (kb.clone(), vb.clone()),
+            old => {
+                // Full (or none yet): new buffers with room for the next KV_GROW positions,
+                // holding the positions kept so far.
+                let grown = |old: Option<&Tensor>| -> Result<Tensor> {
+                    let buf = Tensor::zeros((b, heads, need.next_multiple_of(KV_GROW), hd), k.dtype(), k.device())?;
+                    if let (Some(old), true) = (old, past > 0) {
+                        buf.slice_set(&old.narrow(2, 0, past)?.contiguous()?, 2, 0)?;
+                    }
+                    Ok(buf)
+                };
+                let (kb, vb) = (grown(old.map(|(kb, _)| kb))?, grown(old.map(|(_, vb)| vb))?);
+                *slot = Some((kb.clone(), vb.clone()));
+                (kb, vb)
+            }
         };
         kb.slice_set(k, 2, past)?;
         vb.slice_set(v, 2, past)?;
