@@ -2,6 +2,7 @@
 //! differentiable transformer used for training.
 
 pub mod attention;
+pub mod cached_attention;
 pub mod config;
 pub mod decoder;
 pub mod gguf;

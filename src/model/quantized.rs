@@ -25,12 +25,11 @@ use std::sync::Arc;
 
 use candle_core::quantized::GgmlDType;
 use candle_core::{Device, Tensor};
-use rayon::prelude::*;
 
 use crate::error::{Error, Result};
-use crate::kernels::ops::dot;
 use crate::kernels::quant::{self, Kernel, QActivations, QMatrix, QType};
 use crate::lora::Target;
+use crate::model::cached_attention::{over_cache, CacheHeads, KvView};
 use crate::model::config::{Activation, LayerType, ModelConfig};
 use crate::model::decoder::Decoder;
 use crate::model::gguf::{hf_rows_from_gguf, GgufModel};
@@ -558,7 +557,21 @@ impl QuantizedModel {
             }
             cache.k.extend_from_slice(&k);
             cache.v.extend_from_slice(&v);
-            attention(cfg, &q, cache, past, layer.window, &mut attn);
+            let (kv_heads, scale) = (cfg.num_key_value_heads, cfg.attention_scale() as f32);
+            over_cache(
+                &q,
+                KvView::by_position(&cache.k, kv_heads, hd),
+                KvView::by_position(&cache.v, kv_heads, hd),
+                past,
+                CacheHeads {
+                    heads: cfg.num_attention_heads,
+                    kv_heads,
+                    head_dim: hd,
+                    window: layer.window,
+                    scale,
+                },
+                &mut attn,
+            );
             mm.set_input(&attn, t, q_dim)?;
             mm.run(layer, lora, Target::O, &attn, &mut proj)?;
             if let Some(n) = &layer.attn_out_norm {
@@ -873,62 +886,6 @@ fn rope(x: &mut [f32], head_dim: usize, half: usize, cos: &[f32], sin: &[f32]) {
 fn gelu_tanh(x: f32) -> f32 {
     const SQRT_TWO_OVER_PI: f32 = 0.797_884_6;
     0.5 * x * (1.0 + (SQRT_TWO_OVER_PI * x * (1.0 + 0.044_715 * x * x)).tanh())
-}
-
-/// Causal grouped-query attention of the `t` new queries (positions `past..past + t`) over the
-/// cache, each seeing only the last `window` positions when set; writes `[t, heads * head_dim]`.
-/// Heads run in parallel.
-fn attention(cfg: &ModelConfig, q: &[f32], cache: &LayerCache, past: usize, window: Option<usize>, out: &mut [f32]) {
-    let (heads, kv_heads, hd) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
-    let (q_dim, kv_dim) = (heads * hd, kv_heads * hd);
-    let t = q.len() / q_dim;
-    let group = heads / kv_heads.max(1);
-    let scale = cfg.attention_scale() as f32;
-    // Per head, `[t, hd]`, so that heads can be written in parallel; copied into `out` after.
-    let mut by_head = vec![0f32; heads * t * hd];
-    let work = |(head, dst): (usize, &mut [f32])| {
-        let kvh = head / group.max(1);
-        let mut scores = vec![0f32; past + t];
-        for i in 0..t {
-            let qi = &q[i * q_dim + head * hd..i * q_dim + (head + 1) * hd];
-            let seen = past + i + 1;
-            let first = window.map_or(0, |w| seen.saturating_sub(w.max(1)));
-            let mut max = f32::NEG_INFINITY;
-            for (p, s) in scores[..seen].iter_mut().enumerate().skip(first) {
-                let kp = &cache.k[p * kv_dim + kvh * hd..p * kv_dim + (kvh + 1) * hd];
-                *s = dot(qi, kp) * scale;
-                max = max.max(*s);
-            }
-            let mut sum = 0f32;
-            for s in &mut scores[first..seen] {
-                *s = (*s - max).exp();
-                sum += *s;
-            }
-            let o = &mut dst[i * hd..(i + 1) * hd];
-            o.fill(0.0);
-            for (p, s) in scores[..seen].iter().enumerate().skip(first) {
-                let vp = &cache.v[p * kv_dim + kvh * hd..p * kv_dim + (kvh + 1) * hd];
-                let w = s / sum;
-                o.iter_mut().zip(vp).for_each(|(a, b)| *a += w * b);
-            }
-        }
-    };
-    // Heads in parallel for a prompt, and for one token once the context is long enough that
-    // a head's scores outweigh handing it to another thread (on SmolLM2-135M at 1,000 tokens of
-    // context, a single-threaded decode attention was a third of the decode time).
-    if t > 1 {
-        by_head.par_chunks_mut(t * hd).enumerate().for_each(work);
-    } else if heads * (past + 1) * hd >= 1 << 15 {
-        // One token runs outside rayon (see `QuantizedModel::forward`): the spin pool's threads.
-        crate::kernels::spin::for_each_chunk_mut(&mut by_head, hd, |head, dst| work((head, dst)));
-    } else {
-        by_head.chunks_mut(t * hd).enumerate().for_each(work);
-    }
-    for (head, src) in by_head.chunks_exact(t * hd).enumerate() {
-        for i in 0..t {
-            out[i * q_dim + head * hd..i * q_dim + (head + 1) * hd].copy_from_slice(&src[i * hd..(i + 1) * hd]);
-        }
-    }
 }
 
 #[cfg(test)]

@@ -10,6 +10,7 @@ use crate::kernels::ops;
 use crate::kernels::quant::{QMatrix, QType};
 use crate::lora::{ForwardCtx, FrozenWeight, LoraConfig, LoraLinear, LoraWeights, Target};
 use crate::model::attention::{attention, Heads, Segments};
+use crate::model::cached_attention::{decode_attention, decode_attention_supported};
 use crate::model::config::{Activation, LayerType, ModelConfig};
 use crate::model::weights::WeightSource;
 use crate::rng::Rng;
@@ -1035,30 +1036,35 @@ impl Transformer {
             let q = q.reshape((1, t, nh, hd))?.transpose(1, 2)?.contiguous()?;
             let k = k.reshape((1, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
             let v = v.reshape((1, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
-            let q = (ops::rope(&q, cos, sin)? * scale)?;
+            let q = ops::rope(&q, cos, sin)?;
             let k = ops::rope(&k, cos, sin)?;
             // Detached: an adapter's A and B are variables, so every op after them records its
             // inputs for backprop; a cache entry holding that graph would keep every earlier
             // step's activations and caches alive (measured: 2.4 GB and 2.5x slower decoding).
             let (k, v) = KvCache::append(slot, past, &k.detach(), &v.detach())?;
-            let mask = match cfg.window(l) {
-                Some(_) => &window_mask,
-                None => &full_mask,
+            let y = if t == 1 && decode_attention_supported(&q) {
+                // One decoded token: scores, softmax and values in one pass over the cache.
+                decode_attention(&q, &k, &v, cfg.window(l), scale)?
+            } else {
+                let q = (q * scale)?;
+                let mask = match cfg.window(l) {
+                    Some(_) => &window_mask,
+                    None => &full_mask,
+                };
+                // Grouped-query attention without copying k/v per head: the n_rep query heads
+                // that share a kv head become n_rep·t rows of one matmul.
+                let q = q.reshape((1, nkv, n_rep * t, hd))?;
+                let scores = q.matmul(&k.t()?)?;
+                let scores = match mask {
+                    Some(m) => scores.broadcast_add(m)?,
+                    None => scores,
+                };
+                let att = candle_nn::ops::softmax_last_dim(&scores)?;
+                att.matmul(&v)?
+                    .reshape((1, nh, t, hd))?
+                    .transpose(1, 2)?
+                    .reshape((1, t, nh * hd))?
             };
-            // Grouped-query attention without copying k/v per head: the n_rep query heads that
-            // share a kv head become n_rep·t rows of one matmul.
-            let q = q.reshape((1, nkv, n_rep * t, hd))?;
-            let scores = q.matmul(&k.t()?)?;
-            let scores = match mask {
-                Some(m) => scores.broadcast_add(m)?,
-                None => scores,
-            };
-            let att = candle_nn::ops::softmax_last_dim(&scores)?;
-            let y = att
-                .matmul(&v)?
-                .reshape((1, nh, t, hd))?
-                .transpose(1, 2)?
-                .reshape((1, t, nh * hd))?;
             let y = block.attn.o.forward(&y, ctx)?;
             x = block.add_attention(x, y, cfg.rms_norm_eps)?;
             // Detached for the same reason as the cache: each block's activations are freed
