@@ -277,19 +277,6 @@ mod tests {
         Tensor::from_vec(data, shape, &Device::Cpu).unwrap()
     }
 
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar()
-            .unwrap()
-    }
-
     /// Grouped heads, a view narrowed from a larger buffer (as the KV cache hands it), short
     /// and long contexts (the long one splits heads over the pool) and a sliding window: the
     /// same outputs as candle's matmuls and softmax.
@@ -311,7 +298,7 @@ mod tests {
             let got = decode_attention(&q, &k, &v, window, scale).unwrap();
             let want = composite(&q, &k, &v, window, scale);
             assert_eq!(got.dims(), want.dims());
-            let d = max_diff(&got, &want);
+            let d = crate::testing::max_abs_diff(&got, &want);
             assert!(
                 d < 1e-5,
                 "heads {heads}/{kv_heads}, {positions} positions, window {window:?}: {d}"
