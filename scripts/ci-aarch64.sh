@@ -11,6 +11,8 @@
 #                            composite candle ops; quantized block kernels (scalar and NEON)
 #                            against an f64 reference and against each other
 #       model::quantized::   the quantized model's own unit tests
+#       model::cached_attention::  decode attention over a KV cache against candle's composite
+#                            ops (ARM runs its portable loop; the AVX2 test skips there)
 #       generate::tests::    generation and the quantized path's parity with the f32 model
 #                            (tiny models; the real-model tests there skip without
 #                            FINCH_REAL_MODEL, which this script unsets: too slow under qemu)
@@ -85,8 +87,8 @@ cargo test --target "$TRIPLE" "${FEATURES[@]}" --lib --test composite --test mod
 echo "== aarch64: built in $((SECONDS - start)) s"
 
 start=$SECONDS
-echo "== aarch64 under qemu: lib unit tests kernels:: model::quantized:: generate::tests::"
-cargo test --target "$TRIPLE" "${FEATURES[@]}" --lib -- kernels:: model::quantized:: generate::tests::
+echo "== aarch64 under qemu: lib unit tests kernels:: model::quantized:: model::cached_attention:: generate::tests::"
+cargo test --target "$TRIPLE" "${FEATURES[@]}" --lib -- kernels:: model::quantized:: model::cached_attention:: generate::tests::
 echo "== aarch64 under qemu: tests/composite.rs (fused vs composite, end to end through the model)"
 cargo test --target "$TRIPLE" "${FEATURES[@]}" --test composite -- \
   --skip bench_train_reports_its_path_and_device --skip every_model_command_takes_a_device
