@@ -8,6 +8,8 @@
 //! matmuls at ~40% of the work done outside the weight products. Here each head's scores,
 //! softmax and weighted sum of values run in one pass over the cache where it lies (no copy
 //! of the keys or values), heads split over the spin pool once the context is long enough.
+//! Where the CPU family is AVX2 or AVX-512, a head runs as an explicit AVX2+FMA kernel
+//! (`x86::head`, which says why); elsewhere as the portable loop, compiled for the CPU's width.
 
 // The AVX2 head kernel (`x86::head`) uses `std::arch` intrinsics and raw pointer loads, `unsafe`
 // to call; it runs only when the CPU has the features and after the views' bounds are checked.
