@@ -164,13 +164,10 @@ impl Kernel for HeadAttention<'_> {
             let seen = self.past + i + 1;
             let first = h.window.map_or(0, |w| seen.saturating_sub(w.max(1)));
             let scores = &mut scores[first..seen];
-            let mut max = f32::NEG_INFINITY;
             for (p, s) in (first..).zip(scores.iter_mut()) {
                 *s = dot(qi, self.keys.at(self.kvh, p, hd)) * h.scale;
-                max = max.max(*s);
             }
-            scores.iter_mut().for_each(|s| *s = exp_fast(*s - max));
-            let inv = 1.0 / sum(scores);
+            let inv = softmax_unnormalized(scores);
             let o = &mut self.dst[i * hd..(i + 1) * hd];
             o.fill(0.0);
             for (p, s) in (first..).zip(scores.iter()) {
@@ -181,6 +178,16 @@ impl Kernel for HeadAttention<'_> {
             }
         }
     }
+}
+
+/// Replaces `scores` by `exp(score − max)` and returns `1 / Σ`, the factor that normalizes them
+/// (both head loops apply it to the weighted sum). Inlined, so it is compiled for the caller's
+/// vector width.
+#[inline(always)]
+fn softmax_unnormalized(scores: &mut [f32]) -> f32 {
+    let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
+    scores.iter_mut().for_each(|s| *s = exp_fast(*s - max));
+    1.0 / sum(scores)
 }
 
 /// Whether the explicit AVX2 kernel runs for heads of `head_dim` values: on x86-64 when
@@ -201,7 +208,6 @@ mod x86 {
     use std::arch::x86_64::*;
 
     use super::HeadAttention;
-    use crate::kernels::ops::{exp_fast, sum};
 
     /// # Safety
     /// The CPU must have AVX2 and FMA; `job.q` must hold `t` query rows and the views every
@@ -262,9 +268,7 @@ mod x86 {
                 sc[p - first] = _mm_cvtss_f32(s1) * h.scale;
                 p += 1;
             }
-            let max = sc.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
-            sc.iter_mut().for_each(|s| *s = exp_fast(*s - max));
-            let inv = _mm256_set1_ps(1.0 / sum(sc));
+            let inv = _mm256_set1_ps(super::softmax_unnormalized(sc));
             let o = job.dst.as_mut_ptr().add(i * hd);
             let mut c0 = 0;
             while c0 + 64 <= hd {

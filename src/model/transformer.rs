@@ -1020,14 +1020,17 @@ impl Transformer {
                 Tensor::from_vec(m, (n_rep * t, total), &self.device)?.to_dtype(self.dtype)?,
             ))
         };
-        let full_mask = mask(None)?;
-        let window_mask = match cfg.sliding_window {
-            Some(w) => mask(Some(w))?,
-            None => None,
-        };
         let ctx = &mut ForwardCtx::eval();
         let input = Tensor::from_slice(ids, t, &self.device)?;
         let mut x = self.embed_tokens(&input)?.reshape((1, t, cfg.hidden_size))?;
+        // One decoded token on the CPU in f32 attends with `decode_attention`, which applies the
+        // causal window itself: no masks to build.
+        let one_token = t == 1 && decode_attention_supported(&x);
+        let (full_mask, window_mask) = match (one_token, cfg.sliding_window) {
+            (true, _) => (None, None),
+            (false, Some(w)) => (mask(None)?, mask(Some(w))?),
+            (false, None) => (mask(None)?, None),
+        };
         for (l, (block, slot)) in self.layers.iter().zip(cache.layers.iter_mut()).enumerate() {
             let (cos, sin) = tables.for_layer(cfg, l);
             let hs = block.input_norm.forward(&x, cfg.rms_norm_eps)?;
@@ -1042,7 +1045,7 @@ impl Transformer {
             // inputs for backprop; a cache entry holding that graph would keep every earlier
             // step's activations and caches alive (measured: 2.4 GB and 2.5x slower decoding).
             let (k, v) = KvCache::append(slot, past, &k.detach(), &v.detach())?;
-            let y = if t == 1 && decode_attention_supported(&q) {
+            let y = if one_token {
                 // One decoded token: scores, softmax and values in one pass over the cache.
                 decode_attention(&q, &k, &v, cfg.window(l), scale)?
             } else {
