@@ -14,7 +14,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use finch::data::TokenizedExample;
 use finch::kernels::ops::{rms_norm, rope, swiglu};
 use finch::kernels::{fused_allowed, kernel_path, with_kernel_path, KernelPath};
-use finch::lora::{ForwardCtx, LoraConfig, LoraLinear, LoraWeights};
+use finch::lora::{ForwardCtx, FrozenWeight, LoraConfig, LoraLinear, LoraWeights, Target};
 use finch::model::attention::{causal_attention, Heads};
 use finch::model::loss::linear_cross_entropy;
 use finch::model::tiny::TinySpec;
@@ -287,7 +287,8 @@ fn every_composite_lora_gradient_matches_finite_differences() {
 }
 
 fn train_curve(path: KernelPath, precision: Precision, steps: usize) -> (Vec<f32>, Transformer) {
-    let mut model = tiny_model(precision.dtype());
+    // Loaded under the path too: bf16 on the CPU's fused path keeps an f32 model over bf16 weights.
+    let mut model = with_kernel_path(path, || tiny_model(precision.dtype()));
     let vocab = model.cfg.vocab_size;
     let cfg = TrainConfig {
         model: "tiny".into(),
@@ -355,6 +356,38 @@ fn a_bf16_base_trains_f32_adapters_close_to_the_f32_curve() {
             step + 1
         );
     }
+    assert!(
+        bf16_curve[11] < bf16_curve[0] - 0.3,
+        "bf16 did not learn: {bf16_curve:?}"
+    );
+}
+
+/// bf16 on the CPU's fused path (what `--precision bf16` runs there): an f32 model over bf16
+/// projections and output head, multiplied with bf16 products summed in f32. It follows the f32
+/// curve as closely as the all-bf16 composite model above does, and learns.
+#[test]
+fn a_bf16_base_on_the_fused_path_keeps_f32_activations_and_follows_the_f32_curve() {
+    let (f32_curve, _) = train_curve(KernelPath::Fused, Precision::F32, 12);
+    let (bf16_curve, model) = train_curve(KernelPath::Fused, Precision::Bf16, 12);
+    assert_eq!(model.dtype(), DType::F32);
+    assert_eq!(model.lm_head_weight().dtype(), DType::BF16);
+    for t in [Target::Q, Target::V, Target::Down] {
+        match model.base_weight(0, t) {
+            Some(FrozenWeight::Dense(w)) => assert_eq!(w.dtype(), DType::BF16, "{t:?}"),
+            other => panic!("{t:?}: {other:?}"),
+        }
+    }
+    for (_, w) in model.lora_weights() {
+        assert_eq!((w.a.dtype(), w.b.dtype()), (DType::F32, DType::F32));
+    }
+    for (step, (a, b)) in f32_curve.iter().zip(&bf16_curve).enumerate() {
+        assert!(
+            (a - b).abs() < 0.05 * a.abs().max(1.0),
+            "step {}: f32 {a}, bf16 {b}",
+            step + 1
+        );
+    }
+    assert_ne!(f32_curve, bf16_curve, "the bf16 run took the f32 kernels");
     assert!(
         bf16_curve[11] < bf16_curve[0] - 0.3,
         "bf16 did not learn: {bf16_curve:?}"

@@ -171,7 +171,7 @@ pub struct BenchTrainResult {
     pub device: String,
     pub precision: Precision,
     pub checkpoint_activations: bool,
-    /// `fused` (Finch's CPU kernels) or `composite` (candle ops: GPUs, `FINCH_FUSED=0`, bf16/f16).
+    /// `fused` (Finch's CPU kernels) or `composite` (candle ops: GPUs, `FINCH_FUSED=0`, f16).
     pub path: &'static str,
     /// `--example-lengths`: the random examples' shortest and longest length.
     pub example_lengths: Option<[usize; 2]>,
@@ -190,7 +190,8 @@ pub struct BenchTrainResult {
 pub fn bench_train(opts: &BenchTrainOptions) -> Result<BenchTrainResult> {
     let device = opts.device.open()?;
     let dtype = opts.precision.dtype();
-    let path = if device.is_cpu() && dtype == DType::F32 {
+    // bf16 on the CPU runs an f32 model over bf16 projections through the fused kernels.
+    let path = if device.is_cpu() && matches!(dtype, DType::F32 | DType::BF16) {
         crate::kernels::kernel_path()
     } else {
         KernelPath::Composite

@@ -49,7 +49,8 @@ pub enum BenchCommand {
         #[arg(long, default_value = "auto")]
         device: DeviceChoice,
         /// Base-weight precision: f32, bf16, f16, or q8_0 / q4_1 (the projections kept in GGUF
-        /// blocks; the adapter and optimizer stay f32).
+        /// blocks; the adapter and optimizer stay f32). bf16 on the CPU: bf16 projections and
+        /// output head, bf16 products summed in f32, the rest f32.
         #[arg(long, alias = "base-precision", default_value = "f32")]
         precision: String,
         /// Activation (gradient) checkpointing, as `finch train --checkpoint-activations`.

@@ -109,7 +109,9 @@ pub struct TrainArgs {
     #[arg(long)]
     pub resume: bool,
     /// Base-weight precision: f32, bf16, f16, or q8_0 / q4_1 (the projections kept in GGUF
-    /// blocks on the CPU: LoRA over a quantized frozen base).
+    /// blocks on the CPU: LoRA over a quantized frozen base). bf16 on the CPU keeps the
+    /// projections and output head in bf16 and multiplies them with bf16 products summed in f32
+    /// (AVX-512 BF16 where the CPU has it), the rest of the model in f32.
     #[arg(long, alias = "base-precision")]
     pub precision: Option<String>,
     /// auto, cpu, cuda[:N], metal (auto: the GPU when there is one).

@@ -265,6 +265,125 @@ unsafe fn gemm_f32(
     );
 }
 
+/// A dense frozen weight `[out, in]`, row-major: f32, or bf16 multiplied through
+/// [`crate::kernels::bf16`] (`--precision bf16` on the CPU).
+#[derive(Clone, Copy)]
+pub(crate) enum Dense<'a> {
+    F32(&'a [f32]),
+    Bf16(&'a [half::bf16]),
+}
+
+impl Dense<'_> {
+    /// The number of values.
+    pub(crate) fn len(&self) -> usize {
+        match self {
+            Dense::F32(w) => w.len(),
+            Dense::Bf16(w) => w.len(),
+        }
+    }
+
+    /// The contiguous values of a CPU storage holding f32 or bf16.
+    fn of<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<Dense<'a>> {
+        match s {
+            CpuStorage::BF16(data) => match l.contiguous_offsets() {
+                Some((a, b)) => Ok(Dense::Bf16(&data[a..b])),
+                None => candle_core::bail!("linear kernel: the weight must be contiguous"),
+            },
+            _ => Ok(Dense::F32(slice(s, l, "weight")?)),
+        }
+    }
+
+    /// `y[m, out] (+)= x[m, in]·Wᵀ` on `threads` threads.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn times_t_into(
+        self,
+        (out, k): (usize, usize),
+        x: &[f32],
+        m: usize,
+        y: &mut [f32],
+        accumulate: bool,
+        threads: usize,
+    ) -> candle_core::Result<()> {
+        match self {
+            Dense::F32(w) => gemm_into_on(
+                y,
+                accumulate,
+                Mat::row_major(x, m, k),
+                Mat::row_major(w, out, k).t(),
+                threads,
+            ),
+            Dense::Bf16(w) => crate::kernels::bf16::times_t(
+                crate::kernels::bf16::Bf16Weight {
+                    data: w,
+                    rows: out,
+                    cols: k,
+                },
+                x,
+                m,
+                y,
+                accumulate,
+                threads,
+            ),
+        }
+    }
+
+    /// `dx[m, in] (+)= g[m, out]·W` on `threads` threads.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn times_into(
+        self,
+        (out, k): (usize, usize),
+        g: &[f32],
+        m: usize,
+        dx: &mut [f32],
+        accumulate: bool,
+        threads: usize,
+    ) -> candle_core::Result<()> {
+        match self {
+            Dense::F32(w) => gemm_into_on(
+                dx,
+                accumulate,
+                Mat::row_major(g, m, out),
+                Mat::row_major(w, out, k),
+                threads,
+            ),
+            Dense::Bf16(w) => crate::kernels::bf16::times(
+                crate::kernels::bf16::Bf16Weight {
+                    data: w,
+                    rows: out,
+                    cols: k,
+                },
+                g,
+                m,
+                dx,
+                accumulate,
+                threads,
+            ),
+        }
+    }
+}
+
+/// Runs `f` on the contiguous values of a dense f32 or bf16 CPU weight without copying them.
+pub(crate) fn with_dense<R>(w: &Tensor, f: impl FnOnce(Dense) -> candle_core::Result<R>) -> candle_core::Result<R> {
+    let w = w.contiguous()?;
+    let (storage, layout) = w.storage_and_layout();
+    let Storage::Cpu(cpu) = &*storage else {
+        candle_core::bail!("linear kernel: expected a CPU tensor")
+    };
+    f(Dense::of(cpu, layout)?)
+}
+
+/// Whether `w` is a bf16 CPU weight the fused kernels multiply ([`crate::kernels::bf16`]).
+fn cpu_bf16(w: &Tensor) -> bool {
+    w.device().is_cpu()
+        && w.dtype() == candle_core::DType::BF16
+        && crate::kernels::kernel_path() == crate::kernels::KernelPath::Fused
+}
+
+/// Whether the fused kernels take `w` as a dense frozen weight: f32 or bf16 on the CPU.
+pub(crate) fn cpu_dense(w: &Tensor) -> bool {
+    cpu_f32(w) || cpu_bf16(w)
+}
+
 fn matmul(lhs: Mat, rhs: Mat) -> candle_core::Result<Vec<f32>> {
     let mut dst = vec![0f32; lhs.rows * rhs.cols];
     gemm_into(&mut dst, false, lhs, rhs)?;
@@ -299,8 +418,13 @@ struct FrozenMatmul;
 
 /// `x: [.., in]`, `w: [out, in]` → `[.., out]`. Gradients flow to `x` only.
 pub fn frozen_linear(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
-    if cpu_f32(x) && cpu_f32(w) {
+    if cpu_f32(x) && cpu_dense(w) {
         x.contiguous()?.apply_op2(&w.contiguous()?, FrozenMatmul)
+    } else if x.dtype() != w.dtype() {
+        // A bf16 weight under an f32 model (`--precision bf16` on the CPU) on the composite path:
+        // the weight widened, the input rounded to bf16 as the kernel rounds it.
+        let xr = x.to_dtype(w.dtype())?.to_dtype(x.dtype())?;
+        xr.broadcast_matmul(&w.to_dtype(x.dtype())?.t()?)
     } else {
         // Other devices and dtypes use candle's matmul (its backward also computes dW,
         // which is wasted but correct).
@@ -321,10 +445,11 @@ impl CustomOp2 for FrozenMatmul {
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let x = slice(s1, l1, "input")?;
-        let w = slice(s2, l2, "weight")?;
+        let w = Dense::of(s2, l2)?;
         let (out, k) = l2.shape().dims2()?;
         let (m, mut shape) = input_rows(l1.shape(), k)?;
-        let y = matmul(Mat::row_major(x, m, k), Mat::row_major(w, out, k).t())?;
+        let mut y = vec![0f32; m * out];
+        w.times_t_into((out, k), x, m, &mut y, false, cpu::threads())?;
         shape.push(out);
         Ok((CpuStorage::F32(y), Shape::from(shape)))
     }
@@ -338,8 +463,9 @@ impl CustomOp2 for FrozenMatmul {
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let (out, k) = w.dims2()?;
         let m = grad.elem_count() / out.max(1);
-        let dx = with_slice(grad, |g| {
-            with_slice(w, |w| matmul(Mat::row_major(g, m, out), Mat::row_major(w, out, k)))
+        let mut dx = vec![0f32; m * k];
+        with_slice(grad, |g| {
+            with_dense(w, |w| w.times_into((out, k), g, m, &mut dx, false, cpu::threads()))
         })?;
         Ok((Some(Tensor::from_vec(dx, x.shape(), x.device())?), None))
     }
@@ -394,8 +520,8 @@ impl CustomOp1 for QuantizedMatmul {
 
 // ---------------------------------------------------------------- fused LoRA linear
 
-/// The frozen weight of a fused LoRA linear: f32 values, or GGUF blocks read through panels of
-/// dequantized rows.
+/// The frozen weight of a fused LoRA linear: f32 or bf16 values, or GGUF blocks read through
+/// panels of dequantized rows.
 enum Base {
     Dense(Tensor),
     Quantized(Arc<QMatrix>),
@@ -417,27 +543,23 @@ impl Base {
     /// `x·Wᵀ` for `x: [m, in]`.
     fn times_t(&self, x: &[f32], m: usize) -> candle_core::Result<Vec<f32>> {
         let (out, k) = self.dims()?;
+        let mut y = vec![0f32; m * out];
         match self {
-            Base::Dense(w) => with_slice(w, |w| matmul(Mat::row_major(x, m, k), Mat::row_major(w, out, k).t())),
-            Base::Quantized(q) => {
-                let mut y = vec![0f32; m * out];
-                crate::kernels::quant::matmul_f32(q, x, m, &mut y).map_err(qerr)?;
-                Ok(y)
-            }
+            Base::Dense(w) => with_dense(w, |w| w.times_t_into((out, k), x, m, &mut y, false, cpu::threads()))?,
+            Base::Quantized(q) => crate::kernels::quant::matmul_f32(q, x, m, &mut y).map_err(qerr)?,
         }
+        Ok(y)
     }
 
     /// `g·W` for `g: [m, out]`.
     fn times(&self, g: &[f32], m: usize) -> candle_core::Result<Vec<f32>> {
         let (out, k) = self.dims()?;
+        let mut dx = vec![0f32; m * k];
         match self {
-            Base::Dense(w) => with_slice(w, |w| matmul(Mat::row_major(g, m, out), Mat::row_major(w, out, k))),
-            Base::Quantized(q) => {
-                let mut dx = vec![0f32; m * k];
-                crate::kernels::quant::matmul_f32_backward(q, g, m, &mut dx).map_err(qerr)?;
-                Ok(dx)
-            }
+            Base::Dense(w) => with_dense(w, |w| w.times_into((out, k), g, m, &mut dx, false, cpu::threads()))?,
+            Base::Quantized(q) => crate::kernels::quant::matmul_f32_backward(q, g, m, &mut dx).map_err(qerr)?,
         }
+        Ok(dx)
     }
 }
 
@@ -472,9 +594,9 @@ pub fn lora_linear_quantized(
     x.contiguous()?.apply_op3(&a.contiguous()?, &b.contiguous()?, op)
 }
 
-/// Whether `lora_linear` can run on these tensors.
+/// Whether `lora_linear` can run on these tensors (`w` f32 or bf16).
 pub fn lora_linear_supported(x: &Tensor, w: &Tensor, a: &Tensor) -> bool {
-    cpu_f32(x) && cpu_f32(w) && cpu_f32(a)
+    cpu_f32(x) && cpu_dense(w) && cpu_f32(a)
 }
 
 impl CustomOp3 for LoraMatmul {
@@ -507,7 +629,7 @@ impl CustomOp3 for LoraMatmul {
         }
         let (m, mut shape) = input_rows(l1.shape(), k)?;
         if let (Base::Dense(w), Some(block)) = (&self.w, token_block(m)) {
-            let y = with_slice(w, |w| lora_forward_split(x, w, a, b, (m, k, out, r), self.scale, block))?;
+            let y = with_dense(w, |w| lora_forward_split(x, w, a, b, (m, k, out, r), self.scale, block))?;
             shape.push(out);
             return Ok((CpuStorage::F32(y), Shape::from(shape)));
         }
@@ -545,7 +667,7 @@ impl CustomOp3 for LoraMatmul {
         if let (Base::Dense(w), Some(block)) = (&self.w, token_block(m)) {
             let (dx, da, db) = with_slice(x, |xv| {
                 with_slice(grad, |g| {
-                    with_slice(w, |w| {
+                    with_dense(w, |w| {
                         lora_backward_split(xv, g, w, &av, &bv, (m, k, out, r), self.scale, block)
                     })
                 })
@@ -612,7 +734,7 @@ fn for_token_blocks(
 /// `dims` is `(m, in, out, rank)`.
 fn lora_forward_split(
     x: &[f32],
-    w: &[f32],
+    w: Dense,
     a: &[f32],
     b: &[f32],
     (m, k, out, r): (usize, usize, usize, usize),
@@ -620,15 +742,12 @@ fn lora_forward_split(
     block: usize,
 ) -> candle_core::Result<Vec<f32>> {
     let mut y = vec![0f32; m * out];
-    let (wt, at, bt) = (
-        Mat::row_major(w, out, k).t(),
-        Mat::row_major(a, r, k).t(),
-        Mat::row_major(b, out, r).t(),
-    );
+    let (at, bt) = (Mat::row_major(a, r, k).t(), Mat::row_major(b, out, r).t());
     for_token_blocks(&mut y, out, block, |_, r0, yd| {
         let rows = yd.len() / out;
-        let xp = Mat::row_major(&x[r0 * k..(r0 + rows) * k], rows, k);
-        gemm_into_on(yd, false, xp, wt, 1)?;
+        let xs = &x[r0 * k..(r0 + rows) * k];
+        let xp = Mat::row_major(xs, rows, k);
+        w.times_t_into((out, k), xs, rows, yd, false, 1)?;
         let mut h = vec![0f32; rows * r];
         gemm_into_on(&mut h, false, xp, at, 1)?;
         h.iter_mut().for_each(|v| *v *= scale);
@@ -644,7 +763,7 @@ fn lora_forward_split(
 fn lora_backward_split(
     x: &[f32],
     g: &[f32],
-    w: &[f32],
+    w: Dense,
     a: &[f32],
     b: &[f32],
     (m, k, out, r): (usize, usize, usize, usize),
@@ -652,16 +771,13 @@ fn lora_backward_split(
     block: usize,
 ) -> candle_core::Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
     let mut dx = vec![0f32; m * k];
-    let (wm, am, bm) = (
-        Mat::row_major(w, out, k),
-        Mat::row_major(a, r, k),
-        Mat::row_major(b, out, r),
-    );
+    let (am, bm) = (Mat::row_major(a, r, k), Mat::row_major(b, out, r));
     let shares = std::sync::Mutex::new(Vec::new());
     for_token_blocks(&mut dx, k, block, |i, r0, dxd| {
         let rows = dxd.len() / k;
         let xp = Mat::row_major(&x[r0 * k..(r0 + rows) * k], rows, k);
-        let gp = Mat::row_major(&g[r0 * out..(r0 + rows) * out], rows, out);
+        let gs = &g[r0 * out..(r0 + rows) * out];
+        let gp = Mat::row_major(gs, rows, out);
         let mut h = vec![0f32; rows * r];
         gemm_into_on(&mut h, false, xp, am.t(), 1)?;
         h.iter_mut().for_each(|v| *v *= scale);
@@ -673,7 +789,7 @@ fn lora_backward_split(
         gemm_into_on(&mut db, false, gp.t(), Mat::row_major(&h, rows, r), 1)?;
         let mut da = vec![0f32; r * k];
         gemm_into_on(&mut da, false, dhm.t(), xp, 1)?;
-        gemm_into_on(dxd, false, gp, wm, 1)?;
+        w.times_into((out, k), gs, rows, dxd, false, 1)?;
         gemm_into_on(dxd, true, dhm, am, 1)?;
         shares.lock().unwrap_or_else(|p| p.into_inner()).push((i, da, db));
         Ok(())
@@ -765,12 +881,57 @@ mod tests {
             assert!(d < 1e-3, "{what}: differs by {d}");
         };
         for block in [300, 150, 128, 97] {
-            let y = lora_forward_split(&xs, &ws, &as_, &bs, (m, k, out, r), scale, block).unwrap();
+            let y = lora_forward_split(&xs, Dense::F32(&ws), &as_, &bs, (m, k, out, r), scale, block).unwrap();
             close(&y, &y_ref, "y");
-            let (dx, da, db) = lora_backward_split(&xs, &cs, &ws, &as_, &bs, (m, k, out, r), scale, block).unwrap();
+            let (dx, da, db) =
+                lora_backward_split(&xs, &cs, Dense::F32(&ws), &as_, &bs, (m, k, out, r), scale, block).unwrap();
             close(&dx, grads.get(xv.as_tensor()).unwrap(), "dx");
             close(&da, grads.get(a.as_tensor()).unwrap(), "dA");
             close(&db, grads.get(b.as_tensor()).unwrap(), "dB");
+        }
+    }
+
+    /// A bf16 weight (`--precision bf16` on the CPU) through the frozen and the fused LoRA ops,
+    /// as one block and split by tokens over threads: the base product is that of the
+    /// bf16-rounded input (and, backward, of the rounded incoming gradient) with the weight; the
+    /// adapter's products and gradients stay f32.
+    #[test]
+    fn bf16_weights_multiply_the_rounded_inputs() {
+        let dev = Device::Cpu;
+        let bf = candle_core::DType::BF16;
+        let round = |t: &Tensor| t.to_dtype(bf).unwrap().to_dtype(candle_core::DType::F32).unwrap();
+        for m in [3, 300] {
+            let (k, out, r, s) = (40, 56, 4, 2.0);
+            let x = Var::randn(0f32, 1.0, (m, k), &dev).unwrap();
+            let w16 = Tensor::randn(0f32, 1.0, (out, k), &dev).unwrap().to_dtype(bf).unwrap();
+            let w = w16.to_dtype(candle_core::DType::F32).unwrap();
+            let a = Var::randn(0f32, 1.0, (r, k), &dev).unwrap();
+            let b = Var::randn(0f32, 1.0, (out, r), &dev).unwrap();
+            let c = Tensor::randn(0f32, 1.0, (m, out), &dev).unwrap();
+            let close = |got: &Tensor, want: &Tensor, what: &str| {
+                let d = crate::testing::max_abs_diff(got, want);
+                assert!(d < 1e-3, "m={m} {what}: differs by {d}");
+            };
+            let base_ref = round(x.as_tensor()).matmul(&w.t().unwrap()).unwrap();
+            let dx_base_ref = round(&c).matmul(&w).unwrap();
+
+            let y = frozen_linear(x.as_tensor(), &w16).unwrap();
+            close(&y, &base_ref, "frozen y");
+            let g = (y * &c).unwrap().sum_all().unwrap().backward().unwrap();
+            close(g.get(x.as_tensor()).unwrap(), &dx_base_ref, "frozen dx");
+
+            let y = lora_linear(x.as_tensor(), &w16, a.as_tensor(), b.as_tensor(), s).unwrap();
+            let h = x.as_tensor().matmul(&a.as_tensor().t().unwrap()).unwrap();
+            let low = (h.matmul(&b.as_tensor().t().unwrap()).unwrap() * s).unwrap();
+            close(&y, &(&base_ref + &low).unwrap(), "lora y");
+            let g = (y * &c).unwrap().sum_all().unwrap().backward().unwrap();
+            let dh = (c.matmul(b.as_tensor()).unwrap() * s).unwrap();
+            let dx_ref = (&dx_base_ref + dh.matmul(a.as_tensor()).unwrap()).unwrap();
+            close(g.get(x.as_tensor()).unwrap(), &dx_ref, "lora dx");
+            let da_ref = dh.t().unwrap().matmul(x.as_tensor()).unwrap();
+            close(g.get(a.as_tensor()).unwrap(), &da_ref, "lora dA");
+            let db_ref = c.t().unwrap().matmul(&(h * s).unwrap()).unwrap();
+            close(g.get(b.as_tensor()).unwrap(), &db_ref, "lora dB");
         }
     }
 

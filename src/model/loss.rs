@@ -7,7 +7,7 @@
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor, D};
 use rayon::prelude::*;
 
-use crate::kernels::gemm::{gemm_into, with_slice, Mat};
+use crate::kernels::gemm::with_dense;
 use crate::kernels::ops::{self, cpu_f32, exp_fast, max};
 
 /// Mean cross-entropy of `logits: [n, vocab]` against `targets` (`n` token ids).
@@ -70,7 +70,7 @@ pub fn linear_token_nll(
     if d != wd {
         candle_core::bail!("cross_entropy: hidden size {d} but the head expects {wd}")
     }
-    if cpu_f32(hidden) && cpu_f32(w) {
+    if cpu_f32(hidden) && crate::kernels::gemm::cpu_dense(w) {
         let op = LinearCrossEntropy {
             w: w.contiguous()?,
             targets: targets.to_vec(),
@@ -109,18 +109,18 @@ struct LinearCrossEntropy {
 impl LinearCrossEntropy {
     /// Per-row losses and, when `with_grad`, the per-row hidden gradients `[n, d]`.
     fn run(&self, h: &[f32], n: usize, with_grad: bool) -> candle_core::Result<(Vec<f32>, Option<Vec<f32>>)> {
-        with_slice(&self.w, |w| {
+        with_dense(&self.w, |w| {
             let d = h.len() / n;
             let v = w.len() / d.max(1);
+            let threads = crate::kernels::cpu::threads();
             let rows = (self.chunk_bytes / (4 * v).max(1)).clamp(1, n);
             let mut losses = vec![0f32; n];
             let mut dx = with_grad.then(|| vec![0f32; n * d]);
             let mut logits = vec![0f32; rows * v];
-            let wm = Mat::row_major(w, v, d);
             for r0 in (0..n).step_by(rows) {
                 let r1 = (r0 + rows).min(n);
                 let buf = &mut logits[..(r1 - r0) * v];
-                gemm_into(buf, false, Mat::row_major(&h[r0 * d..r1 * d], r1 - r0, d), wm.t())?;
+                w.times_t_into((v, d), &h[r0 * d..r1 * d], r1 - r0, buf, false, threads)?;
                 let targets = &self.targets[r0..r1];
                 buf.par_chunks_mut(v)
                     .zip(losses[r0..r1].par_iter_mut())
@@ -133,7 +133,7 @@ impl LinearCrossEntropy {
                         })
                     });
                 if let Some(dx) = dx.as_mut() {
-                    gemm_into(&mut dx[r0 * d..r1 * d], false, Mat::row_major(buf, r1 - r0, v), wm)?;
+                    w.times_into((v, d), buf, r1 - r0, &mut dx[r0 * d..r1 * d], false, threads)?;
                 }
             }
             Ok((losses, dx))

@@ -1,0 +1,592 @@
+//! Matrix products with a frozen weight kept in bf16 on the CPU: `--precision bf16` there keeps the
+//! seven projections of every layer as bf16 (half the memory of f32) and multiplies them with bf16
+//! products summed in f32, as PyTorch's bf16 autocast does. Norms, attention, the output head,
+//! the adapters and their gradients stay f32.
+//!
+//! Every path computes the same thing: each activation (or incoming gradient) is rounded to bf16
+//! (round to nearest even), multiplied by the bf16 weight exactly (a bf16×bf16 product fits in
+//! f32) and summed in f32. The paths differ only in the order of the sums:
+//!
+//! * CPUs with AVX-512 BF16 (AMD Zen 4 and later, Intel Cooper Lake / Sapphire Rapids and later)
+//!   run `vdpbf16ps`, which multiplies and sums pairs of bf16 values into f32 lanes at twice the
+//!   f32 FMA rate (on a 2-core Zen 4 VM, one thread: 235 GFLOP/s against 117 for f32 FMA,
+//!   docs/performance.md). The weight is packed into 32-column panels of `k`-pairs, one panel
+//!   and block of `k` at a time, as GotoBLAS packs its right-hand side; a 6×32 register tile
+//!   accumulates. One or two token rows (decoding) go through a matrix×vector loop over the
+//!   weight's rows instead, which reads the weight once, at half the bytes of f32.
+//! * Other CPUs widen the weight to f32 (once per call, per thread) and run the f32 gemm on the
+//!   bf16-rounded activations: correct everywhere, as fast as f32 training but for the widening.
+//!
+//! Hand-written rather than a crate's: the `gemm` crate (0.19, behind candle's matmul) has no
+//! `vdpbf16ps` kernel (its bf16 path widens to f32), and candle's bf16 CPU matmul goes through it.
+
+#![allow(unsafe_code)]
+
+use half::bf16;
+use std::cell::RefCell;
+
+use crate::kernels::cpu;
+use crate::kernels::gemm::{gemm_into_on, Mat};
+
+/// Output columns of a packed weight panel (two 16-lane f32 vectors).
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+const NR: usize = 32;
+/// Token rows of the register tile.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+const MR: usize = 6;
+/// `k`-pairs per packed block: 512 pairs × 32 columns × 4 bytes = 64 KB, read from L2. Larger
+/// blocks mean fewer passes over the f32 output (each block adds into it): the hidden and
+/// vocabulary products of SmolLM2 (`k` = 576) take one pass, the down projection two.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+const KB: usize = 512;
+/// Fewest token rows per task when a product is split by rows over the spin pool.
+const SPLIT_ROWS: usize = 64;
+
+/// `x` rounded to bf16 (round to nearest even), as PyTorch and `half` round; a NaN stays a
+/// (quiet) NaN. Branch-free, so that loops over it vectorize.
+#[inline(always)]
+fn round(x: f32) -> u16 {
+    let b = x.to_bits();
+    let rounded = (b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16) as u16;
+    let nan = ((b >> 16) | 0x40) as u16;
+    if b & 0x7fff_ffff > 0x7f80_0000 {
+        nan
+    } else {
+        rounded
+    }
+}
+
+/// How the weight `w` (row-major `[n, k]`, bf16) enters a product.
+#[derive(Clone, Copy)]
+enum Side {
+    /// `y[m, n] = x[m, k] · wᵀ`: the forward pass.
+    Transposed,
+    /// `dx[m, k] = g[m, n] · w`: the input gradient.
+    Plain,
+}
+
+/// A frozen bf16 weight `[rows, cols]`, row-major.
+#[derive(Clone, Copy)]
+pub(crate) struct Bf16Weight<'a> {
+    pub data: &'a [bf16],
+    pub rows: usize,
+    pub cols: usize,
+}
+
+impl Bf16Weight<'_> {
+    fn check(&self) -> candle_core::Result<()> {
+        if self.data.len() != self.rows * self.cols {
+            candle_core::bail!(
+                "bf16 weight: {} values do not make {}x{}",
+                self.data.len(),
+                self.rows,
+                self.cols
+            )
+        }
+        Ok(())
+    }
+
+    /// `(reduction, output columns)` of a product on `side`.
+    fn dims(&self, side: Side) -> (usize, usize) {
+        match side {
+            Side::Transposed => (self.cols, self.rows),
+            Side::Plain => (self.rows, self.cols),
+        }
+    }
+}
+
+/// `y[m, rows] (+)= x[m, cols] · wᵀ` (a linear layer's forward pass) on `threads` threads.
+pub(crate) fn times_t(
+    w: Bf16Weight,
+    x: &[f32],
+    m: usize,
+    y: &mut [f32],
+    accumulate: bool,
+    threads: usize,
+) -> candle_core::Result<()> {
+    product(w, Side::Transposed, x, m, y, accumulate, threads)
+}
+
+/// `dx[m, cols] (+)= g[m, rows] · w` (the input gradient of [`times_t`]) on `threads` threads.
+pub(crate) fn times(
+    w: Bf16Weight,
+    g: &[f32],
+    m: usize,
+    dx: &mut [f32],
+    accumulate: bool,
+    threads: usize,
+) -> candle_core::Result<()> {
+    product(w, Side::Plain, g, m, dx, accumulate, threads)
+}
+
+/// Whether this process multiplies bf16 weights with `vdpbf16ps`: the CPU has AVX-512 BF16 and
+/// `FINCH_CPU` does not force a family below AVX-512 ([`cpu::quantized_family`]: Zen 4's default
+/// f32 family is AVX2, [`cpu::preferred`], a choice measured on f32 kernels that does not apply
+/// here).
+pub fn uses_avx512_bf16() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        cpu::quantized_family() == cpu::Family::Avx512 && x86::available()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+#[allow(clippy::too_many_arguments)]
+fn product(
+    w: Bf16Weight,
+    side: Side,
+    a: &[f32],
+    m: usize,
+    out: &mut [f32],
+    accumulate: bool,
+    threads: usize,
+) -> candle_core::Result<()> {
+    w.check()?;
+    let (k, n) = w.dims(side);
+    if a.len() != m * k || out.len() != m * n {
+        candle_core::bail!(
+            "bf16 product: {} input values for {m}x{k}, {} output values for {m}x{n}",
+            a.len(),
+            out.len()
+        )
+    }
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    let pool = crate::kernels::spin::threads();
+    let parts = if threads > 1 && pool > 1 && m >= 2 * SPLIT_ROWS && !crate::kernels::spin::in_task() {
+        threads.min(pool).min(m / SPLIT_ROWS)
+    } else {
+        1
+    };
+    let fast = uses_avx512_bf16();
+    let block = m.div_ceil(parts);
+    let run = |r0: usize, rows: usize, o: &mut [f32]| {
+        let a = &a[r0 * k..(r0 + rows) * k];
+        if fast {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `uses_avx512_bf16` checked the CPU's features; the shapes were checked above.
+            unsafe {
+                x86::product(w, side, a, rows, o, accumulate)
+            };
+            Ok(())
+        } else {
+            widened(w, side, a, rows, o, accumulate)
+        }
+    };
+    if parts == 1 {
+        return run(0, m, out);
+    }
+    let error = crate::kernels::spin::FirstError::new();
+    crate::kernels::spin::for_each_chunk_mut(out, block * n, |i, o| error.keep(run(i * block, o.len() / n, o)));
+    error.result()
+}
+
+/// Per-thread buffers reused across calls, so that a training step allocates nothing new after
+/// the first.
+struct Scratch {
+    /// The activations as bf16 pairs ([`pairs_of`]).
+    pairs: Vec<u32>,
+    /// One packed panel block ([`pack`]).
+    panel: Vec<u32>,
+    /// The portable path's widened weight and rounded activations.
+    wide: Vec<f32>,
+    rounded: Vec<f32>,
+}
+
+thread_local! {
+    static SCRATCH: RefCell<Scratch> = const {
+        RefCell::new(Scratch { pairs: Vec::new(), panel: Vec::new(), wide: Vec::new(), rounded: Vec::new() })
+    };
+}
+
+/// The portable path: the weight widened to f32, the f32 gemm over bf16-rounded inputs.
+fn widened(
+    w: Bf16Weight,
+    side: Side,
+    a: &[f32],
+    m: usize,
+    out: &mut [f32],
+    accumulate: bool,
+) -> candle_core::Result<()> {
+    let k = w.dims(side).0;
+    SCRATCH.with(|s| {
+        let s = &mut *s.borrow_mut();
+        s.wide.clear();
+        s.wide.extend(w.data.iter().map(|v| v.to_f32()));
+        s.rounded.clear();
+        s.rounded
+            .extend(a.iter().map(|&v| f32::from_bits((round(v) as u32) << 16)));
+        let wm = Mat::row_major(&s.wide, w.rows, w.cols);
+        let rhs = match side {
+            Side::Transposed => wm.t(),
+            Side::Plain => wm,
+        };
+        gemm_into_on(out, accumulate, Mat::row_major(&s.rounded, m, k), rhs, 1)
+    })
+}
+
+/// `a[m, k]` (f32) as bf16 pairs `[m, ⌈k/2⌉]`: pair `p` of row `i` holds `a[i, 2p]` in its low
+/// half and `a[i, 2p+1]` (or 0 past the end) in its high half — the layout `vdpbf16ps` sums.
+#[cfg(test)]
+fn pairs_of(a: &[f32], m: usize, k: usize, out: &mut Vec<u32>) {
+    let kp = k.div_ceil(2);
+    out.clear();
+    out.resize(m * kp, 0);
+    for (row, dst) in a.chunks_exact(k).zip(out.chunks_exact_mut(kp)) {
+        for (p, d) in dst.iter_mut().enumerate() {
+            let lo = round(row[2 * p]) as u32;
+            let hi = row.get(2 * p + 1).map_or(0, |&v| round(v) as u32);
+            *d = lo | (hi << 16);
+        }
+    }
+}
+
+/// Packs pairs `p0..p0+len` of the reduction for output columns `c0..c0+NR` of `w` on `side`
+/// into `panel[p * NR + j]`, zero past either edge.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+fn pack(w: Bf16Weight, side: Side, c0: usize, p0: usize, len: usize, panel: &mut [u32]) {
+    let (k, n) = w.dims(side);
+    // The value at reduction index `red` of output column `col` on the plain side.
+    let at = |red: usize, col: usize| -> u32 {
+        if red >= k || col >= n {
+            return 0;
+        }
+        w.data[red * w.cols + col].to_bits() as u32
+    };
+    let cols = NR.min(n - c0);
+    match side {
+        Side::Transposed => {
+            // Both values of a pair sit side by side in a weight row.
+            for j in 0..NR {
+                let col = c0 + j;
+                if col >= n {
+                    (0..len).for_each(|p| panel[p * NR + j] = 0);
+                    continue;
+                }
+                let row = &w.data[col * w.cols..(col + 1) * w.cols];
+                for p in 0..len {
+                    let red = 2 * (p0 + p);
+                    let hi = row.get(red + 1).map_or(0, |v| v.to_bits() as u32);
+                    panel[p * NR + j] = row[red].to_bits() as u32 | hi << 16;
+                }
+            }
+        }
+        Side::Plain => {
+            for p in 0..len {
+                let red = 2 * (p0 + p);
+                let dst = &mut panel[p * NR..(p + 1) * NR];
+                if red + 1 < k && cols == NR {
+                    let r0 = &w.data[red * w.cols + c0..red * w.cols + c0 + NR];
+                    let r1 = &w.data[(red + 1) * w.cols + c0..(red + 1) * w.cols + c0 + NR];
+                    for ((d, a), b) in dst.iter_mut().zip(r0).zip(r1) {
+                        *d = a.to_bits() as u32 | (b.to_bits() as u32) << 16;
+                    }
+                } else {
+                    for (j, d) in dst.iter_mut().enumerate() {
+                        *d = at(red, c0 + j) | at(red + 1, c0 + j) << 16;
+                    }
+                }
+            }
+        }
+    }
+}
+
+// AVX-512 intrinsics (and their types) were stabilized in Rust 1.89, after this crate's
+// `rust-version`; the toolchain this project builds with (1.95) has them.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::incompatible_msrv)]
+mod x86 {
+    use super::*;
+    use std::arch::x86_64::*;
+
+    pub(super) fn available() -> bool {
+        use std::arch::is_x86_feature_detected as has;
+        static OK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *OK.get_or_init(|| has!("avx512f") && has!("avx512bw") && has!("avx512bf16"))
+    }
+
+    /// One thread's product through packed panels (see the module doc).
+    ///
+    /// Safety: the CPU has AVX-512 F/BW/BF16; `a` holds `m·k` values and `out` `m·n`.
+    pub(super) unsafe fn product(w: Bf16Weight, side: Side, a: &[f32], m: usize, out: &mut [f32], accumulate: bool) {
+        let (k, n) = w.dims(side);
+        let kp = k.div_ceil(2);
+        SCRATCH.with(|s| {
+            let s = &mut *s.borrow_mut();
+            let (pairs, panel) = (&mut s.pairs, &mut s.panel);
+            pairs_avx512(a, m, k, pairs);
+            if m <= 2 && matches!(side, Side::Transposed) && k % 2 == 0 {
+                // Decoding: each weight row read once, as contiguous pairs.
+                rows_kernel(w, pairs, m, out, accumulate);
+                return;
+            }
+            panel.clear();
+            panel.resize(KB * NR, 0);
+            for p0 in (0..kp).step_by(KB) {
+                let len = KB.min(kp - p0);
+                let acc = accumulate || p0 > 0;
+                for c0 in (0..n).step_by(NR) {
+                    pack(w, side, c0, p0, len, panel);
+                    let cols = NR.min(n - c0);
+                    let mut r0 = 0;
+                    while r0 < m {
+                        let rows = MR.min(m - r0);
+                        let a_ptr = pairs.as_ptr().add(r0 * kp + p0);
+                        let c_ptr = out.as_mut_ptr().add(r0 * n + c0);
+                        match rows {
+                            6 => tile::<6>(a_ptr, kp, panel.as_ptr(), len, c_ptr, n, cols, acc),
+                            5 => tile::<5>(a_ptr, kp, panel.as_ptr(), len, c_ptr, n, cols, acc),
+                            4 => tile::<4>(a_ptr, kp, panel.as_ptr(), len, c_ptr, n, cols, acc),
+                            3 => tile::<3>(a_ptr, kp, panel.as_ptr(), len, c_ptr, n, cols, acc),
+                            2 => tile::<2>(a_ptr, kp, panel.as_ptr(), len, c_ptr, n, cols, acc),
+                            _ => tile::<1>(a_ptr, kp, panel.as_ptr(), len, c_ptr, n, cols, acc),
+                        }
+                        r0 += rows;
+                    }
+                }
+            }
+        })
+    }
+
+    /// [`pairs_of`] with `vcvtne2ps2bf16` (round to nearest even; it flushes f32 subnormals,
+    /// below 1.2e-38, to zero, where [`round`] keeps them).
+    ///
+    /// Safety: AVX-512 F/BW/BF16; `a` holds `m·k` values.
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    pub(super) unsafe fn pairs_avx512(a: &[f32], m: usize, k: usize, out: &mut Vec<u32>) {
+        let kp = k.div_ceil(2);
+        out.clear();
+        out.resize(m * kp, 0);
+        for i in 0..m {
+            let src = a.as_ptr().add(i * k);
+            let dst = out.as_mut_ptr().add(i * kp);
+            let mut c = 0;
+            while c + 32 <= k {
+                let lo = _mm512_loadu_ps(src.add(c));
+                let hi = _mm512_loadu_ps(src.add(c + 16));
+                let v: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo));
+                _mm512_storeu_si512(dst.add(c / 2) as *mut _, v);
+                c += 32;
+            }
+            if c < k {
+                let rest = k - c;
+                let m0: __mmask16 = if rest >= 16 {
+                    0xffff
+                } else {
+                    ((1u32 << rest) - 1) as u16
+                };
+                let m1: __mmask16 = if rest > 16 {
+                    ((1u32 << (rest - 16)) - 1) as u16
+                } else {
+                    0
+                };
+                let lo = _mm512_maskz_loadu_ps(m0, src.add(c));
+                let hi = _mm512_maskz_loadu_ps(m1, src.add(c + 16));
+                let v: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo));
+                let pairs = rest.div_ceil(2);
+                _mm512_mask_storeu_epi32(dst.add(c / 2) as *mut i32, ((1u32 << pairs) - 1) as u16, v);
+            }
+        }
+    }
+
+    /// `R` token rows × 32 columns: `c (+)= Σ_p a[·, p] ⊙ panel[p]` over `len` pairs.
+    ///
+    /// Safety: AVX-512 F/BW/BF16; `a` holds `R` rows of `len` pairs at stride `lda`, `panel`
+    /// `len·32` pairs, `c` `R` rows of `cols ≤ 32` values at stride `ldc`.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    unsafe fn tile<const R: usize>(
+        a: *const u32,
+        lda: usize,
+        panel: *const u32,
+        len: usize,
+        c: *mut f32,
+        ldc: usize,
+        cols: usize,
+        accumulate: bool,
+    ) {
+        let mut lo = [_mm512_setzero_ps(); R];
+        let mut hi = [_mm512_setzero_ps(); R];
+        for p in 0..len {
+            let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(panel.add(p * NR) as *const _));
+            let b1: __m512bh = std::mem::transmute(_mm512_loadu_si512(panel.add(p * NR + 16) as *const _));
+            for r in 0..R {
+                let av: __m512bh = std::mem::transmute(_mm512_set1_epi32(*a.add(r * lda + p) as i32));
+                lo[r] = _mm512_dpbf16_ps(lo[r], av, b0);
+                hi[r] = _mm512_dpbf16_ps(hi[r], av, b1);
+            }
+        }
+        let m0: __mmask16 = if cols >= 16 { 0xffff } else { (1u32 << cols) as u16 - 1 };
+        let m1: __mmask16 = if cols >= 32 {
+            0xffff
+        } else if cols > 16 {
+            (1u32 << (cols - 16)) as u16 - 1
+        } else {
+            0
+        };
+        for r in 0..R {
+            let dst = c.add(r * ldc);
+            let (mut v0, mut v1) = (lo[r], hi[r]);
+            if accumulate {
+                v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, dst));
+                v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, dst.add(16)));
+            }
+            _mm512_mask_storeu_ps(dst, m0, v0);
+            _mm512_mask_storeu_ps(dst.add(16), m1, v1);
+        }
+    }
+
+    /// `out[t, j] (+)= ⟨pairs[t], w[j]⟩` for `m ≤ 2` token rows and even `k`: one pass over the
+    /// weight's rows, 32 values a step.
+    ///
+    /// Safety: AVX-512 F/BW/BF16; `pairs` holds `m` rows of `k/2` pairs, `out` `m·rows` values.
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    unsafe fn rows_kernel(w: Bf16Weight, pairs: &[u32], m: usize, out: &mut [f32], accumulate: bool) {
+        let kp = w.cols / 2;
+        let steps = kp / 16;
+        for j in 0..w.rows {
+            let row = w.data.as_ptr().add(j * w.cols) as *const u32;
+            for t in 0..m {
+                let x = pairs.as_ptr().add(t * kp);
+                let mut acc = _mm512_setzero_ps();
+                for s in 0..steps {
+                    let wv: __m512bh = std::mem::transmute(_mm512_loadu_si512(row.add(s * 16) as *const _));
+                    let xv: __m512bh = std::mem::transmute(_mm512_loadu_si512(x.add(s * 16) as *const _));
+                    acc = _mm512_dpbf16_ps(acc, xv, wv);
+                }
+                let rest = kp - steps * 16;
+                if rest > 0 {
+                    let mask: __mmask16 = ((1u32 << rest) - 1) as u16;
+                    let wv: __m512bh =
+                        std::mem::transmute(_mm512_maskz_loadu_epi32(mask, row.add(steps * 16) as *const i32));
+                    let xv: __m512bh =
+                        std::mem::transmute(_mm512_maskz_loadu_epi32(mask, x.add(steps * 16) as *const i32));
+                    acc = _mm512_dpbf16_ps(acc, xv, wv);
+                }
+                let v = _mm512_reduce_add_ps(acc);
+                let o = &mut out[t * w.rows + j];
+                *o = if accumulate { *o + v } else { v };
+            }
+        }
+    }
+}
+
+/// A product on the family this process does not use by default, for tests: `true` forces the
+/// portable (widened) path.
+#[cfg(test)]
+fn product_portable(w: Bf16Weight, side: Side, a: &[f32], m: usize, out: &mut [f32], accumulate: bool) {
+    widened(w, side, a, m, out, accumulate).unwrap()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// f64 reference over the bf16-rounded inputs.
+    fn reference(w: &[bf16], rows: usize, cols: usize, side: Side, a: &[f32], m: usize) -> Vec<f64> {
+        let wb = Bf16Weight { data: w, rows, cols };
+        let (k, n) = wb.dims(side);
+        let mut out = vec![0f64; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                let mut s = 0f64;
+                for c in 0..k {
+                    let av = bf16::from_f32(a[i * k + c]).to_f64();
+                    let wv = match side {
+                        Side::Transposed => w[j * cols + c],
+                        Side::Plain => w[c * cols + j],
+                    };
+                    s += av * wv.to_f64();
+                }
+                out[i * n + j] = s;
+            }
+        }
+        out
+    }
+
+    /// Every path (packed `vdpbf16ps` tiles, the decoding row loop, the widened f32 gemm) gives
+    /// the products of the bf16-rounded inputs, on ragged shapes (odd `k`, partial panels and
+    /// tiles, several `k` blocks), plain and accumulating, on one thread and split by rows.
+    #[test]
+    fn every_path_equals_the_rounded_reference() {
+        let mut rng = crate::rng::Rng::new(9);
+        for (m, rows, cols) in [
+            (1, 70, 64),
+            (2, 33, 576),
+            (1, 5, 7),
+            (7, 45, 301),
+            (130, 96, 40),
+            (13, 40, 96),
+        ] {
+            let w: Vec<bf16> = (0..rows * cols).map(|_| bf16::from_f32(rng.next_f32() - 0.5)).collect();
+            let wb = Bf16Weight { data: &w, rows, cols };
+            for side in [Side::Transposed, Side::Plain] {
+                let (k, n) = wb.dims(side);
+                let a: Vec<f32> = (0..m * k).map(|_| rng.next_f32() * 2.0 - 1.0).collect();
+                let want = reference(&w, rows, cols, side, &a, m);
+                let base: Vec<f32> = (0..m * n).map(|_| rng.next_f32()).collect();
+                for accumulate in [false, true] {
+                    let check = |got: &[f32], what: &str| {
+                        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                            let w = w + if accumulate { base[i] as f64 } else { 0.0 };
+                            assert!(
+                                (*g as f64 - w).abs() < 1e-4 * (1.0 + w.abs()) * (k as f64).sqrt(),
+                                "{what} {m}x{k}x{n} at {i}: {g} vs {w}"
+                            );
+                        }
+                    };
+                    for threads in [1, 2] {
+                        let mut out = base.clone();
+                        product(wb, side, &a, m, &mut out, accumulate, threads).unwrap();
+                        check(&out, "default path");
+                    }
+                    let mut out = base.clone();
+                    product_portable(wb, side, &a, m, &mut out, accumulate);
+                    check(&out, "widened path");
+                }
+            }
+        }
+    }
+
+    /// The AVX-512 conversion rounds as the portable one does (ties to even, odd `k` padded).
+    #[test]
+    fn activation_pairs_round_alike() {
+        let mut rng = crate::rng::Rng::new(3);
+        for (m, k) in [(3, 77), (2, 64), (1, 5)] {
+            let mut a: Vec<f32> = (0..m * k).map(|_| (rng.next_f32() - 0.5) * 1e3).collect();
+            a[1] = f32::from_bits(0x3f80_8000); // a tie: rounds to even (1.0)
+            a[2] = f32::from_bits(0x3f81_8000); // a tie: rounds up to even
+            let mut want = Vec::new();
+            pairs_of(&a, m, k, &mut want);
+            assert_eq!(want[0] >> 16, 0x3f80);
+            assert_eq!(want[1] & 0xffff, 0x3f82);
+            #[cfg(target_arch = "x86_64")]
+            if x86::available() {
+                let mut got = Vec::new();
+                // SAFETY: the CPU has the features (checked above).
+                unsafe { x86::pairs_avx512(&a, m, k, &mut got) };
+                assert_eq!(got, want, "{m}x{k}");
+            }
+        }
+    }
+
+    #[test]
+    fn shapes_that_do_not_fit_are_errors() {
+        let w = vec![bf16::ZERO; 6];
+        let wb = Bf16Weight {
+            data: &w,
+            rows: 2,
+            cols: 3,
+        };
+        let mut out = vec![0f32; 4];
+        assert!(times_t(wb, &[0.0; 5], 2, &mut out, false, 1).is_err());
+        let bad = Bf16Weight {
+            data: &w,
+            rows: 3,
+            cols: 3,
+        };
+        assert!(times(bad, &[0.0; 6], 2, &mut out, false, 1).is_err());
+    }
+}
