@@ -53,6 +53,8 @@ def main():
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="base weights (PEFT keeps the adapters in fp32), as `finch train --precision f32|bf16`")
     a = ap.parse_args()
 
     import torch
@@ -62,7 +64,7 @@ def main():
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
     rows = read_rows(a.rows)
-    model = AutoModelForCausalLM.from_pretrained(a.model_dir, torch_dtype=torch.float32, attn_implementation="sdpa")
+    model = AutoModelForCausalLM.from_pretrained(a.model_dir, torch_dtype=getattr(torch, a.dtype), attn_implementation="sdpa")
     model.config.use_cache = False
     cfg = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS, bias="none", task_type="CAUSAL_LM")
     model = get_peft_model(model, cfg)
@@ -109,7 +111,7 @@ def main():
         losses.append(loss)
     secs = time.perf_counter() - t0
     print(json.dumps({
-        "bench": "train_rows", "impl": "pytorch+peft", "rows": len(rows), "batch": a.batch,
+        "bench": "train_rows", "impl": "pytorch+peft", "dtype": a.dtype, "rows": len(rows), "batch": a.batch,
         "warmup": a.warmup, "steps": a.steps, "threads": a.threads,
         "tokens_per_sec": tokens / secs, "padded_tokens_per_sec": padded / secs,
         "padding_fraction": 1 - tokens / padded, "secs_per_step": secs / a.steps,

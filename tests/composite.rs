@@ -428,6 +428,28 @@ fn bench_train_reports_its_path_and_device() {
         assert_eq!(v["precision"], "f32");
         assert!(v["tokens_per_sec"].as_f64().unwrap() > 0.0);
     }
+    // bf16 on the CPU runs the fused kernels over bf16 weights; `FINCH_CPU=portable` widens them.
+    let bf16_args = [&args[..], &["--precision", "bf16"]].concat();
+    for (cpu, products) in [(None, None), (Some("portable"), Some("widened"))] {
+        let mut cmd = finch();
+        cmd.args(&bf16_args).env("FINCH_FUSED", "1");
+        if let Some(cpu) = cpu {
+            cmd.env("FINCH_CPU", cpu);
+        }
+        let out = cmd.output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(
+            (v["path"].as_str(), v["precision"].as_str()),
+            (Some("fused"), Some("bf16"))
+        );
+        let got = v["bf16_products"].as_str().unwrap();
+        assert!(["avx512-bf16", "widened"].contains(&got), "{got}");
+        if let Some(want) = products {
+            assert_eq!(got, want);
+        }
+        assert!(v["loss_last"].as_f64().unwrap().is_finite());
+    }
     let out = finch().args(args).env("FINCH_FUSED", "maybe").output().unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);

@@ -127,6 +127,9 @@ pub struct Machine {
     /// The family of the quantized block kernels (Q8_0/Q4_1 products): `kernel_family`, except
     /// on Zen 4, where they keep AVX-512 (`kernels::cpu::quantized_family`).
     pub quantized_kernel_family: &'static str,
+    /// How bf16 weights (`--precision bf16` on the CPU) are multiplied: `avx512-bf16`
+    /// (`vdpbf16ps`) or `widened` (to f32, then the f32 gemm): `kernels::bf16`.
+    pub bf16_products: &'static str,
     /// Transparent huge pages: `always`, `madvise` or `never`.
     pub thp_mode: Option<&'static str>,
 }
@@ -141,6 +144,7 @@ impl Machine {
             gemm_family: family,
             gemm_family_candle: cpu::best().name(),
             quantized_kernel_family: cpu::quantized_family().name(),
+            bf16_products: crate::kernels::bf16::products_name(),
             thp_mode: cpu::thp_mode(),
         }
     }

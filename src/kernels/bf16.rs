@@ -132,6 +132,35 @@ pub fn uses_avx512_bf16() -> bool {
     false
 }
 
+/// How this process multiplies bf16 weights, as `bench` JSON names it: `avx512-bf16` or
+/// `widened`.
+pub fn products_name() -> &'static str {
+    if uses_avx512_bf16() {
+        "avx512-bf16"
+    } else {
+        "widened"
+    }
+}
+
+/// One thread's share of a product: all of `a`'s `m` rows (`[m, k]`, f32), output columns
+/// `cols` of `out` (row stride `ldc`).
+#[derive(Clone, Copy)]
+struct Job<'a> {
+    w: Bf16Weight<'a>,
+    side: Side,
+    a: &'a [f32],
+    m: usize,
+    out: *mut f32,
+    ldc: usize,
+    cols: (usize, usize),
+    accumulate: bool,
+}
+
+// SAFETY: a job's `out` is only written at rows `< m`, columns in `cols`, which no other job
+// of the same product writes; the caller's `&mut` borrow of the output outlives every job.
+unsafe impl Send for Job<'_> {}
+unsafe impl Sync for Job<'_> {}
+
 #[allow(clippy::too_many_arguments)]
 fn product(
     w: Bf16Weight,
@@ -154,32 +183,70 @@ fn product(
     if m == 0 || n == 0 {
         return Ok(());
     }
+    let job = Job {
+        w,
+        side,
+        a,
+        m,
+        out: out.as_mut_ptr(),
+        ldc: n,
+        cols: (0, n),
+        accumulate,
+    };
     let pool = crate::kernels::spin::threads();
-    let parts = if threads > 1 && pool > 1 && m >= 2 * SPLIT_ROWS && !crate::kernels::spin::in_task() {
-        threads.min(pool).min(m / SPLIT_ROWS)
+    let threads = if pool > 1 && !crate::kernels::spin::in_task() {
+        threads.min(pool)
     } else {
         1
     };
+    let panels = n.div_ceil(NR);
+    // Tall products (training) are split by token rows. Short ones with many output columns
+    // (the output head's chunks of Qwen2.5's 152k-token vocabulary, ~110 rows; decoding) are
+    // split by columns: each thread packs only its own panels.
+    let jobs: Vec<Job> = if threads > 1 && m >= 2 * SPLIT_ROWS {
+        let parts = threads.min(m / SPLIT_ROWS);
+        let block = m.div_ceil(parts);
+        (0..m)
+            .step_by(block)
+            .map(|r0| Job {
+                a: &a[r0 * k..(r0 + block).min(m) * k],
+                m: block.min(m - r0),
+                // SAFETY: row `r0` is inside `out` (`r0 < m`).
+                out: unsafe { out.as_mut_ptr().add(r0 * n) },
+                ..job
+            })
+            .collect()
+    } else if threads > 1 && panels >= 2 * threads && m * n * k >= 1 << 20 {
+        let per = panels.div_ceil(threads) * NR;
+        (0..n)
+            .step_by(per)
+            .map(|c0| Job {
+                cols: (c0, (c0 + per).min(n)),
+                ..job
+            })
+            .collect()
+    } else {
+        vec![job]
+    };
     let fast = uses_avx512_bf16();
-    let block = m.div_ceil(parts);
-    let run = |r0: usize, rows: usize, o: &mut [f32]| {
-        let a = &a[r0 * k..(r0 + rows) * k];
+    let run = |job: Job| -> candle_core::Result<()> {
         if fast {
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: `uses_avx512_bf16` checked the CPU's features; the shapes were checked above.
+            // SAFETY: `uses_avx512_bf16` checked the CPU's features; the shapes were checked
+            // above and each job's rows and columns lie inside `out`.
             unsafe {
-                x86::product(w, side, a, rows, o, accumulate)
+                x86::product(job)
             };
             Ok(())
         } else {
-            widened(w, side, a, rows, o, accumulate)
+            widened(job)
         }
     };
-    if parts == 1 {
-        return run(0, m, out);
+    if jobs.len() == 1 {
+        return run(jobs[0]);
     }
     let error = crate::kernels::spin::FirstError::new();
-    crate::kernels::spin::for_each_chunk_mut(out, block * n, |i, o| error.keep(run(i * block, o.len() / n, o)));
+    crate::kernels::spin::run(jobs.len(), &|i| error.keep(run(jobs[i])));
     error.result()
 }
 
@@ -190,40 +257,104 @@ struct Scratch {
     pairs: Vec<u32>,
     /// One packed panel block ([`pack`]).
     panel: Vec<u32>,
-    /// The portable path's widened weight and rounded activations.
+    /// The portable path's widened weight rows, rounded activations and output block.
     wide: Vec<f32>,
     rounded: Vec<f32>,
+    block: Vec<f32>,
+    part: Vec<f32>,
 }
 
 thread_local! {
     static SCRATCH: RefCell<Scratch> = const {
-        RefCell::new(Scratch { pairs: Vec::new(), panel: Vec::new(), wide: Vec::new(), rounded: Vec::new() })
+        RefCell::new(Scratch {
+            pairs: Vec::new(),
+            panel: Vec::new(),
+            wide: Vec::new(),
+            rounded: Vec::new(),
+            block: Vec::new(),
+            part: Vec::new(),
+        })
     };
 }
 
-/// The portable path: the weight widened to f32, the f32 gemm over bf16-rounded inputs.
-fn widened(
-    w: Bf16Weight,
-    side: Side,
-    a: &[f32],
-    m: usize,
-    out: &mut [f32],
-    accumulate: bool,
-) -> candle_core::Result<()> {
+/// Weight rows the portable path widens at a time (bounded scratch: the output head of a
+/// 152k-token vocabulary is 136M values).
+const WIDE_ROWS: usize = 256;
+
+/// The portable path: the weight widened to f32 `WIDE_ROWS` rows at a time, the f32 gemm over
+/// bf16-rounded inputs.
+fn widened(job: Job) -> candle_core::Result<()> {
+    let Job {
+        w,
+        side,
+        a,
+        m,
+        out,
+        ldc,
+        cols: (c_lo, c_hi),
+        accumulate,
+    } = job;
     let k = w.dims(side).0;
     SCRATCH.with(|s| {
         let s = &mut *s.borrow_mut();
-        s.wide.clear();
-        s.wide.extend(w.data.iter().map(|v| v.to_f32()));
         s.rounded.clear();
         s.rounded
             .extend(a.iter().map(|&v| f32::from_bits((round(v) as u32) << 16)));
-        let wm = Mat::row_major(&s.wide, w.rows, w.cols);
-        let rhs = match side {
-            Side::Transposed => wm.t(),
-            Side::Plain => wm,
-        };
-        gemm_into_on(out, accumulate, Mat::row_major(&s.rounded, m, k), rhs, 1)
+        let width = c_hi - c_lo;
+        // The job's output block `[m, width]`, computed whole, then written into `out`.
+        s.block.clear();
+        s.block.resize(m * width, 0.0);
+        match side {
+            Side::Transposed => {
+                // Output columns are weight rows: one block of rows at a time.
+                for r0 in (c_lo..c_hi).step_by(WIDE_ROWS) {
+                    let r1 = (r0 + WIDE_ROWS).min(c_hi);
+                    s.wide.clear();
+                    s.wide
+                        .extend(w.data[r0 * w.cols..r1 * w.cols].iter().map(|v| v.to_f32()));
+                    s.part.clear();
+                    s.part.resize(m * (r1 - r0), 0.0);
+                    gemm_into_on(
+                        &mut s.part,
+                        false,
+                        Mat::row_major(&s.rounded, m, k),
+                        Mat::row_major(&s.wide, r1 - r0, w.cols).t(),
+                        1,
+                    )?;
+                    for (dst, src) in s.block.chunks_exact_mut(width).zip(s.part.chunks_exact(r1 - r0)) {
+                        dst[r0 - c_lo..r1 - c_lo].copy_from_slice(src);
+                    }
+                }
+            }
+            Side::Plain => {
+                // The reduction runs over weight rows: add one block of rows at a time.
+                for r0 in (0..w.rows).step_by(WIDE_ROWS) {
+                    let r1 = (r0 + WIDE_ROWS).min(w.rows);
+                    s.wide.clear();
+                    for row in r0..r1 {
+                        let src = &w.data[row * w.cols + c_lo..row * w.cols + c_hi];
+                        s.wide.extend(src.iter().map(|v| v.to_f32()));
+                    }
+                    gemm_into_on(
+                        &mut s.block,
+                        r0 > 0,
+                        Mat::strided(&s.rounded[r0..], m, r1 - r0, k, 1),
+                        Mat::row_major(&s.wide, r1 - r0, width),
+                        1,
+                    )?;
+                }
+            }
+        }
+        for (i, src) in s.block.chunks_exact(width).enumerate() {
+            // SAFETY: row `i < m`, columns `c_lo..c_hi` of `out` belong to this job.
+            let dst = unsafe { std::slice::from_raw_parts_mut(out.add(i * ldc + c_lo), width) };
+            if accumulate {
+                dst.iter_mut().zip(src).for_each(|(d, v)| *d += v);
+            } else {
+                dst.copy_from_slice(src);
+            }
+        }
+        Ok(())
     })
 }
 
@@ -307,10 +438,21 @@ mod x86 {
         *OK.get_or_init(|| has!("avx512f") && has!("avx512bw") && has!("avx512bf16"))
     }
 
-    /// One thread's product through packed panels (see the module doc).
+    /// One job through packed panels (see the module doc).
     ///
-    /// Safety: the CPU has AVX-512 F/BW/BF16; `a` holds `m·k` values and `out` `m·n`.
-    pub(super) unsafe fn product(w: Bf16Weight, side: Side, a: &[f32], m: usize, out: &mut [f32], accumulate: bool) {
+    /// Safety: the CPU has AVX-512 F/BW/BF16; `job.a` holds `m·k` values and `job.out` rows
+    /// `< m` at stride `ldc` hold columns `job.cols`.
+    pub(super) unsafe fn product(job: Job) {
+        let Job {
+            w,
+            side,
+            a,
+            m,
+            out,
+            ldc,
+            cols: (c_lo, c_hi),
+            accumulate,
+        } = job;
         let (k, n) = w.dims(side);
         let kp = k.div_ceil(2);
         SCRATCH.with(|s| {
@@ -319,7 +461,7 @@ mod x86 {
             pairs_avx512(a, m, k, pairs);
             if m <= 2 && matches!(side, Side::Transposed) && k % 2 == 0 {
                 // Decoding: each weight row read once, as contiguous pairs.
-                rows_kernel(w, pairs, m, out, accumulate);
+                rows_kernel(w, pairs, m, out, ldc, (c_lo, c_hi), accumulate);
                 return;
             }
             panel.clear();
@@ -327,21 +469,21 @@ mod x86 {
             for p0 in (0..kp).step_by(KB) {
                 let len = KB.min(kp - p0);
                 let acc = accumulate || p0 > 0;
-                for c0 in (0..n).step_by(NR) {
+                for c0 in (c_lo..c_hi).step_by(NR) {
                     pack(w, side, c0, p0, len, panel);
-                    let cols = NR.min(n - c0);
+                    let cols = NR.min(c_hi - c0).min(n - c0);
                     let mut r0 = 0;
                     while r0 < m {
                         let rows = MR.min(m - r0);
                         let a_ptr = pairs.as_ptr().add(r0 * kp + p0);
-                        let c_ptr = out.as_mut_ptr().add(r0 * n + c0);
+                        let c_ptr = out.add(r0 * ldc + c0);
                         match rows {
-                            6 => tile::<6>(a_ptr, kp, panel.as_ptr(), len, c_ptr, n, cols, acc),
-                            5 => tile::<5>(a_ptr, kp, panel.as_ptr(), len, c_ptr, n, cols, acc),
-                            4 => tile::<4>(a_ptr, kp, panel.as_ptr(), len, c_ptr, n, cols, acc),
-                            3 => tile::<3>(a_ptr, kp, panel.as_ptr(), len, c_ptr, n, cols, acc),
-                            2 => tile::<2>(a_ptr, kp, panel.as_ptr(), len, c_ptr, n, cols, acc),
-                            _ => tile::<1>(a_ptr, kp, panel.as_ptr(), len, c_ptr, n, cols, acc),
+                            6 => tile::<6>(a_ptr, kp, panel.as_ptr(), len, c_ptr, ldc, cols, acc),
+                            5 => tile::<5>(a_ptr, kp, panel.as_ptr(), len, c_ptr, ldc, cols, acc),
+                            4 => tile::<4>(a_ptr, kp, panel.as_ptr(), len, c_ptr, ldc, cols, acc),
+                            3 => tile::<3>(a_ptr, kp, panel.as_ptr(), len, c_ptr, ldc, cols, acc),
+                            2 => tile::<2>(a_ptr, kp, panel.as_ptr(), len, c_ptr, ldc, cols, acc),
+                            _ => tile::<1>(a_ptr, kp, panel.as_ptr(), len, c_ptr, ldc, cols, acc),
                         }
                         r0 += rows;
                     }
@@ -438,15 +580,24 @@ mod x86 {
         }
     }
 
-    /// `out[t, j] (+)= ⟨pairs[t], w[j]⟩` for `m ≤ 2` token rows and even `k`: one pass over the
-    /// weight's rows, 32 values a step.
+    /// `out[t, j] (+)= ⟨pairs[t], w[j]⟩` for `m ≤ 2` token rows, even `k` and the weight rows
+    /// `j` in `cols`: one pass over those rows, 32 values a step.
     ///
-    /// Safety: AVX-512 F/BW/BF16; `pairs` holds `m` rows of `k/2` pairs, `out` `m·rows` values.
+    /// Safety: AVX-512 F/BW/BF16; `pairs` holds `m` rows of `k/2` pairs, `out` rows `< m` at
+    /// stride `ldc` hold columns `cols`.
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-    unsafe fn rows_kernel(w: Bf16Weight, pairs: &[u32], m: usize, out: &mut [f32], accumulate: bool) {
+    unsafe fn rows_kernel(
+        w: Bf16Weight,
+        pairs: &[u32],
+        m: usize,
+        out: *mut f32,
+        ldc: usize,
+        (c_lo, c_hi): (usize, usize),
+        accumulate: bool,
+    ) {
         let kp = w.cols / 2;
         let steps = kp / 16;
-        for j in 0..w.rows {
+        for j in c_lo..c_hi {
             let row = w.data.as_ptr().add(j * w.cols) as *const u32;
             for t in 0..m {
                 let x = pairs.as_ptr().add(t * kp);
@@ -466,7 +617,7 @@ mod x86 {
                     acc = _mm512_dpbf16_ps(acc, xv, wv);
                 }
                 let v = _mm512_reduce_add_ps(acc);
-                let o = &mut out[t * w.rows + j];
+                let o = out.add(t * ldc + j);
                 *o = if accumulate { *o + v } else { v };
             }
         }
@@ -477,7 +628,18 @@ mod x86 {
 /// portable (widened) path.
 #[cfg(test)]
 fn product_portable(w: Bf16Weight, side: Side, a: &[f32], m: usize, out: &mut [f32], accumulate: bool) {
-    widened(w, side, a, m, out, accumulate).unwrap()
+    let n = w.dims(side).1;
+    let job = Job {
+        w,
+        side,
+        a,
+        m,
+        out: out.as_mut_ptr(),
+        ldc: n,
+        cols: (0, n),
+        accumulate,
+    };
+    widened(job).unwrap()
 }
 
 #[cfg(test)]

@@ -40,6 +40,17 @@ impl<'a> Mat<'a> {
         }
     }
 
+    /// Element `(i, j)` at `data[i * rs + j * cs]`.
+    pub(crate) fn strided(data: &'a [f32], rows: usize, cols: usize, rs: usize, cs: usize) -> Self {
+        Mat {
+            data,
+            rows,
+            cols,
+            rs,
+            cs,
+        }
+    }
+
     pub(crate) fn t(self) -> Self {
         Mat {
             rows: self.cols,
