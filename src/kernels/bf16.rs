@@ -159,6 +159,7 @@ struct Job<'a> {
 // SAFETY: a job's `out` is only written at rows `< m`, columns in `cols`, which no other job
 // of the same product writes; the caller's `&mut` borrow of the output outlives every job.
 unsafe impl Send for Job<'_> {}
+// SAFETY: as above; jobs are shared read-only, each run exactly once.
 unsafe impl Sync for Job<'_> {}
 
 #[allow(clippy::too_many_arguments)]
