@@ -371,6 +371,9 @@ fn a_bf16_base_on_the_fused_path_keeps_f32_activations_and_follows_the_f32_curve
     let (bf16_curve, model) = train_curve(KernelPath::Fused, Precision::Bf16, 12);
     assert_eq!(model.dtype(), DType::F32);
     assert_eq!(model.lm_head_weight().dtype(), DType::BF16);
+    let weights = model.merged_weights().unwrap();
+    assert_eq!(weights[0].0, "model.embed_tokens.weight");
+    assert_eq!(weights[0].1.dtype(), DType::BF16, "the embeddings");
     for t in [Target::Q, Target::V, Target::Down] {
         match model.base_weight(0, t) {
             Some(FrozenWeight::Dense(w)) => assert_eq!(w.dtype(), DType::BF16, "{t:?}"),

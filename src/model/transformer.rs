@@ -474,9 +474,10 @@ impl Transformer {
     /// other is quantized one tensor at a time as it is read. Embeddings, norms and the output
     /// head stay in `dtype`.
     ///
-    /// bf16 on the CPU (with the fused kernels) keeps the projections in bf16 under an f32 model:
-    /// their products run as bf16 products summed in f32 ([`crate::kernels::bf16`], PyTorch's
-    /// bf16 autocast), everything else (norms, attention, output head, adapters) in f32.
+    /// bf16 on the CPU (with the fused kernels) keeps the projections, embeddings and output head
+    /// in bf16 under an f32 model: their products run as bf16 products summed in f32
+    /// ([`crate::kernels::bf16`], PyTorch's bf16 autocast), everything else (norms, attention,
+    /// activations, adapters) in f32.
     /// candle's bf16 CPU ops, which the whole model ran through before, trained SmolLM2-135M at
     /// b4×256 in more than ten times the f32 step time with 10.8 GB resident.
     pub fn load_with_base(
@@ -504,7 +505,10 @@ impl Transformer {
         let q_dim = cfg.num_attention_heads * cfg.head_dim;
         let kv_dim = cfg.num_key_value_heads * cfg.head_dim;
         let i = cfg.intermediate_size;
-        let embed = src.get("model.embed_tokens.weight", &[cfg.vocab_size, h], dtype, device)?;
+        // With bf16 projections the embeddings and the output head are bf16 too (looked-up rows
+        // are widened to f32; the head is a bf16 product).
+        let head_dtype = if base == Keep::Bf16 { DType::BF16 } else { dtype };
+        let embed = src.get("model.embed_tokens.weight", &[cfg.vocab_size, h], head_dtype, device)?;
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for l in 0..cfg.num_hidden_layers {
             let p = format!("model.layers.{l}");
@@ -595,11 +599,8 @@ impl Transformer {
             });
         }
         let norm = Norm::load(src, "model.norm.weight", h, cfg, dtype, device)?;
-        // With bf16 projections the output head is a bf16 product too (a bf16 copy of tied
-        // embeddings, which stay f32 for the lookups).
-        let head_dtype = if base == Keep::Bf16 { DType::BF16 } else { dtype };
         let lm_head = if cfg.tie_word_embeddings {
-            embed.to_dtype(head_dtype)?
+            embed.clone()
         } else if src.contains("lm_head.weight") {
             src.get("lm_head.weight", &[cfg.vocab_size, h], head_dtype, device)?
         } else {
@@ -922,7 +923,8 @@ impl Transformer {
     /// Token embeddings of `ids` `[n]` → `[n, hidden]`, scaled by √hidden for Gemma (the scale
     /// rounded to the weights' dtype first, as transformers does).
     fn embed_tokens(&self, ids: &Tensor) -> Result<Tensor> {
-        let x = self.embed.embedding(ids)?;
+        // bf16 embeddings under an f32 model (bf16 on the CPU) are widened as they are looked up.
+        let x = self.embed.embedding(ids)?.to_dtype(self.dtype)?;
         if !self.cfg.embed_scale {
             return Ok(x);
         }

@@ -103,14 +103,8 @@ pub fn estimate_with(
         _ => dense_bytes,
     };
     let projections = layers * (2.0 * h * q_dim + 2.0 * h * kv_dim + 3.0 * h * i);
-    // bf16 (as on the CPU) keeps the embeddings in f32 for the lookups and the output head in bf16.
-    let embeddings = match (precision, m.tie_word_embeddings) {
-        (Precision::Bf16, _) => 4.0 + 2.0,
-        (_, true) => dense_bytes,
-        (_, false) => 2.0 * dense_bytes,
-    } * vocab
-        * h;
-    let base = embeddings + projections * projection_bytes;
+    let heads_weights = if m.tie_word_embeddings { 1.0 } else { 2.0 };
+    let base = heads_weights * vocab * h * dense_bytes + projections * projection_bytes;
     // A quantized base is built one tensor at a time from f32 (the tensor and a flat copy).
     let load_transient = if precision.quantized_base().is_some() {
         2.0 * 4.0 * h * i.max(vocab.min(h * 8.0))

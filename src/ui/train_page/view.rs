@@ -937,7 +937,8 @@ fn hardware_ui(ui: &mut egui::Ui, cfg: &mut TrainConfig, model: Option<&crate::m
         ui,
         "Precision",
         "Number format of the frozen base weights, with the estimated peak memory of this run for each; f32 is \
-         safest on a CPU, bf16 and f16 halve the memory; q8_0 and q4_1 keep the layers' projections in GGUF blocks \
+         safest on a CPU, bf16 and f16 halve the base's memory (bf16 on a CPU keeps the activations in f32 and is \
+         the fastest where the CPU has AVX-512 BF16); q8_0 and q4_1 keep the layers' projections in GGUF blocks \
          (CPU only: about a quarter and a sixth of their f32 memory).",
         |ui| {
             let snapshot = cfg.clone();
