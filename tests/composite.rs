@@ -339,6 +339,17 @@ fn a_tiny_model_trains_along_the_same_curve_on_both_paths() {
     assert_ne!(fused, composite, "both runs took the same kernels");
 }
 
+/// Each step's bf16 loss within 5% of the f32 one.
+fn assert_close_curves(f32_curve: &[f32], bf16_curve: &[f32]) {
+    for (step, (a, b)) in f32_curve.iter().zip(bf16_curve).enumerate() {
+        assert!(
+            (a - b).abs() < 0.05 * a.abs().max(1.0),
+            "step {}: f32 {a}, bf16 {b}",
+            step + 1
+        );
+    }
+}
+
 /// Mixed precision as on a GPU: a bf16 base with f32 adapters and optimizer, on the composite
 /// path, follows the f32 curve closely and learns.
 #[test]
@@ -349,13 +360,7 @@ fn a_bf16_base_trains_f32_adapters_close_to_the_f32_curve() {
     for (_, w) in model.lora_weights() {
         assert_eq!((w.a.dtype(), w.b.dtype()), (DType::F32, DType::F32));
     }
-    for (step, (a, b)) in f32_curve.iter().zip(&bf16_curve).enumerate() {
-        assert!(
-            (a - b).abs() < 0.05 * a.abs().max(1.0),
-            "step {}: f32 {a}, bf16 {b}",
-            step + 1
-        );
-    }
+    assert_close_curves(&f32_curve, &bf16_curve);
     assert!(
         bf16_curve[11] < bf16_curve[0] - 0.3,
         "bf16 did not learn: {bf16_curve:?}"
@@ -383,13 +388,7 @@ fn a_bf16_base_on_the_fused_path_keeps_f32_activations_and_follows_the_f32_curve
     for (_, w) in model.lora_weights() {
         assert_eq!((w.a.dtype(), w.b.dtype()), (DType::F32, DType::F32));
     }
-    for (step, (a, b)) in f32_curve.iter().zip(&bf16_curve).enumerate() {
-        assert!(
-            (a - b).abs() < 0.05 * a.abs().max(1.0),
-            "step {}: f32 {a}, bf16 {b}",
-            step + 1
-        );
-    }
+    assert_close_curves(&f32_curve, &bf16_curve);
     assert_ne!(f32_curve, bf16_curve, "the bf16 run took the f32 kernels");
     assert!(
         bf16_curve[11] < bf16_curve[0] - 0.3,

@@ -58,7 +58,7 @@ fn round(x: f32) -> u16 {
 
 /// How the weight `w` (row-major `[n, k]`, bf16) enters a product.
 #[derive(Clone, Copy)]
-enum Side {
+pub(crate) enum Side {
     /// `y[m, n] = x[m, k] · wᵀ`: the forward pass.
     Transposed,
     /// `dx[m, k] = g[m, n] · w`: the input gradient.
@@ -93,30 +93,6 @@ impl Bf16Weight<'_> {
             Side::Plain => (self.rows, self.cols),
         }
     }
-}
-
-/// `y[m, rows] (+)= x[m, cols] · wᵀ` (a linear layer's forward pass) on `threads` threads.
-pub(crate) fn times_t(
-    w: Bf16Weight,
-    x: &[f32],
-    m: usize,
-    y: &mut [f32],
-    accumulate: bool,
-    threads: usize,
-) -> candle_core::Result<()> {
-    product(w, Side::Transposed, x, m, y, accumulate, threads)
-}
-
-/// `dx[m, cols] (+)= g[m, rows] · w` (the input gradient of [`times_t`]) on `threads` threads.
-pub(crate) fn times(
-    w: Bf16Weight,
-    g: &[f32],
-    m: usize,
-    dx: &mut [f32],
-    accumulate: bool,
-    threads: usize,
-) -> candle_core::Result<()> {
-    product(w, Side::Plain, g, m, dx, accumulate, threads)
 }
 
 /// Whether this process multiplies bf16 weights with `vdpbf16ps`: the CPU has AVX-512 BF16 and
@@ -162,8 +138,10 @@ unsafe impl Send for Job<'_> {}
 // SAFETY: as above; jobs are shared read-only, each run exactly once.
 unsafe impl Sync for Job<'_> {}
 
+/// `out[m, ·] (+)= a[m, ·] · w` on `side` (`Transposed`: `x·wᵀ`, a linear layer's forward
+/// pass; `Plain`: `g·w`, its input gradient), on `threads` threads.
 #[allow(clippy::too_many_arguments)]
-fn product(
+pub(crate) fn product(
     w: Bf16Weight,
     side: Side,
     a: &[f32],
@@ -744,12 +722,12 @@ mod tests {
             cols: 3,
         };
         let mut out = vec![0f32; 4];
-        assert!(times_t(wb, &[0.0; 5], 2, &mut out, false, 1).is_err());
+        assert!(product(wb, Side::Transposed, &[0.0; 5], 2, &mut out, false, 1).is_err());
         let bad = Bf16Weight {
             data: &w,
             rows: 3,
             cols: 3,
         };
-        assert!(times(bad, &[0.0; 6], 2, &mut out, false, 1).is_err());
+        assert!(product(bad, Side::Plain, &[0.0; 6], 2, &mut out, false, 1).is_err());
     }
 }

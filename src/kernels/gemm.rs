@@ -12,6 +12,7 @@
 
 #![allow(unsafe_code)]
 
+use crate::kernels::bf16::{Bf16Weight, Side};
 use crate::kernels::cpu::{self, Family};
 use crate::kernels::ops::{cpu_f32, slice, tensor_vec};
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Storage, Tensor};
@@ -305,70 +306,60 @@ impl Dense<'_> {
     }
 
     /// `y[m, out] (+)= x[m, in]·Wᵀ` on `threads` threads.
-    #[allow(clippy::too_many_arguments)]
     pub(crate) fn times_t_into(
         self,
-        (out, k): (usize, usize),
+        dims: (usize, usize),
         x: &[f32],
         m: usize,
         y: &mut [f32],
         accumulate: bool,
         threads: usize,
     ) -> candle_core::Result<()> {
-        match self {
-            Dense::F32(w) => gemm_into_on(
-                y,
-                accumulate,
-                Mat::row_major(x, m, k),
-                Mat::row_major(w, out, k).t(),
-                threads,
-            ),
-            Dense::Bf16(w) => crate::kernels::bf16::times_t(
-                crate::kernels::bf16::Bf16Weight {
-                    data: w,
-                    rows: out,
-                    cols: k,
-                },
-                x,
-                m,
-                y,
-                accumulate,
-                threads,
-            ),
-        }
+        self.product(dims, Side::Transposed, x, m, y, accumulate, threads)
     }
 
     /// `dx[m, in] (+)= g[m, out]·W` on `threads` threads.
-    #[allow(clippy::too_many_arguments)]
     pub(crate) fn times_into(
         self,
-        (out, k): (usize, usize),
+        dims: (usize, usize),
         g: &[f32],
         m: usize,
         dx: &mut [f32],
         accumulate: bool,
         threads: usize,
     ) -> candle_core::Result<()> {
+        self.product(dims, Side::Plain, g, m, dx, accumulate, threads)
+    }
+
+    /// `dst (+)= a·Wᵀ` or `a·W` (`side`) for the weight `W: [out, in]`.
+    #[allow(clippy::too_many_arguments)]
+    fn product(
+        self,
+        (out, k): (usize, usize),
+        side: Side,
+        a: &[f32],
+        m: usize,
+        dst: &mut [f32],
+        accumulate: bool,
+        threads: usize,
+    ) -> candle_core::Result<()> {
         match self {
-            Dense::F32(w) => gemm_into_on(
-                dx,
-                accumulate,
-                Mat::row_major(g, m, out),
-                Mat::row_major(w, out, k),
-                threads,
-            ),
-            Dense::Bf16(w) => crate::kernels::bf16::times(
-                crate::kernels::bf16::Bf16Weight {
+            Dense::F32(w) => {
+                let w = Mat::row_major(w, out, k);
+                let (rhs, red) = match side {
+                    Side::Transposed => (w.t(), k),
+                    Side::Plain => (w, out),
+                };
+                gemm_into_on(dst, accumulate, Mat::row_major(a, m, red), rhs, threads)
+            }
+            Dense::Bf16(w) => {
+                let w = Bf16Weight {
                     data: w,
                     rows: out,
                     cols: k,
-                },
-                g,
-                m,
-                dx,
-                accumulate,
-                threads,
-            ),
+                };
+                crate::kernels::bf16::product(w, side, a, m, dst, accumulate, threads)
+            }
         }
     }
 }
