@@ -31,7 +31,7 @@ use half::bf16;
 use std::cell::RefCell;
 
 use crate::kernels::cpu;
-use crate::kernels::gemm::{gemm_into_on, Mat};
+use crate::kernels::gemm::{gemm_into_on, row_block, Mat};
 
 /// Output columns of a packed weight panel (two 16-lane f32 vectors).
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
@@ -44,9 +44,6 @@ const MR: usize = 6;
 /// vocabulary products of SmolLM2 (`k` = 576) take one pass, the down projection two.
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 const KB: usize = 512;
-/// Fewest token rows per task when a product is split by rows over the spin pool.
-const SPLIT_ROWS: usize = 64;
-
 /// `x` rounded to bf16 (round to nearest even), as PyTorch and `half` round; a NaN stays a
 /// (quiet) NaN. Branch-free, so that loops over it vectorize.
 #[inline(always)]
@@ -137,6 +134,21 @@ struct Job<'a> {
     accumulate: bool,
 }
 
+impl<'a> Job<'a> {
+    /// Rows `r0..r0 + rows` (`r0 < m`) and output columns `cols` of this job.
+    fn part(self, r0: usize, rows: usize, cols: (usize, usize)) -> Job<'a> {
+        let k = self.w.dims(self.side).0;
+        Job {
+            a: &self.a[r0 * k..(r0 + rows) * k],
+            m: rows,
+            // SAFETY: row `r0 < m` is inside the job's output.
+            out: unsafe { self.out.add(r0 * self.ldc) },
+            cols,
+            ..self
+        }
+    }
+}
+
 // SAFETY: a job's `out` is only written at rows `< m`, columns in `cols`, which no other job
 // of the same product writes; the caller's `&mut` borrow of the output outlives every job.
 unsafe impl Send for Job<'_> {}
@@ -177,6 +189,9 @@ pub(crate) fn product(
         cols: (0, n),
         accumulate,
     };
+    // Tall products (training) are split by token rows, as the f32 gemm splits them. Short ones
+    // with many output columns (the output head's chunks of Qwen2.5's 152k-token vocabulary,
+    // ~110 rows; decoding) are split by columns: each thread packs only its own panels.
     let pool = crate::kernels::spin::threads();
     let threads = if pool > 1 && !crate::kernels::spin::in_task() {
         threads.min(pool)
@@ -184,33 +199,17 @@ pub(crate) fn product(
         1
     };
     let panels = n.div_ceil(NR);
-    // Tall products (training) are split by token rows. Short ones with many output columns
-    // (the output head's chunks of Qwen2.5's 152k-token vocabulary, ~110 rows; decoding) are
-    // split by columns: each thread packs only its own panels.
-    let jobs: Vec<Job> = if threads > 1 && m >= 2 * SPLIT_ROWS {
-        let parts = threads.min(m / SPLIT_ROWS);
-        let block = m.div_ceil(parts);
-        (0..m)
-            .step_by(block)
-            .map(|r0| Job {
-                a: &a[r0 * k..(r0 + block).min(m) * k],
-                m: block.min(m - r0),
-                // SAFETY: row `r0` is inside `out` (`r0 < m`).
-                out: unsafe { out.as_mut_ptr().add(r0 * n) },
-                ..job
-            })
-            .collect()
-    } else if threads > 1 && panels >= 2 * threads && m * n * k >= 1 << 20 {
-        let per = panels.div_ceil(threads) * NR;
-        (0..n)
-            .step_by(per)
-            .map(|c0| Job {
-                cols: (c0, (c0 + per).min(n)),
-                ..job
-            })
-            .collect()
-    } else {
-        vec![job]
+    let (rows_per, cols_per) = match row_block(m, threads) {
+        Some(block) => (block, n),
+        None if threads > 1 && panels >= 2 * threads && m * n * k >= 1 << 20 => (m, panels.div_ceil(threads) * NR),
+        None => (m, n),
+    };
+    let col_parts = n.div_ceil(cols_per);
+    let tasks = m.div_ceil(rows_per) * col_parts;
+    // Task `i`: a block of rows (row split) or of columns (column split), or the whole product.
+    let part = |i: usize| {
+        let (r0, c0) = (i / col_parts * rows_per, i % col_parts * cols_per);
+        job.part(r0, rows_per.min(m - r0), (c0, (c0 + cols_per).min(n)))
     };
     let fast = uses_avx512_bf16();
     let run = |job: Job| -> candle_core::Result<()> {
@@ -226,11 +225,11 @@ pub(crate) fn product(
             widened(job)
         }
     };
-    if jobs.len() == 1 {
-        return run(jobs[0]);
+    if tasks == 1 {
+        return run(part(0));
     }
     let error = crate::kernels::spin::FirstError::new();
-    crate::kernels::spin::run(jobs.len(), &|i| error.keep(run(jobs[i])));
+    crate::kernels::spin::run(tasks, &|i| error.keep(run(part(i))));
     error.result()
 }
 

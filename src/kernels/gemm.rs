@@ -127,10 +127,7 @@ fn gemm_into_with(
     // pool, each block one single-threaded gemm: gemm's own rayon split wakes a sleeping worker
     // for each of its parallel regions (~90 µs each on a 2-core Intel Xeon VM), and its workers
     // and the spin pool's would compete for the cores.
-    let pool_threads = crate::kernels::spin::threads();
-    if threads > 1 && pool_threads > 1 && m >= 2 * SPLIT_ROWS && !crate::kernels::spin::in_task() {
-        let parts = threads.min(pool_threads).min(m / SPLIT_ROWS);
-        let block = m.div_ceil(parts);
+    if let Some(block) = row_block(m, threads) {
         crate::kernels::spin::for_each_chunk_mut(dst, block * n, |i, d| {
             let r0 = i * block;
             let rows = d.len() / n;
@@ -172,6 +169,18 @@ fn gemm_into_with(
 
 /// Fewest rows of a block when a product is split by rows over the spin pool.
 const SPLIT_ROWS: usize = 64;
+
+/// Rows per task when a product of `m` rows on `threads` threads is split by rows over the spin
+/// pool (at least [`SPLIT_ROWS`] each, one task per thread), or `None` when it is not: too few
+/// rows, one thread, or already inside a pool task.
+pub(crate) fn row_block(m: usize, threads: usize) -> Option<usize> {
+    let pool = crate::kernels::spin::threads();
+    if threads > 1 && pool > 1 && m >= 2 * SPLIT_ROWS && !crate::kernels::spin::in_task() {
+        Some(m.div_ceil(threads.min(pool).min(m / SPLIT_ROWS)))
+    } else {
+        None
+    }
+}
 
 /// `dst (+)= lhs·rhs` through the gemm crate, with the kernel family [`cpu::family`] chose.
 ///
@@ -709,12 +718,7 @@ impl CustomOp3 for LoraMatmul {
 /// Token rows per task when a fused LoRA product over a dense base is split by tokens over the
 /// spin pool (the split [`gemm_into_on`] gives a tall product), or `None` when it is not split.
 fn token_block(m: usize) -> Option<usize> {
-    let (threads, pool) = (cpu::threads(), crate::kernels::spin::threads());
-    if threads > 1 && pool > 1 && m >= 2 * SPLIT_ROWS && !crate::kernels::spin::in_task() {
-        Some(m.div_ceil(threads.min(pool).min(m / SPLIT_ROWS)))
-    } else {
-        None
-    }
+    row_block(m, cpu::threads())
 }
 
 /// Runs `f(task, rows r0.., dst)` for each block of `block` token rows of the row-major
