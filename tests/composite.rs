@@ -127,6 +127,7 @@ fn attention_agrees_on_both_paths_with(window: Option<usize>) {
         kv_heads: nkv,
         head_dim: hd,
         window,
+        bf16_probabilities: false,
     };
     let q = Var::randn(0f32, 1.0, (b, t, nh * hd), &dev).unwrap();
     let k = Var::randn(0f32, 1.0, (b, t, nkv * hd), &dev).unwrap();

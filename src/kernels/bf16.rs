@@ -47,7 +47,7 @@ const KB: usize = 512;
 /// `x` rounded to bf16 (round to nearest even), as PyTorch and `half` round; a NaN stays a
 /// (quiet) NaN. Branch-free, so that loops over it vectorize.
 #[inline(always)]
-fn round(x: f32) -> u16 {
+pub(crate) fn round(x: f32) -> u16 {
     let b = x.to_bits();
     let rounded = (b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16) as u16;
     let nan = ((b >> 16) | 0x40) as u16;

@@ -30,6 +30,10 @@ pub struct Heads {
     pub head_dim: usize,
     /// Sliding-window layers: a query sees only the last `window` positions, its own included.
     pub window: Option<usize>,
+    /// Keep the attention probabilities for the backward pass rounded to bf16 (half the
+    /// memory): set under bf16 base weights, where PyTorch's bf16 attention keeps them in bf16
+    /// too. The forward's output is computed from the f32 probabilities either way.
+    pub bf16_probabilities: bool,
 }
 
 /// Where the examples of packed batch rows begin: for every (row, position) of a `[b, t]` batch,
@@ -280,20 +284,19 @@ pub(crate) fn repeat_kv(x: Tensor, n_rep: usize) -> candle_core::Result<Tensor> 
         .reshape((b, h * n_rep, t, d))
 }
 
-/// What the forward pass keeps for the backward pass (head-major tiles).
-struct Saved {
-    /// Rotated queries `[b, nh, t, hd]`.
-    q: Vec<f32>,
-    /// Rotated keys `[b, nkv, t, hd]`.
-    k: Vec<f32>,
-    /// Values `[b, nkv, t, hd]`.
-    v: Vec<f32>,
-    /// Attention probabilities, one buffer per (batch row, query head) holding only its causal
-    /// row blocks ([`FusedAttention::blocks`]): about half of a `t×t` square. Separate buffers
-    /// stay under the allocator's large-object size at long sequences, where one
-    /// `[b, nh, t, t]` buffer (36 MiB a layer at 9 heads × 1024 positions) took whole arena
-    /// chunks and faulted in fresh pages every step.
-    p: Vec<Vec<f32>>,
+/// What the forward pass keeps for the backward pass: the attention probabilities, one buffer
+/// per (batch row, query head) holding only its causal row blocks ([`FusedAttention::blocks`]):
+/// about half of a `t×t` square. Separate buffers stay under the allocator's large-object size
+/// at long sequences, where one `[b, nh, t, t]` buffer (36 MiB a layer at 9 heads × 1024
+/// positions) took whole arena chunks and faulted in fresh pages every step.
+///
+/// The rotated queries, keys and values are not kept: the backward gathers and rotates them
+/// again from the op's inputs, which the graph holds anyway (keeping copies cost 118 MB at
+/// SmolLM2-135M, b4×256; gathering them again is ~1% of the backward's time).
+enum Saved {
+    F32(Vec<Vec<f32>>),
+    /// Rounded to bf16 ([`Heads::bf16_probabilities`]).
+    Bf16(Vec<Vec<u16>>),
 }
 
 /// One causal row block of a head's scores: rows `s + r0 .. s + r0 + rl` of the diagonal span
@@ -449,6 +452,89 @@ impl FusedAttention {
             }
         });
     }
+
+    /// The backward pass of one key/value head of one batch row (`kv` counts both) and of the
+    /// query heads that read it: writes their rows of dQ (`dqs`, `n_rep` head-major tiles) and
+    /// the head's dK and dV tiles. `inputs`: the op's q, k, v and the incoming gradient, each
+    /// `[b, t, heads·hd]`.
+    #[allow(clippy::too_many_arguments)]
+    fn backward_group(
+        &self,
+        saved: &Saved,
+        inputs: [&[f32]; 4],
+        kv: usize,
+        dqs: &mut [f32],
+        dkt: &mut [f32],
+        dvt: &mut [f32],
+    ) -> candle_core::Result<()> {
+        let [qs, ks, vs, g] = inputs;
+        let Heads {
+            q_heads: nh,
+            kv_heads: nkv,
+            head_dim: hd,
+            ..
+        } = self.heads;
+        let tile = self.t * hd;
+        let bi = kv / nkv;
+        let blocks = self.blocks(bi);
+        let longest = blocks.iter().map(Block::len).max().unwrap_or(0);
+        let (mut kr, mut vr) = (vec![0f32; tile], vec![0f32; tile]);
+        self.gather(ks, nkv, bi, kv % nkv, &mut kr, true);
+        self.gather(vs, nkv, bi, kv % nkv, &mut vr, false);
+        let (mut qr, mut go) = (vec![0f32; tile], vec![0f32; tile]);
+        let mut dp = vec![0f32; longest];
+        let mut wide = match saved {
+            Saved::F32(_) => vec![],
+            Saved::Bf16(_) => vec![0f32; longest],
+        };
+        for (r, dqt) in dqs.chunks_exact_mut(tile).enumerate() {
+            let h = (kv % nkv) * (nh / nkv) + r;
+            let qh = bi * nh + h;
+            self.gather(qs, nh, bi, h, &mut qr, true);
+            self.gather(g, nh, bi, h, &mut go, false);
+            // One causal row block at a time (the forward's): every row belongs to one block, so
+            // each block writes its own rows of dQ; dK and dV start at zero and add up every row
+            // block's and head's share.
+            for &blk in &blocks {
+                let Block { s, r0, rl, at } = blk;
+                let e = blk.e();
+                let (rows, upto) = ((s + r0) * hd..(s + e) * hd, s * hd..(s + e) * hd);
+                let pb: &[f32] = match saved {
+                    Saved::F32(p) => &p[qh][at..at + blk.len()],
+                    Saved::Bf16(p) => {
+                        let wide = &mut wide[..blk.len()];
+                        for (w, &x) in wide.iter_mut().zip(&p[qh][at..at + blk.len()]) {
+                            *w = f32::from_bits(u32::from(x) << 16);
+                        }
+                        wide
+                    }
+                };
+                let pm = Mat::row_major(pb, rl, e);
+                let gom = Mat::row_major(&go[rows.clone()], rl, hd);
+                let kt = Mat::row_major(&kr[upto.clone()], e, hd);
+                let vt = Mat::row_major(&vr[upto.clone()], e, hd);
+                let dp = &mut dp[..rl * e];
+                // dV += Pᵀ·dO; dP = dO·Vᵀ.
+                gemm_into_on(&mut dvt[upto.clone()], true, pm.t(), gom, 1)?;
+                gemm_into_on(dp, false, gom, vt.t(), 1)?;
+                // dS = scale · P ⊙ (dP − rowsum(P ⊙ dP)), causal rows only.
+                for (i, (pr, dr)) in pb.chunks_exact(e).zip(dp.chunks_exact_mut(e)).enumerate() {
+                    let (pr, (dr, above)) = (&pr[..r0 + i + 1], dr.split_at_mut(r0 + i + 1));
+                    let dot: f32 = pr.iter().zip(dr.iter()).map(|(a, b)| a * b).sum();
+                    for (d, &pv) in dr.iter_mut().zip(pr) {
+                        *d = self.scale * pv * (*d - dot);
+                    }
+                    above.fill(0.0);
+                }
+                let dsm = Mat::row_major(dp, rl, e);
+                // dQ = dS·K; dK += dSᵀ·Q (both in rotated space).
+                gemm_into_on(&mut dqt[rows.clone()], false, dsm, kt, 1)?;
+                let qm = Mat::row_major(&qr[rows], rl, hd);
+                gemm_into_on(&mut dkt[upto], true, dsm.t(), qm, 1)?;
+            }
+        }
+        Ok(())
+    }
 }
 
 impl CustomOp3 for FusedAttention {
@@ -519,9 +605,19 @@ impl CustomOp3 for FusedAttention {
                 Ok::<Vec<f32>, candle_core::Error>(pt)
             })
             .collect::<candle_core::Result<Vec<_>>>()?;
+        drop((qr, kr, vr));
         let out = self.scatter(&o, nh);
+        let kept = if self.heads.bf16_probabilities {
+            Saved::Bf16(
+                p.into_par_iter()
+                    .map(|pt| pt.iter().map(|&x| crate::kernels::bf16::round(x)).collect())
+                    .collect(),
+            )
+        } else {
+            Saved::F32(p)
+        };
         if let Ok(mut saved) = self.saved.lock() {
-            *saved = Some(Saved { q: qr, k: kr, v: vr, p });
+            *saved = Some(kept);
         }
         Ok((CpuStorage::F32(out), Shape::from((b, t, nh * hd))))
     }
@@ -552,54 +648,19 @@ impl CustomOp3 for FusedAttention {
         let mut dq = vec![0f32; b * nh * tile];
         let mut dk = vec![0f32; b * nkv * tile];
         let mut dv = vec![0f32; b * nkv * tile];
-        with_slice(grad, |g| {
-            dq.par_chunks_mut(n_rep * tile)
-                .zip(dk.par_chunks_mut(tile).zip(dv.par_chunks_mut(tile)))
-                .enumerate()
-                .try_for_each(|(kv, (dqs, (dkt, dvt)))| {
-                    let bi = kv / nkv;
-                    let blocks = self.blocks(bi);
-                    let mut go = vec![0f32; tile];
-                    let mut dp = vec![0f32; blocks.iter().map(Block::len).max().unwrap_or(0)];
-                    for (r, dqt) in dqs.chunks_exact_mut(tile).enumerate() {
-                        let h = (kv % nkv) * n_rep + r;
-                        let qh = bi * nh + h;
-                        self.gather(g, nh, bi, h, &mut go, false);
-                        let pt = &saved.p[qh];
-                        // One causal row block at a time (the forward's): every row belongs to
-                        // one block, so each block writes its own rows of dQ; dK and dV start
-                        // at zero and add up every row block's and head's share.
-                        for &blk in &blocks {
-                            let Block { s, r0, rl, at } = blk;
-                            let e = blk.e();
-                            let (rows, upto) = ((s + r0) * hd..(s + e) * hd, s * hd..(s + e) * hd);
-                            let pb = &pt[at..at + blk.len()];
-                            let pm = Mat::row_major(pb, rl, e);
-                            let gom = Mat::row_major(&go[rows.clone()], rl, hd);
-                            let kt = Mat::row_major(&saved.k[kv * tile..][upto.clone()], e, hd);
-                            let vt = Mat::row_major(&saved.v[kv * tile..][upto.clone()], e, hd);
-                            let dp = &mut dp[..rl * e];
-                            // dV += Pᵀ·dO; dP = dO·Vᵀ.
-                            gemm_into_on(&mut dvt[upto.clone()], true, pm.t(), gom, 1)?;
-                            gemm_into_on(dp, false, gom, vt.t(), 1)?;
-                            // dS = scale · P ⊙ (dP − rowsum(P ⊙ dP)), causal rows only.
-                            for (i, (pr, dr)) in pb.chunks_exact(e).zip(dp.chunks_exact_mut(e)).enumerate() {
-                                let (pr, (dr, above)) = (&pr[..r0 + i + 1], dr.split_at_mut(r0 + i + 1));
-                                let dot: f32 = pr.iter().zip(dr.iter()).map(|(a, b)| a * b).sum();
-                                for (d, &pv) in dr.iter_mut().zip(pr) {
-                                    *d = self.scale * pv * (*d - dot);
-                                }
-                                above.fill(0.0);
-                            }
-                            let dsm = Mat::row_major(dp, rl, e);
-                            // dQ = dS·K; dK += dSᵀ·Q (both in rotated space).
-                            gemm_into_on(&mut dqt[rows.clone()], false, dsm, kt, 1)?;
-                            let qm = Mat::row_major(&saved.q[qh * tile..][rows], rl, hd);
-                            gemm_into_on(&mut dkt[upto], true, dsm.t(), qm, 1)?;
-                        }
-                    }
-                    Ok::<(), candle_core::Error>(())
+        with_slice(q, |qs| {
+            with_slice(k, |ks| {
+                with_slice(v, |vs| {
+                    with_slice(grad, |g| {
+                        dq.par_chunks_mut(n_rep * tile)
+                            .zip(dk.par_chunks_mut(tile).zip(dv.par_chunks_mut(tile)))
+                            .enumerate()
+                            .try_for_each(|(kv, (dqs, (dkt, dvt)))| {
+                                self.backward_group(&saved, [qs, ks, vs, g], kv, dqs, dkt, dvt)
+                            })
+                    })
                 })
+            })
         })?;
         self.unrotate(&mut dq, nh);
         self.unrotate(&mut dk, nkv);
@@ -644,6 +705,43 @@ mod tests {
         }
     }
 
+    /// Probabilities kept in bf16: the same forward, bit for bit, and gradients within bf16's
+    /// rounding of the f32-kept ones (and not equal to them: the rounded ones are used).
+    #[test]
+    fn bf16_kept_probabilities_change_only_the_gradients_and_by_their_rounding() {
+        let dev = Device::Cpu;
+        let (b, t, nh, nkv, hd) = (2, ROWS + 23, 4, 2, 8);
+        let q = Var::randn(0f32, 1.0, (b, t, nh * hd), &dev).unwrap();
+        let k = Var::randn(0f32, 1.0, (b, t, nkv * hd), &dev).unwrap();
+        let v = Var::randn(0f32, 1.0, (b, t, nkv * hd), &dev).unwrap();
+        let c = Tensor::randn(0f32, 1.0, (b, t, nh * hd), &dev).unwrap();
+        let (cos, sin) = tables(t, hd / 2);
+        let run = |bf16_probabilities| {
+            let heads = Heads {
+                q_heads: nh,
+                kv_heads: nkv,
+                head_dim: hd,
+                window: None,
+                bf16_probabilities,
+            };
+            let y = causal_attention(&q, &k, &v, &cos, &sin, heads, 0.35).unwrap();
+            let g = (&y * &c).unwrap().sum_all().unwrap().backward().unwrap();
+            let grads: Vec<Tensor> = [&q, &k, &v]
+                .iter()
+                .map(|x| g.get(x.as_tensor()).unwrap().clone())
+                .collect();
+            (y, grads)
+        };
+        let (y32, g32) = run(false);
+        let (y16, g16) = run(true);
+        assert_eq!(crate::testing::max_abs_diff(&y32, &y16), 0.0);
+        for (name, (a, b)) in ["q", "k", "v"].iter().zip(g32.iter().zip(&g16)) {
+            let d = crate::testing::max_abs_diff(a, b);
+            let size = a.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(d > 0.0 && d < 1e-2 * size, "gradient of {name}: {d} against {size}");
+        }
+    }
+
     /// `rot_half` < head_dim / 2: partial rotary (Phi-3).
     fn fused_attention_matches_composite_ops_with(window: Option<usize>, rot_half: usize, t: usize) {
         let dev = Device::Cpu;
@@ -653,6 +751,7 @@ mod tests {
             kv_heads: nkv,
             head_dim: hd,
             window,
+            bf16_probabilities: false,
         };
         let q = Var::randn(0f32, 1.0, (b, t, nh * hd), &dev).unwrap();
         let k = Var::randn(0f32, 1.0, (b, t, nkv * hd), &dev).unwrap();
@@ -697,6 +796,7 @@ mod packed_tests {
             kv_heads: 1,
             head_dim: 4,
             window: None,
+            bf16_probabilities: false,
         };
         let op = FusedAttention {
             segments: Some(seg),
@@ -760,6 +860,7 @@ mod packed_tests {
             kv_heads: nkv,
             head_dim: hd,
             window,
+            bf16_probabilities: false,
         };
         let q = Var::randn(0f32, 1.0, (b, t, nh * hd), &dev).unwrap();
         let k = Var::randn(0f32, 1.0, (b, t, nkv * hd), &dev).unwrap();

@@ -884,6 +884,12 @@ impl Transformer {
         Ok((x, tables))
     }
 
+    /// Whether this is an f32 model over bf16 weights (`--precision bf16` on the CPU): its
+    /// attention keeps its probabilities for the backward pass in bf16, as PyTorch's bf16 run.
+    fn bf16_base(&self) -> bool {
+        self.dtype == DType::F32 && self.embed.dtype() == DType::BF16
+    }
+
     /// Decoder block `l` on `x: [b, t, hidden]` at positions 0..t (causal, no cache).
     pub fn block_forward(&self, l: usize, x: &Tensor, tables: &RopeTables, ctx: &mut ForwardCtx) -> Result<Tensor> {
         let cfg = &self.cfg;
@@ -896,6 +902,7 @@ impl Transformer {
             kv_heads: cfg.num_key_value_heads,
             head_dim: cfg.head_dim,
             window: cfg.window(l),
+            bf16_probabilities: self.bf16_base(),
         };
         let (cos, sin) = tables.for_layer(cfg, l);
         let hs = block.input_norm.forward(x, cfg.rms_norm_eps)?;
