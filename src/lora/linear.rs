@@ -82,16 +82,18 @@ impl LoraLinear {
     }
 
     pub fn forward(&self, x: &Tensor, ctx: &mut ForwardCtx) -> candle_core::Result<Tensor> {
+        let bias = self.bias.as_ref();
         let mut y = match &self.lora {
             None => self.base(x)?,
             Some(l) => {
                 let dropout_on = l.dropout > 0.0 && ctx.dropout_rng.is_some();
+                // The fused op adds the bias itself (the graph then keeps no bias-free copy).
                 match &self.weight {
                     FrozenWeight::Dense(w) if !dropout_on && lora_linear_supported(x, w, l.a.as_tensor()) => {
-                        lora_linear(x, w, l.a.as_tensor(), l.b.as_tensor(), l.scale)?
+                        return lora_linear(x, w, l.a.as_tensor(), l.b.as_tensor(), l.scale, bias);
                     }
                     FrozenWeight::Quantized(q) if !dropout_on && lora_linear_supported(x, x, l.a.as_tensor()) => {
-                        lora_linear_quantized(x, q, l.a.as_tensor(), l.b.as_tensor(), l.scale)?
+                        return lora_linear_quantized(x, q, l.a.as_tensor(), l.b.as_tensor(), l.scale, bias);
                     }
                     _ => {
                         let xd = match &mut ctx.dropout_rng {
@@ -109,7 +111,7 @@ impl LoraLinear {
                 }
             }
         };
-        if let Some(b) = &self.bias {
+        if let Some(b) = bias {
             y = y.broadcast_add(b)?;
         }
         Ok(y)
@@ -156,6 +158,48 @@ mod tests {
     use super::*;
     use crate::kernels::quant::QType;
     use candle_core::{Device, Var};
+
+    /// The fused op adds a frozen bias once, last: output and gradients equal the composite
+    /// `x·Wᵀ + s·(x·Aᵀ)·Bᵀ + b`, on few tokens and on enough to be split by token blocks.
+    #[test]
+    fn the_fused_op_adds_the_bias_once() {
+        let dev = Device::Cpu;
+        let (out, inp, r) = (40, 24, 4);
+        for tokens in [7, 300] {
+            let w = Tensor::randn(0f32, 0.5, (out, inp), &dev).unwrap();
+            let b = Tensor::randn(0f32, 1.0, out, &dev).unwrap();
+            let lora = LoraWeights {
+                a: Var::randn(0f32, 0.3, (r, inp), &dev).unwrap(),
+                b: Var::randn(0f32, 0.3, (out, r), &dev).unwrap(),
+                scale: 2.0,
+                dropout: 0.0,
+            };
+            let lin = LoraLinear {
+                weight: FrozenWeight::Dense(w.clone()),
+                bias: Some(b.clone()),
+                lora: Some(lora.clone()),
+            };
+            let x = Var::randn(0f32, 1.0, (1, tokens, inp), &dev).unwrap();
+            let c = Tensor::randn(0f32, 1.0, (1, tokens, out), &dev).unwrap();
+            let fused = lin.forward(x.as_tensor(), &mut ForwardCtx::eval()).unwrap();
+            let h = (x.broadcast_matmul(&lora.a.t().unwrap()).unwrap() * 2.0).unwrap();
+            let reference = (x.broadcast_matmul(&w.t().unwrap()).unwrap()
+                + h.broadcast_matmul(&lora.b.t().unwrap()).unwrap())
+            .unwrap()
+            .broadcast_add(&b)
+            .unwrap();
+            assert!(
+                crate::testing::max_abs_diff(&fused, &reference) < 1e-4,
+                "{tokens} tokens: output"
+            );
+            let g = (&fused * &c).unwrap().sum_all().unwrap().backward().unwrap();
+            let g_ref = (&reference * &c).unwrap().sum_all().unwrap().backward().unwrap();
+            for (name, v) in [("x", &x), ("A", &lora.a), ("B", &lora.b)] {
+                let d = crate::testing::max_abs_diff(g.get(v.as_tensor()).unwrap(), g_ref.get(v.as_tensor()).unwrap());
+                assert!(d < 1e-3, "{tokens} tokens: gradient of {name} differs by {d}");
+            }
+        }
+    }
 
     /// A quantized frozen base trains exactly as the dense base holding the same (dequantized)
     /// weights: outputs and the gradients of x, A and B agree to float precision, for both
