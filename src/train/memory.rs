@@ -358,8 +358,11 @@ mod tests {
     /// Rows whose measured peak is not set by what the estimate counts: Qwen2.5-1.5B at b4×256
     /// without checkpointing peaked at 12,796 / 8,477 MiB (f32 / q4_1) before the attention op
     /// stopped keeping q/k/v copies and the LoRA op took the bias, and at 12,816 / 8,451 after,
-    /// though those changes removed ~0.47 GB of saved activations there. What sets these peaks
-    /// is not found yet; the estimate is ~7% under them (an open gap, not a tolerance).
+    /// though those changes removed ~0.47 GB of saved activations there. Their resident memory
+    /// keeps growing after the first step (q4_1: 7.24, 8.73, 9.24, 9.24 GB at the end of steps
+    /// 1–4), where SmolLM2's does not: the allocator around the ≥ 32 MiB tensors of that width
+    /// (`[1024, 8960]` f32), not saved activations. The estimate is ~7% under these one-step
+    /// peaks and ~15% under the steady one: an open gap, not a tolerance.
     const PEAK_NOT_FROM_ACTIVATIONS: [(&str, usize, usize, bool); 1] = [("qwen2.5-1.5b", 4, 256, false)];
 
     #[test]
