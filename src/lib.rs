@@ -5,6 +5,7 @@
 //! depends on a GUI; the engine never imports it. `ui` exists with the `studio` feature (a
 //! default one); without it Finch builds headless, CLI only.
 
+pub mod alloc;
 pub mod bench;
 pub mod cli;
 pub mod data;

@@ -1,20 +1,11 @@
 //! The `finch` binary: parses the command line and hands over to the library.
 
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
-/// mimalloc's `purge_delay` option (see mimalloc.h; not exported by name by libmimalloc-sys).
-const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+static GLOBAL: finch::alloc::FinchAlloc = finch::alloc::FinchAlloc;
 
 fn main() {
-    // Training frees and re-allocates the same large activation buffers every step. By default
-    // mimalloc hands freed memory back to the OS after 10 ms, and every step then pays for the
-    // kernel zeroing fresh pages: 40% of a step's time. Keeping freed memory halves step time.
-    // SAFETY: sets a process-wide allocator option before any worker thread exists.
-    #[allow(unsafe_code)]
-    unsafe {
-        libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1)
-    };
+    // Freed memory kept for the next step, large blocks in an arena of their own: see the module.
+    finch::alloc::configure();
     // candle runs elementwise ops on its own spinning thread pool beside rayon's (used by the
     // matmuls and Finch's fused ops). On a 2-core laptop the two pools fight and a third of the
     // step is spent spinning; elementwise ops are memory-bound anyway. Measured: 121 -> 182

@@ -163,6 +163,9 @@ pub struct BenchTrainResult {
     pub peak_rss_mb: Option<f64>,
     /// What [`crate::train::memory::estimate`] predicts for this run's peak, in MiB.
     pub estimated_peak_mb: f64,
+    /// The most heap memory live at once (`finch`'s allocator counts it; `None` elsewhere), in
+    /// MiB: `peak_rss_mb` less it is what the allocator kept mapped beyond what was in use.
+    pub allocated_peak_mb: Option<f64>,
     /// Minor page faults per timed step (fresh pages the kernel mapped and zeroed); near zero
     /// when steps reuse their buffers.
     pub minor_page_faults_per_step: Option<f64>,
@@ -280,6 +283,7 @@ pub fn bench_train(opts: &BenchTrainOptions) -> Result<BenchTrainResult> {
         secs_per_step: secs / opts.timed_steps.max(1) as f64,
         peak_rss_mb: crate::system::peak_rss_mb(),
         estimated_peak_mb,
+        allocated_peak_mb: crate::alloc::peak_bytes().map(|b| b as f64 / (1024.0 * 1024.0)),
         minor_page_faults_per_step: faults,
         machine: Machine::now(),
         loss_first: losses.first().copied().unwrap_or(f32::NAN),

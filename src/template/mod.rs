@@ -554,6 +554,10 @@ fn json_kind(v: &serde_json::Value) -> &'static str {
 /// `clock` pins the moment `strftime_now` formats (Unix seconds); `None` is the current time.
 fn sandboxed_environment(source: &str, clock: Option<i64>) -> Result<Environment<'static>> {
     let mut env = Environment::new();
+    // minijinja's debug mode defaults to `cfg!(debug_assertions)`: without it a release build's
+    // render errors (`raise_exception`, undefined values) carry no line, and the message cannot
+    // point the user at the template line to fix.
+    env.set_debug(true);
     let syntax = minijinja::syntax::SyntaxConfig::builder()
         .trim_blocks(true)
         .lstrip_blocks(true)
