@@ -73,13 +73,8 @@ fn reserve_large_heap() -> *mut c_void {
     unsafe { libmimalloc_sys::mi_heap_new_in_arena(arena) }.cast()
 }
 
-/// Bytes allocated through [`FinchAlloc`] and not yet freed; `None` when it is not the global
-/// allocator (library tests, other binaries).
-pub fn live_bytes() -> Option<usize> {
-    INSTALLED.load(Ordering::Relaxed).then(|| LIVE.load(Ordering::Relaxed))
-}
-
-/// The most bytes live at once since the process started.
+/// The most bytes live at once since the process started; `None` when [`FinchAlloc`] is not the
+/// global allocator (library tests, other binaries).
 pub fn peak_bytes() -> Option<usize> {
     INSTALLED.load(Ordering::Relaxed).then(|| PEAK.load(Ordering::Relaxed))
 }

@@ -159,6 +159,16 @@ mod tests {
     use crate::kernels::quant::QType;
     use candle_core::{Device, Var};
 
+    /// A random rank-`r` adapter for a `[out, inp]` projection, scale 2, no dropout.
+    fn random_lora(out: usize, inp: usize, r: usize) -> LoraWeights {
+        LoraWeights {
+            a: Var::randn(0f32, 0.3, (r, inp), &Device::Cpu).unwrap(),
+            b: Var::randn(0f32, 0.3, (out, r), &Device::Cpu).unwrap(),
+            scale: 2.0,
+            dropout: 0.0,
+        }
+    }
+
     /// The fused op adds a frozen bias once, last: output and gradients equal the composite
     /// `x·Wᵀ + s·(x·Aᵀ)·Bᵀ + b`, on few tokens and on enough to be split by token blocks.
     #[test]
@@ -168,12 +178,7 @@ mod tests {
         for tokens in [7, 300] {
             let w = Tensor::randn(0f32, 0.5, (out, inp), &dev).unwrap();
             let b = Tensor::randn(0f32, 1.0, out, &dev).unwrap();
-            let lora = LoraWeights {
-                a: Var::randn(0f32, 0.3, (r, inp), &dev).unwrap(),
-                b: Var::randn(0f32, 0.3, (out, r), &dev).unwrap(),
-                scale: 2.0,
-                dropout: 0.0,
-            };
+            let lora = random_lora(out, inp, r);
             let lin = LoraLinear {
                 weight: FrozenWeight::Dense(w.clone()),
                 bias: Some(b.clone()),
@@ -215,12 +220,7 @@ mod tests {
                     QMatrix::quantize(qtype, out, inp, &w.flatten_all().unwrap().to_vec1::<f32>().unwrap()).unwrap();
                 let wd = Tensor::from_vec(q.dequantize(), (out, inp), &dev).unwrap();
                 let b = bias.then(|| Tensor::randn(0f32, 1.0, out, &dev).unwrap());
-                let lora = LoraWeights {
-                    a: Var::randn(0f32, 0.3, (r, inp), &dev).unwrap(),
-                    b: Var::randn(0f32, 0.3, (out, r), &dev).unwrap(),
-                    scale: 2.0,
-                    dropout: 0.0,
-                };
+                let lora = random_lora(out, inp, r);
                 let dense = LoraLinear {
                     weight: FrozenWeight::Dense(wd.clone()),
                     bias: b.clone(),
