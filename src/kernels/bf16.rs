@@ -30,6 +30,8 @@
 use half::bf16;
 use std::cell::RefCell;
 
+// Only x86 code calls into `cpu` (the doc links name it everywhere).
+#[cfg_attr(not(target_arch = "x86_64"), allow(unused_imports))]
 use crate::kernels::cpu;
 use crate::kernels::gemm::{gemm_into_on, row_block, Mat};
 
