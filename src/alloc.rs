@@ -162,27 +162,25 @@ unsafe impl GlobalAlloc for FinchAlloc {
     }
 
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        if new_size < LARGE_BLOCK || LARGE_HEAP.load(Ordering::Relaxed).is_null() {
-            // SAFETY: the caller's guarantees; mimalloc resizes in the block's own heap.
-            let block = unsafe { mimalloc::MiMalloc.realloc(ptr, layout, new_size) };
-            if !block.is_null() {
-                count_free(layout.size());
-                count_alloc(new_size);
-            }
-            return block;
+        let heap = LARGE_HEAP.load(Ordering::Relaxed);
+        let mut block: *mut u8 = std::ptr::null_mut();
+        if new_size >= LARGE_BLOCK && !heap.is_null() {
+            // Growing into (or within) the large sizes: mimalloc resizes in place when the block
+            // allows, else moves it into the large-block heap. Null when that arena is full; the
+            // old block is then untouched and the default heap takes it below.
+            // SAFETY: `heap` as in `raw_alloc`; `ptr` came from one of mimalloc's heaps with
+            // `layout` (caller's guarantees).
+            block =
+                unsafe { libmimalloc_sys::mi_heap_realloc_aligned(heap.cast(), ptr.cast(), new_size, layout.align()) }
+                    .cast();
         }
-        // Growing into (or within) the large sizes: a fresh block from the large-block arena.
-        // SAFETY: `layout.align()` is a valid alignment and `new_size` is non-zero (caller's
-        // guarantees), so the new layout is valid.
-        let new_layout = unsafe { Layout::from_size_align_unchecked(new_size, layout.align()) };
-        // SAFETY: as `alloc`.
-        let block = unsafe { self.alloc(new_layout) };
+        if block.is_null() {
+            // SAFETY: the caller's guarantees; mimalloc resizes in the block's own heap.
+            block = unsafe { mimalloc::MiMalloc.realloc(ptr, layout, new_size) };
+        }
         if !block.is_null() {
-            // SAFETY: both blocks are valid for the copied length and do not overlap.
-            unsafe {
-                std::ptr::copy_nonoverlapping(ptr, block, layout.size().min(new_size));
-                self.dealloc(ptr, layout);
-            }
+            count_free(layout.size());
+            count_alloc(new_size);
         }
         block
     }
@@ -246,8 +244,13 @@ mod tests {
             let s = a.alloc(small);
             assert!(mi_heap_contains(heap, p.cast()));
             assert!(!mi_heap_contains(heap, s.cast()));
-            a.dealloc(p, large);
-            a.dealloc(s, small);
+            // Resizing a large block keeps it in the arena; a small one grown large moves there.
+            let p = a.realloc(p, large, 3 * LARGE_BLOCK);
+            assert!(mi_heap_contains(heap, p.cast()));
+            let s = a.realloc(s, small, 2 * LARGE_BLOCK);
+            assert!(mi_heap_contains(heap, s.cast()));
+            a.dealloc(p, Layout::from_size_align(3 * LARGE_BLOCK, 64).unwrap());
+            a.dealloc(s, Layout::from_size_align(2 * LARGE_BLOCK, 64).unwrap());
         }
     }
 }
