@@ -453,6 +453,29 @@ fn bench_train_reports_its_path_and_device() {
         }
         assert!(v["loss_last"].as_f64().unwrap().is_finite());
     }
+    // f32 products of training rows go through AVX-512 tiles where the CPU has them, through
+    // the gemm crate under `FINCH_CPU=avx2`/`portable`: the same losses either way.
+    // 32 token rows: products of fewer than 16 stay on gemv and gemm.
+    let rows: Vec<&str> = args.iter().map(|&a| if a == "8" { "32" } else { a }).collect();
+    let mut losses = vec![];
+    for (cpu, products) in [(None, None), (Some("portable"), Some("gemm"))] {
+        let mut cmd = finch();
+        cmd.args(&rows).env("FINCH_FUSED", "1");
+        if let Some(cpu) = cpu {
+            cmd.env("FINCH_CPU", cpu);
+        }
+        let out = cmd.output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let got = v["f32_products"].as_str().unwrap();
+        assert!(["avx512-tiles", "gemm"].contains(&got), "{got}");
+        if let Some(want) = products {
+            assert_eq!(got, want);
+        }
+        losses.push((got.to_string(), v["loss_last"].as_f64().unwrap()));
+    }
+    let (a, b) = (losses[0].1, losses[1].1);
+    assert!((a - b).abs() < 1e-4 * a.abs().max(1.0), "{losses:?}");
     let out = finch().args(args).env("FINCH_FUSED", "maybe").output().unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);

@@ -130,6 +130,10 @@ pub struct Machine {
     /// How bf16 weights (`--precision bf16` on the CPU) are multiplied: `avx512-bf16`
     /// (`vdpbf16ps`) or `widened` (to f32, then the f32 gemm): `kernels::bf16`.
     pub bf16_products: &'static str,
+    /// How f32 frozen weights (`--precision f32`, prefill) are multiplied in products of 16 or
+    /// more token rows: `avx512-tiles` (Finch's own AVX-512 register tiles) or `gemm` (the gemm
+    /// crate in `gemm_family`): `kernels::panel`.
+    pub f32_products: &'static str,
     /// Transparent huge pages: `always`, `madvise` or `never`.
     pub thp_mode: Option<&'static str>,
 }
@@ -145,6 +149,7 @@ impl Machine {
             gemm_family_candle: cpu::best().name(),
             quantized_kernel_family: cpu::quantized_family().name(),
             bf16_products: crate::kernels::bf16::products_name(),
+            f32_products: crate::kernels::panel::f32_products_name(),
             thp_mode: cpu::thp_mode(),
         }
     }

@@ -18,8 +18,9 @@
 //! * Other CPUs widen the weight to f32, 256 rows at a time, and run the f32 gemm on the
 //!   bf16-rounded activations: correct everywhere, as fast as f32 training, in less memory.
 //!
-//! Products are split over the spin pool by token rows, or by output columns when the rows are
-//! few (the output head's chunks of a large vocabulary, decoding).
+//! The panel layout, the tile's store and the split over the spin pool (by token rows, or by
+//! output columns when the rows are few: the output head's chunks of a large vocabulary,
+//! decoding) are shared with the f32 tiles in [`crate::kernels::panel`].
 //!
 //! Hand-written rather than a crate's: the `gemm` crate (0.19, behind candle's matmul) has no
 //! `vdpbf16ps` kernel, and candle's bf16 CPU ops trained SmolLM2-135M shapes at a quarter of the
@@ -33,14 +34,11 @@ use std::cell::RefCell;
 // Only x86 code calls into `cpu` (the doc links name it everywhere).
 #[cfg_attr(not(target_arch = "x86_64"), allow(unused_imports))]
 use crate::kernels::cpu;
-use crate::kernels::gemm::{gemm_into_on, row_block, Mat};
+use crate::kernels::gemm::{gemm_into_on, Mat};
+#[cfg(target_arch = "x86_64")]
+use crate::kernels::panel::MR;
+use crate::kernels::panel::{split, Job, Side, Weight, NR};
 
-/// Output columns of a packed weight panel (two 16-lane f32 vectors).
-#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
-const NR: usize = 32;
-/// Token rows of the register tile.
-#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
-const MR: usize = 6;
 /// `k`-pairs per packed block: 512 pairs × 32 columns × 4 bytes = 64 KB, read from L2. Larger
 /// blocks mean fewer passes over the f32 output (each block adds into it): the hidden and
 /// vocabulary products of SmolLM2 (`k` = 576) take one pass, the down projection two.
@@ -60,44 +58,8 @@ pub(crate) fn round(x: f32) -> u16 {
     }
 }
 
-/// How the weight `w` (row-major `[n, k]`, bf16) enters a product.
-#[derive(Clone, Copy)]
-pub(crate) enum Side {
-    /// `y[m, n] = x[m, k] · wᵀ`: the forward pass.
-    Transposed,
-    /// `dx[m, k] = g[m, n] · w`: the input gradient.
-    Plain,
-}
-
 /// A frozen bf16 weight `[rows, cols]`, row-major.
-#[derive(Clone, Copy)]
-pub(crate) struct Bf16Weight<'a> {
-    pub data: &'a [bf16],
-    pub rows: usize,
-    pub cols: usize,
-}
-
-impl Bf16Weight<'_> {
-    fn check(&self) -> candle_core::Result<()> {
-        if self.data.len() != self.rows * self.cols {
-            candle_core::bail!(
-                "bf16 weight: {} values do not make {}x{}",
-                self.data.len(),
-                self.rows,
-                self.cols
-            )
-        }
-        Ok(())
-    }
-
-    /// `(reduction, output columns)` of a product on `side`.
-    fn dims(&self, side: Side) -> (usize, usize) {
-        match side {
-            Side::Transposed => (self.cols, self.rows),
-            Side::Plain => (self.rows, self.cols),
-        }
-    }
-}
+pub(crate) type Bf16Weight<'a> = Weight<'a, bf16>;
 
 /// Whether this process multiplies bf16 weights with `vdpbf16ps`: the CPU has AVX-512 BF16 and
 /// `FINCH_CPU` does not force a family below AVX-512 ([`cpu::quantized_family`]: Zen 4's default
@@ -122,41 +84,6 @@ pub fn products_name() -> &'static str {
     }
 }
 
-/// One thread's share of a product: all of `a`'s `m` rows (`[m, k]`, f32), output columns
-/// `cols` of `out` (row stride `ldc`).
-#[derive(Clone, Copy)]
-struct Job<'a> {
-    w: Bf16Weight<'a>,
-    side: Side,
-    a: &'a [f32],
-    m: usize,
-    out: *mut f32,
-    ldc: usize,
-    cols: (usize, usize),
-    accumulate: bool,
-}
-
-impl<'a> Job<'a> {
-    /// Rows `r0..r0 + rows` (`r0 < m`) and output columns `cols` of this job.
-    fn part(self, r0: usize, rows: usize, cols: (usize, usize)) -> Job<'a> {
-        let k = self.w.dims(self.side).0;
-        Job {
-            a: &self.a[r0 * k..(r0 + rows) * k],
-            m: rows,
-            // SAFETY: row `r0 < m` is inside the job's output.
-            out: unsafe { self.out.add(r0 * self.ldc) },
-            cols,
-            ..self
-        }
-    }
-}
-
-// SAFETY: a job's `out` is only written at rows `< m`, columns in `cols`, which no other job
-// of the same product writes; the caller's `&mut` borrow of the output outlives every job.
-unsafe impl Send for Job<'_> {}
-// SAFETY: as above; jobs are shared read-only, each run exactly once.
-unsafe impl Sync for Job<'_> {}
-
 /// `out[m, ·] (+)= a[m, ·] · w` on `side` (`Transposed`: `x·wᵀ`, a linear layer's forward
 /// pass; `Plain`: `g·w`, its input gradient), on `threads` threads.
 #[allow(clippy::too_many_arguments)]
@@ -169,56 +96,12 @@ pub(crate) fn product(
     accumulate: bool,
     threads: usize,
 ) -> candle_core::Result<()> {
-    w.check()?;
-    let (k, n) = w.dims(side);
-    if a.len() != m * k || out.len() != m * n {
-        candle_core::bail!(
-            "bf16 product: {} input values for {m}x{k}, {} output values for {m}x{n}",
-            a.len(),
-            out.len()
-        )
-    }
-    if m == 0 || n == 0 {
-        return Ok(());
-    }
-    let job = Job {
-        w,
-        side,
-        a,
-        m,
-        out: out.as_mut_ptr(),
-        ldc: n,
-        cols: (0, n),
-        accumulate,
-    };
-    // Tall products (training) are split by token rows, as the f32 gemm splits them. Short ones
-    // with many output columns (the output head's chunks of Qwen2.5's 152k-token vocabulary,
-    // ~110 rows; decoding) are split by columns: each thread packs only its own panels.
-    let pool = crate::kernels::spin::threads();
-    let threads = if pool > 1 && !crate::kernels::spin::in_task() {
-        threads.min(pool)
-    } else {
-        1
-    };
-    let panels = n.div_ceil(NR);
-    let (rows_per, cols_per) = match row_block(m, threads) {
-        Some(block) => (block, n),
-        None if threads > 1 && panels >= 2 * threads && m * n * k >= 1 << 20 => (m, panels.div_ceil(threads) * NR),
-        None => (m, n),
-    };
-    let col_parts = n.div_ceil(cols_per);
-    let tasks = m.div_ceil(rows_per) * col_parts;
-    // Task `i`: a block of rows (row split) or of columns (column split), or the whole product.
-    let part = |i: usize| {
-        let (r0, c0) = (i / col_parts * rows_per, i % col_parts * cols_per);
-        job.part(r0, rows_per.min(m - r0), (c0, (c0 + cols_per).min(n)))
-    };
     let fast = uses_avx512_bf16();
-    let run = |job: Job| -> candle_core::Result<()> {
+    split(w, side, a, m, out, accumulate, threads, |job| {
         if fast {
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: `uses_avx512_bf16` checked the CPU's features; the shapes were checked
-            // above and each job's rows and columns lie inside `out`.
+            // SAFETY: `uses_avx512_bf16` checked the CPU's features; `split` checked the
+            // shapes, and each job's rows and columns lie inside `out`.
             unsafe {
                 x86::product(job)
             };
@@ -226,13 +109,7 @@ pub(crate) fn product(
         } else {
             widened(job)
         }
-    };
-    if tasks == 1 {
-        return run(part(0));
-    }
-    let error = crate::kernels::spin::FirstError::new();
-    crate::kernels::spin::run(tasks, &|i| error.keep(run(part(i))));
-    error.result()
+    })
 }
 
 /// Per-thread buffers reused across calls, so that a training step allocates nothing new after
@@ -270,7 +147,7 @@ const WIDE_ROWS: usize = 256;
 
 /// The portable path: the weight widened to f32 `WIDE_ROWS` rows at a time, the f32 gemm over
 /// bf16-rounded inputs.
-fn widened(job: Job) -> candle_core::Result<()> {
+fn widened(job: Job<bf16>) -> candle_core::Result<()> {
     let Job {
         w,
         side,
@@ -417,6 +294,7 @@ fn pack(w: Bf16Weight, side: Side, c0: usize, p0: usize, len: usize, panel: &mut
 #[allow(clippy::incompatible_msrv)]
 mod x86 {
     use super::*;
+    use crate::kernels::panel::x86::{store_tile, transpose16};
     use std::arch::x86_64::*;
 
     pub(super) fn available() -> bool {
@@ -429,7 +307,7 @@ mod x86 {
     ///
     /// Safety: the CPU has AVX-512 F/BW/BF16; `job.a` holds `m·k` values and `job.out` rows
     /// `< m` at stride `ldc` hold columns `job.cols`.
-    pub(super) unsafe fn product(job: Job) {
+    pub(super) unsafe fn product(job: Job<half::bf16>) {
         let Job {
             w,
             side,
@@ -581,40 +459,6 @@ mod x86 {
         }
     }
 
-    /// The transpose of a 16×16 matrix of 32-bit values held one row per register.
-    ///
-    /// Safety: AVX-512 F.
-    #[target_feature(enable = "avx512f")]
-    unsafe fn transpose16(r: [__m512i; 16]) -> [__m512i; 16] {
-        // Within each 128-bit lane: pairs of rows interleaved by 32 bits, then quads by 64 bits,
-        // so that u[4g + e], lane L, holds element 4L + e of rows 4g..4g + 4.
-        let mut t = [_mm512_setzero_si512(); 16];
-        for i in 0..8 {
-            t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
-            t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
-        }
-        let mut u = [_mm512_setzero_si512(); 16];
-        for g in 0..4 {
-            u[4 * g] = _mm512_unpacklo_epi64(t[4 * g], t[4 * g + 2]);
-            u[4 * g + 1] = _mm512_unpackhi_epi64(t[4 * g], t[4 * g + 2]);
-            u[4 * g + 2] = _mm512_unpacklo_epi64(t[4 * g + 1], t[4 * g + 3]);
-            u[4 * g + 3] = _mm512_unpackhi_epi64(t[4 * g + 1], t[4 * g + 3]);
-        }
-        // Then the 4×4 transpose of 128-bit lanes: column 4L + e gathers lane L of u[4g + e].
-        let mut o = [_mm512_setzero_si512(); 16];
-        for e in 0..4 {
-            let v0 = _mm512_shuffle_i32x4::<0x44>(u[e], u[4 + e]);
-            let v1 = _mm512_shuffle_i32x4::<0xEE>(u[e], u[4 + e]);
-            let v2 = _mm512_shuffle_i32x4::<0x44>(u[8 + e], u[12 + e]);
-            let v3 = _mm512_shuffle_i32x4::<0xEE>(u[8 + e], u[12 + e]);
-            o[e] = _mm512_shuffle_i32x4::<0x88>(v0, v2);
-            o[4 + e] = _mm512_shuffle_i32x4::<0xDD>(v0, v2);
-            o[8 + e] = _mm512_shuffle_i32x4::<0x88>(v1, v3);
-            o[12 + e] = _mm512_shuffle_i32x4::<0xDD>(v1, v3);
-        }
-        o
-    }
-
     /// `R` token rows × 32 columns: `c (+)= Σ_p a[·, p] ⊙ panel[p]` over `len` pairs.
     ///
     /// Safety: AVX-512 F/BW/BF16; `a` holds `R` rows of `len` pairs at stride `lda`, `panel`
@@ -642,24 +486,7 @@ mod x86 {
                 hi[r] = _mm512_dpbf16_ps(hi[r], av, b1);
             }
         }
-        let m0: __mmask16 = if cols >= 16 { 0xffff } else { (1u32 << cols) as u16 - 1 };
-        let m1: __mmask16 = if cols >= 32 {
-            0xffff
-        } else if cols > 16 {
-            (1u32 << (cols - 16)) as u16 - 1
-        } else {
-            0
-        };
-        for r in 0..R {
-            let dst = c.add(r * ldc);
-            let (mut v0, mut v1) = (lo[r], hi[r]);
-            if accumulate {
-                v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, dst));
-                v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, dst.add(16)));
-            }
-            _mm512_mask_storeu_ps(dst, m0, v0);
-            _mm512_mask_storeu_ps(dst.add(16), m1, v1);
-        }
+        store_tile(lo, hi, c, ldc, cols, accumulate);
     }
 
     /// `out[t, j] (+)= ⟨pairs[t], w[j]⟩` for `m ≤ 2` token rows, even `k` and the weight rows

@@ -99,7 +99,9 @@ pub fn family() -> Family {
 /// vs 395 tokens/s (gemm's 64-row AVX-512 microkernel on prompt-sized products), f32 decode 47
 /// vs 41, Q4_1 prefill 413 vs 354; training (253/230 vs 245/242) and Q4_1 decode (131/141 vs
 /// 149/121) equal within noise. `FINCH_CPU=avx512` still forces AVX-512. The quantized block
-/// kernels, measured since with VNNI, keep AVX-512 there: [`quantized_family`].
+/// kernels, measured since with VNNI, keep AVX-512 there: [`quantized_family`]; so do the bf16
+/// and f32 register tiles of tall frozen-weight products (`kernels::bf16`, `kernels::panel`),
+/// which replaced gemm's kernels for those products.
 pub fn preferred() -> Family {
     let best = best();
     if best == Family::Avx512 && is_zen4(cpuinfo_field("vendor_id"), cpuinfo_field("cpu family")) {

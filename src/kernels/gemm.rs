@@ -12,9 +12,10 @@
 
 #![allow(unsafe_code)]
 
-use crate::kernels::bf16::{Bf16Weight, Side};
+use crate::kernels::bf16::Bf16Weight;
 use crate::kernels::cpu::{self, Family};
 use crate::kernels::ops::{cpu_f32, slice, tensor_vec};
+use crate::kernels::panel::{Side, Weight};
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Storage, Tensor};
 use std::sync::Arc;
 
@@ -353,6 +354,14 @@ impl Dense<'_> {
         threads: usize,
     ) -> candle_core::Result<()> {
         match self {
+            Dense::F32(w) if crate::kernels::panel::f32_tiles(m) => {
+                let w = Weight {
+                    data: w,
+                    rows: out,
+                    cols: k,
+                };
+                crate::kernels::panel::f32_product(w, side, a, m, dst, accumulate, threads)
+            }
             Dense::F32(w) => {
                 let w = Mat::row_major(w, out, k);
                 let (rhs, red) = match side {

@@ -1,6 +1,7 @@
 //! CPU kernels shared by the model, LoRA, the loss and generation: the kernel family, thread
 //! count and CPU facts decided once per process (`cpu`), gemm wrappers over slices (`gemm`),
-//! the decode matrix×vector product (`gemv`), products with frozen bf16 weights (`bf16`), fused elementwise ops with their own backward (`ops`),
+//! the decode matrix×vector product (`gemv`), products with frozen weights through packed panels
+//! and register tiles (`panel`: the shared machinery and the f32 tiles; `bf16`: bf16 weights), fused elementwise ops with their own backward (`ops`),
 //! their loops compiled for the CPU's vector width (`simd`), and the integer kernels of
 //! the quantized inference path (`quant`). Nothing here knows about models or files; callers
 //! pick a kernel and fall back to composite candle ops on devices and dtypes a kernel lacks.
@@ -10,6 +11,7 @@ pub mod cpu;
 pub mod gemm;
 pub mod gemv;
 pub mod ops;
+pub mod panel;
 pub mod quant;
 pub mod simd;
 pub mod spin;

@@ -1,0 +1,553 @@
+//! Products with a frozen dense weight through packed weight panels and register tiles, the
+//! GotoBLAS way: the weight is packed into 32-column panels one block of the reduction at a
+//! time, and a 6×32 register tile of token rows × output columns accumulates over the block. The
+//! bf16 kernels ([`crate::kernels::bf16`]) and the f32 ones here share the shapes (`Weight`,
+//! `Side`, `Job`), the split over the spin pool ([`split`]) and, on x86, the 16×16 transpose and
+//! the tile's store.
+//!
+//! **f32 weights** (`--precision f32` training and prefill): on CPUs with AVX-512 F, products of
+//! at least [`F32_MIN_ROWS`] token rows go through a 6×32 tile of `vfmadd231ps` instead of the
+//! `gemm` crate. Hand-written rather than the crate's because, measured on a 2-core AMD EPYC
+//! (Zen 4) VM, f32 training spent 79% of its samples in gemm 0.19's AVX2 16×6 microkernel at
+//! ~83% of the FMA ceiling and 5% more packing both operands on every call (its AVX-512 kernels
+//! were slower still there, [`crate::kernels::cpu::preferred`]); this tile, like the bf16 one,
+//! packs only the weight, reads the activations in place and keeps twelve 16-lane accumulators
+//! (docs/performance.md, fifteenth session, for the figures). Other CPUs and `FINCH_CPU=avx2`
+//! keep the gemm crate.
+
+#![allow(unsafe_code)]
+
+use crate::kernels::gemm::row_block;
+
+/// Output columns of a packed weight panel (two 16-lane f32 vectors).
+pub(crate) const NR: usize = 32;
+/// Token rows of the register tile.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+pub(crate) const MR: usize = 6;
+/// Reduction values per packed f32 block: 640 × 32 columns × 4 bytes = 80 KB, read from L2. The
+/// hidden-size products of SmolLM2 (576) and Qwen2.5-0.5B (896: two blocks) take one or two
+/// passes over the output.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+const KF: usize = 640;
+/// Rows per thread below which a product with enough output panels is split by columns rather
+/// than by rows. Measured on the output head's input gradient (341 rows against SmolLM2's
+/// 49k-token embedding, f32 tiles, 2 threads, 2-core Zen 4): 185–188 GFLOP/s split by rows,
+/// 198–200 by columns; its forward product was level (196–202), and so was bf16 training
+/// (alternating, 4 pairs).
+const COLUMN_SPLIT_BELOW: usize = 256;
+
+/// Fewest token rows an f32 product needs to go through the tiles: shorter ones (decoding, a
+/// few prompt tokens) stay on the matrix×vector kernel and gemm.
+pub(crate) const F32_MIN_ROWS: usize = 16;
+
+/// How the weight `w` (row-major `[n, k]`) enters a product.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Side {
+    /// `y[m, n] = x[m, k] · wᵀ`: the forward pass.
+    Transposed,
+    /// `dx[m, k] = g[m, n] · w`: the input gradient.
+    Plain,
+}
+
+/// A frozen weight `[rows, cols]`, row-major.
+pub(crate) struct Weight<'a, T> {
+    pub data: &'a [T],
+    pub rows: usize,
+    pub cols: usize,
+}
+
+// Copy whatever `T` is (derive would ask `T: Copy`): the weight is a borrowed view.
+impl<T> Clone for Weight<'_, T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for Weight<'_, T> {}
+
+impl<T> Weight<'_, T> {
+    pub(crate) fn check(&self) -> candle_core::Result<()> {
+        if self.data.len() != self.rows * self.cols {
+            candle_core::bail!(
+                "frozen weight: {} values do not make {}x{}",
+                self.data.len(),
+                self.rows,
+                self.cols
+            )
+        }
+        Ok(())
+    }
+
+    /// `(reduction, output columns)` of a product on `side`.
+    pub(crate) fn dims(&self, side: Side) -> (usize, usize) {
+        match side {
+            Side::Transposed => (self.cols, self.rows),
+            Side::Plain => (self.rows, self.cols),
+        }
+    }
+}
+
+/// One thread's share of a product: all of `a`'s `m` rows (`[m, k]`, f32), output columns
+/// `cols` of `out` (row stride `ldc`).
+pub(crate) struct Job<'a, T> {
+    pub w: Weight<'a, T>,
+    pub side: Side,
+    pub a: &'a [f32],
+    pub m: usize,
+    pub out: *mut f32,
+    pub ldc: usize,
+    pub cols: (usize, usize),
+    pub accumulate: bool,
+}
+
+impl<T> Clone for Job<'_, T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for Job<'_, T> {}
+
+impl<'a, T> Job<'a, T> {
+    /// Rows `r0..r0 + rows` (`r0 < m`) and output columns `cols` of this job.
+    fn part(self, r0: usize, rows: usize, cols: (usize, usize)) -> Job<'a, T> {
+        let k = self.w.dims(self.side).0;
+        Job {
+            a: &self.a[r0 * k..(r0 + rows) * k],
+            m: rows,
+            // SAFETY: row `r0 < m` is inside the job's output.
+            out: unsafe { self.out.add(r0 * self.ldc) },
+            cols,
+            ..self
+        }
+    }
+}
+
+// SAFETY: a job's `out` is only written at rows `< m`, columns in `cols`, which no other job
+// of the same product writes; the caller's `&mut` borrow of the output outlives every job.
+unsafe impl<T: Sync> Send for Job<'_, T> {}
+// SAFETY: as above; jobs are shared read-only, each run exactly once.
+unsafe impl<T: Sync> Sync for Job<'_, T> {}
+
+/// Checks the shapes of `out[m, ·] (+)= a[m, ·] · w` on `side` and runs it as jobs on
+/// `threads` threads of the spin pool, each through `run`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn split<T: Sync>(
+    w: Weight<T>,
+    side: Side,
+    a: &[f32],
+    m: usize,
+    out: &mut [f32],
+    accumulate: bool,
+    threads: usize,
+    run: impl Fn(Job<T>) -> candle_core::Result<()> + Sync,
+) -> candle_core::Result<()> {
+    w.check()?;
+    let (k, n) = w.dims(side);
+    if a.len() != m * k || out.len() != m * n {
+        candle_core::bail!(
+            "frozen-weight product: {} input values for {m}x{k}, {} output values for {m}x{n}",
+            a.len(),
+            out.len()
+        )
+    }
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    let job = Job {
+        w,
+        side,
+        a,
+        m,
+        out: out.as_mut_ptr(),
+        ldc: n,
+        cols: (0, n),
+        accumulate,
+    };
+    // Tall products (training) are split by token rows, as the f32 gemm splits them. Shorter ones
+    // with many output columns (the output head's chunks of the vocabulary: 341 rows of
+    // SmolLM2's 49k, ~110 of Qwen2.5's 152k; decoding) are split by columns: each thread packs,
+    // or reads, only its own share of the weight instead of all of it.
+    let pool = crate::kernels::spin::threads();
+    let threads = if pool > 1 && !crate::kernels::spin::in_task() {
+        threads.min(pool)
+    } else {
+        1
+    };
+    let panels = n.div_ceil(NR);
+    let (rows_per, cols_per) = match row_block(m, threads) {
+        Some(block) if block < COLUMN_SPLIT_BELOW && panels >= 2 * threads => (m, panels.div_ceil(threads) * NR),
+        Some(block) => (block, n),
+        None if threads > 1 && panels >= 2 * threads && m * n * k >= 1 << 20 => (m, panels.div_ceil(threads) * NR),
+        None => (m, n),
+    };
+    let col_parts = n.div_ceil(cols_per);
+    let tasks = m.div_ceil(rows_per) * col_parts;
+    // Task `i`: a block of rows (row split) or of columns (column split), or the whole product.
+    let part = |i: usize| {
+        let (r0, c0) = (i / col_parts * rows_per, i % col_parts * cols_per);
+        job.part(r0, rows_per.min(m - r0), (c0, (c0 + cols_per).min(n)))
+    };
+    if tasks == 1 {
+        return run(part(0));
+    }
+    let error = crate::kernels::spin::FirstError::new();
+    crate::kernels::spin::run(tasks, &|i| error.keep(run(part(i))));
+    error.result()
+}
+
+/// Whether f32 products of `m` token rows go through [`f32_product`]: AVX-512 F on this CPU, and
+/// `FINCH_CPU` not forcing a family below it ([`crate::kernels::cpu::quantized_family`]: Zen 4's
+/// default f32 family is AVX2, [`crate::kernels::cpu::preferred`], a choice measured on gemm's
+/// kernels that does not apply to this tile).
+pub(crate) fn f32_tiles(m: usize) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        m >= F32_MIN_ROWS
+            && crate::kernels::cpu::quantized_family() == crate::kernels::cpu::Family::Avx512
+            && x86::available()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = m;
+        false
+    }
+}
+
+/// How this process multiplies tall f32 products with a frozen weight, as `bench` JSON names it:
+/// `avx512-tiles` ([`f32_product`]) or `gemm` (the gemm crate, in `kernel_family`).
+pub fn f32_products_name() -> &'static str {
+    if f32_tiles(F32_MIN_ROWS) {
+        "avx512-tiles"
+    } else {
+        "gemm"
+    }
+}
+
+/// `out[m, ·] (+)= a[m, ·] · w` on `side` for an f32 weight, through the AVX-512 tiles; callers
+/// check [`f32_tiles`] first (elsewhere this is an error).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn f32_product(
+    w: Weight<f32>,
+    side: Side,
+    a: &[f32],
+    m: usize,
+    out: &mut [f32],
+    accumulate: bool,
+    threads: usize,
+) -> candle_core::Result<()> {
+    #[cfg(target_arch = "x86_64")]
+    if x86::available() {
+        return split(w, side, a, m, out, accumulate, threads, |job| {
+            // SAFETY: `available` checked the CPU's features; `split` checked the shapes, and
+            // each job's rows and columns lie inside `out`.
+            unsafe { x86::f32_product(job) };
+            Ok(())
+        });
+    }
+    let _ = (w, side, a, m, out, accumulate, threads);
+    candle_core::bail!("f32 tile product: this CPU has no AVX-512 F")
+}
+
+/// Packs reduction values `k0..k0+len` for output columns `c0..c0+NR` of `w` on `side` into
+/// `panel[p * NR + j]`, zero past either edge.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+fn pack_f32(w: Weight<f32>, side: Side, c0: usize, k0: usize, len: usize, panel: &mut [f32]) {
+    let (k, n) = w.dims(side);
+    for p in 0..len {
+        let red = k0 + p;
+        for j in 0..NR {
+            let col = c0 + j;
+            panel[p * NR + j] = if red >= k || col >= n {
+                0.0
+            } else {
+                match side {
+                    Side::Transposed => w.data[col * w.cols + red],
+                    Side::Plain => w.data[red * w.cols + col],
+                }
+            };
+        }
+    }
+}
+
+// AVX-512 intrinsics (and their types) were stabilized in Rust 1.89, after this crate's
+// `rust-version`; the toolchain this project builds with (1.95) has them.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::incompatible_msrv)]
+pub(crate) mod x86 {
+    use super::*;
+    use std::arch::x86_64::*;
+    use std::cell::RefCell;
+
+    pub(crate) fn available() -> bool {
+        use std::arch::is_x86_feature_detected as has;
+        static OK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *OK.get_or_init(|| has!("avx512f"))
+    }
+
+    thread_local! {
+        /// One packed f32 panel block per thread, reused across calls.
+        static PANEL: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    }
+
+    /// One job through packed f32 panels (see the module doc). On the plain side a full panel
+    /// is read in place: its rows are 32 contiguous values of a weight row.
+    ///
+    /// Safety: the CPU has AVX-512 F; `job.a` holds `m·k` values and `job.out` rows `< m` at
+    /// stride `ldc` hold columns `job.cols`.
+    pub(super) unsafe fn f32_product(job: Job<f32>) {
+        let Job {
+            w,
+            side,
+            a,
+            m,
+            out,
+            ldc,
+            cols: (c_lo, c_hi),
+            accumulate,
+        } = job;
+        let (k, n) = w.dims(side);
+        PANEL.with(|panel| {
+            let panel = &mut *panel.borrow_mut();
+            panel.clear();
+            panel.resize(KF * NR, 0.0);
+            for k0 in (0..k).step_by(KF) {
+                let len = KF.min(k - k0);
+                let acc = accumulate || k0 > 0;
+                for c0 in (c_lo..c_hi).step_by(NR) {
+                    let full = c0 + NR <= n;
+                    let (b, ldb) = match side {
+                        Side::Plain if full => (w.data.as_ptr().add(k0 * w.cols + c0), w.cols),
+                        Side::Transposed if full => {
+                            pack_rows_f32(w, c0, k0, len, panel);
+                            (panel.as_ptr(), NR)
+                        }
+                        _ => {
+                            pack_f32(w, side, c0, k0, len, panel);
+                            (panel.as_ptr(), NR)
+                        }
+                    };
+                    let cols = NR.min(c_hi - c0).min(n - c0);
+                    let mut r0 = 0;
+                    while r0 < m {
+                        let rows = MR.min(m - r0);
+                        let a_ptr = a.as_ptr().add(r0 * k + k0);
+                        let c_ptr = out.add(r0 * ldc + c0);
+                        match rows {
+                            6 => tile_f32::<6>(a_ptr, k, b, ldb, len, c_ptr, ldc, cols, acc),
+                            5 => tile_f32::<5>(a_ptr, k, b, ldb, len, c_ptr, ldc, cols, acc),
+                            4 => tile_f32::<4>(a_ptr, k, b, ldb, len, c_ptr, ldc, cols, acc),
+                            3 => tile_f32::<3>(a_ptr, k, b, ldb, len, c_ptr, ldc, cols, acc),
+                            2 => tile_f32::<2>(a_ptr, k, b, ldb, len, c_ptr, ldc, cols, acc),
+                            _ => tile_f32::<1>(a_ptr, k, b, ldb, len, c_ptr, ldc, cols, acc),
+                        }
+                        r0 += rows;
+                    }
+                }
+            }
+        })
+    }
+
+    /// [`pack_f32`] of a whole panel on the transposed side (32 weight rows inside the weight):
+    /// 16 rows × 16 values loaded and transposed in registers.
+    ///
+    /// Safety: AVX-512 F; rows `c0..c0 + 32` and values `k0..k0 + len` lie inside `w`; `panel`
+    /// holds `len·32` values.
+    #[target_feature(enable = "avx512f")]
+    pub(crate) unsafe fn pack_rows_f32(w: Weight<f32>, c0: usize, k0: usize, len: usize, panel: &mut [f32]) {
+        let full = len / 16 * 16;
+        for half in 0..2 {
+            let row0 = c0 + 16 * half;
+            for pb in (0..full).step_by(16) {
+                let mut r = [_mm512_setzero_si512(); 16];
+                for (i, v) in r.iter_mut().enumerate() {
+                    let at = w.data.as_ptr().add((row0 + i) * w.cols + k0 + pb);
+                    *v = _mm512_loadu_si512(at as *const _);
+                }
+                for (c, v) in transpose16(r).into_iter().enumerate() {
+                    _mm512_storeu_si512(panel.as_mut_ptr().add((pb + c) * NR + 16 * half) as *mut _, v);
+                }
+            }
+            for p in full..len {
+                for i in 0..16 {
+                    panel[p * NR + 16 * half + i] = w.data[(row0 + i) * w.cols + k0 + p];
+                }
+            }
+        }
+    }
+
+    /// The transpose of a 16×16 matrix of 32-bit values held one row per register.
+    ///
+    /// Safety: AVX-512 F.
+    #[target_feature(enable = "avx512f")]
+    pub(crate) unsafe fn transpose16(r: [__m512i; 16]) -> [__m512i; 16] {
+        // Within each 128-bit lane: pairs of rows interleaved by 32 bits, then quads by 64 bits,
+        // so that u[4g + e], lane L, holds element 4L + e of rows 4g..4g + 4.
+        let mut t = [_mm512_setzero_si512(); 16];
+        for i in 0..8 {
+            t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+            t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+        }
+        let mut u = [_mm512_setzero_si512(); 16];
+        for g in 0..4 {
+            u[4 * g] = _mm512_unpacklo_epi64(t[4 * g], t[4 * g + 2]);
+            u[4 * g + 1] = _mm512_unpackhi_epi64(t[4 * g], t[4 * g + 2]);
+            u[4 * g + 2] = _mm512_unpacklo_epi64(t[4 * g + 1], t[4 * g + 3]);
+            u[4 * g + 3] = _mm512_unpackhi_epi64(t[4 * g + 1], t[4 * g + 3]);
+        }
+        // Then the 4×4 transpose of 128-bit lanes: column 4L + e gathers lane L of u[4g + e].
+        let mut o = [_mm512_setzero_si512(); 16];
+        for e in 0..4 {
+            let v0 = _mm512_shuffle_i32x4::<0x44>(u[e], u[4 + e]);
+            let v1 = _mm512_shuffle_i32x4::<0xEE>(u[e], u[4 + e]);
+            let v2 = _mm512_shuffle_i32x4::<0x44>(u[8 + e], u[12 + e]);
+            let v3 = _mm512_shuffle_i32x4::<0xEE>(u[8 + e], u[12 + e]);
+            o[e] = _mm512_shuffle_i32x4::<0x88>(v0, v2);
+            o[4 + e] = _mm512_shuffle_i32x4::<0xDD>(v0, v2);
+            o[8 + e] = _mm512_shuffle_i32x4::<0x88>(v1, v3);
+            o[12 + e] = _mm512_shuffle_i32x4::<0xDD>(v1, v3);
+        }
+        o
+    }
+
+    /// Writes (or adds) an `R`×32 tile's accumulators into `c` (`R` rows of `cols ≤ 32` values
+    /// at stride `ldc`).
+    ///
+    /// Safety: AVX-512 F; `c` as described.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    pub(crate) unsafe fn store_tile<const R: usize>(
+        lo: [__m512; R],
+        hi: [__m512; R],
+        c: *mut f32,
+        ldc: usize,
+        cols: usize,
+        accumulate: bool,
+    ) {
+        let m0: __mmask16 = if cols >= 16 { 0xffff } else { (1u32 << cols) as u16 - 1 };
+        let m1: __mmask16 = if cols >= 32 {
+            0xffff
+        } else if cols > 16 {
+            (1u32 << (cols - 16)) as u16 - 1
+        } else {
+            0
+        };
+        for r in 0..R {
+            let dst = c.add(r * ldc);
+            let (mut v0, mut v1) = (lo[r], hi[r]);
+            if accumulate {
+                v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, dst));
+                v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, dst.add(16)));
+            }
+            _mm512_mask_storeu_ps(dst, m0, v0);
+            _mm512_mask_storeu_ps(dst.add(16), m1, v1);
+        }
+    }
+
+    /// `R` token rows × 32 columns: `c (+)= Σ_p a[·, p] · b[p]` over `len` reduction values.
+    ///
+    /// Safety: AVX-512 F; `a` holds `R` rows of `len` values at stride `lda`, `b` `len` rows of
+    /// 32 values at stride `ldb`, `c` `R` rows of `cols ≤ 32` values at stride `ldc`.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn tile_f32<const R: usize>(
+        a: *const f32,
+        lda: usize,
+        b: *const f32,
+        ldb: usize,
+        len: usize,
+        c: *mut f32,
+        ldc: usize,
+        cols: usize,
+        accumulate: bool,
+    ) {
+        let mut lo = [_mm512_setzero_ps(); R];
+        let mut hi = [_mm512_setzero_ps(); R];
+        for p in 0..len {
+            let b0 = _mm512_loadu_ps(b.add(p * ldb));
+            let b1 = _mm512_loadu_ps(b.add(p * ldb + 16));
+            for r in 0..R {
+                let av = _mm512_set1_ps(*a.add(r * lda + p));
+                lo[r] = _mm512_fmadd_ps(av, b0, lo[r]);
+                hi[r] = _mm512_fmadd_ps(av, b1, hi[r]);
+            }
+        }
+        store_tile(lo, hi, c, ldc, cols, accumulate);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    /// The f32 tiles give the f64 reference on ragged shapes (partial panels and tiles, several
+    /// reduction blocks, both sides), plain and accumulating, on one thread and split.
+    #[test]
+    fn f32_tiles_equal_the_reference() {
+        if !f32_tiles(F32_MIN_ROWS) {
+            eprintln!("skipped: this CPU runs no f32 tiles (no AVX-512 F, or FINCH_CPU below it)");
+            return;
+        }
+        let mut rng = crate::rng::Rng::new(17);
+        for (m, rows, cols) in [
+            (16, 70, 64),
+            (31, 33, 700),
+            (130, 96, 40),
+            (17, 45, 1301),
+            (200, 64, 576),
+        ] {
+            let w: Vec<f32> = (0..rows * cols).map(|_| rng.next_f32() - 0.5).collect();
+            let wt = Weight { data: &w, rows, cols };
+            for side in [Side::Transposed, Side::Plain] {
+                let (k, n) = wt.dims(side);
+                let a: Vec<f32> = (0..m * k).map(|_| rng.next_f32() * 2.0 - 1.0).collect();
+                let base: Vec<f32> = (0..m * n).map(|_| rng.next_f32()).collect();
+                for accumulate in [false, true] {
+                    for threads in [1, 2] {
+                        let mut out = base.clone();
+                        f32_product(wt, side, &a, m, &mut out, accumulate, threads).unwrap();
+                        for i in 0..m {
+                            for j in 0..n {
+                                let mut s = if accumulate { base[i * n + j] as f64 } else { 0.0 };
+                                for c in 0..k {
+                                    let wv = match side {
+                                        Side::Transposed => w[j * cols + c],
+                                        Side::Plain => w[c * cols + j],
+                                    };
+                                    s += a[i * k + c] as f64 * wv as f64;
+                                }
+                                let g = out[i * n + j] as f64;
+                                assert!(
+                                    (g - s).abs() < 1e-5 * (1.0 + s.abs()) * (k as f64).sqrt(),
+                                    "{side:?} {m}x{k}x{n} at ({i}, {j}): {g} vs {s}"
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The register packing fills whole panels as the scalar loop does (full 16-value blocks
+    /// and the rest).
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn register_packing_equals_the_scalar_loop() {
+        if !x86::available() {
+            eprintln!("skipped: no AVX-512 F");
+            return;
+        }
+        let mut rng = crate::rng::Rng::new(5);
+        let (rows, cols) = (64, 100);
+        let w: Vec<f32> = (0..rows * cols).map(|_| rng.next_f32()).collect();
+        let wt = Weight { data: &w, rows, cols };
+        for (c0, k0, len) in [(0, 0, 16), (32, 7, 20), (0, 3, 43), (32, 0, 100)] {
+            let mut want = vec![0f32; len * NR];
+            pack_f32(wt, Side::Transposed, c0, k0, len, &mut want);
+            let mut got = vec![1f32; len * NR];
+            // SAFETY: the CPU has the features; rows c0..c0+32 and values k0..k0+len are inside.
+            unsafe { x86::pack_rows_f32(wt, c0, k0, len, &mut got) };
+            assert_eq!(got, want, "c0 {c0} k0 {k0} len {len}");
+        }
+    }
+}
