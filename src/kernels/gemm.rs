@@ -6,9 +6,11 @@
 //!   composite version materialises three full-size `[tokens, out]` tensors per layer (the
 //!   low-rank product, its scaled copy, the sum) and as many again in backward.
 //!
-//! Both call the `gemm` crate directly on f32 slices (one input row goes to Finch's own
-//! matrix×vector kernel, [`crate::kernels::gemv`]); other devices and dtypes fall back to
-//! candle's ops in the callers.
+//! Both call the `gemm` crate directly on f32 slices, except where Finch has its own kernel: one
+//! input row goes to the matrix×vector kernel ([`crate::kernels::gemv`]), and on AVX-512 CPUs a
+//! frozen f32 weight in a product of 16 or more rows to the register tiles of
+//! [`crate::kernels::panel`] (bf16 weights always go to [`crate::kernels::bf16`]); other devices
+//! and dtypes fall back to candle's ops in the callers.
 
 #![allow(unsafe_code)]
 
