@@ -35,8 +35,6 @@ use std::cell::RefCell;
 #[cfg_attr(not(target_arch = "x86_64"), allow(unused_imports))]
 use crate::kernels::cpu;
 use crate::kernels::gemm::{gemm_into_on, Mat};
-#[cfg(target_arch = "x86_64")]
-use crate::kernels::panel::MR;
 use crate::kernels::panel::{split, Job, Side, Weight, NR};
 
 /// `k`-pairs per packed block: 512 pairs × 32 columns × 4 bytes = 64 KB, read from L2. Larger
@@ -294,6 +292,7 @@ fn pack(w: Bf16Weight, side: Side, c0: usize, p0: usize, len: usize, panel: &mut
 #[allow(clippy::incompatible_msrv)]
 mod x86 {
     use super::*;
+    use crate::kernels::panel::row_tiles;
     use crate::kernels::panel::x86::{store_tile, transpose16};
     use std::arch::x86_64::*;
 
@@ -343,21 +342,17 @@ mod x86 {
                         pack(w, side, c0, p0, len, panel);
                     }
                     let cols = NR.min(c_hi - c0).min(n - c0);
-                    let mut r0 = 0;
-                    while r0 < m {
-                        let rows = MR.min(m - r0);
-                        let a_ptr = pairs.as_ptr().add(r0 * kp + p0);
-                        let c_ptr = out.add(r0 * ldc + c0);
-                        match rows {
-                            6 => tile::<6>(a_ptr, kp, panel.as_ptr(), len, c_ptr, ldc, cols, acc),
-                            5 => tile::<5>(a_ptr, kp, panel.as_ptr(), len, c_ptr, ldc, cols, acc),
-                            4 => tile::<4>(a_ptr, kp, panel.as_ptr(), len, c_ptr, ldc, cols, acc),
-                            3 => tile::<3>(a_ptr, kp, panel.as_ptr(), len, c_ptr, ldc, cols, acc),
-                            2 => tile::<2>(a_ptr, kp, panel.as_ptr(), len, c_ptr, ldc, cols, acc),
-                            _ => tile::<1>(a_ptr, kp, panel.as_ptr(), len, c_ptr, ldc, cols, acc),
-                        }
-                        r0 += rows;
-                    }
+                    let a = pairs.as_ptr().add(p0);
+                    row_tiles!(m, |r0| tile(
+                        a.add(r0 * kp),
+                        kp,
+                        panel.as_ptr(),
+                        len,
+                        out.add(r0 * ldc + c0),
+                        ldc,
+                        cols,
+                        acc
+                    ));
                 }
             }
         })

@@ -268,6 +268,29 @@ fn pack_f32(w: Weight<f32>, side: Side, c0: usize, k0: usize, len: usize, panel:
     }
 }
 
+/// Runs `tile::<R>(args…)` over token rows `0..m` in blocks of [`MR`] (the last one shorter),
+/// `R` the block's rows and `r0` its first row, which the arguments may use:
+/// `row_tiles!(m, |r0| tile(a.add(r0 * lda), …))`.
+#[cfg(target_arch = "x86_64")]
+macro_rules! row_tiles {
+    ($m:expr, |$r0:ident| $tile:ident($($arg:expr),* $(,)?)) => {{
+        let mut $r0 = 0;
+        while $r0 < $m {
+            match $crate::kernels::panel::MR.min($m - $r0) {
+                6 => $tile::<6>($($arg),*),
+                5 => $tile::<5>($($arg),*),
+                4 => $tile::<4>($($arg),*),
+                3 => $tile::<3>($($arg),*),
+                2 => $tile::<2>($($arg),*),
+                _ => $tile::<1>($($arg),*),
+            }
+            $r0 += $crate::kernels::panel::MR;
+        }
+    }};
+}
+#[cfg(target_arch = "x86_64")]
+pub(crate) use row_tiles;
+
 // AVX-512 intrinsics (and their types) were stabilized in Rust 1.89, after this crate's
 // `rust-version`; the toolchain this project builds with (1.95) has them.
 #[cfg(target_arch = "x86_64")]
@@ -326,21 +349,18 @@ pub(crate) mod x86 {
                         }
                     };
                     let cols = NR.min(c_hi - c0).min(n - c0);
-                    let mut r0 = 0;
-                    while r0 < m {
-                        let rows = MR.min(m - r0);
-                        let a_ptr = a.as_ptr().add(r0 * k + k0);
-                        let c_ptr = out.add(r0 * ldc + c0);
-                        match rows {
-                            6 => tile_f32::<6>(a_ptr, k, b, ldb, len, c_ptr, ldc, cols, acc),
-                            5 => tile_f32::<5>(a_ptr, k, b, ldb, len, c_ptr, ldc, cols, acc),
-                            4 => tile_f32::<4>(a_ptr, k, b, ldb, len, c_ptr, ldc, cols, acc),
-                            3 => tile_f32::<3>(a_ptr, k, b, ldb, len, c_ptr, ldc, cols, acc),
-                            2 => tile_f32::<2>(a_ptr, k, b, ldb, len, c_ptr, ldc, cols, acc),
-                            _ => tile_f32::<1>(a_ptr, k, b, ldb, len, c_ptr, ldc, cols, acc),
-                        }
-                        r0 += rows;
-                    }
+                    let a = a.as_ptr().add(k0);
+                    row_tiles!(m, |r0| tile_f32(
+                        a.add(r0 * k),
+                        k,
+                        b,
+                        ldb,
+                        len,
+                        out.add(r0 * ldc + c0),
+                        ldc,
+                        cols,
+                        acc
+                    ));
                 }
             }
         })
