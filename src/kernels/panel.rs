@@ -8,12 +8,14 @@
 //! **f32 weights** (`--precision f32` training and prefill): on CPUs with AVX-512 F, products of
 //! at least [`F32_MIN_ROWS`] token rows go through a 6×32 tile of `vfmadd231ps` instead of the
 //! `gemm` crate. Hand-written rather than the crate's because, measured on a 2-core AMD EPYC
-//! (Zen 4) VM, f32 training spent 79% of its samples in gemm 0.19's AVX2 16×6 microkernel at
-//! ~83% of the FMA ceiling and 5% more packing both operands on every call (its AVX-512 kernels
+//! (Zen 4) VM, f32 training spent 79% of its samples in gemm 0.19's AVX2 16×6 microkernel (~90%
+//! of the FMA ceiling) and 5.6% more packing both operands on every call (its AVX-512 kernels
 //! were slower still there, [`crate::kernels::cpu::preferred`]); this tile, like the bf16 one,
-//! packs only the weight, reads the activations in place and keeps twelve 16-lane accumulators
-//! (docs/performance.md, fifteenth session, for the figures). Other CPUs and `FINCH_CPU=avx2`
-//! keep the gemm crate.
+//! packs only the weight, reads the activations in place and keeps twelve 16-lane accumulators.
+//! One thread, the step's shapes: 106–112 GFLOP/s against gemm's 103–109; the output head on two
+//! threads 202 against 172; f32 training +4% (median of 11 alternating pairs, within the
+//! machine's noise pair by pair): docs/performance.md, fifteenth session. Other CPUs and
+//! `FINCH_CPU=avx2` keep the gemm crate.
 
 #![allow(unsafe_code)]
 
