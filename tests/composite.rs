@@ -431,17 +431,21 @@ fn bench_train_reports_its_path_and_device() {
         assert_eq!(v["precision"], "f32");
         assert!(v["tokens_per_sec"].as_f64().unwrap() > 0.0);
     }
-    // bf16 on the CPU runs the fused kernels over bf16 weights; `FINCH_CPU=portable` widens them.
-    let bf16_args = [&args[..], &["--precision", "bf16"]].concat();
-    for (cpu, products) in [(None, None), (Some("portable"), Some("widened"))] {
+    // The fused path's JSON line for `args`, with `FINCH_CPU` set to `cpu` when given.
+    let fused = |args: &[&str], cpu: Option<&str>| -> serde_json::Value {
         let mut cmd = finch();
-        cmd.args(&bf16_args).env("FINCH_FUSED", "1");
+        cmd.args(args).env("FINCH_FUSED", "1");
         if let Some(cpu) = cpu {
             cmd.env("FINCH_CPU", cpu);
         }
         let out = cmd.output().unwrap();
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    // bf16 on the CPU runs the fused kernels over bf16 weights; `FINCH_CPU=portable` widens them.
+    let bf16_args = [&args[..], &["--precision", "bf16"]].concat();
+    for (cpu, products) in [(None, None), (Some("portable"), Some("widened"))] {
+        let v = fused(&bf16_args, cpu);
         assert_eq!(
             (v["path"].as_str(), v["precision"].as_str()),
             (Some("fused"), Some("bf16"))
@@ -454,19 +458,14 @@ fn bench_train_reports_its_path_and_device() {
         assert!(v["loss_last"].as_f64().unwrap().is_finite());
     }
     // f32 products of training rows go through AVX-512 tiles where the CPU has them, through
-    // the gemm crate under `FINCH_CPU=avx2`/`portable`: the same losses either way.
-    // 32 token rows: products of fewer than 16 stay on gemv and gemm.
-    let rows: Vec<&str> = args.iter().map(|&a| if a == "8" { "32" } else { a }).collect();
+    // the gemm crate under `FINCH_CPU=avx2`/`portable`: the same losses either way. 32 token
+    // rows (`--seq-len 32`): products of fewer than 16 stay on gemv and gemm.
+    let seq = args.iter().position(|&a| a == "--seq-len").unwrap() + 1;
+    let mut rows = args.to_vec();
+    rows[seq] = "32";
     let mut losses = vec![];
     for (cpu, products) in [(None, None), (Some("portable"), Some("gemm"))] {
-        let mut cmd = finch();
-        cmd.args(&rows).env("FINCH_FUSED", "1");
-        if let Some(cpu) = cpu {
-            cmd.env("FINCH_CPU", cpu);
-        }
-        let out = cmd.output().unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let v = fused(&rows, cpu);
         let got = v["f32_products"].as_str().unwrap();
         assert!(["avx512-tiles", "gemm"].contains(&got), "{got}");
         if let Some(want) = products {

@@ -328,7 +328,7 @@ mod x86 {
                 rows_kernel(w, pairs, m, out, ldc, (c_lo, c_hi), accumulate);
                 return;
             }
-            panel.clear();
+            // Grown once per thread; every block is packed whole before a tile reads it.
             panel.resize(KB * NR, 0);
             for p0 in (0..kp).step_by(KB) {
                 let len = KB.min(kp - p0);

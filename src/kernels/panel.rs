@@ -175,11 +175,14 @@ pub(crate) fn split<T: Sync>(
         1
     };
     let panels = n.div_ceil(NR);
-    let (rows_per, cols_per) = match row_block(m, threads) {
-        Some(block) if block < COLUMN_SPLIT_BELOW && panels >= 2 * threads => (m, panels.div_ceil(threads) * NR),
-        Some(block) => (block, n),
-        None if threads > 1 && panels >= 2 * threads && m * n * k >= 1 << 20 => (m, panels.div_ceil(threads) * NR),
-        None => (m, n),
+    let row_split = row_block(m, threads);
+    let by_columns = threads > 1
+        && panels >= 2 * threads
+        && row_split.map_or(m * n * k >= 1 << 20, |block| block < COLUMN_SPLIT_BELOW);
+    let (rows_per, cols_per) = if by_columns {
+        (m, panels.div_ceil(threads) * NR)
+    } else {
+        (row_split.unwrap_or(m), n)
     };
     let col_parts = n.div_ceil(cols_per);
     let tasks = m.div_ceil(rows_per) * col_parts;
@@ -332,7 +335,7 @@ pub(crate) mod x86 {
         let (k, n) = w.dims(side);
         PANEL.with(|panel| {
             let panel = &mut *panel.borrow_mut();
-            panel.clear();
+            // Grown once per thread; every block is packed whole before a tile reads it.
             panel.resize(KF * NR, 0.0);
             for k0 in (0..k).step_by(KF) {
                 let len = KF.min(k - k0);
