@@ -15,6 +15,7 @@
 #![allow(unsafe_code)]
 
 use crate::kernels::bf16::Bf16Weight;
+use crate::kernels::buffer::written_whole;
 use crate::kernels::cpu::{self, Family};
 use crate::kernels::ops::{cpu_f32, slice, tensor_vec};
 use crate::kernels::panel::{Side, Weight};
@@ -70,7 +71,7 @@ impl<'a> Mat<'a> {
     }
 }
 
-/// `dst[m, n] (+)= lhs[m, k] · rhs[k, n]`, `dst` row-major, on all of rayon's threads.
+/// `dst[m, n] (+)= lhs[m, k] · rhs[k, n]`, `dst` row-major, on all of the process's threads.
 pub(crate) fn gemm_into(dst: &mut [f32], accumulate: bool, lhs: Mat, rhs: Mat) -> candle_core::Result<()> {
     gemm_into_on(dst, accumulate, lhs, rhs, cpu::threads())
 }
@@ -407,7 +408,7 @@ pub(crate) fn cpu_dense(w: &Tensor) -> bool {
 }
 
 fn matmul(lhs: Mat, rhs: Mat) -> candle_core::Result<Vec<f32>> {
-    let mut dst = vec![0f32; lhs.rows * rhs.cols];
+    let mut dst = written_whole(lhs.rows * rhs.cols);
     gemm_into(&mut dst, false, lhs, rhs)?;
     Ok(dst)
 }
@@ -470,7 +471,7 @@ impl CustomOp2 for FrozenMatmul {
         let w = Dense::of(s2, l2)?;
         let (out, k) = l2.shape().dims2()?;
         let (m, mut shape) = input_rows(l1.shape(), k)?;
-        let mut y = vec![0f32; m * out];
+        let mut y = written_whole(m * out);
         w.times_t_into((out, k), x, m, &mut y, false, cpu::threads())?;
         shape.push(out);
         Ok((CpuStorage::F32(y), Shape::from(shape)))
@@ -485,7 +486,7 @@ impl CustomOp2 for FrozenMatmul {
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let (out, k) = w.dims2()?;
         let m = grad.elem_count() / out.max(1);
-        let mut dx = vec![0f32; m * k];
+        let mut dx = written_whole(m * k);
         with_slice(grad, |g| {
             with_dense(w, |w| w.times_into((out, k), g, m, &mut dx, false, cpu::threads()))
         })?;
@@ -524,7 +525,7 @@ impl CustomOp1 for QuantizedMatmul {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let x = slice(s, l, "input")?;
         let (m, mut shape) = input_rows(l.shape(), self.w.cols())?;
-        let mut y = vec![0f32; m * self.w.rows()];
+        let mut y = written_whole(m * self.w.rows());
         crate::kernels::quant::matmul_f32(&self.w, x, m, &mut y).map_err(qerr)?;
         shape.push(self.w.rows());
         Ok((CpuStorage::F32(y), Shape::from(shape)))
@@ -532,7 +533,7 @@ impl CustomOp1 for QuantizedMatmul {
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
         let m = grad.elem_count() / self.w.rows().max(1);
-        let mut dx = vec![0f32; m * self.w.cols()];
+        let mut dx = written_whole(m * self.w.cols());
         with_slice(grad, |g| {
             crate::kernels::quant::matmul_f32_backward(&self.w, g, m, &mut dx).map_err(qerr)
         })?;
@@ -565,7 +566,7 @@ impl Base {
     /// `x·Wᵀ` for `x: [m, in]`.
     fn times_t(&self, x: &[f32], m: usize) -> candle_core::Result<Vec<f32>> {
         let (out, k) = self.dims()?;
-        let mut y = vec![0f32; m * out];
+        let mut y = written_whole(m * out);
         match self {
             Base::Dense(w) => with_dense(w, |w| w.times_t_into((out, k), x, m, &mut y, false, cpu::threads()))?,
             Base::Quantized(q) => crate::kernels::quant::matmul_f32(q, x, m, &mut y).map_err(qerr)?,
@@ -576,7 +577,7 @@ impl Base {
     /// `g·W` for `g: [m, out]`.
     fn times(&self, g: &[f32], m: usize) -> candle_core::Result<Vec<f32>> {
         let (out, k) = self.dims()?;
-        let mut dx = vec![0f32; m * k];
+        let mut dx = written_whole(m * k);
         match self {
             Base::Dense(w) => with_dense(w, |w| w.times_into((out, k), g, m, &mut dx, false, cpu::threads()))?,
             Base::Quantized(q) => crate::kernels::quant::matmul_f32_backward(q, g, m, &mut dx).map_err(qerr)?,
@@ -803,7 +804,7 @@ fn lora_forward_split(
     scale: f32,
     block: usize,
 ) -> candle_core::Result<Vec<f32>> {
-    let mut y = vec![0f32; m * out];
+    let mut y = written_whole(m * out);
     let (at, bt) = (Mat::row_major(a, r, k).t(), Mat::row_major(b, out, r).t());
     for_token_blocks(&mut y, out, block, |_, r0, yd| {
         let rows = yd.len() / out;
@@ -832,7 +833,7 @@ fn lora_backward_split(
     scale: f32,
     block: usize,
 ) -> candle_core::Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
-    let mut dx = vec![0f32; m * k];
+    let mut dx = written_whole(m * k);
     let (am, bm) = (Mat::row_major(a, r, k), Mat::row_major(b, out, r));
     let shares = std::sync::Mutex::new(Vec::new());
     for_token_blocks(&mut dx, k, block, |i, r0, dxd| {

@@ -7,6 +7,7 @@
 //! pick a kernel and fall back to composite candle ops on devices and dtypes a kernel lacks.
 
 pub mod bf16;
+pub(crate) mod buffer;
 pub mod cpu;
 pub mod gemm;
 pub mod gemv;

@@ -7,9 +7,10 @@
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor, D};
 
+use super::buffer::written_whole;
 use super::gemm::with_slice;
 use super::simd::{vectorized, Kernel};
-use rayon::prelude::*;
+use super::spin::{for_each_chunk_mut, for_each_chunk_mut2, rows_per_task};
 
 /// Whether the fused CPU f32 kernels can run on `t` (see [`super::fused_allowed`]).
 pub(crate) fn cpu_f32(t: &Tensor) -> bool {
@@ -152,14 +153,17 @@ impl CustomOp2 for RmsNorm {
         if l1.shape().dims().last() != Some(&d) {
             candle_core::bail!("rms_norm: weight has {d} elements, input {:?}", l1.shape())
         }
-        let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(d).zip(x.par_chunks(d)).for_each(|(o, xr)| {
-            vectorized(RmsNormRow {
-                out: o,
-                x: xr,
-                w,
-                eps: self.eps,
-            })
+        let mut out = written_whole(x.len());
+        let rows = rows_per_task(x.len() / d.max(1), 1) * d;
+        for_each_chunk_mut(&mut out, rows, |i, o| {
+            for (o, xr) in o.chunks_exact_mut(d).zip(x[i * rows..].chunks_exact(d)) {
+                vectorized(RmsNormRow {
+                    out: o,
+                    x: xr,
+                    w,
+                    eps: self.eps,
+                })
+            }
         });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
@@ -176,13 +180,14 @@ impl CustomOp2 for RmsNorm {
         if x.dims().last() != Some(&d) || g.elem_count() != x.elem_count() {
             candle_core::bail!("rms_norm backward: weight has {d} elements, input {:?}", x.shape())
         }
-        let mut dx = vec![0f32; x.elem_count()];
+        let mut dx = written_whole(x.elem_count());
         // The saved input and the incoming gradient are read in place, not copied.
         with_slice(x, |xv| {
             with_slice(g, |gv| {
-                dx.par_chunks_mut(d)
-                    .zip(xv.par_chunks(d).zip(gv.par_chunks(d)))
-                    .for_each(|(o, (xr, gr))| {
+                let rows = rows_per_task(xv.len() / d.max(1), 1) * d;
+                for_each_chunk_mut(&mut dx, rows, |i, o| {
+                    let inputs = xv[i * rows..].chunks_exact(d).zip(gv[i * rows..].chunks_exact(d));
+                    for (o, (xr, gr)) in o.chunks_exact_mut(d).zip(inputs) {
                         vectorized(RmsNormRowBackward {
                             dx: o,
                             x: xr,
@@ -190,7 +195,8 @@ impl CustomOp2 for RmsNorm {
                             grad: gr,
                             eps: self.eps,
                         })
-                    });
+                    }
+                });
                 Ok(())
             })
         })?;
@@ -312,8 +318,9 @@ impl Rope {
                 self.cos.len() / half.max(1)
             )
         }
-        let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(t * d).zip(x.par_chunks(t * d)).for_each(|(o, xh)| {
+        let mut out = written_whole(x.len());
+        for_each_chunk_mut(&mut out, t * d, |i, o| {
+            let xh = &x[i * t * d..(i + 1) * t * d];
             for p in 0..t {
                 let (c, s) = (&self.cos[p * half..(p + 1) * half], &self.sin[p * half..(p + 1) * half]);
                 rope_row(&xh[p * d..(p + 1) * d], &mut o[p * d..(p + 1) * d], c, s, self.sign);
@@ -382,6 +389,9 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> candle_core::Result<Tensor> {
 
 struct SwiGlu;
 
+/// Values per task of SwiGLU's loops over the pool (64 KiB of each operand).
+const CHUNK: usize = 16 * 1024;
+
 #[inline(always)]
 fn sigmoid(x: f32) -> f32 {
     1.0 / (1.0 + exp_fast(-x))
@@ -403,16 +413,15 @@ impl CustomOp2 for SwiGlu {
         if l1.shape() != l2.shape() {
             candle_core::bail!("swiglu: shapes {:?} and {:?} differ", l1.shape(), l2.shape())
         }
-        let mut out = vec![0f32; g.len()];
-        out.par_chunks_mut(4096)
-            .zip(g.par_chunks(4096).zip(u.par_chunks(4096)))
-            .for_each(|(o, (gc, uc))| {
-                vectorized(SwiGluForward {
-                    out: o,
-                    gate: gc,
-                    up: uc,
-                })
-            });
+        let mut out = written_whole(g.len());
+        for_each_chunk_mut(&mut out, CHUNK, |i, o| {
+            let at = i * CHUNK..i * CHUNK + o.len();
+            vectorized(SwiGluForward {
+                out: o,
+                gate: &g[at.clone()],
+                up: &u[at],
+            })
+        });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
@@ -432,25 +441,23 @@ impl CustomOp2 for SwiGlu {
                 grad.shape()
             )
         }
-        let mut dg = vec![0f32; n];
-        let mut du = vec![0f32; n];
+        let mut dg = written_whole(n);
+        let mut du = written_whole(n);
         // The saved inputs and the incoming gradient are read in place (a copy of each was a
         // serial pass that took most of this op's time), in chunks the loop vectorizes.
         with_slice(gate, |gv| {
             with_slice(up, |uv| {
                 with_slice(grad, |dv| {
-                    dg.par_chunks_mut(4096)
-                        .zip(du.par_chunks_mut(4096))
-                        .zip(gv.par_chunks(4096).zip(uv.par_chunks(4096).zip(dv.par_chunks(4096))))
-                        .for_each(|((dgc, duc), (gc, (uc, dc)))| {
-                            vectorized(SwiGluBackward {
-                                d_gate: dgc,
-                                d_up: duc,
-                                gate: gc,
-                                up: uc,
-                                grad: dc,
-                            })
-                        });
+                    for_each_chunk_mut2((&mut dg, CHUNK), (&mut du, CHUNK), |i, dgc, duc| {
+                        let at = i * CHUNK..i * CHUNK + dgc.len();
+                        vectorized(SwiGluBackward {
+                            d_gate: dgc,
+                            d_up: duc,
+                            gate: &gv[at.clone()],
+                            up: &uv[at.clone()],
+                            grad: &dv[at],
+                        })
+                    });
                     Ok(())
                 })
             })

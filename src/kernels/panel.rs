@@ -154,6 +154,12 @@ pub(crate) fn split<T: Sync>(
     if m == 0 || n == 0 {
         return Ok(());
     }
+    if k == 0 {
+        if !accumulate {
+            out.fill(0.0);
+        }
+        return Ok(());
+    }
     let job = Job {
         w,
         side,

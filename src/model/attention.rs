@@ -17,10 +17,11 @@
 use std::sync::Mutex;
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
-use rayon::prelude::*;
 
+use crate::kernels::buffer::written_whole;
 use crate::kernels::gemm::{gemm_into_on, with_slice, Mat};
 use crate::kernels::ops::{self, cpu_f32, exp_fast, rope_row, slice};
+use crate::kernels::spin::{for_each_chunk_mut, for_each_chunk_mut2, for_each_chunk_mut3, FirstError};
 
 /// Head layout of one attention call.
 #[derive(Debug, Clone, Copy)]
@@ -427,11 +428,78 @@ impl FusedAttention {
         }
     }
 
+    /// The forward pass of query head `i` (batch row `i / q_heads`): its rotated rows into
+    /// `qt`, its output rows into `ot` (both `[t, hd]`), reading the rotated key and value tiles
+    /// `kr`, `vr` (`[b, kv_heads, t, hd]`); returns the probabilities kept for the backward pass.
+    #[allow(clippy::too_many_arguments)]
+    fn forward_head(
+        &self,
+        q: &[f32],
+        kr: &[f32],
+        vr: &[f32],
+        i: usize,
+        qt: &mut [f32],
+        ot: &mut [f32],
+    ) -> candle_core::Result<Kept> {
+        let Heads {
+            q_heads: nh,
+            kv_heads: nkv,
+            head_dim: hd,
+            ..
+        } = self.heads;
+        let (t, tile, n_rep) = (self.t, self.t * hd, nh / nkv);
+        let (bi, h) = (i / nh, i % nh);
+        let kv = bi * nkv + h / n_rep;
+        self.gather(q, nh, bi, h, qt, true);
+        let starts = self.segments.as_ref().map(|s| &s.starts[bi * t..(bi + 1) * t]);
+        let blocks = self.blocks(bi);
+        let len = blocks.last().map_or(0, |l| l.at + l.len());
+        let bf16 = self.heads.bf16_probabilities;
+        let mut kept = if bf16 {
+            Kept::Bf16(vec![0u16; len])
+        } else {
+            Kept::F32(written_whole(len))
+        };
+        let mut scratch = vec![
+            0f32;
+            if bf16 {
+                blocks.iter().map(Block::len).max().unwrap_or(0)
+            } else {
+                0
+            }
+        ];
+        // Each block of rows against the keys up to its last row only (the rest of the
+        // row is masked, so it is neither computed nor kept): scores, softmax, then the
+        // block's output rows while its probabilities are in cache (and rounded to bf16
+        // there, when kept so).
+        for &blk in &blocks {
+            let Block { s, r0, rl, at } = blk;
+            let e = blk.e();
+            let pb = match &mut kept {
+                Kept::F32(p) => &mut p[at..at + blk.len()],
+                Kept::Bf16(_) => &mut scratch[..blk.len()],
+            };
+            let qb = Mat::row_major(&qt[(s + r0) * hd..(s + e) * hd], rl, hd);
+            let kb = Mat::row_major(&kr[kv * tile + s * hd..][..e * hd], e, hd);
+            gemm_into_on(pb, false, qb, kb.t(), 1)?;
+            causal_softmax_block(pb, blk, self.scale, self.heads.window, starts);
+            let vb = Mat::row_major(&vr[kv * tile + s * hd..][..e * hd], e, hd);
+            let pm = Mat::row_major(pb, rl, e);
+            gemm_into_on(&mut ot[(s + r0) * hd..(s + e) * hd], false, pm, vb, 1)?;
+            if let Kept::Bf16(p) = &mut kept {
+                for (d, &x) in p[at..at + blk.len()].iter_mut().zip(&scratch[..blk.len()]) {
+                    *d = crate::kernels::bf16::round(x);
+                }
+            }
+        }
+        Ok(kept)
+    }
+
     /// Writes head-major tiles `[b, heads, t, hd]` into `[b, t, heads·hd]`.
     fn scatter(&self, tiles: &[f32], heads: usize) -> Vec<f32> {
         let (b, t, hd) = (self.b, self.t, self.heads.head_dim);
-        let mut out = vec![0f32; b * t * heads * hd];
-        out.par_chunks_mut(t * heads * hd).enumerate().for_each(|(bi, ob)| {
+        let mut out = written_whole(b * t * heads * hd);
+        for_each_chunk_mut(&mut out, t * heads * hd, |bi, ob| {
             for h in 0..heads {
                 let tile = &tiles[(bi * heads + h) * t * hd..][..t * hd];
                 for p in 0..t {
@@ -446,7 +514,7 @@ impl FusedAttention {
     /// in place.
     fn unrotate(&self, tiles: &mut [f32], heads: usize) {
         let (t, hd) = (self.t, self.heads.head_dim);
-        tiles.par_chunks_mut(t * hd).enumerate().for_each(|(i, tile)| {
+        for_each_chunk_mut(tiles, t * hd, |i, tile| {
             let mut row = vec![0f32; hd];
             for p in 0..t {
                 let (c, s) = self.tables(i / heads, p);
@@ -482,11 +550,11 @@ impl FusedAttention {
         let bi = kv / nkv;
         let blocks = self.blocks(bi);
         let longest = blocks.iter().map(Block::len).max().unwrap_or(0);
-        let (mut kr, mut vr) = (vec![0f32; tile], vec![0f32; tile]);
+        let (mut kr, mut vr) = (written_whole(tile), written_whole(tile));
         self.gather(ks, nkv, bi, kv % nkv, &mut kr, true);
         self.gather(vs, nkv, bi, kv % nkv, &mut vr, false);
-        let (mut qr, mut go) = (vec![0f32; tile], vec![0f32; tile]);
-        let mut dp = vec![0f32; longest];
+        let (mut qr, mut go) = (written_whole(tile), written_whole(tile));
+        let mut dp = written_whole(longest);
         let mut wide = vec![0f32; if self.heads.bf16_probabilities { longest } else { 0 }];
         for (r, dqt) in dqs.chunks_exact_mut(tile).enumerate() {
             let h = (kv % nkv) * (nh / nkv) + r;
@@ -564,69 +632,28 @@ impl CustomOp3 for FusedAttention {
             head_dim: hd,
             ..
         } = self.heads;
-        let n_rep = nh / nkv;
         let tile = t * hd;
-        let mut kr = vec![0f32; b * nkv * tile];
-        let mut vr = vec![0f32; b * nkv * tile];
-        kr.par_chunks_mut(tile)
-            .zip(vr.par_chunks_mut(tile))
-            .enumerate()
-            .for_each(|(i, (kt, vt))| {
-                self.gather(k, nkv, i / nkv, i % nkv, kt, true);
-                self.gather(v, nkv, i / nkv, i % nkv, vt, false);
-            });
-        let mut qr = vec![0f32; b * nh * tile];
-        let mut o = vec![0f32; b * nh * tile];
-        let p = qr
-            .par_chunks_mut(tile)
-            .zip(o.par_chunks_mut(tile))
-            .enumerate()
-            .map(|(i, (qt, ot))| {
-                let (bi, h) = (i / nh, i % nh);
-                let kv = bi * nkv + h / n_rep;
-                self.gather(q, nh, bi, h, qt, true);
-                let starts = self.segments.as_ref().map(|s| &s.starts[bi * t..(bi + 1) * t]);
-                let blocks = self.blocks(bi);
-                let len = blocks.last().map_or(0, |l| l.at + l.len());
-                let bf16 = self.heads.bf16_probabilities;
-                let mut kept = if bf16 {
-                    Kept::Bf16(vec![0u16; len])
-                } else {
-                    Kept::F32(vec![0f32; len])
-                };
-                let mut scratch = vec![
-                    0f32;
-                    if bf16 {
-                        blocks.iter().map(Block::len).max().unwrap_or(0)
-                    } else {
-                        0
-                    }
-                ];
-                // Each block of rows against the keys up to its last row only (the rest of the
-                // row is masked, so it is neither computed nor kept): scores, softmax, then the
-                // block's output rows while its probabilities are in cache (and rounded to bf16
-                // there, when kept so).
-                for &blk in &blocks {
-                    let Block { s, r0, rl, at } = blk;
-                    let e = blk.e();
-                    let pb = match &mut kept {
-                        Kept::F32(p) => &mut p[at..at + blk.len()],
-                        Kept::Bf16(_) => &mut scratch[..blk.len()],
-                    };
-                    let qb = Mat::row_major(&qt[(s + r0) * hd..(s + e) * hd], rl, hd);
-                    let kb = Mat::row_major(&kr[kv * tile + s * hd..][..e * hd], e, hd);
-                    gemm_into_on(pb, false, qb, kb.t(), 1)?;
-                    causal_softmax_block(pb, blk, self.scale, self.heads.window, starts);
-                    let vb = Mat::row_major(&vr[kv * tile + s * hd..][..e * hd], e, hd);
-                    let pm = Mat::row_major(pb, rl, e);
-                    gemm_into_on(&mut ot[(s + r0) * hd..(s + e) * hd], false, pm, vb, 1)?;
-                    if let Kept::Bf16(p) = &mut kept {
-                        for (d, &x) in p[at..at + blk.len()].iter_mut().zip(&scratch[..blk.len()]) {
-                            *d = crate::kernels::bf16::round(x);
-                        }
-                    }
-                }
-                Ok::<Kept, candle_core::Error>(kept)
+        let mut kr = written_whole(b * nkv * tile);
+        let mut vr = written_whole(b * nkv * tile);
+        for_each_chunk_mut2((&mut kr, tile), (&mut vr, tile), |i, kt, vt| {
+            self.gather(k, nkv, i / nkv, i % nkv, kt, true);
+            self.gather(v, nkv, i / nkv, i % nkv, vt, false);
+        });
+        let mut qr = written_whole(b * nh * tile);
+        let mut o = written_whole(b * nh * tile);
+        let kept: Vec<Mutex<Option<candle_core::Result<Kept>>>> = (0..b * nh).map(|_| Mutex::new(None)).collect();
+        for_each_chunk_mut2((&mut qr, tile), (&mut o, tile), |i, qt, ot| {
+            let result = self.forward_head(q, &kr, &vr, i, qt, ot);
+            if let Some(slot) = kept.get(i) {
+                *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(result);
+            }
+        });
+        let p = kept
+            .into_iter()
+            .map(|slot| {
+                slot.into_inner()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .unwrap_or_else(|| Err(candle_core::Error::Msg("attention: a head was not computed".into())))
             })
             .collect::<candle_core::Result<Vec<_>>>()?;
         drop((qr, kr, vr));
@@ -660,19 +687,19 @@ impl CustomOp3 for FusedAttention {
         } = self.heads;
         let n_rep = nh / nkv;
         let tile = t * hd;
-        let mut dq = vec![0f32; b * nh * tile];
+        let mut dq = written_whole(b * nh * tile);
         let mut dk = vec![0f32; b * nkv * tile];
         let mut dv = vec![0f32; b * nkv * tile];
         with_slice(q, |qs| {
             with_slice(k, |ks| {
                 with_slice(v, |vs| {
                     with_slice(grad, |g| {
-                        dq.par_chunks_mut(n_rep * tile)
-                            .zip(dk.par_chunks_mut(tile).zip(dv.par_chunks_mut(tile)))
-                            .enumerate()
-                            .try_for_each(|(kv, (dqs, (dkt, dvt)))| {
-                                self.backward_group(&saved, [qs, ks, vs, g], kv, dqs, dkt, dvt)
-                            })
+                        let error = FirstError::new();
+                        let parts = ((&mut dq[..], n_rep * tile), (&mut dk[..], tile), (&mut dv[..], tile));
+                        for_each_chunk_mut3(parts.0, parts.1, parts.2, |kv, dqs, dkt, dvt| {
+                            error.keep(self.backward_group(&saved, [qs, ks, vs, g], kv, dqs, dkt, dvt))
+                        });
+                        error.result()
                     })
                 })
             })

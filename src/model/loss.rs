@@ -5,10 +5,11 @@
 //! composite form other devices use.
 
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor, D};
-use rayon::prelude::*;
 
+use crate::kernels::buffer::written_whole;
 use crate::kernels::gemm::with_dense;
 use crate::kernels::ops::{self, cpu_f32, exp_fast, max};
+use crate::kernels::spin::{for_each_chunk_mut, for_each_chunk_mut2, rows_per_task};
 
 /// Mean cross-entropy of `logits: [n, vocab]` against `targets` (`n` token ids).
 pub fn cross_entropy(logits: &Tensor, targets: &[u32]) -> candle_core::Result<Tensor> {
@@ -115,23 +116,24 @@ impl LinearCrossEntropy {
             let threads = crate::kernels::cpu::threads();
             let rows = (self.chunk_bytes / (4 * v).max(1)).clamp(1, n);
             let mut losses = vec![0f32; n];
-            let mut dx = with_grad.then(|| vec![0f32; n * d]);
-            let mut logits = vec![0f32; rows * v];
+            let mut dx = with_grad.then(|| written_whole(n * d));
+            let mut logits = written_whole(rows * v);
             for r0 in (0..n).step_by(rows) {
                 let r1 = (r0 + rows).min(n);
                 let buf = &mut logits[..(r1 - r0) * v];
                 w.times_t_into((v, d), &h[r0 * d..r1 * d], r1 - r0, buf, false, threads)?;
                 let targets = &self.targets[r0..r1];
-                buf.par_chunks_mut(v)
-                    .zip(losses[r0..r1].par_iter_mut())
-                    .zip(targets.par_iter())
-                    .for_each(|((row, loss), &t)| {
+                let per = rows_per_task(r1 - r0, 1);
+                for_each_chunk_mut2((buf, per * v), (&mut losses[r0..r1], per), |i, block, block_losses| {
+                    let rows = block.chunks_exact_mut(v).zip(block_losses);
+                    for ((row, loss), &t) in rows.zip(&targets[i * per..]) {
                         *loss = crate::kernels::simd::vectorized(RowLoss {
                             row,
                             target: t,
                             with_grad,
                         })
-                    });
+                    }
+                });
                 if let Some(dx) = dx.as_mut() {
                     w.times_into((v, d), buf, r1 - r0, &mut dx[r0 * d..r1 * d], false, threads)?;
                 }
@@ -167,8 +169,11 @@ impl CustomOp1 for LinearCrossEntropy {
                 self.run(&h, n, true)?.1.unwrap_or_default()
             }
         };
-        dx.par_chunks_mut(d).zip(g.par_iter()).for_each(|(row, &gi)| {
-            row.iter_mut().for_each(|x| *x *= gi);
+        let per = rows_per_task(n, 1);
+        for_each_chunk_mut(&mut dx, per * d, |i, block| {
+            for (row, &gi) in block.chunks_exact_mut(d.max(1)).zip(&g[i * per..]) {
+                row.iter_mut().for_each(|x| *x *= gi);
+            }
         });
         Ok(Some(Tensor::from_vec(dx, (n, d), arg.device())?))
     }
