@@ -641,19 +641,17 @@ impl CustomOp3 for FusedAttention {
         });
         let mut qr = written_whole(b * nh * tile);
         let mut o = written_whole(b * nh * tile);
-        let kept: Vec<Mutex<Option<candle_core::Result<Kept>>>> = (0..b * nh).map(|_| Mutex::new(None)).collect();
-        for_each_chunk_mut2((&mut qr, tile), (&mut o, tile), |i, qt, ot| {
-            let result = self.forward_head(q, &kr, &vr, i, qt, ot);
-            if let Some(slot) = kept.get(i) {
-                *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(result);
+        // Head `i`'s kept probabilities land in slot `i`, beside its rows of q and the output.
+        let mut kept: Vec<Option<candle_core::Result<Kept>>> = (0..b * nh).map(|_| None).collect();
+        for_each_chunk_mut3((&mut qr, tile), (&mut o, tile), (&mut kept, 1), |i, qt, ot, slot| {
+            if let [slot] = slot {
+                *slot = Some(self.forward_head(q, &kr, &vr, i, qt, ot));
             }
         });
         let p = kept
             .into_iter()
             .map(|slot| {
-                slot.into_inner()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .unwrap_or_else(|| Err(candle_core::Error::Msg("attention: a head was not computed".into())))
+                slot.unwrap_or_else(|| Err(candle_core::Error::Msg("attention: a head was not computed".into())))
             })
             .collect::<candle_core::Result<Vec<_>>>()?;
         drop((qr, kr, vr));

@@ -192,18 +192,17 @@ impl crate::kernels::simd::Kernel for RowLoss<'_> {
     #[inline(always)]
     fn run(self) -> f32 {
         let target = self.row.get(self.target as usize).copied().unwrap_or(f32::NAN);
-        if !self.with_grad {
-            return log_sum_exp(self.row) - target;
-        }
-        // The gradient reuses the exponentials of the sum: `eˣ⁻ᵐ / Σ` instead of `eˣ⁻ˡˢᵉ`, one
-        // exponential a logit instead of two (the output head's softmax is 50M values a step at
-        // b4×256 with SmolLM2's vocabulary).
+        // The row is scratch: its exponentials are kept in place, and the gradient reuses them
+        // (`eˣ⁻ᵐ / Σ` instead of `eˣ⁻ˡˢᵉ`, one exponential a logit instead of two; the output
+        // head's softmax is 50M values a step at b4×256 with SmolLM2's vocabulary).
         let m = max(self.row);
         let sum = exp_sum_in_place(self.row, m);
-        let inv = 1.0 / sum;
-        self.row.iter_mut().for_each(|x| *x *= inv);
-        if let Some(x) = self.row.get_mut(self.target as usize) {
-            *x -= 1.0;
+        if self.with_grad {
+            let inv = 1.0 / sum;
+            self.row.iter_mut().for_each(|x| *x *= inv);
+            if let Some(x) = self.row.get_mut(self.target as usize) {
+                *x -= 1.0;
+            }
         }
         m + sum.ln() - target
     }
@@ -217,22 +216,8 @@ fn rows<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
     Ok(&data[a..b])
 }
 
-#[inline(always)]
-fn log_sum_exp(row: &[f32]) -> f32 {
-    let m = max(row);
-    // Sixteen lanes so the exponentials and the sum vectorize.
-    let mut acc = [0f32; 16];
-    let chunks = row.chunks_exact(16);
-    let tail: f32 = chunks.remainder().iter().map(|&x| exp_fast(x - m)).sum();
-    for c in chunks {
-        for (a, &x) in acc.iter_mut().zip(c) {
-            *a += exp_fast(x - m);
-        }
-    }
-    m + (acc.iter().sum::<f32>() + tail).ln()
-}
-
-/// Replaces every `x` of `row` by `eˣ⁻ᵐ` and returns their sum, summed as [`log_sum_exp`] sums.
+/// Replaces every `x` of `row` by `eˣ⁻ᵐ` and returns their sum, in sixteen lanes so that the
+/// exponentials and the sum vectorize.
 #[inline(always)]
 fn exp_sum_in_place(row: &mut [f32], m: f32) -> f32 {
     let mut acc = [0f32; 16];
