@@ -127,12 +127,13 @@ pub struct Machine {
     /// The family of the quantized block kernels (Q8_0/Q4_1 products): `kernel_family`, except
     /// on Zen 4, where they keep AVX-512 (`kernels::cpu::quantized_family`).
     pub quantized_kernel_family: &'static str,
-    /// How bf16 weights (`--precision bf16` on the CPU) are multiplied: `avx512-bf16`
-    /// (`vdpbf16ps`) or `widened` (to f32, then the f32 gemm): `kernels::bf16`.
+    /// How bf16 weights (`--precision bf16` on the CPU) are multiplied in products of more than
+    /// two token rows: `avx512-bf16` (`vdpbf16ps` tiles) or `widened` (to f32, then the f32
+    /// gemm): `kernels::bf16`, `kernels::cpu::own_tiles`.
     pub bf16_products: &'static str,
     /// How f32 frozen weights (`--precision f32`, prefill) are multiplied in products of 16 or
     /// more token rows: `avx512-tiles` (Finch's own AVX-512 register tiles) or `gemm` (the gemm
-    /// crate in `gemm_family`): `kernels::panel`.
+    /// crate in `gemm_family`): `kernels::panel`, `kernels::cpu::own_tiles`.
     pub f32_products: &'static str,
     /// Transparent huge pages: `always`, `madvise` or `never`.
     pub thp_mode: Option<&'static str>,

@@ -1,7 +1,8 @@
 //! What the CPU offers Finch's kernels, decided once per process: the instruction-set family
 //! (by default the fastest, except AVX2 on AMD Zen 4: see [`preferred`];
 //! `FINCH_CPU=avx512|avx2|portable` forces one, so the AVX2 laptop path can be measured on an
-//! AVX-512 machine), the thread count, the CPU model and the transparent-huge-page mode.
+//! AVX-512 machine), whether tall products use Finch's own register tiles ([`own_tiles`];
+//! `FINCH_TILES=on|off`), the thread count, the CPU model and the transparent-huge-page mode.
 //!
 //! Everything here reads the environment or system files at most once: these values are asked
 //! for on every matrix product, and `num_cpus::get_physical` (behind candle's thread count)
@@ -123,6 +124,48 @@ pub fn quantized_family() -> Family {
     *FAMILY.get_or_init(|| from_env().ok().flatten().unwrap_or_else(best))
 }
 
+/// Whether tall products with a frozen f32 or bf16 weight (training, prefill) go through Finch's
+/// own AVX-512 register tiles (`kernels::panel`'s `vfmadd231ps`, `kernels::bf16`'s `vdpbf16ps`)
+/// rather than the gemm crate's kernels (bf16 weights widened to f32 for them). By default only
+/// on AMD Zen 4, the CPU they were written and measured on, where they beat gemm's AVX2 kernels
+/// (gemm's AVX-512 ones are slower there still: [`preferred`]) and `vdpbf16ps` runs at twice the
+/// f32 FMA rate. Elsewhere the crate's kernels were faster: on a 2-core Intel Xeon (family 6
+/// model 207, AVX-512 with BF16), one thread, the step's shapes, gemm's AVX-512 kernels ran at
+/// 133–142 GFLOP/s against the f32 tiles' 82–127; `bench train` alternating, f32 249–281
+/// tokens/s on gemm against 189–277 on the tiles, and bf16 widened for gemm 245–254 against
+/// 186–202 on the `vdpbf16ps` tiles (docs/performance.md, seventeenth session). CPUs measured
+/// on neither (Zen 5, other Intel generations) keep the crate's kernels. `FINCH_TILES=on|off`
+/// forces the choice, for measuring; `FINCH_CPU` below `avx512` turns the tiles off. Decided
+/// on the first call. Decoding's bf16 row loop is not a tile: it runs wherever AVX-512 BF16 is.
+pub fn own_tiles() -> bool {
+    static TILES: OnceLock<bool> = OnceLock::new();
+    *TILES.get_or_init(|| {
+        let avx512 = quantized_family() == Family::Avx512;
+        match tiles_from_env() {
+            Ok(Some(on)) => on && avx512,
+            _ => avx512 && is_zen4(cpuinfo_field("vendor_id"), cpuinfo_field("cpu family")),
+        }
+    })
+}
+
+/// `FINCH_TILES` (`on`, `off`, or `auto`/unset), or why it cannot be used.
+fn tiles_from_env() -> Result<Option<bool>, String> {
+    let Some(value) = std::env::var_os("FINCH_TILES") else {
+        return Ok(None);
+    };
+    let value = value.to_string_lossy();
+    match value.trim().to_ascii_lowercase().as_str() {
+        "" | "auto" => Ok(None),
+        "off" | "0" => Ok(Some(false)),
+        "on" | "1" if quantized_family() == Family::Avx512 => Ok(Some(true)),
+        "on" | "1" => Err(format!(
+            "FINCH_TILES={value}: the tiles need the avx512 kernel family (this CPU, or FINCH_CPU, gives {})",
+            quantized_family().name()
+        )),
+        _ => Err(format!("FINCH_TILES={value} is not a setting; use on, off or auto")),
+    }
+}
+
 /// AMD family 19h (Zen 3 and Zen 4; of those only Zen 4 has AVX-512, which the caller checks).
 fn is_zen4(vendor: Option<&str>, family: Option<&str>) -> bool {
     vendor == Some("AuthenticAMD") && family.and_then(|f| f.parse::<u32>().ok()) == Some(0x19)
@@ -144,10 +187,11 @@ pub fn best() -> Family {
     *BEST.get_or_init(|| Family::available().pop().unwrap_or(Family::Portable))
 }
 
-/// `Err` with a one-line explanation when `FINCH_CPU` is set to something unusable (commands
-/// report it instead of silently measuring another family).
+/// `Err` with a one-line explanation when `FINCH_CPU` or `FINCH_TILES` is set to something
+/// unusable (commands report it instead of silently measuring other kernels).
 pub fn check_env() -> Result<(), String> {
-    from_env().map(|_| ())
+    from_env()?;
+    tiles_from_env().map(|_| ())
 }
 
 /// Threads for matrix products: `RAYON_NUM_THREADS`, else candle's choice (physical cores),

@@ -7,11 +7,13 @@
 //!
 //! **f32 weights** (`--precision f32` training and prefill): on CPUs with AVX-512 F, products of
 //! at least [`F32_MIN_ROWS`] token rows go through a 6×32 tile of `vfmadd231ps` instead of the
-//! `gemm` crate. Hand-written rather than the crate's because, measured on a 2-core AMD EPYC
-//! (Zen 4) VM, f32 training spent 79% of its samples in gemm 0.19's AVX2 16×6 microkernel (~90%
-//! of the FMA ceiling) and 5.6% more packing both operands on every call (its AVX-512 kernels
-//! were slower still there, [`crate::kernels::cpu::preferred`]); this tile, like the bf16 one,
-//! packs only the weight, reads the activations in place and keeps twelve 16-lane accumulators.
+//! `gemm` crate, on AMD Zen 4 ([`crate::kernels::cpu::own_tiles`]: on an Intel Xeon gemm's
+//! AVX-512 kernels were faster, so they stay there). Hand-written rather than the crate's
+//! because, measured on a 2-core AMD EPYC (Zen 4) VM, f32 training spent 79% of its samples in
+//! gemm 0.19's AVX2 16×6 microkernel (~90% of the FMA ceiling) and 5.6% more packing both
+//! operands on every call (its AVX-512 kernels were slower still there,
+//! [`crate::kernels::cpu::preferred`]); this tile, like the bf16 one, packs only the weight,
+//! reads the activations in place and keeps twelve 16-lane accumulators.
 //! One thread, the step's shapes: 106–112 GFLOP/s against gemm's 103–109; the output head on two
 //! threads 202 against 172; f32 training +4% (median of 11 alternating pairs, within the
 //! machine's noise pair by pair): docs/performance.md, fifteenth session. Other CPUs and
@@ -205,16 +207,13 @@ pub(crate) fn split<T: Sync>(
     error.result()
 }
 
-/// Whether f32 products of `m` token rows go through [`f32_product`]: AVX-512 F on this CPU, and
-/// `FINCH_CPU` not forcing a family below it ([`crate::kernels::cpu::quantized_family`]: Zen 4's
-/// default f32 family is AVX2, [`crate::kernels::cpu::preferred`], a choice measured on gemm's
-/// kernels that does not apply to this tile).
+/// Whether f32 products of `m` token rows go through [`f32_product`]: AVX-512 F on this CPU and
+/// the tiles chosen for it ([`crate::kernels::cpu::own_tiles`]: by default on AMD Zen 4 only;
+/// gemm's AVX-512 kernels were faster on an Intel Xeon).
 pub(crate) fn f32_tiles(m: usize) -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        m >= F32_MIN_ROWS
-            && crate::kernels::cpu::quantized_family() == crate::kernels::cpu::Family::Avx512
-            && x86::available()
+        m >= F32_MIN_ROWS && crate::kernels::cpu::own_tiles() && x86::available()
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -514,8 +513,13 @@ mod tests {
     /// reduction blocks, both sides), plain and accumulating, on one thread and split.
     #[test]
     fn f32_tiles_equal_the_reference() {
-        if !f32_tiles(F32_MIN_ROWS) {
-            eprintln!("skipped: this CPU runs no f32 tiles (no AVX-512 F, or FINCH_CPU below it)");
+        // The tiles themselves, whether or not this CPU's products use them by default.
+        #[cfg(target_arch = "x86_64")]
+        let available = x86::available();
+        #[cfg(not(target_arch = "x86_64"))]
+        let available = false;
+        if !available {
+            eprintln!("skipped: this CPU has no AVX-512 F for the f32 tiles");
             return;
         }
         let mut rng = crate::rng::Rng::new(17);
