@@ -148,6 +148,13 @@ pub fn own_tiles() -> bool {
     })
 }
 
+/// Whether the tiles may still run where [`own_tiles`] keeps tall products on gemm: the
+/// kernel family is AVX-512 and `FINCH_TILES` is unset (`auto`). Decided on the first call.
+pub fn tiles_auto() -> bool {
+    static AUTO: OnceLock<bool> = OnceLock::new();
+    *AUTO.get_or_init(|| quantized_family() == Family::Avx512 && matches!(tiles_from_env(), Ok(None)))
+}
+
 /// `FINCH_TILES` (`on`, `off`, or `auto`/unset), or why it cannot be used.
 fn tiles_from_env() -> Result<Option<bool>, String> {
     let Some(value) = std::env::var_os("FINCH_TILES") else {

@@ -44,6 +44,14 @@ const COLUMN_SPLIT_BELOW: usize = 256;
 /// few prompt tokens) stay on the matrix×vector kernel and gemm.
 pub(crate) const F32_MIN_ROWS: usize = 16;
 
+/// Token rows from which f32 products leave the tiles for gemm's AVX-512 kernels where
+/// [`crate::kernels::cpu::own_tiles`] says so (outside Zen 4). On an Intel Xeon (family 6 model
+/// 207), alternating: f32 prefill of a 143-token prompt through the tiles 734, 734, 763 tokens/s
+/// against gemm's 593, 647, 592, while training's 1,024-row products ran faster on gemm
+/// (docs/performance.md, seventeenth session). Between the two is unmeasured.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+const GEMM_FROM_ROWS: usize = 256;
+
 /// How the weight `w` (row-major `[n, k]`) enters a product.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Side {
@@ -209,11 +217,13 @@ pub(crate) fn split<T: Sync>(
 
 /// Whether f32 products of `m` token rows go through [`f32_product`]: AVX-512 F on this CPU and
 /// the tiles chosen for it ([`crate::kernels::cpu::own_tiles`]: by default on AMD Zen 4 only;
-/// gemm's AVX-512 kernels were faster on an Intel Xeon).
+/// gemm's AVX-512 kernels were faster on an Intel Xeon for training's products), or, by
+/// default on other AVX-512 CPUs, fewer than [`GEMM_FROM_ROWS`] rows.
 pub(crate) fn f32_tiles(m: usize) -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        m >= F32_MIN_ROWS && crate::kernels::cpu::own_tiles() && x86::available()
+        use crate::kernels::cpu;
+        m >= F32_MIN_ROWS && (cpu::own_tiles() || (m < GEMM_FROM_ROWS && cpu::tiles_auto())) && x86::available()
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -222,10 +232,11 @@ pub(crate) fn f32_tiles(m: usize) -> bool {
     }
 }
 
-/// How this process multiplies tall f32 products with a frozen weight, as `bench` JSON names it:
-/// `avx512-tiles` ([`f32_product`]) or `gemm` (the gemm crate, in `kernel_family`).
+/// How this process multiplies training's f32 products with a frozen weight (at least
+/// [`GEMM_FROM_ROWS`] token rows), as `bench` JSON names it: `avx512-tiles` ([`f32_product`]) or
+/// `gemm` (the gemm crate, in `kernel_family`).
 pub fn f32_products_name() -> &'static str {
-    if f32_tiles(F32_MIN_ROWS) {
+    if f32_tiles(GEMM_FROM_ROWS) {
         "avx512-tiles"
     } else {
         "gemm"
