@@ -9,11 +9,12 @@
 //!
 //! * AMD Zen 4 runs `vdpbf16ps`, which multiplies and sums pairs of bf16 values into f32 lanes
 //!   at twice the f32 FMA rate there (on a 2-core Zen 4 VM, one thread: 235 GFLOP/s against 117
-//!   for f32 FMA, docs/performance.md). The weight is packed into 32-column panels of `k`-pairs, one panel
-//!   and block of `k` at a time, as GotoBLAS packs its right-hand side (in registers: 16×16
-//!   transposes, or interleaved row pairs); a 6×32 register tile accumulates. One or two token
-//!   rows (decoding) go through a matrix×vector loop over the weight's rows instead, which reads
-//!   the weight once, at half the bytes of f32: on every CPU with AVX-512 BF16.
+//!   for f32 FMA, docs/performance.md). The weight is packed into 32-column panels of
+//!   `k`-pairs, one panel and block of `k` at a time, as GotoBLAS packs its right-hand side (in
+//!   registers: 16×16 transposes, or interleaved row pairs); a 6×32 register tile accumulates.
+//!   One or two token rows (decoding) go through a matrix×vector loop over the weight's rows
+//!   instead, which reads the weight once, at half the bytes of f32: on every CPU with AVX-512
+//!   BF16.
 //! * Other CPUs widen the weight to f32, 256 rows at a time, and run the f32 gemm on the
 //!   bf16-rounded activations: correct everywhere, as fast as f32 training, in less memory. On
 //!   an Intel Xeon with AVX-512 BF16 (family 6 model 207), where `vdpbf16ps` runs at the f32 FMA

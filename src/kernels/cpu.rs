@@ -124,8 +124,8 @@ pub fn quantized_family() -> Family {
     *FAMILY.get_or_init(|| from_env().ok().flatten().unwrap_or_else(best))
 }
 
-/// Whether tall products with a frozen f32 or bf16 weight (training, prefill) go through Finch's
-/// own AVX-512 register tiles (`kernels::panel`'s `vfmadd231ps`, `kernels::bf16`'s `vdpbf16ps`)
+/// Whether training's products with a frozen f32 or bf16 weight go through Finch's own AVX-512
+/// register tiles (`kernels::panel`'s `vfmadd231ps`, `kernels::bf16`'s `vdpbf16ps`)
 /// rather than the gemm crate's kernels (bf16 weights widened to f32 for them). By default only
 /// on AMD Zen 4, the CPU they were written and measured on, where they beat gemm's AVX2 kernels
 /// (gemm's AVX-512 ones are slower there still: [`preferred`]) and `vdpbf16ps` runs at twice the
@@ -136,7 +136,9 @@ pub fn quantized_family() -> Family {
 /// 186–202 on the `vdpbf16ps` tiles (docs/performance.md, seventeenth session). CPUs measured
 /// on neither (Zen 5, other Intel generations) keep the crate's kernels. `FINCH_TILES=on|off`
 /// forces the choice, for measuring; `FINCH_CPU` below `avx512` turns the tiles off. Decided
-/// on the first call. Decoding's bf16 row loop is not a tile: it runs wherever AVX-512 BF16 is.
+/// on the first call. Decoding's bf16 row loop is not a tile: it runs wherever AVX-512 BF16 is;
+/// f32 products of fewer than 256 token rows (prefill) keep the tiles by default on every
+/// AVX-512 CPU ([`tiles_auto`], `kernels::panel`).
 pub fn own_tiles() -> bool {
     static TILES: OnceLock<bool> = OnceLock::new();
     *TILES.get_or_init(|| {
