@@ -42,6 +42,7 @@ const COLUMN_SPLIT_BELOW: usize = 256;
 
 /// Fewest token rows an f32 product needs to go through the tiles: shorter ones (decoding, a
 /// few prompt tokens) stay on the matrix×vector kernel and gemm.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 pub(crate) const F32_MIN_ROWS: usize = 16;
 
 /// Token rows from which f32 products leave the tiles for gemm's AVX-512 kernels where
@@ -49,7 +50,6 @@ pub(crate) const F32_MIN_ROWS: usize = 16;
 /// 207), alternating: f32 prefill of a 143-token prompt through the tiles 734, 734, 763 tokens/s
 /// against gemm's 593, 647, 592, while training's 1,024-row products ran faster on gemm
 /// (docs/performance.md, seventeenth session). Between the two is unmeasured.
-#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 const GEMM_FROM_ROWS: usize = 256;
 
 /// How the weight `w` (row-major `[n, k]`) enters a product.
