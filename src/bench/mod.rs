@@ -129,11 +129,11 @@ pub struct Machine {
     pub quantized_kernel_family: &'static str,
     /// How bf16 weights (`--precision bf16` on the CPU) are multiplied in products of more than
     /// two token rows: `avx512-bf16` (`vdpbf16ps` tiles) or `widened` (to f32, then the f32
-    /// gemm): `kernels::bf16`, `kernels::cpu::own_tiles`.
+    /// gemm): `kernels::bf16`, `kernels::cpu::tiles`.
     pub bf16_products: &'static str,
     /// How f32 frozen weights (`--precision f32`) are multiplied in training's products (256 or
     /// more token rows): `avx512-tiles` (Finch's own AVX-512 register tiles) or `gemm` (the gemm
-    /// crate in `gemm_family`): `kernels::panel`, `kernels::cpu::own_tiles`. Products of 16–255
+    /// crate in `gemm_family`): `kernels::panel`, `kernels::cpu::tiles`. Products of 16–255
     /// rows (prefill) run the tiles on every AVX-512 CPU unless `FINCH_TILES=off`.
     pub f32_products: &'static str,
     /// Transparent huge pages: `always`, `madvise` or `never`.

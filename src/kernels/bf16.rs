@@ -18,7 +18,7 @@
 //! * Other CPUs widen the weight to f32, 256 rows at a time, and run the f32 gemm on the
 //!   bf16-rounded activations: correct everywhere, as fast as f32 training, in less memory. On
 //!   an Intel Xeon with AVX-512 BF16 (family 6 model 207), where `vdpbf16ps` runs at the f32 FMA
-//!   rate, this trained 25–30% faster than the tiles ([`cpu::own_tiles`]).
+//!   rate, this trained 25–30% faster than the tiles ([`cpu::tiles`]).
 //!
 //! The panel layout, the tile's store and the split over the spin pool (by token rows, or by
 //! output columns when the rows are few: the output head's chunks of a large vocabulary,
@@ -34,7 +34,7 @@ use half::bf16;
 use std::cell::RefCell;
 
 use crate::kernels::cpu;
-use crate::kernels::gemm::{gemm_into_on, Mat};
+use crate::kernels::gemm::{gemm_block_into, Mat};
 use crate::kernels::panel::{split, Job, Side, Weight, NR};
 
 /// `k`-pairs per packed block: 512 pairs × 32 columns × 4 bytes = 64 KB, read from L2. Larger
@@ -73,11 +73,11 @@ pub fn uses_avx512_bf16() -> bool {
 }
 
 /// Whether products of more than two token rows run `vdpbf16ps` tiles: AVX-512 BF16 and the
-/// tiles chosen for this CPU ([`cpu::own_tiles`]: on an Intel Xeon, where `vdpbf16ps` runs at
+/// tiles chosen for this CPU ([`cpu::tiles`]: on an Intel Xeon, where `vdpbf16ps` runs at
 /// the f32 FMA rate, widening for gemm's AVX-512 kernels trained 25–30% faster). Decoding's row
 /// loop ([`row_loop`]) runs wherever AVX-512 BF16 is: it reads the weight at half f32's bytes.
 fn tall_tiles() -> bool {
-    uses_avx512_bf16() && cpu::own_tiles()
+    uses_avx512_bf16() && cpu::tiles() == cpu::Tiles::Everywhere
 }
 
 /// Whether a product goes through the decoding row loop rather than tiles (AVX-512 BF16 only).
@@ -109,18 +109,50 @@ pub(crate) fn product(
 ) -> candle_core::Result<()> {
     let (avx512, tiles) = (uses_avx512_bf16(), tall_tiles());
     let k = w.dims(side).0;
-    split(w, side, a, m, out, accumulate, threads, |job| {
-        if tiles || (avx512 && row_loop(job.m, side, k)) {
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: `uses_avx512_bf16` checked the CPU's features; `split` checked the
-            // shapes, and each job's rows and columns lie inside `out`.
-            unsafe {
-                x86::product(job)
-            };
-            Ok(())
+    let path = |rows: usize| {
+        if tiles || (avx512 && row_loop(rows, side, k)) {
+            Path::Avx512
         } else {
-            widened(job)
+            Path::Widened
         }
+    };
+    product_with(w, side, a, m, out, accumulate, threads, path)
+}
+
+/// The code that multiplies one thread's share of a product.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Path {
+    /// `vdpbf16ps` tiles, or the decoding row loop for one or two rows ([`x86::product`]);
+    /// only where [`uses_avx512_bf16`].
+    Avx512,
+    /// The weight widened to f32 for gemm ([`widened`]).
+    Widened,
+}
+
+/// [`product`] with each job's path chosen by `path(job rows)` (tests force one).
+#[allow(clippy::too_many_arguments)]
+fn product_with(
+    w: Bf16Weight,
+    side: Side,
+    a: &[f32],
+    m: usize,
+    out: &mut [f32],
+    accumulate: bool,
+    threads: usize,
+    path: impl Fn(usize) -> Path + Sync,
+) -> candle_core::Result<()> {
+    split(w, side, a, m, out, accumulate, threads, |job| match path(job.m) {
+        Path::Avx512 => {
+            #[cfg(target_arch = "x86_64")]
+            if x86::available() {
+                // SAFETY: the CPU has AVX-512 BF16 (checked just above); `split` checked the
+                // shapes, and each job's rows and columns lie inside `out`.
+                unsafe { x86::product(job) };
+                return Ok(());
+            }
+            candle_core::bail!("bf16 product: this CPU has no AVX-512 BF16")
+        }
+        Path::Widened => widened(job),
     })
 }
 
@@ -133,11 +165,9 @@ struct Scratch {
     /// One packed panel block ([`pack`]).
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     panel: Vec<u32>,
-    /// The portable path's widened weight rows, rounded activations and output block.
+    /// The portable path's widened weight rows and the rounded activations they multiply.
     wide: Vec<f32>,
     rounded: Vec<f32>,
-    block: Vec<f32>,
-    part: Vec<f32>,
 }
 
 thread_local! {
@@ -147,8 +177,6 @@ thread_local! {
             panel: Vec::new(),
             wide: Vec::new(),
             rounded: Vec::new(),
-            block: Vec::new(),
-            part: Vec::new(),
         })
     };
 }
@@ -158,7 +186,9 @@ thread_local! {
 const WIDE_ROWS: usize = 256;
 
 /// The portable path: the weight widened to f32 `WIDE_ROWS` rows at a time, the f32 gemm over
-/// bf16-rounded inputs.
+/// bf16-rounded inputs, written straight into the job's columns of `out`. The scratch is a
+/// block of weight rows and the rounded inputs it multiplies, never the output: an output block
+/// (the output head's 341 rows × half of a 49k vocabulary, twice) cost 150 MB of peak memory.
 fn widened(job: Job<bf16>) -> candle_core::Result<()> {
     let Job {
         w,
@@ -171,63 +201,58 @@ fn widened(job: Job<bf16>) -> candle_core::Result<()> {
         accumulate,
     } = job;
     let k = w.dims(side).0;
+    let widen = |v: &bf16| v.to_f32();
+    let rounded = |v: &f32| f32::from_bits((round(*v) as u32) << 16);
     SCRATCH.with(|s| {
         let s = &mut *s.borrow_mut();
-        s.rounded.clear();
-        s.rounded
-            .extend(a.iter().map(|&v| f32::from_bits((round(v) as u32) << 16)));
-        let width = c_hi - c_lo;
-        // The job's output block `[m, width]`, computed whole, then written into `out`.
-        s.block.clear();
-        s.block.resize(m * width, 0.0);
         match side {
             Side::Transposed => {
                 // Output columns are weight rows: one block of rows at a time.
+                s.rounded.clear();
+                s.rounded.extend(a.iter().map(rounded));
                 for r0 in (c_lo..c_hi).step_by(WIDE_ROWS) {
                     let r1 = (r0 + WIDE_ROWS).min(c_hi);
                     s.wide.clear();
-                    s.wide
-                        .extend(w.data[r0 * w.cols..r1 * w.cols].iter().map(|v| v.to_f32()));
-                    s.part.clear();
-                    s.part.resize(m * (r1 - r0), 0.0);
-                    gemm_into_on(
-                        &mut s.part,
-                        false,
-                        Mat::row_major(&s.rounded, m, k),
-                        Mat::row_major(&s.wide, r1 - r0, w.cols).t(),
-                        1,
-                    )?;
-                    for (dst, src) in s.block.chunks_exact_mut(width).zip(s.part.chunks_exact(r1 - r0)) {
-                        dst[r0 - c_lo..r1 - c_lo].copy_from_slice(src);
-                    }
+                    s.wide.extend(w.data[r0 * w.cols..r1 * w.cols].iter().map(widen));
+                    // SAFETY: rows `0..m`, columns `r0..r1` (inside `c_lo..c_hi`) of `out`
+                    // belong to this job; rows are `ldc` apart.
+                    unsafe {
+                        gemm_block_into(
+                            out.add(r0),
+                            ldc,
+                            accumulate,
+                            Mat::row_major(&s.rounded, m, k),
+                            Mat::row_major(&s.wide, r1 - r0, w.cols).t(),
+                        )?
+                    };
                 }
             }
             Side::Plain => {
-                // The reduction runs over weight rows: add one block of rows at a time.
+                // The reduction runs over weight rows: add one block of rows (and the matching
+                // columns of the rounded input) at a time.
+                let width = c_hi - c_lo;
                 for r0 in (0..w.rows).step_by(WIDE_ROWS) {
                     let r1 = (r0 + WIDE_ROWS).min(w.rows);
                     s.wide.clear();
                     for row in r0..r1 {
                         let src = &w.data[row * w.cols + c_lo..row * w.cols + c_hi];
-                        s.wide.extend(src.iter().map(|v| v.to_f32()));
+                        s.wide.extend(src.iter().map(widen));
                     }
-                    gemm_into_on(
-                        &mut s.block,
-                        r0 > 0,
-                        Mat::strided(&s.rounded[r0..], m, r1 - r0, k, 1),
-                        Mat::row_major(&s.wide, r1 - r0, width),
-                        1,
-                    )?;
+                    s.rounded.clear();
+                    for row in a.chunks_exact(k) {
+                        s.rounded.extend(row[r0..r1].iter().map(rounded));
+                    }
+                    // SAFETY: rows `0..m`, columns `c_lo..c_hi` of `out` belong to this job.
+                    unsafe {
+                        gemm_block_into(
+                            out.add(c_lo),
+                            ldc,
+                            accumulate || r0 > 0,
+                            Mat::row_major(&s.rounded, m, r1 - r0),
+                            Mat::row_major(&s.wide, r1 - r0, width),
+                        )?
+                    };
                 }
-            }
-        }
-        for (i, src) in s.block.chunks_exact(width).enumerate() {
-            // SAFETY: row `i < m`, columns `c_lo..c_hi` of `out` belong to this job.
-            let dst = unsafe { std::slice::from_raw_parts_mut(out.add(i * ldc + c_lo), width) };
-            if accumulate {
-                dst.iter_mut().zip(src).for_each(|(d, v)| *d += v);
-            } else {
-                dst.copy_from_slice(src);
             }
         }
         Ok(())
@@ -542,24 +567,6 @@ mod x86 {
     }
 }
 
-/// A product on the family this process does not use by default, for tests: `true` forces the
-/// portable (widened) path.
-#[cfg(test)]
-fn product_portable(w: Bf16Weight, side: Side, a: &[f32], m: usize, out: &mut [f32], accumulate: bool) {
-    let n = w.dims(side).1;
-    let job = Job {
-        w,
-        side,
-        a,
-        m,
-        out: out.as_mut_ptr(),
-        ldc: n,
-        cols: (0, n),
-        accumulate,
-    };
-    widened(job).unwrap()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -599,6 +606,10 @@ mod tests {
             (7, 45, 301),
             (130, 96, 40),
             (13, 40, 96),
+            // More weight rows than the widened path widens at a time (`WIDE_ROWS`): its
+            // output columns (forward) or reduction (input gradient) come in blocks.
+            (5, 600, 40),
+            (40, 520, 24),
         ] {
             let w: Vec<bf16> = (0..rows * cols).map(|_| bf16::from_f32(rng.next_f32() - 0.5)).collect();
             let wb = Bf16Weight { data: &w, rows, cols };
@@ -621,23 +632,18 @@ mod tests {
                         let mut out = base.clone();
                         product(wb, side, &a, m, &mut out, accumulate, threads).unwrap();
                         check(&out, "default path");
-                    }
-                    let mut out = base.clone();
-                    product_portable(wb, side, &a, m, &mut out, accumulate);
-                    check(&out, "widened path");
-                    // The `vdpbf16ps` tiles and row loop, whether or not this CPU's products
-                    // use them by default.
-                    #[cfg(target_arch = "x86_64")]
-                    if x86::available() {
-                        let mut out = base.clone();
-                        split(wb, side, &a, m, &mut out, accumulate, 2, |job| {
-                            // SAFETY: the CPU has the features (checked above); `split`
-                            // checked the shapes.
-                            unsafe { x86::product(job) };
-                            Ok(())
-                        })
-                        .unwrap();
-                        check(&out, "avx512-bf16 path");
+                        // Each path, whether or not this CPU's products use it by default: the
+                        // `vdpbf16ps` tiles and row loop where the CPU has them.
+                        let mut paths = vec![Path::Widened];
+                        #[cfg(target_arch = "x86_64")]
+                        if x86::available() {
+                            paths.push(Path::Avx512);
+                        }
+                        for p in paths {
+                            let mut out = base.clone();
+                            product_with(wb, side, &a, m, &mut out, accumulate, threads, |_| p).unwrap();
+                            check(&out, &format!("{p:?} path on {threads} threads"));
+                        }
                     }
                 }
             }

@@ -1,7 +1,7 @@
 //! What the CPU offers Finch's kernels, decided once per process: the instruction-set family
 //! (by default the fastest, except AVX2 on AMD Zen 4: see [`preferred`];
 //! `FINCH_CPU=avx512|avx2|portable` forces one, so the AVX2 laptop path can be measured on an
-//! AVX-512 machine), whether tall products use Finch's own register tiles ([`own_tiles`];
+//! AVX-512 machine), where Finch's own register tiles run ([`tiles`];
 //! `FINCH_TILES=on|off`), the thread count, the CPU model and the transparent-huge-page mode.
 //!
 //! Everything here reads the environment or system files at most once: these values are asked
@@ -124,37 +124,46 @@ pub fn quantized_family() -> Family {
     *FAMILY.get_or_init(|| from_env().ok().flatten().unwrap_or_else(best))
 }
 
-/// Whether training's products with a frozen f32 or bf16 weight go through Finch's own AVX-512
-/// register tiles (`kernels::panel`'s `vfmadd231ps`, `kernels::bf16`'s `vdpbf16ps`)
-/// rather than the gemm crate's kernels (bf16 weights widened to f32 for them). By default only
-/// on AMD Zen 4, the CPU they were written and measured on, where they beat gemm's AVX2 kernels
-/// (gemm's AVX-512 ones are slower there still: [`preferred`]) and `vdpbf16ps` runs at twice the
-/// f32 FMA rate. Elsewhere the crate's kernels were faster: on a 2-core Intel Xeon (family 6
-/// model 207, AVX-512 with BF16), one thread, the step's shapes, gemm's AVX-512 kernels ran at
-/// 133–142 GFLOP/s against the f32 tiles' 82–127; `bench train` alternating, f32 249–281
-/// tokens/s on gemm against 189–277 on the tiles, and bf16 widened for gemm 245–254 against
-/// 186–202 on the `vdpbf16ps` tiles (docs/performance.md, seventeenth session). CPUs measured
-/// on neither (Zen 5, other Intel generations) keep the crate's kernels. `FINCH_TILES=on|off`
-/// forces the choice, for measuring; `FINCH_CPU` below `avx512` turns the tiles off. Decided
-/// on the first call. Decoding's bf16 row loop is not a tile: it runs wherever AVX-512 BF16 is;
-/// f32 products of fewer than 256 token rows (prefill) keep the tiles by default on every
-/// AVX-512 CPU ([`tiles_auto`], `kernels::panel`).
-pub fn own_tiles() -> bool {
-    static TILES: OnceLock<bool> = OnceLock::new();
-    *TILES.get_or_init(|| {
-        let avx512 = quantized_family() == Family::Avx512;
-        match tiles_from_env() {
-            Ok(Some(on)) => on && avx512,
-            _ => avx512 && is_zen4(cpuinfo_field("vendor_id"), cpuinfo_field("cpu family")),
-        }
-    })
+/// Which products with a frozen f32 or bf16 weight go through Finch's own AVX-512 register
+/// tiles (`kernels::panel`'s `vfmadd231ps`, `kernels::bf16`'s `vdpbf16ps`) rather than the gemm
+/// crate's kernels (bf16 weights widened to f32 for them): [`tiles`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tiles {
+    /// Every product of enough token rows (AMD Zen 4 by default, or `FINCH_TILES=on`).
+    Everywhere,
+    /// f32 products of fewer than `kernels::panel::GEMM_FROM_ROWS` token rows (prompt prefill)
+    /// only: other AVX-512 CPUs with `FINCH_TILES` unset.
+    ShortOnly,
+    /// None (no AVX-512 kernel family, or `FINCH_TILES=off`).
+    Off,
 }
 
-/// Whether the tiles may still run where [`own_tiles`] keeps tall products on gemm: the
-/// kernel family is AVX-512 and `FINCH_TILES` is unset (`auto`). Decided on the first call.
-pub fn tiles_auto() -> bool {
-    static AUTO: OnceLock<bool> = OnceLock::new();
-    *AUTO.get_or_init(|| quantized_family() == Family::Avx512 && matches!(tiles_from_env(), Ok(None)))
+/// Where Finch's own register tiles run, decided on the first call. By default they run
+/// everywhere only on AMD Zen 4, the CPU they were written and measured on, where they beat
+/// gemm's AVX2 kernels (gemm's AVX-512 ones are slower there still: [`preferred`]) and
+/// `vdpbf16ps` runs at twice the f32 FMA rate. Elsewhere the crate's kernels were faster on
+/// training's products: on a 2-core Intel Xeon (family 6 model 207, AVX-512 with BF16), one
+/// thread, the step's shapes, gemm's AVX-512 kernels ran at 133–142 GFLOP/s against the f32
+/// tiles' 82–127; `bench train` alternating, f32 249–281 tokens/s on gemm against 189–277 on
+/// the tiles, and bf16 widened for gemm 245–254 against 186–202 on the `vdpbf16ps` tiles
+/// (docs/performance.md, seventeenth session). There the f32 tiles keep prefill's shorter
+/// products (734–763 against gemm's 592–647 tokens/s on a 143-token prompt). CPUs measured on
+/// neither (Zen 5, other Intel generations) get the Intel choice. `FINCH_TILES=on|off` forces
+/// [`Tiles::Everywhere`] or [`Tiles::Off`], for measuring; `FINCH_CPU` below `avx512` turns the
+/// tiles off. Decoding's bf16 row loop is not a tile: it runs wherever AVX-512 BF16 is.
+pub fn tiles() -> Tiles {
+    static TILES: OnceLock<Tiles> = OnceLock::new();
+    *TILES.get_or_init(|| {
+        if quantized_family() != Family::Avx512 {
+            return Tiles::Off;
+        }
+        match tiles_from_env() {
+            Ok(Some(true)) => Tiles::Everywhere,
+            Ok(Some(false)) => Tiles::Off,
+            _ if is_zen4(cpuinfo_field("vendor_id"), cpuinfo_field("cpu family")) => Tiles::Everywhere,
+            _ => Tiles::ShortOnly,
+        }
+    })
 }
 
 /// `FINCH_TILES` (`on`, `off`, or `auto`/unset), or why it cannot be used.

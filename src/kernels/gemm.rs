@@ -45,17 +45,6 @@ impl<'a> Mat<'a> {
         }
     }
 
-    /// Element `(i, j)` at `data[i * rs + j * cs]`.
-    pub(crate) fn strided(data: &'a [f32], rows: usize, cols: usize, rs: usize, cs: usize) -> Self {
-        Mat {
-            data,
-            rows,
-            cols,
-            rs,
-            cs,
-        }
-    }
-
     pub(crate) fn t(self) -> Self {
         Mat {
             rows: self.cols,
@@ -148,6 +137,7 @@ fn gemm_into_with(
                     n,
                     k,
                     d.as_mut_ptr(),
+                    n,
                     accumulate,
                     part,
                     rhs,
@@ -166,7 +156,42 @@ fn gemm_into_with(
     // SAFETY: every index reached is inside its slice: checked above for lhs and rhs
     // (`in_bounds`) and for dst (m*n, row-major). The slices outlive the call.
     unsafe {
-        gemm_f32(m, n, k, dst.as_mut_ptr(), accumulate, lhs, rhs, parallelism, family);
+        gemm_f32(m, n, k, dst.as_mut_ptr(), n, accumulate, lhs, rhs, parallelism, family);
+    }
+    Ok(())
+}
+
+/// `dst[m, n] (+)= lhs[m, k] · rhs[k, n]` on the calling thread, into rows of `n` values
+/// `ldd` apart (a block of columns of a wider output), with [`cpu::family`]'s kernels.
+///
+/// Safety: row `i < m` of `dst` is `dst + i·ldd .. + n`, writable and not read or written by
+/// anything else during the call; `ldd ≥ n`.
+pub(crate) unsafe fn gemm_block_into(
+    dst: *mut f32,
+    ldd: usize,
+    accumulate: bool,
+    lhs: Mat,
+    rhs: Mat,
+) -> candle_core::Result<()> {
+    let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
+    if rhs.rows != k || ldd < n || !lhs.in_bounds() || !rhs.in_bounds() {
+        candle_core::bail!("gemm: shapes do not fit ({m}x{k} · {}x{n}, rows {ldd} apart)", rhs.rows)
+    }
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    if k == 0 {
+        if !accumulate {
+            for i in 0..m {
+                // SAFETY: row `i` of `dst` (the caller's contract).
+                unsafe { std::slice::from_raw_parts_mut(dst.add(i * ldd), n) }.fill(0.0);
+            }
+        }
+        return Ok(());
+    }
+    // SAFETY: the caller's contract for `dst`; `lhs` and `rhs` are in bounds (checked above).
+    unsafe {
+        gemm_f32(m, n, k, dst, ldd, accumulate, lhs, rhs, gemm::Parallelism::None, cpu::family());
     }
     Ok(())
 }
@@ -195,14 +220,15 @@ pub(crate) fn row_block(m: usize, threads: usize) -> Option<usize> {
 /// CPU. candle's own matmuls (outside Finch's kernels: the decode attention scores) keep gemm's
 /// choice.
 ///
-/// Safety: `dst` holds `m·n` values row-major, and every element of `lhs` and `rhs` reached is
-/// inside its slice.
+/// Safety: `dst` holds `m` rows of `n` values, row `i` starting at `dst + i·ldd` (`ldd ≥ n`),
+/// and every element of `lhs` and `rhs` reached is inside its slice.
 #[allow(clippy::too_many_arguments)]
 unsafe fn gemm_f32(
     m: usize,
     n: usize,
     k: usize,
     dst: *mut f32,
+    ldd: usize,
     accumulate: bool,
     lhs: Mat,
     rhs: Mat,
@@ -214,7 +240,7 @@ unsafe fn gemm_f32(
     if family < best {
         // gemm's front end (`gemm::gemm`): the microkernels prefer a column-major destination,
         // so a row-major one is computed as its transpose, dstᵀ = rhsᵀ·lhsᵀ.
-        let (mm, nn, dst_cs, dst_rs) = (n, m, n as isize, 1isize);
+        let (mm, nn, dst_cs, dst_rs) = (n, m, ldd as isize, 1isize);
         let (l, l_cs, l_rs) = (rhs.data.as_ptr(), rhs.rs as isize, rhs.cs as isize);
         let (r, r_cs, r_rs) = (lhs.data.as_ptr(), lhs.rs as isize, lhs.cs as isize);
         macro_rules! basic {
@@ -273,7 +299,7 @@ unsafe fn gemm_f32(
         k,
         dst,
         1,
-        n as isize,
+        ldd as isize,
         accumulate,
         lhs.data.as_ptr(),
         lhs.cs as isize,

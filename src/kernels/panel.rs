@@ -7,7 +7,7 @@
 //!
 //! **f32 weights** (`--precision f32` training and prefill): on CPUs with AVX-512 F, products of
 //! at least [`F32_MIN_ROWS`] token rows go through a 6×32 tile of `vfmadd231ps` instead of the
-//! `gemm` crate, on AMD Zen 4 ([`crate::kernels::cpu::own_tiles`]: on an Intel Xeon gemm's
+//! `gemm` crate, on AMD Zen 4 ([`crate::kernels::cpu::tiles`]: on an Intel Xeon gemm's
 //! AVX-512 kernels were faster, so they stay there). Hand-written rather than the crate's
 //! because, measured on a 2-core AMD EPYC (Zen 4) VM, f32 training spent 79% of its samples in
 //! gemm 0.19's AVX2 16×6 microkernel (~90% of the FMA ceiling) and 5.6% more packing both
@@ -46,7 +46,7 @@ const COLUMN_SPLIT_BELOW: usize = 256;
 pub(crate) const F32_MIN_ROWS: usize = 16;
 
 /// Token rows from which f32 products leave the tiles for gemm's AVX-512 kernels where
-/// [`crate::kernels::cpu::own_tiles`] says so (outside Zen 4). On an Intel Xeon (family 6 model
+/// [`crate::kernels::cpu::tiles`] says so (outside Zen 4). On an Intel Xeon (family 6 model
 /// 207), alternating: f32 prefill of a 143-token prompt through the tiles 734, 734, 763 tokens/s
 /// against gemm's 593, 647, 592, while training's 1,024-row products ran faster on gemm
 /// (docs/performance.md, seventeenth session). Between the two is unmeasured.
@@ -216,14 +216,19 @@ pub(crate) fn split<T: Sync>(
 }
 
 /// Whether f32 products of `m` token rows go through [`f32_product`]: AVX-512 F on this CPU and
-/// the tiles chosen for it ([`crate::kernels::cpu::own_tiles`]: by default on AMD Zen 4 only;
+/// the tiles chosen for it ([`crate::kernels::cpu::tiles`]: by default on AMD Zen 4 only;
 /// gemm's AVX-512 kernels were faster on an Intel Xeon for training's products), or, by
 /// default on other AVX-512 CPUs, fewer than [`GEMM_FROM_ROWS`] rows.
 pub(crate) fn f32_tiles(m: usize) -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         use crate::kernels::cpu;
-        m >= F32_MIN_ROWS && (cpu::own_tiles() || (m < GEMM_FROM_ROWS && cpu::tiles_auto())) && x86::available()
+        let chosen = match cpu::tiles() {
+            cpu::Tiles::Everywhere => true,
+            cpu::Tiles::ShortOnly => m < GEMM_FROM_ROWS,
+            cpu::Tiles::Off => false,
+        };
+        m >= F32_MIN_ROWS && chosen && x86::available()
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
