@@ -123,6 +123,19 @@ mod x86 {
         _mm_cvtss_f32(s)
     }
 
+    /// Values ahead of the one being read that [`prefetch_ahead`] asks the cache for: 2 KB,
+    /// about one 576-wide row. The hardware prefetchers stop at each 4 KB page; asking ahead
+    /// crosses it. SmolLM2-135M f32 decode on a 2-core Intel Xeon (family 6 model 207),
+    /// alternating in one sitting: 42.1, 41.4, 40.8 tokens/s without, 46.8, 45.8, 43.0 with 2 KB
+    /// (4 and 8 KB: 46.2, 44.3, 44.4 and 41.0, 45.8; 1 KB: 45.1, 43.0).
+    const AHEAD: usize = 512;
+
+    /// Asks for the cache line `AHEAD` values past `w[c]` (never faults, even past the end).
+    #[inline(always)]
+    unsafe fn prefetch_ahead(w: *const f32, c: usize) {
+        _mm_prefetch::<_MM_HINT_T0>(w.wrapping_add(c + AHEAD).cast::<i8>());
+    }
+
     /// Safety: the CPU has AVX-512F; `w` has `x.len()` values.
     #[target_feature(enable = "avx512f,avx2,fma")]
     pub(super) unsafe fn dot_avx512(x: &[f32], w: &[f32]) -> f32 {
@@ -132,6 +145,9 @@ mod x86 {
         let mut a = [_mm512_setzero_ps(); 4];
         let mut c = 0;
         while c + 64 <= k {
+            for i in 0..4 {
+                prefetch_ahead(wp, c + 16 * i);
+            }
             for i in 0..4 {
                 let (wv, xv) = (_mm512_loadu_ps(wp.add(c + 16 * i)), _mm512_loadu_ps(xp.add(c + 16 * i)));
                 a[i] = _mm512_fmadd_ps(wv, xv, a[i]);
@@ -160,6 +176,9 @@ mod x86 {
         let mut a = [_mm256_setzero_ps(); 4];
         let mut c = 0;
         while c + 32 <= k {
+            for i in 0..2 {
+                prefetch_ahead(wp, c + 16 * i);
+            }
             for i in 0..4 {
                 let (wv, xv) = (_mm256_loadu_ps(wp.add(c + 8 * i)), _mm256_loadu_ps(xp.add(c + 8 * i)));
                 a[i] = _mm256_fmadd_ps(wv, xv, a[i]);
