@@ -191,7 +191,18 @@ pub(crate) unsafe fn gemm_block_into(
     }
     // SAFETY: the caller's contract for `dst`; `lhs` and `rhs` are in bounds (checked above).
     unsafe {
-        gemm_f32(m, n, k, dst, ldd, accumulate, lhs, rhs, gemm::Parallelism::None, cpu::family());
+        gemm_f32(
+            m,
+            n,
+            k,
+            dst,
+            ldd,
+            accumulate,
+            lhs,
+            rhs,
+            gemm::Parallelism::None,
+            cpu::family(),
+        );
     }
     Ok(())
 }
