@@ -207,6 +207,39 @@ pub(crate) unsafe fn gemm_block_into(
     Ok(())
 }
 
+/// One thread's share of a product with a frozen f32 weight through gemm, written into its
+/// block of the output: its token rows (the split of [`gemm_into_on`]) or, for a product of
+/// a few hundred rows and many columns, its share of the output columns (`panel::split`).
+/// Split by rows, each thread packs the whole weight on every call: for the output head's
+/// chunks of 341 rows, 113 MB of SmolLM2's head per thread and chunk.
+fn gemm_job(job: crate::kernels::panel::Job<f32>) -> candle_core::Result<()> {
+    let crate::kernels::panel::Job {
+        w,
+        side,
+        a,
+        m,
+        out,
+        ldc,
+        cols: (c_lo, c_hi),
+        accumulate,
+    } = job;
+    let (k, width) = (w.dims(side).0, c_hi - c_lo);
+    let rhs = match side {
+        // Output columns are weight rows.
+        Side::Transposed => Mat::row_major(&w.data[c_lo * w.cols..c_hi * w.cols], width, w.cols).t(),
+        // Output columns are weight columns: `w[·, c_lo..c_hi]`.
+        Side::Plain => Mat {
+            data: &w.data[c_lo..],
+            rows: w.rows,
+            cols: width,
+            rs: w.cols,
+            cs: 1,
+        },
+    };
+    // SAFETY: rows `0..m`, columns `c_lo..c_hi` of `out` (rows `ldc` apart) belong to this job.
+    unsafe { gemm_block_into(out.add(c_lo), ldc, accumulate, Mat::row_major(a, m, k), rhs) }
+}
+
 /// Fewest rows of a block when a product is split by rows over the spin pool.
 const SPLIT_ROWS: usize = 64;
 
@@ -401,6 +434,16 @@ impl Dense<'_> {
                     cols: k,
                 };
                 crate::kernels::panel::f32_product(w, side, a, m, dst, accumulate, threads)
+            }
+            // Products of 256–511 token rows on two threads (the output head's chunks of the
+            // vocabulary) are split by output columns: see [`gemm_job`].
+            Dense::F32(w) if m >= crate::kernels::panel::GEMM_FROM_ROWS => {
+                let w = Weight {
+                    data: w,
+                    rows: out,
+                    cols: k,
+                };
+                crate::kernels::panel::split(w, side, a, m, dst, accumulate, threads, gemm_job)
             }
             Dense::F32(w) => {
                 let w = Mat::row_major(w, out, k);
@@ -949,6 +992,53 @@ mod tests {
                             assert!(
                                 (got - want).abs() < 1e-4,
                                 "{family:?} {m}x{k}x{n} at ({i},{j}): {got} vs {want}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// A frozen f32 weight's products of a few hundred token rows (the output head's chunks),
+    /// which gemm runs split by output columns over the threads, on both sides, plain and
+    /// accumulating, against an f64 reference.
+    #[test]
+    #[allow(clippy::needless_range_loop)]
+    fn column_split_products_match_an_f64_reference() {
+        let mut rng = crate::rng::Rng::new(6);
+        let (m, out, k) = (300, 200, 70);
+        let w: Vec<f32> = (0..out * k).map(|_| rng.next_f32() - 0.5).collect();
+        for side in [Side::Transposed, Side::Plain] {
+            let (red, n) = if side == Side::Transposed { (k, out) } else { (out, k) };
+            let a: Vec<f32> = (0..m * red).map(|_| rng.next_f32() - 0.5).collect();
+            let base: Vec<f32> = (0..m * n).map(|_| rng.next_f32()).collect();
+            for accumulate in [false, true] {
+                for threads in [1, 2] {
+                    let mut y = base.clone();
+                    let dense = Dense::F32(&w);
+                    match side {
+                        Side::Transposed => dense.times_t_into((out, k), &a, m, &mut y, accumulate, threads),
+                        Side::Plain => dense.times_into((out, k), &a, m, &mut y, accumulate, threads),
+                    }
+                    .unwrap();
+                    for i in 0..m {
+                        for j in 0..n {
+                            let dot: f64 = (0..red)
+                                .map(|c| {
+                                    let wv = if side == Side::Transposed {
+                                        w[j * k + c]
+                                    } else {
+                                        w[c * k + j]
+                                    };
+                                    a[i * red + c] as f64 * wv as f64
+                                })
+                                .sum();
+                            let want = dot + if accumulate { base[i * n + j] as f64 } else { 0.0 };
+                            let got = y[i * n + j] as f64;
+                            assert!(
+                                (got - want).abs() < 1e-4,
+                                "{side:?} {threads} threads at ({i},{j}): {got} vs {want}"
                             );
                         }
                     }

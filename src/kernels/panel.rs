@@ -50,7 +50,7 @@ pub(crate) const F32_MIN_ROWS: usize = 16;
 /// 207), alternating: f32 prefill of a 143-token prompt through the tiles 734, 734, 763 tokens/s
 /// against gemm's 593, 647, 592, while training's 1,024-row products ran faster on gemm
 /// (docs/performance.md, seventeenth session). Between the two is unmeasured.
-const GEMM_FROM_ROWS: usize = 256;
+pub(crate) const GEMM_FROM_ROWS: usize = 256;
 
 /// How the weight `w` (row-major `[n, k]`) enters a product.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
