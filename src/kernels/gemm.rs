@@ -45,6 +45,17 @@ impl<'a> Mat<'a> {
         }
     }
 
+    /// Element `(i, j)` at `data[i * rs + j * cs]`.
+    pub(crate) fn strided(data: &'a [f32], rows: usize, cols: usize, rs: usize, cs: usize) -> Self {
+        Mat {
+            data,
+            rows,
+            cols,
+            rs,
+            cs,
+        }
+    }
+
     pub(crate) fn t(self) -> Self {
         Mat {
             rows: self.cols,
@@ -228,13 +239,7 @@ fn gemm_job(job: crate::kernels::panel::Job<f32>) -> candle_core::Result<()> {
         // Output columns are weight rows.
         Side::Transposed => Mat::row_major(&w.data[c_lo * w.cols..c_hi * w.cols], width, w.cols).t(),
         // Output columns are weight columns: `w[·, c_lo..c_hi]`.
-        Side::Plain => Mat {
-            data: &w.data[c_lo..],
-            rows: w.rows,
-            cols: width,
-            rs: w.cols,
-            cs: 1,
-        },
+        Side::Plain => Mat::strided(&w.data[c_lo..], w.rows, width, w.cols, 1),
     };
     // SAFETY: rows `0..m`, columns `c_lo..c_hi` of `out` (rows `ldc` apart) belong to this job.
     unsafe { gemm_block_into(out.add(c_lo), ldc, accumulate, Mat::row_major(a, m, k), rhs) }
@@ -436,7 +441,11 @@ impl Dense<'_> {
                 crate::kernels::panel::f32_product(w, side, a, m, dst, accumulate, threads)
             }
             // Products of 256–511 token rows on two threads (the output head's chunks of the
-            // vocabulary) are split by output columns: see [`gemm_job`].
+            // vocabulary) are split by output columns: see [`gemm_job`]. From 512 rows `split`
+            // splits by rows, as `gemm_into_on` does. Shorter products stay on `gemm_into_on`
+            // (one-row decoding's gemv; prefill on the AVX2 family, not measured split by
+            // columns); the bound is the tiles' (`GEMM_FROM_ROWS`) only because below it
+            // AVX-512 CPUs take the tiles above.
             Dense::F32(w) if m >= crate::kernels::panel::GEMM_FROM_ROWS => {
                 let w = Weight {
                     data: w,

@@ -126,8 +126,9 @@ mod x86 {
     /// Values ahead of the one being read that [`prefetch_ahead`] asks the cache for: 2 KB,
     /// about one 576-wide row. The hardware prefetchers stop at each 4 KB page; asking ahead
     /// crosses it. SmolLM2-135M f32 decode on a 2-core Intel Xeon (family 6 model 207),
-    /// alternating in one sitting: 42.1, 41.4, 40.8 tokens/s without, 46.8, 45.8, 43.0 with 2 KB
-    /// (4 and 8 KB: 46.2, 44.3, 44.4 and 41.0, 45.8; 1 KB: 45.1, 43.0).
+    /// alternating in one sitting: 42.1, 41.4, 40.8 tokens/s without, 46.8, 45.8, 43.0 with 2 KB,
+    /// 46.2, 44.3, 44.4 with 8 KB; in a noisier round (none 33.1, 33.3, 33.1): 1 KB 45.1, 43.0,
+    /// 37.8, 4 KB 41.0, 45.8, 34.6.
     const AHEAD: usize = 512;
 
     /// Asks for the cache line `AHEAD` values past `w[c]` (never faults, even past the end).
