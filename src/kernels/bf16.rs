@@ -199,6 +199,7 @@ fn widened(job: Job<bf16>) -> candle_core::Result<()> {
         ldc,
         cols: (c_lo, c_hi),
         accumulate,
+        ..
     } = job;
     let k = w.dims(side).0;
     let widen = |v: &bf16| v.to_f32();
@@ -355,6 +356,7 @@ mod x86 {
             ldc,
             cols: (c_lo, c_hi),
             accumulate,
+            ..
         } = job;
         let (k, n) = w.dims(side);
         let kp = k.div_ceil(2);

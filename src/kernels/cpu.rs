@@ -166,6 +166,41 @@ pub fn tiles() -> Tiles {
     })
 }
 
+/// How the f32 register tiles (`kernels::panel`) block a frozen weight: reduction values per
+/// packed block, and whether the input-gradient side packs its panels. Decided on the first call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct F32Blocking {
+    /// Reduction values per block of a 32-column panel.
+    pub reduction: usize,
+    /// Whether the input-gradient side (`dx = g·W`, whose panels are 32 contiguous values of
+    /// each weight row) copies its panels out, whole rows at a time, or reads them in place.
+    pub pack_plain: bool,
+}
+
+/// The f32 tiles' blocking for this CPU. On AMD Zen 4, where the tiles were written: 640-value
+/// blocks (80 KB, read from L2) and the input-gradient side read in place, as measured there
+/// (docs/performance.md, fifteenth session). Elsewhere, from an Intel Xeon (family 6 model 207):
+/// 256-value blocks, so that a panel (32 KB) stays in the 48 KB L1 while six token rows stream
+/// past it, and the input-gradient side packed from whole weight rows: read in place, each
+/// panel walks 256 weight rows 2.3–6 KB apart, a new page every row, and in a training step
+/// the weight comes from memory (docs/performance.md, nineteenth session).
+pub(crate) fn f32_blocking() -> F32Blocking {
+    static BLOCKING: OnceLock<F32Blocking> = OnceLock::new();
+    *BLOCKING.get_or_init(|| {
+        if is_zen4(cpuinfo_field("vendor_id"), cpuinfo_field("cpu family")) {
+            F32Blocking {
+                reduction: 640,
+                pack_plain: false,
+            }
+        } else {
+            F32Blocking {
+                reduction: 256,
+                pack_plain: true,
+            }
+        }
+    })
+}
+
 /// `FINCH_TILES` (`on`, `off`, or `auto`/unset), or why it cannot be used.
 fn tiles_from_env() -> Result<Option<bool>, String> {
     let Some(value) = std::env::var_os("FINCH_TILES") else {

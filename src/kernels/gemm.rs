@@ -233,6 +233,7 @@ fn gemm_job(job: crate::kernels::panel::Job<f32>) -> candle_core::Result<()> {
         ldc,
         cols: (c_lo, c_hi),
         accumulate,
+        ..
     } = job;
     let (k, width) = (w.dims(side).0, c_hi - c_lo);
     let rhs = match side {
@@ -243,6 +244,17 @@ fn gemm_job(job: crate::kernels::panel::Job<f32>) -> candle_core::Result<()> {
     };
     // SAFETY: rows `0..m`, columns `c_lo..c_hi` of `out` (rows `ldc` apart) belong to this job.
     unsafe { gemm_block_into(out.add(c_lo), ldc, accumulate, Mat::row_major(a, m, k), rhs) }
+}
+
+/// How each job of `panel::split` multiplies by a frozen f32 weight in a product of `m` token
+/// rows: Finch's AVX-512 tiles where [`crate::kernels::panel::f32_tiles`] takes such a product,
+/// otherwise gemm ([`gemm_job`]).
+fn f32_job(m: usize) -> fn(crate::kernels::panel::Job<f32>) -> candle_core::Result<()> {
+    if crate::kernels::panel::f32_tiles(m) {
+        crate::kernels::panel::tile_job
+    } else {
+        gemm_job
+    }
 }
 
 /// Fewest rows of a block when a product is split by rows over the spin pool.
@@ -432,27 +444,19 @@ impl Dense<'_> {
         threads: usize,
     ) -> candle_core::Result<()> {
         match self {
-            Dense::F32(w) if crate::kernels::panel::f32_tiles(m) => {
+            // Products of 256 token rows or more go to `panel::split` (by rows, or, with fewer
+            // than 256 rows a thread, by output columns: the output head's chunks of the
+            // vocabulary), and so do shorter ones where the tiles take them (AVX-512). Other
+            // short products stay on `gemm_into_on`: one-row decoding's gemv, and prefill on the
+            // AVX2 family, not measured split by columns.
+            Dense::F32(w) if m >= crate::kernels::panel::GEMM_FROM_ROWS || crate::kernels::panel::f32_tiles(m) => {
                 let w = Weight {
                     data: w,
                     rows: out,
                     cols: k,
                 };
-                crate::kernels::panel::f32_product(w, side, a, m, dst, accumulate, threads)
-            }
-            // Products of 256–511 token rows on two threads (the output head's chunks of the
-            // vocabulary) are split by output columns: see [`gemm_job`]. From 512 rows `split`
-            // splits by rows, as `gemm_into_on` does. Shorter products stay on `gemm_into_on`
-            // (one-row decoding's gemv; prefill on the AVX2 family, not measured split by
-            // columns); the bound is the tiles' (`GEMM_FROM_ROWS`) only because below it
-            // AVX-512 CPUs take the tiles above.
-            Dense::F32(w) if m >= crate::kernels::panel::GEMM_FROM_ROWS => {
-                let w = Weight {
-                    data: w,
-                    rows: out,
-                    cols: k,
-                };
-                crate::kernels::panel::split(w, side, a, m, dst, accumulate, threads, gemm_job)
+                let job = f32_job(m);
+                crate::kernels::panel::split(w, side, a, m, dst, accumulate, threads, job)
             }
             Dense::F32(w) => {
                 let w = Mat::row_major(w, out, k);
@@ -797,7 +801,12 @@ impl CustomOp3 for LoraMatmul {
         let (m, mut shape) = input_rows(l1.shape(), k)?;
         shape.push(out);
         let mut y = if let (Base::Dense(w), Some(block)) = (&self.w, token_block(m)) {
-            with_dense(w, |w| lora_forward_split(x, w, a, b, (m, k, out, r), self.scale, block))?
+            with_dense(w, |w| match w {
+                Dense::F32(wf) if lora_by_columns(&w, block) => {
+                    lora_forward_columns(x, wf, a, b, (m, k, out, r), self.scale, block)
+                }
+                _ => lora_forward_split(x, w, a, b, (m, k, out, r), self.scale, block),
+            })?
         } else {
             self.forward_unsplit(x, a, b, (m, k, out, r))?
         };
@@ -824,8 +833,11 @@ impl CustomOp3 for LoraMatmul {
         if let (Base::Dense(w), Some(block)) = (&self.w, token_block(m)) {
             let (dx, da, db) = with_slice(x, |xv| {
                 with_slice(grad, |g| {
-                    with_dense(w, |w| {
-                        lora_backward_split(xv, g, w, &av, &bv, (m, k, out, r), self.scale, block)
+                    with_dense(w, |w| match w {
+                        Dense::F32(wf) if lora_by_columns(&w, block) => {
+                            lora_backward_columns(xv, g, wf, &av, &bv, (m, k, out, r), self.scale, block)
+                        }
+                        _ => lora_backward_split(xv, g, w, &av, &bv, (m, k, out, r), self.scale, block),
                     })
                 })
             })?;
@@ -878,6 +890,131 @@ fn for_token_blocks(
     let error = crate::kernels::spin::FirstError::new();
     crate::kernels::spin::for_each_chunk_mut(dst, block * width, |i, d| error.keep(f(i, i * block, d)));
     error.result()
+}
+
+/// Whether a fused LoRA product of `m` token rows over `w` goes through [`lora_forward_columns`]
+/// and [`lora_backward_columns`]: an f32 weight, and a split by rows that would leave each thread
+/// fewer than `panel::COLUMN_SPLIT_BELOW` rows (short rows: a batch of 4 × ~68 chat tokens is 272
+/// rows, 136 a thread).
+fn lora_by_columns(w: &Dense, block: usize) -> bool {
+    matches!(w, Dense::F32(_)) && block < crate::kernels::panel::COLUMN_SPLIT_BELOW
+}
+
+/// `y = x·Wᵀ + s·(x·Aᵀ)·Bᵀ` for a product of a few hundred token rows, in two hand-offs to the
+/// threads: the rank-`r` `h = s·x·Aᵀ` split by token rows, then the base product split as
+/// `panel::split` splits it (by output columns at these sizes), each job adding `h·Bᵀ` to its
+/// own block of `y`. Split by rows, each thread would pack the whole weight for its half of the
+/// rows; by columns it packs half of the weight for all of them. On an Intel Xeon (family 6
+/// model 207), 272 rows on two threads, gemm split by columns ran the step's products at
+/// 210–294 GFLOP/s against 139–232 split by rows (docs/performance.md, nineteenth session).
+fn lora_forward_columns(
+    x: &[f32],
+    w: &[f32],
+    a: &[f32],
+    b: &[f32],
+    (m, k, out, r): (usize, usize, usize, usize),
+    scale: f32,
+    block: usize,
+) -> candle_core::Result<Vec<f32>> {
+    let at = Mat::row_major(a, r, k).t();
+    let mut h = written_whole(m * r);
+    for_token_blocks(&mut h, r, block, |_, r0, hd| {
+        let rows = hd.len() / r;
+        gemm_into_on(hd, false, Mat::row_major(&x[r0 * k..(r0 + rows) * k], rows, k), at, 1)?;
+        hd.iter_mut().for_each(|v| *v *= scale);
+        Ok(())
+    })?;
+    let mut y = written_whole(m * out);
+    let weight = Weight {
+        data: w,
+        rows: out,
+        cols: k,
+    };
+    let base = f32_job(m);
+    crate::kernels::panel::split(weight, Side::Transposed, x, m, &mut y, false, cpu::threads(), |job| {
+        base(job)?;
+        let (c_lo, c_hi) = job.cols;
+        let hp = Mat::row_major(&h[job.row0 * r..(job.row0 + job.m) * r], job.m, r);
+        // `Bᵀ[:, c_lo..c_hi]`: rows `c_lo..c_hi` of `B: [out, r]`, transposed.
+        let bt = Mat::row_major(&b[c_lo * r..c_hi * r], c_hi - c_lo, r).t();
+        // SAFETY: rows `0..job.m`, columns `c_lo..c_hi` of the job's output belong to this job.
+        unsafe { gemm_block_into(job.out.add(c_lo), job.ldc, true, hp, bt) }
+    })?;
+    Ok(y)
+}
+
+/// The backward pass of [`lora_forward_columns`], in two hand-offs: split by token rows,
+/// `h = s·x·Aᵀ`, `∂h = s·g·B` and each block's share of `∂A = ∂hᵀ·x` and `∂B = gᵀ·h` (summed in
+/// block order); then `∂x = g·W + ∂h·A` split as `panel::split` splits it, each job adding
+/// `∂h·A` to its own block of `∂x`.
+#[allow(clippy::too_many_arguments)]
+fn lora_backward_columns(
+    x: &[f32],
+    g: &[f32],
+    w: &[f32],
+    a: &[f32],
+    b: &[f32],
+    (m, k, out, r): (usize, usize, usize, usize),
+    scale: f32,
+    block: usize,
+) -> candle_core::Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
+    let (am, bm) = (Mat::row_major(a, r, k), Mat::row_major(b, out, r));
+    let mut h = written_whole(m * r);
+    let mut dh = written_whole(m * r);
+    let shares = std::sync::Mutex::new(Vec::new());
+    let error = crate::kernels::spin::FirstError::<candle_core::Error>::new();
+    crate::kernels::spin::for_each_chunk_mut2((&mut h, block * r), (&mut dh, block * r), |i, hd, dhd| {
+        error.keep((|| {
+            let (r0, rows) = (i * block, hd.len() / r);
+            let xp = Mat::row_major(&x[r0 * k..(r0 + rows) * k], rows, k);
+            let gp = Mat::row_major(&g[r0 * out..(r0 + rows) * out], rows, out);
+            gemm_into_on(hd, false, xp, am.t(), 1)?;
+            hd.iter_mut().for_each(|v| *v *= scale);
+            gemm_into_on(dhd, false, gp, bm, 1)?;
+            dhd.iter_mut().for_each(|v| *v *= scale);
+            let mut db = vec![0f32; out * r];
+            gemm_into_on(&mut db, false, gp.t(), Mat::row_major(hd, rows, r), 1)?;
+            let mut da = vec![0f32; r * k];
+            gemm_into_on(&mut da, false, Mat::row_major(dhd, rows, r).t(), xp, 1)?;
+            shares.lock().unwrap_or_else(|p| p.into_inner()).push((i, da, db));
+            Ok(())
+        })())
+    });
+    error.result()?;
+    let (da, db) = sum_shares(shares.into_inner().unwrap_or_else(|p| p.into_inner()), (r, k, out));
+    let mut dx = written_whole(m * k);
+    let weight = Weight {
+        data: w,
+        rows: out,
+        cols: k,
+    };
+    let base = f32_job(m);
+    crate::kernels::panel::split(weight, Side::Plain, g, m, &mut dx, false, cpu::threads(), |job| {
+        base(job)?;
+        let (c_lo, c_hi) = job.cols;
+        let dhp = Mat::row_major(&dh[job.row0 * r..(job.row0 + job.m) * r], job.m, r);
+        // `A[:, c_lo..c_hi]`.
+        let ap = Mat::strided(&a[c_lo..], r, c_hi - c_lo, k, 1);
+        // SAFETY: rows `0..job.m`, columns `c_lo..c_hi` of the job's output belong to this job.
+        unsafe { gemm_block_into(job.out.add(c_lo), job.ldc, true, dhp, ap) }
+    })?;
+    Ok((dx, da, db))
+}
+
+/// `∂A` and `∂B` from the token blocks' shares `(block, ∂A share, ∂B share)`, summed in block
+/// order (the same sums for the same split on every run).
+fn sum_shares(
+    mut shares: Vec<(usize, Vec<f32>, Vec<f32>)>,
+    (r, k, out): (usize, usize, usize),
+) -> (Vec<f32>, Vec<f32>) {
+    shares.sort_by_key(|s| s.0);
+    let mut parts = shares.into_iter();
+    let (_, mut da, mut db) = parts.next().unwrap_or((0, vec![0f32; r * k], vec![0f32; out * r]));
+    for (_, pa, pb) in parts {
+        da.iter_mut().zip(&pa).for_each(|(d, v)| *d += v);
+        db.iter_mut().zip(&pb).for_each(|(d, v)| *d += v);
+    }
+    (da, db)
 }
 
 /// `y = x·Wᵀ + s·(x·Aᵀ)·Bᵀ` with each thread doing all three products for its own block of
@@ -946,14 +1083,7 @@ fn lora_backward_split(
         shares.lock().unwrap_or_else(|p| p.into_inner()).push((i, da, db));
         Ok(())
     })?;
-    let mut shares = shares.into_inner().unwrap_or_else(|p| p.into_inner());
-    shares.sort_by_key(|s| s.0);
-    let mut parts = shares.into_iter();
-    let (_, mut da, mut db) = parts.next().unwrap_or((0, vec![0f32; r * k], vec![0f32; out * r]));
-    for (_, pa, pb) in parts {
-        da.iter_mut().zip(&pa).for_each(|(d, v)| *d += v);
-        db.iter_mut().zip(&pb).for_each(|(d, v)| *d += v);
-    }
+    let (da, db) = sum_shares(shares.into_inner().unwrap_or_else(|p| p.into_inner()), (r, k, out));
     Ok((dx, da, db))
 }
 
@@ -1056,37 +1186,47 @@ mod tests {
         }
     }
 
-    /// The fused LoRA product split by token blocks (training's path on several threads) gives
-    /// the output and all three gradients of the composite candle ops, blocks of any size.
+    /// The fused LoRA product split by token blocks, and split in two hand-offs with the base
+    /// product by columns (training's paths on several threads), gives the output and all three
+    /// gradients of the composite candle ops, blocks of any size: outputs narrow enough that
+    /// `panel::split` splits by rows (the jobs' `row0`) and wide enough that it splits by columns.
     #[test]
     fn lora_split_by_token_blocks_matches_composite_ops() {
         let dev = Device::Cpu;
-        let (m, k, out, r, scale) = (300, 40, 56, 4, 2.0f32);
-        let x = Tensor::randn(0f32, 1.0, (m, k), &dev).unwrap();
-        let w = Tensor::randn(0f32, 1.0, (out, k), &dev).unwrap();
-        let a = Var::randn(0f32, 1.0, (r, k), &dev).unwrap();
-        let b = Var::randn(0f32, 1.0, (out, r), &dev).unwrap();
-        let xv = Var::from_tensor(&x).unwrap();
-        let y_ref = (xv.matmul(&w.t().unwrap()).unwrap()
-            + (xv.matmul(&a.t().unwrap()).unwrap().matmul(&b.t().unwrap()).unwrap() * scale as f64).unwrap())
-        .unwrap();
-        let c = Tensor::randn(0f32, 1.0, (m, out), &dev).unwrap();
-        let grads = (&y_ref * &c).unwrap().sum_all().unwrap().backward().unwrap();
-        let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let (xs, ws, as_, bs, cs) = (flat(&x), flat(&w), flat(a.as_tensor()), flat(b.as_tensor()), flat(&c));
-        let close = |got: &[f32], want: &Tensor, what: &str| {
-            let want = flat(want);
-            let d = got.iter().zip(&want).map(|(p, q)| (p - q).abs()).fold(0f32, f32::max);
-            assert!(d < 1e-3, "{what}: differs by {d}");
-        };
-        for block in [300, 150, 128, 97] {
-            let y = lora_forward_split(&xs, Dense::F32(&ws), &as_, &bs, (m, k, out, r), scale, block).unwrap();
-            close(&y, &y_ref, "y");
-            let (dx, da, db) =
-                lora_backward_split(&xs, &cs, Dense::F32(&ws), &as_, &bs, (m, k, out, r), scale, block).unwrap();
-            close(&dx, grads.get(xv.as_tensor()).unwrap(), "dx");
-            close(&da, grads.get(a.as_tensor()).unwrap(), "dA");
-            close(&db, grads.get(b.as_tensor()).unwrap(), "dB");
+        for (m, k, out, r, scale) in [(300, 40, 56, 4, 2.0f32), (300, 70, 200, 4, 0.5)] {
+            let x = Tensor::randn(0f32, 1.0, (m, k), &dev).unwrap();
+            let w = Tensor::randn(0f32, 1.0, (out, k), &dev).unwrap();
+            let a = Var::randn(0f32, 1.0, (r, k), &dev).unwrap();
+            let b = Var::randn(0f32, 1.0, (out, r), &dev).unwrap();
+            let xv = Var::from_tensor(&x).unwrap();
+            let y_ref = (xv.matmul(&w.t().unwrap()).unwrap()
+                + (xv.matmul(&a.t().unwrap()).unwrap().matmul(&b.t().unwrap()).unwrap() * scale as f64).unwrap())
+            .unwrap();
+            let c = Tensor::randn(0f32, 1.0, (m, out), &dev).unwrap();
+            let grads = (&y_ref * &c).unwrap().sum_all().unwrap().backward().unwrap();
+            let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let (xs, ws, as_, bs, cs) = (flat(&x), flat(&w), flat(a.as_tensor()), flat(b.as_tensor()), flat(&c));
+            let close = |got: &[f32], want: &Tensor, what: &str| {
+                let want = flat(want);
+                let d = got.iter().zip(&want).map(|(p, q)| (p - q).abs()).fold(0f32, f32::max);
+                assert!(d < 1e-3, "{what} ({m}x{k}x{out}): differs by {d}");
+            };
+            let dims = (m, k, out, r);
+            for block in [300, 150, 128, 97] {
+                let y = lora_forward_split(&xs, Dense::F32(&ws), &as_, &bs, dims, scale, block).unwrap();
+                close(&y, &y_ref, "y");
+                let (dx, da, db) =
+                    lora_backward_split(&xs, &cs, Dense::F32(&ws), &as_, &bs, dims, scale, block).unwrap();
+                close(&dx, grads.get(xv.as_tensor()).unwrap(), "dx");
+                close(&da, grads.get(a.as_tensor()).unwrap(), "dA");
+                close(&db, grads.get(b.as_tensor()).unwrap(), "dB");
+                let y = lora_forward_columns(&xs, &ws, &as_, &bs, dims, scale, block).unwrap();
+                close(&y, &y_ref, "y by columns");
+                let (dx, da, db) = lora_backward_columns(&xs, &cs, &ws, &as_, &bs, dims, scale, block).unwrap();
+                close(&dx, grads.get(xv.as_tensor()).unwrap(), "dx by columns");
+                close(&da, grads.get(a.as_tensor()).unwrap(), "dA by columns");
+                close(&db, grads.get(b.as_tensor()).unwrap(), "dB by columns");
+            }
         }
     }
 

@@ -21,6 +21,7 @@
 
 #![allow(unsafe_code)]
 
+use crate::kernels::cpu::F32Blocking;
 use crate::kernels::gemm::row_block;
 
 /// Output columns of a packed weight panel (two 16-lane f32 vectors).
@@ -28,17 +29,12 @@ pub(crate) const NR: usize = 32;
 /// Token rows of the register tile.
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 pub(crate) const MR: usize = 6;
-/// Reduction values per packed f32 block: 640 × 32 columns × 4 bytes = 80 KB, read from L2. The
-/// hidden-size products of SmolLM2 (576) and Qwen2.5-0.5B (896: two blocks) take one or two
-/// passes over the output.
-#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
-const KF: usize = 640;
 /// Rows per thread below which a product with enough output panels is split by columns rather
 /// than by rows. Measured on the output head's input gradient (341 rows against SmolLM2's
 /// 49k-token embedding, f32 tiles, 2 threads, 2-core Zen 4): 185–188 GFLOP/s split by rows,
 /// 198–200 by columns; its forward product was level (196–202), and so was bf16 training
 /// (alternating, 4 pairs).
-const COLUMN_SPLIT_BELOW: usize = 256;
+pub(crate) const COLUMN_SPLIT_BELOW: usize = 256;
 
 /// Fewest token rows an f32 product needs to go through the tiles: shorter ones (decoding, a
 /// few prompt tokens) stay on the matrix×vector kernel and gemm.
@@ -105,6 +101,8 @@ pub(crate) struct Job<'a, T> {
     pub side: Side,
     pub a: &'a [f32],
     pub m: usize,
+    /// The product's token row that is this job's row 0 (`a` and `out` start there).
+    pub row0: usize,
     pub out: *mut f32,
     pub ldc: usize,
     pub cols: (usize, usize),
@@ -125,6 +123,7 @@ impl<'a, T> Job<'a, T> {
         Job {
             a: &self.a[r0 * k..(r0 + rows) * k],
             m: rows,
+            row0: self.row0 + r0,
             // SAFETY: row `r0 < m` is inside the job's output.
             out: unsafe { self.out.add(r0 * self.ldc) },
             cols,
@@ -175,6 +174,7 @@ pub(crate) fn split<T: Sync>(
         side,
         a,
         m,
+        row0: 0,
         out: out.as_mut_ptr(),
         ldc: n,
         cols: (0, n),
@@ -215,7 +215,7 @@ pub(crate) fn split<T: Sync>(
     error.result()
 }
 
-/// Whether f32 products of `m` token rows go through [`f32_product`]: AVX-512 F on this CPU and
+/// Whether f32 products of `m` token rows go through the tiles ([`tile_job`]): AVX-512 F on this CPU and
 /// the tiles chosen for it ([`crate::kernels::cpu::tiles`]: by default on AMD Zen 4 only;
 /// gemm's AVX-512 kernels were faster on an Intel Xeon for training's products), or, by
 /// default on other AVX-512 CPUs, fewer than [`GEMM_FROM_ROWS`] rows.
@@ -238,7 +238,7 @@ pub(crate) fn f32_tiles(m: usize) -> bool {
 }
 
 /// How this process multiplies training's f32 products with a frozen weight (at least
-/// [`GEMM_FROM_ROWS`] token rows), as `bench` JSON names it: `avx512-tiles` ([`f32_product`]) or
+/// [`GEMM_FROM_ROWS`] token rows), as `bench` JSON names it: `avx512-tiles` ([`tile_job`]) or
 /// `gemm` (the gemm crate, in `kernel_family`).
 pub fn f32_products_name() -> &'static str {
     if f32_tiles(GEMM_FROM_ROWS) {
@@ -248,28 +248,21 @@ pub fn f32_products_name() -> &'static str {
     }
 }
 
-/// `out[m, ·] (+)= a[m, ·] · w` on `side` for an f32 weight, through the AVX-512 tiles; callers
-/// check [`f32_tiles`] first (elsewhere this is an error).
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn f32_product(
-    w: Weight<f32>,
-    side: Side,
-    a: &[f32],
-    m: usize,
-    out: &mut [f32],
-    accumulate: bool,
-    threads: usize,
-) -> candle_core::Result<()> {
+/// One job of [`split`] through the f32 tiles, blocked for this CPU; callers check
+/// [`f32_tiles`] first (elsewhere this is an error).
+pub(crate) fn tile_job(job: Job<f32>) -> candle_core::Result<()> {
+    tile_job_with(job, crate::kernels::cpu::f32_blocking())
+}
+
+fn tile_job_with(job: Job<f32>, blocking: F32Blocking) -> candle_core::Result<()> {
     #[cfg(target_arch = "x86_64")]
     if x86::available() {
-        return split(w, side, a, m, out, accumulate, threads, |job| {
-            // SAFETY: `available` checked the CPU's features; `split` checked the shapes, and
-            // each job's rows and columns lie inside `out`.
-            unsafe { x86::f32_product(job) };
-            Ok(())
-        });
+        // SAFETY: `available` checked the CPU's features; a job from `split` has shapes checked
+        // and rows and columns inside its product's output.
+        unsafe { x86::f32_product(job, blocking) };
+        return Ok(());
     }
-    let _ = (w, side, a, m, out, accumulate, threads);
+    let _ = (job, blocking);
     candle_core::bail!("f32 tile product: this CPU has no AVX-512 F")
 }
 
@@ -290,6 +283,38 @@ fn pack_f32(w: Weight<f32>, side: Side, c0: usize, k0: usize, len: usize, panel:
                     Side::Plain => w.data[red * w.cols + col],
                 }
             };
+        }
+    }
+}
+
+/// Values from one panel of [`pack_plain_block`] to the next: `len` rows of [`NR`] and one
+/// cache line more, so that the block's rows, written a row of every panel at a time, do not
+/// all fall in the same L1 set (at 256 rows the panels would be exactly 32 KB apart).
+fn plain_panel_stride(len: usize) -> usize {
+    len * NR + 16
+}
+
+/// Packs reduction values `k0..k0 + len` of output columns `c_lo..c_hi` of `w` on the plain
+/// side (`w` is `[k, n]`: the reduction runs down its rows) into 32-column panels, one after
+/// another: panel `j` (columns `c_lo + 32j..`) at `panel[j·plain_panel_stride(len)..]`,
+/// reduction value `p` at `+ p·NR`, zero past `c_hi`. Each weight row's share is read front to back, so the hardware
+/// prefetchers follow it; a panel read in place instead steps to a new weight row (2.3–6 KB
+/// further, a new page) every 32 values.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+fn pack_plain_block(w: Weight<f32>, (c_lo, c_hi): (usize, usize), k0: usize, len: usize, panel: &mut [f32]) {
+    let width = c_hi - c_lo;
+    let stride = plain_panel_stride(len);
+    for p in 0..len {
+        let row = &w.data[(k0 + p) * w.cols + c_lo..][..width];
+        for (j, src) in row.chunks(NR).enumerate() {
+            let dst = &mut panel[j * stride + p * NR..][..NR];
+            match <&[f32; NR]>::try_from(src) {
+                Ok(full) => dst.copy_from_slice(full),
+                Err(_) => {
+                    dst[..src.len()].copy_from_slice(src);
+                    dst[src.len()..].fill(0.0);
+                }
+            }
         }
     }
 }
@@ -337,12 +362,15 @@ pub(crate) mod x86 {
         static PANEL: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
     }
 
-    /// One job through packed f32 panels (see the module doc). On the plain side a full panel
-    /// is read in place: its rows are 32 contiguous values of a weight row.
+    /// One job through packed f32 panels (see the module doc), blocked as `blocking` says. On the forward side each panel's 32 weight
+    /// rows are packed whole (each row read front to back), then taken a block of the reduction
+    /// at a time. On the input-gradient side each block of the reduction is packed for all of
+    /// the job's columns, weight row by weight row, or, with `pack_plain` off, full panels are
+    /// read in place (their rows are 32 contiguous values of a weight row).
     ///
     /// Safety: the CPU has AVX-512 F; `job.a` holds `m·k` values and `job.out` rows `< m` at
     /// stride `ldc` hold columns `job.cols`.
-    pub(super) unsafe fn f32_product(job: Job<f32>) {
+    pub(super) unsafe fn f32_product(job: Job<f32>, blocking: F32Blocking) {
         let Job {
             w,
             side,
@@ -352,41 +380,76 @@ pub(crate) mod x86 {
             ldc,
             cols: (c_lo, c_hi),
             accumulate,
+            ..
         } = job;
         let (k, n) = w.dims(side);
+        let kf = blocking.reduction;
+        // Every tile of token rows against reduction values `k0..k0 + len` of the panel at
+        // output columns `c0..`, whose rows start at `b`, `ldb` apart.
+        let tiles = |c0: usize, k0: usize, len: usize, b: *const f32, ldb: usize| {
+            let acc = accumulate || k0 > 0;
+            let cols = NR.min(c_hi - c0);
+            let a = a.as_ptr().add(k0);
+            row_tiles!(m, |r0| tile_f32(
+                a.add(r0 * k),
+                k,
+                b,
+                ldb,
+                len,
+                out.add(r0 * ldc + c0),
+                ldc,
+                cols,
+                acc
+            ));
+        };
         PANEL.with(|panel| {
             let panel = &mut *panel.borrow_mut();
-            // Grown once per thread; every block is packed whole before a tile reads it.
-            panel.resize(KF * NR, 0.0);
-            for k0 in (0..k).step_by(KF) {
-                let len = KF.min(k - k0);
-                let acc = accumulate || k0 > 0;
-                for c0 in (c_lo..c_hi).step_by(NR) {
-                    let full = c0 + NR <= n;
-                    let (b, ldb) = match side {
-                        Side::Plain if full => (w.data.as_ptr().add(k0 * w.cols + c0), w.cols),
-                        Side::Transposed if full => {
-                            pack_rows_f32(w, c0, k0, len, panel);
-                            (panel.as_ptr(), NR)
+            match side {
+                Side::Transposed => {
+                    // Grown once per thread (kept at its largest); every panel is packed whole
+                    // before a tile reads it.
+                    if panel.len() < k * NR {
+                        panel.resize(k * NR, 0.0);
+                    }
+                    for c0 in (c_lo..c_hi).step_by(NR) {
+                        if c0 + NR <= n {
+                            pack_rows_f32(w, c0, 0, k, panel);
+                        } else {
+                            pack_f32(w, side, c0, 0, k, panel);
                         }
-                        _ => {
-                            pack_f32(w, side, c0, k0, len, panel);
-                            (panel.as_ptr(), NR)
+                        for k0 in (0..k).step_by(kf) {
+                            tiles(c0, k0, kf.min(k - k0), panel.as_ptr().add(k0 * NR), NR);
                         }
+                    }
+                }
+                Side::Plain => {
+                    let panels = (c_hi - c_lo).div_ceil(NR);
+                    let size = if blocking.pack_plain {
+                        panels * plain_panel_stride(kf)
+                    } else {
+                        kf * NR
                     };
-                    let cols = NR.min(c_hi - c0).min(n - c0);
-                    let a = a.as_ptr().add(k0);
-                    row_tiles!(m, |r0| tile_f32(
-                        a.add(r0 * k),
-                        k,
-                        b,
-                        ldb,
-                        len,
-                        out.add(r0 * ldc + c0),
-                        ldc,
-                        cols,
-                        acc
-                    ));
+                    if panel.len() < size {
+                        panel.resize(size, 0.0);
+                    }
+                    for k0 in (0..k).step_by(kf) {
+                        let len = kf.min(k - k0);
+                        if blocking.pack_plain {
+                            pack_plain_block(w, (c_lo, c_hi), k0, len, panel);
+                        }
+                        for c0 in (c_lo..c_hi).step_by(NR) {
+                            let (b, ldb) = if blocking.pack_plain {
+                                let j = (c0 - c_lo) / NR;
+                                (panel.as_ptr().add(j * plain_panel_stride(len)), NR)
+                            } else if c0 + NR <= n {
+                                (w.data.as_ptr().add(k0 * w.cols + c0), w.cols)
+                            } else {
+                                pack_f32(w, side, c0, k0, len, panel);
+                                (panel.as_ptr(), NR)
+                            };
+                            tiles(c0, k0, len, b, ldb);
+                        }
+                    }
                 }
             }
         })
@@ -525,8 +588,46 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
 
+    /// `out[m, ·] (+)= a[m, ·] · w` on `side` through the tiles with the given blocking.
+    #[allow(clippy::too_many_arguments)]
+    fn f32_product_with(
+        w: Weight<f32>,
+        side: Side,
+        a: &[f32],
+        m: usize,
+        out: &mut [f32],
+        accumulate: bool,
+        threads: usize,
+        blocking: F32Blocking,
+    ) -> candle_core::Result<()> {
+        split(w, side, a, m, out, accumulate, threads, |job| {
+            tile_job_with(job, blocking)
+        })
+    }
+
+    /// Zen 4's blocking, the other CPUs', and the two mixed: every path through the tiles.
+    const BLOCKINGS: [F32Blocking; 4] = [
+        F32Blocking {
+            reduction: 640,
+            pack_plain: false,
+        },
+        F32Blocking {
+            reduction: 256,
+            pack_plain: true,
+        },
+        F32Blocking {
+            reduction: 256,
+            pack_plain: false,
+        },
+        F32Blocking {
+            reduction: 640,
+            pack_plain: true,
+        },
+    ];
+
     /// The f32 tiles give the f64 reference on ragged shapes (partial panels and tiles, several
-    /// reduction blocks, both sides), plain and accumulating, on one thread and split.
+    /// reduction blocks, both sides), plain and accumulating, on one thread and split, with
+    /// every blocking.
     #[test]
     fn f32_tiles_equal_the_reference() {
         // The tiles themselves, whether or not this CPU's products use them by default.
@@ -552,10 +653,10 @@ mod tests {
                 let (k, n) = wt.dims(side);
                 let a: Vec<f32> = (0..m * k).map(|_| rng.next_f32() * 2.0 - 1.0).collect();
                 let base: Vec<f32> = (0..m * n).map(|_| rng.next_f32()).collect();
-                for accumulate in [false, true] {
+                for (accumulate, blocking) in [false, true].into_iter().flat_map(|acc| BLOCKINGS.map(|b| (acc, b))) {
                     for threads in [1, 2] {
                         let mut out = base.clone();
-                        f32_product(wt, side, &a, m, &mut out, accumulate, threads).unwrap();
+                        f32_product_with(wt, side, &a, m, &mut out, accumulate, threads, blocking).unwrap();
                         for i in 0..m {
                             for j in 0..n {
                                 let mut s = if accumulate { base[i * n + j] as f64 } else { 0.0 };
@@ -569,12 +670,50 @@ mod tests {
                                 let g = out[i * n + j] as f64;
                                 assert!(
                                     (g - s).abs() < 1e-5 * (1.0 + s.abs()) * (k as f64).sqrt(),
-                                    "{side:?} {m}x{k}x{n} at ({i}, {j}): {g} vs {s}"
+                                    "{side:?} {m}x{k}x{n} {blocking:?} at ({i}, {j}): {g} vs {s}"
                                 );
                             }
                         }
                     }
                 }
+            }
+        }
+    }
+
+    /// The input-gradient side's block packing lays out each panel as the scalar loop packs it,
+    /// for a job's columns starting anywhere and ending in a partial panel.
+    #[test]
+    fn plain_block_packing_equals_the_scalar_loop() {
+        let mut rng = crate::rng::Rng::new(9);
+        let (rows, cols) = (50, 100);
+        let w: Vec<f32> = (0..rows * cols).map(|_| rng.next_f32()).collect();
+        let wt = Weight { data: &w, rows, cols };
+        for ((c_lo, c_hi), k0, len) in [
+            ((0usize, 100usize), 0, 50),
+            ((32, 100), 7, 20),
+            ((64, 96), 3, 1),
+            ((0, 17), 10, 40),
+        ] {
+            let panels = (c_hi - c_lo).div_ceil(NR);
+            let mut got = vec![1f32; panels * plain_panel_stride(len)];
+            pack_plain_block(wt, (c_lo, c_hi), k0, len, &mut got);
+            for j in 0..panels {
+                let mut want = vec![0f32; len * NR];
+                pack_f32(wt, Side::Plain, c_lo + j * NR, k0, len, &mut want);
+                // Past `c_hi` the block is zero; past `n` so is the scalar panel.
+                for p in 0..len {
+                    for (c, v) in want[p * NR..][..NR].iter_mut().enumerate() {
+                        if c_lo + j * NR + c >= c_hi {
+                            *v = 0.0;
+                        }
+                    }
+                }
+                let at = j * plain_panel_stride(len);
+                assert_eq!(
+                    &got[at..][..len * NR],
+                    &want[..],
+                    "columns {c_lo}..{c_hi} panel {j} k0 {k0}"
+                );
             }
         }
     }
