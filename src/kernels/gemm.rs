@@ -924,23 +924,38 @@ fn lora_forward_columns(
         hd.iter_mut().for_each(|v| *v *= scale);
         Ok(())
     })?;
-    let mut y = written_whole(m * out);
     let weight = Weight {
         data: w,
         rows: out,
         cols: k,
     };
+    // `Bᵀ[:, c_lo..c_hi]`: rows `c_lo..c_hi` of `B: [out, r]`, transposed.
+    base_plus_low_rank(weight, Side::Transposed, x, m, (&h, r), |c_lo, c_hi| {
+        Mat::row_major(&b[c_lo * r..c_hi * r], c_hi - c_lo, r).t()
+    })
+}
+
+/// `a·Wᵀ` or `a·W` (`side`) plus `low·F`, with `low: [m, r]` and `factor(c_lo, c_hi)` the
+/// `[r, c_hi - c_lo]` block of `F` for a job's output columns: the base product split as
+/// `panel::split` splits it, each job adding its own block's low-rank term.
+fn base_plus_low_rank<'f>(
+    w: Weight<f32>,
+    side: Side,
+    a: &[f32],
+    m: usize,
+    (low, r): (&[f32], usize),
+    factor: impl Fn(usize, usize) -> Mat<'f> + Sync,
+) -> candle_core::Result<Vec<f32>> {
+    let mut out = written_whole(m * w.dims(side).1);
     let base = f32_job(m);
-    crate::kernels::panel::split(weight, Side::Transposed, x, m, &mut y, false, cpu::threads(), |job| {
+    crate::kernels::panel::split(w, side, a, m, &mut out, false, cpu::threads(), |job| {
         base(job)?;
         let (c_lo, c_hi) = job.cols;
-        let hp = Mat::row_major(&h[job.row0 * r..(job.row0 + job.m) * r], job.m, r);
-        // `Bᵀ[:, c_lo..c_hi]`: rows `c_lo..c_hi` of `B: [out, r]`, transposed.
-        let bt = Mat::row_major(&b[c_lo * r..c_hi * r], c_hi - c_lo, r).t();
+        let lp = Mat::row_major(&low[job.row0 * r..(job.row0 + job.m) * r], job.m, r);
         // SAFETY: rows `0..job.m`, columns `c_lo..c_hi` of the job's output belong to this job.
-        unsafe { gemm_block_into(job.out.add(c_lo), job.ldc, true, hp, bt) }
+        unsafe { gemm_block_into(job.out.add(c_lo), job.ldc, true, lp, factor(c_lo, c_hi)) }
     })?;
-    Ok(y)
+    Ok(out)
 }
 
 /// The backward pass of [`lora_forward_columns`], in two hand-offs: split by token rows,
@@ -982,21 +997,14 @@ fn lora_backward_columns(
     });
     error.result()?;
     let (da, db) = sum_shares(shares.into_inner().unwrap_or_else(|p| p.into_inner()), (r, k, out));
-    let mut dx = written_whole(m * k);
     let weight = Weight {
         data: w,
         rows: out,
         cols: k,
     };
-    let base = f32_job(m);
-    crate::kernels::panel::split(weight, Side::Plain, g, m, &mut dx, false, cpu::threads(), |job| {
-        base(job)?;
-        let (c_lo, c_hi) = job.cols;
-        let dhp = Mat::row_major(&dh[job.row0 * r..(job.row0 + job.m) * r], job.m, r);
-        // `A[:, c_lo..c_hi]`.
-        let ap = Mat::strided(&a[c_lo..], r, c_hi - c_lo, k, 1);
-        // SAFETY: rows `0..job.m`, columns `c_lo..c_hi` of the job's output belong to this job.
-        unsafe { gemm_block_into(job.out.add(c_lo), job.ldc, true, dhp, ap) }
+    // `A[:, c_lo..c_hi]`.
+    let dx = base_plus_low_rank(weight, Side::Plain, g, m, (&dh, r), |c_lo, c_hi| {
+        Mat::strided(&a[c_lo..], r, c_hi - c_lo, k, 1)
     })?;
     Ok((dx, da, db))
 }

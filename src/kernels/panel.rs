@@ -17,7 +17,9 @@
 //! One thread, the step's shapes: 106–112 GFLOP/s against gemm's 103–109; the output head on two
 //! threads 202 against 172; f32 training +4% (median of 11 alternating pairs, within the
 //! machine's noise pair by pair): docs/performance.md, fifteenth session. Other CPUs and
-//! `FINCH_CPU=avx2` keep the gemm crate.
+//! `FINCH_CPU=avx2` keep the gemm crate. How the tiles block the weight (reduction values per
+//! packed block, whether the input-gradient side packs) is chosen per CPU:
+//! [`crate::kernels::cpu::f32_blocking`].
 
 #![allow(unsafe_code)]
 
