@@ -105,7 +105,7 @@ pub fn family() -> Family {
 /// which replaced gemm's kernels for those products.
 pub fn preferred() -> Family {
     let best = best();
-    if best == Family::Avx512 && is_zen4(cpuinfo_field("vendor_id"), cpuinfo_field("cpu family")) {
+    if best == Family::Avx512 && on_zen4() {
         return Family::Avx2;
     }
     best
@@ -160,7 +160,7 @@ pub fn tiles() -> Tiles {
         match tiles_from_env() {
             Ok(Some(true)) => Tiles::Everywhere,
             Ok(Some(false)) => Tiles::Off,
-            _ if is_zen4(cpuinfo_field("vendor_id"), cpuinfo_field("cpu family")) => Tiles::Everywhere,
+            _ if on_zen4() => Tiles::Everywhere,
             _ => Tiles::ShortOnly,
         }
     })
@@ -187,7 +187,7 @@ pub(crate) struct F32Blocking {
 pub(crate) fn f32_blocking() -> F32Blocking {
     static BLOCKING: OnceLock<F32Blocking> = OnceLock::new();
     *BLOCKING.get_or_init(|| {
-        if is_zen4(cpuinfo_field("vendor_id"), cpuinfo_field("cpu family")) {
+        if on_zen4() {
             F32Blocking {
                 reduction: 640,
                 pack_plain: false,
@@ -217,6 +217,11 @@ fn tiles_from_env() -> Result<Option<bool>, String> {
         )),
         _ => Err(format!("FINCH_TILES={value} is not a setting; use on, off or auto")),
     }
+}
+
+/// Whether this CPU is AMD family 19h, by `/proc/cpuinfo` ([`is_zen4`]).
+fn on_zen4() -> bool {
+    is_zen4(cpuinfo_field("vendor_id"), cpuinfo_field("cpu family"))
 }
 
 /// AMD family 19h (Zen 3 and Zen 4; of those only Zen 4 has AVX-512, which the caller checks).

@@ -920,9 +920,7 @@ fn lora_forward_columns(
     let mut h = written_whole(m * r);
     for_token_blocks(&mut h, r, block, |_, r0, hd| {
         let rows = hd.len() / r;
-        gemm_into_on(hd, false, Mat::row_major(&x[r0 * k..(r0 + rows) * k], rows, k), at, 1)?;
-        hd.iter_mut().for_each(|v| *v *= scale);
-        Ok(())
+        scaled_into(hd, Mat::row_major(&x[r0 * k..(r0 + rows) * k], rows, k), at, scale)
     })?;
     let weight = Weight {
         data: w,
@@ -983,14 +981,7 @@ fn lora_backward_columns(
             let (r0, rows) = (i * block, hd.len() / r);
             let xp = Mat::row_major(&x[r0 * k..(r0 + rows) * k], rows, k);
             let gp = Mat::row_major(&g[r0 * out..(r0 + rows) * out], rows, out);
-            gemm_into_on(hd, false, xp, am.t(), 1)?;
-            hd.iter_mut().for_each(|v| *v *= scale);
-            gemm_into_on(dhd, false, gp, bm, 1)?;
-            dhd.iter_mut().for_each(|v| *v *= scale);
-            let mut db = vec![0f32; out * r];
-            gemm_into_on(&mut db, false, gp.t(), Mat::row_major(hd, rows, r), 1)?;
-            let mut da = vec![0f32; r * k];
-            gemm_into_on(&mut da, false, Mat::row_major(dhd, rows, r).t(), xp, 1)?;
+            let (da, db) = low_rank_block(xp, gp, (am, bm), scale, hd, dhd)?;
             shares.lock().unwrap_or_else(|p| p.into_inner()).push((i, da, db));
             Ok(())
         })())
@@ -1007,6 +998,36 @@ fn lora_backward_columns(
         Mat::strided(&a[c_lo..], r, c_hi - c_lo, k, 1)
     })?;
     Ok((dx, da, db))
+}
+
+/// `dst = scale·(lhs·rhs)` on the calling thread: the rank-`r` products `h = s·x·Aᵀ` and
+/// `∂h = s·g·B` of a block of tokens.
+fn scaled_into(dst: &mut [f32], lhs: Mat, rhs: Mat, scale: f32) -> candle_core::Result<()> {
+    gemm_into_on(dst, false, lhs, rhs, 1)?;
+    dst.iter_mut().for_each(|v| *v *= scale);
+    Ok(())
+}
+
+/// A block of tokens' low-rank products in the fused LoRA backward pass, on the calling thread:
+/// `h = s·x·Aᵀ` and `∂h = s·g·B` into `h` and `dh` (`[rows, r]`), and the block's shares of
+/// `∂A = ∂hᵀ·x` and `∂B = gᵀ·h`, returned. `x: [rows, in]`, `g: [rows, out]`, `A: [r, in]`,
+/// `B: [out, r]`.
+fn low_rank_block(
+    x: Mat,
+    g: Mat,
+    (a, b): (Mat, Mat),
+    scale: f32,
+    h: &mut [f32],
+    dh: &mut [f32],
+) -> candle_core::Result<(Vec<f32>, Vec<f32>)> {
+    let (rows, r) = (x.rows, a.rows);
+    scaled_into(h, x, a.t(), scale)?;
+    scaled_into(dh, g, b, scale)?;
+    let mut db = vec![0f32; b.rows * r];
+    gemm_into_on(&mut db, false, g.t(), Mat::row_major(h, rows, r), 1)?;
+    let mut da = vec![0f32; r * a.cols];
+    gemm_into_on(&mut da, false, Mat::row_major(dh, rows, r).t(), x, 1)?;
+    Ok((da, db))
 }
 
 /// `∂A` and `∂B` from the token blocks' shares `(block, ∂A share, ∂B share)`, summed in block
@@ -1046,8 +1067,7 @@ fn lora_forward_split(
         let xp = Mat::row_major(xs, rows, k);
         w.times_t_into((out, k), xs, rows, yd, false, 1)?;
         let mut h = vec![0f32; rows * r];
-        gemm_into_on(&mut h, false, xp, at, 1)?;
-        h.iter_mut().for_each(|v| *v *= scale);
+        scaled_into(&mut h, xp, at, scale)?;
         gemm_into_on(yd, true, Mat::row_major(&h, rows, r), bt, 1)
     })?;
     Ok(y)
@@ -1075,19 +1095,10 @@ fn lora_backward_split(
         let xp = Mat::row_major(&x[r0 * k..(r0 + rows) * k], rows, k);
         let gs = &g[r0 * out..(r0 + rows) * out];
         let gp = Mat::row_major(gs, rows, out);
-        let mut h = vec![0f32; rows * r];
-        gemm_into_on(&mut h, false, xp, am.t(), 1)?;
-        h.iter_mut().for_each(|v| *v *= scale);
-        let mut dh = vec![0f32; rows * r];
-        gemm_into_on(&mut dh, false, gp, bm, 1)?;
-        dh.iter_mut().for_each(|v| *v *= scale);
-        let dhm = Mat::row_major(&dh, rows, r);
-        let mut db = vec![0f32; out * r];
-        gemm_into_on(&mut db, false, gp.t(), Mat::row_major(&h, rows, r), 1)?;
-        let mut da = vec![0f32; r * k];
-        gemm_into_on(&mut da, false, dhm.t(), xp, 1)?;
+        let (mut h, mut dh) = (vec![0f32; rows * r], vec![0f32; rows * r]);
+        let (da, db) = low_rank_block(xp, gp, (am, bm), scale, &mut h, &mut dh)?;
         w.times_into((out, k), gs, rows, dxd, false, 1)?;
-        gemm_into_on(dxd, true, dhm, am, 1)?;
+        gemm_into_on(dxd, true, Mat::row_major(&dh, rows, r), am, 1)?;
         shares.lock().unwrap_or_else(|p| p.into_inner()).push((i, da, db));
         Ok(())
     })?;

@@ -217,8 +217,8 @@ pub(crate) fn split<T: Sync>(
     error.result()
 }
 
-/// Whether f32 products of `m` token rows go through the tiles ([`tile_job`]): AVX-512 F on this CPU and
-/// the tiles chosen for it ([`crate::kernels::cpu::tiles`]: by default on AMD Zen 4 only;
+/// Whether f32 products of `m` token rows go through the tiles ([`tile_job`]): AVX-512 F on
+/// this CPU and the tiles chosen for it ([`crate::kernels::cpu::tiles`]: by default on AMD Zen 4 only;
 /// gemm's AVX-512 kernels were faster on an Intel Xeon for training's products), or, by
 /// default on other AVX-512 CPUs, fewer than [`GEMM_FROM_ROWS`] rows.
 pub(crate) fn f32_tiles(m: usize) -> bool {
@@ -299,9 +299,9 @@ fn plain_panel_stride(len: usize) -> usize {
 /// Packs reduction values `k0..k0 + len` of output columns `c_lo..c_hi` of `w` on the plain
 /// side (`w` is `[k, n]`: the reduction runs down its rows) into 32-column panels, one after
 /// another: panel `j` (columns `c_lo + 32j..`) at `panel[j·plain_panel_stride(len)..]`,
-/// reduction value `p` at `+ p·NR`, zero past `c_hi`. Each weight row's share is read front to back, so the hardware
-/// prefetchers follow it; a panel read in place instead steps to a new weight row (2.3–6 KB
-/// further, a new page) every 32 values.
+/// reduction value `p` at `+ p·NR`, zero past `c_hi`. Each weight row's share is read front to
+/// back, so the hardware prefetchers follow it; a panel read in place instead steps to a new
+/// weight row (2.3–6 KB further, a new page) every 32 values.
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 fn pack_plain_block(w: Weight<f32>, (c_lo, c_hi): (usize, usize), k0: usize, len: usize, panel: &mut [f32]) {
     let width = c_hi - c_lo;
@@ -364,9 +364,9 @@ pub(crate) mod x86 {
         static PANEL: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
     }
 
-    /// One job through packed f32 panels (see the module doc), blocked as `blocking` says. On the forward side each panel's 32 weight
-    /// rows are packed whole (each row read front to back), then taken a block of the reduction
-    /// at a time. On the input-gradient side each block of the reduction is packed for all of
+    /// One job through packed f32 panels (see the module doc), blocked as `blocking` says. On
+    /// the forward side each panel's 32 weight rows are packed whole (each row read front to
+    /// back), then taken a block of the reduction at a time. On the input-gradient side each block of the reduction is packed for all of
     /// the job's columns, weight row by weight row, or, with `pack_plain` off, full panels are
     /// read in place (their rows are 32 contiguous values of a weight row).
     ///
@@ -590,23 +590,6 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
 
-    /// `out[m, ·] (+)= a[m, ·] · w` on `side` through the tiles with the given blocking.
-    #[allow(clippy::too_many_arguments)]
-    fn f32_product_with(
-        w: Weight<f32>,
-        side: Side,
-        a: &[f32],
-        m: usize,
-        out: &mut [f32],
-        accumulate: bool,
-        threads: usize,
-        blocking: F32Blocking,
-    ) -> candle_core::Result<()> {
-        split(w, side, a, m, out, accumulate, threads, |job| {
-            tile_job_with(job, blocking)
-        })
-    }
-
     /// Zen 4's blocking, the other CPUs', and the two mixed: every path through the tiles.
     const BLOCKINGS: [F32Blocking; 4] = [
         F32Blocking {
@@ -658,7 +641,8 @@ mod tests {
                 for (accumulate, blocking) in [false, true].into_iter().flat_map(|acc| BLOCKINGS.map(|b| (acc, b))) {
                     for threads in [1, 2] {
                         let mut out = base.clone();
-                        f32_product_with(wt, side, &a, m, &mut out, accumulate, threads, blocking).unwrap();
+                        let tiles = |job: Job<f32>| tile_job_with(job, blocking);
+                        split(wt, side, &a, m, &mut out, accumulate, threads, tiles).unwrap();
                         for i in 0..m {
                             for j in 0..n {
                                 let mut s = if accumulate { base[i * n + j] as f64 } else { 0.0 };
