@@ -11,6 +11,7 @@ pub(crate) mod buffer;
 pub mod cpu;
 pub mod gemm;
 pub mod gemv;
+pub(crate) mod narrow;
 pub mod ops;
 pub mod panel;
 pub mod quant;
