@@ -509,6 +509,74 @@ impl Kernel for SwiGluBackward<'_> {
     }
 }
 
+/// AdamW's constants for one update, as f32 the way candle's tensor-by-scalar ops apply them
+/// (`affine(mul, add)` computes `v·mul + add` in f32; `t / c` is `affine(1/c, 0)`).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct AdamWStep {
+    pub beta1: f32,
+    pub one_minus_beta1: f32,
+    pub beta2: f32,
+    pub one_minus_beta2: f32,
+    /// `1 / (1 − β₂ᵗ)` and `1 / (1 − β₁ᵗ)`.
+    pub inv_bc2: f32,
+    pub inv_bc1: f32,
+    pub eps: f32,
+    /// `1 − lr·weight_decay`, when there is weight decay.
+    pub decay: Option<f32>,
+    pub lr: f32,
+}
+
+/// One AdamW update of a parameter in one pass: the new `θ`, `m` and `v` from the old ones and
+/// the gradient `g`. The same f32 operations in the same order as `train::optim`'s composite
+/// candle ops (bit for bit: `tests::fused_adamw_equals_the_composite_ops`), which take ~14
+/// passes over the parameters and their moments, each on one thread.
+pub(crate) fn adamw_step(
+    step: AdamWStep,
+    (theta, g, m, v): (&[f32], &[f32], &[f32], &[f32]),
+    (theta_out, m_out, v_out): (&mut [f32], &mut [f32], &mut [f32]),
+) {
+    vectorized(AdamWChunk {
+        step,
+        ins: (theta, g, m, v),
+        outs: (theta_out, m_out, v_out),
+    })
+}
+
+struct AdamWChunk<'a> {
+    step: AdamWStep,
+    ins: (&'a [f32], &'a [f32], &'a [f32], &'a [f32]),
+    outs: (&'a mut [f32], &'a mut [f32], &'a mut [f32]),
+}
+
+impl Kernel for AdamWChunk<'_> {
+    type Output = ();
+    #[inline(always)]
+    fn run(self) {
+        let c = self.step;
+        let (theta, g, m, v) = self.ins;
+        let (theta_out, m_out, v_out) = self.outs;
+        let n = theta.len().min(g.len()).min(m.len()).min(v.len());
+        let outs = theta_out[..n]
+            .iter_mut()
+            .zip(m_out[..n].iter_mut().zip(&mut v_out[..n]));
+        let ins = theta[..n].iter().zip(g[..n].iter().zip(m[..n].iter().zip(&v[..n])));
+        // Each `+ 0.0` is the `add` of the candle `affine` it stands for (not a no-op on −0).
+        for ((to, (mo, vo)), (&t, (&g, (&m, &v)))) in outs.zip(ins) {
+            let m = (m * c.beta1 + 0.0) + (g * c.one_minus_beta1 + 0.0);
+            let v = (v * c.beta2 + 0.0) + ((g * g) * c.one_minus_beta2 + 0.0);
+            let denom = (v * c.inv_bc2 + 0.0).sqrt() * 1.0 + c.eps;
+            let update = (m * c.inv_bc1 + 0.0) / denom;
+            let t = match c.decay {
+                Some(d) => t * d + 0.0,
+                None => t,
+            };
+            *to = t - (update * c.lr + 0.0);
+            *mo = m;
+            *vo = v;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
