@@ -328,33 +328,15 @@ unsafe fn gemm_f32(
         // As gemm's front end (`gemm::gemm`) does, a row-major destination is computed as its
         // transpose, dstᵀ = rhsᵀ·lhsᵀ (the microkernels prefer a column-major one), except
         // `untransposed` products.
-        let (mm, nn, dst_cs, dst_rs, l, l_cs, l_rs, r, r_cs, r_rs) = if untransposed {
-            (
-                m,
-                n,
-                1isize,
-                ldd as isize,
-                lhs.data.as_ptr(),
-                lhs.cs as isize,
-                lhs.rs as isize,
-                rhs.data.as_ptr(),
-                rhs.cs as isize,
-                rhs.rs as isize,
-            )
+        // `dst = a·b`, element (i, j) of `dst` at `i·dst_rs + j·dst_cs`.
+        let (a, b, dst_rs, dst_cs) = if untransposed {
+            (lhs, rhs, ldd as isize, 1isize)
         } else {
-            (
-                n,
-                m,
-                ldd as isize,
-                1isize,
-                rhs.data.as_ptr(),
-                rhs.rs as isize,
-                rhs.cs as isize,
-                lhs.data.as_ptr(),
-                lhs.rs as isize,
-                lhs.cs as isize,
-            )
+            (rhs.t(), lhs.t(), 1isize, ldd as isize)
         };
+        let (mm, nn) = (a.rows, b.cols);
+        let (l, l_cs, l_rs) = (a.data.as_ptr(), a.cs as isize, a.rs as isize);
+        let (r, r_cs, r_rs) = (b.data.as_ptr(), b.cs as isize, b.rs as isize);
         macro_rules! basic {
             // `n`: f32 lanes of the family's vectors (the value gemm's `gemm_def!` gives it).
             ($simd:expr, $n:expr, $($u:ident)::+) => {
