@@ -73,11 +73,12 @@ pub fn uses_avx512_bf16() -> bool {
 }
 
 /// Whether products of more than two token rows run `vdpbf16ps` tiles: AVX-512 BF16 and the
-/// tiles chosen for this CPU ([`cpu::tiles`]: on an Intel Xeon, where `vdpbf16ps` runs at
-/// the f32 FMA rate, widening for gemm's AVX-512 kernels trained 25–30% faster). Decoding's row
-/// loop ([`row_loop`]) runs wherever AVX-512 BF16 is: it reads the weight at half f32's bytes.
+/// tiles chosen for this CPU ([`cpu::bf16_tiles`]: AMD Zen 4 and Zen 5; on an Intel Xeon, where
+/// `vdpbf16ps` runs at the f32 FMA rate, widening for gemm's AVX-512 kernels trained 25–30%
+/// faster). Decoding's row loop ([`row_loop`]) runs wherever AVX-512 BF16 is: it reads the
+/// weight at half f32's bytes.
 fn tall_tiles() -> bool {
-    uses_avx512_bf16() && cpu::tiles() == cpu::Tiles::Everywhere
+    uses_avx512_bf16() && cpu::bf16_tiles()
 }
 
 /// Whether a product goes through the decoding row loop rather than tiles (AVX-512 BF16 only).

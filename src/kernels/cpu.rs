@@ -124,9 +124,9 @@ pub fn quantized_family() -> Family {
     *FAMILY.get_or_init(|| from_env().ok().flatten().unwrap_or_else(best))
 }
 
-/// Which products with a frozen f32 or bf16 weight go through Finch's own AVX-512 register
-/// tiles (`kernels::panel`'s `vfmadd231ps`, `kernels::bf16`'s `vdpbf16ps`) rather than the gemm
-/// crate's kernels (bf16 weights widened to f32 for them): [`tiles`].
+/// Which products with a frozen f32 weight go through Finch's own AVX-512 register tiles
+/// (`kernels::panel`'s `vfmadd231ps`) rather than the gemm crate's kernels: [`tiles`]. (bf16
+/// weights' `vdpbf16ps` tiles: [`bf16_tiles`].)
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Tiles {
     /// Every product of enough token rows (AMD Zen 4 by default, or `FINCH_TILES=on`).
@@ -138,7 +138,7 @@ pub enum Tiles {
     Off,
 }
 
-/// Where Finch's own register tiles run, decided on the first call. By default they run
+/// Where Finch's own f32 register tiles run, decided on the first call. By default they run
 /// everywhere only on AMD Zen 4, the CPU they were written and measured on, where they beat
 /// gemm's AVX2 kernels (gemm's AVX-512 ones are slower there still: [`preferred`]) and
 /// `vdpbf16ps` runs at twice the f32 FMA rate. Elsewhere the crate's kernels were faster on
@@ -147,8 +147,9 @@ pub enum Tiles {
 /// tiles' 82–127; `bench train` alternating, f32 249–281 tokens/s on gemm against 189–277 on
 /// the tiles, and bf16 widened for gemm 245–254 against 186–202 on the `vdpbf16ps` tiles
 /// (docs/performance.md, seventeenth session). There the f32 tiles keep prefill's shorter
-/// products (734–763 against gemm's 592–647 tokens/s on a 143-token prompt). CPUs measured on
-/// neither (Zen 5, other Intel generations) get the Intel choice. `FINCH_TILES=on|off` forces
+/// products (734–763 against gemm's 592–647 tokens/s on a 143-token prompt). Zen 5 (family 1Ah)
+/// gets the Intel choice for f32, as measured there ([`bf16_tiles`]); CPUs measured on none of
+/// these (other Intel generations) get it too. `FINCH_TILES=on|off` forces
 /// [`Tiles::Everywhere`] or [`Tiles::Off`], for measuring; `FINCH_CPU` below `avx512` turns the
 /// tiles off. Decoding's bf16 row loop is not a tile: it runs wherever AVX-512 BF16 is.
 pub fn tiles() -> Tiles {
@@ -201,6 +202,28 @@ pub(crate) fn f32_blocking() -> F32Blocking {
     })
 }
 
+/// Whether products of a frozen bf16 weight with more than two token rows (training, prefill)
+/// run `kernels::bf16`'s `vdpbf16ps` tiles rather than widening the weight to f32 for gemm's
+/// kernels, decided on the first call (the caller also needs AVX-512 BF16). `FINCH_TILES=on|off`
+/// forces it; by default AMD Zen 4 and Zen 5 (families 19h and 1Ah) take the tiles, other CPUs
+/// widen. Zen 4: [`tiles`]. On a 2-core AMD EPYC, family 26 (Zen 5), `bench train --precision
+/// bf16` alternating: tiles 651.9, 700.6 tokens/s against widened 428.7, 433.0; there the f32
+/// tiles stayed behind gemm's AVX-512 kernels (444.0, 407.3 against 483.1, 473.2), so [`tiles`]
+/// keeps Zen 5 on the Intel choice for f32 (docs/performance.md, twenty-first session). On the
+/// Intel Xeon (family 6 model 207) widening was 25–30% faster.
+pub fn bf16_tiles() -> bool {
+    static BF16_TILES: OnceLock<bool> = OnceLock::new();
+    *BF16_TILES.get_or_init(|| {
+        if quantized_family() != Family::Avx512 {
+            return false;
+        }
+        match tiles_from_env() {
+            Ok(Some(forced)) => forced,
+            _ => on_zen4() || on_zen5(),
+        }
+    })
+}
+
 /// `FINCH_TILES` (`on`, `off`, or `auto`/unset), or why it cannot be used.
 fn tiles_from_env() -> Result<Option<bool>, String> {
     let Some(value) = std::env::var_os("FINCH_TILES") else {
@@ -224,9 +247,24 @@ fn on_zen4() -> bool {
     is_zen4(cpuinfo_field("vendor_id"), cpuinfo_field("cpu family"))
 }
 
+/// Whether this CPU is AMD family 1Ah (Zen 5), by `/proc/cpuinfo` ([`is_zen5`]).
+fn on_zen5() -> bool {
+    is_zen5(cpuinfo_field("vendor_id"), cpuinfo_field("cpu family"))
+}
+
 /// AMD family 19h (Zen 3 and Zen 4; of those only Zen 4 has AVX-512, which the caller checks).
 fn is_zen4(vendor: Option<&str>, family: Option<&str>) -> bool {
-    vendor == Some("AuthenticAMD") && family.and_then(|f| f.parse::<u32>().ok()) == Some(0x19)
+    amd_family(vendor, family) == Some(0x19)
+}
+
+/// AMD family 1Ah (Zen 5: AVX-512 with full-width 512-bit units, unlike Zen 4).
+fn is_zen5(vendor: Option<&str>, family: Option<&str>) -> bool {
+    amd_family(vendor, family) == Some(0x1a)
+}
+
+/// The CPU family number of an AMD CPU (`/proc/cpuinfo` writes it in decimal).
+fn amd_family(vendor: Option<&str>, family: Option<&str>) -> Option<u32> {
+    (vendor == Some("AuthenticAMD")).then(|| family?.parse().ok()).flatten()
 }
 
 /// The first value of `key` in `/proc/cpuinfo`, read once; `None` where the OS does not report it.
@@ -310,6 +348,9 @@ mod tests {
             !is_zen4(Some("AuthenticAMD"), Some("26")),
             "Zen 5 has full-width AVX-512"
         );
+        assert!(is_zen5(Some("AuthenticAMD"), Some("26")));
+        assert!(!is_zen5(Some("AuthenticAMD"), Some("25")));
+        assert!(!is_zen5(Some("GenuineIntel"), Some("26")));
         assert!(!is_zen4(Some("GenuineIntel"), Some("6")));
         assert!(!is_zen4(None, None));
         assert!(Family::available().contains(&family()));
