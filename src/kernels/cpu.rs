@@ -211,16 +211,15 @@ pub(crate) fn f32_blocking() -> F32Blocking {
 /// tiles stayed behind gemm's AVX-512 kernels (444.0, 407.3 against 483.1, 473.2), so [`tiles`]
 /// keeps Zen 5 on the Intel choice for f32 (docs/performance.md, twenty-first session). On the
 /// Intel Xeon (family 6 model 207) widening was 25–30% faster.
+///
+/// Derived from [`tiles`], so `FINCH_TILES` and the AVX-512 check are read in one place:
+/// everywhere (Zen 4, or forced on) → on; off → off; short products only → on for Zen 5 alone.
 pub fn bf16_tiles() -> bool {
     static BF16_TILES: OnceLock<bool> = OnceLock::new();
-    *BF16_TILES.get_or_init(|| {
-        if quantized_family() != Family::Avx512 {
-            return false;
-        }
-        match tiles_from_env() {
-            Ok(Some(forced)) => forced,
-            _ => on_zen4() || on_zen5(),
-        }
+    *BF16_TILES.get_or_init(|| match tiles() {
+        Tiles::Everywhere => true,
+        Tiles::Off => false,
+        Tiles::ShortOnly => on_zen5(),
     })
 }
 

@@ -224,7 +224,7 @@ pub(crate) unsafe fn gemm_block_into(
 /// a few hundred rows and many columns, its share of the output columns (`panel::split`).
 /// Split by rows, each thread packs the whole weight on every call: for the output head's
 /// chunks of 341 rows, 113 MB of SmolLM2's head per thread and chunk.
-fn gemm_job(job: crate::kernels::panel::Job<f32>) -> candle_core::Result<()> {
+pub(crate) fn gemm_job(job: crate::kernels::panel::Job<f32>) -> candle_core::Result<()> {
     let crate::kernels::panel::Job {
         w,
         side,
@@ -249,10 +249,12 @@ fn gemm_job(job: crate::kernels::panel::Job<f32>) -> candle_core::Result<()> {
 
 /// How each job of `panel::split` multiplies by a frozen f32 weight in a product of `m` token
 /// rows: Finch's AVX-512 tiles where [`crate::kernels::panel::f32_tiles`] takes such a product,
-/// otherwise gemm ([`gemm_job`]).
+/// the AVX2 row tile where [`crate::kernels::rowdot::takes`] does, otherwise gemm ([`gemm_job`]).
 fn f32_job(m: usize) -> fn(crate::kernels::panel::Job<f32>) -> candle_core::Result<()> {
     if crate::kernels::panel::f32_tiles(m) {
         crate::kernels::panel::tile_job
+    } else if crate::kernels::rowdot::takes(m) {
+        crate::kernels::rowdot::job
     } else {
         gemm_job
     }
@@ -483,10 +485,15 @@ impl Dense<'_> {
         match self {
             // Products of 256 token rows or more go to `panel::split` (by rows, or, with fewer
             // than 256 rows a thread, by output columns: the output head's chunks of the
-            // vocabulary), and so do shorter ones where the tiles take them (AVX-512). Other
-            // short products stay on `gemm_into_on`: one-row decoding's gemv, and prefill on the
-            // AVX2 family, not measured split by columns.
-            Dense::F32(w) if m >= crate::kernels::panel::GEMM_FROM_ROWS || crate::kernels::panel::f32_tiles(m) => {
+            // vocabulary), and so do shorter ones where the tiles take them (AVX-512) or, on
+            // the AVX2 family, the row tile (`kernels::rowdot`: a prompt's forward products; its
+            // input gradients through gemm split by columns). Other short products stay on
+            // `gemm_into_on`: one-row decoding's gemv, and products of fewer than 16 rows.
+            Dense::F32(w)
+                if m >= crate::kernels::panel::GEMM_FROM_ROWS
+                    || crate::kernels::panel::f32_tiles(m)
+                    || crate::kernels::rowdot::takes(m) =>
+            {
                 let w = Weight {
                     data: w,
                     rows: out,

@@ -15,6 +15,7 @@ pub(crate) mod narrow;
 pub mod ops;
 pub mod panel;
 pub mod quant;
+pub(crate) mod rowdot;
 pub mod simd;
 pub mod spin;
 
