@@ -729,6 +729,12 @@ impl Shared {
         }
     }
 
+    /// Where row `r0`, column `c0` of a `[_, stride]` destination is. Safety: inside it.
+    unsafe fn at(&self, r0: usize, c0: usize, stride: usize) -> *mut f32 {
+        debug_assert!(r0 * stride + c0 <= self.1);
+        self.0.add(r0 * stride + c0)
+    }
+
     /// Rows `r0..r0 + n` of a `[_, stride]` destination as one slice. Safety: as [`Shared::put`].
     #[allow(clippy::mut_from_ref)]
     unsafe fn rows(&self, r0: usize, n: usize, stride: usize) -> &mut [f32] {
@@ -782,8 +788,20 @@ pub fn matmul_f32(w: &QMatrix, x: &[f32], tokens: usize, out: &mut [f32]) -> Res
         let (t0, r0) = (c * split.chunk, p * split.panel);
         let (mt, n) = (split.chunk.min(tokens - t0), split.panel.min(rows - r0));
         let whole = n == rows;
-        with_scratch(n * cols, if whole { 0 } else { mt * n }, |panel, tmp| {
+        let row_tile = crate::kernels::rowdot::takes(mt);
+        with_scratch(n * cols, if whole || row_tile { 0 } else { mt * n }, |panel, tmp| {
             w.dequantize_rows(kernel, r0, n, panel);
+            if row_tile {
+                // A prompt on the AVX2 family: the panel's rows read in place by the row tile,
+                // written straight into this task's block (no packing, no copy).
+                let xs = &x[t0 * cols..(t0 + mt) * cols];
+                // SAFETY: the block (tokens t0..t0 + mt, rows r0..r0 + n) of the `[tokens, rows]`
+                // output is this task's alone; the product writes nothing outside it.
+                return unsafe {
+                    crate::kernels::rowdot::product(xs, mt, panel, n, cols, dst.at(t0, r0, rows), rows, false)
+                }
+                .map_err(|e| QError::Gemm(e.to_string()));
+            }
             let xm = Mat::row_major(&x[t0 * cols..(t0 + mt) * cols], mt, cols);
             let rhs = Mat::row_major(panel, n, cols).t();
             let gemm = |d: &mut [f32]| gemm_into_on(d, false, xm, rhs, 1).map_err(|e| QError::Gemm(e.to_string()));
