@@ -17,10 +17,11 @@
 //!
 //! A quantized model's prompt takes the tile too: `quant::matmul_f32` dequantizes panels of
 //! weight rows and, on the AVX2 family, multiplies them here in place of gemm (no second packing
-//! of the panel, no copy out of a temporary block). `FINCH_CPU=avx2 bench generate --quantized`
-//! prefill, alternating: 382.8, 336.5, 383.6 tokens/s against gemm's 282.4, 310.2, 343.5. A
-//! training step's tall products were not faster through the tile (b4×256: 171.3, 169.1 against
-//! gemm's 202.6, 162.7), so they stay on gemm.
+//! of the panel, no copy out of a temporary block) wherever a task has 16–255 token rows (its
+//! split is per task, so a quantized-base training batch of up to 510 tokens takes it too).
+//! `FINCH_CPU=avx2 bench generate --quantized` prefill, alternating: 382.8, 336.5, 383.6
+//! tokens/s against gemm's 282.4, 310.2, 343.5. A training step's tall products were not faster
+//! through the tile (b4×256: 171.3, 169.1 against gemm's 202.6, 162.7), so they stay on gemm.
 
 // std::arch intrinsics are `unsafe`; the job's bounds are checked once before the raw loads.
 #![allow(unsafe_code)]
