@@ -791,12 +791,12 @@ pub fn matmul_f32(w: &QMatrix, x: &[f32], tokens: usize, out: &mut [f32]) -> Res
         let row_tile = crate::kernels::rowdot::takes(mt);
         with_scratch(n * cols, if whole || row_tile { 0 } else { mt * n }, |panel, tmp| {
             w.dequantize_rows(kernel, r0, n, panel);
+            let xs = &x[t0 * cols..(t0 + mt) * cols];
             if row_tile {
                 // On the AVX2 family, a task of 16–255 token rows (a prompt's share, or a short
                 // training batch's: the split is per task here, per product on the f32 path):
                 // the panel's rows read in place by the row tile, written straight into this
                 // task's block (no packing, no copy).
-                let xs = &x[t0 * cols..(t0 + mt) * cols];
                 // SAFETY: the block (tokens t0..t0 + mt, rows r0..r0 + n) of the `[tokens, rows]`
                 // output is this task's alone; the product writes nothing outside it.
                 return unsafe {
@@ -804,7 +804,7 @@ pub fn matmul_f32(w: &QMatrix, x: &[f32], tokens: usize, out: &mut [f32]) -> Res
                 }
                 .map_err(|e| QError::Gemm(e.to_string()));
             }
-            let xm = Mat::row_major(&x[t0 * cols..(t0 + mt) * cols], mt, cols);
+            let xm = Mat::row_major(xs, mt, cols);
             let rhs = Mat::row_major(panel, n, cols).t();
             let gemm = |d: &mut [f32]| gemm_into_on(d, false, xm, rhs, 1).map_err(|e| QError::Gemm(e.to_string()));
             if whole {

@@ -35,10 +35,10 @@ pub(crate) fn takes(m: usize) -> bool {
     (F32_MIN_ROWS..GEMM_FROM_ROWS).contains(&m) && cpu::family() == Family::Avx2
 }
 
-/// One job of `panel::split`: the forward side through the row tile, the input gradient
-/// through gemm.
+/// One job of `panel::split` (chosen where [`takes`] says so): the forward side through the
+/// row tile, the input gradient through gemm.
 pub(crate) fn job(job: Job<f32>) -> candle_core::Result<()> {
-    if job.side == Side::Transposed && cpu::family() == Family::Avx2 {
+    if job.side == Side::Transposed {
         row_tile_job(job)
     } else {
         crate::kernels::gemm::gemm_job(job)
