@@ -116,6 +116,9 @@ impl Default for BenchTrainOptions {
 pub struct Machine {
     /// `/proc/cpuinfo`'s model name.
     pub cpu_model: Option<&'static str>,
+    /// Vendor, family, model and stepping (x86-64) or implementer and part (ARM): the
+    /// microarchitecture where a hypervisor shortens the model name (`kernels::cpu::identity`).
+    pub cpu_id: Option<&'static str>,
     /// The family of Finch's own f32 kernels (gemv, the elementwise loops; `FINCH_CPU` forces one).
     pub kernel_family: &'static str,
     /// The family of the gemm microkernels behind Finch's matrix products (the same as
@@ -146,6 +149,7 @@ impl Machine {
         let family = cpu::family().name();
         Machine {
             cpu_model: cpu::model_name(),
+            cpu_id: cpu::identity(),
             kernel_family: family,
             gemm_family: family,
             gemm_family_candle: cpu::best().name(),
