@@ -67,6 +67,13 @@ pub(crate) struct CacheHeads {
     pub scale: f32,
 }
 
+impl CacheHeads {
+    /// The first position a query that sees positions `0..seen` attends (its window's start).
+    fn window_start(&self, seen: usize) -> usize {
+        self.window.map_or(0, |w| seen.saturating_sub(w.max(1)))
+    }
+}
+
 /// Causal grouped-query attention of the `t` new queries `q` (`[t, heads·head_dim]`, positions
 /// `past..past + t`) over the cache, which holds positions `0..past + t`; writes
 /// `out: [t, heads·head_dim]`. Heads run in parallel: on rayon for a prompt, on the spin pool
@@ -119,7 +126,7 @@ fn over_cache_on(
         vectorized(job)
     };
     if t == 1 && heads * (past + 1) * hd >= 1 << 15 {
-        return one_token_split(past, h, group, &attend, out);
+        return one_token_split(past, h, &attend, out);
     }
     // Per head, `[t, hd]`, so that heads can be written in parallel; copied into `out` after.
     let mut by_head = vec![0f32; heads * t * hd];
@@ -165,13 +172,13 @@ struct Partial {
 fn one_token_split(
     past: usize,
     h: CacheHeads,
-    group: usize,
     attend: &(impl Fn(usize, (usize, usize), &mut [f32]) -> Partial + Sync),
     out: &mut [f32],
 ) {
-    let (hd, kv_heads, group) = (h.head_dim, h.kv_heads.max(1), group.max(1));
+    let (hd, kv_heads) = (h.head_dim, h.kv_heads.max(1));
+    let group = (h.heads / kv_heads).max(1);
     let seen = past + 1;
-    let first = h.window.map_or(0, |w| seen.saturating_sub(w.max(1)));
+    let first = h.window_start(seen);
     let visible = seen - first;
     // Runs of at least 32 positions (a run's scores are a few microseconds of work).
     let wanted = (4 * crate::kernels::spin::threads()).div_ceil(kv_heads);
@@ -238,12 +245,13 @@ impl Kernel for HeadAttention<'_> {
     fn run(self) -> Partial {
         let (hd, q_dim, h) = (self.h.head_dim, self.q_dim, self.h);
         let t = self.dst.len() / hd.max(1);
-        let mut scores = vec![0f32; self.past + t];
+        let (base, len) = score_span(&self, t);
+        let mut scores = vec![0f32; len];
         let mut partial = Partial::default();
         for i in 0..t {
             let qi = &self.q[i * q_dim + self.head * hd..i * q_dim + (self.head + 1) * hd];
             let (first, seen) = attended(&self, i);
-            let scores = &mut scores[first..seen];
+            let scores = &mut scores[first - base..seen - base];
             for (p, s) in (first..).zip(scores.iter_mut()) {
                 *s = dot(qi, self.keys.at(self.kvh, p, hd)) * h.scale;
             }
@@ -262,12 +270,22 @@ impl Kernel for HeadAttention<'_> {
     }
 }
 
+/// The positions a job's score buffer covers, `[base, base + len)`: every position its rows
+/// attend ([`attended`]), and no more. A run of [`one_token_split`] allocates its own run's
+/// scores, not the whole context's (a token's attention has several runs per head).
+#[inline(always)]
+fn score_span(job: &HeadAttention<'_>, t: usize) -> (usize, usize) {
+    let (lo, hi) = job.positions;
+    let base = lo.min(job.past);
+    (base, hi.min(job.past + t) - base)
+}
+
 /// The positions `[first, seen)` that query row `i` of `job` attends: causal, inside the window,
 /// inside the job's run. Never empty for a run [`one_token_split`] cuts.
 #[inline(always)]
 fn attended(job: &HeadAttention<'_>, i: usize) -> (usize, usize) {
     let seen = job.past + i + 1;
-    let first = job.h.window.map_or(0, |w| seen.saturating_sub(w.max(1)));
+    let first = job.h.window_start(seen);
     let (lo, hi) = job.positions;
     let seen = seen.min(hi);
     (first.max(lo).min(seen), seen)
@@ -312,12 +330,13 @@ mod x86 {
         let kb = job.keys.data.as_ptr().add(job.kvh * job.keys.head_stride);
         let vb = job.values.data.as_ptr().add(job.kvh * job.values.head_stride);
         let (ks, vs) = (job.keys.pos_stride, job.values.pos_stride);
-        let mut scores = vec![0f32; job.past + t];
+        let (base, len) = super::score_span(&job, t);
+        let mut scores = vec![0f32; len];
         let mut partial = Partial::default();
         for i in 0..t {
             let qp = job.q.as_ptr().add(i * job.q_dim + job.head * hd);
             let (first, seen) = super::attended(&job, i);
-            let sc = &mut scores[first..seen];
+            let sc = &mut scores[first - base..seen - base];
             let scale = _mm_set1_ps(h.scale);
             let mut p = first;
             while p + 4 <= seen {
