@@ -451,12 +451,33 @@ fn bench_train_reports_its_path_and_device() {
             (Some("fused"), Some("bf16"))
         );
         let got = v["bf16_products"].as_str().unwrap();
-        assert!(["avx512-bf16", "widened"].contains(&got), "{got}");
+        assert!(["amx-bf16", "avx512-bf16", "widened"].contains(&got), "{got}");
         if let Some(want) = products {
             assert_eq!(got, want);
         }
         assert!(v["loss_last"].as_f64().unwrap().is_finite());
     }
+    // `FINCH_AMX=off` keeps bf16 products off Intel AMX tiles: the same loss (the products of
+    // the same bf16-rounded values, summed in another order); a value it does not know is an
+    // error naming it.
+    let amx = |value: &str| {
+        finch()
+            .args(&bf16_args)
+            .env("FINCH_FUSED", "1")
+            .env("FINCH_AMX", value)
+            .output()
+            .unwrap()
+    };
+    let (on, off) = (fused(&bf16_args, None), amx("off"));
+    assert!(off.status.success(), "{}", String::from_utf8_lossy(&off.stderr));
+    let off: serde_json::Value = serde_json::from_slice(&off.stdout).unwrap();
+    assert_ne!(off["bf16_products"], "amx-bf16");
+    let (a, b) = (on["loss_last"].as_f64().unwrap(), off["loss_last"].as_f64().unwrap());
+    assert!((a - b).abs() < 1e-4 * a.abs().max(1.0), "AMX {a} against {b}");
+    let out = amx("fast");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("FINCH_AMX") && err.contains("fast"), "{err}");
     // f32 products of training rows go through AVX-512 tiles where the CPU has them, through
     // the gemm crate under `FINCH_CPU=avx2`/`portable`: the same losses either way. 32 token
     // rows (`--seq-len 32`): products of fewer than 16 stay on gemv and gemm.

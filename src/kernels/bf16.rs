@@ -89,10 +89,22 @@ fn row_loop(m: usize, side: Side, k: usize) -> bool {
 /// How this process multiplies bf16 weights in products of more than two token rows
 /// (training, prefill), as `bench` JSON names it: `avx512-bf16` or `widened`.
 pub fn products_name() -> &'static str {
-    if tall_tiles() {
-        "avx512-bf16"
+    match tall_path() {
+        Path::Amx => "amx-bf16",
+        Path::Avx512 => "avx512-bf16",
+        Path::Widened => "widened",
+    }
+}
+
+/// The path of products of more than two token rows: AMX tiles ([`cpu::amx`]), else the
+/// `vdpbf16ps` tiles ([`tall_tiles`]), else widening.
+fn tall_path() -> Path {
+    if uses_avx512_bf16() && cpu::amx() {
+        Path::Amx
+    } else if tall_tiles() {
+        Path::Avx512
     } else {
-        "widened"
+        Path::Widened
     }
 }
 
@@ -108,13 +120,13 @@ pub(crate) fn product(
     accumulate: bool,
     threads: usize,
 ) -> candle_core::Result<()> {
-    let (avx512, tiles) = (uses_avx512_bf16(), tall_tiles());
+    let (avx512, tall) = (uses_avx512_bf16(), tall_path());
     let k = w.dims(side).0;
     let path = |rows: usize| {
-        if tiles || (avx512 && row_loop(rows, side, k)) {
+        if avx512 && row_loop(rows, side, k) {
             Path::Avx512
         } else {
-            Path::Widened
+            tall
         }
     };
     product_with(w, side, a, m, out, accumulate, threads, path)
@@ -128,6 +140,9 @@ enum Path {
     Avx512,
     /// The weight widened to f32 for gemm ([`widened`]).
     Widened,
+    /// Intel AMX tiles over the `vdpbf16ps` path's packing ([`x86::product_amx`]); only where
+    /// [`crate::kernels::amx::available`] (and AVX-512 BF16, for the packing).
+    Amx,
 }
 
 /// [`product`] with each job's path chosen by `path(job rows)` (tests force one).
@@ -154,6 +169,17 @@ fn product_with(
             candle_core::bail!("bf16 product: this CPU has no AVX-512 BF16")
         }
         Path::Widened => widened(job),
+        Path::Amx => {
+            #[cfg(target_arch = "x86_64")]
+            if x86::available() && crate::kernels::amx::available() {
+                // SAFETY: the CPU has AVX-512 BF16 and AMX, and Linux granted the tiles (checked
+                // just above); `split` checked the shapes, and each job's rows and columns lie
+                // inside `out`.
+                unsafe { x86::product_amx(job) };
+                return Ok(());
+            }
+            candle_core::bail!("bf16 product: this CPU has no AMX bf16 tiles")
+        }
     })
 }
 
@@ -376,13 +402,7 @@ mod x86 {
                 let len = KB.min(kp - p0);
                 let acc = accumulate || p0 > 0;
                 for c0 in (c_lo..c_hi).step_by(NR) {
-                    if matches!(side, Side::Transposed) && k % 2 == 0 && c0 + NR <= n {
-                        pack_rows(w, c0, p0, len, panel);
-                    } else if matches!(side, Side::Plain) && k % 2 == 0 && c0 + NR <= n {
-                        pack_columns(w, c0, p0, len, panel);
-                    } else {
-                        pack(w, side, c0, p0, len, panel);
-                    }
+                    pack_panel(w, side, c0, p0, len, panel);
                     let cols = NR.min(c_hi - c0).min(n - c0);
                     let a = pairs.as_ptr().add(p0);
                     row_tiles!(m, |r0| tile(
@@ -400,6 +420,84 @@ mod x86 {
         })
     }
 
+    /// Packs pairs `p0..p0+len` of output columns `c0..c0+32` into `panel`: in registers where
+    /// the panel lies inside the weight and `k` is even, else with the scalar [`pack`].
+    ///
+    /// Safety: AVX-512 F/BW; `panel` holds `len·32` values.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    unsafe fn pack_panel(w: Bf16Weight, side: Side, c0: usize, p0: usize, len: usize, panel: &mut [u32]) {
+        let (k, n) = w.dims(side);
+        if k % 2 == 0 && c0 + NR <= n {
+            match side {
+                Side::Transposed => pack_rows(w, c0, p0, len, panel),
+                Side::Plain => pack_columns(w, c0, p0, len, panel),
+            }
+        } else {
+            pack(w, side, c0, p0, len, panel);
+        }
+    }
+
+    /// One job through AMX tiles ([`crate::kernels::amx::block`]): the packing of [`product`],
+    /// with the activation pairs' rows padded with zeros to a multiple of 32 rows and 16 pairs,
+    /// and each panel's pairs to a multiple of 16, as the tiles read them whole.
+    ///
+    /// Safety: as [`product`], and AMX is available.
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    pub(super) unsafe fn product_amx(job: Job<half::bf16>) {
+        use crate::kernels::amx::{self, BLOCK, PAIRS};
+        let Job {
+            w,
+            side,
+            a,
+            m,
+            out,
+            ldc,
+            cols: (c_lo, c_hi),
+            accumulate,
+            ..
+        } = job;
+        let (k, n) = w.dims(side);
+        // The panels are the tiles' right-hand sides: 32 columns, two tiles wide.
+        const _: () = assert!(NR == BLOCK);
+        let kp = k.div_ceil(2);
+        let lda = kp.next_multiple_of(PAIRS);
+        SCRATCH.with(|s| {
+            let s = &mut *s.borrow_mut();
+            let (pairs, panel) = (&mut s.pairs, &mut s.panel);
+            // Only the padding is zeroed: the rows are written whole below.
+            pairs.resize(m.next_multiple_of(BLOCK) * lda, 0);
+            pairs_into(a, m, k, lda, pairs);
+            for row in pairs.chunks_exact_mut(lda).take(m) {
+                row[kp..].fill(0);
+            }
+            pairs[m * lda..].fill(0);
+            panel.resize(KB * NR, 0);
+            let _tiles = amx::Tiles::configure();
+            for p0 in (0..kp).step_by(KB) {
+                let len = KB.min(kp - p0);
+                let steps = len.next_multiple_of(PAIRS);
+                let acc = accumulate || p0 > 0;
+                for c0 in (c_lo..c_hi).step_by(NR) {
+                    pack_panel(w, side, c0, p0, len, panel);
+                    panel[len * NR..steps * NR].fill(0);
+                    let cols = NR.min(c_hi - c0).min(n - c0);
+                    for r0 in (0..m).step_by(BLOCK) {
+                        amx::block(
+                            pairs.as_ptr().add(r0 * lda + p0),
+                            lda,
+                            panel.as_ptr(),
+                            steps,
+                            out.add(r0 * ldc + c0),
+                            ldc,
+                            (BLOCK.min(m - r0), cols),
+                            acc,
+                        );
+                    }
+                }
+            }
+        })
+    }
+
     /// [`pairs_of`] with `vcvtne2ps2bf16` (round to nearest even; it flushes f32 subnormals,
     /// below 1.2e-38, to zero, where [`round`] keeps them).
     ///
@@ -409,9 +507,18 @@ mod x86 {
         let kp = k.div_ceil(2);
         out.clear();
         out.resize(m * kp, 0);
+        pairs_into(a, m, k, kp, out);
+    }
+
+    /// [`pairs_avx512`] into rows `lda ≥ ⌈k/2⌉` pairs apart (the rest of each row untouched).
+    ///
+    /// Safety: AVX-512 F/BW/BF16; `a` holds `m·k` values, `out` at least `m·lda`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    unsafe fn pairs_into(a: &[f32], m: usize, k: usize, lda: usize, out: &mut [u32]) {
+        assert!(lda >= k.div_ceil(2) && out.len() >= m * lda && a.len() >= m * k);
         for i in 0..m {
             let src = a.as_ptr().add(i * k);
-            let dst = out.as_mut_ptr().add(i * kp);
+            let dst = out.as_mut_ptr().add(i * lda);
             let mut c = 0;
             while c + 32 <= k {
                 let lo = _mm512_loadu_ps(src.add(c));
@@ -596,7 +703,7 @@ mod tests {
         out
     }
 
-    /// Every path (packed `vdpbf16ps` tiles, the decoding row loop, the widened f32 gemm) gives
+    /// Every path (packed `vdpbf16ps` tiles, AMX tiles, the decoding row loop, the widened f32 gemm) gives
     /// the products of the bf16-rounded inputs, on ragged shapes (odd `k`, partial panels and
     /// tiles, several `k` blocks), plain and accumulating, on one thread and split by rows.
     #[test]
@@ -613,6 +720,9 @@ mod tests {
             // output columns (forward) or reduction (input gradient) come in blocks.
             (5, 600, 40),
             (40, 520, 24),
+            // Two blocks of `KB` pairs, the second not a whole number of AMX tile steps; 35
+            // rows: a full and a partial 32-row AMX block; 40 outputs: a partial panel.
+            (35, 40, 1100),
         ] {
             let w: Vec<bf16> = (0..rows * cols).map(|_| bf16::from_f32(rng.next_f32() - 0.5)).collect();
             let wb = Bf16Weight { data: &w, rows, cols };
@@ -641,6 +751,9 @@ mod tests {
                         #[cfg(target_arch = "x86_64")]
                         if x86::available() {
                             paths.push(Path::Avx512);
+                            if crate::kernels::amx::available() {
+                                paths.push(Path::Amx);
+                            }
                         }
                         for p in paths {
                             let mut out = base.clone();

@@ -2,7 +2,8 @@
 //! (by default the fastest, except AVX2 on AMD Zen 4: see [`preferred`];
 //! `FINCH_CPU=avx512|avx2|portable` forces one, so the AVX2 laptop path can be measured on an
 //! AVX-512 machine), where Finch's own register tiles run ([`tiles`];
-//! `FINCH_TILES=on|off`), the thread count, the CPU model and the transparent-huge-page mode.
+//! `FINCH_TILES=on|off`), whether bf16 products run Intel AMX tiles ([`amx`], `FINCH_AMX=on|off`),
+//! the thread count, the CPU model and the transparent-huge-page mode.
 //!
 //! Everything here reads the environment or system files at most once: these values are asked
 //! for on every matrix product, and `num_cpus::get_physical` (behind candle's thread count)
@@ -223,6 +224,44 @@ pub fn bf16_tiles() -> bool {
     })
 }
 
+/// Whether products of a frozen bf16 weight with more than two token rows run Intel AMX tiles
+/// (`kernels::amx`) rather than [`bf16_tiles`] or widening, decided on the first call (the caller
+/// also needs AVX-512 BF16). By default wherever the CPU has AMX-BF16 and Linux grants the tile
+/// state (Intel Xeon, Sapphire Rapids and later); `FINCH_AMX=off` turns them off for measuring,
+/// and so does `FINCH_CPU` below `avx512`. On a 2-core Intel Xeon (family 6 model 167), where
+/// PyTorch's bf16 training runs AMX through oneDNN: docs/performance.md, twenty-fifth session.
+pub fn amx() -> bool {
+    static AMX: OnceLock<bool> = OnceLock::new();
+    *AMX.get_or_init(|| quantized_family() == Family::Avx512 && amx_available() && amx_from_env() != Ok(Some(false)))
+}
+
+fn amx_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        crate::kernels::amx::available()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// `FINCH_AMX` (`on`, `off`, or `auto`/unset), or why it cannot be used.
+fn amx_from_env() -> Result<Option<bool>, String> {
+    let Some(value) = std::env::var_os("FINCH_AMX") else {
+        return Ok(None);
+    };
+    let value = value.to_string_lossy();
+    match value.trim().to_ascii_lowercase().as_str() {
+        "" | "auto" => Ok(None),
+        "off" | "0" => Ok(Some(false)),
+        "on" | "1" if quantized_family() == Family::Avx512 && amx_available() => Ok(Some(true)),
+        "on" | "1" => Err(format!(
+            "FINCH_AMX={value}: this CPU (or FINCH_CPU={}) gives no AMX bf16 tiles",
+            quantized_family().name()
+        )),
+        _ => Err(format!("FINCH_AMX={value} is not a setting; use on, off or auto")),
+    }
+}
+
 /// `FINCH_TILES` (`on`, `off`, or `auto`/unset), or why it cannot be used.
 fn tiles_from_env() -> Result<Option<bool>, String> {
     let Some(value) = std::env::var_os("FINCH_TILES") else {
@@ -282,11 +321,12 @@ pub fn best() -> Family {
     *BEST.get_or_init(|| Family::available().pop().unwrap_or(Family::Portable))
 }
 
-/// `Err` with a one-line explanation when `FINCH_CPU` or `FINCH_TILES` is set to something
+/// `Err` with a one-line explanation when `FINCH_CPU`, `FINCH_TILES` or `FINCH_AMX` is set to something
 /// unusable (commands report it instead of silently measuring other kernels).
 pub fn check_env() -> Result<(), String> {
     from_env()?;
-    tiles_from_env().map(|_| ())
+    tiles_from_env()?;
+    amx_from_env().map(|_| ())
 }
 
 /// Threads for matrix products: `RAYON_NUM_THREADS`, else candle's choice (physical cores),
