@@ -131,8 +131,9 @@ pub struct Machine {
     /// on Zen 4, where they keep AVX-512 (`kernels::cpu::quantized_family`).
     pub quantized_kernel_family: &'static str,
     /// How bf16 weights (`--precision bf16` on the CPU) are multiplied in products of more than
-    /// two token rows: `avx512-bf16` (`vdpbf16ps` tiles) or `widened` (to f32, then the f32
-    /// gemm): `kernels::bf16`, `kernels::cpu::tiles`.
+    /// two token rows: `amx-bf16` (Intel AMX tiles), `avx512-bf16` (`vdpbf16ps` tiles) or
+    /// `widened` (to f32, then the f32 gemm): `kernels::bf16`, `kernels::cpu::amx`,
+    /// `kernels::cpu::tiles`.
     pub bf16_products: &'static str,
     /// How f32 frozen weights (`--precision f32`) are multiplied in training's products (256 or
     /// more token rows): `avx512-tiles` (Finch's own AVX-512 register tiles) or `gemm` (the gemm

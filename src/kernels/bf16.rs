@@ -87,7 +87,7 @@ fn row_loop(m: usize, side: Side, k: usize) -> bool {
 }
 
 /// How this process multiplies bf16 weights in products of more than two token rows
-/// (training, prefill), as `bench` JSON names it: `avx512-bf16` or `widened`.
+/// (training, prefill), as `bench` JSON names it: `amx-bf16`, `avx512-bf16` or `widened`.
 pub fn products_name() -> &'static str {
     match tall_path() {
         Path::Amx => "amx-bf16",
