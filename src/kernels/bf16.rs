@@ -140,7 +140,7 @@ enum Path {
     Avx512,
     /// The weight widened to f32 for gemm ([`widened`]).
     Widened,
-    /// Intel AMX tiles over the `vdpbf16ps` path's packing ([`x86::product_amx`]); only where
+    /// Intel AMX tiles over the `vdpbf16ps` path's packing ([`x86::product`]); only where
     /// [`crate::kernels::amx::available`] (and AVX-512 BF16, for the packing).
     Amx,
 }
@@ -163,7 +163,7 @@ fn product_with(
             if x86::available() {
                 // SAFETY: the CPU has AVX-512 BF16 (checked just above); `split` checked the
                 // shapes, and each job's rows and columns lie inside `out`.
-                unsafe { x86::product(job) };
+                unsafe { x86::product(job, false) };
                 return Ok(());
             }
             candle_core::bail!("bf16 product: this CPU has no AVX-512 BF16")
@@ -175,7 +175,7 @@ fn product_with(
                 // SAFETY: the CPU has AVX-512 BF16 and AMX, and Linux granted the tiles (checked
                 // just above); `split` checked the shapes, and each job's rows and columns lie
                 // inside `out`.
-                unsafe { x86::product_amx(job) };
+                unsafe { x86::product(job, true) };
                 return Ok(());
             }
             candle_core::bail!("bf16 product: this CPU has no AMX bf16 tiles")
@@ -369,11 +369,17 @@ mod x86 {
         *OK.get_or_init(|| has!("avx512f") && has!("avx512bw") && has!("avx512bf16"))
     }
 
-    /// One job through packed panels (see the module doc).
+    /// One job through packed panels (see the module doc): `vdpbf16ps` register tiles, or with
+    /// `amx` Intel AMX tiles ([`crate::kernels::amx::block`], 32×32 blocks of the output). For
+    /// the AMX tiles, which read whole tile rows, the activation pairs are padded with zeros to
+    /// a multiple of 32 rows and 16 pairs, and each panel's pairs to a multiple of 16.
     ///
-    /// Safety: the CPU has AVX-512 F/BW/BF16; `job.a` holds `m·k` values and `job.out` rows
-    /// `< m` at stride `ldc` hold columns `job.cols`.
-    pub(super) unsafe fn product(job: Job<half::bf16>) {
+    /// Safety: the CPU has AVX-512 F/BW/BF16, and AMX where `amx`; `job.a` holds `m·k` values
+    /// and `job.out` rows `< m` at stride `ldc` hold columns `job.cols`.
+    pub(super) unsafe fn product(job: Job<half::bf16>, amx: bool) {
+        use crate::kernels::amx::{self, BLOCK, PAIRS};
+        // The panels are the AMX tiles' right-hand sides: 32 columns, two tiles wide.
+        const _: () = assert!(NR == BLOCK);
         let Job {
             w,
             side,
@@ -387,17 +393,29 @@ mod x86 {
         } = job;
         let (k, n) = w.dims(side);
         let kp = k.div_ceil(2);
+        let lda = if amx { kp.next_multiple_of(PAIRS) } else { kp };
         SCRATCH.with(|s| {
             let s = &mut *s.borrow_mut();
             let (pairs, panel) = (&mut s.pairs, &mut s.panel);
-            pairs_avx512(a, m, k, pairs);
-            if row_loop(m, side, k) {
-                // Decoding: each weight row read once, as contiguous pairs.
-                rows_kernel(w, pairs, m, out, ldc, (c_lo, c_hi), accumulate);
-                return;
+            if amx {
+                // Only the padding is zeroed: the rows are written whole.
+                pairs.resize(m.next_multiple_of(BLOCK) * lda, 0);
+                pairs_into(a, m, k, lda, pairs);
+                for row in pairs.chunks_exact_mut(lda).take(m) {
+                    row[kp..].fill(0);
+                }
+                pairs[m * lda..].fill(0);
+            } else {
+                pairs_avx512(a, m, k, pairs);
+                if row_loop(m, side, k) {
+                    // Decoding: each weight row read once, as contiguous pairs.
+                    rows_kernel(w, pairs, m, out, ldc, (c_lo, c_hi), accumulate);
+                    return;
+                }
             }
             // Grown once per thread; every block is packed whole before a tile reads it.
             panel.resize(KB * NR, 0);
+            let _tiles = amx.then(|| amx::Tiles::configure());
             for p0 in (0..kp).step_by(KB) {
                 let len = KB.min(kp - p0);
                 let acc = accumulate || p0 > 0;
@@ -405,16 +423,26 @@ mod x86 {
                     pack_panel(w, side, c0, p0, len, panel);
                     let cols = NR.min(c_hi - c0).min(n - c0);
                     let a = pairs.as_ptr().add(p0);
-                    row_tiles!(m, |r0| tile(
-                        a.add(r0 * kp),
-                        kp,
-                        panel.as_ptr(),
-                        len,
-                        out.add(r0 * ldc + c0),
-                        ldc,
-                        cols,
-                        acc
-                    ));
+                    if amx {
+                        let steps = len.next_multiple_of(PAIRS);
+                        panel[len * NR..steps * NR].fill(0);
+                        for r0 in (0..m).step_by(BLOCK) {
+                            let c = out.add(r0 * ldc + c0);
+                            let rows = BLOCK.min(m - r0);
+                            amx::block(a.add(r0 * lda), lda, panel.as_ptr(), steps, c, ldc, (rows, cols), acc);
+                        }
+                    } else {
+                        row_tiles!(m, |r0| tile(
+                            a.add(r0 * kp),
+                            kp,
+                            panel.as_ptr(),
+                            len,
+                            out.add(r0 * ldc + c0),
+                            ldc,
+                            cols,
+                            acc
+                        ));
+                    }
                 }
             }
         })
@@ -435,67 +463,6 @@ mod x86 {
         } else {
             pack(w, side, c0, p0, len, panel);
         }
-    }
-
-    /// One job through AMX tiles ([`crate::kernels::amx::block`]): the packing of [`product`],
-    /// with the activation pairs' rows padded with zeros to a multiple of 32 rows and 16 pairs,
-    /// and each panel's pairs to a multiple of 16, as the tiles read them whole.
-    ///
-    /// Safety: as [`product`], and AMX is available.
-    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-    pub(super) unsafe fn product_amx(job: Job<half::bf16>) {
-        use crate::kernels::amx::{self, BLOCK, PAIRS};
-        let Job {
-            w,
-            side,
-            a,
-            m,
-            out,
-            ldc,
-            cols: (c_lo, c_hi),
-            accumulate,
-            ..
-        } = job;
-        let (k, n) = w.dims(side);
-        // The panels are the tiles' right-hand sides: 32 columns, two tiles wide.
-        const _: () = assert!(NR == BLOCK);
-        let kp = k.div_ceil(2);
-        let lda = kp.next_multiple_of(PAIRS);
-        SCRATCH.with(|s| {
-            let s = &mut *s.borrow_mut();
-            let (pairs, panel) = (&mut s.pairs, &mut s.panel);
-            // Only the padding is zeroed: the rows are written whole below.
-            pairs.resize(m.next_multiple_of(BLOCK) * lda, 0);
-            pairs_into(a, m, k, lda, pairs);
-            for row in pairs.chunks_exact_mut(lda).take(m) {
-                row[kp..].fill(0);
-            }
-            pairs[m * lda..].fill(0);
-            panel.resize(KB * NR, 0);
-            let _tiles = amx::Tiles::configure();
-            for p0 in (0..kp).step_by(KB) {
-                let len = KB.min(kp - p0);
-                let steps = len.next_multiple_of(PAIRS);
-                let acc = accumulate || p0 > 0;
-                for c0 in (c_lo..c_hi).step_by(NR) {
-                    pack_panel(w, side, c0, p0, len, panel);
-                    panel[len * NR..steps * NR].fill(0);
-                    let cols = NR.min(c_hi - c0).min(n - c0);
-                    for r0 in (0..m).step_by(BLOCK) {
-                        amx::block(
-                            pairs.as_ptr().add(r0 * lda + p0),
-                            lda,
-                            panel.as_ptr(),
-                            steps,
-                            out.add(r0 * ldc + c0),
-                            ldc,
-                            (BLOCK.min(m - r0), cols),
-                            acc,
-                        );
-                    }
-                }
-            }
-        })
     }
 
     /// [`pairs_of`] with `vcvtne2ps2bf16` (round to nearest even; it flushes f32 subnormals,
