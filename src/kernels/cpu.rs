@@ -246,37 +246,42 @@ fn amx_available() -> bool {
 
 /// `FINCH_AMX` (`on`, `off`, or `auto`/unset), or why it cannot be used.
 fn amx_from_env() -> Result<Option<bool>, String> {
-    let Some(value) = std::env::var_os("FINCH_AMX") else {
-        return Ok(None);
-    };
-    let value = value.to_string_lossy();
-    match value.trim().to_ascii_lowercase().as_str() {
-        "" | "auto" => Ok(None),
-        "off" | "0" => Ok(Some(false)),
-        "on" | "1" if quantized_family() == Family::Avx512 && amx_available() => Ok(Some(true)),
-        "on" | "1" => Err(format!(
-            "FINCH_AMX={value}: this CPU (or FINCH_CPU={}) gives no AMX bf16 tiles",
-            quantized_family().name()
-        )),
-        _ => Err(format!("FINCH_AMX={value} is not a setting; use on, off or auto")),
-    }
+    switch_from_env(
+        "FINCH_AMX",
+        quantized_family() == Family::Avx512 && amx_available(),
+        |value| {
+            format!(
+                "FINCH_AMX={value}: this CPU (or FINCH_CPU={}) gives no AMX bf16 tiles",
+                quantized_family().name()
+            )
+        },
+    )
 }
 
 /// `FINCH_TILES` (`on`, `off`, or `auto`/unset), or why it cannot be used.
 fn tiles_from_env() -> Result<Option<bool>, String> {
-    let Some(value) = std::env::var_os("FINCH_TILES") else {
+    switch_from_env("FINCH_TILES", quantized_family() == Family::Avx512, |value| {
+        format!(
+            "FINCH_TILES={value}: the tiles need the avx512 kernel family (this CPU, or FINCH_CPU, gives {})",
+            quantized_family().name()
+        )
+    })
+}
+
+/// An `on|off|auto` switch from the environment variable `name`: `None` when unset or `auto`,
+/// `Some(false)` for `off`/`0`, `Some(true)` for `on`/`1` where `usable`, otherwise the error
+/// `unusable(value)` gives; any other value is an error naming it.
+fn switch_from_env(name: &str, usable: bool, unusable: impl FnOnce(&str) -> String) -> Result<Option<bool>, String> {
+    let Some(value) = std::env::var_os(name) else {
         return Ok(None);
     };
     let value = value.to_string_lossy();
     match value.trim().to_ascii_lowercase().as_str() {
         "" | "auto" => Ok(None),
         "off" | "0" => Ok(Some(false)),
-        "on" | "1" if quantized_family() == Family::Avx512 => Ok(Some(true)),
-        "on" | "1" => Err(format!(
-            "FINCH_TILES={value}: the tiles need the avx512 kernel family (this CPU, or FINCH_CPU, gives {})",
-            quantized_family().name()
-        )),
-        _ => Err(format!("FINCH_TILES={value} is not a setting; use on, off or auto")),
+        "on" | "1" if usable => Ok(Some(true)),
+        "on" | "1" => Err(unusable(&value)),
+        _ => Err(format!("{name}={value} is not a setting; use on, off or auto")),
     }
 }
 
